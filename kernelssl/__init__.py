@@ -1,0 +1,15 @@
+"""kernelssl: kernel-based self-supervised losses -- SSL-HSIC, SFRIK and MEC.
+
+Three tiers per op that agree: ``reference/`` (NumPy float64, in the repository), the torch path
+(differentiable, any device) and fused Triton kernels (CUDA).  ``import kernelssl`` needs no GPU and
+never imports Triton.
+
+    from kernelssl.losses import HSICLoss, SFRIKLoss, MECLoss
+    import kernelssl.functional as KF
+"""
+__version__ = "0.1.0"
+
+from . import functional, losses  # noqa: E402
+from .losses import HSICLoss, MECLoss, SFRIKLoss  # noqa: E402
+
+__all__ = ["functional", "losses", "HSICLoss", "SFRIKLoss", "MECLoss", "__version__"]

@@ -1,0 +1,119 @@
+"""Input validation shared by every loss and op (SPEC §4, "Bad input").
+
+Every check raises a ``ValueError`` or ``TypeError`` whose message names the argument, what was
+expected and what was given.  The checks look only at metadata (shape, dtype, device): none of them
+reads tensor values, so none forces a host sync -- except :func:`check_finite`, which the losses call
+only when the user passes ``check_finite=True``.
+
+Non-finite policy (all losses): NaN/Inf in the inputs propagate to a NaN/Inf loss and gradients --
+never a silent finite number.  ``check_finite=True`` raises a ``ValueError`` instead (one host sync).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_same_shape",
+    "check_same_device",
+    "check_finite",
+    "check_int",
+    "check_positive",
+    "check_choice",
+    "describe",
+]
+
+
+def describe(x: object) -> str:
+    """Short description of a value for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    min_rows: int | None = None,
+    min_cols: int | None = None,
+) -> torch.Tensor:
+    """A floating-point tensor with the given number of dims; ``rows``/``cols`` are dims -2/-1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(x)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)} ({x.dim()}-D)")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(
+            f"{name}: expected at least {min_ndim} dims, got shape {tuple(x.shape)} ({x.dim()}-D)"
+        )
+    if min_rows is not None and x.shape[-2] < min_rows:
+        raise ValueError(
+            f"{name}: expected at least {min_rows} rows (samples) in dim -2, got shape {tuple(x.shape)}"
+        )
+    if min_cols is not None and x.shape[-1] < min_cols:
+        raise ValueError(
+            f"{name}: expected at least {min_cols} columns (features) in dim -1, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_same_shape(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """All tensors have the shape of the first."""
+    ref = tuple(tensors[0].shape)
+    for t, n in zip(tensors[1:], names[1:]):
+        if tuple(t.shape) != ref:
+            raise ValueError(
+                f"{n}: expected the same shape as {names[0]} {ref}, got {tuple(t.shape)}"
+            )
+
+
+def check_same_device(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """All tensors live on the device of the first."""
+    ref = tensors[0].device
+    for t, n in zip(tensors[1:], names[1:]):
+        if t.device != ref:
+            raise ValueError(f"{n}: expected device {ref} (the device of {names[0]}), got {t.device}")
+
+
+def check_finite(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Raise if any tensor holds NaN or Inf.  Reads values: one host sync per tensor."""
+    for t, n in zip(tensors, names):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{n}: expected finite values (check_finite=True), got {bad} NaN/Inf entries")
+
+
+def check_int(x: object, name: str, *, minimum: int) -> int:
+    """A Python int (not bool) >= minimum."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {describe(x)}")
+    if x < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
+    return x
+
+
+def check_positive(x: object, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (or >= 0).  Python numbers only (never reads a tensor)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a positive number, got {describe(x)}")
+    ok = x >= 0 if allow_zero else x > 0
+    if not ok or x != x or x in (float("inf"),):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {x}")
+    return float(x)
+
+
+def check_choice(x: object, name: str, choices: Sequence[str]) -> str:
+    """One of a fixed set of strings."""
+    if x not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {x!r}")
+    return x  # type: ignore[return-value]

@@ -1,0 +1,42 @@
+"""kernelssl: fused kernels for kernel-based self-supervised losses (SSL-HSIC, SFRIK, MEC)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "kernelssl" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="kernelssl",
+    version=VERSION,
+    description="Kernel-based self-supervised losses (SSL-HSIC, SFRIK, MEC): NumPy references, "
+    "PyTorch and fused Triton implementations",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `reference/`, `tests/` and `benchmarks/` are run from a checkout, not installed.
+    packages=find_packages(include=["kernelssl", "kernelssl.*"]),
+    install_requires=[
+        # 2.6 is the first release with torch.library.triton_op; 2.14.1 is what installs here.
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "numpy>=1.24",
+        # torch's Linux x86_64 CUDA wheels already pull a matching triton; this only states the floor.
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "scikit-learn>=1.3",
+            "scipy>=1.10",
+        ],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,27 @@
+"""Shared test configuration.
+
+Hypothesis profiles: ``ci`` (default; few examples, derandomised so CI is reproducible) and
+``thorough`` (many examples, random).  Select with ``HYPOTHESIS_PROFILE=thorough pytest tests``.
+"""
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Two cores on CI: more threads than cores only slows small ops down.
+torch.set_num_threads(min(torch.get_num_threads(), 2))
