@@ -1,0 +1,263 @@
+"""The NumPy float64 reference of SSL-HSIC (reference/hsic.py) against its own definitions.
+
+Analytic gradients vs central differences, the RFF estimators vs their pairwise-kernel (Gram) forms,
+the streamed identity for ||HKH||^2, the +1/(K-1) diagonal of the exact positive term, and the
+kernel-scale objective.  No torch here except what conftest imports.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_close, central_difference
+import reference.hsic as R
+
+# Central differences with h = 1e-6 on O(1) functions: truncation O(h^2 f''') ~ 1e-12, round-off
+# ~ 1e-16 * |f| / h ~ 1e-10; 1e-7 absolute + 1e-6 relative leaves a wide margin over both.
+FD_RTOL, FD_ATOL = 1e-6, 1e-7
+# Two float64 evaluations of the same quantity by different formulas: round-off ~ 1e-16 times the
+# number of accumulated terms (< 1e4 here).
+EQ_RTOL, EQ_ATOL = 1e-11, 1e-13
+
+
+def _imq_map(rng, d, D):
+    """A map with the IMQ spectral law (|n| * g, U[0, 2pi) phases), drawn with NumPy."""
+    g = rng.standard_normal((D, d))
+    n = rng.standard_normal(D)
+    return np.abs(n)[:, None] * g, rng.uniform(0.0, 2 * math.pi, D)
+
+
+def _case(seed, K, B, d, D):
+    rng = np.random.default_rng(seed)
+    views = rng.standard_normal((K, B, d))
+    views /= np.linalg.norm(views, axis=-1, keepdims=True)  # the loss sees L2-normalised rows
+    views += 0.3 * rng.standard_normal((K, B, d))  # ... but must not rely on it
+    w_a, b_a = _imq_map(rng, d, D)
+    w_b, b_b = _imq_map(rng, d, D)
+    c = float(rng.uniform(0.5, 2.0))
+    return views, w_a, b_a, w_b, b_b, c
+
+
+shapes = st.tuples(
+    st.integers(2, 4),  # K
+    st.integers(2, 5),  # B
+    st.integers(1, 5),  # d
+    st.integers(1, 24),  # D
+    st.integers(0, 2**31 - 1),  # seed
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# analytic gradients vs central differences
+
+
+@pytest.mark.parametrize("K,B,d,D", [(2, 3, 3, 16), (3, 2, 2, 7)])
+def test_rff_hsic_grad_matches_central_difference(K, B, d, D):
+    views, w_a, b_a, w_b, b_b, c = _case(1, K, B, d, D)
+    g_zy, g_zz = 1.7, -2.3  # non-unit upstream gradients of both outputs
+
+    def f(v):
+        zy, zz = R.rff_hsic(v, w_a, b_a, w_b, b_b, c)
+        return g_zy * zy + g_zz * zz
+
+    analytic = R.rff_hsic_grad(views, w_a, b_a, w_b, b_b, c, g_zy, g_zz)
+    assert analytic.shape == views.shape
+    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="rff grad")
+
+
+@pytest.mark.parametrize("K,B,d", [(2, 3, 3), (3, 2, 4)])
+def test_exact_hsic_grad_matches_central_difference(K, B, d):
+    views, *_, c = _case(2, K, B, d, 1)
+    g_zy, g_zz = -0.6, 3.1
+
+    def f(v):
+        zy, zz = R.exact_hsic(v, c)
+        return g_zy * zy + g_zz * zz
+
+    analytic = R.exact_hsic_grad(views, c, g_zy, g_zz)
+    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="exact grad")
+
+
+@pytest.mark.parametrize("kernel", ["rff", "exact"])
+def test_hsic_loss_grad_matches_central_difference(kernel):
+    views, w_a, b_a, w_b, b_b, c = _case(3, 3, 3, 2, 12)
+    gamma = 2.5
+
+    def f(v):
+        if kernel == "rff":
+            zy, zz = R.rff_hsic(v, w_a, b_a, w_b, b_b, c)
+        else:
+            zy, zz = R.exact_hsic(v, c)
+        return R.hsic_loss(zy, zz, gamma=gamma)
+
+    analytic = R.hsic_loss_grad(
+        views, c, gamma=gamma, kernel=kernel, w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b
+    )
+    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="loss grad")
+
+
+def test_hsic_loss_grad_rejects_unknown_kernel():
+    views, *_ = _case(0, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match="kernel"):
+        R.hsic_loss_grad(views, 1.0, kernel="gauss")
+
+
+@pytest.mark.parametrize("rho_scale", [0.1, 1.0, 4.0])
+def test_scale_objective_grad_matches_central_difference(rho_scale):
+    rng = np.random.default_rng(4)
+    rho = rho_scale * rng.uniform(0.0, 4.0, size=(8, 8))
+    rho[0, 0] = 0.0  # a zero distance is allowed: log(c^2) is finite
+    for c in (0.3, 1.0, 2.7):
+        fd = central_difference(lambda cc: R.scale_objective(rho, float(cc[0])), np.array([c]))
+        assert_close(R.scale_objective_grad(rho, c), fd[0], rtol=FD_RTOL, atol=FD_ATOL, name="d obj/dc")
+
+
+def test_scale_objective_definition():
+    # -log(c/2) + 1.5 mean log(rho + c^2), written out with a loop.
+    rho = np.array([[0.0, 1.0], [2.0, 0.5]])
+    c = 0.7
+    expected = -math.log(c / 2) + 1.5 * sum(math.log(r + c * c) for r in rho.ravel()) / rho.size
+    assert_close(R.scale_objective(rho, c), expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="objective")
+
+
+# ------------------------------------------------------------------------------------------------
+# the estimators vs their definitions
+
+
+@settings(deadline=None)
+@given(shapes)
+def test_rff_hsic_zy_equals_pairwise_feature_kernel_form(shape):
+    """HSIC_ZY with k(x, y) = phi_A(x).phi_A(y), summed pair by pair."""
+    K, B, d, D, seed = shape
+    views, w_a, b_a, w_b, b_b, c = _case(seed, K, B, d, D)
+    N = K * B
+    x = views.reshape(N, d)
+    phi = R.rff_features(x, w_a, b_a, c)
+    pos = 0.0
+    for i in range(B):
+        for v in range(K):
+            for w in range(K):
+                pos += float(phi[v * B + i] @ phi[w * B + i])
+    allpairs = 0.0
+    for n in range(N):
+        for m in range(N):
+            allpairs += float(phi[n] @ phi[m])
+    expected = pos / (B * K * (K - 1)) - allpairs / N**2
+    zy, _ = R.rff_hsic(views, w_a, b_a, w_b, b_b, c)
+    assert_close(zy, expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="HSIC_ZY")
+
+
+@settings(deadline=None)
+@given(shapes)
+def test_rff_hsic_zz_equals_trace_form(shape):
+    """SPEC 1.3: ||Phibar_B^T Phibar_A||^2 / N^2 = tr(K_A H K_B H) / N^2, K_A = Phi_A Phi_A^T."""
+    K, B, d, D, seed = shape
+    views, w_a, b_a, w_b, b_b, c = _case(seed, K, B, d, D)
+    N = K * B
+    x = views.reshape(N, d)
+    ka = R.rff_features(x, w_a, b_a, c) @ R.rff_features(x, w_a, b_a, c).T
+    kb = R.rff_features(x, w_b, b_b, c) @ R.rff_features(x, w_b, b_b, c).T
+    H = np.eye(N) - np.ones((N, N)) / N
+    expected = np.trace(ka @ H @ kb @ H) / N**2
+    _, zz = R.rff_hsic(views, w_a, b_a, w_b, b_b, c)
+    assert_close(zz, expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="HSIC_ZZ")
+
+
+@settings(deadline=None)
+@given(shapes)
+def test_exact_hsic_zz_equals_streamed_identity(shape):
+    """||HKH||^2 = ||K||^2 - (2/N)||K1||^2 + (1^T K 1)^2 / N^2 (SPEC 1.3), over N^2."""
+    K, B, d, _, seed = shape
+    views, *_, c = _case(seed, K, B, d, 1)
+    N = K * B
+    x = views.reshape(N, d)
+    km = R.imq_kernel(x, x, c)
+    one = np.ones(N)
+    streamed = (np.sum(km * km) - (2.0 / N) * np.sum((km @ one) ** 2) + (one @ km @ one) ** 2 / N**2) / N**2
+    _, zz = R.exact_hsic(views, c)
+    assert_close(zz, streamed, rtol=1e-9, atol=1e-13, name="HSIC_ZZ")  # streamed form cancels: ~N^2 eps
+
+
+@settings(deadline=None)
+@given(shapes)
+def test_exact_positive_term_includes_one_over_k_minus_one(shape):
+    """The v = w terms of the positive sum contribute exactly 1/(K-1) (k(x, x) = 1)."""
+    K, B, d, _, seed = shape
+    views, *_, c = _case(seed, K, B, d, 1)
+    N = K * B
+    x = views.reshape(N, d)
+    km = R.imq_kernel(x, x, c)
+    off = 0.0  # within-image pairs of two different views only
+    for i in range(B):
+        for v in range(K):
+            for w in range(K):
+                if v != w:
+                    off += km[v * B + i, w * B + i]
+    zy_off = off / (B * K * (K - 1)) - km.sum() / N**2
+    zy, _ = R.exact_hsic(views, c)
+    assert_close(zy - zy_off, 1.0 / (K - 1), rtol=EQ_RTOL, atol=EQ_ATOL, name="diagonal part")
+
+
+def test_imq_kernel_definition():
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    c = 1.3
+    km = R.imq_kernel(x, y, c)
+    assert km.shape == (4, 5)
+    for n in range(4):
+        for m in range(5):
+            expected = c / math.sqrt(sum((x[n, k] - y[m, k]) ** 2 for k in range(3)) + c * c)
+            assert_close(km[n, m], expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="k(x, y)")
+    assert_close(np.diag(R.imq_kernel(x, x, c)), np.ones(4), rtol=0, atol=1e-15, name="k(x, x) = 1")
+
+
+def test_rff_features_definition():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 2))
+    w, b = _imq_map(rng, 2, 5)
+    c = 0.8
+    phi = R.rff_features(x, w, b, c)
+    assert phi.shape == (3, 5)
+    for n in range(3):
+        for j in range(5):
+            expected = math.sqrt(2 / 5) * math.cos(w[j] @ (x[n] / c) + b[j])
+            assert_close(phi[n, j], expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="phi")
+
+
+def test_collapsed_batch_closed_forms():
+    """All embeddings equal: HSIC_ZZ = 0 and exact HSIC_ZY = K/(K-1) - 1 = 1/(K-1)."""
+    K, B, d = 3, 4, 2
+    views = np.broadcast_to(np.array([0.3, -0.2]), (K, B, d)).copy()
+    zy, zz = R.exact_hsic(views, 1.0)
+    assert_close(zy, 1.0 / (K - 1), rtol=EQ_RTOL, atol=EQ_ATOL, name="HSIC_ZY")
+    assert abs(zz) <= 1e-28  # HKH = 0 exactly up to the round-off of a mean of ones
+    _, w_a, b_a, w_b, b_b, c = _case(7, K, B, d, 16)
+    _, zz_rff = R.rff_hsic(views, w_a, b_a, w_b, b_b, c)
+    assert abs(zz_rff) <= 1e-28
+    g = R.hsic_loss_grad(views, c, kernel="rff", w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b)
+    assert np.all(np.isfinite(g))
+
+
+def test_sqrt_guard_bounds():
+    """sqrt_guard(x) - sqrt(x) = eps / (sqrt(x + eps) + sqrt(x)) in (0, sqrt(eps)] = (0, 1e-6]."""
+    assert R.SQRT_EPS == 1e-12
+    assert_close(R.sqrt_guard(0.0), 1e-6, rtol=1e-12, atol=0, name="guard at 0")
+    assert_close(R.sqrt_guard(-1e-9), 1e-6, rtol=1e-12, atol=0, name="negative round-off clamps")
+    for x in (1e-14, 1e-12, 1e-8, 1e-3, 1.0, 50.0):
+        shift = R.sqrt_guard(x) - math.sqrt(x)
+        assert 0 < shift <= 1e-6
+        # the subtraction of two floats ~sqrt(x) is exact to ~2 ulp(sqrt(x)) ~ 4.4e-16 sqrt(x) absolute
+        assert_close(shift, R.SQRT_EPS / (math.sqrt(x + R.SQRT_EPS) + math.sqrt(x)), rtol=1e-9,
+                     atol=1e-15 * max(1.0, math.sqrt(x)), name="shift")
+    assert_close(R.sqrt_guard_grad(1e-300), 5e5, rtol=1e-12, atol=0, name="max slope 1/(2e-6) at 0+")
+    assert R.sqrt_guard_grad(0.0) == 0.0 and R.sqrt_guard_grad(-1.0) == 0.0  # relu convention
+    for x in (1e-3, 0.5, 3.0):
+        fd = central_difference(lambda a: R.sqrt_guard(a[0]), np.array([x]))[0]
+        assert_close(R.sqrt_guard_grad(x), fd, rtol=1e-6, atol=1e-8, name="guard slope")
+
+
+def test_hsic_loss_definition():
+    assert_close(R.hsic_loss(0.4, 0.09, gamma=3.0), 3.0 * math.sqrt(0.09 + 1e-12) - 0.4,
+                 rtol=EQ_RTOL, atol=EQ_ATOL, name="loss")
