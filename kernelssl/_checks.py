@@ -10,6 +10,7 @@ never a silent finite number.  ``check_finite=True`` raises a ``ValueError`` ins
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "check_int",
     "check_positive",
     "check_choice",
+    "check_coefficients",
     "describe",
 ]
 
@@ -117,3 +119,17 @@ def check_choice(x: object, name: str, choices: Sequence[str]) -> str:
     if x not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {x!r}")
     return x  # type: ignore[return-value]
+
+
+def check_coefficients(coefficients: object, name: str = "coefficients") -> tuple[float, ...]:
+    """A non-empty list/tuple of finite Python numbers (never a tensor: reading one would sync)."""
+    if isinstance(coefficients, torch.Tensor) or not isinstance(coefficients, (list, tuple)):
+        raise TypeError(f"{name}: expected a sequence of Python floats (b_1, ..., b_L), got {describe(coefficients)}")
+    if len(coefficients) < 1:
+        raise ValueError(f"{name}: expected at least one coefficient (degree L >= 1), got an empty sequence")
+    out = []
+    for i, c in enumerate(coefficients):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise TypeError(f"{name}[{i}]: expected a finite Python float, got {describe(c)}")
+        out.append(float(c))
+    return tuple(out)

@@ -1,0 +1,292 @@
+"""SSL-HSIC (Li, Pogodin, Sutherland, Gretton, NeurIPS 2021), torch tier (SPEC §1).
+
+Conventions
+-----------
+``views`` is a ``(K, B, d)`` tensor: K >= 2 views of the same B >= 2 images; row i of every view is
+image i (the image identity is the row index).  The N = B*K embeddings are flattened view-major
+(flat row ``n = v*B + i``).  ``kernel_scale`` c > 0 (a number or a one-element tensor) is the IMQ scale.
+Two random-feature maps (``w_a (D_A, d)``, ``b_a (D_A,)``) and (``w_b (D_B, d)``, ``b_b (D_B,)``) are
+drawn per step with :func:`kernelssl.rff.sample_imq_rff`; ``phi(x) = sqrt(2/D) cos(W (x/c) + b)``.
+
+Estimators (SPEC §1.3), ``S_i = sum_v phi_A(z_i^v)``, ``mu = (1/N) sum_n phi_A(z_n)``::
+
+    HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i||^2 - ||mu||^2
+    HSIC_ZZ = ||Phibar_B^T Phibar_A||_F^2 / N^2,        Phibar = Phi - 1 mu^T   (N x D, column-centred)
+    loss    = gamma * sqrt_guard(HSIC_ZZ) - HSIC_ZY,     gamma = 3
+
+The exact-kernel versions (:func:`exact_hsic`) use the N x N IMQ matrix in place of ``Phi Phi^T``;
+the RFF terms are unbiased estimates of them (E over the maps; A and B independent).
+
+Numerics: fp16/bf16 views are upcast to float32 at entry, float64 stays float64; the results are
+float32 (float64 for float64 views), and autograd returns gradients in the dtype of ``views``.  The
+kernel scale is **detached** in the HSIC terms (stop-gradient, SPEC §1.2); it is learned only through
+:func:`kernel_scale_objective`.  Nothing here reads a tensor value on the host.  Non-finite inputs
+propagate to non-finite outputs.
+
+sqrt guard
+----------
+``sqrt_guard(x) = sqrt(max(x, 0) + SQRT_EPS)``, ``SQRT_EPS = 1e-12`` (same constant as
+``reference/hsic.py``).  For x >= 0 it shifts the value by
+``0 < sqrt(x + eps) - sqrt(x) = eps / (sqrt(x + eps) + sqrt(x)) <= sqrt(eps) = 1e-6`` (equality at
+x = 0; ``<= eps / (2 sqrt(x))`` otherwise), i.e. the loss by at most ``gamma * 1e-6``.  Its derivative
+``1 / (2 sqrt(max(x, 0) + eps))`` is at most ``1/(2e-6) = 5e5``: at a collapsed batch (HSIC_ZZ -> 0)
+the gradient is finite, and since the centred features -- hence the gradient of HSIC_ZZ itself --
+vanish there, the loss gradient through that term vanishes too.  Negative round-off values of
+HSIC_ZZ are clamped to 0 (``relu``: gradient 0 for x <= 0, so an exactly collapsed batch, HSIC_ZZ = 0,
+gets no gradient through the guard; for x > 0 the slope tends to 5e5 as x -> 0+).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_int, check_positive, check_tensor, describe
+from .rff import _compute_dtype, rff_features
+
+__all__ = [
+    "SQRT_EPS",
+    "sqrt_guard",
+    "rff_hsic",
+    "rff_hsic_eager",
+    "exact_hsic",
+    "hsic_loss",
+    "kernel_scale_objective",
+]
+
+SQRT_EPS = 1e-12
+
+
+def sqrt_guard(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(x, 0) + SQRT_EPS)``: finite gradient at 0, value shifted by at most 1e-6 (module doc)."""
+    return torch.sqrt(torch.relu(x) + SQRT_EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation / preparation (metadata only: no host sync)
+
+
+def _check_views(views: object) -> torch.Tensor:
+    check_tensor(views, "views", ndim=3, min_rows=2)
+    if views.shape[0] < 2:
+        raise ValueError(
+            f"views: expected shape (K, B, d) with K >= 2 views, got shape {tuple(views.shape)}"
+        )
+    return views
+
+
+def _check_map(w: object, b: object, d: int, device: torch.device, wn: str, bn: str) -> None:
+    check_tensor(w, wn, ndim=2)
+    check_tensor(b, bn, ndim=1)
+    if w.shape[1] != d:
+        raise ValueError(f"{wn}: expected shape (D, {d}) (d = views' last dim), got {tuple(w.shape)}")
+    if b.shape[0] != w.shape[0]:
+        raise ValueError(f"{bn}: expected shape ({w.shape[0]},) (D of {wn}), got {tuple(b.shape)}")
+    for t, n in ((w, wn), (b, bn)):
+        if t.device != device:
+            raise ValueError(f"{n}: expected device {device} (the device of views), got {t.device}")
+
+
+def _scale(kernel_scale: object, dtype: torch.dtype, device: torch.device, *, detach: bool):
+    """A Python float (validated > 0) or a 0-dim tensor of ``dtype`` on ``device`` (value not read)."""
+    if isinstance(kernel_scale, torch.Tensor):
+        if not kernel_scale.is_floating_point() or kernel_scale.numel() != 1:
+            raise TypeError(
+                "kernel_scale: expected a positive number or a one-element floating-point tensor, "
+                f"got {describe(kernel_scale)}"
+            )
+        c = kernel_scale.detach() if detach else kernel_scale
+        return c.to(device=device, dtype=dtype).reshape(())
+    return check_positive(kernel_scale, "kernel_scale")
+
+
+def _prepare(views, w_a, b_a, w_b, b_b, kernel_scale):
+    _check_views(views)
+    K, B, d = views.shape
+    _check_map(w_a, b_a, d, views.device, "w_a", "b_a")
+    _check_map(w_b, b_b, d, views.device, "w_b", "b_b")
+    cdt = _compute_dtype(views)
+    c = _scale(kernel_scale, cdt, views.device, detach=True)
+    return K, B, d, views.to(cdt), c
+
+
+# --------------------------------------------------------------------------------------------------
+# RFF estimators
+
+
+def rff_hsic(
+    views: torch.Tensor,
+    w_a: torch.Tensor,
+    b_a: torch.Tensor,
+    w_b: torch.Tensor,
+    b_b: torch.Tensor,
+    kernel_scale: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RFF-IMQ estimators ``(HSIC_ZY, HSIC_ZZ)`` -- the library (torch) path.
+
+    Shapes: ``views (K, B, d)``, ``w_a (D_A, d)``, ``b_a (D_A,)``, ``w_b (D_B, d)``, ``b_b (D_B,)``;
+    returns two 0-dim tensors.  Each map's features are computed once (``Phi_A``, ``Phi_B``, N x D);
+    HSIC_ZZ goes through the ``D_B x D_A`` cross-covariance ``C = Phibar_B^T Phibar_A``: cost
+    O(N d D + N D_A D_B), memory O(N D + D_A D_B), never N x N.
+
+    HSIC_ZY is evaluated in the algebraically equal, cancellation-free form (using ``sum_i S_i = N mu``)::
+
+        HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i - K mu||^2 + ||mu||^2 / (K-1)
+
+    (both terms are >= 0), which keeps fp32 accurate.  ``kernel_scale`` is detached (no gradient).
+    """
+    K, B, d, v, c = _prepare(views, w_a, b_a, w_b, b_b, kernel_scale)
+    N = K * B
+    x = v.reshape(N, d)
+    phi_a = rff_features(x, w_a, b_a, c)  # (N, D_A)
+    phi_b = rff_features(x, w_b, b_b, c)  # (N, D_B)
+    mu_a = phi_a.mean(dim=0)
+    dev = phi_a.reshape(K, B, -1).sum(dim=0) - K * mu_a  # S_i - K mu, (B, D_A)
+    hsic_zy = dev.square().sum() / (B * K * (K - 1)) + mu_a.square().sum() / (K - 1)
+    pa = phi_a - mu_a
+    pb = phi_b - phi_b.mean(dim=0)
+    cov = pb.transpose(0, 1) @ pa  # (D_B, D_A)
+    flat = cov.reshape(-1)
+    hsic_zz = torch.dot(flat, flat) / (N * N)
+    return hsic_zy, hsic_zz
+
+
+def rff_hsic_eager(
+    views: torch.Tensor,
+    w_a: torch.Tensor,
+    b_a: torch.Tensor,
+    w_b: torch.Tensor,
+    b_b: torch.Tensor,
+    kernel_scale: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same estimators as :func:`rff_hsic`, written the way the paper's reference code computes
+    them -- the benchmark baseline.
+
+    HSIC_ZY: a Python loop over the views, computing map-A features per view and accumulating the
+    per-image sums ``S`` and the global feature sum, then ``sum ||S_i||^2 / (B K (K-1)) - ||mu||^2``
+    (the direct form).  HSIC_ZZ: the features are recomputed (both maps, on the concatenated views),
+    centred explicitly, and ``||Phibar_B^T Phibar_A||_F^2 / N^2`` via the D x D product.  Still never
+    N x N.  Same shapes, dtypes and stop-gradient on ``kernel_scale`` as :func:`rff_hsic`.
+    """
+    K, B, d, v, c = _prepare(views, w_a, b_a, w_b, b_b, kernel_scale)
+    N = K * B
+    # HSIC(Z, Y)
+    per_image = None
+    total = None
+    for k in range(K):
+        f = rff_features(v[k], w_a, b_a, c)  # (B, D_A)
+        per_image = f if per_image is None else per_image + f
+        s = f.sum(dim=0)
+        total = s if total is None else total + s
+    mean = total / N
+    hsic_zy = (per_image * per_image).sum() / (B * K * (K - 1)) - (mean * mean).sum()
+    # HSIC(Z, Z)
+    z = torch.cat([v[k] for k in range(K)], dim=0)  # (N, d)
+    fa = rff_features(z, w_a, b_a, c)
+    fb = rff_features(z, w_b, b_b, c)
+    fa = fa - fa.mean(dim=0, keepdim=True)
+    fb = fb - fb.mean(dim=0, keepdim=True)
+    cross = fb.t() @ fa
+    hsic_zz = (cross * cross).sum() / (N * N)
+    return hsic_zy, hsic_zz
+
+
+# --------------------------------------------------------------------------------------------------
+# exact kernel (check path)
+
+
+def exact_hsic(
+    views: torch.Tensor, kernel_scale: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact-IMQ estimators ``(HSIC_ZY, HSIC_ZZ)``, the limit of the RFF terms as D grows.
+
+    **Materialises the N x N kernel matrix** (memory O(N^2)): this is the check path and the
+    ``kernel="exact"`` option, not the scalable one.  With ``Kmat_nm = c / sqrt(||z_n - z_m||^2 + c^2)``::
+
+        HSIC_ZY = (1/(B K (K-1))) sum_i sum_{v,w} Kmat[(v,i), (w,i)] - (1/N^2) sum_{n,m} Kmat_nm
+        HSIC_ZZ = ||H Kmat H||_F^2 / N^2,   H = I - 11^T / N
+
+    The first sum includes v = w, a constant ``1/(K-1)`` (k(x, x) = 1).  Squared distances use the
+    Gram form ``||z_n||^2 + ||z_m||^2 - 2 z_n.z_m`` clamped at 0.  ``kernel_scale`` is detached.
+    """
+    _check_views(views)
+    K, B, d = views.shape
+    N = K * B
+    cdt = _compute_dtype(views)
+    c = _scale(kernel_scale, cdt, views.device, detach=True)
+    x = views.to(cdt).reshape(N, d)
+    sq = x.square().sum(dim=1)
+    rho = torch.clamp(sq[:, None] + sq[None, :] - 2.0 * (x @ x.t()), min=0.0)
+    kmat = c * torch.rsqrt(rho + c * c)
+    positive = kmat.reshape(K, B, K, B).diagonal(dim1=1, dim2=3).sum()  # same image i, all (v, w)
+    hsic_zy = positive / (B * K * (K - 1)) - kmat.mean()
+    kc = kmat - kmat.mean(dim=0, keepdim=True) - kmat.mean(dim=1, keepdim=True) + kmat.mean()
+    hsic_zz = kc.square().sum() / (N * N)
+    return hsic_zy, hsic_zz
+
+
+# --------------------------------------------------------------------------------------------------
+# loss and kernel-scale objective
+
+
+def hsic_loss(hsic_zy: torch.Tensor, hsic_zz: torch.Tensor, *, gamma: float = 3.0) -> torch.Tensor:
+    """``loss = gamma * sqrt_guard(HSIC_ZZ) - HSIC_ZY`` (to minimise); see the module doc for the guard."""
+    return gamma * sqrt_guard(hsic_zz) - hsic_zy
+
+
+def _pair_indices(n: int, m: int, generator: torch.Generator | None, device: torch.device):
+    """Row indices ``(i, j)``, each of length m, into the n flattened embeddings.
+
+    With a generator: ``i = randint(n, (m,))`` then ``j = randint(n, (m,))`` (with replacement), drawn
+    on the generator's device and moved to ``device``.  Without one: deterministic, evenly strided --
+    the 2m indices ``t * n // (2m)``, t = 0..2m-1, even t to ``i`` and odd t to ``j`` (disjoint sets
+    whenever 2m <= n, so no zero self-distances).
+    """
+    if generator is None:
+        t = torch.arange(2 * m, device=device)
+        idx = (t * n) // (2 * m)
+        return idx[0::2], idx[1::2]
+    gdev = generator.device
+    i = torch.randint(n, (m,), generator=generator, device=gdev).to(device)
+    j = torch.randint(n, (m,), generator=generator, device=gdev).to(device)
+    return i, j
+
+
+def kernel_scale_objective(
+    views: torch.Tensor,
+    kernel_scale: float | torch.Tensor,
+    *,
+    num_pairs: int = 1024,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Side objective that learns the IMQ scale c (SPEC §1.2), to minimise in c alone::
+
+        objective(c) = -log(c/2) + (3/2) * mean_{a,b} log(rho_ab + c^2)
+
+    (= minus ``mean 1/2 log (dk/drho)^2``).  ``rho_ab = ||z_{i_a} - z_{j_b}||^2`` over the m x m grid of
+    ``m = max(1, round(sqrt(num_pairs)))`` row indices i and m indices j into the N flattened
+    embeddings (m^2 ~ num_pairs pairs): drawn with ``generator`` (i then j, ``randint`` with
+    replacement), or, when ``generator`` is None, a deterministic evenly strided choice (even / odd
+    points of ``t * N // (2m)``, t < 2m).  ``rho`` (Gram form, clamped at 0; O(m^2 + m d) memory) is
+    computed under ``torch.no_grad()`` from detached views: no gradient reaches the embeddings, only
+    ``kernel_scale`` (when it is a tensor that requires grad; its value is not checked, as that would
+    sync -- a Python number is checked > 0).  Returns a 0-dim tensor, float32 (float64 for float64 views).
+    """
+    _check_views(views)
+    check_int(num_pairs, "num_pairs", minimum=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
+    K, B, d = views.shape
+    N = K * B
+    cdt = _compute_dtype(views)
+    m = max(1, int(round(math.sqrt(num_pairs))))
+    with torch.no_grad():
+        x = views.detach().to(cdt).reshape(N, d)
+        i, j = _pair_indices(N, m, generator, views.device)
+        xi, xj = x[i], x[j]
+        # Gram form, memory O(m^2 + m d): ||xi||^2 + ||xj||^2 - 2 xi.xj, clamped at 0
+        rho = (xi.square().sum(1)[:, None] + xj.square().sum(1)[None, :] - 2.0 * (xi @ xj.t())).clamp_min(0.0)
+    c = _scale(kernel_scale, cdt, views.device, detach=False)
+    if isinstance(c, float):
+        c = torch.tensor(c, dtype=cdt, device=views.device)
+    return -torch.log(c / 2.0) + 1.5 * torch.log(rho + c * c).mean()

@@ -1,0 +1,403 @@
+"""SFRIK in PyTorch (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023; SPEC §2).
+
+Differentiable, any device.  Two ways to compute the uniformity term
+
+    M(Z) = (1/n^2) sum_{i=1..n} sum_{j=1..n} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
+
+(V-statistic, diagonal included; ``zhat_i = z_i / max(||z_i||, 1e-12)``; ``z`` is ``(n, q)``):
+
+* :func:`legendre_gram_mean` -- the library path.  A custom autograd Function streams the Gram
+  matrix ``G = Zhat Zhat^T`` in row chunks: the forward sums ``phi`` over each ``(chunk, n)`` tile and
+  keeps nothing but ``Zhat``; the backward recomputes each tile (flash-attention style) and forms
+  ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` as a ``(chunk, n) @ (n, q)`` product.  Peak extra
+  memory is O(n * chunk) in forward and backward; the only tensor saved for backward is ``Zhat``.
+* :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
+  materialise the ``n x n`` Gram, evaluate the polynomials on it, take the mean, plain autograd
+  (which keeps several ``n x n`` tensors alive for the backward).
+
+``P_l(q; .)`` is the Legendre (ultraspherical) polynomial of degree l in dimension q, normalised
+``P_l(q; 1) = 1``, evaluated by the three-term recurrence (valid for every q >= 2)::
+
+    P_0 = 1,  P_1 = t,  P_{l+1} = alpha_l t P_l - beta_l P_{l-1}
+    P'_0 = 0, P'_1 = 1, P'_{l+1} = alpha_l (P_l + t P'_l) - beta_l P'_{l-1}
+    alpha_l = (2l + q - 2) / (l + q - 2),  beta_l = l / (l + q - 2)                    (l >= 1)
+
+(:func:`legendre_recurrence_constants` returns the ``(alpha_l, beta_l)``).
+
+The SFRIK loss (:func:`sfrik_loss`, SPEC §2.3) on two raw views ``(n, q)``::
+
+    L = sim_weight * R + mmd_weight * (M(Zhat_a) + M(Zhat_b)) / 2,   R = mean((zhat_a - zhat_b)^2)
+
+R is the mean over all ``n * q`` entries.  Defaults ``coefficients = (1, 40, 40)`` (L = 3),
+``mmd_weight = 1``, ``sim_weight = 4000`` (the reference's q = 8192 setting; it uses 40000 at q = 32768).
+
+Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The
+scalars come back in float32 (float64 for float64 inputs); autograd returns gradients in the input
+dtype.  No host syncs anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs
+(``check_finite=True`` raises instead, at the cost of one host sync).  A zero row normalises to zero
+(``F.normalize``), its Gram row is 0 and the loss stays finite; its gradient is ``g / 1e-12`` (the
+Jacobian of ``z / eps``), finite in float32/float64.
+
+Coefficients are Python numbers (no gradient with respect to them).  Any finite real ``b_l`` is
+accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_l >= 0``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import (
+    check_coefficients,
+    check_finite as _check_finite_values,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+
+__all__ = [
+    "DEFAULT_TILE_ELEMENTS",
+    "legendre_recurrence_constants",
+    "legendre",
+    "legendre_series",
+    "default_chunk_size",
+    "legendre_gram_mean",
+    "legendre_gram_mean_eager",
+    "sfrik_loss",
+]
+
+#: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
+#: float32; forward keeps ~4 tiles alive at once, backward ~6).
+DEFAULT_TILE_ELEMENTS = 1 << 23
+
+_NORM_EPS = 1e-12  # the F.normalize default
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_q(q: object) -> int:
+    return check_int(q, "q", minimum=2)
+
+
+def _check_z(z: object, name: str) -> Tensor:
+    check_tensor(z, name, ndim=2, min_rows=2)
+    if z.shape[1] < 2:  # type: ignore[union-attr]
+        raise ValueError(
+            f"{name}: expected q >= 2 columns (the sphere S^(q-1) needs q >= 2), got shape {tuple(z.shape)}"  # type: ignore[union-attr]
+        )
+    return z  # type: ignore[return-value]
+
+
+def _check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    return check_int(chunk_size, "chunk_size", minimum=1)
+
+
+def _upcast(z: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (differentiable: the gradient comes back in the input dtype)."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+# --------------------------------------------------------------------------------------------------
+# Polynomials
+# --------------------------------------------------------------------------------------------------
+
+
+def legendre_recurrence_constants(q: int, degree: int) -> tuple[tuple[float, float], ...]:
+    """Scalar constants of the three-term recurrence in dimension ``q`` up to degree ``degree``.
+
+    Returns ``((alpha_1, beta_1), ..., (alpha_{degree-1}, beta_{degree-1}))`` (empty for degree <= 1)
+    with ``alpha_l = (2l + q - 2)/(l + q - 2)``, ``beta_l = l/(l + q - 2)``, so that
+    ``P_{l+1} = alpha_l t P_l - beta_l P_{l-1}`` and
+    ``P'_{l+1} = alpha_l (P_l + t P'_l) - beta_l P'_{l-1}``.  Entry ``l - 1`` is the step l -> l + 1.
+    Plain Python floats (for kernels that bake them in as constants).
+    """
+    q = _check_q(q)
+    degree = check_int(degree, "degree", minimum=0)
+    return tuple(((2 * l + q - 2) / (l + q - 2), l / (l + q - 2)) for l in range(1, degree))
+
+
+def legendre(t: Tensor, q: int, degree: int) -> Tensor:
+    """``P_0(q; t), ..., P_degree(q; t)`` stacked: ``(degree + 1, *t.shape)``, in the dtype of ``t``.
+
+    Elementwise, by the recurrence of the module docstring; differentiable.
+    """
+    check_tensor(t, "t")
+    consts = legendre_recurrence_constants(q, degree)
+    out = [torch.ones_like(t)]
+    if degree >= 1:
+        out.append(t)
+    for a, c in consts:
+        out.append(a * t * out[-1] - c * out[-2])
+    return torch.stack(out)
+
+
+def legendre_series(
+    t: Tensor, q: int, coefficients: Sequence[float], *, derivative: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``phi(t) = sum_{l=1..L} b_l P_l(q; t)`` elementwise (and ``phi'(t)`` when ``derivative=True``,
+    returned as ``(phi, phi')``), in the dtype of ``t``; ``coefficients = (b_1, ..., b_L)``.
+
+    The value and derivative recurrences run together; differentiable (out-of-place ops only).
+    """
+    check_tensor(t, "t")
+    b = check_coefficients(coefficients)
+    consts = legendre_recurrence_constants(q, len(b))
+    # P_{l-1}, P_l and P'_{l-1}, P'_l; P_0 = 1, P'_0 = 0, P'_1 = 1 are kept as Python scalars.
+    p_prev: Tensor | float = 1.0
+    p: Tensor = t
+    d_prev: Tensor | float = 0.0
+    d: Tensor | float = 1.0
+    val = b[0] * t
+    der: Tensor | float = b[0]
+    for l, (a, c) in enumerate(consts, start=1):
+        p_next = a * t * p - c * p_prev
+        if derivative:
+            d_next = a * (p + t * d) - c * d_prev
+            der = der + b[l] * d_next
+            d_prev, d = d, d_next
+        val = val + b[l] * p_next
+        p_prev, p = p, p_next
+    if not derivative:
+        return val
+    if not isinstance(der, Tensor):  # L == 1: phi' = b_1 everywhere
+        der = torch.full_like(t, der)
+    return val, der
+
+
+def _tile_phi_sum(g: Tensor, b: tuple[float, ...], consts) -> Tensor:
+    """``sum(phi(g))`` over a Gram tile (0-dim), with in-place ops to keep ~4 tiles alive at most."""
+    total = g.sum() * b[0]
+    p_prev: Tensor | None = None  # None stands for P_0 = 1
+    p = g
+    for l, (a, c) in enumerate(consts, start=1):
+        p_next = torch.mul(g, p).mul_(a)
+        if p_prev is None:
+            p_next.sub_(c)
+        else:
+            p_next.sub_(p_prev, alpha=c)
+        total = total + p_next.sum() * b[l]
+        p_prev, p = p, p_next
+    return total
+
+
+def _tile_phi_prime(g: Tensor, b: tuple[float, ...], consts) -> Tensor:
+    """``phi'(g)`` over a Gram tile, by the joint value/derivative recurrence, in place where safe."""
+    L = len(b)
+    if L == 1:
+        return torch.full_like(g, b[0])
+    # l = 1 -> 2 by hand: P_2 = a_1 g^2 - c_1, P'_2 = 2 a_1 g (P_0 = 1, P'_0 = 0, P'_1 = 1).
+    a, c = consts[0]
+    dphi = torch.mul(g, 2.0 * a * b[1]).add_(b[0])
+    if L == 2:
+        return dphi
+    p_prev, p = g, torch.mul(g, g).mul_(a).sub_(c)  # P_1, P_2
+    d_prev: Tensor | float = 1.0
+    d = torch.mul(g, 2.0 * a)  # P'_1 = 1, P'_2
+    for l in range(2, L):
+        a, c = consts[l - 1]
+        d_next = torch.mul(g, d).add_(p).mul_(a)  # alpha (P_l + t P'_l) - beta P'_{l-1}
+        if isinstance(d_prev, Tensor):
+            d_next.sub_(d_prev, alpha=c)
+        else:
+            d_next.sub_(c * d_prev)
+        dphi.add_(d_next, alpha=b[l])
+        if l + 1 < L:  # P_{l+1} is needed only by a later step
+            p_next = torch.mul(g, p).mul_(a).sub_(p_prev, alpha=c)
+            p_prev, p = p, p_next
+        d_prev, d = d, d_next
+    return dphi
+
+
+# --------------------------------------------------------------------------------------------------
+# M(Z): chunked autograd Function (library path) and the eager baseline
+# --------------------------------------------------------------------------------------------------
+
+
+def default_chunk_size(n: int) -> int:
+    """Rows per Gram tile when ``chunk_size=None``: ``clamp(DEFAULT_TILE_ELEMENTS // n, 1, n)``, i.e.
+    tiles of about 8 Mi elements (a single tile, the whole Gram, when n <= 2896)."""
+    return max(1, min(n, DEFAULT_TILE_ELEMENTS // max(n, 1)))
+
+
+class _LegendreGramMean(torch.autograd.Function):
+    """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` on the rows as given, streamed over row chunks.
+
+    Saves only ``zhat`` for the backward; tiles are recomputed there.  Not twice differentiable:
+    the backward raises under ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, zhat: Tensor, b: tuple[float, ...], chunk: int) -> Tensor:  # type: ignore[override]
+        n, q = zhat.shape
+        consts = legendre_recurrence_constants(q, len(b))
+        total = zhat.new_zeros(())
+        zt = zhat.t()
+        for s in range(0, n, chunk):
+            g = torch.mm(zhat[s : s + chunk], zt)  # (chunk, n) tile of the Gram matrix
+            total = total + _tile_phi_sum(g, b, consts)
+            del g
+        ctx.save_for_backward(zhat)
+        ctx.b, ctx.chunk = b, chunk
+        return total / float(n * n)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True.  The tiles below are not recorded, so the gradient would be silently
+            # treated as a constant (a wrong second derivative); refuse instead.
+            raise RuntimeError(
+                "legendre_gram_mean: double backward (create_graph=True) is not supported by the "
+                "chunked Gram mean; use legendre_gram_mean_eager (plain autograd) for higher derivatives"
+            )
+        (zhat,) = ctx.saved_tensors
+        b, chunk = ctx.b, ctx.chunk
+        n, q = zhat.shape
+        consts = legendre_recurrence_constants(q, len(b))
+        grad = torch.empty_like(zhat)
+        zt = zhat.t()
+        for s in range(0, n, chunk):
+            g = torch.mm(zhat[s : s + chunk], zt)
+            dphi = _tile_phi_prime(g, b, consts)
+            del g
+            torch.mm(dphi, zhat, out=grad[s : s + chunk])  # sum_j phi'(G_kj) zhat_j (G symmetric)
+            del dphi
+        grad.mul_(grad_out * (2.0 / float(n * n)))
+        return grad, None, None
+
+
+def legendre_gram_mean(
+    z: Tensor,
+    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+    *,
+    normalize: bool = True,
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+) -> Tensor:
+    """SFRIK's uniformity term (SPEC §2.2), chunked, O(n * chunk) extra memory::
+
+        M(Z) = (1/n^2) sum_{i,j} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
+
+    Args:
+        z: ``(n, q)``, n >= 2, q >= 2, floating point.  q is taken from ``z.shape[-1]``.
+        coefficients: ``(b_1, ..., b_L)`` as Python numbers, any L >= 1 (b_0 cancels and is not passed).
+        normalize: L2-normalise the rows first (``F.normalize``, outside the autograd Function, so
+            autograd applies its Jacobian).  ``False``: use the rows as given (M is then the same
+            polynomial sum on raw inner products).
+        chunk_size: rows per ``(chunk, n)`` Gram tile; ``None`` -> :func:`default_chunk_size`
+            (tiles of ~8 Mi elements).  Any value >= 1; values >= n mean one tile.
+        check_finite: raise a ``ValueError`` on NaN/Inf input (one host sync) instead of propagating.
+
+    Returns:
+        0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
+
+    The backward recomputes the tiles and forms ``(2/n^2) phi'(G_tile) @ Zhat`` (the Gram is
+    symmetric); only ``Zhat`` is saved for it, so no ``n x n`` tensor is kept alive.  Double backward
+    is not supported: a backward with ``create_graph=True`` raises a RuntimeError (use
+    :func:`legendre_gram_mean_eager` for higher derivatives).
+    Deterministic: fixed tile order, no atomics.
+    """
+    _check_z(z, "z")
+    b = check_coefficients(coefficients)
+    chunk = _check_chunk_size(chunk_size)
+    if check_finite:
+        _check_finite_values([z], ["z"])
+    zf = _upcast(z)
+    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    n = zhat.shape[0]
+    return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
+
+
+def legendre_gram_mean_eager(
+    z: Tensor,
+    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+    *,
+    normalize: bool = True,
+) -> Tensor:
+    """Benchmark baseline for :func:`legendre_gram_mean`, as the paper's code computes it:
+    materialise ``G = Zhat Zhat^T`` (``n x n``), evaluate ``phi`` on it with the recurrence
+    (:func:`legendre_series`), take the mean.  Plain autograd: memory O(n^2 L).  Same arguments,
+    dtypes and result as :func:`legendre_gram_mean`.
+    """
+    _check_z(z, "z")
+    b = check_coefficients(coefficients)
+    zf = _upcast(z)
+    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    gram = zhat @ zhat.t()
+    return legendre_series(gram, zhat.shape[1], b).mean()  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+def sfrik_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+    sim_weight: float = 4000.0,
+    mmd_weight: float = 1.0,
+    eager: bool = False,
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+    gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SFRIK loss (SPEC §2.3) on two raw ``(n, q)`` views, normalised inside::
+
+        loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2
+        mse  = (1/(n q)) sum_i ||zhat_a_i - zhat_b_i||^2,   mmd_v = M(Zhat_v)   (V-statistic)
+
+    Only pairs within one view enter M (views are not concatenated).
+
+    Args:
+        z_a, z_b: ``(n, q)`` each, same shape and device, n >= 2, q >= 2, floating point.  If their
+            dtypes differ, both are computed in float64 if either is float64, else float32.
+        coefficients: ``(b_1, ..., b_L)``, default ``(1, 40, 40)``.
+        sim_weight: lambda_sim >= 0 (default 4000: the reference's q = 8192 setting).
+        mmd_weight: lambda_mmd >= 0 (default 1).
+        eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
+        chunk_size: rows per Gram tile for the chunked path (see :func:`legendre_gram_mean`).
+        check_finite: raise on NaN/Inf inputs (one host sync) instead of propagating them.
+        gram_mean: ``fn(zhat, coefficients) -> M`` on unit rows, used in place of the chunked torch
+            path (the public API passes its backend-dispatched op here).
+
+    Returns:
+        ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
+    """
+    _check_z(z_a, "z_a")
+    _check_z(z_b, "z_b")
+    check_same_shape([z_a, z_b], ["z_a", "z_b"])
+    check_same_device([z_a, z_b], ["z_a", "z_b"])
+    b = check_coefficients(coefficients)
+    sim_weight = check_positive(sim_weight, "sim_weight", allow_zero=True)
+    mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
+    chunk = _check_chunk_size(chunk_size)
+    if check_finite:
+        _check_finite_values([z_a, z_b], ["z_a", "z_b"])
+    za, zb = _upcast(z_a), _upcast(z_b)
+    if za.dtype != zb.dtype:
+        dtype = torch.promote_types(za.dtype, zb.dtype)
+        za, zb = za.to(dtype), zb.to(dtype)
+    za = F.normalize(za, dim=-1, eps=_NORM_EPS)
+    zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
+    mse = (za - zb).pow(2).mean()
+    if gram_mean is not None:
+        mmd_a, mmd_b = gram_mean(za, b), gram_mean(zb, b)
+    elif eager:
+        mmd_a = legendre_gram_mean_eager(za, b, normalize=False)
+        mmd_b = legendre_gram_mean_eager(zb, b, normalize=False)
+    else:
+        mmd_a = legendre_gram_mean(za, b, normalize=False, chunk_size=chunk)
+        mmd_b = legendre_gram_mean(zb, b, normalize=False, chunk_size=chunk)
+    loss = sim_weight * mse + mmd_weight * 0.5 * (mmd_a + mmd_b)
+    return loss, mse, mmd_a, mmd_b

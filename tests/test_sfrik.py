@@ -1,0 +1,476 @@
+"""SFRIK torch tier (kernelssl/sfrik.py) against the NumPy reference, gradcheck, dtypes, invariances,
+degenerate inputs and the memory contract of the chunked Gram mean."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import assert_close, to_numpy
+from kernelssl import sfrik as S
+from reference import sfrik as R
+
+B3 = (1.0, 40.0, 40.0)
+# float64 torch vs float64 NumPy: same math, different summation order; M and the loss are O(1..1e3)
+# sums of n^2 O(1e2) terms, so a few hundred ulps of the largest term at most.
+F64 = dict(rtol=1e-10, atol=1e-11)
+# fp32 computation vs float64 (justified in test_fp32_vs_float64): M / loss relative, gradient relative
+# to max|grad|
+FP32_RTOL_M = 2e-6
+FP32_RTOL_G = 1e-5
+
+
+def _z(n: int, q: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 + 0.25  # rows of various norms
+    return (torch.randn(n, q, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _coeffs(L: int, seed: int) -> tuple[float, ...]:
+    rng = np.random.default_rng(seed)
+    return tuple(float(x) for x in rng.uniform(-2.0, 5.0, L))
+
+
+def _m_and_grad(fn, z: torch.Tensor, upstream: float = 2.5, **kw):
+    """Value and gradient of ``upstream * fn(z)`` (non-unit upstream)."""
+    z = z.detach().clone().requires_grad_(True)
+    m = fn(z, **kw)
+    (upstream * m).backward()
+    return m.detach(), z.grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Polynomials
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [2, 3, 4, 7, 10])
+def test_legendre_vs_reference(q):
+    t = torch.rand(40, dtype=torch.float64) * 2 - 1
+    p = S.legendre(t, q, 8)
+    assert p.shape == (9, 40) and p.dtype == torch.float64
+    assert_close(p, R.legendre(q, to_numpy(t), 8), rtol=1e-13, atol=1e-14, name="P_l")
+    p0 = S.legendre(t.reshape(5, 8), q, 0)
+    assert p0.shape == (1, 5, 8) and bool((p0 == 1).all())
+
+
+@pytest.mark.parametrize("L", range(1, 9))
+@pytest.mark.parametrize("q", [2, 3, 6])
+def test_legendre_series_vs_reference(L, q):
+    b = _coeffs(L, 10 * L + q)
+    t = torch.rand(3, 17, dtype=torch.float64) * 2 - 1
+    val, der = S.legendre_series(t, q, b, derivative=True)
+    assert val.shape == der.shape == t.shape
+    tn = to_numpy(t)
+    assert_close(val, R.phi(tn, q, b), rtol=1e-12, atol=1e-12, name="phi")
+    assert_close(der, R.phi_prime(tn, q, b), rtol=1e-12, atol=1e-11, name="phi'")
+    only = S.legendre_series(t, q, b)
+    assert isinstance(only, torch.Tensor)
+    assert_close(only, val, rtol=0, atol=0, name="phi (derivative=False)")
+    # the differentiable series: autograd of phi equals the derivative recurrence
+    tt = t.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(S.legendre_series(tt, q, b).sum(), tt)
+    assert_close(g, der, rtol=1e-12, atol=1e-11, name="autograd phi")
+    # dtype of t is kept
+    assert S.legendre_series(t.float(), q, b).dtype == torch.float32
+
+
+@pytest.mark.parametrize("q", [2, 3, 9])
+def test_recurrence_constants(q):
+    consts = S.legendre_recurrence_constants(q, 6)
+    assert len(consts) == 5 and S.legendre_recurrence_constants(q, 1) == ()
+    # P_2 = (q t^2 - 1)/(q - 1): alpha_1 = q/(q-1), beta_1 = 1/(q-1)
+    assert consts[0] == pytest.approx((q / (q - 1), 1 / (q - 1)), rel=1e-15)
+    t = np.linspace(-1, 1, 11)
+    p = [np.ones_like(t), t]
+    for a, c in consts:
+        p.append(a * t * p[-1] - c * p[-2])
+    assert_close(np.stack(p), R.legendre(q, t, 6), rtol=1e-13, atol=1e-14, name="P via constants")
+
+
+# --------------------------------------------------------------------------------------------------
+# Gram mean: chunked Function vs eager vs reference
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 17, 40])  # 5 does not divide n = 17; 40 >= n
+def test_gram_mean_vs_reference_and_eager(normalize, chunk_size):
+    z = _z(17, 6, 0)
+    if not normalize:
+        z = torch.nn.functional.normalize(z, dim=-1) * 0.95  # raw rows, moderate inner products
+    b = (1.0, 40.0, 40.0, -3.0)
+    m, g = _m_and_grad(S.legendre_gram_mean, z, coefficients=b, normalize=normalize, chunk_size=chunk_size)
+    me, ge = _m_and_grad(S.legendre_gram_mean_eager, z, coefficients=b, normalize=normalize)
+    zn = to_numpy(z)
+    m_ref = R.gram_mean(R.normalize(zn) if normalize else zn, b)
+    g_ref = 2.5 * R.gram_mean_grad(zn, b, normalize=normalize)
+    assert m.dtype == me.dtype == torch.float64 and m.shape == ()
+    assert_close(m, m_ref, **F64, name="M chunked")
+    assert_close(me, m_ref, **F64, name="M eager")
+    assert_close(g, g_ref, **F64, name="dM/dz chunked")
+    assert_close(ge, g_ref, **F64, name="dM/dz eager")
+
+
+@pytest.mark.parametrize("L", range(1, 9))
+@pytest.mark.parametrize("q", [2, 3, 5])
+def test_gram_mean_any_degree(L, q):
+    b = _coeffs(L, L + 100 * q)
+    z = _z(11, q, L * q)
+    zn = to_numpy(z)
+    m_ref, g_ref = R.gram_mean(R.normalize(zn), b), 2.5 * R.gram_mean_grad(zn, b)
+    for fn, kw in [(S.legendre_gram_mean, dict(chunk_size=4)), (S.legendre_gram_mean_eager, {})]:
+        m, g = _m_and_grad(fn, z, coefficients=b, **kw)
+        assert_close(m, m_ref, **F64, name=f"M ({fn.__name__}, L={L}, q={q})")
+        assert_close(g, g_ref, **F64, name=f"dM/dz ({fn.__name__}, L={L}, q={q})")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gram_mean_gradcheck(normalize):
+    z = _z(7, 3, 1).requires_grad_(True)
+    b = (1.0, 4.0, 4.0, 0.5)
+    for chunk in (1, 3, 7):
+        assert torch.autograd.gradcheck(
+            lambda x: S.legendre_gram_mean(x, b, normalize=normalize, chunk_size=chunk), (z,)
+        )
+    assert torch.autograd.gradcheck(lambda x: S.legendre_gram_mean_eager(x, b, normalize=normalize), (z,))
+
+
+def test_gram_mean_double_backward_raises():
+    z = _z(6, 4, 2).requires_grad_(True)
+    for normalize in (True, False):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(S.legendre_gram_mean(z, B3, normalize=normalize), z, create_graph=True)
+    # the eager form is plain autograd and is twice differentiable
+    assert torch.autograd.gradgradcheck(lambda x: S.legendre_gram_mean_eager(x, (1.0, 2.0)), (z,))
+
+
+def test_gram_mean_deterministic():
+    z = _z(33, 8, 3, torch.float32)
+    a = _m_and_grad(S.legendre_gram_mean, z, coefficients=B3, chunk_size=7)
+    b = _m_and_grad(S.legendre_gram_mean, z, coefficients=B3, chunk_size=7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eager,chunk_size", [(False, None), (False, 3), (True, None)])
+def test_sfrik_loss_vs_reference(eager, chunk_size):
+    n, q = 13, 7
+    za, zb = _z(n, q, 4), _z(n, q, 5)
+    kw = dict(coefficients=(1.0, 40.0, 40.0), sim_weight=4000.0, mmd_weight=1.0)
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    out = S.sfrik_loss(ta, tb, eager=eager, chunk_size=chunk_size, **kw)
+    ref = R.sfrik_loss(to_numpy(za), to_numpy(zb), **kw)
+    for name, o, r in zip(("loss", "mse", "mmd_a", "mmd_b"), out, ref):
+        assert o.shape == () and o.dtype == torch.float64
+        assert_close(o, r, **F64, name=name)
+    # a random upstream vector on all four outputs: w0 loss + w1 mse + w2 mmd_a + w3 mmd_b
+    w = [2.5, -0.7, 1.3, 0.4]
+    sum(wi * o for wi, o in zip(w, out)).backward()
+    sim = w[0] * kw["sim_weight"] + w[1]
+    ga = R.sfrik_loss_grad(
+        to_numpy(za), to_numpy(zb), coefficients=kw["coefficients"], sim_weight=sim,
+        mmd_weight=2 * (w[0] * kw["mmd_weight"] / 2 + w[2]),
+    )[0]
+    gb = R.sfrik_loss_grad(
+        to_numpy(za), to_numpy(zb), coefficients=kw["coefficients"], sim_weight=sim,
+        mmd_weight=2 * (w[0] * kw["mmd_weight"] / 2 + w[3]),
+    )[1]
+    assert_close(ta.grad, ga, **F64, name="dz_a")
+    assert_close(tb.grad, gb, **F64, name="dz_b")
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_sfrik_loss_gradcheck(eager):
+    za, zb = _z(6, 3, 6).requires_grad_(True), _z(6, 3, 7).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: S.sfrik_loss(a, b, coefficients=(1.0, 4.0, 4.0), sim_weight=40.0, chunk_size=4, eager=eager),
+        (za, zb),
+    )
+
+
+def test_fp32_vs_float64():
+    n, q = 64, 32
+    za, zb = _z(n, q, 8), _z(n, q, 9)
+    m64, g64 = _m_and_grad(S.legendre_gram_mean, za, coefficients=B3, chunk_size=24)
+    for fn, kw in [(S.legendre_gram_mean, dict(chunk_size=24)), (S.legendre_gram_mean_eager, {})]:
+        m32, g32 = _m_and_grad(fn, za.float(), coefficients=B3, **kw)
+        assert m32.dtype == torch.float32 and g32.dtype == torch.float32
+        # fp32 (u = 6e-8): O(u) error per Gram entry times |phi'/phi| = O(1..10), pairwise-summed over
+        # n^2 terms; observed ~1e-7 relative on M and ~8e-7 of max|grad|, bounds leave ~10-20x margin.
+        assert_close(m32, m64, rtol=FP32_RTOL_M, atol=0, name=f"M fp32 ({fn.__name__})")
+        gmax = float(g64.abs().max())
+        assert_close(g32, g64, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"dM/dz fp32 ({fn.__name__})")
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    fa, fb = za.float().requires_grad_(True), zb.float().requires_grad_(True)
+    (2.5 * S.sfrik_loss(ta, tb)[0]).backward()
+    loss32 = S.sfrik_loss(fa, fb)[0]
+    (2.5 * loss32).backward()
+    assert loss32.dtype == torch.float32
+    loss64 = S.sfrik_loss(za, zb)[0]
+    assert_close(loss32, loss64, rtol=FP32_RTOL_M, atol=0, name="loss fp32")  # same budget as M
+    for name, g32, g64 in (("dz_a", fa.grad, ta.grad), ("dz_b", fb.grad, tb.grad)):
+        gmax = float(g64.abs().max())
+        assert_close(g32, g64, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"{name} fp32")
+
+
+@pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)])
+def test_half_inputs(dtype, ulp):
+    n, q = 48, 16
+    za, zb = _z(n, q, 10, dtype), _z(n, q, 11, dtype)
+    # inputs are upcast at entry, so the exact answer is the float64 one on the rounded inputs
+    za64, zb64 = za.double(), zb.double()
+    for fn in (S.legendre_gram_mean, S.legendre_gram_mean_eager):
+        m, g = _m_and_grad(fn, za, coefficients=B3)
+        m64, g64 = _m_and_grad(fn, za64, coefficients=B3)
+        assert m.dtype == torch.float32 and g.dtype == dtype
+        # value computed in fp32 (see test_fp32_vs_float64); gradient: the fp32 error plus one rounding
+        # to the input dtype (half an ulp, relative), plus the fp16 subnormal spacing 2^-24 in atol
+        assert_close(m, m64, rtol=FP32_RTOL_M, atol=0, name=f"M {dtype}")
+        gmax = float(g64.abs().max())
+        assert_close(g, g64, rtol=ulp + FP32_RTOL_G, atol=FP32_RTOL_G * gmax + 2.0**-24, name=f"dM/dz {dtype}")
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    out = S.sfrik_loss(ta, tb)
+    (2.5 * out[0]).backward()
+    ref = S.sfrik_loss(za64.requires_grad_(True), zb64.requires_grad_(True))
+    (2.5 * ref[0]).backward()
+    assert all(o.dtype == torch.float32 for o in out)
+    assert ta.grad.dtype == dtype and tb.grad.dtype == dtype
+    assert_close(out[0], ref[0].detach(), rtol=FP32_RTOL_M, atol=0, name=f"loss {dtype}")
+    for name, g, g64 in (("dz_a", ta.grad, za64.grad), ("dz_b", tb.grad, zb64.grad)):
+        gmax = float(g64.abs().max())
+        assert_close(g, g64, rtol=ulp + FP32_RTOL_G, atol=FP32_RTOL_G * gmax + 2.0**-24, name=f"{name} {dtype}")
+
+
+def test_mixed_dtypes_promote():
+    za, zb = _z(5, 4, 12, torch.float32), _z(5, 4, 13)
+    out = S.sfrik_loss(za, zb)
+    assert all(o.dtype == torch.float64 for o in out)
+    ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
+    assert_close(out[0], ref[0], **F64, name="loss (fp32 + fp64)")
+
+
+def test_no_grad_and_frozen_inputs():
+    za, zb = _z(9, 5, 14), _z(9, 5, 15)
+    ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
+    with torch.no_grad():
+        a = S.sfrik_loss(za.clone().requires_grad_(True), zb)
+        m = S.legendre_gram_mean(za.clone().requires_grad_(True), B3, chunk_size=2)
+    assert not a[0].requires_grad and not m.requires_grad
+    b = S.sfrik_loss(za, zb)  # requires_grad=False inputs
+    assert not b[0].requires_grad
+    for x in (a, b):
+        assert_close(torch.stack(x), np.array(ref), **F64, name="outputs without grad")
+    assert_close(m, ref[2], **F64, name="M under no_grad")
+    # one view frozen: gradient flows to the other only
+    ta = za.clone().requires_grad_(True)
+    (2.5 * S.sfrik_loss(ta, zb, chunk_size=4)[0]).backward()
+    assert_close(ta.grad, 2.5 * R.sfrik_loss_grad(to_numpy(za), to_numpy(zb))[0], **F64, name="dz_a (z_b frozen)")
+
+
+def test_non_finite_inputs():
+    za, zb = _z(6, 4, 16), _z(6, 4, 17)
+    za[2, 1] = float("nan")
+    out = S.sfrik_loss(za, zb)
+    assert torch.isnan(out[0]) and torch.isnan(out[2])
+    assert torch.isnan(S.legendre_gram_mean(za, B3))
+    with pytest.raises(ValueError, match="z_a"):
+        S.sfrik_loss(za, zb, check_finite=True)
+    with pytest.raises(ValueError, match="z"):
+        S.legendre_gram_mean(za, B3, check_finite=True)
+
+
+def test_bad_input():
+    z = _z(6, 4, 18)
+    with pytest.raises(ValueError, match="z"):
+        S.legendre_gram_mean(z[0], B3)  # 1-D
+    with pytest.raises(ValueError, match="rows"):
+        S.legendre_gram_mean(z[:1], B3)  # n < 2
+    with pytest.raises(ValueError, match="q >= 2"):
+        S.legendre_gram_mean(z[:, :1], B3)  # q < 2
+    with pytest.raises(TypeError, match="floating"):
+        S.legendre_gram_mean(z.long(), B3)
+    with pytest.raises(ValueError, match="coefficients"):
+        S.legendre_gram_mean(z, ())
+    with pytest.raises(TypeError, match="coefficients"):
+        S.legendre_gram_mean(z, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        S.legendre_gram_mean(z, B3, chunk_size=0)
+    with pytest.raises(ValueError, match="z_b"):
+        S.sfrik_loss(z, z[:, :3])
+    with pytest.raises(ValueError, match="sim_weight"):
+        S.sfrik_loss(z, z, sim_weight=-1.0)
+    with pytest.raises(ValueError, match="q"):
+        S.legendre(torch.zeros(3), 1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties (Hypothesis)
+# --------------------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(2, 24), st.integers(2, 12))
+chunks = st.one_of(st.none(), st.integers(1, 30))
+seeds = st.integers(0, 2**31 - 1)
+degrees = st.integers(1, 6)
+
+
+@settings(deadline=None)
+@given(shape=shapes, chunk=chunks, seed=seeds, L=degrees)
+def test_permutation_invariance(shape, chunk, seed, L):
+    n, q = shape
+    z, b = _z(n, q, seed), _coeffs(L, seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    m, g = _m_and_grad(S.legendre_gram_mean, z, coefficients=b, chunk_size=chunk)
+    mp, gp = _m_and_grad(S.legendre_gram_mean, z[perm], coefficients=b, chunk_size=chunk)
+    scale = 1 + float(g.abs().max())
+    assert_close(mp, m, **F64, name="M(P z)")
+    assert_close(gp, g[perm], rtol=1e-10, atol=1e-11 * scale, name="grad(P z)")
+
+
+@settings(deadline=None)
+@given(shape=shapes, chunk=chunks, seed=seeds, L=degrees)
+def test_rotation_invariance(shape, chunk, seed, L):
+    n, q = shape
+    z, b = _z(n, q, seed), _coeffs(L, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    rot, _ = torch.linalg.qr(torch.randn(q, q, generator=gen, dtype=torch.float64))
+    m, g = _m_and_grad(S.legendre_gram_mean, z, coefficients=b, chunk_size=chunk)
+    mr, gr = _m_and_grad(S.legendre_gram_mean, z @ rot, coefficients=b, chunk_size=chunk)
+    scale = 1 + float(g.abs().max())
+    # M(z Q) = M(z) and, Q orthogonal, grad(z Q) = grad(z) Q
+    assert_close(mr, m, **F64, name="M(z Q)")
+    assert_close(gr, g @ rot, rtol=1e-9, atol=1e-10 * scale, name="grad(z Q)")
+
+
+@settings(deadline=None)
+@given(shape=shapes, chunk=chunks, seed=seeds, s=st.floats(1e-3, 1e3), eager=st.booleans())
+def test_scale_invariance_and_view_symmetry(shape, chunk, seed, s, eager):
+    n, q = shape
+    za, zb = _z(n, q, seed), _z(n, q, seed + 1)
+
+    def run(a, b):
+        a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = S.sfrik_loss(a, b, chunk_size=chunk, eager=eager)
+        (2.5 * out[0]).backward()
+        return [o.detach() for o in out], a.grad, b.grad
+
+    out, ga, gb = run(za, zb)
+    scale = 1 + float(torch.cat([ga, gb]).abs().max())
+    out_s, ga_s, gb_s = run(s * za, s * zb)  # normalisation: values invariant, gradients scale 1/s
+    for name, o, r in zip(("loss", "mse", "mmd_a", "mmd_b"), out_s, out):
+        assert_close(o, r, **F64, name=f"{name}(s z)")
+    assert_close(s * ga_s, ga, rtol=1e-9, atol=1e-10 * scale, name="s * grad_a(s z)")
+    assert_close(s * gb_s, gb, rtol=1e-9, atol=1e-10 * scale, name="s * grad_b(s z)")
+    out_w, gb_w, ga_w = run(zb, za)  # swapped views
+    assert_close(out_w[0], out[0], **F64, name="loss(z_b, z_a)")
+    assert_close(out_w[1], out[1], **F64, name="mse(z_b, z_a)")
+    assert_close(out_w[2], out[3], **F64, name="mmd_a(z_b, z_a)")
+    assert_close(out_w[3], out[2], **F64, name="mmd_b(z_b, z_a)")
+    assert_close(ga_w, ga, rtol=1e-10, atol=1e-11 * scale, name="grad_a swapped")
+    assert_close(gb_w, gb, rtol=1e-10, atol=1e-11 * scale, name="grad_b swapped")
+
+
+@settings(deadline=None)
+@given(
+    shape=shapes,
+    chunk=chunks,
+    seed=seeds,
+    kind=st.sampled_from(["duplicate", "all_equal", "zero_rows", "antipodal"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    eager=st.booleans(),
+)
+def test_degenerate_inputs_are_finite(shape, chunk, seed, kind, dtype, eager):
+    n, q = shape
+    za, zb = _z(n, q, seed, dtype), _z(n, q, seed + 1, dtype)
+    if kind == "duplicate":
+        za[n // 2] = za[0]
+        zb[-1] = za[-1]
+    elif kind == "all_equal":
+        za[:] = za[0]
+    elif kind == "zero_rows":  # F.normalize maps a zero row to zero; G = 0 on its row and column
+        za[0] = 0
+        zb[n - 1] = 0
+    else:
+        za[n - 1] = -za[0]
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    out = S.sfrik_loss(ta, tb, chunk_size=chunk, eager=eager)
+    (2.5 * out[0]).backward()
+    for name, o in zip(("loss", "mse", "mmd_a", "mmd_b"), out):
+        assert bool(torch.isfinite(o)), f"{name} not finite ({kind})"
+    assert bool(torch.isfinite(ta.grad).all()) and bool(torch.isfinite(tb.grad).all()), kind
+    if dtype == torch.float64:
+        ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
+        ga, gb = R.sfrik_loss_grad(to_numpy(za), to_numpy(zb))
+        assert_close(torch.stack(out).detach(), np.array(ref), **F64, name=f"outputs ({kind})")
+        # zero rows: the gradient there is g / 1e-12 (below the normalisation clamp)
+        for name, g, r in (("dz_a", ta.grad, ga), ("dz_b", tb.grad, gb)):
+            assert_close(g, 2.5 * r, rtol=1e-9, atol=1e-10 * (1 + np.abs(r).max()), name=f"{name} ({kind})")
+    if kind == "all_equal":
+        assert_close(out[2], sum(B3), rtol=1e-5, atol=0, name="M(all rows equal) = phi(1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: the chunked Function keeps no n x n tensor alive and creates none larger than a tile
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved_numel(fn, z):
+    total = []
+
+    def pack(t):
+        total.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(z)
+    return out, sum(total)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_saved_tensors_are_linear_in_n():
+    n, q = 512, 8
+    z = _z(n, q, 19, torch.float32).requires_grad_(True)
+    m, saved = _saved_numel(lambda x: S.legendre_gram_mean(x, B3), z)
+    # z, its norms and Zhat (normalisation + the Function): a few n*q, far below n^2 = 262144
+    assert saved <= 6 * n * q, saved
+    m.backward()
+    me, saved_e = _saved_numel(lambda x: S.legendre_gram_mean_eager(x, B3), z)
+    assert saved_e >= n * n, saved_e
+    loss, saved_l = _saved_numel(lambda x: S.sfrik_loss(x, x.detach().flip(0))[0], z)
+    assert saved_l <= 12 * n * q, saved_l
+
+
+def test_no_tensor_larger_than_a_tile():
+    n, q, chunk = 512, 8, 16
+    z = _z(n, q, 20, torch.float32).requires_grad_(True)
+    mode = _LargestTensor()
+    with mode:
+        m = S.legendre_gram_mean(z, B3, chunk_size=chunk)
+        (2.5 * m).backward()
+    assert mode.largest <= max(chunk * n, n * q), mode.largest  # tiles are (chunk, n)
+    eager = _LargestTensor()
+    z.grad = None
+    with eager:
+        (2.5 * S.legendre_gram_mean_eager(z, B3)).backward()
+    assert eager.largest >= n * n
