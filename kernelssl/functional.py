@@ -1,0 +1,436 @@
+"""Functional forms of the three losses and their three core ops (SPEC §5).
+
+Each entry point validates its input (SPEC §4: a ``ValueError``/``TypeError`` naming the argument,
+what was expected and what came), picks a backend (``backend="auto" | "triton" | "torch"``, plus the
+``KERNELSSL_BACKEND`` environment variable) and calls the implementation.  The torch implementations
+live in :mod:`kernelssl.hsic`, :mod:`kernelssl.sfrik` and :mod:`kernelssl.mec`; the fused Triton ops
+in :mod:`kernelssl.triton`.
+
+Core ops:
+
+* :func:`rff_hsic` -- ``(HSIC(Z,Y), HSIC(Z,Z))`` of SSL-HSIC with random Fourier features.
+* :func:`legendre_gram_mean` -- SFRIK's ``M(Z) = (1/n^2) sum_ij phi(z_i . z_j)``.
+* :func:`taylor_logdet` -- MEC's ``T_n(A, B) = tr sum_k (-1)^(k+1) (lam A B^T)^k / k``.
+
+Losses: :func:`ssl_hsic_loss`, :func:`sfrik_loss`, :func:`mec_loss` (the modules in
+:mod:`kernelssl.losses` wrap these).
+
+Non-finite inputs: NaN/Inf propagate to the outputs (never a silent finite number); pass
+``check_finite=True`` to raise a ``ValueError`` instead (costs one host sync per input).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import hsic as _hsic
+from . import mec as _mec
+from . import sfrik as _sfrik
+from ._backend import resolve_backend
+from ._checks import (
+    check_choice,
+    check_coefficients,
+    check_finite as _assert_finite,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    describe,
+)
+from .mec import lambda_warmup as mec_lambda_warmup
+from .rff import rff_features, sample_imq_rff
+
+__all__ = [
+    "rff_hsic",
+    "exact_hsic",
+    "ssl_hsic_loss",
+    "kernel_scale_objective",
+    "sample_imq_rff",
+    "rff_features",
+    "HSICComponents",
+    "legendre_gram_mean",
+    "sfrik_loss",
+    "SFRIKComponents",
+    "taylor_logdet",
+    "exact_logdet",
+    "mec_loss",
+    "mec_lambda_warmup",
+    "MECComponents",
+]
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# shared validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_views(views: Sequence[Tensor] | Tensor, name: str = "views") -> Tensor:
+    """Stack K >= 2 views ``(B, d)`` (or take one ``(K, B, d)`` tensor) into ``(K, B, d)``."""
+    if isinstance(views, Tensor):
+        check_tensor(views, name, ndim=3)
+        stacked = views
+    else:
+        views = list(views)
+        if len(views) == 1 and isinstance(views[0], Tensor) and views[0].dim() == 3:
+            return _as_views(views[0], name)
+        if len(views) < 2:
+            raise ValueError(
+                f"{name}: expected K >= 2 views of shape (B, d) or one (K, B, d) tensor, got {len(views)} view(s)"
+            )
+        names = [f"{name}[{i}]" for i in range(len(views))]
+        for v, n in zip(views, names):
+            check_tensor(v, n, ndim=2)
+        check_same_shape(views, names)
+        check_same_device(views, names)
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in views))
+        stacked = torch.stack([v.to(dtype) for v in views])
+    if stacked.shape[0] < 2:
+        raise ValueError(f"{name}: expected K >= 2 views, got shape {tuple(stacked.shape)} (K = {stacked.shape[0]})")
+    if stacked.shape[1] < 2:
+        raise ValueError(
+            f"{name}: expected a batch of B >= 2 images per view, got shape {tuple(stacked.shape)} (B = {stacked.shape[1]})"
+        )
+    if stacked.shape[2] < 1:
+        raise ValueError(f"{name}: expected embedding dim d >= 1, got shape {tuple(stacked.shape)}")
+    return stacked
+
+
+def _check_scale_arg(kernel_scale: float | Tensor) -> None:
+    """c > 0 as a Python number, or a one-element floating tensor (its value is not read)."""
+    _hsic._scale(kernel_scale, None, None, detach=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# SSL-HSIC
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HSICComponents:
+    """Terms of the SSL-HSIC loss, for logging.  All are 0-dim tensors (no host sync)."""
+
+    loss: Tensor  #: what the loss returned (including ``scale_objective`` when the scale is learned)
+    hsic_zy: Tensor  #: HSIC(Z, Y), the identity term (maximised)
+    hsic_zz: Tensor  #: HSIC(Z, Z), the redundancy term (its square root is penalised)
+    kernel_scale: Tensor  #: the IMQ scale c used this step
+    scale_objective: Tensor | None = None  #: side objective of c when it is learned, else None
+
+
+def rff_hsic(
+    views: Tensor,
+    w_a: Tensor,
+    b_a: Tensor,
+    w_b: Tensor,
+    b_b: Tensor,
+    kernel_scale: float | Tensor,
+    *,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """SSL-HSIC's two estimators with random Fourier features (SPEC §1.3).
+
+    ``phi(x) = sqrt(2/D) cos(W x / c + beta)``; map A gives ``Phi_A`` (used by both terms), map B the
+    second side of HSIC(Z, Z)::
+
+        HSIC(Z, Y) = (1/(B K (K-1))) sum_i ||S_i||^2 - ||mu||^2      S_i = sum_v phi_A(z_i^v)
+        HSIC(Z, Z) = ||Phi_B_c^T Phi_A_c||_F^2 / N^2                (column-centred features)
+
+    Args:
+        views: ``(K, B, d)`` -- K >= 2 views of B >= 2 images; row i of every view is image i.
+        w_a, w_b: ``(D, d)`` RFF directions; b_a, b_b: ``(D,)`` phases (see :func:`sample_imq_rff`).
+        kernel_scale: c > 0, a float or 1-element tensor; not differentiated through (stop-gradient).
+
+    Returns:
+        ``(hsic_zy, hsic_zz)``, 0-dim tensors, float32 (float64 for float64 views).  Cost
+        O(N d D + N D^2), memory O(N D + D^2): never an N x N matrix.
+    """
+    views = _as_views(views)
+    d = views.shape[-1]
+    names = ("views", "w_a", "b_a", "w_b", "b_b")
+    _hsic._check_map(w_a, b_a, d, views.device, "w_a", "b_a")
+    _hsic._check_map(w_b, b_b, d, views.device, "w_b", "b_b")
+    _check_scale_arg(kernel_scale)
+    if check_finite:
+        _assert_finite([views, w_a, b_a, w_b, b_b], names)
+    if resolve_backend(backend, "rff_hsic", views.device) == "triton":  # pragma: no cover - lands with the kernel
+        from .triton import rff_hsic as _k
+
+        return _k.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
+    return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
+
+
+def exact_hsic(views: Tensor, kernel_scale: float | Tensor, *, check_finite: bool = False) -> tuple[Tensor, Tensor]:
+    """The exact-IMQ-kernel estimators that :func:`rff_hsic` converges to as D grows (SPEC §1.3).
+
+    ``k_c(x, y) = c / sqrt(||x - y||^2 + c^2)`` in place of ``phi(x)^T phi(y)``, HSIC(Z, Z) =
+    ``||H K H||_F^2 / N^2``.  A check path: it materialises the N x N kernel (torch only).
+    """
+    views = _as_views(views)
+    _check_scale_arg(kernel_scale)
+    if check_finite:
+        _assert_finite([views], ["views"])
+    return _hsic.exact_hsic(views, kernel_scale)
+
+
+def kernel_scale_objective(
+    views: Tensor, kernel_scale: Tensor, *, num_pairs: int = 1024, generator: torch.Generator | None = None
+) -> Tensor:
+    """Side objective that learns the IMQ scale c (SPEC §1.2), differentiable in c only::
+
+        -log(c/2) + (3/2) mean_ij log(rho_ij + c^2)      rho_ij = ||z_i - z_j||^2 (no gradient)
+    """
+    views = _as_views(views)
+    check_int(num_pairs, "num_pairs", minimum=1)
+    _check_scale_arg(kernel_scale)
+    return _hsic.kernel_scale_objective(views, kernel_scale, num_pairs=num_pairs, generator=generator)
+
+
+def ssl_hsic_loss(
+    views: Sequence[Tensor] | Tensor,
+    *,
+    num_features: int = 512,
+    gamma: float = 3.0,
+    kernel_scale: float | Tensor = 1.0,
+    kernel: str = "rff",
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
+    return_components: bool = False,
+) -> Tensor | HSICComponents:
+    """SSL-HSIC loss ``gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y)`` (Li et al., NeurIPS 2021; SPEC §1).
+
+    Draws two fresh independent RFF maps (A, B) from ``generator`` (``kernel="rff"``) or uses the
+    exact IMQ kernel (``kernel="exact"``, O(N^2) memory, for checking).  The views are used as given
+    (the reference L2-normalises them before the loss; :class:`kernelssl.losses.HSICLoss` offers
+    ``normalize=True``).  The square root is guarded: ``sqrt(max(x, 0) + 1e-12)``, so a collapsed
+    batch (HSIC(Z,Z) -> 0) keeps a finite gradient.
+    """
+    views = _as_views(views)
+    check_int(num_features, "num_features", minimum=1)
+    check_positive(gamma, "gamma", allow_zero=True)
+    check_choice(kernel, "kernel", ("rff", "exact"))
+    _check_scale_arg(kernel_scale)
+    if check_finite:
+        _assert_finite([views], ["views"])
+    if kernel == "rff":
+        # Maps in the compute dtype (fp32 for half views: rounding W and beta to half precision would
+        # add ~1e-3 rad phase error), drawn on the generator's device and moved to the views'.
+        d, dt = views.shape[-1], torch.float64 if views.dtype == torch.float64 else torch.float32
+        w_a, b_a = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
+        w_b, b_b = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
+        zy, zz = rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale, backend=backend)
+    else:
+        resolve_backend(backend, "exact_hsic", views.device)  # validates; exact is torch-only
+        zy, zz = _hsic.exact_hsic(views, kernel_scale)
+    loss = _hsic.hsic_loss(zy, zz, gamma=gamma)
+    if not return_components:
+        return loss
+    c = kernel_scale.detach().reshape(()) if isinstance(kernel_scale, Tensor) else torch.tensor(kernel_scale)
+    return HSICComponents(loss=loss, hsic_zy=zy, hsic_zz=zz, kernel_scale=c)
+
+
+# --------------------------------------------------------------------------------------------------
+# SFRIK
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFRIKComponents:
+    """Terms of the SFRIK loss, for logging (0-dim tensors)."""
+
+    loss: Tensor
+    mse: Tensor  #: R, the mean squared difference of the normalised views (over n*q entries)
+    mmd_a: Tensor  #: M(Z_a), MMD^2 of view a to the uniform distribution on the sphere
+    mmd_b: Tensor  #: M(Z_b)
+
+
+def legendre_gram_mean(
+    z: Tensor,
+    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> Tensor:
+    """SFRIK's uniformity term, the V-statistic MMD^2 to the uniform law on the sphere (SPEC §2.2)::
+
+        M(Z) = (1/n^2) sum_{i,j} phi(z_i . z_j)       phi(t) = sum_{l=1..L} b_l P_l(q; t)
+
+    with ``P_l(q; .)`` the Legendre polynomial in dimension q (``P_l(q; 1) = 1``), diagonal included.
+
+    Args:
+        z: ``(n, q)``, n >= 2, q >= 2.  Rows are L2-normalised first unless ``normalize=False``
+            (then they must already be unit rows).
+        coefficients: ``(b_1, ..., b_L)``, Python floats, any degree L >= 1.
+
+    Returns a 0-dim float32 tensor (float64 for float64 input).  The torch path streams the Gram in
+    row chunks: peak extra memory O(n * chunk), never n x n.
+    """
+    _sfrik._check_z(z, "z")
+    coefficients = check_coefficients(coefficients)
+    if check_finite:
+        _assert_finite([z], ["z"])
+    if resolve_backend(backend, "legendre_gram_mean", z.device) == "triton":  # pragma: no cover
+        from .triton import legendre_gram as _k
+
+        return _k.legendre_gram_mean(z, coefficients, normalize=normalize)
+    return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
+
+
+def sfrik_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+    sim_weight: float = 4000.0,
+    mmd_weight: float = 1.0,
+    backend: str = "auto",
+    check_finite: bool = False,
+    return_components: bool = False,
+) -> Tensor | SFRIKComponents:
+    """SFRIK loss (Zheng et al., ICLR 2023; SPEC §2.3) on raw projector outputs ``(n, q)``::
+
+        L = sim_weight * R + mmd_weight * (M(Z_a) + M(Z_b)) / 2      R = mean((z_a^ - z_b^)^2)
+    """
+    loss, mse, mmd_a, mmd_b = _sfrik.sfrik_loss(
+        z_a,
+        z_b,
+        coefficients=coefficients,
+        sim_weight=sim_weight,
+        mmd_weight=mmd_weight,
+        check_finite=check_finite,
+        gram_mean=functools.partial(legendre_gram_mean, normalize=False, backend=backend),
+    )
+    if return_components:
+        return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------
+# MEC
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MECComponents:
+    """Terms and diagnostics of the MEC loss (0-dim tensors; diagnostics computed without grad)."""
+
+    loss: Tensor
+    t_ab: Tensor  #: T_n(target_a, z_b)
+    t_ba: Tensor  #: T_n(target_b, z_a)
+    coding_length: Tensor  #: mu * (t_ab + t_ba) / (2m), mu = (m + d) / 2
+    lam: float  #: the lambda used this step
+    spectral_radius: Tensor  #: power-iteration estimate of rho(C), max over both directions; series converges iff < 1
+    term_ratio: Tensor  #: |last series term| / |previous term|, max over both directions
+
+
+def taylor_logdet(
+    a: Tensor,
+    b: Tensor,
+    lam: float | Tensor,
+    order: int = 4,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> Tensor:
+    """MEC's truncated matrix-log series, batched over leading dims (SPEC §3.1)::
+
+        T_n(A, B) = tr sum_{k=1..n} (-1)^(k+1) C^k / k        C = lam * A^ B^T   (m x m)
+
+    ``T_n -> log det(I + C)`` when the spectral radius of C is < 1 (see :func:`mec_loss`'s
+    diagnostics).  Evaluated in min(m, d) space with powers up to ceil(n/2) only.
+
+    Args:
+        a, b: ``(..., m, d)``, same shape, m >= 2; rows L2-normalised unless ``normalize=False``.
+        lam: lambda > 0 (float, or a tensor broadcastable to the batch shape).
+        order: n >= 1.
+
+    Returns a tensor of shape ``a.shape[:-2]``, float32 (float64 for float64 input).
+    """
+    _mec._check_inputs(a, b, lam, min_rows=2)
+    check_int(order, "order", minimum=1)
+    if check_finite:
+        _assert_finite([a, b], ["a", "b"])
+    if resolve_backend(backend, "taylor_logdet", a.device) == "triton":  # pragma: no cover
+        from .triton import taylor_logdet as _k
+
+        return _k.taylor_logdet(a, b, lam, order, normalize=normalize)
+    return _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
+
+
+def exact_logdet(a: Tensor, b: Tensor, lam: float | Tensor, *, normalize: bool = True) -> Tensor:
+    """``log det(I + lam A^ B^T)`` exactly (slogdet in min(m, d) space); NaN where det <= 0."""
+    _mec._check_inputs(a, b, lam, min_rows=2)
+    return _mec.exact_logdet(a, b, lam, normalize=normalize)
+
+
+def mec_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    target_a: Tensor | None = None,
+    target_b: Tensor | None = None,
+    *,
+    eps_sq: float = 64.0,
+    order: int = 4,
+    scale: str = "reference",
+    lam: float | None = None,
+    exact: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+    return_components: bool = False,
+) -> Tensor | MECComponents:
+    """MEC loss (Liu et al., NeurIPS 2022; SPEC §3.2), symmetrised over the two views::
+
+        scale="reference":  loss = -(1/lam) (T_n(P1, Z2) + T_n(P2, Z1)) / (2m)
+        scale="paper":      loss = -mu (T_n(P1, Z2) + T_n(P2, Z1)) / 2,       mu = (m + d) / 2
+
+    with ``lam = d / (m eps_sq)`` unless given, P = targets (teacher outputs; the online outputs when
+    None, not detached) and Z = online outputs, all ``(m, d)``.  ``exact=True`` uses the exact
+    ``log det`` in place of T_n (for checking convergence).
+    """
+    if check_finite:
+        given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
+                 if isinstance(t, Tensor)]
+        _assert_finite([t for t, _ in given], [n for _, n in given])
+    loss, t_ab, t_ba, coding_length, lam = _mec.mec_loss(
+        z_a,
+        z_b,
+        target_a,
+        target_b,
+        eps_sq=eps_sq,
+        order=order,
+        scale=scale,
+        lam=lam,
+        exact=exact,
+        logdet=functools.partial(taylor_logdet, backend=backend),
+    )
+    if not return_components:
+        return loss
+    # Diagnostics, without grad and without a host sync: a power-iteration estimate of rho(C) and
+    # the ratio of the last two series terms (it recomputes tr(C^n): about a third of a
+    # forward+backward, paid only when components are asked for).
+    pa = z_a if target_a is None else target_a
+    pb = z_b if target_b is None else target_b
+    a, b = torch.stack(_promote(pa, pb)).detach(), torch.stack(_promote(z_b, z_a)).detach()
+    rho, ratio = _mec.convergence_diagnostics(a, b, lam, order=order)
+    return MECComponents(
+        loss=loss,
+        t_ab=t_ab,
+        t_ba=t_ba,
+        coding_length=coding_length.detach(),
+        lam=lam,
+        spectral_radius=rho.max(),
+        term_ratio=ratio.max(),
+    )
+
+
+def _promote(*xs: Tensor) -> list[Tensor]:
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return [x.to(dtype) for x in xs]
