@@ -1,0 +1,69 @@
+"""Helpers of the benchmarks: the device, the scale, and peak extra memory of one call.
+
+Peak extra memory is the peak minus the pre-call baseline.
+
+CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated
+before the call.  CPU: the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident set before the call -- Linux only; elsewhere ``None``.
+"""
+from __future__ import annotations
+
+import gc
+import platform
+from typing import Callable
+
+import torch
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def bench_scale(config) -> str:
+    """``--bench-scale``, defaulting to ``paper`` on CUDA and ``smoke`` on CPU."""
+    return config.getoption("--bench-scale") or ("paper" if bench_device().type == "cuda" else "smoke")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _can_reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+    except RuntimeError:
+        return False
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Bytes of memory ``fn()`` needs above what was in use before it ran (None if unmeasurable)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if not _can_reset_cpu_peak():
+        return None
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    fn()
+    return max(0, (_status_kib("VmHWM") - base) * 1024)
