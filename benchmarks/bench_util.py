@@ -4,10 +4,14 @@ Peak extra memory is the peak minus the pre-call baseline.
 
 CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated
 before the call.  CPU: the process's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``) above the resident set before the call -- Linux only; elsewhere ``None``.
+``/proc/self/clear_refs``) above the resident set before the call, after ``malloc_trim(0)`` has
+handed glibc's cached free memory back to the OS (without it, memory freed by an earlier call is
+reused unseen and the peak reads ~0).  Linux/glibc only; elsewhere ``None``.  Seen here: repeated
+CPU measurements of one call agree within ~10-20%.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import platform
 from typing import Callable
@@ -38,6 +42,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _malloc_trim() -> bool:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def _can_reset_cpu_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -60,7 +72,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    if not _can_reset_cpu_peak():
+    if not (_malloc_trim() and _can_reset_cpu_peak()):
         return None
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

@@ -50,7 +50,8 @@ def resolve_backend(backend: str, op: str, device: torch.device) -> str:
         return "torch"
     problem = _triton_problem(op, device)
     if backend == "auto":
-        return "torch" if problem else "triton"
+        # Triton only for CUDA tensors: the CPU interpreter is for testing, never picked silently.
+        return "triton" if problem is None and device.type == "cuda" else "torch"
     if problem:
         raise RuntimeError(f"backend='triton' cannot run {op}: {problem}. Use backend='torch' (or 'auto').")
     return "triton"

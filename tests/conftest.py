@@ -6,6 +6,11 @@ Hypothesis profiles: ``ci`` (default; few examples, derandomised so CI is reprod
 import os
 
 import torch
+
+# Without a GPU, Triton kernels run through the CPU interpreter.  Triton reads this when a kernel
+# module is imported, so it is set here, before any test imports kernelssl.triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -327,3 +327,12 @@ def test_no_grad_and_requires_grad_false(name):
 
 def test_env_default_does_not_leak():
     assert os.environ.get(_backend.ENV_VAR) in (None, "", "auto", "torch")
+
+
+def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(_backend.TRITON_OPS, "some_op", "some_module")
+    assert _backend.resolve_backend("auto", "some_op", torch.device("cpu")) == "torch"
+    if _backend.triton_import_error() is None:
+        assert _backend.resolve_backend("triton", "some_op", torch.device("cpu")) == "triton"
