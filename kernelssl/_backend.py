@@ -8,8 +8,7 @@ module load: ``import kernelssl`` works with no GPU and no Triton.
 """
 from __future__ import annotations
 
-import functools
-import importlib
+import importlib.util
 import os
 
 import torch
@@ -21,17 +20,22 @@ ENV_VAR = "KERNELSSL_BACKEND"
 
 # Ops whose fused Triton kernel has landed, as op name -> module under kernelssl.triton.
 # Each kernel issue adds its op here.
-TRITON_OPS: dict[str, str] = {}
+TRITON_OPS: dict[str, str] = {
+    "rff_hsic": "rff_hsic",
+    "legendre_gram_mean": "legendre_gram",
+    "taylor_logdet": "taylor_logdet",
+}
 
 
-@functools.lru_cache(maxsize=None)
+# Whether triton is installed, found without importing it (``import kernelssl`` must not import
+# triton).  A module constant, so ``torch.compile`` reads it as one (an import inside the dispatch
+# would break the graph).  A broken install is found when the kernel module is imported, and raises.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_import_error() -> str | None:
-    """``None`` when ``import triton`` works, else the reason it does not (cached)."""
-    try:
-        importlib.import_module("triton")
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """``None`` when triton is installed, else the reason Triton kernels cannot run."""
+    return None if _TRITON_FOUND else "triton is not installed (pip install triton, on Linux x86_64)"
 
 
 def interpreting() -> bool:

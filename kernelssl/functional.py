@@ -17,6 +17,14 @@ Losses: :func:`ssl_hsic_loss`, :func:`sfrik_loss`, :func:`mec_loss` (the modules
 
 Non-finite inputs: NaN/Inf propagate to the outputs (never a silent finite number); pass
 ``check_finite=True`` to raise a ``ValueError`` instead (costs one host sync per input).
+
+Autocast: every entry point computes in float32 (float64 for float64 inputs) even inside
+``torch.autocast``: autocast is switched off for the inputs' device type for the duration of the
+call (:func:`_fp32_compute`), so no matmul of the loss silently runs in bf16/fp16.  Inputs may be
+fp16/bf16 (they are upcast at entry); the scalar comes back in float32, gradients in the input dtype.
+
+Distributed: the three losses take ``gather_distributed=True`` to compute every term on the batch
+gathered from all ranks (:mod:`kernelssl.distributed`).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from . import distributed as _dist
 from . import hsic as _hsic
 from . import mec as _mec
 from . import sfrik as _sfrik
@@ -101,6 +110,47 @@ def _as_views(views: Sequence[Tensor] | Tensor, name: str = "views") -> Tensor:
     return stacked
 
 
+def _first_tensor(args, kwargs) -> Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, Tensor):
+                    return t
+    return None
+
+
+def _fp32_compute(fn):
+    """Run ``fn`` with autocast disabled for its inputs' device type (the library's autocast policy).
+
+    Inside ``torch.autocast`` a matmul would otherwise be re-cast to bf16/fp16 even after the torch
+    path upcast its inputs to float32, breaking the "compute and accumulate in fp32" contract
+    (SPEC §4, "Numerics").  Outside autocast it adds nothing; it traces under ``torch.compile``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = _first_tensor(args, kwargs)
+        if t is not None and torch.is_autocast_enabled(t.device.type):
+            with torch.autocast(t.device.type, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def gather_views(views: Tensor, generator: torch.Generator | None | bool = False) -> Tensor:
+    """HSIC's ``(K, B, d)`` views gathered over the ranks along the image dim (identity without a
+    process group).  ``generator``: the generator that will draw the random features after the gather
+    (None: the default CPU generator), whose state must agree on every rank; ``False``: no check."""
+    if _dist.world_size() == 1:
+        return views
+    consensus = () if generator is False else (("generator", _dist.generator_fingerprint(generator)),)
+    (views,) = _dist.gather_batch([views], dim=1, names=["views"], consensus=consensus)
+    return views
+
+
 def _check_scale_arg(kernel_scale: float | Tensor) -> None:
     """c > 0 as a Python number, or a one-element floating tensor (its value is not read)."""
     _hsic._scale(kernel_scale, None, None, detach=True)
@@ -122,6 +172,7 @@ class HSICComponents:
     scale_objective: Tensor | None = None  #: side objective of c when it is learned, else None
 
 
+@_fp32_compute
 def rff_hsic(
     views: Tensor,
     w_a: Tensor,
@@ -165,6 +216,7 @@ def rff_hsic(
     return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
 
 
+@_fp32_compute
 def exact_hsic(views: Tensor, kernel_scale: float | Tensor, *, check_finite: bool = False) -> tuple[Tensor, Tensor]:
     """The exact-IMQ-kernel estimators that :func:`rff_hsic` converges to as D grows (SPEC §1.3).
 
@@ -178,6 +230,7 @@ def exact_hsic(views: Tensor, kernel_scale: float | Tensor, *, check_finite: boo
     return _hsic.exact_hsic(views, kernel_scale)
 
 
+@_fp32_compute
 def kernel_scale_objective(
     views: Tensor, kernel_scale: Tensor, *, num_pairs: int = 1024, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -191,6 +244,7 @@ def kernel_scale_objective(
     return _hsic.kernel_scale_objective(views, kernel_scale, num_pairs=num_pairs, generator=generator)
 
 
+@_fp32_compute
 def ssl_hsic_loss(
     views: Sequence[Tensor] | Tensor,
     *,
@@ -199,6 +253,7 @@ def ssl_hsic_loss(
     kernel_scale: float | Tensor = 1.0,
     kernel: str = "rff",
     generator: torch.Generator | None = None,
+    gather_distributed: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
@@ -210,12 +265,20 @@ def ssl_hsic_loss(
     (the reference L2-normalises them before the loss; :class:`kernelssl.losses.HSICLoss` offers
     ``normalize=True``).  The square root is guarded: ``sqrt(max(x, 0) + 1e-12)``, so a collapsed
     batch (HSIC(Z,Z) -> 0) keeps a finite gradient.
+
+    ``gather_distributed=True``: the views of all ranks are gathered along the image dim (B = the
+    global batch, N = K * B) and the maps drawn after the gather, so ``generator`` must be in the
+    same state on every rank (seeded alike, never by rank); a differing state raises a ``ValueError``
+    (its checksum is compared across ranks in the gather's metadata exchange, see
+    :mod:`kernelssl.distributed`).
     """
     views = _as_views(views)
     check_int(num_features, "num_features", minimum=1)
     check_positive(gamma, "gamma", allow_zero=True)
     check_choice(kernel, "kernel", ("rff", "exact"))
     _check_scale_arg(kernel_scale)
+    if gather_distributed:
+        views = gather_views(views, generator if kernel == "rff" else False)
     if check_finite:
         _assert_finite([views], ["views"])
     if kernel == "rff":
@@ -250,6 +313,7 @@ class SFRIKComponents:
     mmd_b: Tensor  #: M(Z_b)
 
 
+@_fp32_compute
 def legendre_gram_mean(
     z: Tensor,
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
@@ -283,6 +347,7 @@ def legendre_gram_mean(
     return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
 
 
+@_fp32_compute
 def sfrik_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -290,6 +355,7 @@ def sfrik_loss(
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
     sim_weight: float = 4000.0,
     mmd_weight: float = 1.0,
+    gather_distributed: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
@@ -297,7 +363,14 @@ def sfrik_loss(
     """SFRIK loss (Zheng et al., ICLR 2023; SPEC §2.3) on raw projector outputs ``(n, q)``::
 
         L = sim_weight * R + mmd_weight * (M(Z_a) + M(Z_b)) / 2      R = mean((z_a^ - z_b^)^2)
+
+    ``gather_distributed=True``: both M and R on the batch gathered from all ranks (n global).
     """
+    if gather_distributed:
+        _sfrik._check_z(z_a, "z_a")
+        _sfrik._check_z(z_b, "z_b")
+        check_same_shape([z_a, z_b], ["z_a", "z_b"])
+        z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     loss, mse, mmd_a, mmd_b = _sfrik.sfrik_loss(
         z_a,
         z_b,
@@ -305,7 +378,7 @@ def sfrik_loss(
         sim_weight=sim_weight,
         mmd_weight=mmd_weight,
         check_finite=check_finite,
-        gram_mean=functools.partial(legendre_gram_mean, normalize=False, backend=backend),
+        gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend),
     )
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)
@@ -330,6 +403,7 @@ class MECComponents:
     term_ratio: Tensor  #: |last series term| / |previous term|, max over both directions
 
 
+@_fp32_compute
 def taylor_logdet(
     a: Tensor,
     b: Tensor,
@@ -365,12 +439,14 @@ def taylor_logdet(
     return _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
 
 
+@_fp32_compute
 def exact_logdet(a: Tensor, b: Tensor, lam: float | Tensor, *, normalize: bool = True) -> Tensor:
     """``log det(I + lam A^ B^T)`` exactly (slogdet in min(m, d) space); NaN where det <= 0."""
     _mec._check_inputs(a, b, lam, min_rows=2)
     return _mec.exact_logdet(a, b, lam, normalize=normalize)
 
 
+@_fp32_compute
 def mec_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -382,6 +458,7 @@ def mec_loss(
     scale: str = "reference",
     lam: float | None = None,
     exact: bool = False,
+    gather_distributed: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
@@ -394,11 +471,26 @@ def mec_loss(
     with ``lam = d / (m eps_sq)`` unless given, P = targets (teacher outputs; the online outputs when
     None, not detached) and Z = online outputs, all ``(m, d)``.  ``exact=True`` uses the exact
     ``log det`` in place of T_n (for checking convergence).
+
+    ``gather_distributed=True``: the outputs (and targets) of all ranks are gathered first, so m is
+    the **global** batch size -- in ``lam = d / (m eps_sq)`` and the 1/(2m) scale alike; a ``lam``
+    passed in (e.g. from :func:`mec_lambda_warmup`) must be based on the global m too.
     """
+    if gather_distributed:
+        given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
+                 if t is not None]
+        for t, n in given:
+            check_tensor(t, n, ndim=2, min_rows=2, min_cols=1)
+        check_same_shape([t for t, _ in given], [n for _, n in given])
+        gathered = iter(_dist.gather_batch([t for t, _ in given], names=[n for _, n in given]))
+        z_a, z_b = next(gathered), next(gathered)
+        target_a = None if target_a is None else next(gathered)
+        target_b = None if target_b is None else next(gathered)
     if check_finite:
         given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
                  if isinstance(t, Tensor)]
         _assert_finite([t for t, _ in given], [n for _, n in given])
+    diagnostics: list[Tensor] = []  # filled by the fused op: (rho, term_ratio)
     loss, t_ab, t_ba, coding_length, lam = _mec.mec_loss(
         z_a,
         z_b,
@@ -409,17 +501,21 @@ def mec_loss(
         scale=scale,
         lam=lam,
         exact=exact,
-        logdet=functools.partial(taylor_logdet, backend=backend),
+        logdet=functools.partial(_logdet_keeping_diagnostics, diagnostics=diagnostics, backend=backend),
     )
     if not return_components:
         return loss
     # Diagnostics, without grad and without a host sync: a power-iteration estimate of rho(C) and
-    # the ratio of the last two series terms (it recomputes tr(C^n): about a third of a
-    # forward+backward, paid only when components are asked for).
-    pa = z_a if target_a is None else target_a
-    pb = z_b if target_b is None else target_b
-    a, b = torch.stack(_promote(pa, pb)).detach(), torch.stack(_promote(z_b, z_a)).detach()
-    rho, ratio = _mec.convergence_diagnostics(a, b, lam, order=order)
+    # the ratio of the last two series terms.  The fused kernel returns them with T at negligible
+    # cost; the torch path recomputes tr(C^n) (about a third of a forward+backward, paid only when
+    # components are asked for).
+    if diagnostics:
+        rho, ratio = diagnostics
+    else:
+        pa = z_a if target_a is None else target_a
+        pb = z_b if target_b is None else target_b
+        a, b = torch.stack(_promote(pa, pb)).detach(), torch.stack(_promote(z_b, z_a)).detach()
+        rho, ratio = _mec.convergence_diagnostics(a, b, lam, order=order)
     return MECComponents(
         loss=loss,
         t_ab=t_ab,
@@ -429,6 +525,18 @@ def mec_loss(
         spectral_radius=rho.max(),
         term_ratio=ratio.max(),
     )
+
+
+def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list, backend: str) -> Tensor:
+    """:func:`taylor_logdet`; when it runs the fused kernel, also keep the kernel's diagnostics."""
+    _mec._check_inputs(a, b, lam, min_rows=2)
+    if resolve_backend(backend, "taylor_logdet", a.device) == "triton":
+        from .triton import taylor_logdet as _k
+
+        t, rho, ratio = _k.taylor_logdet_with_diagnostics(a, b, lam, order)
+        diagnostics[:] = [rho, ratio]
+        return t
+    return taylor_logdet(a, b, lam, order, backend="torch")
 
 
 def _promote(*xs: Tensor) -> list[Tensor]:

@@ -5,8 +5,26 @@ papers' defaults, ``backend="auto" | "triton" | "torch"``, ``return_components=T
 dataclass of the terms to log, and ``check_finite=True`` to raise on NaN/Inf inputs (by default
 they propagate to a NaN loss -- never a silent finite number).
 
-``gather_distributed=True`` (every term on the gathered global batch) lands with the scale-out
-issue; until then it raises ``NotImplementedError`` rather than silently computing a local loss.
+``gather_distributed=True`` computes every term on the global batch gathered from all data-parallel
+ranks (:mod:`kernelssl.distributed`): every rank returns the loss of one process holding the global
+batch, and after DistributedDataParallel averages the gradients the parameter gradients equal that
+process's.  Uneven local batches are handled (padded for the collective, padding dropped).  Costs one
+small metadata all-gather with a host read (one sync per call), one all-gather of the embeddings, and
+a reduce-scatter in the backward.  Without an initialised process group (or with one rank) it is a
+no-op.  Hyper-parameters that depend on the batch size refer to the **global** batch (MEC's m).
+
+Autocast (mixed precision).  The losses run in float32 whatever autocast says: inside
+``torch.autocast(device, dtype=torch.bfloat16 | torch.float16)`` they switch autocast off for the
+inputs' device, upcast fp16/bf16 embeddings to float32, compute and accumulate in float32 and return
+a float32 scalar; gradients flow back in the embeddings' dtype.  So a model with fp32 weights and
+bf16 activations can call the loss inside its autocast region and gets the same loss as calling it
+outside on the same (bf16) embeddings -- no matmul of the loss silently drops to bf16/fp16 (their
+8/11-bit mantissas would cost the kernel sums 2-3 digits).  float64 inputs compute in float64.
+
+``torch.compile``: the three modules trace with ``fullgraph=True`` (no graph break) when
+``gather_distributed=False``, except that :class:`HSICLoss` draws its random features from a
+``torch.Generator``, which dynamo cannot trace: draw them outside the compiled region with
+:meth:`HSICLoss.draw_features` and pass them as ``forward(..., features=...)``.
 """
 from __future__ import annotations
 
@@ -27,10 +45,9 @@ Tensor = torch.Tensor
 
 def _check_common(gather_distributed: bool, backend: str) -> None:
     check_choice(backend, "backend", BACKENDS)
-    if gather_distributed:
-        raise NotImplementedError(
-            "gather_distributed=True is not available in this version of kernelssl (it lands with the "
-            "distributed issue); compute the loss on the local batch (gather_distributed=False)"
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(
+            f"gather_distributed: expected a bool, got {type(gather_distributed).__name__} {gather_distributed!r}"
         )
 
 
@@ -62,10 +79,20 @@ class HSICLoss(nn.Module):
         normalize: L2-normalise each embedding first (the paper's code does this before the loss).
         seed: seed of the module's own generator for the random features, used when ``forward`` gets
             no ``generator``; the same seed gives the same features on every rank.
-        gather_distributed, backend, check_finite, return_components: see the module docstring.
+        gather_distributed: compute the loss on the views gathered from all ranks (B = global batch,
+            N = K B).  The random features must be identical on every rank: the module's own
+            generator is (same seed, same number of calls on every rank); a ``generator=`` passed to
+            ``forward`` must be seeded alike on every rank (never by rank).  Its state is
+            checksummed and compared across ranks in the gather's metadata exchange: a difference
+            raises a ``ValueError`` (no seed is broadcast: that would cost a collective per step).
+        backend, check_finite, return_components: see the module docstring.
 
-    Shapes: ``forward(*views)`` with K >= 2 tensors ``(B, d)`` (row i of each is image i), or one
-    ``(K, B, d)`` tensor; returns a 0-dim float32 tensor (or :class:`~kernelssl.functional.HSICComponents`).
+    Shapes: ``forward(*views, generator=None, features=None)`` with K >= 2 tensors ``(B, d)`` (row i
+    of each is image i), or one ``(K, B, d)`` tensor; returns a 0-dim float32 tensor (or
+    :class:`~kernelssl.functional.HSICComponents`).  ``features=(w_a, b_a, w_b, b_b)``: the two
+    random-feature maps drawn beforehand (:meth:`draw_features`, e.g. outside a ``torch.compile``
+    region); then ``forward`` draws nothing, and the scale objective (``learn_scale``) uses
+    ``generator`` for its pairs if given, else the deterministic strided pairs.
 
     Example::
 
@@ -127,24 +154,64 @@ class HSICLoss(nn.Module):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def forward(self, *views: Tensor, generator: torch.Generator | None = None):
+    def draw_features(
+        self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The two maps ``(w_a, b_a, w_b, b_b)`` that ``forward`` would draw next for ``(K, B, dim)``
+        views of ``dtype`` on ``device`` -- from the module's generator for that device, in the same
+        order and dtype (float64 for float64 views, else float32), advancing it the same way.  Pass
+        them as ``forward(..., features=...)``: eager and compiled steps then see the same numbers.
+        """
+        device = torch.device(device)
+        gen = self._generator(device)
+        dt = torch.float64 if dtype == torch.float64 else torch.float32
+        w_a, b_a = KF.sample_imq_rff(dim, self.num_features, generator=gen, device=device, dtype=dt)
+        w_b, b_b = KF.sample_imq_rff(dim, self.num_features, generator=gen, device=device, dtype=dt)
+        return w_a, b_a, w_b, b_b
+
+    @KF._fp32_compute
+    def forward(
+        self,
+        *views: Tensor,
+        generator: torch.Generator | None = None,
+        features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ):
         stacked = KF._as_views(views)
+        if features is not None:
+            if self.kernel != "rff":
+                raise ValueError(
+                    f"features: expected None with kernel={self.kernel!r} (maps are for kernel='rff'), got maps"
+                )
+            if not isinstance(features, (tuple, list)) or len(features) != 4:
+                raise TypeError(
+                    "features: expected a tuple (w_a, b_a, w_b, b_b) as returned by draw_features, "
+                    f"got {type(features).__name__}"
+                )
+        elif generator is None and self.kernel == "rff":
+            generator = self._generator(stacked.device)
         if self.normalize:
             stacked = torch.nn.functional.normalize(stacked, dim=-1)
-        if generator is None and self.kernel == "rff":
-            generator = self._generator(stacked.device)
+        if self.gather_distributed:
+            # Everything random is drawn after the gather from `generator`: check it agrees on all ranks.
+            stacked = KF.gather_views(stacked, generator if generator is not None else False)
         c = self.kernel_scale
-        out = KF.ssl_hsic_loss(
-            stacked,
-            num_features=self.num_features,
-            gamma=self.gamma,
-            kernel_scale=c,
-            kernel=self.kernel,
-            generator=generator,
-            backend=self.backend,
-            check_finite=self.check_finite,
-            return_components=True,
-        )
+        if features is None:
+            out = KF.ssl_hsic_loss(
+                stacked,
+                num_features=self.num_features,
+                gamma=self.gamma,
+                kernel_scale=c,
+                kernel=self.kernel,
+                generator=generator,
+                backend=self.backend,
+                check_finite=self.check_finite,
+                return_components=True,
+            )
+        else:
+            zy, zz = KF.rff_hsic(stacked, *features, c, backend=self.backend, check_finite=self.check_finite)
+            c_log = c.detach().reshape(()) if isinstance(c, Tensor) else torch.tensor(c)
+            loss = _hsic.hsic_loss(zy, zz, gamma=self.gamma)
+            out = KF.HSICComponents(loss=loss, hsic_zy=zy, hsic_zz=zz, kernel_scale=c_log)
         scale_obj = None
         loss = out.loss
         if self.learn_scale:
@@ -219,6 +286,7 @@ class SFRIKLoss(nn.Module):
         self.check_finite = check_finite
         self.return_components = return_components
 
+    @KF._fp32_compute
     def forward(self, z_a: Tensor, z_b: Tensor):
         return KF.sfrik_loss(
             z_a,
@@ -226,6 +294,7 @@ class SFRIKLoss(nn.Module):
             coefficients=self.coefficients,
             sim_weight=self.sim_weight,
             mmd_weight=self.mmd_weight,
+            gather_distributed=self.gather_distributed,
             backend=self.backend,
             check_finite=self.check_finite,
             return_components=self.return_components,
@@ -305,9 +374,11 @@ class MECLoss(nn.Module):
         self.return_components = return_components
 
     def default_lambda(self, m: int, d: int) -> float:
-        """``lam = d / (m * eps_sq)`` for batch size m and embedding dim d."""
+        """``lam = d / (m * eps_sq)`` for batch size m and embedding dim d (with ``gather_distributed=True``
+        m is the global batch size, summed over the ranks)."""
         return d / (m * self.eps_sq)
 
+    @KF._fp32_compute
     def forward(
         self,
         z_a: Tensor,
@@ -327,6 +398,7 @@ class MECLoss(nn.Module):
             scale=self.scale,
             lam=lam,
             exact=self.exact,
+            gather_distributed=self.gather_distributed,
             backend=self.backend,
             check_finite=self.check_finite,
             return_components=self.return_components,

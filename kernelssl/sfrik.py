@@ -368,8 +368,9 @@ def sfrik_loss(
         eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
         chunk_size: rows per Gram tile for the chunked path (see :func:`legendre_gram_mean`).
         check_finite: raise on NaN/Inf inputs (one host sync) instead of propagating them.
-        gram_mean: ``fn(zhat, coefficients) -> M`` on unit rows, used in place of the chunked torch
-            path (the public API passes its backend-dispatched op here).
+        gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
+            place of the chunked torch path.  The public API passes its backend-dispatched op here,
+            so that a fused kernel reads the rows in their own dtype (bf16/fp16 on tensor cores).
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
@@ -392,7 +393,7 @@ def sfrik_loss(
     zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
     mse = (za - zb).pow(2).mean()
     if gram_mean is not None:
-        mmd_a, mmd_b = gram_mean(za, b), gram_mean(zb, b)
+        mmd_a, mmd_b = gram_mean(z_a, b), gram_mean(z_b, b)
     elif eager:
         mmd_a = legendre_gram_mean_eager(za, b, normalize=False)
         mmd_b = legendre_gram_mean_eager(zb, b, normalize=False)

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -141,10 +142,14 @@ def test_env_var_backend(monkeypatch):
 @pytest.mark.parametrize(
     "call",
     [
-        lambda z: KF.ssl_hsic_loss(z, backend="triton"),
-        lambda z: KF.legendre_gram_mean(z[0], backend="triton"),
-        lambda z: KF.taylor_logdet(z[0], z[1], 0.1, backend="triton"),
-        lambda z: MECLoss(backend="triton")(*z),
+        # rff_hsic has a Triton kernel: on CPU tensors it can run only under the interpreter, so an
+        # explicit request without TRITON_INTERPRET raises (the CUDA-tensor requirement).
+        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.ssl_hsic_loss)(z, backend="triton"),
+        # legendre_gram_mean has a Triton kernel: the same CUDA-tensor requirement without the interpreter.
+        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.legendre_gram_mean)(z[0], backend="triton"),
+        # taylor_logdet has a Triton kernel: the same CUDA-tensor requirement without the interpreter.
+        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.taylor_logdet)(z[0], z[1], 0.1, backend="triton"),
+        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(MECLoss(backend="triton"))(*z),
     ],
 )
 def test_explicit_triton_raises_with_reason(call, monkeypatch):
@@ -154,15 +159,23 @@ def test_explicit_triton_raises_with_reason(call, monkeypatch):
 
 
 def test_explicit_triton_via_env_raises(monkeypatch):
+    # SFRIK's Gram op has a Triton kernel; on CPU tensors without the interpreter it cannot run.
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
-    with pytest.raises(RuntimeError, match="not yet available"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run legendre_gram_mean: .*CUDA tensors"):
         SFRIKLoss()(*_views())
 
 
-def test_gather_distributed_is_refused_until_implemented():
-    for cls in (HSICLoss, SFRIKLoss, MECLoss):
-        with pytest.raises(NotImplementedError, match="gather_distributed"):
-            cls(gather_distributed=True)
+def test_gather_distributed_without_process_group_is_a_no_op():
+    # No torch.distributed process group here: gathering is the identity, the loss bitwise the local
+    # one (the 2-process contract is tested in test_distributed.py).
+    assert not torch.distributed.is_initialized()
+    z = _views()
+    for make in (lambda **k: HSICLoss(num_features=8, **k), SFRIKLoss, MECLoss):
+        assert torch.equal(make(gather_distributed=True)(*z), make()(*z))
+    assert torch.equal(KF.mec_loss(*z, gather_distributed=True), KF.mec_loss(*z))
+    with pytest.raises(TypeError, match="gather_distributed: expected a bool"):
+        SFRIKLoss(gather_distributed="yes")
 
 
 # ------------------------------------------------------------------------------------------------

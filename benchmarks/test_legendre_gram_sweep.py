@@ -1,0 +1,204 @@
+"""SFRIK's Legendre Gram mean op (issue #4): forward, backward and forward+backward time, peak extra
+memory and achieved Gram TFLOP/s, Triton vs the torch (chunked) path vs eager (materialised Gram, the
+paper's form) vs ``torch.compile`` of the torch path, plus a sweep over n.  The generic harness
+(test_losses.py) covers the whole SFRIK loss forward+backward; the rows here time the op itself on raw
+``(n, q)`` embeddings (``normalize=True``: the Triton op fuses the normalisation and keeps 16-bit inputs
+on tensor cores), per mode, and the sweep.
+
+* CUDA (``paper`` scale, the default there): n = 2048, q in {8192, 16384, 32768}, L = 3
+  (b = (1, 40, 40)), fp32 / bf16 / fp16, all three modes; forward+backward at n = 4096 (both views
+  concatenated), q = 8192; then forward+backward over n = 1024 ... 131072 at q = 8192, bf16 -- eager
+  and compile drop out where they run out of memory (a row with ``status = "oom"`` and NaN time says
+  where), the torch path and Triton go on.
+* CPU (any scale), or ``--bench-scale smoke`` on CUDA: only the smallest case, torch path and eager
+  (the Triton interpreter's timings mean nothing, so the kernel is not timed there).
+
+Rows go to the shared results file with ``loss = "legendre_gram:<mode>"``.  ``tflops`` is the Gram
+work of the un-symmetrised computation (SPEC §2.3: forward 2 n^2 q, backward 4 n^2 q) divided by the
+time, ``pct_peak`` the same against the device's dense tensor-core peak for the dtype (bf16/fp16; TF32
+for fp32 is not used by default, so fp32 rows are against the fp32 FMA peak).  The Triton forward does
+half of that work (symmetric tiles), so its executed rate is tflops / 2 there.  Each row checks the
+value against the torch path (a fast wrong kernel cannot look good).  Targets (read off the rows, not
+asserted): forward+backward >= 2x eager and >= 1.3x compile at n = 2048, q = 8192; >= 60% of the bf16
+peak at n = 8192, q = 8192; n = 131072, q = 8192 runs on one 80 GB H100.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench_util import bench_device, bench_scale, device_name, peak_extra_bytes
+from kernelssl import sfrik as S
+from kernelssl._backend import TRITON_OPS
+
+B3 = (1.0, 40.0, 40.0)
+MODES = ("forward", "backward", "full")
+PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)
+SWEEP_N = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+SMOKE = {"n": 256, "q": 64}
+VALUE_RTOL = 1e-3  # fp32 sums of up to ~1e10 terms; half inputs are rounded identically for every impl
+
+# Dense peak TFLOP/s (vendor figures, SXM): {dtype: peak}; fp32 = non-tensor-core FMA peak.
+_PEAKS = {
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+}
+_EXPECTED: dict = {}
+
+
+def _peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    for key, peaks in _PEAKS.items():
+        if key in name:
+            return peaks[str(dtype)[6:]]
+    return None
+
+
+def _cases(device: torch.device, scale: str):
+    if device.type != "cuda" or scale == "smoke":
+        return [(SMOKE, torch.float32, mode) for mode in MODES]
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for q in PAPER_Q:
+            cases += [({"n": PAPER_N, "q": q}, dtype, mode) for mode in MODES]
+        cases.append(({"n": 2 * PAPER_N, "q": 8192}, dtype, "full"))
+    cases += [({"n": n, "q": 8192}, torch.bfloat16, "full") for n in SWEEP_N if n not in (PAPER_N, 2 * PAPER_N)]
+    cases.append(({"n": 8192, "q": 8192}, torch.bfloat16, "forward"))  # the roofline target
+    return cases
+
+
+def _impl_names(device: torch.device) -> list[str]:
+    names = ["eager", "torch"]
+    if device.type == "cuda":
+        names.append("compile")
+        if "legendre_gram_mean" in TRITON_OPS:
+            names.append("triton")
+    return names
+
+
+def _implementation(name: str):
+    if name == "eager":
+        return lambda z: S.legendre_gram_mean_eager(z, B3)
+    if name == "torch":
+        return lambda z: S.legendre_gram_mean(z, B3)
+    if name == "compile":
+        return torch.compile(lambda z: S.legendre_gram_mean(z, B3))
+    from kernelssl.triton import legendre_gram as LG
+
+    return lambda z: LG.legendre_gram_mean(z, B3)
+
+
+def pytest_generate_tests(metafunc):
+    if "op_case" not in metafunc.fixturenames:
+        return
+    device = bench_device()
+    cases, ids = [], []
+    for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
+        for impl in _impl_names(device):
+            cases.append((shape, dtype, mode, impl))
+            ids.append(f"legendre_gram-{mode}-n{shape['n']}-q{shape['q']}-{str(dtype)[6:]}-{impl}")
+    metafunc.parametrize("op_case", cases, ids=ids)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _expected(z: torch.Tensor, key) -> float:
+    """M from the torch (chunked) path: never out of memory; cached per (shape, dtype)."""
+    if key not in _EXPECTED:
+        with torch.no_grad():
+            _EXPECTED[key] = float(S.legendre_gram_mean(z, B3))
+    return _EXPECTED[key]
+
+
+def _timed(fn, x, mode, device):
+    """(setup, target) for pytest-benchmark's pedantic: setup runs outside the timed region."""
+    if mode == "forward":
+        def setup():
+            x.grad = None
+            _sync(device)
+            return (), {}
+
+        def target():  # a training step's forward: autograd records (the op saves z) for backward
+            out = fn(x)
+            _sync(device)
+            return out
+    elif mode == "backward":
+        def setup():
+            x.grad = None
+            loss = fn(x)
+            _sync(device)
+            return (loss,), {}
+
+        def target(loss):
+            loss.backward()
+            _sync(device)
+    else:
+        def setup():
+            x.grad = None
+            _sync(device)
+            return (), {}
+
+        def target():
+            loss = fn(x)
+            loss.backward()
+            _sync(device)
+            return loss
+    return setup, target
+
+
+def _row(shape, dtype, mode, impl, **kw):
+    return {"loss": f"legendre_gram:{mode}", "shape": f"n={shape['n']},q={shape['q']},L=3",
+            "dtype": str(dtype)[6:], "impl": impl, **kw}
+
+
+def test_legendre_gram_modes(op_case, benchmark, results_rows):
+    shape, dtype, mode, impl = op_case
+    device = bench_device()
+    n, q = shape["n"], shape["q"]
+    g = torch.Generator().manual_seed(0)
+    try:
+        x = torch.randn(n, q, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+        fn = _implementation(impl)
+        expected = _expected(x.detach(), (n, q, dtype))
+        with torch.no_grad():
+            value = float(fn(x))
+        assert math.isclose(value, expected, rel_tol=VALUE_RTOL), (value, expected)
+        for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
+            x.grad = None
+            fn(x).backward()
+        _sync(device)
+        setup, target = _timed(fn, x, mode, device)
+        if mode == "backward":
+            args, _ = setup()
+            peak = peak_extra_bytes(lambda: target(*args), device)
+        else:
+            setup()
+            peak = peak_extra_bytes(target, device)
+    except torch.cuda.OutOfMemoryError:
+        x = fn = None
+        torch.cuda.empty_cache()
+        results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
+                                 rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
+        pytest.skip(f"{impl} ran out of GPU memory at n={n}, q={q}")
+    rounds = 3 if device.type == "cpu" or n > 8192 else 20
+    benchmark.group = f"legendre_gram {mode} n={n} q={q} {str(dtype)[6:]}"
+    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    stats = benchmark.stats.stats
+    flops = {"forward": 2, "backward": 4, "full": 6}[mode] * n * n * q
+    tflops = flops / stats.median / 1e12
+    peak_tf = _peak(device, dtype)
+    results_rows.append(_row(
+        shape, dtype, mode, impl,
+        median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, rounds=rounds,
+        peak_extra_mb=None if peak is None else peak / 2**20, loss_value=value, status="ok",
+        tflops=tflops, pct_peak=None if peak_tf is None else 100.0 * tflops / peak_tf,
+    ))

@@ -1,0 +1,207 @@
+"""MEC's batched matrix-log Taylor expansion op (issue #5): forward, backward and forward+backward time
+and peak extra memory, Triton vs the torch path (min-space + trace pairing) vs eager (the reference
+form: all n powers in m-space) vs ``torch.compile`` of the torch path, plus sweeps over m, d and n.
+The generic harness (test_losses.py) covers the whole MEC loss forward+backward; the rows here time the
+op itself on the two symmetrised directions of one step stacked as a batch of 2 pairs, ``(2, m, d)``,
+as the loss calls it: the first argument the teacher outputs (no grad: an EMA teacher), the second
+the online outputs (grad), ``normalize=True``, ``lam = d / (64 m)``.
+
+* CUDA (``paper`` scale, the default there): m = 1024, d = 2048, n = 4 in fp32 and bf16, all three
+  modes, plus the forward with the convergence diagnostics (Triton: ``taylor_logdet_with_diagnostics``;
+  the others: the op + :func:`kernelssl.mec.convergence_diagnostics`); then forward+backward in fp32
+  over m = 256 ... 8192 (d = 2048), d = 128 ... 8192 (m = 1024) and n = 2 ... 8.
+* CPU (any scale), or ``--bench-scale smoke`` on CUDA: only the smallest case, torch path and eager
+  (the Triton interpreter's timings mean nothing, so the kernel is not timed there).
+
+Rows go to the shared results file with ``loss = "taylor_logdet:<mode>"``.  ``alg_tflops`` is the work
+of the Triton algorithm (s = min(m, d), L = max(m, d), h = ceil(n/2); forward 2 s^2 L + 2 (h-1) s^3,
+backward 2 s^3 [n >= 4] + 2 s^2 L for the one differentiated argument) per second, for a roofline
+reading; the eager form does more work.  Each row checks the value against the torch path (a fast
+wrong kernel cannot look good).  Targets (GPU, read off the rows, not asserted): forward+backward
+>= 3x eager and >= 1.5x compile at m = 1024, d = 2048, n = 4.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench_util import bench_device, bench_scale, peak_extra_bytes
+from kernelssl import mec as M
+from kernelssl._backend import TRITON_OPS
+
+MODES = ("forward", "backward", "full")
+PAPER = {"m": 1024, "d": 2048, "n": 4}
+SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
+SWEEP_D = [128, 256, 512, 1024, 2048, 4096, 8192]
+SWEEP_N = [2, 3, 4, 5, 6, 7, 8]
+SMOKE = {"m": 256, "d": 64, "n": 4}
+# Value check against the torch path: fp32 traces of up to ~1e7-term sums, the terms of either sign
+# (relative 1e-3 of the term scale; the absolute floor covers a T that cancels to ~0).
+VALUE_RTOL, VALUE_ATOL = 1e-3, 1e-3
+_EXPECTED: dict = {}
+
+
+def _cases(device: torch.device, scale: str):
+    if device.type != "cuda" or scale == "smoke":
+        return [(SMOKE, torch.float32, mode) for mode in MODES]
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += [(PAPER, dtype, mode) for mode in MODES + ("diagnostics",)]
+    cases += [({"m": m, "d": 2048, "n": 4}, torch.float32, "full") for m in SWEEP_M if m != PAPER["m"]]
+    cases += [({"m": 1024, "d": d, "n": 4}, torch.float32, "full") for d in SWEEP_D if d != PAPER["d"]]
+    cases += [({"m": 1024, "d": 2048, "n": n}, torch.float32, "full") for n in SWEEP_N if n != PAPER["n"]]
+    return cases
+
+
+def _impl_names(device: torch.device) -> list[str]:
+    names = ["eager", "torch"]
+    if device.type == "cuda":
+        names.append("compile")
+        if "taylor_logdet" in TRITON_OPS:
+            names.append("triton")
+    return names
+
+
+def _implementation(name: str, order: int, diagnostics: bool):
+    """``fn(a, b, lam) -> T`` (the diagnostics computed too, and returned alongside, when asked)."""
+    if name == "triton":
+        from kernelssl.triton import taylor_logdet as K
+
+        if diagnostics:
+            return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order)
+        return lambda a, b, lam: K.taylor_logdet(a, b, lam, order)
+    base = {"eager": M.taylor_logdet_eager, "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
+    fn = lambda a, b, lam: base(a, b, lam, order)  # noqa: E731
+    if name == "compile":
+        fn = torch.compile(fn)
+    if diagnostics:
+        return lambda a, b, lam: (fn(a, b, lam), *M.convergence_diagnostics(a, b, lam, order=order))
+    return fn
+
+
+def pytest_generate_tests(metafunc):
+    if "op_case" not in metafunc.fixturenames:
+        return
+    device = bench_device()
+    cases, ids = [], []
+    for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
+        for impl in _impl_names(device):
+            cases.append((shape, dtype, mode, impl))
+            ids.append(f"taylor_logdet-{mode}-m{shape['m']}-d{shape['d']}-n{shape['n']}-{str(dtype)[6:]}-{impl}")
+    metafunc.parametrize("op_case", cases, ids=ids)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(shape, dtype, device):
+    """(teacher (2, m, d) without grad, online (2, m, d) with grad): [P1, P2] and [Z2, Z1]."""
+    g = torch.Generator().manual_seed(0)
+    m, d = shape["m"], shape["d"]
+    z = torch.randn(2, m, d, generator=g) + 0.3 * torch.randn(2, 1, d, generator=g)
+    p = z + 0.5 * torch.randn(2, m, d, generator=g)
+    return p.to(device=device, dtype=dtype), z.flip(0).to(device=device, dtype=dtype).requires_grad_(True)
+
+
+def _value(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _expected(a, b, lam, order, key) -> torch.Tensor:
+    if key not in _EXPECTED:
+        with torch.no_grad():
+            _EXPECTED[key] = M.taylor_logdet(a, b, lam, order).float().cpu()
+    return _EXPECTED[key]
+
+
+def _timed(fn, a, b, lam, mode, device):
+    """(setup, target) for pytest-benchmark's pedantic: setup runs outside the timed region."""
+    def clear():
+        b.grad = None
+        _sync(device)
+        return (), {}
+
+    if mode in ("forward", "diagnostics"):
+        def target():  # a training step's forward: autograd records what the backward needs
+            out = fn(a, b, lam)
+            _sync(device)
+            return out
+        return clear, target
+    if mode == "backward":
+        def setup():
+            b.grad = None
+            loss = _value(fn(a, b, lam)).sum()
+            _sync(device)
+            return (loss,), {}
+
+        def target(loss):
+            loss.backward()
+            _sync(device)
+        return setup, target
+
+    def target():
+        loss = _value(fn(a, b, lam)).sum()
+        loss.backward()
+        _sync(device)
+        return loss
+    return clear, target
+
+
+def _alg_flops(shape, mode) -> float:
+    m, d, n = shape["m"], shape["d"], shape["n"]
+    s, big, h = min(m, d), max(m, d), (n + 1) // 2
+    fwd = 2 * s * s * big + 2 * (h - 1) * s**3
+    bwd = 2 * s**3 * (n >= 4) + 2 * s * s * big
+    return {"forward": fwd, "diagnostics": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _row(shape, dtype, mode, impl, **kw):
+    return {"loss": f"taylor_logdet:{mode}", "shape": f"m={shape['m']},d={shape['d']},n={shape['n']},P=2",
+            "dtype": str(dtype)[6:], "impl": impl, **kw}
+
+
+def test_taylor_logdet_modes(op_case, benchmark, results_rows):
+    shape, dtype, mode, impl = op_case
+    device = bench_device()
+    m, d, n = shape["m"], shape["d"], shape["n"]
+    lam = d / (64.0 * m)
+    try:
+        a, b = _inputs(shape, dtype, device)
+        fn = _implementation(impl, n, mode == "diagnostics")
+        expected = _expected(a, b, lam, n, (m, d, n, dtype))
+        with torch.no_grad():
+            value = _value(fn(a, b, lam)).float().cpu()
+        torch.testing.assert_close(value, expected, rtol=VALUE_RTOL, atol=VALUE_ATOL)
+        for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
+            b.grad = None
+            _value(fn(a, b, lam)).sum().backward()
+        _sync(device)
+        setup, target = _timed(fn, a, b, lam, mode, device)
+        if mode == "backward":
+            args, _ = setup()
+            peak = peak_extra_bytes(lambda: target(*args), device)
+        else:
+            setup()
+            peak = peak_extra_bytes(target, device)
+    except torch.cuda.OutOfMemoryError:
+        a = b = fn = None
+        torch.cuda.empty_cache()
+        results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
+                                 rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
+        pytest.skip(f"{impl} ran out of GPU memory at m={m}, d={d}")
+    rounds = 3 if device.type == "cpu" or max(m, d) > 4096 else 20
+    benchmark.group = f"taylor_logdet {mode} m={m} d={d} n={n} {str(dtype)[6:]}"
+    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    stats = benchmark.stats.stats
+    results_rows.append(_row(
+        shape, dtype, mode, impl,
+        median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, rounds=rounds,
+        peak_extra_mb=None if peak is None else peak / 2**20, loss_value=float(value.sum()), status="ok",
+        alg_tflops=_alg_flops(shape, mode) * 2 / stats.median / 1e12,  # 2 pairs
+    ))
+    assert math.isfinite(stats.median)

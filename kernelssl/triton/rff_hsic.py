@@ -1,0 +1,787 @@
+"""Fused Triton kernels for SSL-HSIC's RFF-IMQ estimator, forward and backward (SPEC §1.3, §1.4).
+
+What it computes
+----------------
+``views (K, B, d)`` flattened view-major (row ``n = v*B + i``, N = K*B), two random-feature maps
+``(W_A (D_A, d), beta_A)``, ``(W_B (D_B, d), beta_B)``, the IMQ scale c (detached)::
+
+    u_M   = X W_M^T / c + beta_M                 (N x D_M, never stored)
+    Phi_M = s_M cos(u_M),  s_M = sqrt(2 / D_M)
+    S_i   = sum_v Phi_A[v*B + i],   mu_M = (1/N) sum_n Phi_M[n]
+    HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i - K mu_A||^2 + ||mu_A||^2 / (K-1)     (= SPEC's direct form)
+    HSIC_ZZ = ||C||_F^2 / N^2,   C = Phibar_B^T Phibar_A   (D_B x D_A),   Phibar = Phi - 1 mu^T
+
+Backward (SPEC §1.4), upstream gradients g_zy, g_zz (0-dim tensors, read in-kernel)::
+
+    dL/dPhi_A[n] = g_zy (2 S_img(n) / (B K (K-1)) - 2 mu_A / N) + g_zz (2/N^2) (Phibar_B C)[n]
+    dL/dPhi_B[n] = g_zz (2/N^2) (Phibar_A C^T)[n]
+    dL/dx_n      = -(1/c) sum_M ((s_M sin(u_M[n])) * dL/dPhi_M[n]) W_M
+
+Kernels and passes
+------------------
+Forward (5 launches, 4 when the cross-covariance needs no split):
+
+1. ``_rff_features_kernel`` -- grid ``(cdiv(B, BI), cdiv(D_A, BJ) + cdiv(D_B, BJ))``.  A program owns a
+   block of BI images and BJ features of one map and loops over the K views: projection GEMM
+   (``tl.dot`` over d, fp32 accumulator), cos epilogue, stores its Phi tile (fp32), accumulates the
+   per-image sums S in registers and writes deterministic per-program partials: column sums (for mu)
+   and, for map A, ``M2_p = sum_{i in p} ||S_i - m_p||^2`` about the block mean m_p.
+2. ``_rff_stats_kernel`` -- grid ``(cdiv(D_A, BJ) + cdiv(D_B, BJ),)``: reduces the column-sum partials in
+   a fixed order to mu_A, mu_B and the between-block part of HSIC_ZY (Chan's parallel variance
+   combination ``sum_i ||S_i - K mu||^2 = sum_p M2_p + sum_p n_p ||m_p - K mu||^2``: no cancellation,
+   unlike the direct ``sum_i ||S_i||^2 / (B K (K-1)) - ||mu||^2`` in fp32).
+3. ``_rff_cross_cov_kernel`` -- grid ``(tiles of C, SPLIT)``: reads Phi_A, Phi_B tiles, centres them in
+   registers and accumulates ``C_tile += Phibar_B^T Phibar_A`` over its share of the N rows (explicit
+   centring, as in the torch path: the uncentred ``Phi_B^T Phi_A - N mu_B mu_A^T`` would cancel ~sqrt(N)
+   digits' worth).  SPLIT > 1 (chosen so the GPU is full) writes per-split partials that
+   ``_rff_cov_reduce_kernel`` sums in a fixed order; each also writes ``||C_tile||^2``.
+4. ``_rff_finalize_kernel`` -- one program: sums the HSIC_ZY and HSIC_ZZ partials into the two 0-dim
+   fp32 outputs.
+
+Backward (1 launch): ``_rff_hsic_bwd_kernel`` -- grid ``(cdiv(N, BM), cdiv(d, BDO))``.  A program owns BM
+rows and BDO output columns of dL/dX and, per map and per BJ-block of features, recomputes
+``u = X W^T / c + beta`` (GEMM over d) for ``sin``, forms ``Phibar_other C`` (GEMM over D_other, reading
+the stored Phi of the other map), adds the HSIC_ZY term from S and mu, applies ``-s sin(u) / c`` and
+accumulates ``T W`` (GEMM over the features) into its fp32 ``(BM, BDO)`` accumulator.  No dL/dPhi, no
+u, no N x D temporary is ever written; with d <= 256 (the paper's d) BDO = d and nothing is
+recomputed twice.
+
+Store Phi or recompute it?  Phi (the cos values, not the pre-activation) is stored in fp32:
+``4 N (D_A + D_B)`` bytes, 64 MiB at the paper shape (N = 16384, d = 256, D = 512).  Both consumers
+need whole rows or columns of Phi across all features: the centred cross-covariance needs mu first (a
+second pass over N), and the backward needs full rows of the *other* map's Phi.  Recomputing instead
+would redo the projection once per feature block of the other map: 8x both projections with 64-wide
+tiles, ~60 extra GFLOP, against ~20 us to read 64 MiB back from HBM.  The pre-activation u is *not*
+stored: the backward recomputes it (one ``2 N d D`` GEMM per map; sin cannot be recovered from the
+stored cos without its sign).  Saved for backward: Phi_A, Phi_B, S (B x D_A), mu_A, mu_B, C.  Peak
+extra memory at the paper shape ~ 64 + 8 + 1 MiB, plus the split partials (SPLIT x 1 MiB) in the
+forward and the gradient (16 MiB fp32) in the backward: ~90 MiB, against ~330 MiB measured for the
+eager form (CPU, resident set) -- within the 0.5x-eager target by construction.
+
+Work at the paper shape (GFLOP): projections 4.3 per map, cross-covariance 8.6.  Fused: forward 17.2,
+backward 34.4 (u recompute 8.6, the two ``Phibar C`` products 17.2, back-projection 8.6) = 51.5; the
+eager form (features of map A computed twice, autograd backward) = 51.6; the torch path 43.  The
+fused kernels win on memory traffic (eager makes ~30 elementwise passes over N x D fp32 tensors) and
+launches (6 instead of ~60), not on FLOPs: with ``input_precision="ieee"`` (FMA-based ``tl.dot``, no
+tensor cores) a 3x speed-up over eager is not expected; ``"tf32x3"`` (three TF32 tensor-core products,
+~fp32 accuracy) is the setting that can reach it.  Neither has been measured (no GPU here).
+
+Numerics and contracts
+----------------------
+* Inputs fp32 / bf16 / fp16 (views; maps in any float dtype), upcast to fp32 right after each load;
+  fp32 accumulation everywhere; the two outputs are 0-dim fp32; the gradient is in the views' dtype.
+* float64 views are routed to the torch path (:func:`kernelssl.hsic.rff_hsic`) and return float64:
+  a float64 caller asked for float64 accuracy, which an fp32 kernel cannot give.  Likewise when a map
+  (W, beta) requires grad (the fused backward gives dL/dX only): the torch path differentiates them.
+* ``tl.dot`` precision: ``input_precision`` argument, default ``"ieee"`` (full fp32, no silent TF32);
+  ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (the same opt-in as the torch path),
+  or pass ``input_precision="tf32"`` / ``"tf32x3"`` explicitly.
+* Deterministic: no atomics; every reduction is per-program partials reduced in a fixed order, so two
+  runs give bitwise-equal outputs and gradients (on a given device and configuration).
+* The kernel scale c is read in-kernel from a 1-element tensor (never on the host) and gets no gradient.
+* No host syncs, no Python branches on tensor values; block sizes depend on shapes only.
+* Block sizes are fixed heuristics (one config, no autotuning: the interpreter accepts only one, and a
+  fixed config keeps reduction orders reproducible across processes).  They are untuned guesses for
+  H100/H200-class GPUs: this module was developed without a GPU (see the tests).
+* Not done: in-kernel philox generation of the RFF maps (the maps are D x d, drawn once per step; a
+  gain would have to be measured on a GPU first).
+
+* GPU-only unknowns: the accuracy of ``tl.cos`` / ``tl.sin`` as compiled for the GPU (the interpreter
+  uses NumPy's), and TF32 rounding (the interpreter computes every ``tl.dot`` in full fp32); the GPU
+  tests compare against float64 at the paper shape.
+
+Registration: ``kernelssl::rff_hsic_fwd`` and ``kernelssl::rff_hsic_bwd`` are ``torch.library.triton_op``s
+(kernels launched through ``wrap_triton``); the backward op is wired in with ``register_autograd``
+(the forward op also returns what the backward needs, marked non-differentiable), so
+``torch.compile(fullgraph=True)`` traces forward and backward with no graph break and inductor sees
+the kernels.  Each op has a CPU kernel: under the interpreter it runs the Triton kernels, otherwise the
+same math in torch.  Under ``TRITON_INTERPRET=1`` the kernels are ``InterpretedFunction``s, which
+``wrap_triton`` cannot capture, so there (only) both ops get an explicit fake and stay opaque to
+tracing: compile still traces through without a break and calls the op (see the end of this file).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import hsic as _hsic
+from .._backend import interpreting
+from ..rff import rff_features
+
+__all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
+
+Tensor = torch.Tensor
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+# Whether the kernels below were built for the CPU interpreter (triton reads TRITON_INTERPRET when
+# ``@triton.jit`` runs, i.e. at import of this module).
+_BUILT_FOR_INTERPRETER = interpreting()
+
+# Largest block edge used under the interpreter (tests lower it to 16 to exercise multi-block paths
+# and the split cross-covariance at small shapes), and the largest SPLIT there.
+_INTERP_MAX_BLOCK = 64
+_INTERP_MAX_SPLIT = 2
+
+
+# ==================================================================================================
+# kernels
+# ==================================================================================================
+
+# Forward tile of one map (A or B) for BI images x BJ features, looping over the K views:
+#   u = x W^T / c + beta;  Phi = s cos(u), s = sqrt(2/D)  -> stored (fp32, row n = v*B + i)
+#   S_i = sum_v Phi[v*B + i]  (stored for map A);  colsum_p = sum_{i in block} S_i  (partial)
+#   map A: M2_p = sum_{i in block} ||S_i - colsum_p / n_p||^2  (partial of the HSIC_ZY numerator)
+# Backward: see _rff_hsic_bwd_kernel (u is recomputed there, never stored).
+@triton.jit
+def _features_tile(
+    x_ptr, w_ptr, beta_ptr, phi_ptr, s_ptr, colsum_ptr, m2_ptr,
+    stride_xv, stride_xb, stride_xd, stride_wj, stride_wd, stride_beta,
+    inv_c, pid_i, pid_j, num_j,
+    K, B, d, D,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, IS_A: tl.constexpr,
+):
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)  # int64 (pid_i is)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_i = offs_i < B
+    mask_j = offs_j < D
+    tile_mask = mask_i[:, None] & mask_j[None, :]
+    amp = tl.sqrt(tl.full([], 2.0, tl.float32) / D)
+    beta = tl.load(beta_ptr + offs_j * stride_beta, mask=mask_j, other=0.0).to(tl.float32)
+    zero64 = pid_i * 0  # int64 zero: keeps v * stride in int64
+    s_acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for v in range(0, K):
+        v64 = zero64 + v
+        x_rows = x_ptr + v64 * stride_xv + offs_i[:, None] * stride_xb
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < d
+            xt = tl.load(x_rows + kk[None, :] * stride_xd, mask=mask_i[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(
+                w_ptr + offs_j[None, :] * stride_wj + kk[:, None] * stride_wd,
+                mask=mask_k[:, None] & mask_j[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
+        phi = amp * tl.cos(acc * inv_c + beta[None, :])
+        phi = tl.where(tile_mask, phi, 0.0)
+        rows = v64 * B + offs_i
+        tl.store(phi_ptr + rows[:, None] * D + offs_j[None, :], phi, mask=tile_mask)
+        s_acc += phi
+    colsum = tl.sum(s_acc, axis=0)
+    tl.store(colsum_ptr + pid_i * D + offs_j, colsum, mask=mask_j)
+    if IS_A:
+        tl.store(s_ptr + offs_i[:, None] * D + offs_j[None, :], s_acc, mask=tile_mask)
+        n_p = tl.minimum(B - pid_i * BLOCK_I, BLOCK_I).to(tl.float32)
+        dev = tl.where(tile_mask, s_acc - (colsum / n_p)[None, :], 0.0)
+        tl.store(m2_ptr + pid_i * num_j + pid_j, tl.sum(tl.sum(dev * dev, axis=1), axis=0))
+
+
+# Forward pass 1 (both maps in one launch): program (i, j) runs _features_tile for map A when
+# j < cdiv(D_A, BJ), else for map B.  Math and backward: see _features_tile.
+@triton.jit
+def _rff_features_kernel(
+    x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, c_ptr,
+    phia_ptr, phib_ptr, s_ptr, colsum_a_ptr, colsum_b_ptr, m2_ptr,
+    stride_xv, stride_xb, stride_xd,
+    stride_waj, stride_wad, stride_ba, stride_wbj, stride_wbd, stride_bb,
+    K, B, d, D_A, D_B,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_i = tl.program_id(0).to(tl.int64)
+    pid_j = tl.program_id(1).to(tl.int64)
+    inv_c = 1.0 / tl.load(c_ptr).to(tl.float32)
+    num_ja = tl.cdiv(D_A, BLOCK_J)
+    if pid_j < num_ja:
+        _features_tile(
+            x_ptr, wa_ptr, ba_ptr, phia_ptr, s_ptr, colsum_a_ptr, m2_ptr,
+            stride_xv, stride_xb, stride_xd, stride_waj, stride_wad, stride_ba,
+            inv_c, pid_i, pid_j, num_ja, K, B, d, D_A,
+            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, True,
+        )
+    else:
+        _features_tile(
+            x_ptr, wb_ptr, bb_ptr, phib_ptr, s_ptr, colsum_b_ptr, m2_ptr,
+            stride_xv, stride_xb, stride_xd, stride_wbj, stride_wbd, stride_bb,
+            inv_c, pid_i, pid_j - num_ja, num_ja, K, B, d, D_B,
+            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, False,
+        )
+
+
+# Column statistics of one map for BJ features, over the P = cdiv(B, BI) image-block partials:
+#   mu_j = (1/N) sum_p colsum_p[j]
+#   map A: part = (1/(B K (K-1))) sum_p n_p sum_j (colsum_p[j]/n_p - K mu_j)^2 + sum_j mu_j^2 / (K-1)
+#   (the between-block term of sum_i ||S_i - K mu||^2, plus the ||mu||^2/(K-1) term of HSIC_ZY).
+# No backward of its own (the fused backward uses mu directly).
+@triton.jit
+def _stats_tile(
+    colsum_ptr, mu_ptr, zy_part_ptr, pid_j, num_p, K, B, D,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, HAS_ZY: tl.constexpr,
+):
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_j = offs_j < D
+    offs_p0 = tl.arange(0, BLOCK_P)
+    n_f = tl.full([], 1.0, tl.float32) * K * B
+    tot = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for p0 in range(0, num_p, BLOCK_P):
+        offs_p = p0 + offs_p0
+        m = (offs_p < num_p)[:, None] & mask_j[None, :]
+        cs = tl.load(colsum_ptr + offs_p[:, None].to(tl.int64) * D + offs_j[None, :], mask=m, other=0.0)
+        tot += tl.sum(cs, axis=0)
+    mu = tot / n_f
+    tl.store(mu_ptr + offs_j, mu, mask=mask_j)
+    if HAS_ZY:
+        kmu = mu * K
+        acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+        for p0 in range(0, num_p, BLOCK_P):
+            offs_p = p0 + offs_p0
+            mask_p = offs_p < num_p
+            m = mask_p[:, None] & mask_j[None, :]
+            cs = tl.load(colsum_ptr + offs_p[:, None].to(tl.int64) * D + offs_j[None, :], mask=m, other=0.0)
+            n_p = tl.where(mask_p, tl.minimum(B - offs_p * BLOCK_I, BLOCK_I), 1).to(tl.float32)
+            dev = tl.where(m, cs / n_p[:, None] - kmu[None, :], 0.0)
+            acc += tl.sum(n_p[:, None] * dev * dev, axis=0)
+        denom = n_f * (K - 1)
+        part = tl.sum(acc, axis=0) / denom + tl.sum(mu * mu, axis=0) / (K - 1)
+        tl.store(zy_part_ptr + pid_j, part)
+
+
+# Forward pass 2 (both maps in one launch): program j runs _stats_tile for map A (j < cdiv(D_A, BJ))
+# or map B.  Math: see _stats_tile.
+@triton.jit
+def _rff_stats_kernel(
+    colsum_a_ptr, colsum_b_ptr, mu_a_ptr, mu_b_ptr, zy_part_ptr,
+    num_p, K, B, D_A, D_B,
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_ja = tl.cdiv(D_A, BLOCK_J)
+    if pid < num_ja:
+        _stats_tile(colsum_a_ptr, mu_a_ptr, zy_part_ptr, pid, num_p, K, B, D_A, BLOCK_P, BLOCK_J, BLOCK_I, True)
+    else:
+        _stats_tile(colsum_b_ptr, mu_b_ptr, zy_part_ptr, pid - num_ja, num_p, K, B, D_B,
+                    BLOCK_P, BLOCK_J, BLOCK_I, False)
+
+
+# Forward pass 3: centred cross-covariance tile over one split of the rows,
+#   C[jb, ja] (+)= sum_n (Phi_B[n, jb] - mu_B[jb]) (Phi_A[n, ja] - mu_A[ja])
+# SPLIT_ONE: the tile is final -> store C and ||C_tile||^2; else store the split's partial tile.
+# Backward: dHSIC_ZZ/dPhi_A = (2/N^2) Phibar_B C, dHSIC_ZZ/dPhi_B = (2/N^2) Phibar_A C^T (in the bwd kernel).
+@triton.jit
+def _rff_cross_cov_kernel(
+    phia_ptr, phib_ptr, mu_a_ptr, mu_b_ptr, out_ptr, sumsq_ptr,
+    N, D_A, D_B, rows_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_JB: tl.constexpr, BLOCK_JA: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_ONE: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    num_ja = tl.cdiv(D_A, BLOCK_JA)
+    pid_jb = pid_t // num_ja
+    pid_ja = pid_t % num_ja
+    offs_ja = pid_ja * BLOCK_JA + tl.arange(0, BLOCK_JA)
+    offs_jb = pid_jb * BLOCK_JB + tl.arange(0, BLOCK_JB)
+    mask_ja = offs_ja < D_A
+    mask_jb = offs_jb < D_B
+    mu_a = tl.load(mu_a_ptr + offs_ja, mask=mask_ja, other=0.0)
+    mu_b = tl.load(mu_b_ptr + offs_jb, mask=mask_jb, other=0.0)
+    start = pid_s * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_JB, BLOCK_JA), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        mask_n = offs_n < end
+        ma = mask_n[:, None] & mask_ja[None, :]
+        pa = tl.load(phia_ptr + offs_n[:, None] * D_A + offs_ja[None, :], mask=ma, other=0.0)
+        pa = tl.where(ma, pa - mu_a[None, :], 0.0)
+        mb = mask_jb[:, None] & mask_n[None, :]
+        pbt = tl.load(phib_ptr + offs_n[None, :] * D_B + offs_jb[:, None], mask=mb, other=0.0)
+        pbt = tl.where(mb, pbt - mu_b[:, None], 0.0)
+        acc = tl.dot(pbt, pa, acc, input_precision=PRECISION)
+    tile_mask = mask_jb[:, None] & mask_ja[None, :]
+    tile = offs_jb[:, None] * D_A + offs_ja[None, :]
+    if SPLIT_ONE:
+        tl.store(out_ptr + tile, acc, mask=tile_mask)
+        tl.store(sumsq_ptr + pid_t, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    else:
+        tl.store(out_ptr + pid_s * D_B * D_A + tile, acc, mask=tile_mask)
+
+
+# Forward pass 3b (SPLIT > 1): C[tile] = sum_s partial_s[tile] in split order; ||C_tile||^2 partial.
+@triton.jit
+def _rff_cov_reduce_kernel(
+    part_ptr, cov_ptr, sumsq_ptr, D_A, D_B, SPLIT,
+    BLOCK_JB: tl.constexpr, BLOCK_JA: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    num_ja = tl.cdiv(D_A, BLOCK_JA)
+    offs_ja = (pid_t % num_ja) * BLOCK_JA + tl.arange(0, BLOCK_JA)
+    offs_jb = (pid_t // num_ja) * BLOCK_JB + tl.arange(0, BLOCK_JB)
+    tile_mask = (offs_jb < D_B)[:, None] & (offs_ja < D_A)[None, :]
+    tile = offs_jb[:, None] * D_A + offs_ja[None, :]
+    stride_s = (pid_t * 0 + D_B) * D_A  # int64
+    acc = tl.zeros((BLOCK_JB, BLOCK_JA), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * stride_s + tile, mask=tile_mask, other=0.0)
+    tl.store(cov_ptr + tile, acc, mask=tile_mask)
+    tl.store(sumsq_ptr + pid_t, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+# Forward pass 4 (one program): HSIC_ZY = sum(M2_p) / (B K (K-1)) + sum(zy_part);
+# HSIC_ZZ = sum(||C_tile||^2) / N^2.  Fixed-order sums (deterministic).
+@triton.jit
+def _rff_finalize_kernel(
+    m2_ptr, zy_part_ptr, sumsq_ptr, zy_ptr, zz_ptr,
+    num_m2, num_zy, num_sq, K, B,
+    BLOCK: tl.constexpr,
+):
+    offs0 = tl.arange(0, BLOCK)
+    n_f = tl.full([], 1.0, tl.float32) * K * B
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for o in range(0, num_m2, BLOCK):
+        acc += tl.load(m2_ptr + o + offs0, mask=o + offs0 < num_m2, other=0.0)
+    zy = tl.sum(acc, axis=0) / (n_f * (K - 1))
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for o in range(0, num_zy, BLOCK):
+        acc += tl.load(zy_part_ptr + o + offs0, mask=o + offs0 < num_zy, other=0.0)
+    zy += tl.sum(acc, axis=0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for o in range(0, num_sq, BLOCK):
+        acc += tl.load(sumsq_ptr + o + offs0, mask=o + offs0 < num_sq, other=0.0)
+    zz = tl.sum(acc, axis=0) / (n_f * n_f)
+    tl.store(zy_ptr, zy)
+    tl.store(zz_ptr, zz)
+
+
+# Backward contribution of one map M to BM rows x BDO columns of dL/dX:
+#   for each BJ-block of M's features:
+#     u = x W_M^T / c + beta_M                 (recomputed: GEMM over d)
+#     G = Phibar_other C_M                     (GEMM over D_other; C_A = C, C_B = C^T via strides)
+#     dL/dPhi = coef_zz G [+ coef_zy S_img - coef_mu mu_A   for map A]
+#     T = dL/dPhi * (-s_M sin(u) / c);   acc += T W_M[:, cols]
+# Forward: Phi_M = s_M cos(u) (see _features_tile).
+@triton.jit
+def _bwd_map(
+    acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
+    w_ptr, beta_ptr, other_ptr, mu_other_ptr, cov_ptr, s_ptr, mu_ptr,
+    stride_xd, stride_wj, stride_wd, stride_beta, stride_cl, stride_cj,
+    inv_c, coef_zz, coef_zy, coef_mu,
+    d, D, D_other,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_ZY: tl.constexpr,
+):
+    offs_k0 = tl.arange(0, BLOCK_K)
+    offs_l0 = tl.arange(0, BLOCK_L)
+    offs_j0 = tl.arange(0, BLOCK_J)
+    amp = tl.sqrt(tl.full([], 2.0, tl.float32) / D)
+    for j0 in range(0, D, BLOCK_J):
+        offs_j = j0 + offs_j0
+        mask_j = offs_j < D
+        # projection GEMM (recompute u; never stored)
+        u = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k0
+            mask_k = kk < d
+            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xd,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_j[None, :] * stride_wj + kk[:, None] * stride_wd,
+                         mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+            u = tl.dot(xt.to(tl.float32), wt.to(tl.float32), u, input_precision=PRECISION)
+        beta = tl.load(beta_ptr + offs_j * stride_beta, mask=mask_j, other=0.0).to(tl.float32)
+        sin_u = tl.sin(u * inv_c + beta[None, :])
+        # cross-covariance term: Phibar_other[rows, :] @ C_M[:, j-block]
+        g = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for l0 in range(0, D_other, BLOCK_L):
+            ll = l0 + offs_l0
+            mask_l = ll < D_other
+            mo = mask_m[:, None] & mask_l[None, :]
+            po = tl.load(other_ptr + offs_m[:, None] * D_other + ll[None, :], mask=mo, other=0.0)
+            mu_o = tl.load(mu_other_ptr + ll, mask=mask_l, other=0.0)
+            po = tl.where(mo, po - mu_o[None, :], 0.0)
+            cm = tl.load(cov_ptr + ll[:, None] * stride_cl + offs_j[None, :] * stride_cj,
+                         mask=mask_l[:, None] & mask_j[None, :], other=0.0)
+            g = tl.dot(po, cm, g, input_precision=PRECISION)
+        gphi = coef_zz * g
+        if HAS_ZY:
+            st = tl.load(s_ptr + img[:, None] * D + offs_j[None, :],
+                         mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+            mu = tl.load(mu_ptr + offs_j, mask=mask_j, other=0.0)
+            gphi += coef_zy * st - coef_mu * mu[None, :]
+        t = tl.where(mask_m[:, None] & mask_j[None, :], gphi * sin_u * (-amp * inv_c), 0.0)
+        wo = tl.load(w_ptr + offs_j[:, None] * stride_wj + offs_do[None, :] * stride_wd,
+                     mask=mask_j[:, None] & mask_do[None, :], other=0.0)
+        acc = tl.dot(t, wo.to(tl.float32), acc, input_precision=PRECISION)
+    return acc
+
+
+# Backward (one launch): dL/dX[rows, cols] = sum over maps A, B of _bwd_map, with
+#   coef_zz = g_zz 2/N^2,  coef_zy = g_zy 2/(B K (K-1)),  coef_mu = g_zy 2/N
+# (g_zy, g_zz: upstream gradients of HSIC_ZY, HSIC_ZZ, loaded from memory).  Stored in the views' dtype.
+@triton.jit
+def _rff_hsic_bwd_kernel(
+    x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, c_ptr, gzy_ptr, gzz_ptr,
+    phia_ptr, phib_ptr, s_ptr, mu_a_ptr, mu_b_ptr, cov_ptr, grad_ptr,
+    stride_xv, stride_xb, stride_xd,
+    stride_waj, stride_wad, stride_ba, stride_wbj, stride_wbd, stride_bb,
+    K, B, d, D_A, D_B,
+    BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_do = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flat row n = v*B + i (int64)
+    n_rows = (pid_m * 0 + K) * B
+    mask_m = offs_m < n_rows
+    v = offs_m // B
+    img = offs_m % B
+    x_rows = v * stride_xv + img * stride_xb
+    offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < d
+    inv_c = 1.0 / tl.load(c_ptr).to(tl.float32)
+    g_zy = tl.load(gzy_ptr).to(tl.float32)
+    g_zz = tl.load(gzz_ptr).to(tl.float32)
+    n_f = tl.full([], 1.0, tl.float32) * K * B
+    coef_zz = g_zz * 2.0 / (n_f * n_f)
+    coef_zy = g_zy * 2.0 / (n_f * (K - 1))
+    coef_mu = g_zy * 2.0 / n_f
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    # map A: other = Phi_B, C_A[l, j] = C[l, j] (C is D_B x D_A, row-major)
+    acc = _bwd_map(
+        acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
+        wa_ptr, ba_ptr, phib_ptr, mu_b_ptr, cov_ptr, s_ptr, mu_a_ptr,
+        stride_xd, stride_waj, stride_wad, stride_ba, D_A, 1,
+        inv_c, coef_zz, coef_zy, coef_mu, d, D_A, D_B,
+        BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, True,
+    )
+    # map B: other = Phi_A, C_B[l, j] = C[j, l]
+    acc = _bwd_map(
+        acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
+        wb_ptr, bb_ptr, phia_ptr, mu_a_ptr, cov_ptr, s_ptr, mu_a_ptr,
+        stride_xd, stride_wbj, stride_wbd, stride_bb, 1, D_A,
+        inv_c, coef_zz, coef_zy, coef_mu, d, D_B, D_A,
+        BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, False,
+    )
+    out = grad_ptr + offs_m[:, None] * d + offs_do[None, :]
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :])
+
+
+# ==================================================================================================
+# launch configuration (shapes only; no tensor values)
+# ==================================================================================================
+
+
+def _pow2(n) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _block(n, lo: int, hi: int) -> int:
+    """Power-of-two block edge for a dimension of size n, within [lo, hi]."""
+    return max(lo, min(hi, _pow2(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fwd_config(device: torch.device, N, B, d, DA, DB) -> dict:
+    if device.type != "cuda":  # interpreter: few, large programs (each op costs Python time)
+        cap = _INTERP_MAX_BLOCK
+        c = dict(BI=_block(B, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
+                 BN=_block(N, 16, cap), BJB=_block(DB, 16, cap), BJA=_block(DA, 16, cap),
+                 BP=16, BJS=_block(max(DA, DB), 16, cap), warps=4, stages=1)
+        c["split"] = max(1, min(_INTERP_MAX_SPLIT, triton.cdiv(N, c["BN"])))
+        return c
+    # GPU (untuned guesses, see the module docstring): 64x64 tiles with a fp32 accumulator.
+    c = dict(BI=64, BJ=64, BK=32, BN=32, BJB=64, BJA=64, BP=32, BJS=128, warps=4, stages=3)
+    tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(2 * sms, tiles)  # ~2 programs per SM
+    c["split"] = max(1, min(want, triton.cdiv(N, 8 * c["BN"])))  # >= 8 row blocks per split
+    return c
+
+
+def _bwd_config(device: torch.device, N, d, DA, DB) -> dict:
+    if device.type != "cuda":
+        cap = _INTERP_MAX_BLOCK
+        return dict(BM=_block(N, 16, cap), BDO=_block(d, 16, cap), BJ=_block(max(DA, DB), 16, cap),
+                    BK=_block(d, 16, cap), BL=_block(max(DA, DB), 16, cap), warps=4, stages=1)
+    # BDO covers d up to 256 in one program (no recompute); larger d re-runs the feature GEMMs per
+    # 256-column block of the gradient.
+    return dict(BM=64, BDO=_block(d, 16, 256), BJ=32, BK=32, BL=32, warps=8, stages=2)
+
+
+# ==================================================================================================
+# launchers
+# ==================================================================================================
+
+
+def rff_hsic_forward(
+    views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, scale: Tensor, input_precision: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the forward kernels.  Returns ``(hsic_zy, hsic_zz, phi_a, phi_b, s, mu_a, mu_b, cov)``:
+    the two 0-dim fp32 estimators, then what the backward needs (fp32): ``phi_a (N, D_A)``,
+    ``phi_b (N, D_B)``, ``s (B, D_A)``, ``mu_a (D_A,)``, ``mu_b (D_B,)``, ``cov = Phibar_B^T Phibar_A``."""
+    K, B, d = views.shape
+    DA, DB = w_a.shape[0], w_b.shape[0]
+    N = K * B
+    dev = views.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    cfg = _fwd_config(dev, N, B, d, DA, DB)
+    num_i = triton.cdiv(B, cfg["BI"])
+    num_ja, num_jb = triton.cdiv(DA, cfg["BJ"]), triton.cdiv(DB, cfg["BJ"])
+    phi_a = torch.empty((N, DA), **f32)
+    phi_b = torch.empty((N, DB), **f32)
+    s = torch.empty((B, DA), **f32)
+    colsum_a = torch.empty((num_i, DA), **f32)
+    colsum_b = torch.empty((num_i, DB), **f32)
+    m2 = torch.empty((num_i * num_ja,), **f32)
+    wrap_triton(_rff_features_kernel)[(num_i, num_ja + num_jb)](
+        views, w_a, b_a, w_b, b_b, scale,
+        phi_a, phi_b, s, colsum_a, colsum_b, m2,
+        views.stride(0), views.stride(1), views.stride(2),
+        w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
+        K, B, d, DA, DB,
+        BLOCK_I=cfg["BI"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], PRECISION=input_precision,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    mu_a = torch.empty((DA,), **f32)
+    mu_b = torch.empty((DB,), **f32)
+    num_sa, num_sb = triton.cdiv(DA, cfg["BJS"]), triton.cdiv(DB, cfg["BJS"])
+    zy_part = torch.empty((num_sa,), **f32)
+    wrap_triton(_rff_stats_kernel)[(num_sa + num_sb,)](
+        colsum_a, colsum_b, mu_a, mu_b, zy_part, num_i, K, B, DA, DB,
+        BLOCK_P=cfg["BP"], BLOCK_J=cfg["BJS"], BLOCK_I=cfg["BI"], num_warps=4,
+    )
+    tiles = triton.cdiv(DA, cfg["BJA"]) * triton.cdiv(DB, cfg["BJB"])
+    split = cfg["split"]
+    rows_per_split = triton.cdiv(triton.cdiv(N, cfg["BN"]), split) * cfg["BN"]
+    cov = torch.empty((DB, DA), **f32)
+    sumsq = torch.empty((tiles,), **f32)
+    part = cov if split == 1 else torch.empty((split, DB, DA), **f32)
+    wrap_triton(_rff_cross_cov_kernel)[(tiles, split)](
+        phi_a, phi_b, mu_a, mu_b, part, sumsq, N, DA, DB, rows_per_split,
+        BLOCK_N=cfg["BN"], BLOCK_JB=cfg["BJB"], BLOCK_JA=cfg["BJA"], PRECISION=input_precision,
+        SPLIT_ONE=split == 1, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    if split > 1:
+        wrap_triton(_rff_cov_reduce_kernel)[(tiles,)](
+            part, cov, sumsq, DA, DB, split, BLOCK_JB=cfg["BJB"], BLOCK_JA=cfg["BJA"], num_warps=4,
+        )
+    zy = torch.empty((), **f32)
+    zz = torch.empty((), **f32)
+    wrap_triton(_rff_finalize_kernel)[(1,)](
+        m2, zy_part, sumsq, zy, zz, num_i * num_ja, num_sa, tiles, K, B, BLOCK=1024, num_warps=4,
+    )
+    return zy, zz, phi_a, phi_b, s, mu_a, mu_b, cov
+
+
+def rff_hsic_backward(
+    g_zy: Tensor, g_zz: Tensor, views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
+    scale: Tensor, phi_a: Tensor, phi_b: Tensor, s: Tensor, mu_a: Tensor, mu_b: Tensor, cov: Tensor,
+    input_precision: str,
+) -> Tensor:
+    """Launch the fused backward kernel: ``d(g_zy HSIC_ZY + g_zz HSIC_ZZ)/d views``, (K, B, d) in the
+    views' dtype (contiguous)."""
+    K, B, d = views.shape
+    DA, DB = w_a.shape[0], w_b.shape[0]
+    N = K * B
+    cfg = _bwd_config(views.device, N, d, DA, DB)
+    grad = torch.empty((K, B, d), device=views.device, dtype=views.dtype)
+    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(d, cfg["BDO"]))
+    wrap_triton(_rff_hsic_bwd_kernel)[grid](
+        views, w_a, b_a, w_b, b_b, scale, g_zy, g_zz,
+        phi_a, phi_b, s, mu_a, mu_b, cov, grad,
+        views.stride(0), views.stride(1), views.stride(2),
+        w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
+        K, B, d, DA, DB,
+        BLOCK_M=cfg["BM"], BLOCK_DO=cfg["BDO"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], BLOCK_L=cfg["BL"],
+        PRECISION=input_precision, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    return grad
+
+
+# ==================================================================================================
+# torch.library registration + autograd
+# ==================================================================================================
+
+
+@triton_op("kernelssl::rff_hsic_fwd", mutates_args=())
+def _rff_hsic_fwd(
+    views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, scale: Tensor, input_precision: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return rff_hsic_forward(views, w_a, b_a, w_b, b_b, scale, input_precision)
+
+
+@triton_op("kernelssl::rff_hsic_bwd", mutates_args=())
+def _rff_hsic_bwd(
+    g_zy: Tensor, g_zz: Tensor, views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
+    scale: Tensor, phi_a: Tensor, phi_b: Tensor, s: Tensor, mu_a: Tensor, mu_b: Tensor, cov: Tensor,
+    input_precision: str,
+) -> Tensor:
+    return rff_hsic_backward(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
+                             input_precision)
+
+
+def _use_interpreter() -> bool:
+    return _BUILT_FOR_INTERPRETER and interpreting()
+
+
+def _forward_torch(views, w_a, b_a, w_b, b_b, scale):
+    """The forward op's math in torch (fp32): the CPU kernel when the interpreter is off."""
+    K, B, d = views.shape
+    N = K * B
+    x = views.reshape(N, d).to(torch.float32)
+    c = scale.reshape(()).to(torch.float32)
+    phi_a = rff_features(x, w_a.to(torch.float32), b_a.to(torch.float32), c)
+    phi_b = rff_features(x, w_b.to(torch.float32), b_b.to(torch.float32), c)
+    s = phi_a.reshape(K, B, -1).sum(dim=0)
+    mu_a, mu_b = phi_a.mean(dim=0), phi_b.mean(dim=0)
+    zy = (s - K * mu_a).square().sum() / (B * K * (K - 1)) + mu_a.square().sum() / (K - 1)
+    cov = (phi_b - mu_b).transpose(0, 1) @ (phi_a - mu_a)
+    zz = cov.square().sum() / (N * N)
+    return zy, zz, phi_a, phi_b, s, mu_a, mu_b, cov
+
+
+def _backward_torch(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov):
+    """The backward op's math in torch (SPEC §1.4): the CPU kernel when the interpreter is off."""
+    K, B, d = views.shape
+    N = K * B
+    f = torch.float32
+    x = views.reshape(N, d).to(f)
+    c = scale.reshape(()).to(f)
+    g_zy, g_zz = g_zy.to(f), g_zz.to(f)
+    g_a = g_zy * (2.0 * s.repeat(K, 1) / (B * K * (K - 1)) - (2.0 / N) * mu_a)
+    g_a = g_a + (g_zz * 2.0 / (N * N)) * ((phi_b - mu_b) @ cov)
+    g_b = (g_zz * 2.0 / (N * N)) * ((phi_a - mu_a) @ cov.transpose(0, 1))
+    gx = torch.zeros_like(x)
+    for g, w, b in ((g_a, w_a.to(f), b_a.to(f)), (g_b, w_b.to(f), b_b.to(f))):
+        amp = (2.0 / w.shape[0]) ** 0.5
+        sin_u = torch.sin(x @ (w / c).transpose(0, 1) + b)
+        gx = gx - (g * sin_u) @ w * (amp / c)
+    return gx.reshape(K, B, d).to(views.dtype)
+
+
+@_rff_hsic_fwd.register_kernel("cpu")
+def _rff_hsic_fwd_cpu(views, w_a, b_a, w_b, b_b, scale, input_precision):
+    if _use_interpreter():  # wrap_triton hands interpreted kernels back unwrapped: a direct launch
+        return rff_hsic_forward(views, w_a, b_a, w_b, b_b, scale, input_precision)
+    return _forward_torch(views, w_a, b_a, w_b, b_b, scale)
+
+
+@_rff_hsic_bwd.register_kernel("cpu")
+def _rff_hsic_bwd_cpu(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
+                      input_precision):
+    if _use_interpreter():
+        return rff_hsic_backward(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
+                                 input_precision)
+    return _backward_torch(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov)
+
+
+def _setup_context(ctx, inputs, output):
+    views, w_a, b_a, w_b, b_b, scale, input_precision = inputs
+    _, _, phi_a, phi_b, s, mu_a, mu_b, cov = output
+    ctx.save_for_backward(views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov)
+    ctx.input_precision = input_precision
+    ctx.mark_non_differentiable(phi_a, phi_b, s, mu_a, mu_b, cov)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_zy, g_zz, *_intermediates):
+    if not ctx.needs_input_grad[0] or (g_zy is None and g_zz is None):
+        return None, None, None, None, None, None, None
+    views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov = ctx.saved_tensors
+    zero = torch.zeros((), device=views.device, dtype=torch.float32)
+    g_zy = zero if g_zy is None else g_zy
+    g_zz = zero if g_zz is None else g_zz
+    grad = _rff_hsic_bwd(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
+                         ctx.input_precision)
+    return grad, None, None, None, None, None, None
+
+
+_rff_hsic_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _rff_hsic_fwd_fake(views, w_a, b_a, w_b, b_b, scale, input_precision):
+    K, B, _ = views.shape
+    DA, DB = w_a.shape[0], w_b.shape[0]
+    f32 = dict(device=views.device, dtype=torch.float32)
+    return (views.new_empty((), **f32), views.new_empty((), **f32), views.new_empty((K * B, DA), **f32),
+            views.new_empty((K * B, DB), **f32), views.new_empty((B, DA), **f32), views.new_empty((DA,), **f32),
+            views.new_empty((DB,), **f32), views.new_empty((DB, DA), **f32))
+
+
+def _rff_hsic_bwd_fake(g_zy, g_zz, views, *_rest):
+    return views.new_empty(views.shape)
+
+
+def _opaque(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+if _BUILT_FOR_INTERPRETER:
+    # Under TRITON_INTERPRET=1, @triton.jit gives InterpretedFunctions, which wrap_triton cannot capture
+    # into a graph (it returns them unwrapped, so tracing would launch them on fake tensors).  Here the
+    # two ops stay opaque to tracing instead of being decomposed into their kernels: an explicit fake
+    # (shapes only) and no functional decomposition (what torch.export does for triton_ops).
+    # torch.compile(fullgraph=True) still traces through with no graph break and calls the op, whose
+    # CPU kernel runs the interpreter.  On a GPU (no interpreter) this block does not run, and
+    # inductor sees the kernels themselves.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    _rff_hsic_fwd.register_fake(_rff_hsic_fwd_fake)
+    _rff_hsic_bwd.register_fake(_rff_hsic_bwd_fake)
+    _rff_hsic_fwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
+    _rff_hsic_bwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
+
+
+# ==================================================================================================
+# public entry point (called by kernelssl.functional.rff_hsic)
+# ==================================================================================================
+
+
+def _default_precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def rff_hsic(
+    views: Tensor,
+    w_a: Tensor,
+    b_a: Tensor,
+    w_b: Tensor,
+    b_b: Tensor,
+    kernel_scale: float | Tensor,
+    *,
+    input_precision: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(HSIC_ZY, HSIC_ZZ)`` through the fused kernels: 0-dim fp32 tensors; differentiable in ``views``.
+
+    Same contract as :func:`kernelssl.hsic.rff_hsic` (inputs already validated by
+    :func:`kernelssl.functional.rff_hsic`).  float64 views, or maps that require grad, take the torch
+    path (see the module docstring).  ``kernel_scale`` (a float or a 1-element tensor) is detached and
+    never read on the host.  ``input_precision``: ``"ieee"`` (default unless
+    ``torch.backends.cuda.matmul.allow_tf32``), ``"tf32"`` or ``"tf32x3"`` for the in-kernel GEMMs.
+    """
+    maps = (w_a, b_a, w_b, b_b)
+    if views.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in maps)):
+        return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
+    prec = _default_precision() if input_precision is None else input_precision
+    if prec not in PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {PRECISIONS} or None, got {prec!r}")
+    if isinstance(kernel_scale, Tensor):
+        scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)
+    else:
+        scale = torch.full((1,), float(kernel_scale), device=views.device, dtype=torch.float32)
+    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, prec)
+    return out[0], out[1]

@@ -1,0 +1,449 @@
+"""Fused Triton kernels of SFRIK's Legendre Gram mean (kernelssl/triton/legendre_gram.py).
+
+On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
+shapes, against the float64 NumPy reference (reference/sfrik.py) and the torch path
+(kernelssl/sfrik.py); GPU tests at the paper's shapes are skipped without CUDA.
+
+Every gradient check uses a non-unit upstream gradient (``UPSTREAM * M``).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernelssl.functional as KF
+from helpers import assert_close, to_numpy
+from kernelssl import _backend
+from kernelssl import sfrik as S
+from kernelssl.losses import SFRIKLoss
+from reference import sfrik as R
+
+LG = pytest.importorskip("kernelssl.triton.legendre_gram")
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA:
+    # CPU: the kernels run only under the interpreter (conftest.py sets it before kernelssl.triton loads).
+    assert _backend.interpreting(), "TRITON_INTERPRET must be set on a machine without CUDA"
+
+UPSTREAM = 2.5
+B3 = (1.0, 40.0, 40.0)
+HALF_ULP = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# fp32 vs float64, as in tests/test_sfrik.py: M is an fp32 sum of n^2 polynomial values (relative
+# 2e-6); gradients relative 1e-5 of max|grad| (fp32 Gram entries through phi' and an n-term sum).
+FP32_RTOL_M = 2e-6
+FP32_RTOL_G = 1e-5
+
+
+def _coeffs(L: int, seed: int) -> tuple[float, ...]:
+    rng = np.random.default_rng(seed)
+    return tuple(float(x) for x in rng.uniform(-2.0, 5.0, L))
+
+
+def _z(n: int, q: int, seed: int, dtype=torch.float64, unit: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 + 0.25  # rows of various norms
+    z = torch.randn(n, q, generator=g, dtype=torch.float64) * scale
+    if unit:
+        z = torch.nn.functional.normalize(z, dim=1)
+    return z.to(dtype)
+
+
+def _m_floor(b) -> float:
+    # Absolute floor for |M error|: 4 fp32 ulps (2^-22, relative) of sum|b_l| >= max|phi| on unit rows,
+    # i.e. of one term of the mean -- no fp32 computation of M can promise less.
+    return 2.0**-22 * sum(abs(x) for x in b)
+
+
+def _rule_floor_m(m64: float, b, n: int) -> float:
+    # Floor of the §4 rule for M: 8 fp32 ulps (2^-21, relative) of M's natural scale -- its value, or
+    # the diagonal's share sum|b|/n when mixed-sign terms cancel.  Both paths sit at this level in
+    # fp32 (a sum of n^2 rounded terms), where a ratio of their errors is noise.
+    return 2.0**-21 * max(abs(m64), sum(abs(x) for x in b) / n)
+
+
+def _run(fn, z: torch.Tensor, **kw):
+    """``(M, dM/dz * UPSTREAM)`` of ``fn(z, **kw)`` on a fresh leaf."""
+    z = z.detach().clone().requires_grad_(True)
+    m = fn(z, **kw)
+    (UPSTREAM * m).backward()
+    return m.detach(), z.grad
+
+
+def _reference(z: torch.Tensor, b, normalize: bool):
+    zn = to_numpy(z)  # the rounded input, exactly, in float64
+    m = R.gram_mean(R.normalize(zn) if normalize else zn, b)
+    return m, UPSTREAM * R.gram_mean_grad(zn, b, normalize=normalize)
+
+
+def _check_vs_reference(m, g, m64, g64, b, dtype, what=""):
+    assert m.dtype == torch.float32 and m.dim() == 0
+    assert g.dtype == dtype
+    assert_close(m, m64, rtol=FP32_RTOL_M, atol=_m_floor(b), name=f"M {what}")
+    gmax = float(np.abs(g64).max())
+    # half: the fp32 error plus the final rounding to the input dtype (half an ulp, relative) and the
+    # fp16 subnormal spacing 2^-24 (the torch tier's test_half_inputs budget)
+    ulp = HALF_ULP[dtype]
+    assert_close(g, g64, rtol=ulp + FP32_RTOL_G, atol=FP32_RTOL_G * gmax + (2.0**-24 if ulp else 0.0),
+                 name=f"dM/dz {what}")
+
+
+# (n, q, L, normalize): odd and non-power-of-two sizes so every tile loop has a ragged edge (the
+# interpreter uses 32-wide blocks), q = 2 (Chebyshev), n = 2, L from 1 to 6.
+SHAPES = [(37, 19, 3, True), (128, 64, 6, True), (64, 33, 4, False), (45, 2, 2, True), (2, 5, 1, True),
+          (70, 40, 5, True)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n,q,L,normalize", SHAPES)
+def test_values_and_gradients_vs_reference(n, q, L, normalize, dtype):
+    b = B3 if L == 3 else _coeffs(L, 7 * n + q)
+    z = _z(n, q, n + q, dtype, unit=not normalize).to(DEV)
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=b, normalize=normalize)
+    m64, g64 = _reference(z.cpu(), b, normalize)
+    _check_vs_reference(m, g, m64, g64, b, dtype, f"{dtype} n={n} q={q} L={L}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n,q,L", [(37, 19, 3), (128, 64, 6), (96, 48, 2)])
+def test_low_precision_rule(n, q, L, dtype):
+    """SPEC §4: error of the kernel vs float64 <= 2x the torch path's error in the same dtype, for M and
+    the gradient.  Floors where both are at fp32 rounding level: _rule_floor_m for M; for the gradient
+    2^-22 max|grad| (4 fp32 ulps of the largest entry), far below a half-precision gradient's rounding."""
+    b = B3 if L == 3 else _coeffs(L, n * q)
+    z = _z(n, q, 3 * n + q, dtype).to(DEV)
+    mk, gk = _run(LG.legendre_gram_mean, z, coefficients=b)
+    mt, gt = _run(S.legendre_gram_mean, z, coefficients=b)
+    m64, g64 = _reference(z.cpu(), b, True)
+    err_mk, err_mt = abs(float(mk) - m64), abs(float(mt) - m64)
+    assert err_mk <= max(2 * err_mt, _rule_floor_m(m64, b, n)), (err_mk, err_mt)
+    gmax = float(np.abs(g64).max())
+    err_gk = float(np.abs(to_numpy(gk) - g64).max())
+    err_gt = float(np.abs(to_numpy(gt) - g64).max())
+    assert err_gk <= max(2 * err_gt, 2.0**-22 * gmax), (err_gk, err_gt)
+    # and the two agree with each other (same inputs, same dtype of result)
+    assert_close(mk, mt, rtol=2 * FP32_RTOL_M, atol=2 * _m_floor(b), name="M kernel vs torch")
+
+
+@given(
+    n=st.integers(2, 40),
+    q=st.integers(2, 40),
+    L=st.integers(1, 6),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_tiny_shapes(n, q, L, normalize, seed):
+    b = _coeffs(L, seed)
+    z = _z(n, q, seed, torch.float32, unit=not normalize).to(DEV)
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=b, normalize=normalize)
+    m64, g64 = _reference(z.cpu(), b, normalize)
+    _check_vs_reference(m, g, m64, g64, b, torch.float32, f"n={n} q={q} L={L}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_panels(dtype, normalize):
+    """The backward in several row panels (20 rows: panels of 20, 20, 5) equals one panel and the reference."""
+    n, q, b = 45, 24, _coeffs(4, 3)
+    z = _z(n, q, 5, dtype, unit=not normalize).to(DEV)
+    grad = torch.tensor(UPSTREAM, device=DEV)
+    one = LG.legendre_gram_backward(grad, z, b, normalize)
+    many = LG.legendre_gram_backward(grad, z, b, normalize, panel_rows=20)
+    _, g64 = _reference(z.cpu(), b, normalize)
+    gmax = float(np.abs(g64).max())
+    tol = dict(rtol=HALF_ULP[dtype] + FP32_RTOL_G, atol=FP32_RTOL_G * gmax)
+    assert_close(many, g64, **tol, name="3 panels vs reference")
+    assert_close(many, one, **tol, name="3 panels vs 1 panel")
+
+
+def test_panel_rows_policy():
+    assert LG.panel_rows_for(2048) == 2048  # n^2 = 4 Mi <= 32 Mi: one panel (16 MiB)
+    assert LG.panel_rows_for(5792) == 5792
+    assert LG.panel_rows_for(8192) == 4096  # 2^25 / n
+    assert LG.panel_rows_for(131072) == 1024  # floor of 1024 rows: 512 MiB panel, never n x n
+    assert LG.panel_rows_for(100_000) % 128 == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_deterministic(dtype):
+    z = _z(100, 40, 1, dtype).to(DEV)
+    m1, g1 = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    m2, g2 = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    assert torch.equal(m1, m2) and torch.equal(g1, g2)
+
+
+def test_non_contiguous_input():
+    base = _z(30, 50, 2, torch.float32).to(DEV)  # (q, n) storage, used transposed
+    zt = base.t()
+    assert not zt.is_contiguous()
+    m, g = _run(LG.legendre_gram_mean, zt, coefficients=B3)
+    mc, gc = _run(LG.legendre_gram_mean, zt.contiguous(), coefficients=B3)
+    assert_close(m, mc, rtol=1e-6, atol=0, name="M strided")
+    assert_close(g, gc, rtol=1e-6, atol=1e-7 * float(gc.abs().max()), name="grad strided")
+
+
+def test_zero_row_and_non_finite():
+    z = _z(20, 9, 4, torch.float32).to(DEV)
+    z[3] = 0.0  # normalises to 0 (F.normalize), its Gram row is 0; its gradient is g / eps
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    mt, gt = _run(S.legendre_gram_mean, z, coefficients=B3)
+    assert torch.isfinite(m) and torch.isfinite(g).all()
+    assert_close(m, mt, rtol=1e-6, atol=0, name="M with a zero row")
+    assert_close(g, gt, rtol=1e-5, atol=1e-5 * float(gt.abs().max()), name="grad with a zero row")
+    z[5, 2] = math.nan  # NaN propagates (SPEC §4), never a silent finite number
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    assert torch.isnan(m) and torch.isnan(g).any()
+
+
+def test_no_grad_and_frozen_input():
+    z = _z(33, 17, 6, torch.float32).to(DEV)
+    with torch.no_grad():
+        m0 = LG.legendre_gram_mean(z.clone().requires_grad_(True), B3)
+    m1 = LG.legendre_gram_mean(z, B3)  # requires_grad=False
+    assert m0.grad_fn is None and m1.grad_fn is None and not m1.requires_grad
+    assert torch.equal(m0, m1)
+
+
+def test_float64_uses_the_torch_path():
+    z = _z(20, 7, 8).to(DEV)
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    mt, gt = _run(S.legendre_gram_mean, z, coefficients=B3)
+    assert m.dtype == torch.float64 and torch.equal(m, mt) and torch.equal(g, gt)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="z: expected a floating-point tensor"):
+        LG.legendre_gram_mean(torch.ones(4, 3, dtype=torch.int64), B3)
+    with pytest.raises(ValueError, match="z: expected a 2-D tensor"):
+        LG.legendre_gram_mean(torch.ones(4), B3)
+    with pytest.raises(ValueError, match="q >= 2"):
+        LG.legendre_gram_forward(torch.ones(4, 1), B3)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        LG.legendre_gram_forward(torch.ones(4, 3, dtype=torch.float64), B3)
+
+
+def test_double_backward_raises():
+    z = _z(10, 5, 9, torch.float32).to(DEV).requires_grad_(True)
+    (g,) = torch.autograd.grad(LG.legendre_gram_mean(z, B3), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch")
+def test_cpu_runs_the_kernels_under_the_interpreter(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the torch math ran instead of the interpreted kernels")
+
+    monkeypatch.setattr(LG, "_torch_forward", fail)
+    monkeypatch.setattr(LG, "_torch_backward", fail)
+    _run(LG.legendre_gram_mean, _z(20, 6, 10, torch.float32), coefficients=B3)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_cpu_kernel_without_interpreter_is_the_torch_math(monkeypatch, dtype):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # _backend.interpreting() reads it at call time
+    z = _z(40, 11, 11, dtype)
+    z[7] = 0.0
+    for normalize in (True, False):
+        m, g = _run(LG.legendre_gram_mean, z, coefficients=B3, normalize=normalize)
+        m64, g64 = _reference(z, B3, normalize)
+        if normalize:
+            g64[7] = UPSTREAM * R.gram_mean_grad(to_numpy(z), B3)[7]  # g / eps: same formula
+        _check_vs_reference(m, g, m64, g64, B3, dtype, f"torch math normalize={normalize}")
+
+
+def test_public_api_dispatches_to_the_kernel(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    za, zb = _z(48, 16, 12, torch.float32).to(DEV), _z(48, 16, 13, torch.float32).to(DEV)
+    m = KF.legendre_gram_mean(za, B3, backend="triton")
+    assert torch.equal(m, LG.legendre_gram_mean(za, B3))
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    loss = SFRIKLoss(backend="triton")(ta, tb)
+    (UPSTREAM * loss).backward()
+    ra, rb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    ref = SFRIKLoss(backend="torch")(ra, rb)
+    (UPSTREAM * ref).backward()
+    assert_close(loss, ref.detach(), rtol=FP32_RTOL_M, atol=0, name="SFRIK loss triton vs torch")
+    for name, g, gr in (("dz_a", ta.grad, ra.grad), ("dz_b", tb.grad, rb.grad)):
+        assert_close(g, gr, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * float(gr.abs().max()), name=name)
+
+
+@pytest.mark.parametrize("dtype,normalize", [(torch.float32, True), (torch.bfloat16, False)],
+                         ids=["fp32-normalize", "bf16-raw"])
+def test_opcheck(dtype, normalize):
+    z = _z(37, 19, 14, dtype, unit=not normalize).to(DEV).requires_grad_(True)
+    args = ([1.0, 40.0, 40.0], normalize, False)
+    torch.library.opcheck(torch.ops.kernelssl.legendre_gram_mean.default, (z, *args))
+    torch.library.opcheck(torch.ops.kernelssl.legendre_gram_mean_backward.default,
+                          (torch.tensor(UPSTREAM, device=DEV), z.detach(), *args))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    """Forward + backward under torch.compile(fullgraph=True): no graph break, same numbers as eager.
+    On CPU the op stays one opaque call that runs the interpreted kernels (inductor cannot capture
+    interpreted kernels); on CUDA it decomposes into the Triton kernels (test_gpu_compile_inductor)."""
+    torch._dynamo.reset()
+    z = _z(40, 24, 15, torch.float32).to(DEV)
+    fn = torch.compile(lambda x: UPSTREAM * LG.legendre_gram_mean(x, B3), backend=backend, fullgraph=True)
+    m, g = _run(fn, z)
+    me, ge = _run(lambda x: UPSTREAM * LG.legendre_gram_mean(x, B3), z)
+    assert_close(m, me, rtol=1e-6, atol=0, name="compiled M")
+    assert_close(g, ge, rtol=1e-6, atol=1e-6 * float(ge.abs().max()), name="compiled grad")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the paper's shapes (skipped without CUDA)
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("q", [8192, 32768])
+def test_gpu_paper_shapes_precision_rule(q, dtype):
+    n = 2048
+    z = _z(n, q, 16, dtype).to("cuda")
+    mk, gk = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    mt, gt = _run(S.legendre_gram_mean, z, coefficients=B3)
+    m64, g64 = _run(S.legendre_gram_mean, z.double(), coefficients=B3)  # float64 torch path (= reference)
+    err_mk, err_mt = float((mk.double() - m64).abs()), float((mt.double() - m64).abs())
+    assert err_mk <= max(2 * err_mt, _rule_floor_m(float(m64), B3, n)), (err_mk, err_mt)
+    gmax = float(g64.abs().max())
+    err_gk = float((gk.double() - g64).abs().max())
+    err_gt = float((gt.double() - g64).abs().max())
+    assert err_gk <= max(2 * err_gt, 2.0**-22 * gmax), (err_gk, err_gt)
+
+
+@needs_cuda
+def test_gpu_large_batch_memory():
+    """n = 32768: the n x n Gram would be 4 GiB in fp32; the kernels need z, its gradient and one
+    (1024, n) fp32 panel (128 MiB) plus O(n) vectors."""
+    n, q = 32768, 8192
+    z = torch.randn(n, q, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    m = LG.legendre_gram_mean(z, B3)
+    m.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    budget = n * q * 2 + 4 * LG.panel_rows_for(n) * n + 64 * 2**20  # grad + panel + slack
+    assert torch.isfinite(m) and torch.isfinite(z.grad).all()
+    assert extra <= budget, (extra / 2**20, budget / 2**20)
+
+
+@needs_cuda
+def test_gpu_deterministic():
+    z = _z(2048, 8192, 17, torch.bfloat16).to("cuda")
+    m1, g1 = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    m2, g2 = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    assert torch.equal(m1, m2) and torch.equal(g1, g2)
+
+
+@needs_cuda
+def test_gpu_compile_inductor():
+    torch._dynamo.reset()
+    z = _z(2048, 8192, 18, torch.bfloat16).to("cuda")
+    fn = torch.compile(lambda x: UPSTREAM * LG.legendre_gram_mean(x, B3), fullgraph=True)
+    m, g = _run(fn, z)
+    me, ge = _run(lambda x: UPSTREAM * LG.legendre_gram_mean(x, B3), z)
+    assert_close(m, me, rtol=1e-6, atol=0, name="compiled M")
+    assert_close(g, ge, rtol=2.0**-8, atol=1e-5 * float(ge.float().abs().max()), name="compiled grad")
+
+
+@needs_cuda
+def test_gpu_tf32_is_opt_in():
+    z = _z(1024, 4096, 19, torch.float32).to("cuda")
+    m64 = S.legendre_gram_mean(z.double(), B3)
+    ieee = LG.legendre_gram_mean(z, B3)
+    tf32 = LG.legendre_gram_mean(z, B3, allow_tf32=True)
+    # IEEE fp32 keeps fp32 accuracy; TF32 (10-bit mantissa products) is allowed to be worse but sane
+    assert float((ieee.double() - m64).abs()) <= FP32_RTOL_M * float(m64.abs()) + _m_floor(B3)
+    assert float((tf32.double() - m64).abs()) <= 1e-2 * float(m64.abs())
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile every kernel for sm_90 (H100/H200) with Triton's bundled
+# ptxas, specialised as a real launch would be (unit strides, 16-divisible sizes and pointers).
+# --------------------------------------------------------------------------------------------------
+
+_SM90_SCRIPT = r"""
+import json, os, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernelssl.triton import legendre_gram as LG
+
+ONE = {"stride_zq", "stride_pn", "stride_dn", "stride_oq"}
+DIV16 = {"stride_zn", "stride_pm", "stride_on", "stride_dm", "n", "q", "row0", "panel_rows"}
+PTR = {"z_ptr", "out_ptr"}
+out = []
+
+def build(fn, dtype, const, tag):
+    cfg = LG._config(dtype)
+    zt = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    signature, attrs, consts = {}, {}, dict(const)
+    for i, name in enumerate(fn.arg_names):
+        if name in ONE:
+            consts[name] = 1
+        if name in consts:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = zt if name in PTR else ("*fp32" if name.endswith("_ptr") else "i32")
+            if name.endswith("_ptr") or name in DIV16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg["warps"], "num_stages": cfg["stages"]})
+    out.append({"tag": tag, "wgmma": k.asm["ptx"].count("wgmma.mma_async"), "shared": k.metadata.shared})
+
+b3 = dict(COEF=(1.0, 40.0, 40.0), L=3)
+for dtype, mode in ((torch.bfloat16, 1), (torch.float16, 2), (torch.float32, 0)):
+    cfg, prec = LG._config(dtype), LG._input_precision(dtype, False)
+    name = str(dtype)[6:]
+    if dtype != torch.float16:
+        build(LG._gram_phi_sum_kernel, dtype, dict(**b3, BLOCK=cfg["block"], BLOCK_K=cfg["block_k"],
+              DOT_F32=False, INPUT_PRECISION=prec), f"forward {name}")
+        build(LG._gram_dphi_kernel, dtype, dict(**b3, NORMALIZE=True, BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"],
+              BLOCK_K=cfg["block_k"], GROUP_M=cfg["group"], DOT_F32=False, INPUT_PRECISION=prec), f"dphi {name}")
+    build(LG._panel_matmul_kernel, dtype, dict(NORMALIZE=True, MODE=mode, BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"],
+          BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"], DOT_F32=False, INPUT_PRECISION=prec), f"matmul {name}")
+cfg = LG._config(torch.bfloat16)
+build(LG._row_scales_kernel, torch.bfloat16, dict(EPS=1e-12, NORMALIZE=True, BLOCK_R=cfg["row_block"],
+      BLOCK_Q=cfg["row_q"]), "row_scales")
+build(LG._sum_partials_kernel, torch.float32, dict(BLOCK=1024), "sum_partials")
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
+def test_kernels_compile_for_sm90():
+    """Every kernel, at its GPU configuration, compiles to an sm_90 cubin; the 16-bit Gram and backward
+    GEMMs use Hopper tensor cores (wgmma).  Catches GPU-only compile errors the interpreter cannot."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
+        pytest.skip("Triton's bundled ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    results = {r["tag"]: r for r in json.loads(proc.stdout.split("RESULT", 1)[1])}
+    assert len(results) == 9, sorted(results)
+    for tag in ("forward bfloat16", "dphi bfloat16", "matmul bfloat16", "matmul float16"):
+        assert results[tag]["wgmma"] > 0, (tag, results[tag])
+    assert all(r["shared"] <= 227 * 1024 for r in results.values())

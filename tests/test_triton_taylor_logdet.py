@@ -1,0 +1,725 @@
+"""Fused Triton kernels of MEC's batched matrix-log Taylor expansion (kernelssl/triton/taylor_logdet.py).
+
+On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
+shapes, against the float64 NumPy reference (reference/mec.py) and the torch path (kernelssl/mec.py);
+GPU tests at the paper's shapes are skipped without CUDA.
+
+Both kernel paths are exercised: ``onchip`` (s = min(m, d) <= ONCHIP_MAX: one program per pair holds
+the s x s matrix) and ``tiled`` (ONCHIP_MAX forced to 0: tiled GEMMs, trace pairing, deterministic
+reductions).  Under the interpreter the tiles are 16 wide, so every shape here spans several tiles
+and the odd sizes exercise the masks.  Every gradient check uses a non-unit, per-pair upstream
+gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernelssl.functional as KF
+from helpers import assert_close, to_numpy
+from kernelssl import _backend
+from kernelssl import mec as M
+from kernelssl.losses import MECLoss
+from reference import mec as R
+
+K = pytest.importorskip("kernelssl.triton.taylor_logdet")
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA:
+    assert _backend.interpreting(), "TRITON_INTERPRET must be set on a machine without CUDA"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F64 = torch.float64
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32 vs float64 (the torch tier's own fp32 tolerances, tests/test_mec.py): fp32 unit roundoff 6e-8
+# times accumulations of length O(s): 1e-6 of the summed term magnitudes sum_k |tr C^k| / k for T;
+# gradients add the S_n sum and the normalisation Jacobian: 5e-6 of the largest entry.
+FP32_VALUE = 1e-6
+FP32_GRAD = 5e-6
+# Floor of the SPEC §4 low-precision rule: 8 fp32 ulps (2^-21, relative) of the quantity's scale
+# (the term magnitudes for T, max |grad| for gradients).  Both paths accumulate in fp32 and sit at this
+# level whatever the input dtype; below it the ratio of two roundoff errors is noise.
+RULE_FLOOR = 2.0**-21
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """"onchip": the default threshold; "tiled": ONCHIP_MAX = 0 forces the tiled kernels."""
+    if request.param == "tiled":
+        monkeypatch.setattr(K, "ONCHIP_MAX", 0)
+    return request.param
+
+
+def _pair(seed, m, d, batch=(2,)):
+    """Rows with a shared direction (so C has a dominant eigenvalue and rho ~ 0.3-0.9 at the lam
+    used) and b a noisy copy of a: every term of the series matters."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(batch + (m, d)) + 0.7 * rng.standard_normal(batch + (1, d))
+    b = a + 0.8 * rng.standard_normal(batch + (m, d))
+    return a, b
+
+
+def _lam(m, d):
+    return 1.5 / min(m, d)
+
+
+def _upstream(batch, seed=0):
+    """Non-unit upstream gradient of mixed signs, one per pair."""
+    n = int(np.prod(batch)) if batch else 1
+    rng = np.random.default_rng(seed + 7)
+    return (rng.uniform(0.5, 2.5, n) * np.where(np.arange(n) % 2, -1.0, 1.0)).reshape(batch)
+
+
+def _terms(a, b, lam, order, normalize=True):
+    """sum_k |tr(C^k)| / k per pair: the magnitude against which roundoff of T is measured."""
+    an, bn = (R.normalize(a), R.normalize(b)) if normalize else (a, b)
+    c = np.asarray(lam)[..., None, None] * an @ np.swapaxes(bn, -1, -2)
+    out, p = 0.0, np.broadcast_to(np.eye(c.shape[-1]), c.shape)
+    for k in range(1, order + 1):
+        p = p @ c
+        out = out + np.abs(np.trace(p, axis1=-2, axis2=-1)) / k
+    return out
+
+
+def _reference(a, b, lam, order, up, normalize=True):
+    t = R.taylor_logdet(a, b, lam, order, normalize=normalize)
+    ga, gb = R.taylor_logdet_grad(a, b, lam, order, normalize=normalize)
+    u = np.asarray(up)[..., None, None]
+    return np.asarray(t), u * ga, u * gb
+
+
+def _run(fn, a, b, lam, order, up, dtype=torch.float32, **kw):
+    """``(T, dL/da, dL/db)`` of ``L = sum(up * fn(a, b))`` on fresh leaves of ``dtype``."""
+    ta = torch.as_tensor(a).to(DEV, dtype).requires_grad_(True)
+    tb = torch.as_tensor(b).to(DEV, dtype).requires_grad_(True)
+    t = fn(ta, tb, lam, order, **kw)
+    (torch.as_tensor(up, device=DEV, dtype=t.dtype) * t).sum().backward()
+    return t.detach(), ta.grad, tb.grad
+
+
+def _check_fp32(got, ref, terms, name=""):
+    t, ga, gb = got
+    rt, rga, rgb = ref
+    assert t.dtype == torch.float32 and ga.dtype == torch.float32 and gb.dtype == torch.float32
+    assert_close(t, rt, rtol=0, atol=FP32_VALUE * np.max(terms), name=f"{name} T")
+    gmax = max(np.abs(rga).max(), np.abs(rgb).max())
+    assert_close(ga, rga, rtol=0, atol=FP32_GRAD * gmax, name=f"{name} dT/da")
+    assert_close(gb, rgb, rtol=0, atol=FP32_GRAD * gmax, name=f"{name} dT/db")
+
+
+# ---------------------------------------------------------------------------------------------------
+# values and gradients against the float64 reference (and the torch path), fp32
+# ---------------------------------------------------------------------------------------------------
+
+CASES = [  # (path, m, d, batch): m-space (m <= d) and d-space (m > d), odd sizes, batch dims
+    ("onchip", 12, 20, (2,)),
+    ("onchip", 21, 13, (2,)),
+    ("tiled", 12, 20, (2,)),
+    ("tiled", 21, 13, (2,)),
+]
+
+
+@pytest.mark.parametrize("order", range(1, 9))
+@pytest.mark.parametrize("path,m,d,batch", CASES, indirect=["path"], ids=lambda v: str(v))
+def test_values_and_gradients_vs_reference(path, m, d, batch, order):
+    a, b = _pair(10 * order + m, m, d, batch)
+    lam, up = _lam(m, d), _upstream(batch, order)
+    ref = _reference(a, b, lam, order, up)
+    terms = _terms(a, b, lam, order)
+    got = _run(K.taylor_logdet, a, b, lam, order, up)
+    assert got[0].shape == batch
+    _check_fp32(got, ref, terms, "kernel")
+    # and the torch path in the same dtype agrees to the same tolerance
+    _check_fp32(_run(M.taylor_logdet, a, b, lam, order, up), ref, terms, "torch")
+
+
+@pytest.mark.parametrize("order", [2, 4, 5])
+@pytest.mark.parametrize(
+    "path,m,d,batch",
+    [("tiled", 33, 64, (2,)), ("tiled", 64, 47, (1,)), ("onchip", 30, 64, (3,)), ("tiled", 5, 7, (2, 3))],
+    indirect=["path"], ids=lambda v: str(v))
+def test_larger_and_batched_shapes(path, m, d, batch, order):
+    a, b = _pair(order + m + d, m, d, batch)
+    lam, up = _lam(m, d), _upstream(batch, order)
+    got = _run(K.taylor_logdet, a, b, lam, order, up)
+    _check_fp32(got, _reference(a, b, lam, order, up), _terms(a, b, lam, order))
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("m,d", [(12, 18), (19, 11)])
+def test_normalize_false(path, m, d):
+    a, b = _pair(3, m, d)
+    a, b = 0.3 * a, 0.3 * b  # raw rows of norm ~1-2: C of moderate size
+    lam, up, order = 0.05, _upstream((2,)), 3
+    got = _run(K.taylor_logdet, a, b, lam, order, up, normalize=False)
+    ref = _reference(a, b, lam, order, up, normalize=False)
+    _check_fp32(got, ref, _terms(a, b, lam, order, normalize=False))
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+def test_tensor_lam_broadcast_and_its_gradient(path):
+    a, b = _pair(4, 14, 9, (3, 2))
+    lam = np.array([0.07, 0.15])  # broadcasts over the trailing batch dim
+    up = _upstream((3, 2))
+    ref = _reference(a, b, lam, 4, up)
+    tl = torch.tensor(lam, dtype=torch.float32, device=DEV, requires_grad=True)
+    got = _run(lambda x, y, _l, n: K.taylor_logdet(x, y, tl, n), a, b, None, 4, up)
+    _check_fp32(got, ref, _terms(a, b, lam, 4))
+    # dT/dlam against float64 autograd of the torch path
+    l64 = torch.tensor(lam, dtype=F64, requires_grad=True)
+    t64 = M.taylor_logdet(torch.tensor(a), torch.tensor(b), l64, 4)
+    (torch.tensor(up) * t64).sum().backward()
+    assert_close(tl.grad, l64.grad, rtol=1e-5, atol=1e-6 * float(l64.grad.abs().max()), name="dT/dlam")
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_d_space_rows_wider_than_a_tile(path, dtype, monkeypatch):
+    """d-space gradients whose rows do not fit one tile: GEMM to an fp32 buffer, then the row-owning
+    normalisation-Jacobian kernel (the GPU path for d > 128; forced here at d = 24)."""
+    monkeypatch.setattr(K, "_PROJ_IN_TILE_MAX", 0)
+    a, b = _pair(5, 40, 24)
+    ah, bh = torch.tensor(a).to(dtype), torch.tensor(b).to(dtype)
+    a64, b64 = ah.double().numpy(), bh.double().numpy()  # reference on the same rounded inputs
+    lam, up = _lam(40, 24), _upstream((2,))
+    t, ga, gb = _run(K.taylor_logdet, a64, b64, lam, 4, up, dtype=dtype)
+    assert ga.dtype == dtype and gb.dtype == dtype
+    rt, rga, rgb = _reference(a64, b64, lam, 4, up)
+    u = 0.0 if dtype == torch.float32 else 2.0**-8  # the gradients are rounded to the input dtype
+    gmax = max(np.abs(rga).max(), np.abs(rgb).max())
+    assert_close(t, rt, rtol=0, atol=FP32_VALUE * np.max(_terms(a64, b64, lam, 4)), name="T")
+    assert_close(ga, rga, rtol=u, atol=FP32_GRAD * gmax, name="dT/da")
+    assert_close(gb, rgb, rtol=u, atol=FP32_GRAD * gmax, name="dT/db")
+
+
+@given(m=st.integers(2, 18), d=st.integers(1, 18), order=st.integers(1, 6), tiled=st.booleans(),
+       normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_tiny_shapes(m, d, order, tiled, normalize, seed):
+    old = K.ONCHIP_MAX
+    K.ONCHIP_MAX = 0 if tiled else old
+    try:
+        a, b = _pair(seed, m, d, (2,))
+        lam = 0.5 / min(m, d) if normalize else 0.02 / d
+        up = _upstream((2,), seed)
+        got = _run(K.taylor_logdet, a, b, lam, order, up, normalize=normalize)
+    finally:
+        K.ONCHIP_MAX = old
+    _check_fp32(got, _reference(a, b, lam, order, up, normalize), _terms(a, b, lam, order, normalize))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SPEC §4 low-precision rule: kernel error <= 2x torch-path error, loss and every gradient
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("m,d", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_low_precision_rule(path, m, d, dtype):
+    a, b = _pair(m + d, m, d)
+    # reference: float64 on the SAME rounded inputs (the error left is the arithmetic's, SPEC §4)
+    a = torch.tensor(a).to(dtype).double().numpy()
+    b = torch.tensor(b).to(dtype).double().numpy()
+    lam, up, order = _lam(m, d), _upstream((2,)), 4
+    ref = _reference(a, b, lam, order, up)
+    kern = _run(K.taylor_logdet, a, b, lam, order, up, dtype=dtype)
+    torch_ = _run(M.taylor_logdet, a, b, lam, order, up, dtype=dtype)
+    assert kern[0].dtype == torch.float32 and kern[1].dtype == dtype and kern[2].dtype == dtype
+    scales = [np.max(_terms(a, b, lam, order))] + [max(np.abs(ref[1]).max(), np.abs(ref[2]).max())] * 2
+    for name, k, t, r, sc in zip(("T", "dT/da", "dT/db"), kern, torch_, ref, scales):
+        err_k = float(np.abs(to_numpy(k) - r).max())
+        err_t = float(np.abs(to_numpy(t) - r).max())
+        assert err_k <= 2.0 * err_t + RULE_FLOOR * sc, f"{name}: kernel {err_k:.3e} vs torch {err_t:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# divergence and the convergence diagnostics
+# ---------------------------------------------------------------------------------------------------
+
+
+def _collapsed(seed, m, d, noise=1e-3):
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(d)
+    return u + noise * rng.standard_normal((m, d)), u + noise * rng.standard_normal((m, d))
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("m,d", [(8, 48), (48, 8)])
+@pytest.mark.parametrize("order", range(1, 9))
+def test_diverging_series_matches_reference_polynomial(path, m, d, order):
+    """A collapsed batch (rho = lam m = 4): T_n is a polynomial far from log det, and must still be
+    THE reference polynomial, to a relative tolerance (values up to ~4^8 / 8)."""
+    a, b = _collapsed(order, m, d)
+    lam = 4.0 / m
+    ref = R.taylor_logdet(a, b, lam, order)
+    out = K.taylor_logdet(torch.tensor(a, dtype=torch.float32, device=DEV),
+                          torch.tensor(b, dtype=torch.float32, device=DEV), lam, order)
+    # fp32 unit roundoff 6e-8 grown over accumulations of length <= 48 and n <= 8 products: 1e-5
+    # relative, as the torch path's test
+    assert_close(out, ref, rtol=1e-5, atol=0, name="T diverging")
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("m,d", [(12, 20), (26, 19)])
+@pytest.mark.parametrize("order", [1, 4])
+def test_diagnostics_match_mec(path, m, d, order):
+    a, b = _pair(1, m, d)
+    lam = torch.tensor([0.3 / min(m, d), 3.0 / min(m, d)])  # converging and diverging pairs
+    at, bt = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    t, rho, ratio = K.taylor_logdet_with_diagnostics(at.to(DEV), bt.to(DEV), lam.to(DEV), order)
+    assert t.shape == rho.shape == ratio.shape == (2,)
+    assert not rho.requires_grad and not ratio.requires_grad
+    # T is bitwise the plain forward's
+    assert torch.equal(t, K.taylor_logdet(at.to(DEV), bt.to(DEV), lam.to(DEV), order))
+    rho64, ratio64 = M.convergence_diagnostics(torch.tensor(a), torch.tensor(b), lam.double(), order=order)
+    # the same 16-step power iteration in fp32 vs float64 (stable: roundoff does not grow), and a
+    # ratio of two fp32 traces: 1e-5 relative
+    assert_close(rho, rho64, rtol=1e-5, atol=0, name="rho")
+    assert_close(ratio, ratio64, rtol=1e-5, atol=0, name="term ratio")
+    assert float(rho[0]) < 1 < float(rho[1])
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+def test_diagnostics_rank_one_collapse_and_zero(path):
+    # (the interpreter's numpy warns about the 0/0 and log(0) that tl.where then discards)
+    u = np.random.default_rng(0).standard_normal(20)
+    a = torch.tensor(np.broadcast_to(u, (2, 12, 20)).copy(), dtype=torch.float32, device=DEV)
+    lam = 20 / (12 * 64.0)  # C = lam 1 1^T: rho = lam m exactly after one step
+    _, rho, ratio = K.taylor_logdet_with_diagnostics(a, a, torch.tensor([lam, 4 * lam], device=DEV), 4)
+    assert_close(rho, [lam * 12, 4 * lam * 12], rtol=1e-6, atol=0, name="rho")
+    assert_close(ratio, [0.75 * lam * 12, 3 * lam * 12], rtol=1e-6, atol=0, name="ratio")  # 3 rho / 4
+    _, _, r1 = K.taylor_logdet_with_diagnostics(a, a, lam, 1)  # order 1: |tr C^2 / 2| / |tr C|
+    assert_close(r1, [lam * 12 / 2] * 2, rtol=1e-6, atol=0, name="order-1 ratio")
+    z = torch.zeros(1, 4, 3, device=DEV)
+    t0, rho0, ratio0 = K.taylor_logdet_with_diagnostics(z, z, 0.5, 4)
+    assert float(t0) == 0.0 and float(rho0) == 0.0 and float(ratio0) == 0.0  # no NaN
+
+
+# ---------------------------------------------------------------------------------------------------
+# determinism, edge cases, dtypes
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_deterministic(path, dtype):
+    a, b = _pair(9, 20, 27)
+    up = _upstream((2,))
+    first = _run(K.taylor_logdet, a, b, 0.05, 4, up, dtype=dtype)
+    second = _run(K.taylor_logdet, a, b, 0.05, 4, up, dtype=dtype)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+def test_zero_tiny_rows_and_non_contiguous(path):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((2, 17, 26))
+    b = rng.standard_normal((2, 26, 17))
+    a[0, 3] = 0.0  # a zero row: stays zero, gradient g / eps like F.normalize
+    a[1, 5] = 1e-13 * rng.standard_normal(26)  # below eps: no projection in the Jacobian
+    b[1, :, 2] = 0.0
+    up = _upstream((2,))
+    ta = torch.tensor(a, dtype=torch.float32, device=DEV).requires_grad_(True)
+    tb_leaf = torch.tensor(b, dtype=torch.float32, device=DEV).requires_grad_(True)
+    tb = tb_leaf.transpose(-1, -2)  # a non-contiguous view: read through its strides, no copy
+    assert not tb.is_contiguous()
+    t = K.taylor_logdet(ta, tb, 0.04, 4)
+    (torch.tensor(up, dtype=torch.float32, device=DEV) * t).sum().backward()
+    bt = np.swapaxes(b, -1, -2)
+    rt, rga, rgb = _reference(a, bt, 0.04, 4, up)
+    rgb = np.swapaxes(rgb, -1, -2)
+    assert_close(t, rt, rtol=1e-6, atol=1e-6, name="T")
+    # the zero row's gradient is g / 1e-12 (~1e12): relative tolerance per element, fp32
+    assert_close(ta.grad, rga, rtol=2e-5, atol=FP32_GRAD * np.abs(rga[..., 0:3, :]).max(), name="dT/da")
+    assert_close(tb_leaf.grad, rgb, rtol=2e-5, atol=FP32_GRAD * np.abs(rgb).max(), name="dT/db")
+
+
+def test_requires_grad_false_no_grad_and_one_side():
+    a, b = (torch.tensor(x, dtype=torch.float32, device=DEV) for x in _pair(0, 10, 14))
+    ref = K.taylor_logdet(a, b, 0.1, 4)
+    assert not ref.requires_grad
+    with torch.no_grad():
+        assert torch.equal(K.taylor_logdet(a.clone().requires_grad_(), b, 0.1, 4), ref)
+    a.requires_grad_()
+    t = K.taylor_logdet(a, b, 0.1, 4)
+    (2.5 * t.sum()).backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all() and b.grad is None
+
+
+def test_empty_batch_and_single_pair():
+    a = torch.randn(0, 5, 6, device=DEV)
+    assert K.taylor_logdet(a, a, 0.1, 3).shape == (0,)
+    x, y = (torch.tensor(v, dtype=torch.float32, device=DEV) for v in _pair(1, 6, 5, ()))
+    t = K.taylor_logdet(x, y, 0.2, 3)
+    assert t.shape == () and t.dtype == torch.float32
+    assert_close(t, R.taylor_logdet(*_pair(1, 6, 5, ()), 0.2, 3), rtol=1e-6, atol=1e-6, name="2-D input")
+
+
+def test_float64_and_mixed_dtypes():
+    a, b = _pair(2, 8, 11)
+    t64 = K.taylor_logdet(torch.tensor(a, device=DEV), torch.tensor(b, device=DEV), 0.1, 4)
+    assert t64.dtype == F64  # the documented float64 fallback: the torch path, float64 end to end
+    assert_close(t64, R.taylor_logdet(a, b, 0.1, 4), rtol=1e-12, atol=1e-12, name="float64")
+    ah = torch.tensor(a, dtype=torch.float16, device=DEV).requires_grad_()
+    bb = torch.tensor(b, dtype=torch.bfloat16, device=DEV).requires_grad_()
+    t = K.taylor_logdet(ah, bb, 0.1, 4)  # promotes to fp32
+    t.sum().backward()
+    assert t.dtype == torch.float32 and ah.grad.dtype == torch.float16 and bb.grad.dtype == torch.bfloat16
+
+
+def test_nan_propagates():
+    a, b = (torch.tensor(x, dtype=torch.float32, device=DEV) for x in _pair(3, 9, 12))
+    a[1, 2, 3] = float("nan")
+    t = K.taylor_logdet(a, b, 0.1, 4)
+    assert torch.isfinite(t[0]) and torch.isnan(t[1])
+
+
+def test_bad_input():
+    x = torch.randn(2, 4, 3, device=DEV)
+    with pytest.raises(ValueError, match="order"):
+        K.taylor_logdet(x, x, 0.1, 0)
+    with pytest.raises(ValueError, match="b: expected the same shape as a"):
+        K.taylor_logdet(x, torch.randn(2, 4, 4, device=DEV), 0.1, 2)
+    with pytest.raises(ValueError, match="lam"):
+        K.taylor_logdet(x, x, torch.ones(3, device=DEV), 2)
+    with pytest.raises(TypeError, match="a"):
+        K.taylor_logdet(x.long(), x, 0.1, 2)
+
+
+def test_double_backward_is_refused():
+    a = torch.randn(1, 6, 9, device=DEV, requires_grad=True)
+    (g,) = torch.autograd.grad(K.taylor_logdet(a, a.detach(), 0.1, 3).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# dispatch, torch.library, torch.compile
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch")
+def test_public_api_dispatches_to_the_kernel(monkeypatch):
+    calls = []
+    real = K.taylor_logdet_forward
+    monkeypatch.setattr(K, "taylor_logdet_forward", lambda *a: calls.append(a[3]) or real(*a))
+    z = [torch.tensor(x, dtype=torch.float32) for x in _pair(6, 16, 10, ())]
+    z += [z[0] + 0.1, z[1] - 0.1]
+    t_tr = KF.taylor_logdet(z[0], z[1], 0.2, 3, backend="triton")
+    assert calls == [3]
+    assert_close(t_tr, KF.taylor_logdet(z[0], z[1], 0.2, 3, backend="torch"), rtol=1e-6, atol=1e-6, name="T")
+    loss_tr = MECLoss(backend="triton")(*z)
+    assert calls == [3, 4]  # the loss: both directions in ONE batched call, default order 4
+    assert_close(loss_tr, MECLoss(backend="torch")(*z), rtol=1e-6, atol=1e-6, name="MEC loss")
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch")
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+def test_cpu_kernel_without_interpreter_is_the_same_math(path, monkeypatch):
+    """The ops' CPU kernel runs a torch mirror of the kernels' math when not interpreting: same
+    saved tensors, so the forward of one and the backward of the other compose."""
+    a, b = _pair(8, 13, 22)
+    up = _upstream((2,))
+    interp = _run(K.taylor_logdet, a, b, 0.1, 5, up)
+    d_interp = K.taylor_logdet_with_diagnostics(torch.tensor(a).float(), torch.tensor(b).float(), 0.1, 5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    mirror = _run(K.taylor_logdet, a, b, 0.1, 5, up)
+    d_mirror = K.taylor_logdet_with_diagnostics(torch.tensor(a).float(), torch.tensor(b).float(), 0.1, 5)
+    for name, x, y in zip(("T", "dT/da", "dT/db", "T", "rho", "ratio"), interp + d_interp, mirror + d_mirror):
+        assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()), name=name)
+
+
+@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+@pytest.mark.parametrize("order,normalize,diagnostics", [(1, True, False), (4, True, True), (3, False, False)])
+def test_opcheck(path, order, normalize, diagnostics):
+    a, b = (torch.tensor(x, dtype=torch.float32, device=DEV).requires_grad_() for x in _pair(1, 11, 18))
+    lam = torch.tensor([0.1, 0.2], device=DEV, requires_grad=True)
+    args = (a, b, lam, order, normalize, diagnostics, False)
+    torch.library.opcheck(torch.ops.kernelssl.taylor_logdet_fwd.default, args)
+    out = torch.ops.kernelssl.taylor_logdet_fwd(*(x.detach() if torch.is_tensor(x) else x for x in args))
+    g = torch.tensor([1.5, -0.5], device=DEV)
+    torch.library.opcheck(torch.ops.kernelssl.taylor_logdet_bwd.default,
+                          (g, a.detach(), b.detach(), lam.detach(), *out[2:6], order, normalize, False, True, True))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    """Forward + backward under torch.compile(fullgraph=True): no graph break, the eager numbers.
+    On CPU the op stays one opaque call (its CPU kernel runs the interpreted kernels); on CUDA it is
+    decomposed into the Triton kernels (test_gpu_compile_inductor)."""
+    torch._dynamo.reset()
+    a, b = (torch.tensor(x, dtype=torch.float32, device=DEV) for x in _pair(4, 14, 23))
+    lam = torch.tensor(0.08, device=DEV)
+    up = torch.tensor(_upstream((2,)), dtype=torch.float32, device=DEV)
+
+    def step(x, y, lam_):
+        return (up * K.taylor_logdet(x, y, lam_, 4)).sum()
+
+    def grads(fn):
+        x, y, l_ = a.clone().requires_grad_(), b.clone().requires_grad_(), lam.clone().requires_grad_()
+        v = fn(x, y, l_)
+        v.backward()
+        return v.detach(), x.grad, y.grad, l_.grad
+
+    eager = grads(step)
+    compiled = grads(torch.compile(step, backend=backend, fullgraph=True))
+    for name, x, y in zip(("value", "dT/da", "dT/db", "dT/dlam"), compiled, eager):
+        assert_close(x, y, rtol=1e-6, atol=1e-7 * float(y.abs().max()), name=f"compiled {name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the GPU code path, compiled for sm_90 without a GPU
+# ---------------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernelssl.triton import taylor_logdet as K
+
+calls = []
+class Recorder:  # stands in for wrap_triton: records each launch the GPU path would issue
+    def __init__(self, kernel): self.kernel = kernel
+    def __getitem__(self, grid): return lambda *args, **kw: calls.append((self.kernel, args, kw))
+K.wrap_triton = Recorder
+for (m, d), dtype, order, diag in [((1024, 2048), torch.float32, 4, True), ((1024, 2048), torch.bfloat16, 4, False),
+                                   ((2048, 1024), torch.float32, 5, False), ((2048, 24), torch.float32, 8, True),
+                                   ((256, 512), torch.float32, 1, False)]:
+    a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
+    out = K.taylor_logdet_forward(a, b, lam, order, True, diag, False)
+    K.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, False, True, True)
+TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+seen = set()
+for kernel, args, kw in calls:
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    vals = dict(zip(kernel.arg_names, args), **{k: v for k, v in kw.items() if k not in opts})
+    sig, const = {}, {}
+    for p in kernel.params:
+        v = vals[p.name]
+        if p.is_constexpr:
+            sig[p.name], const[p.name] = "constexpr", v
+        else:
+            sig[p.name] = TY[v.dtype] if isinstance(v, torch.Tensor) else ("fp32" if isinstance(v, float) else "i32")
+    key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(const.items())), repr(opts))
+    if key in seen:
+        continue
+    seen.add(key)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=const)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    print(kernel.__name__, "STACK", stack, "SHARED", ck.metadata.shared)
+print("variants", len(seen))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests run the real kernels")
+def test_gpu_kernels_compile_for_sm90_without_spills():
+    """Every kernel variant the GPU path issues (paper shape fp32 and bf16 with diagnostics, d-space,
+    tiny s on-chip, order 1) compiles with Triton's real compiler and ptxas for sm_90 -- what the
+    interpreter cannot check (tl.dot shapes and dtypes, layouts, constexpr branches) -- and ptxas
+    reports no register spill beyond a 32-byte stack frame."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("triton's bundled NVIDIA tools (ptxas, cuobjdump) are not installed")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if "STACK" in ln]
+    assert int(out.stdout.split("variants")[-1]) == len(lines) >= 10
+    spills = [ln for ln in lines if int(ln.split()[2]) > 32]
+    assert not spills, spills
+
+
+_DECOMPOSE_SCRIPT = r"""
+import os, torch
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+import torch._functorch.config as functorch_config
+from torch._functorch.aot_autograd import aot_module_simplified
+
+class Sm90Target:  # stands in for the CUDA driver: the target of the TTIR the mutation analysis reads
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Sm90Target())
+from kernelssl.triton import taylor_logdet as K
+K._DECOMPOSE_DEVICES = ("cuda", "cpu")  # decompose as on a GPU
+graphs = []
+def capture(gm, inputs):
+    return aot_module_simplified(gm, inputs, fw_compiler=lambda g, i: graphs.append(("fw", g)) or g.forward,
+                                 bw_compiler=lambda g, i: graphs.append(("bw", g)) or g.forward)
+for (m, d), order in [((12, 40), 4), ((300, 40), 5), ((40, 300), 1)]:
+    graphs.clear()
+    torch._dynamo.reset()
+    a, b = torch.randn(2, m, d, requires_grad=True), torch.randn(2, m, d, requires_grad=True)
+    lam = torch.tensor(0.1, requires_grad=True)
+    fn = torch.compile(lambda x, y, l: K.taylor_logdet_with_diagnostics(x, y, l, order)[0].sum(),
+                       backend=capture, fullgraph=True)
+    with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        try:
+            fn(a, b, lam)  # both graphs compile; running the forward would launch a kernel: no GPU
+        except Exception:
+            pass
+    for kind, g in graphs:
+        hops = [n for n in g.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+        clones = sorted({c for n in hops for c in n.kwargs["tensors_to_clone"]})
+        print("GRAPH", kind, m, d, order, len(hops), ",".join(clones))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_compile_inductor compiles and runs it")
+def test_compile_decomposes_into_the_kernels_as_on_a_gpu():
+    """What torch.compile does with the ops on a GPU, traced on CPU: the triton_op is decomposed into
+    its kernels under functionalisation (Triton's TTIR mutation analysis runs against an sm_90 target),
+    forward and backward partition, and only the kernels' output buffers count as mutated (no input is
+    copied or written back)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    out = subprocess.run([sys.executable, "-c", _DECOMPOSE_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("GRAPH")]
+    assert [r[1] for r in rows] == ["fw", "bw"] * 3, out.stdout + out.stderr[-3000:]
+    outputs = {"nrm_ptr", "q_ptr", "out_ptr", "t_ptr", "u_ptr", "r_ptr", "s_ptr", "rho_ptr", "ratio_ptr",
+               "vout_ptr", "sqout_ptr"}
+    for _, kind, m, d, order, n_kernels, clones in (r if len(r) == 7 else r + [""] for r in rows):
+        assert int(n_kernels) >= (3 if kind == "fw" and order != "1" else 1), (kind, m, d, order)
+        assert set(clones.split(",")) - {""} <= outputs, (kind, m, d, clones)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: paper shapes (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gpu_pair(m, d, seed=0, batch=2):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(batch, m, d, device="cuda", generator=g)
+    a = a + 0.5 * torch.randn(batch, 1, d, device="cuda", generator=g)
+    return a, a + 0.8 * torch.randn(batch, m, d, device="cuda", generator=g)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("m,d", [(1024, 2048), (2048, 1024), (1024, 200), (4096, 64), (24, 4096)])
+def test_gpu_paper_shapes_precision_rule(m, d, dtype):
+    """MEC's paper shape (m = 1024, d = 2048, n = 4, both directions as a batch of 2) and the other
+    regimes (d-space, wide d-space rows, tiny s on-chip): SPEC §4's rule against float64."""
+    a, b = _gpu_pair(m, d)
+    a, b = a.to(dtype), b.to(dtype)
+    lam, order = d / (m * 64.0), 4
+    up = torch.tensor([1.3, -0.7], device="cuda")
+
+    def run(fn, x, y, dt):
+        x, y = x.to(dt).detach().requires_grad_(), y.to(dt).detach().requires_grad_()
+        t = fn(x, y, lam, order)
+        (up.to(t.dtype) * t).sum().backward()
+        return t.detach().double(), x.grad.double(), y.grad.double()
+
+    ref = run(M.taylor_logdet, a, b, F64)
+    kern = run(K.taylor_logdet, a, b, dtype)
+    torch_ = run(M.taylor_logdet, a, b, dtype)
+    scales = [float(ref[0].abs().max())] + [float(max(ref[1].abs().max(), ref[2].abs().max()))] * 2
+    for name, k, t, r, sc in zip(("T", "dT/da", "dT/db"), kern, torch_, ref, scales):
+        err_k, err_t = float((k - r).abs().max()), float((t - r).abs().max())
+        assert err_k <= 2.0 * err_t + RULE_FLOOR * sc, f"{name}: kernel {err_k:.3e} vs torch {err_t:.3e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,d", [(1024, 2048), (2048, 1024), (32, 4096)])
+def test_gpu_deterministic_and_no_host_sync(m, d):
+    a, b = _gpu_pair(m, d)
+    up = torch.tensor([1.3, -0.7], device="cuda")
+
+    def run(check_sync=True):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error" if check_sync else "default")
+        try:
+            t, rho, ratio = K.taylor_logdet_with_diagnostics(x, y, d / (m * 64.0), 4)
+            (up * t).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return t, rho, ratio, x.grad, y.grad
+
+    run(check_sync=False)  # warm-up: Triton's JIT compiles the kernels
+    for x, y in zip(run(), run()):
+        assert torch.equal(x, y)
+
+
+@needs_cuda
+def test_gpu_diagnostics_match_mec():
+    a, b = _gpu_pair(1024, 2048)
+    lam = torch.tensor([1 / 32, 1 / 4], device="cuda")
+    _, rho, ratio = K.taylor_logdet_with_diagnostics(a, b, lam, 4)
+    rho64, ratio64 = M.convergence_diagnostics(a.double(), b.double(), lam.double(), order=4)
+    assert_close(rho, rho64, rtol=1e-4, atol=0, name="rho")
+    assert_close(ratio, ratio64, rtol=1e-4, atol=0, name="ratio")
+
+
+@needs_cuda
+def test_gpu_compile_inductor():
+    a, b = _gpu_pair(1024, 2048)
+    up = torch.tensor([1.3, -0.7], device="cuda")
+
+    def step(x, y):
+        return (up * K.taylor_logdet(x, y, 1 / 32, 4)).sum()
+
+    def grads(fn):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        v = fn(x, y)
+        v.backward()
+        return v.detach(), x.grad, y.grad
+
+    torch._dynamo.reset()
+    eager, compiled = grads(step), grads(torch.compile(step, fullgraph=True))
+    for name, x, y in zip(("value", "dT/da", "dT/db"), compiled, eager):
+        assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()), name=f"compiled {name}")
+
+
+@needs_cuda
+def test_gpu_tf32_is_opt_in():
+    """Default fp32 is IEEE (error at the fp32 level); allow_tf32=True trades ~3 digits for speed."""
+    a, b = _gpu_pair(1024, 2048)
+    ref = M.taylor_logdet(a.double(), b.double(), 1 / 32, 4)
+    ieee = K.taylor_logdet(a, b, 1 / 32, 4)
+    tf32 = K.taylor_logdet(a, b, 1 / 32, 4, allow_tf32=True)
+    err_ieee = float((ieee.double() - ref).abs().max() / ref.abs().max())
+    err_tf32 = float((tf32.double() - ref).abs().max() / ref.abs().max())
+    assert err_ieee < 1e-5 and err_tf32 < 1e-2
+
+
+def test_mec_components_take_the_kernels_diagnostics():
+    # MECLoss(backend="triton", return_components=True) reports the fused op's diagnostics; they
+    # agree with the torch path's (same power iteration, same traces) to fp32 round-off.
+    g = torch.Generator().manual_seed(3)
+    z = [torch.randn(12, 7, generator=g) for _ in range(4)]
+    from kernelssl.losses import MECLoss
+
+    got = MECLoss(backend="triton", return_components=True)(*z)
+    want = MECLoss(backend="torch", return_components=True)(*z)
+    for name in ("loss", "t_ab", "t_ba", "spectral_radius", "term_ratio"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-7, msg=name)
