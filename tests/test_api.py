@@ -3,7 +3,6 @@ import math
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -142,19 +141,18 @@ def test_env_var_backend(monkeypatch):
 @pytest.mark.parametrize(
     "call",
     [
-        # rff_hsic has a Triton kernel: on CPU tensors it can run only under the interpreter, so an
-        # explicit request without TRITON_INTERPRET raises (the CUDA-tensor requirement).
-        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.ssl_hsic_loss)(z, backend="triton"),
-        # legendre_gram_mean has a Triton kernel: the same CUDA-tensor requirement without the interpreter.
-        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.legendre_gram_mean)(z[0], backend="triton"),
-        # taylor_logdet has a Triton kernel: the same CUDA-tensor requirement without the interpreter.
-        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(KF.taylor_logdet)(z[0], z[1], 0.1, backend="triton"),
-        lambda z: mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"})(MECLoss(backend="triton"))(*z),
+        lambda z: KF.ssl_hsic_loss(z, backend="triton"),
+        lambda z: KF.legendre_gram_mean(z[0], backend="triton"),
+        lambda z: KF.taylor_logdet(z[0], z[1], 0.1, backend="triton"),
+        lambda z: MECLoss(backend="triton")(*z),
     ],
 )
 def test_explicit_triton_raises_with_reason(call, monkeypatch):
+    # Every op has a Triton kernel; on CPU tensors it can run only under the interpreter, so an
+    # explicit request without TRITON_INTERPRET raises, naming the CUDA-tensor requirement.
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run .*: .+"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run .*: .*CUDA tensors"):
         call(_views())
 
 
@@ -349,3 +347,10 @@ def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
     assert _backend.resolve_backend("auto", "some_op", torch.device("cpu")) == "torch"
     if _backend.triton_import_error() is None:
         assert _backend.resolve_backend("triton", "some_op", torch.device("cpu")) == "triton"
+
+
+def test_op_without_kernel_is_refused(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run some_new_op: .*not yet available"):
+        _backend.resolve_backend("triton", "some_new_op", torch.device("cpu"))
+    assert _backend.resolve_backend("auto", "some_new_op", torch.device("cpu")) == "torch"
