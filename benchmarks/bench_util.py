@@ -79,3 +79,60 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         f.write("5")  # reset the high-water mark to the current RSS
     fn()
     return max(0, (_status_kib("VmHWM") - base) * 1024)
+
+
+MODES = ("forward", "backward", "full")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mode_step(fn, inputs, mode: str, device: torch.device, *, scalar=lambda out: out):
+    """``(setup, target)`` for pytest-benchmark's ``pedantic``, timing one mode of ``fn(*inputs)``:
+    ``forward`` (a training step's forward: autograd records what the backward needs), ``backward``
+    (the forward runs in ``setup``, outside the timed region) or ``full``.  ``scalar(out)`` turns the
+    output into the loss to differentiate.  Gradients of the inputs are cleared before each round."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+        sync(device)
+        return (), {}
+
+    if mode == "backward":
+        def setup():
+            clear()
+            loss = scalar(fn(*inputs))
+            sync(device)
+            return (loss,), {}
+
+        def target(loss):
+            loss.backward()
+            sync(device)
+
+        return setup, target
+
+    if mode == "full":
+        def target():
+            loss = scalar(fn(*inputs))
+            loss.backward()
+            sync(device)
+            return loss
+
+        return clear, target
+
+    def target():
+        out = fn(*inputs)
+        sync(device)
+        return out
+
+    return clear, target
+
+
+def step_peak_bytes(setup, target, device: torch.device) -> int | None:
+    """Peak extra memory of one timed round of :func:`mode_step`'s ``target``."""
+    args, _ = setup()
+    return peak_extra_bytes(lambda: target(*args), device)

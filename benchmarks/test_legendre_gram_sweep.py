@@ -29,12 +29,11 @@ import math
 import pytest
 import torch
 
-from bench_util import bench_device, bench_scale, device_name, peak_extra_bytes
+from bench_util import MODES, bench_device, bench_scale, device_name, mode_step, step_peak_bytes, sync
 from kernelssl import sfrik as S
 from kernelssl._backend import TRITON_OPS
 
 B3 = (1.0, 40.0, 40.0)
-MODES = ("forward", "backward", "full")
 PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)
 SWEEP_N = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 SMOKE = {"n": 256, "q": 64}
@@ -105,53 +104,12 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("op_case", cases, ids=ids)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _expected(z: torch.Tensor, key) -> float:
     """M from the torch (chunked) path: never out of memory; cached per (shape, dtype)."""
     if key not in _EXPECTED:
         with torch.no_grad():
             _EXPECTED[key] = float(S.legendre_gram_mean(z, B3))
     return _EXPECTED[key]
-
-
-def _timed(fn, x, mode, device):
-    """(setup, target) for pytest-benchmark's pedantic: setup runs outside the timed region."""
-    if mode == "forward":
-        def setup():
-            x.grad = None
-            _sync(device)
-            return (), {}
-
-        def target():  # a training step's forward: autograd records (the op saves z) for backward
-            out = fn(x)
-            _sync(device)
-            return out
-    elif mode == "backward":
-        def setup():
-            x.grad = None
-            loss = fn(x)
-            _sync(device)
-            return (loss,), {}
-
-        def target(loss):
-            loss.backward()
-            _sync(device)
-    else:
-        def setup():
-            x.grad = None
-            _sync(device)
-            return (), {}
-
-        def target():
-            loss = fn(x)
-            loss.backward()
-            _sync(device)
-            return loss
-    return setup, target
 
 
 def _row(shape, dtype, mode, impl, **kw):
@@ -174,14 +132,9 @@ def test_legendre_gram_modes(op_case, benchmark, results_rows):
         for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
             x.grad = None
             fn(x).backward()
-        _sync(device)
-        setup, target = _timed(fn, x, mode, device)
-        if mode == "backward":
-            args, _ = setup()
-            peak = peak_extra_bytes(lambda: target(*args), device)
-        else:
-            setup()
-            peak = peak_extra_bytes(target, device)
+        sync(device)
+        setup, target = mode_step(fn, (x,), mode, device)
+        peak = step_peak_bytes(setup, target, device)
     except torch.cuda.OutOfMemoryError:
         x = fn = None
         torch.cuda.empty_cache()

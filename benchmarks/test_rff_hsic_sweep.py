@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from bench_util import bench_device, bench_scale, peak_extra_bytes
+from bench_util import MODES, bench_device, bench_scale, mode_step, step_peak_bytes, sync
 from kernelssl._cases import available, implementations, make_inputs
 
-MODES = ("forward", "backward", "full")
 PAPER = {"K": 4, "B": 4096, "d": 256, "D": 512}
 SWEEP_N = [1024, 4096, 16384, 65536]  # N = K B with K = 4
 SWEEP_D = [128, 256, 512, 1024, 2048]
@@ -60,49 +59,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("op_case", cases, ids=ids)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, inputs, mode, device):
-    """(setup, target) for pytest-benchmark's pedantic: setup runs outside the timed region."""
-    (x,) = inputs
-
-    if mode == "forward":
-        def setup():
-            x.grad = None
-            _sync(device)
-            return (), {}
-
-        def target():  # a training step's forward: autograd records (and the op saves) for backward
-            out = fn(x)
-            _sync(device)
-            return out
-    elif mode == "backward":
-        def setup():
-            x.grad = None
-            loss = fn(x)
-            _sync(device)
-            return (loss,), {}
-
-        def target(loss):
-            loss.backward()
-            _sync(device)
-    else:
-        def setup():
-            x.grad = None
-            _sync(device)
-            return (), {}
-
-        def target():
-            loss = fn(x)
-            loss.backward()
-            _sync(device)
-            return loss
-    return setup, target
-
-
 def test_rff_hsic_modes(op_case, benchmark, results_rows):
     shape, dtype, mode, impl = op_case
     device = bench_device()
@@ -116,15 +72,10 @@ def test_rff_hsic_modes(op_case, benchmark, results_rows):
     for _ in range(2):  # warm-up (compile, autotune caches, allocator)
         inputs[0].grad = None
         fn(*inputs).backward()
-    _sync(device)
+    sync(device)
 
-    setup, target = _timed(fn, inputs, mode, device)
-    if mode == "backward":
-        args, _ = setup()
-        peak = peak_extra_bytes(lambda: target(*args), device)
-    else:
-        setup()
-        peak = peak_extra_bytes(target, device)
+    setup, target = mode_step(fn, inputs, mode, device)
+    peak = step_peak_bytes(setup, target, device)
     shape_s = ",".join(f"{k}={v}" for k, v in shape.items())
     benchmark.group = f"rff_hsic {mode} {shape_s} {str(dtype)[6:]}"
     benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)

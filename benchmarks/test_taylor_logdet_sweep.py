@@ -27,11 +27,10 @@ import math
 import pytest
 import torch
 
-from bench_util import bench_device, bench_scale, peak_extra_bytes
+from bench_util import MODES, bench_device, bench_scale, mode_step, step_peak_bytes, sync
 from kernelssl import mec as M
 from kernelssl._backend import TRITON_OPS
 
-MODES = ("forward", "backward", "full")
 PAPER = {"m": 1024, "d": 2048, "n": 4}
 SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
 SWEEP_D = [128, 256, 512, 1024, 2048, 4096, 8192]
@@ -93,11 +92,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("op_case", cases, ids=ids)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _inputs(shape, dtype, device):
     """(teacher (2, m, d) without grad, online (2, m, d) with grad): [P1, P2] and [Z2, Z1]."""
     g = torch.Generator().manual_seed(0)
@@ -116,39 +110,6 @@ def _expected(a, b, lam, order, key) -> torch.Tensor:
         with torch.no_grad():
             _EXPECTED[key] = M.taylor_logdet(a, b, lam, order).float().cpu()
     return _EXPECTED[key]
-
-
-def _timed(fn, a, b, lam, mode, device):
-    """(setup, target) for pytest-benchmark's pedantic: setup runs outside the timed region."""
-    def clear():
-        b.grad = None
-        _sync(device)
-        return (), {}
-
-    if mode in ("forward", "diagnostics"):
-        def target():  # a training step's forward: autograd records what the backward needs
-            out = fn(a, b, lam)
-            _sync(device)
-            return out
-        return clear, target
-    if mode == "backward":
-        def setup():
-            b.grad = None
-            loss = _value(fn(a, b, lam)).sum()
-            _sync(device)
-            return (loss,), {}
-
-        def target(loss):
-            loss.backward()
-            _sync(device)
-        return setup, target
-
-    def target():
-        loss = _value(fn(a, b, lam)).sum()
-        loss.backward()
-        _sync(device)
-        return loss
-    return clear, target
 
 
 def _alg_flops(shape, mode) -> float:
@@ -179,14 +140,10 @@ def test_taylor_logdet_modes(op_case, benchmark, results_rows):
         for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
             b.grad = None
             _value(fn(a, b, lam)).sum().backward()
-        _sync(device)
-        setup, target = _timed(fn, a, b, lam, mode, device)
-        if mode == "backward":
-            args, _ = setup()
-            peak = peak_extra_bytes(lambda: target(*args), device)
-        else:
-            setup()
-            peak = peak_extra_bytes(target, device)
+        sync(device)
+        # "diagnostics" times the forward with the convergence diagnostic
+        setup, target = mode_step(fn, (a, b, lam), mode, device, scalar=lambda out: _value(out).sum())
+        peak = step_peak_bytes(setup, target, device)
     except torch.cuda.OutOfMemoryError:
         a = b = fn = None
         torch.cuda.empty_cache()
