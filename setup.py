@@ -22,6 +22,9 @@ setup(
         "torch>=2.6",
         "torchvision>=0.21",
         "numpy>=1.24",
+        # the training script: digits data set, linear probe and k-NN, progress bar
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
         # torch's Linux x86_64 CUDA wheels already pull a matching triton; this only states the floor.
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
@@ -30,11 +33,10 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
-            "scikit-learn>=1.3",
             "scipy>=1.10",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["kernelssl-train = kernelssl.train:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
