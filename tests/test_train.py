@@ -152,17 +152,6 @@ def test_command_line_exit_status(tmp_path):
     assert "stl10 not found in" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _gather_available() -> bool:
-    from kernelssl.losses import SFRIKLoss
-
-    try:
-        SFRIKLoss(gather_distributed=True)
-    except NotImplementedError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _gather_available(), reason="gather_distributed is not implemented yet")
 def test_torchrun_two_processes(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
