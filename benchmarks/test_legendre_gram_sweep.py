@@ -31,7 +31,7 @@ import torch
 
 from bench_util import MODES, bench_device, bench_scale, device_name, mode_step, step_peak_bytes, sync
 from kernelssl import sfrik as S
-from kernelssl._backend import TRITON_OPS
+from kernelssl._cases import available
 
 B3 = (1.0, 40.0, 40.0)
 PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)
@@ -71,15 +71,6 @@ def _cases(device: torch.device, scale: str):
     return cases
 
 
-def _impl_names(device: torch.device) -> list[str]:
-    names = ["eager", "torch"]
-    if device.type == "cuda":
-        names.append("compile")
-        if "legendre_gram_mean" in TRITON_OPS:
-            names.append("triton")
-    return names
-
-
 def _implementation(name: str):
     if name == "eager":
         return lambda z: S.legendre_gram_mean_eager(z, B3)
@@ -98,7 +89,7 @@ def pytest_generate_tests(metafunc):
     device = bench_device()
     cases, ids = [], []
     for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
-        for impl in _impl_names(device):
+        for impl in available("sfrik", device, compile=device.type == "cuda"):
             cases.append((shape, dtype, mode, impl))
             ids.append(f"legendre_gram-{mode}-n{shape['n']}-q{shape['q']}-{str(dtype)[6:]}-{impl}")
     metafunc.parametrize("op_case", cases, ids=ids)

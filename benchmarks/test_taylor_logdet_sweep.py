@@ -29,7 +29,7 @@ import torch
 
 from bench_util import MODES, bench_device, bench_scale, mode_step, step_peak_bytes, sync
 from kernelssl import mec as M
-from kernelssl._backend import TRITON_OPS
+from kernelssl._cases import available
 
 PAPER = {"m": 1024, "d": 2048, "n": 4}
 SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
@@ -52,15 +52,6 @@ def _cases(device: torch.device, scale: str):
     cases += [({"m": 1024, "d": d, "n": 4}, torch.float32, "full") for d in SWEEP_D if d != PAPER["d"]]
     cases += [({"m": 1024, "d": 2048, "n": n}, torch.float32, "full") for n in SWEEP_N if n != PAPER["n"]]
     return cases
-
-
-def _impl_names(device: torch.device) -> list[str]:
-    names = ["eager", "torch"]
-    if device.type == "cuda":
-        names.append("compile")
-        if "taylor_logdet" in TRITON_OPS:
-            names.append("triton")
-    return names
 
 
 def _implementation(name: str, order: int, diagnostics: bool):
@@ -86,7 +77,7 @@ def pytest_generate_tests(metafunc):
     device = bench_device()
     cases, ids = [], []
     for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
-        for impl in _impl_names(device):
+        for impl in available("mec", device, compile=device.type == "cuda"):
             cases.append((shape, dtype, mode, impl))
             ids.append(f"taylor_logdet-{mode}-m{shape['m']}-d{shape['d']}-n{shape['n']}-{str(dtype)[6:]}-{impl}")
     metafunc.parametrize("op_case", cases, ids=ids)
