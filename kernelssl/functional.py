@@ -48,7 +48,6 @@ from ._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
-    describe,
 )
 from .mec import lambda_warmup as mec_lambda_warmup
 from .rff import rff_features, sample_imq_rff

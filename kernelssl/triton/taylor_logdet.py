@@ -840,7 +840,6 @@ def _torch_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32):
     s = min(m, d)
     mspace = m <= d
     a, b = a3.float(), b3.float()
-    need_rows = normalize or order == 1
     series = order >= 2 or diagnostics
     nt = max(order, 2) if diagnostics else order
     dev, f32 = a3.device, torch.float32
