@@ -136,3 +136,20 @@ def step_peak_bytes(setup, target, device: torch.device) -> int | None:
     """Peak extra memory of one timed round of :func:`mode_step`'s ``target``."""
     args, _ = setup()
     return peak_extra_bytes(lambda: target(*args), device)
+
+
+def parametrize_sweep(metafunc, loss: str, op: str, cases) -> None:
+    """Parametrize ``op_case`` with ``(shape, dtype, mode, impl)`` for every ``(shape, dtype, mode)`` of
+    ``cases`` and every implementation of ``loss`` that runs on this device."""
+    from kernelssl._cases import available
+
+    if "op_case" not in metafunc.fixturenames:
+        return
+    device = bench_device()
+    params, ids = [], []
+    for shape, dtype, mode in cases:
+        for impl in available(loss, device, compile=device.type == "cuda"):
+            params.append((shape, dtype, mode, impl))
+            dims = "-".join(f"{k}{v}" for k, v in shape.items())
+            ids.append(f"{op}-{mode}-{dims}-{str(dtype)[6:]}-{impl}")
+    metafunc.parametrize("op_case", params, ids=ids)

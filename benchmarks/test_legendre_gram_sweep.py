@@ -29,9 +29,9 @@ import math
 import pytest
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, device_name, mode_step, step_peak_bytes, sync
+from bench_util import MODES, bench_device, bench_scale, device_name, mode_step, parametrize_sweep, step_peak_bytes, sync
 from kernelssl import sfrik as S
-from kernelssl._cases import available
+
 
 B3 = (1.0, 40.0, 40.0)
 PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)
@@ -84,15 +84,7 @@ def _implementation(name: str):
 
 
 def pytest_generate_tests(metafunc):
-    if "op_case" not in metafunc.fixturenames:
-        return
-    device = bench_device()
-    cases, ids = [], []
-    for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
-        for impl in available("sfrik", device, compile=device.type == "cuda"):
-            cases.append((shape, dtype, mode, impl))
-            ids.append(f"legendre_gram-{mode}-n{shape['n']}-q{shape['q']}-{str(dtype)[6:]}-{impl}")
-    metafunc.parametrize("op_case", cases, ids=ids)
+    parametrize_sweep(metafunc, "sfrik", "legendre_gram", _cases(bench_device(), bench_scale(metafunc.config)))
 
 
 def _expected(z: torch.Tensor, key) -> float:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, mode_step, step_peak_bytes, sync
-from kernelssl._cases import available, implementations, make_inputs
+from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
+from kernelssl._cases import implementations, make_inputs
 
 PAPER = {"K": 4, "B": 4096, "d": 256, "D": 512}
 SWEEP_N = [1024, 4096, 16384, 65536]  # N = K B with K = 4
@@ -47,16 +47,7 @@ def _cases(device: torch.device, scale: str):
 
 
 def pytest_generate_tests(metafunc):
-    if "op_case" not in metafunc.fixturenames:
-        return
-    device = bench_device()
-    cases, ids = [], []
-    for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
-        for impl in available("hsic", device, compile=device.type == "cuda"):
-            cases.append((shape, dtype, mode, impl))
-            dims = "-".join(f"{k}{v}" for k, v in shape.items())
-            ids.append(f"rff_hsic-{mode}-{dims}-{str(dtype)[6:]}-{impl}")
-    metafunc.parametrize("op_case", cases, ids=ids)
+    parametrize_sweep(metafunc, "hsic", "rff_hsic", _cases(bench_device(), bench_scale(metafunc.config)))
 
 
 def test_rff_hsic_modes(op_case, benchmark, results_rows):

@@ -27,9 +27,9 @@ import math
 import pytest
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, mode_step, step_peak_bytes, sync
+from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
 from kernelssl import mec as M
-from kernelssl._cases import available
+
 
 PAPER = {"m": 1024, "d": 2048, "n": 4}
 SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
@@ -72,15 +72,7 @@ def _implementation(name: str, order: int, diagnostics: bool):
 
 
 def pytest_generate_tests(metafunc):
-    if "op_case" not in metafunc.fixturenames:
-        return
-    device = bench_device()
-    cases, ids = [], []
-    for shape, dtype, mode in _cases(device, bench_scale(metafunc.config)):
-        for impl in available("mec", device, compile=device.type == "cuda"):
-            cases.append((shape, dtype, mode, impl))
-            ids.append(f"taylor_logdet-{mode}-m{shape['m']}-d{shape['d']}-n{shape['n']}-{str(dtype)[6:]}-{impl}")
-    metafunc.parametrize("op_case", cases, ids=ids)
+    parametrize_sweep(metafunc, "mec", "taylor_logdet", _cases(bench_device(), bench_scale(metafunc.config)))
 
 
 def _inputs(shape, dtype, device):
