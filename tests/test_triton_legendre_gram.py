@@ -9,7 +9,6 @@ Every gradient check uses a non-unit upstream gradient (``UPSTREAM * M``).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -110,6 +109,27 @@ def test_values_and_gradients_vs_reference(n, q, L, normalize, dtype):
     m, g = _run(LG.legendre_gram_mean, z, coefficients=b, normalize=normalize)
     m64, g64 = _reference(z.cpu(), b, normalize)
     _check_vs_reference(m, g, m64, g64, b, dtype, f"{dtype} n={n} q={q} L={L}")
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every test runs the GPU configuration")
+@pytest.mark.parametrize("n,q", [(150, 45), (140, 48)], ids=["q45-unaligned", "q48-aligned"])
+def test_gpu_block_configuration_under_interpreter(n, q, monkeypatch):
+    """The GPU block sizes (128-wide tiles; 64-wide Gram and 128 x 64 GEMM tiles for fp32 rows that are
+    not 16-byte aligned) run through the interpreter: ragged edges and both fp32 layouts of _config
+    give the reference values, so a GPU session starts from block sizes whose indexing is tested."""
+    config = LG._config
+
+    def gpu_config(dtype, q):
+        with monkeypatch.context() as m:
+            m.setattr(LG, "interpreting", lambda: False)
+            return config(dtype, q)
+
+    monkeypatch.setattr(LG, "_config", gpu_config)
+    assert gpu_config(torch.float32, q)["block"] == (64 if q % 16 else 128)
+    z = _z(n, q, 11, torch.float32).to(DEV)
+    m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
+    m64, g64 = _reference(z.cpu(), B3, True)
+    _check_vs_reference(m, g, m64, g64, B3, torch.float32, f"GPU blocks n={n} q={q}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -373,77 +393,25 @@ def test_gpu_tf32_is_opt_in():
 
 # --------------------------------------------------------------------------------------------------
 # GPU code generation without a GPU: compile every kernel for sm_90 (H100/H200) with Triton's bundled
-# ptxas, specialised as a real launch would be (unit strides, 16-divisible sizes and pointers).
+# ptxas, specialised as a real launch would be (tests/sm90_compile.py).
 # --------------------------------------------------------------------------------------------------
-
-_SM90_SCRIPT = r"""
-import json, os, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernelssl.triton import legendre_gram as LG
-
-ONE = {"stride_zq", "stride_pn", "stride_dn", "stride_oq"}
-DIV16 = {"stride_zn", "stride_pm", "stride_on", "stride_dm", "n", "q", "row0", "panel_rows"}
-PTR = {"z_ptr", "out_ptr"}
-out = []
-
-def build(fn, dtype, const, tag):
-    cfg = LG._config(dtype)
-    zt = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    signature, attrs, consts = {}, {}, dict(const)
-    for i, name in enumerate(fn.arg_names):
-        if name in ONE:
-            consts[name] = 1
-        if name in consts:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = zt if name in PTR else ("*fp32" if name.endswith("_ptr") else "i32")
-            if name.endswith("_ptr") or name in DIV16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg["warps"], "num_stages": cfg["stages"]})
-    out.append({"tag": tag, "wgmma": k.asm["ptx"].count("wgmma.mma_async"), "shared": k.metadata.shared})
-
-b3 = dict(COEF=(1.0, 40.0, 40.0), L=3)
-for dtype, mode in ((torch.bfloat16, 1), (torch.float16, 2), (torch.float32, 0)):
-    cfg, prec = LG._config(dtype), LG._input_precision(dtype, False)
-    name = str(dtype)[6:]
-    if dtype != torch.float16:
-        build(LG._gram_phi_sum_kernel, dtype, dict(**b3, BLOCK=cfg["block"], BLOCK_K=cfg["block_k"],
-              DOT_F32=False, INPUT_PRECISION=prec), f"forward {name}")
-        build(LG._gram_dphi_kernel, dtype, dict(**b3, NORMALIZE=True, BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"],
-              BLOCK_K=cfg["block_k"], GROUP_M=cfg["group"], DOT_F32=False, INPUT_PRECISION=prec), f"dphi {name}")
-    build(LG._panel_matmul_kernel, dtype, dict(NORMALIZE=True, MODE=mode, BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"],
-          BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"], DOT_F32=False, INPUT_PRECISION=prec), f"matmul {name}")
-cfg = LG._config(torch.bfloat16)
-build(LG._row_scales_kernel, torch.bfloat16, dict(EPS=1e-12, NORMALIZE=True, BLOCK_R=cfg["row_block"],
-      BLOCK_Q=cfg["row_q"]), "row_scales")
-build(LG._sum_partials_kernel, torch.float32, dict(BLOCK=1024), "sum_partials")
-print("RESULT" + json.dumps(out))
-"""
-
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
 def test_kernels_compile_for_sm90():
-    """Every kernel, at its GPU configuration, compiles to an sm_90 cubin; the 16-bit Gram and backward
-    GEMMs use Hopper tensor cores (wgmma).  Catches GPU-only compile errors the interpreter cannot."""
-    import subprocess
-    import sys
+    """Every kernel variant the GPU path issues (n = 2048, q = 8192 in bf16, fp16, fp32 and fp32 with
+    TF32; an odd fp32 shape; L = 5 without normalisation over several backward panels) compiles to an
+    sm_90 cubin, specialised as a real launch would be, with no register spills and within the 227 KiB
+    of shared memory; the 16-bit Gram and backward GEMMs use Hopper tensor cores (wgmma).  Catches
+    GPU-only compile errors the interpreter cannot."""
+    import sm90_compile
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
+    if not sm90_compile.tools_available():
         pytest.skip("Triton's bundled ptxas is not available")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    results = {r["tag"]: r for r in json.loads(proc.stdout.split("RESULT", 1)[1])}
-    assert len(results) == 9, sorted(results)
-    for tag in ("forward bfloat16", "dphi bfloat16", "matmul bfloat16", "matmul float16"):
-        assert results[tag]["wgmma"] > 0, (tag, results[tag])
-    assert all(r["shared"] <= 227 * 1024 for r in results.values())
+    variants = sm90_compile.run("legendre_gram")
+    assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_phi_sum_kernel", "_sum_partials_kernel",
+                                               "_gram_dphi_kernel", "_panel_matmul_kernel"}
+    spills = [v for v in variants if v["spill_stores"] or v["spill_loads"]]
+    assert not spills, spills
+    assert all(v["shared"] <= 227 * 1024 for v in variants)
+    mma = [v for v in variants if v["constexprs"].get("INPUT_PRECISION") == "tf32"]  # 16-bit operands, or TF32
+    assert len(mma) >= 9 and all(v["wgmma"] > 0 for v in mma), mma

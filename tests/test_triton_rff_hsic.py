@@ -80,8 +80,8 @@ def _run(fn, v, maps, c, dtype=torch.float32, g_zy=G_ZY, g_zz=G_ZZ):
     return zy.detach(), zz.detach(), x.grad
 
 
-def _check_fp32_vs_reference(v, maps, c):
-    zy, zz, grad = _run(M.rff_hsic, v, maps, c)
+def _check_fp32_vs_reference(v, maps, c, fn=M.rff_hsic):
+    zy, zz, grad = _run(fn, v, maps, c)
     rzy, rzz, rgrad = _reference(v, maps, c)
     assert zy.dtype == zz.dtype == torch.float32 and zy.dim() == zz.dim() == 0
     assert grad.dtype == torch.float32 and grad.shape == v.shape
@@ -117,6 +117,26 @@ def test_fp32_matches_reference_multiblock(shape, small_blocks):
     assert cfg["split"] == 2 and cfg["BI"] == 16  # the split-reduce path and several image blocks
     v, maps, c = _case(2, *shape)
     _check_fp32_vs_reference(v, maps, c)
+
+
+@interpreter_only
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
+    """The GPU block sizes run through the interpreter (which computes every dot in fp32, whatever the
+    precision: only the tiling differs): image blocks of 32 (ieee) or 64 (TF32), 32-row gradient
+    blocks, d = 270 > 256 split over two gradient column blocks, ragged feature tiles (D = 80, 65) and
+    the cross-covariance split over N = 300 rows -- the reference values, so a GPU session starts
+    from block sizes whose indexing is tested."""
+    cuda = torch.device("cuda", 0)
+    fwd, bwd = M._fwd_config, M._bwd_config
+    monkeypatch.setattr(M, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(M, "_fwd_config", lambda device, *a: fwd(cuda, *a))
+    monkeypatch.setattr(M, "_bwd_config", lambda device, *a: bwd(cuda, *a))
+    shape = (3, 100, 270, 80, 65)
+    cfg = M._fwd_config(DEV, 300, 100, 270, 80, 65, precision)
+    assert cfg["split"] == 2 and cfg["BI"] == (32 if precision == "ieee" else 64)
+    v, maps, c = _case(4, *shape)
+    _check_fp32_vs_reference(v, maps, c, fn=lambda *a: M.rff_hsic(*a, input_precision=precision))
 
 
 @settings(deadline=None)
@@ -381,6 +401,32 @@ def test_triton_op_build_without_interpreter():
     res = subprocess.run([sys.executable, "-c", _GPU_BUILD_CHECK], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@interpreter_only
+def test_kernels_compile_for_sm90_without_spills():
+    """Every kernel variant the GPU path issues (paper shape in fp32 and bf16 with ``ieee``, fp32 with
+    ``tf32x3``, fp16 with ``tf32``; odd K, B, d, D; d = 512, which splits the gradient columns, with a
+    small D, which splits the cross-covariance rows) compiles to an sm_90 cubin with Triton's compiler
+    and ptxas, specialised as a real launch would be, with no register spills and within the 227 KiB of
+    shared memory; the TF32 variants use tensor cores (wgmma or mma.sync), the ``ieee`` ones do not (no
+    silent TF32), and the forward GEMMs of the TF32 paper shape use Hopper's wgmma."""
+    import sm90_compile
+
+    if not sm90_compile.tools_available():
+        pytest.skip("triton's bundled ptxas is not installed")
+    variants = sm90_compile.run("rff_hsic")
+    assert {v["kernel"] for v in variants} == {"_rff_features_kernel", "_rff_stats_kernel", "_rff_cross_cov_kernel",
+                                               "_rff_cov_reduce_kernel", "_rff_finalize_kernel", "_rff_hsic_bwd_kernel"}
+    spills = [v for v in variants if v["spill_stores"] or v["spill_loads"]]
+    assert not spills, spills
+    assert all(v["shared"] <= 227 * 1024 for v in variants)
+    dots = [v for v in variants if "PRECISION" in v["constexprs"]]
+    assert {v["constexprs"]["PRECISION"] for v in dots} == {"ieee", "tf32", "tf32x3"}
+    for v in dots:
+        assert (v["wgmma"] + v["mma_sync"] > 0) == (v["constexprs"]["PRECISION"] != "ieee"), v
+    forward = [v for v in dots if v["kernel"] != "_rff_hsic_bwd_kernel" and v["constexprs"]["PRECISION"] == "tf32x3"]
+    assert forward and all(v["wgmma"] > 0 for v in forward), forward
 
 
 # ------------------------------------------------------------------------------------------------

@@ -387,22 +387,27 @@ def _panel_matmul_kernel(
 # ==================================================================================================
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config(dtype: torch.dtype, q: int) -> dict:
     """Block sizes.  GPU: starting points for H100/H200, not tuned on a GPU (none was available);
-    checked by compiling every kernel for sm_90 offline (ptxas): 128 x 128 forward tiles and
+    checked by compiling every kernel for sm_90 offline with the launch's own specialisation
+    (``tests/sm90_compile.py``: no register spills in any variant): 128 x 128 forward tiles and
     128 x 128 GEMM tiles of the backward, 8 warps, 3 stages (96-128 KiB of shared memory, wgmma for
-    16-bit operands, no register spills); the backward's phi' tile is 128 x 64 because at 128 x 128 the
-    joint value/derivative recurrence spills registers.  K-steps of 64 for 16-bit operands, 32 where
-    the MMA takes fp32 operands.  The interpreter gets 32-wide blocks so that small test shapes span
-    several tiles and exercise every mask."""
+    16-bit operands); the backward's phi' tile is 128 x 64 because at 128 x 128 the joint
+    value/derivative recurrence spills registers.  K-steps of 64 for 16-bit operands, 32 where the
+    MMA takes fp32 operands.  fp32 with ``q`` not a multiple of 16 (rows not 16-byte aligned, so
+    the loads are not vectorised and need more registers): 64-wide Gram tiles and 128 x 64 GEMM
+    tiles, which at 128 x 128 spill.  The interpreter gets 32-wide blocks so that small test shapes
+    span several tiles and exercise every mask."""
     if interpreting():
         return dict(block=32, block_k=32, dphi_n=16, mm_m=32, mm_q=32, mm_k=32, group=2, warps=4,
                     stages=1, row_block=32, row_q=32)
     half = dtype in (torch.float16, torch.bfloat16)
     bk = 64 if half else 32
     mm_k = 64 if dtype == torch.bfloat16 else 32  # fp16 / fp32 feed fp32 operands to the MMA
-    return dict(block=128, block_k=bk, dphi_n=64, mm_m=128, mm_q=128, mm_k=mm_k, group=8, warps=8,
-                stages=3, row_block=16, row_q=256)
+    unaligned_fp32 = dtype == torch.float32 and q % 16 != 0
+    return dict(block=64 if unaligned_fp32 else 128, block_k=bk, dphi_n=64, mm_m=128,
+                mm_q=64 if unaligned_fp32 else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,
+                row_q=256)
 
 
 def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -450,7 +455,7 @@ def legendre_gram_forward(
     _check_z(z)
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = _config(z.dtype)
+    cfg = _config(z.dtype, q)
     rinv, _ = _row_scales(z, normalize, cfg)
     tiles = triton.cdiv(n, cfg["block"])
     num_parts = tiles * (tiles + 1) // 2
@@ -484,7 +489,7 @@ def legendre_gram_backward(
     _check_z(z)
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = _config(z.dtype)
+    cfg = _config(z.dtype, q)
     rinv, proj = _row_scales(z, normalize, cfg)
     rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     dot_f32 = interpreting() and z.dtype != torch.float32

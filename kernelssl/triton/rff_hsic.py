@@ -81,14 +81,19 @@ Numerics and contracts
 * The kernel scale c is read in-kernel from a 1-element tensor (never on the host) and gets no gradient.
 * No host syncs, no Python branches on tensor values; block sizes depend on shapes only.
 * Block sizes are fixed heuristics (one config, no autotuning: the interpreter accepts only one, and a
-  fixed config keeps reduction orders reproducible across processes).  They are untuned guesses for
-  H100/H200-class GPUs: this module was developed without a GPU (see the tests).
+  fixed config keeps reduction orders reproducible across processes).  They are not timed on a GPU:
+  this module was developed without one (see the tests).
 * Not done: in-kernel philox generation of the RFF maps (the maps are D x d, drawn once per step; a
   gain would have to be measured on a GPU first).
 
-* GPU-only unknowns: the accuracy of ``tl.cos`` / ``tl.sin`` as compiled for the GPU (the interpreter
-  uses NumPy's), and TF32 rounding (the interpreter computes every ``tl.dot`` in full fp32); the GPU
-  tests compare against float64 at the paper shape.
+* ``tl.cos`` / ``tl.sin`` compile (sm_90, Triton 3.8) to libdevice's full-range fp32 code -- a
+  three-term Cody-Waite reduction by pi/2 with a Payne-Hanek slow path for large arguments, read off
+  the PTX -- not to the ``cos.approx`` instruction, whose error grows outside [-pi, pi]; ``u`` needs
+  no range reduction of its own.  Still GPU-only unknowns: TF32 rounding (the interpreter computes
+  every ``tl.dot`` in full fp32); the GPU tests compare against float64 at the paper shape.
+* Block sizes were chosen offline: every launch the GPU path issues is compiled for sm_90 with the
+  launch's own specialisation and checked for register spills (``tests/sm90_compile.py``), and the
+  GPU block sizes run through the interpreter at a small shape against the reference.
 
 Registration: ``kernelssl::rff_hsic_fwd`` and ``kernelssl::rff_hsic_bwd`` are ``torch.library.triton_op``s
 (kernels launched through ``wrap_triton``); the backward op is wired in with ``register_autograd``
@@ -495,7 +500,7 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _fwd_config(device: torch.device, N, B, d, DA, DB) -> dict:
+def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") -> dict:
     if device.type != "cuda":  # interpreter: few, large programs (each op costs Python time)
         cap = _INTERP_MAX_BLOCK
         c = dict(BI=_block(B, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
@@ -503,8 +508,12 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB) -> dict:
                  BP=16, BJS=_block(max(DA, DB), 16, cap), warps=4, stages=1)
         c["split"] = max(1, min(_INTERP_MAX_SPLIT, triton.cdiv(N, c["BN"])))
         return c
-    # GPU (untuned guesses, see the module docstring): 64x64 tiles with a fp32 accumulator.
-    c = dict(BI=64, BJ=64, BK=32, BN=32, BJB=64, BJA=64, BP=32, BJS=128, warps=4, stages=3)
+    # GPU (untuned, see the module docstring): 64 features per program, 8 warps; 32 images for the
+    # FMA ("ieee") dots, 64 for the TF32 ones (Hopper's warp-group MMA takes >= 64 rows).  No register
+    # spills in any variant (fp32/bf16/fp16, ieee/tf32/tf32x3, aligned or odd d; compiled for sm_90 by
+    # tests/sm90_compile.py), where 64 x 64 with 4 warps spilled up to ~0.5 KB per thread.
+    c = dict(BI=32 if precision == "ieee" else 64, BJ=64, BK=32, BN=32, BJB=64, BJA=64, BP=32, BJS=128,
+             warps=8, stages=3)
     tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, tiles)  # ~2 programs per SM
@@ -518,8 +527,10 @@ def _bwd_config(device: torch.device, N, d, DA, DB) -> dict:
         return dict(BM=_block(N, 16, cap), BDO=_block(d, 16, cap), BJ=_block(max(DA, DB), 16, cap),
                     BK=_block(d, 16, cap), BL=_block(max(DA, DB), 16, cap), warps=4, stages=1)
     # BDO covers d up to 256 in one program (no recompute); larger d re-runs the feature GEMMs per
-    # 256-column block of the gradient.
-    return dict(BM=64, BDO=_block(d, 16, 256), BJ=32, BK=32, BL=32, warps=8, stages=2)
+    # 256-column block of the gradient.  BM = 32 rows: the (BM, BDO) fp32 accumulator stays at 32
+    # registers per thread; with BM = 64 the bf16, tf32x3 and odd-d variants spilled 0.8-2.3 KB per
+    # thread, and with 2 stages an odd-d tf32x3 variant still spilled.  1 stage: 102-242 registers.
+    return dict(BM=32, BDO=_block(d, 16, 256), BJ=32, BK=32, BL=32, warps=8, stages=1)
 
 
 # ==================================================================================================
@@ -538,7 +549,7 @@ def rff_hsic_forward(
     N = K * B
     dev = views.device
     f32 = dict(device=dev, dtype=torch.float32)
-    cfg = _fwd_config(dev, N, B, d, DA, DB)
+    cfg = _fwd_config(dev, N, B, d, DA, DB, input_precision)
     num_i = triton.cdiv(B, cfg["BI"])
     num_ja, num_jb = triton.cdiv(DA, cfg["BJ"]), triton.cdiv(DB, cfg["BJ"])
     phi_a = torch.empty((N, DA), **f32)

@@ -1,0 +1,200 @@
+"""Compile the GPU path of a fused op for sm_90 (H100/H200) on a machine without a GPU.
+
+The interpreter runs the kernels' arithmetic, but not Triton's GPU compiler: a ``tl.dot`` whose shapes
+or operand dtypes the MMA cannot take, a layout conversion that does not fit shared memory, or tiles
+that spill registers show up only when the kernel is compiled for a real target.  This script
+
+1. imports the op's module with ``TRITON_INTERPRET=0`` (the kernels are then real ``JITFunction``\\ s),
+2. replaces the module's ``wrap_triton`` with a recorder and calls the op's GPU launchers on CPU
+   tensors at the shapes of :data:`RECIPES` -- every launch the GPU path would issue is recorded, with
+   the GPU block configuration (nothing runs),
+3. specialises each recorded launch exactly as ``JITFunction.run`` would on a GPU (Triton's own
+   binder: argument types, 16-byte alignment of pointers, integers equal to 1 or divisible by 16,
+   constexprs, options), compiles it with Triton's compiler and bundled ptxas for sm_90, and
+4. prints one JSON line per distinct variant: kernel name, its constexprs, registers, stack frame,
+   spill stores and loads (``ptxas -v``), shared memory, and the counts of tensor-core instructions
+   in the PTX: Hopper's ``wgmma`` (warp-group MMA, for tiles of >= 64 rows per warp group) and the
+   older ``mma.sync``.  (A 32-byte stack frame without spills is the local array of
+   libdevice's slow-path range reduction behind ``tl.sin`` / ``tl.cos``, not a spill.)
+
+Usage (the tests run it in a subprocess: the pytest process has the interpreter on)::
+
+    TRITON_INTERPRET=0 python tests/sm90_compile.py rff_hsic|legendre_gram|taylor_logdet
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tools_available() -> bool:
+    """Whether Triton's bundled ptxas is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    nvbin = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(nvbin, "ptxas"))
+
+
+def run(op: str, timeout: int = 900) -> list[dict]:
+    """Run this script for ``op`` in a subprocess; the variants it compiled (see the module doc)."""
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), op], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"sm_90 compile of {op} failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line[len("VARIANT "):]) for line in proc.stdout.splitlines() if line.startswith("VARIANT ")]
+
+
+# --------------------------------------------------------------------------------------------------
+# recording the launches of the GPU path
+# --------------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for ``torch.library.wrap_triton``: ``kernel[grid](*args, **kw)`` records the launch."""
+
+    calls: list = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: _Recorder.calls.append((self.kernel, grid, args, kw))
+
+
+def _rff_hsic():
+    import torch
+
+    from kernelssl.triton import rff_hsic as R
+
+    cuda = torch.device("cuda", 0)
+    fwd_config, bwd_config = R._fwd_config, R._bwd_config
+    R._num_sms = lambda index: 132  # H100 SXM
+    R._fwd_config = lambda device, *a: fwd_config(cuda, *a)
+    R._bwd_config = lambda device, *a: bwd_config(cuda, *a)
+    # (K, B, d, D): the paper shape; odd sizes; d > 256 (two gradient column blocks); a small D
+    # whose cross-covariance is split over the rows.
+    for (K, B, d, D), dtype, prec in [((4, 4096, 256, 512), torch.float32, "ieee"),
+                                      ((4, 4096, 256, 512), torch.bfloat16, "ieee"),
+                                      ((4, 4096, 256, 512), torch.float32, "tf32x3"),
+                                      ((4, 4096, 256, 512), torch.float16, "tf32"),
+                                      ((3, 1000, 100, 300), torch.float32, "ieee"),
+                                      ((3, 1000, 100, 300), torch.bfloat16, "tf32x3"),
+                                      ((2, 512, 512, 128), torch.float32, "ieee")]:
+        views = torch.empty(K, B, d, dtype=dtype)
+        w, b = torch.empty(D, d), torch.empty(D)
+        scale = torch.ones(1)
+        out = R.rff_hsic_forward(views, w, b, w, b, scale, prec)
+        g = torch.ones(())
+        R.rff_hsic_backward(g, g, views, w, b, w, b, scale, *out[2:], prec)
+    return R
+
+
+def _legendre_gram():
+    import torch
+
+    from kernelssl.triton import legendre_gram as LG
+
+    b3 = (1.0, 40.0, 40.0)
+    for (n, q), dtype, tf32 in [((2048, 8192), torch.bfloat16, False), ((2048, 8192), torch.float16, False),
+                                ((2048, 8192), torch.float32, False), ((2048, 8192), torch.float32, True),
+                                ((1000, 300), torch.float32, False)]:
+        z = torch.empty(n, q, dtype=dtype)
+        LG.legendre_gram_forward(z, b3, True, tf32)
+        LG.legendre_gram_backward(torch.ones(()), z, b3, True, tf32)
+    LG.legendre_gram_backward(torch.ones(()), torch.empty(4096, 512, dtype=torch.bfloat16), (1.0, 2.0, 3.0, 4.0, 5.0),
+                              False, False, panel_rows=1024)
+    return LG
+
+
+def _taylor_logdet():
+    import torch
+
+    from kernelssl.triton import taylor_logdet as T
+
+    # (m, d), dtype, order, diagnostics: the paper shape (fp32 and bf16), d-space (m > d), the
+    # on-chip path (s <= ONCHIP_MAX), order 1, and d-space with rows wider than one tile.
+    for (m, d), dtype, order, diag in [((1024, 2048), torch.float32, 4, True), ((1024, 2048), torch.bfloat16, 4, False),
+                                       ((2048, 1024), torch.float32, 5, False), ((2048, 24), torch.float32, 8, True),
+                                       ((256, 512), torch.float32, 1, False), ((1024, 100), torch.float16, 4, False)]:
+        a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
+        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, False)
+        T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, False, True, True)
+    return T
+
+
+RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logdet": _taylor_logdet}
+
+
+# --------------------------------------------------------------------------------------------------
+# compiling the recorded launches
+# --------------------------------------------------------------------------------------------------
+
+
+def _compile_all(calls) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = "sm_90a"  # what Triton builds for compute capability 9.0
+    binders, seen, out = {}, set(), []
+    for kernel, _grid, args, kw in calls:
+        if kernel not in binders:
+            binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+        kw = dict(kw)
+        bound, spec, options = binders[kernel](*args, **kw)
+        key = (kernel.fn.__name__, repr(spec), repr(sorted(options.items())) if isinstance(options, dict) else repr(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        opts, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
+        ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
+        with tempfile.TemporaryDirectory() as tmp:  # ptxas -v on Triton's PTX: the spill report
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ck.asm["ptx"])
+            report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                                    capture_output=True, text=True, check=True).stderr
+        field = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+        consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+        names = [p.name for p in kernel.params]
+        out.append({
+            "kernel": kernel.fn.__name__,
+            "constexprs": {names[i]: v for i, v in consts.items() if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
+            "num_warps": opts.num_warps, "num_stages": opts.num_stages,
+            "registers": field(r"Used (\d+) registers"), "stack": field(r"(\d+) bytes stack frame"),
+            "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),
+            "shared": ck.metadata.shared,
+            "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
+        })
+    return out
+
+
+def main(op: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be compiled, not interpreted)")
+    import importlib
+
+    importlib.import_module(f"kernelssl.triton.{op}").wrap_triton = _Recorder
+    RECIPES[op]()
+    for row in _compile_all(_Recorder.calls):
+        print("VARIANT " + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main(sys.argv[1])
