@@ -138,9 +138,13 @@ def step_peak_bytes(setup, target, device: torch.device) -> int | None:
     return peak_extra_bytes(lambda: target(*args), device)
 
 
-def parametrize_sweep(metafunc, loss: str, op: str, cases) -> None:
+def parametrize_sweep(metafunc, loss: str, op: str, cases, tf32_variant: str | None = None,
+                      tf32_cases=()) -> None:
     """Parametrize ``op_case`` with ``(shape, dtype, mode, impl)`` for every ``(shape, dtype, mode)`` of
-    ``cases`` and every implementation of ``loss`` that runs on this device."""
+    ``cases`` and every implementation of ``loss`` that runs on this device.  Where the Triton kernel
+    runs, the ``(shape, dtype, mode)`` in ``tf32_cases`` (fp32 ones) also get the implementation
+    ``tf32_variant`` (e.g. ``"triton-tf32x3"``): the kernel with its TF32 opt-in, timed beside the
+    IEEE-fp32 default, so one GPU run tells whether the opt-in pays."""
     from kernelssl._cases import available
 
     if "op_case" not in metafunc.fixturenames:
@@ -148,7 +152,10 @@ def parametrize_sweep(metafunc, loss: str, op: str, cases) -> None:
     device = bench_device()
     params, ids = [], []
     for shape, dtype, mode in cases:
-        for impl in available(loss, device, compile=device.type == "cuda"):
+        impls = available(loss, device, compile=device.type == "cuda")
+        if tf32_variant and "triton" in impls and (shape, dtype, mode) in tf32_cases:
+            impls += (tf32_variant,)
+        for impl in impls:
             params.append((shape, dtype, mode, impl))
             dims = "-".join(f"{k}{v}" for k, v in shape.items())
             ids.append(f"{op}-{mode}-{dims}-{str(dtype)[6:]}-{impl}")

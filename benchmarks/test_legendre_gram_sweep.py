@@ -80,11 +80,14 @@ def _implementation(name: str):
         return torch.compile(lambda z: S.legendre_gram_mean(z, B3))
     from kernelssl.triton import legendre_gram as LG
 
-    return lambda z: LG.legendre_gram_mean(z, B3)
+    return lambda z: LG.legendre_gram_mean(z, B3, allow_tf32=name == "triton-tf32")
 
 
 def pytest_generate_tests(metafunc):
-    parametrize_sweep(metafunc, "sfrik", "legendre_gram", _cases(bench_device(), bench_scale(metafunc.config)))
+    # fp32 at the target shape also times the kernel with allow_tf32=True (its TF32 opt-in).
+    tf32 = [({"n": PAPER_N, "q": 8192}, torch.float32, mode) for mode in MODES]
+    parametrize_sweep(metafunc, "sfrik", "legendre_gram", _cases(bench_device(), bench_scale(metafunc.config)),
+                      tf32_variant="triton-tf32", tf32_cases=tf32)
 
 
 def _expected(z: torch.Tensor, key) -> float:

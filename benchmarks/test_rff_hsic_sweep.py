@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
-from kernelssl._cases import implementations, make_inputs
+from kernelssl._cases import hsic_maps, implementations, make_inputs
 
 PAPER = {"K": 4, "B": 4096, "d": 256, "D": 512}
 SWEEP_N = [1024, 4096, 16384, 65536]  # N = K B with K = 4
@@ -47,15 +47,29 @@ def _cases(device: torch.device, scale: str):
 
 
 def pytest_generate_tests(metafunc):
-    parametrize_sweep(metafunc, "hsic", "rff_hsic", _cases(bench_device(), bench_scale(metafunc.config)))
+    # The fp32 paper-shape rows also time the kernel with input_precision="tf32x3" (three TF32
+    # tensor-core products, ~fp32 accuracy), the SPEC's alternative to the IEEE default.
+    tf32 = [(PAPER, torch.float32, mode) for mode in MODES]
+    parametrize_sweep(metafunc, "hsic", "rff_hsic", _cases(bench_device(), bench_scale(metafunc.config)),
+                      tf32_variant="triton-tf32x3", tf32_cases=tf32)
+
+
+def _implementation(impl, shape, device):
+    """``fn(views) -> loss`` of ``impl``; ``triton-tf32x3`` on the same random features as the rest."""
+    if impl != "triton-tf32x3":
+        return implementations("hsic", shape, device=device, compile=impl == "compile")[impl]
+    from kernelssl import hsic as H
+    from kernelssl.triton import rff_hsic as RK
+
+    maps = hsic_maps(shape, device=device)
+    return lambda views: H.hsic_loss(*RK.rff_hsic(views, *maps, 1.0, input_precision="tf32x3"), gamma=3.0)
 
 
 def test_rff_hsic_modes(op_case, benchmark, results_rows):
     shape, dtype, mode, impl = op_case
     device = bench_device()
     inputs = make_inputs("hsic", shape, device=device, dtype=dtype)
-    impls = implementations("hsic", shape, device=device, compile=impl == "compile")
-    fn = impls[impl]
+    fn = _implementation(impl, shape, device)
     with torch.no_grad():
         value = fn(*inputs).detach()
         expected = value if impl == "eager" else implementations("hsic", shape, device=device)["eager"](*inputs)

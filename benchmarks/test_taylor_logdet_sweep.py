@@ -56,12 +56,13 @@ def _cases(device: torch.device, scale: str):
 
 def _implementation(name: str, order: int, diagnostics: bool):
     """``fn(a, b, lam) -> T`` (the diagnostics computed too, and returned alongside, when asked)."""
-    if name == "triton":
+    if name in ("triton", "triton-tf32"):
         from kernelssl.triton import taylor_logdet as K
 
+        tf32 = name == "triton-tf32"
         if diagnostics:
-            return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order)
-        return lambda a, b, lam: K.taylor_logdet(a, b, lam, order)
+            return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order, allow_tf32=tf32)
+        return lambda a, b, lam: K.taylor_logdet(a, b, lam, order, allow_tf32=tf32)
     base = {"eager": M.taylor_logdet_eager, "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
     fn = lambda a, b, lam: base(a, b, lam, order)  # noqa: E731
     if name == "compile":
@@ -72,7 +73,10 @@ def _implementation(name: str, order: int, diagnostics: bool):
 
 
 def pytest_generate_tests(metafunc):
-    parametrize_sweep(metafunc, "mec", "taylor_logdet", _cases(bench_device(), bench_scale(metafunc.config)))
+    # fp32 at the target shape also times the kernel with allow_tf32=True (its TF32 opt-in).
+    tf32 = [(PAPER, torch.float32, mode) for mode in MODES]
+    parametrize_sweep(metafunc, "mec", "taylor_logdet", _cases(bench_device(), bench_scale(metafunc.config)),
+                      tf32_variant="triton-tf32", tf32_cases=tf32)
 
 
 def _inputs(shape, dtype, device):

@@ -66,6 +66,16 @@ def available(loss: str, device: str | torch.device, *, compile: bool = False) -
     return tuple(names)
 
 
+def hsic_maps(shape: dict, *, device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``(w_a, b_a, w_b, b_b)``: the two RFF maps (d = ``shape["d"]``, D = ``shape.get("D", 512)``) that
+    every HSIC implementation of :func:`implementations` uses for ``seed``."""
+    d, D = shape["d"], shape.get("D", 512)
+    g = torch.Generator().manual_seed(seed)
+    w_a, b_a = sample_imq_rff(d, D, generator=g, device=device)
+    w_b, b_b = sample_imq_rff(d, D, generator=g, device=device)
+    return w_a, b_a, w_b, b_b
+
+
 def implementations(
     loss: str,
     shape: dict,
@@ -78,10 +88,7 @@ def implementations(
     device = torch.device(device)
     names = available(loss, device, compile=compile)
     if loss == "hsic":
-        d, D = shape["d"], shape.get("D", 512)
-        g = torch.Generator().manual_seed(seed)
-        w_a, b_a = sample_imq_rff(d, D, generator=g, device=device)
-        w_b, b_b = sample_imq_rff(d, D, generator=g, device=device)
+        w_a, b_a, w_b, b_b = hsic_maps(shape, device=device, seed=seed)
 
         def run(fn):
             return lambda views: _hsic.hsic_loss(*fn(views, w_a, b_a, w_b, b_b, 1.0), gamma=3.0)

@@ -122,14 +122,19 @@ def _taylor_logdet():
 
     from kernelssl.triton import taylor_logdet as T
 
-    # (m, d), dtype, order, diagnostics: the paper shape (fp32 and bf16), d-space (m > d), the
-    # on-chip path (s <= ONCHIP_MAX), order 1, and d-space with rows wider than one tile.
-    for (m, d), dtype, order, diag in [((1024, 2048), torch.float32, 4, True), ((1024, 2048), torch.bfloat16, 4, False),
-                                       ((2048, 1024), torch.float32, 5, False), ((2048, 24), torch.float32, 8, True),
-                                       ((256, 512), torch.float32, 1, False), ((1024, 100), torch.float16, 4, False)]:
+    # (m, d), dtype, order, diagnostics, allow_tf32: the paper shape (fp32, bf16, fp32 with TF32),
+    # d-space (m > d), the on-chip path (s <= ONCHIP_MAX), order 1, and d-space with rows wider than
+    # one tile.
+    for (m, d), dtype, order, diag, tf32 in [((1024, 2048), torch.float32, 4, True, False),
+                                             ((1024, 2048), torch.bfloat16, 4, False, False),
+                                             ((1024, 2048), torch.float32, 4, False, True),
+                                             ((2048, 1024), torch.float32, 5, False, False),
+                                             ((2048, 24), torch.float32, 8, True, False),
+                                             ((256, 512), torch.float32, 1, False, False),
+                                             ((1024, 100), torch.float16, 4, False, False)]:
         a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
-        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, False)
-        T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, False, True, True)
+        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, tf32)
+        T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, tf32, True, True)
     return T
 
 

@@ -482,11 +482,12 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests run the real kernels")
 def test_gpu_kernels_compile_for_sm90_without_spills():
-    """Every kernel variant the GPU path issues (paper shape fp32 and bf16 with diagnostics, d-space,
-    tiny s on-chip, order 1, an fp16 d-space case with unaligned rows) compiles with Triton's real
-    compiler and ptxas for sm_90, specialised as a real launch would be -- what the interpreter cannot
-    check (tl.dot shapes and dtypes, layouts, constexpr branches) -- with no register spills, within
-    the 227 KiB of shared memory, and the bf16 Gram on the tensor cores (wgmma)."""
+    """Every kernel variant the GPU path issues (paper shape fp32 with diagnostics, bf16, fp32 with
+    TF32; d-space, tiny s on-chip, order 1, an fp16 d-space case with unaligned rows) compiles with
+    Triton's real compiler and ptxas for sm_90, specialised as a real launch would be -- what the
+    interpreter cannot check (tl.dot shapes and dtypes, layouts, constexpr branches) -- with no
+    register spills, within the 227 KiB of shared memory, the bf16 Gram and every TF32 GEMM on the
+    tensor cores (wgmma), and no IEEE-fp32 GEMM on them (no silent TF32)."""
     import sm90_compile
 
     if not sm90_compile.tools_available():
@@ -499,6 +500,10 @@ def test_gpu_kernels_compile_for_sm90_without_spills():
     assert not spills, spills
     assert all(v["shared"] <= 227 * 1024 for v in variants)
     assert any(v["kernel"] == "_gemm_kernel" and v["constexprs"].get("HALF_DOT") and v["wgmma"] > 0 for v in variants)
+    gemms = [v for v in variants if v["kernel"] == "_gemm_kernel" and not v["constexprs"].get("HALF_DOT")]
+    assert {v["constexprs"]["PRECISION"] for v in gemms} == {"ieee", "tf32"}
+    for v in gemms:
+        assert (v["wgmma"] + v["mma_sync"] > 0) == (v["constexprs"]["PRECISION"] == "tf32"), v
 
 
 _DECOMPOSE_SCRIPT = r"""
