@@ -164,6 +164,37 @@ def test_explicit_triton_via_env_raises(monkeypatch):
         SFRIKLoss()(*_views())
 
 
+@pytest.mark.parametrize("allow", [False, True], ids=["default-ieee", "tf32-opt-in"])
+def test_kernels_take_torchs_tf32_opt_in(allow):
+    # The three kernels' TF32 opt-in is torch's own flag (torch.set_float32_matmul_precision("high")),
+    # the one the torch path's matmuls obey: read off the precision argument each op is called with.
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "kernelssl":
+                seen[func._schema.name] = args[-1]
+            return func(*args, **(kwargs or {}))
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest sets it)
+    z = torch.stack(_views(K=2, B=6, d=5, dtype=torch.float32)).to(dev)
+    maps = [t.to(dev) for t in KF.sample_imq_rff(5, 8, generator=torch.Generator().manual_seed(0))] * 2
+    before = torch.backends.cuda.matmul.allow_tf32  # a property: set and restored by hand
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        with Record():
+            KF.rff_hsic(z, *maps, 1.0, backend="triton")
+            KF.legendre_gram_mean(z[0], backend="triton")
+            KF.taylor_logdet(z[0], z[1], 0.1, backend="triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == {"kernelssl::rff_hsic_fwd": "tf32" if allow else "ieee",
+                    "kernelssl::legendre_gram_mean": allow, "kernelssl::taylor_logdet_fwd": allow}
+
+
 def test_gather_distributed_without_process_group_is_a_no_op():
     # No torch.distributed process group here: gathering is the identity, the loss bitwise the local
     # one (the 2-process contract is tested in test_distributed.py).

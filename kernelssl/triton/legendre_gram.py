@@ -40,7 +40,8 @@ Backward (``legendre_gram_backward``), recomputing the Gram tiles (nothing but `
   (the joint value/derivative recurrence spills registers at 128 x 128); the GEMM tile 128 x 128.
 
 Precision (SPEC §4): Gram products in the input dtype with fp32 accumulation; ``input_precision="ieee"``
-for fp32 inputs unless ``allow_tf32=True`` (then ``"tf32"``).  The backward GEMM ``P @ Z`` keeps
+for fp32 inputs unless TF32 is allowed (``allow_tf32=True``, or by default torch's own opt-in
+``torch.backends.cuda.matmul.allow_tf32``; then ``"tf32"``).  The backward GEMM ``P @ Z`` keeps
 ``P`` at (near) fp32 precision on tensor cores: bf16 inputs split ``P = P_hi + P_lo`` into two bf16
 parts (2 bf16 MMAs, ``|P - P_hi - P_lo| <~ 2^-17 |P|``); fp16 inputs, whose exponent range is too narrow
 for the split, round ``P`` to two TF32 parts and multiply the fp16 rows converted to fp32, exact in TF32
@@ -650,7 +651,7 @@ def legendre_gram_mean(
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
     *,
     normalize: bool = True,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
 ) -> Tensor:
     """SFRIK's ``M(Z) = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` with the fused kernels (module docstring).
 
@@ -660,7 +661,9 @@ def legendre_gram_mean(
         coefficients: ``(b_1, ..., b_L)``, Python floats, any L >= 1 (each distinct tuple compiles once).
         normalize: L2-normalise the rows first (fused into the kernels).
         allow_tf32: let fp32 inputs use TF32 tensor cores for the Gram tiles and the backward
-            product (default: IEEE fp32).  No effect on fp16/bf16 inputs.
+            product.  Default ``None``: torch's own opt-in, ``torch.backends.cuda.matmul.allow_tf32``
+            (set by ``torch.set_float32_matmul_precision("high")``; off by default: IEEE fp32), the
+            flag the torch path's matmuls obey too.  No effect on fp16/bf16 inputs.
 
     Returns a 0-dim float32 tensor; differentiable in ``z`` (gradient in z's dtype), deterministic.
     Double backward is not supported.
@@ -669,4 +672,6 @@ def legendre_gram_mean(
     check_tensor(z, "z", ndim=2, min_rows=1)
     if z.dtype == torch.float64:
         return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), bool(allow_tf32))

@@ -38,7 +38,8 @@ the fp32 gradient).  ``dT/dlam = (1/lam) sum_k (-1)^(k+1) tr(C^k)`` comes from t
 
 Numerics: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast to fp32 right after the load;
 every product accumulates in fp32; fp32 ``tl.dot`` uses ``input_precision="ieee"`` unless
-``allow_tf32=True``.  On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
+TF32 is allowed (``allow_tf32=True``, or by default torch's ``torch.backends.cuda.matmul.allow_tf32``).
+On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
 cores as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same
 error level as upcasting first.  float64 inputs fall back to the torch path
 (:func:`kernelssl.mec.taylor_logdet`), which keeps float64 end to end (Triton's fp64 ``tl.dot``
@@ -1032,8 +1033,13 @@ def _prepare(a: Tensor, b: Tensor, lam, order: int):
     return a.reshape(P, m, d), b.reshape(P, m, d), lam_t, batch, dtype
 
 
+def _tf32(allow_tf32: bool | None) -> bool:
+    """``allow_tf32``, or torch's own opt-in when None (the flag the torch path's matmuls obey)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32)
+
+
 def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, normalize: bool = True,
-                  allow_tf32: bool = False) -> Tensor:
+                  allow_tf32: bool | None = None) -> Tensor:
     """``T_n(a, b) = sum_{k=1..n} (-1)^(k+1) tr(C^k) / k``, ``C = lam A^ B^T``, by the fused kernels.
 
     Same contract as :func:`kernelssl.mec.taylor_logdet`: ``a, b (..., m, d)``, ``lam`` a number or a
@@ -1041,19 +1047,21 @@ def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, 
     returns ``a.shape[:-2]`` in float32, differentiable in a, b and lam (``dT/dlam`` is
     ``(1/lam) sum_k (-1)^(k+1) tr(C^k)``: lam must be nonzero).  float64 inputs use the torch path
     (float64 result).  ``allow_tf32=True`` lets fp32 GEMMs use TF32 tensor cores (~1e-3 relative
-    error per product).  Double backward is not supported.
+    error per product); the default ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (set
+    by ``torch.set_float32_matmul_precision("high")``; off by default: IEEE fp32).  Double backward
+    is not supported.
     """
     if torch.promote_types(a.dtype, b.dtype) == torch.float64:
         return _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
     a3, b3, lam_t, batch, _ = _prepare(a, b, lam, order)
     if a3.shape[0] == 0:
         return torch.zeros(batch, device=a.device, dtype=torch.float32) + 0.0 * (a.sum() + b.sum())
-    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, allow_tf32)[0]
+    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, _tf32(allow_tf32))[0]
     return t.reshape(batch)
 
 
 def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *,
-                                   normalize: bool = True, allow_tf32: bool = False):
+                                   normalize: bool = True, allow_tf32: bool | None = None):
     """``(T, rho_estimate, term_ratio)``, each of shape ``a.shape[:-2]``, from ONE fused forward.
 
     ``T`` is :func:`taylor_logdet` (differentiable, bitwise the same value); the two diagnostics are
@@ -1071,7 +1079,7 @@ def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, or
       is differentiated under ``torch.compile``) the launches are dead code and disappear.
 
     Signature: ``taylor_logdet_with_diagnostics(a, b, lam, order=4, *, normalize=True,
-    allow_tf32=False) -> (T, rho_estimate, term_ratio)``; float64 inputs use the torch path and
+    allow_tf32=None) -> (T, rho_estimate, term_ratio)``; float64 inputs use the torch path and
     :func:`kernelssl.mec.convergence_diagnostics`.
     """
     if torch.promote_types(a.dtype, b.dtype) == torch.float64:
@@ -1082,5 +1090,5 @@ def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, or
     if a3.shape[0] == 0:
         z = torch.zeros(batch, device=a.device, dtype=torch.float32)
         return z + 0.0 * (a.sum() + b.sum()), z.clone(), z.clone()
-    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, allow_tf32)
+    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, _tf32(allow_tf32))
     return out[0].reshape(batch), out[6].detach().reshape(batch), out[7].detach().reshape(batch)
