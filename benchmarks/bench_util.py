@@ -84,6 +84,14 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
 MODES = ("forward", "backward", "full")
 
 
+def free_gpu_memory() -> None:
+    """Release what an out-of-memory case left behind (call it outside the ``except`` block, whose
+    traceback keeps the failed call's tensors alive), so the next case starts from an empty cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -29,7 +29,8 @@ import math
 import pytest
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, device_name, mode_step, parametrize_sweep, step_peak_bytes, sync
+from bench_util import (MODES, bench_device, bench_scale, device_name, free_gpu_memory, mode_step,
+                        parametrize_sweep, step_peak_bytes, sync)
 from kernelssl import sfrik as S
 
 
@@ -108,6 +109,7 @@ def test_legendre_gram_modes(op_case, benchmark, results_rows):
     device = bench_device()
     n, q = shape["n"], shape["q"]
     g = torch.Generator().manual_seed(0)
+    oom = False
     try:
         x = torch.randn(n, q, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
         fn = _implementation(impl)
@@ -122,8 +124,10 @@ def test_legendre_gram_modes(op_case, benchmark, results_rows):
         setup, target = mode_step(fn, (x,), mode, device)
         peak = step_peak_bytes(setup, target, device)
     except torch.cuda.OutOfMemoryError:
-        x = fn = None
-        torch.cuda.empty_cache()
+        oom = True  # leave the except block first: the error's traceback holds its frames' tensors
+    if oom:
+        x = fn = setup = target = None
+        free_gpu_memory()
         results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
                                  rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
         pytest.skip(f"{impl} ran out of GPU memory at n={n}, q={q}")

@@ -27,7 +27,8 @@ import math
 import pytest
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
+from bench_util import (MODES, bench_device, bench_scale, free_gpu_memory, mode_step, parametrize_sweep,
+                        step_peak_bytes, sync)
 from kernelssl import mec as M
 
 
@@ -117,6 +118,7 @@ def test_taylor_logdet_modes(op_case, benchmark, results_rows):
     device = bench_device()
     m, d, n = shape["m"], shape["d"], shape["n"]
     lam = d / (64.0 * m)
+    oom = False
     try:
         a, b = _inputs(shape, dtype, device)
         fn = _implementation(impl, n, mode == "diagnostics")
@@ -132,8 +134,10 @@ def test_taylor_logdet_modes(op_case, benchmark, results_rows):
         setup, target = mode_step(fn, (a, b, lam), mode, device, scalar=lambda out: _value(out).sum())
         peak = step_peak_bytes(setup, target, device)
     except torch.cuda.OutOfMemoryError:
-        a = b = fn = None
-        torch.cuda.empty_cache()
+        oom = True  # leave the except block first: the error's traceback holds its frames' tensors
+    if oom:
+        a = b = fn = setup = target = None
+        free_gpu_memory()
         results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
                                  rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
         pytest.skip(f"{impl} ran out of GPU memory at m={m}, d={d}")
