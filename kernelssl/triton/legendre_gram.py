@@ -395,9 +395,9 @@ def _config(dtype: torch.dtype, q: int) -> dict:
     128 x 128 GEMM tiles of the backward, 8 warps, 3 stages (96-128 KiB of shared memory, wgmma for
     16-bit operands); the backward's phi' tile is 128 x 64 because at 128 x 128 the joint
     value/derivative recurrence spills registers.  K-steps of 64 for 16-bit operands, 32 where the
-    MMA takes fp32 operands.  fp32 with ``q`` not a multiple of 16 (rows not 16-byte aligned, so
-    the loads are not vectorised and need more registers): 64-wide Gram tiles and 128 x 64 GEMM
-    tiles, which at 128 x 128 spill.  The interpreter gets 32-wide blocks so that small test shapes
+    MMA takes fp32 operands.  fp32 with ``q`` not a multiple of 16 (Triton then cannot assume
+    aligned rows, so the loads are not vectorised and need more registers): 64-wide Gram tiles and
+    128 x 64 GEMM tiles, which at 128 x 128 spill.  The interpreter gets 32-wide blocks so that small test shapes
     span several tiles and exercise every mask."""
     if interpreting():
         return dict(block=32, block_k=32, dphi_n=16, mm_m=32, mm_q=32, mm_k=32, group=2, warps=4,
