@@ -43,6 +43,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tf32_allowed(allow_tf32: bool | None = None) -> bool:
+    """The kernels' TF32 opt-in: ``allow_tf32`` when given, else torch's own flag
+    ``torch.backends.cuda.matmul.allow_tf32`` (set by ``torch.set_float32_matmul_precision("high")``),
+    the one the torch path's matmuls obey."""
+    return bool(torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32)
+
+
 def resolve_backend(backend: str, op: str, device: torch.device) -> str:
     """Return ``"torch"`` or ``"triton"`` for running ``op`` on ``device``, or raise with the reason."""
     check_choice(backend, "backend", BACKENDS)

@@ -72,16 +72,24 @@ class _Recorder:
         return lambda *args, **kw: _Recorder.calls.append((self.kernel, grid, args, kw))
 
 
+def rff_hsic_gpu_config(R, setattr=setattr) -> None:
+    """Make the rff_hsic module ``R`` pick its GPU block sizes (those of an H100 SXM, 132 SMs) for any
+    tensors; ``setattr`` may be ``monkeypatch.setattr``."""
+    import torch
+
+    cuda = torch.device("cuda", 0)
+    fwd_config, bwd_config = R._fwd_config, R._bwd_config
+    setattr(R, "_num_sms", lambda index: 132)
+    setattr(R, "_fwd_config", lambda device, *a: fwd_config(cuda, *a))
+    setattr(R, "_bwd_config", lambda device, *a: bwd_config(cuda, *a))
+
+
 def _rff_hsic():
     import torch
 
     from kernelssl.triton import rff_hsic as R
 
-    cuda = torch.device("cuda", 0)
-    fwd_config, bwd_config = R._fwd_config, R._bwd_config
-    R._num_sms = lambda index: 132  # H100 SXM
-    R._fwd_config = lambda device, *a: fwd_config(cuda, *a)
-    R._bwd_config = lambda device, *a: bwd_config(cuda, *a)
+    rff_hsic_gpu_config(R)
     # (K, B, d, D): the paper shape; odd sizes; d > 256 (two gradient column blocks); a small D
     # whose cross-covariance is split over the rows.
     for (K, B, d, D), dtype, prec in [((4, 4096, 256, 512), torch.float32, "ieee"),

@@ -73,7 +73,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op, wrap_triton
 
 from .. import sfrik as _sfrik
-from .._backend import interpreting
+from .._backend import interpreting, tf32_allowed
 from .._checks import check_coefficients, check_tensor
 
 __all__ = [
@@ -672,6 +672,4 @@ def legendre_gram_mean(
     check_tensor(z, "z", ndim=2, min_rows=1)
     if z.dtype == torch.float64:
         return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
-    if allow_tf32 is None:
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), bool(allow_tf32))
+    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), tf32_allowed(allow_tf32))

@@ -114,7 +114,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import hsic as _hsic
-from .._backend import interpreting
+from .._backend import interpreting, tf32_allowed
 from ..rff import rff_features
 
 __all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
@@ -762,10 +762,6 @@ if _BUILT_FOR_INTERPRETER:
 # ==================================================================================================
 
 
-def _default_precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def rff_hsic(
     views: Tensor,
     w_a: Tensor,
@@ -787,7 +783,7 @@ def rff_hsic(
     maps = (w_a, b_a, w_b, b_b)
     if views.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in maps)):
         return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
-    prec = _default_precision() if input_precision is None else input_precision
+    prec = ("tf32" if tf32_allowed() else "ieee") if input_precision is None else input_precision
     if prec not in PRECISIONS:
         raise ValueError(f"input_precision: expected one of {PRECISIONS} or None, got {prec!r}")
     if isinstance(kernel_scale, Tensor):

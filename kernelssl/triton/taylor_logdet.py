@@ -64,7 +64,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op, wrap_triton
 
 from .. import mec as _mec
-from .._backend import interpreting
+from .._backend import interpreting, tf32_allowed
 from .._checks import check_int
 
 __all__ = [
@@ -1033,11 +1033,6 @@ def _prepare(a: Tensor, b: Tensor, lam, order: int):
     return a.reshape(P, m, d), b.reshape(P, m, d), lam_t, batch, dtype
 
 
-def _tf32(allow_tf32: bool | None) -> bool:
-    """``allow_tf32``, or torch's own opt-in when None (the flag the torch path's matmuls obey)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32)
-
-
 def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, normalize: bool = True,
                   allow_tf32: bool | None = None) -> Tensor:
     """``T_n(a, b) = sum_{k=1..n} (-1)^(k+1) tr(C^k) / k``, ``C = lam A^ B^T``, by the fused kernels.
@@ -1056,7 +1051,7 @@ def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, 
     a3, b3, lam_t, batch, _ = _prepare(a, b, lam, order)
     if a3.shape[0] == 0:
         return torch.zeros(batch, device=a.device, dtype=torch.float32) + 0.0 * (a.sum() + b.sum())
-    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, _tf32(allow_tf32))[0]
+    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, tf32_allowed(allow_tf32))[0]
     return t.reshape(batch)
 
 
@@ -1090,5 +1085,5 @@ def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, or
     if a3.shape[0] == 0:
         z = torch.zeros(batch, device=a.device, dtype=torch.float32)
         return z + 0.0 * (a.sum() + b.sum()), z.clone(), z.clone()
-    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, _tf32(allow_tf32))
+    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, tf32_allowed(allow_tf32))
     return out[0].reshape(batch), out[6].detach().reshape(batch), out[7].detach().reshape(batch)
