@@ -431,10 +431,10 @@ def _config(dtype: torch.dtype, q: int, n: int = 0, sms: int = _DEFAULT_SMS, pre
     many_waves = t128 * (t128 + 1) // 2 >= 8 * sms
     fwd_block = 128 if (many_waves and not unaligned) else 64
     # 64-wide forward tiles: 528 programs at n = 2048 make whole waves with 1, 2 or 4 programs per SM,
-    # not 3; the K-step pins it at 2 (ptxas, sm_90): 16-bit rows 128-wide steps (96 KiB of shared
-    # memory), fp32 "tf32" 64-wide (96 KiB); tf32x3 (114 registers) and ieee (100) are held at 2 by
-    # their registers.
-    wide_k = fwd_block == 64 and not unaligned and (half or precision == "tf32")
+    # not 3; the K-step pins it at 2 (ptxas, sm_90, Triton 3.6 and 3.8): 16-bit rows 128-wide steps
+    # (96 KiB of shared memory), fp32 "tf32" 64-wide (96 KiB), "ieee" 64-wide (104 registers; 80 with
+    # 32-wide steps under Triton 3.6: 3 per SM); tf32x3 (114-120 registers) is held at 2 by its registers.
+    wide_k = fwd_block == 64 and not unaligned and (half or precision != "tf32x3")
     fwd_k = 2 * bk if wide_k else bk
     return dict(block=64 if unaligned else 128, block_k=bk, fwd_block=fwd_block, fwd_k=fwd_k, dphi_n=64,
                 mm_m=128, mm_q=64 if unaligned else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,

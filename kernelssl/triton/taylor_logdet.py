@@ -41,7 +41,9 @@ every product accumulates in fp32; fp32 ``tl.dot`` (the Gram of fp32 inputs, eve
 the gradient products, whose operands include an fp32 matrix whatever the input dtype) uses the op's
 ``input_precision`` (SPEC §4): ``"tf32x3"`` by default (three TF32 tensor-core products, fp32-level
 error, emulated at the paper shape in ``tests/test_triton_taylor_logdet.py``), ``"ieee"`` (FMA units),
-or ``"tf32"`` (the default only under torch's ``torch.backends.cuda.matmul.allow_tf32``).
+or ``"tf32"`` (the default only under torch's ``torch.backends.cuda.matmul.allow_tf32``).  Exception:
+the on-chip series of step 3 (s <= 32) multiplies its tiny s x s matrices on the FMA units in full
+fp32 whatever the precision (latency-bound; tf32x3 there spilled registers under Triton 3.6).
 On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
 cores as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same
 error level as upcasting first.  float64 inputs fall back to the torch path
@@ -673,7 +675,10 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
                     s, split,
                     ORDER=order, NT=nt, STORE_S=store_s, DIAG=diagnostics,
                     ITERS=POWER_ITERS, BURN=POWER_ITERS // 2, GOLDEN=_GOLDEN_ANGLE, TINY=_TINY,
-                    PRECISION=input_precision, BLOCK_S=bs,
+                    # s <= 32: products of at most 32 x 32 x 32, latency-bound, on the FMA units
+                    # whatever the op's precision (full fp32); tf32x3 there spilled 40-48 B under
+                    # Triton 3.6 (255 registers with 4 or 8 warps).
+                    PRECISION="ieee", BLOCK_S=bs,
                     num_warps=4 if bs <= 32 else 16,
                 )
         else:
