@@ -81,11 +81,12 @@ def _implementation(name: str):
         return torch.compile(lambda z: S.legendre_gram_mean(z, B3))
     from kernelssl.triton import legendre_gram as LG
 
-    return lambda z: LG.legendre_gram_mean(z, B3, allow_tf32=name == "triton-tf32")
+    prec = "tf32" if name == "triton-tf32" else None  # None: the default policy (tf32x3)
+    return lambda z: LG.legendre_gram_mean(z, B3, input_precision=prec)
 
 
 def pytest_generate_tests(metafunc):
-    # fp32 at the target shape also times the kernel with allow_tf32=True (its TF32 opt-in).
+    # fp32 at the target shape also times the kernel with input_precision="tf32" (torch's TF32 opt-in).
     tf32 = [({"n": PAPER_N, "q": 8192}, torch.float32, mode) for mode in MODES]
     parametrize_sweep(metafunc, "sfrik", "legendre_gram", _cases(bench_device(), bench_scale(metafunc.config)),
                       tf32_variant="triton-tf32", tf32_cases=tf32)

@@ -60,10 +60,10 @@ def _implementation(name: str, order: int, diagnostics: bool):
     if name in ("triton", "triton-tf32"):
         from kernelssl.triton import taylor_logdet as K
 
-        tf32 = name == "triton-tf32"
+        prec = "tf32" if name == "triton-tf32" else None  # None: the default policy (tf32x3)
         if diagnostics:
-            return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order, allow_tf32=tf32)
-        return lambda a, b, lam: K.taylor_logdet(a, b, lam, order, allow_tf32=tf32)
+            return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order, input_precision=prec)
+        return lambda a, b, lam: K.taylor_logdet(a, b, lam, order, input_precision=prec)
     base = {"eager": M.taylor_logdet_eager, "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
     fn = lambda a, b, lam: base(a, b, lam, order)  # noqa: E731
     if name == "compile":
@@ -74,7 +74,7 @@ def _implementation(name: str, order: int, diagnostics: bool):
 
 
 def pytest_generate_tests(metafunc):
-    # fp32 at the target shape also times the kernel with allow_tf32=True (its TF32 opt-in).
+    # fp32 at the target shape also times the kernel with input_precision="tf32" (torch's TF32 opt-in).
     tf32 = [(PAPER, torch.float32, mode) for mode in MODES]
     parametrize_sweep(metafunc, "mec", "taylor_logdet", _cases(bench_device(), bench_scale(metafunc.config)),
                       tf32_variant="triton-tf32", tf32_cases=tf32)

@@ -43,11 +43,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tf32_allowed(allow_tf32: bool | None = None) -> bool:
-    """The kernels' TF32 opt-in: ``allow_tf32`` when given, else torch's own flag
-    ``torch.backends.cuda.matmul.allow_tf32`` (set by ``torch.set_float32_matmul_precision("high")``),
-    the one the torch path's matmuls obey."""
-    return bool(torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32)
+#: The precisions of the fused kernels' fp32 x fp32 products (SPEC §4, "Numerics"), default first.
+PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
+def resolve_precision(input_precision: str | None = None) -> str:
+    """The kernels' ``input_precision`` for their fp32 x fp32 products (SPEC §4, "Numerics").
+
+    An explicit ``"tf32x3"`` (three TF32 tensor-core products, fp32-level error), ``"ieee"`` (full fp32
+    on the FMA units) or ``"tf32"`` (one TF32 product, ~1e-3 relative error per product) wins.  ``None``
+    resolves to ``"tf32"`` only when torch's own TF32 opt-in is on
+    (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision("high")``,
+    the flag the torch path's matmuls obey), else to ``"tf32x3"``: never a silent plain TF32.
+    Products of two fp16/bf16 operands ignore it (exact on the tensor cores, fp32 accumulation)."""
+    if input_precision is None:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    if not isinstance(input_precision, str) or input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {', '.join(map(repr, PRECISIONS))} or None, "
+                         f"got {input_precision!r}")
+    return input_precision
 
 
 def resolve_backend(backend: str, op: str, device: torch.device) -> str:

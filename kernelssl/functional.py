@@ -38,7 +38,7 @@ from . import distributed as _dist
 from . import hsic as _hsic
 from . import mec as _mec
 from . import sfrik as _sfrik
-from ._backend import resolve_backend
+from ._backend import resolve_backend, resolve_precision
 from ._checks import (
     check_choice,
     check_coefficients,
@@ -182,6 +182,7 @@ def rff_hsic(
     *,
     backend: str = "auto",
     check_finite: bool = False,
+    input_precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SSL-HSIC's two estimators with random Fourier features (SPEC §1.3).
 
@@ -195,6 +196,9 @@ def rff_hsic(
         views: ``(K, B, d)`` -- K >= 2 views of B >= 2 images; row i of every view is image i.
         w_a, w_b: ``(D, d)`` RFF directions; b_a, b_b: ``(D,)`` phases (see :func:`sample_imq_rff`).
         kernel_scale: c > 0, a float or 1-element tensor; not differentiated through (stop-gradient).
+        input_precision: the fused kernel's fp32 GEMM precision (SPEC §4): ``"tf32x3"``, ``"ieee"``,
+            ``"tf32"``, or ``None`` (``"tf32"`` under torch's TF32 flag, else ``"tf32x3"``).  The torch
+            path ignores it (its matmuls follow torch's own flag).
 
     Returns:
         ``(hsic_zy, hsic_zz)``, 0-dim tensors, float32 (float64 for float64 views).  Cost
@@ -206,12 +210,13 @@ def rff_hsic(
     _hsic._check_map(w_a, b_a, d, views.device, "w_a", "b_a")
     _hsic._check_map(w_b, b_b, d, views.device, "w_b", "b_b")
     _check_scale_arg(kernel_scale)
+    resolve_precision(input_precision)
     if check_finite:
         _assert_finite([views, w_a, b_a, w_b, b_b], names)
     if resolve_backend(backend, "rff_hsic", views.device) == "triton":  # pragma: no cover - lands with the kernel
         from .triton import rff_hsic as _k
 
-        return _k.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
+        return _k.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale, input_precision=input_precision)
     return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
 
 
@@ -256,6 +261,7 @@ def ssl_hsic_loss(
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
+    input_precision: str | None = None,
 ) -> Tensor | HSICComponents:
     """SSL-HSIC loss ``gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y)`` (Li et al., NeurIPS 2021; SPEC §1).
 
@@ -276,6 +282,7 @@ def ssl_hsic_loss(
     check_positive(gamma, "gamma", allow_zero=True)
     check_choice(kernel, "kernel", ("rff", "exact"))
     _check_scale_arg(kernel_scale)
+    resolve_precision(input_precision)  # the fused kernel's, see rff_hsic
     if gather_distributed:
         views = gather_views(views, generator if kernel == "rff" else False)
     if check_finite:
@@ -286,7 +293,7 @@ def ssl_hsic_loss(
         d, dt = views.shape[-1], torch.float64 if views.dtype == torch.float64 else torch.float32
         w_a, b_a = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
         w_b, b_b = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
-        zy, zz = rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale, backend=backend)
+        zy, zz = rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale, backend=backend, input_precision=input_precision)
     else:
         resolve_backend(backend, "exact_hsic", views.device)  # validates; exact is torch-only
         zy, zz = _hsic.exact_hsic(views, kernel_scale)
@@ -320,6 +327,7 @@ def legendre_gram_mean(
     normalize: bool = True,
     backend: str = "auto",
     check_finite: bool = False,
+    input_precision: str | None = None,
 ) -> Tensor:
     """SFRIK's uniformity term, the V-statistic MMD^2 to the uniform law on the sphere (SPEC §2.2)::
 
@@ -331,18 +339,21 @@ def legendre_gram_mean(
         z: ``(n, q)``, n >= 2, q >= 2.  Rows are L2-normalised first unless ``normalize=False``
             (then they must already be unit rows).
         coefficients: ``(b_1, ..., b_L)``, Python floats, any degree L >= 1.
+        input_precision: the fused kernel's fp32 GEMM precision (SPEC §4), as in :func:`rff_hsic`;
+            the torch path ignores it.
 
     Returns a 0-dim float32 tensor (float64 for float64 input).  The torch path streams the Gram in
     row chunks: peak extra memory O(n * chunk), never n x n.
     """
     _sfrik._check_z(z, "z")
     coefficients = check_coefficients(coefficients)
+    resolve_precision(input_precision)
     if check_finite:
         _assert_finite([z], ["z"])
     if resolve_backend(backend, "legendre_gram_mean", z.device) == "triton":  # pragma: no cover
         from .triton import legendre_gram as _k
 
-        return _k.legendre_gram_mean(z, coefficients, normalize=normalize)
+        return _k.legendre_gram_mean(z, coefficients, normalize=normalize, input_precision=input_precision)
     return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
 
 
@@ -358,13 +369,16 @@ def sfrik_loss(
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
+    input_precision: str | None = None,
 ) -> Tensor | SFRIKComponents:
     """SFRIK loss (Zheng et al., ICLR 2023; SPEC §2.3) on raw projector outputs ``(n, q)``::
 
         L = sim_weight * R + mmd_weight * (M(Z_a) + M(Z_b)) / 2      R = mean((z_a^ - z_b^)^2)
 
     ``gather_distributed=True``: both M and R on the batch gathered from all ranks (n global).
+    ``input_precision``: the fused Gram kernel's fp32 precision (see :func:`legendre_gram_mean`).
     """
+    resolve_precision(input_precision)
     if gather_distributed:
         _sfrik._check_z(z_a, "z_a")
         _sfrik._check_z(z_b, "z_b")
@@ -377,7 +391,8 @@ def sfrik_loss(
         sim_weight=sim_weight,
         mmd_weight=mmd_weight,
         check_finite=check_finite,
-        gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend),
+        gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend,
+                                    input_precision=input_precision),
     )
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)
@@ -412,6 +427,7 @@ def taylor_logdet(
     normalize: bool = True,
     backend: str = "auto",
     check_finite: bool = False,
+    input_precision: str | None = None,
 ) -> Tensor:
     """MEC's truncated matrix-log series, batched over leading dims (SPEC §3.1)::
 
@@ -424,17 +440,20 @@ def taylor_logdet(
         a, b: ``(..., m, d)``, same shape, m >= 2; rows L2-normalised unless ``normalize=False``.
         lam: lambda > 0 (float, or a tensor broadcastable to the batch shape).
         order: n >= 1.
+        input_precision: the fused kernel's fp32 GEMM precision (SPEC §4), as in :func:`rff_hsic`;
+            the torch path ignores it.
 
     Returns a tensor of shape ``a.shape[:-2]``, float32 (float64 for float64 input).
     """
     _mec._check_inputs(a, b, lam, min_rows=2)
     check_int(order, "order", minimum=1)
+    resolve_precision(input_precision)
     if check_finite:
         _assert_finite([a, b], ["a", "b"])
     if resolve_backend(backend, "taylor_logdet", a.device) == "triton":  # pragma: no cover
         from .triton import taylor_logdet as _k
 
-        return _k.taylor_logdet(a, b, lam, order, normalize=normalize)
+        return _k.taylor_logdet(a, b, lam, order, normalize=normalize, input_precision=input_precision)
     return _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
 
 
@@ -461,6 +480,7 @@ def mec_loss(
     backend: str = "auto",
     check_finite: bool = False,
     return_components: bool = False,
+    input_precision: str | None = None,
 ) -> Tensor | MECComponents:
     """MEC loss (Liu et al., NeurIPS 2022; SPEC §3.2), symmetrised over the two views::
 
@@ -474,7 +494,9 @@ def mec_loss(
     ``gather_distributed=True``: the outputs (and targets) of all ranks are gathered first, so m is
     the **global** batch size -- in ``lam = d / (m eps_sq)`` and the 1/(2m) scale alike; a ``lam``
     passed in (e.g. from :func:`mec_lambda_warmup`) must be based on the global m too.
+    ``input_precision``: the fused kernel's fp32 precision (see :func:`taylor_logdet`).
     """
+    resolve_precision(input_precision)
     if gather_distributed:
         given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
                  if t is not None]
@@ -501,7 +523,7 @@ def mec_loss(
         lam=lam,
         exact=exact,
         logdet=functools.partial(_logdet_keeping_diagnostics, diagnostics=diagnostics if return_components else None,
-                                 backend=backend),
+                                 backend=backend, input_precision=input_precision),
     )
     if not return_components:
         return loss
@@ -527,7 +549,8 @@ def mec_loss(
     )
 
 
-def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list | None, backend: str) -> Tensor:
+def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list | None, backend: str,
+                                input_precision: str | None = None) -> Tensor:
     """:func:`taylor_logdet`; when it runs the fused kernel and ``diagnostics`` is a list, also keep the
     kernel's diagnostics there (``None``: not asked for, so not computed -- for s > ONCHIP_MAX they
     cost 16 power-iteration launches)."""
@@ -536,8 +559,8 @@ def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list | None, b
         from .triton import taylor_logdet as _k
 
         if diagnostics is None:
-            return _k.taylor_logdet(a, b, lam, order)
-        t, rho, ratio = _k.taylor_logdet_with_diagnostics(a, b, lam, order)
+            return _k.taylor_logdet(a, b, lam, order, input_precision=input_precision)
+        t, rho, ratio = _k.taylor_logdet_with_diagnostics(a, b, lam, order, input_precision=input_precision)
         diagnostics[:] = [rho, ratio]
         return t
     return taylor_logdet(a, b, lam, order, backend="torch")

@@ -67,12 +67,18 @@ class _Recorder:
     calls: list = []
     #: index in ``calls`` where the recipes with dimensions equal to 1 start (see ``_compile_all``)
     ones_from: int | None = None
+    tag: str | None = None  # set by a recipe: the case each recorded launch belongs to
+    tags: list = []  # parallel to calls
 
     def __init__(self, kernel):
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kw: _Recorder.calls.append((self.kernel, grid, args, kw))
+        def launch(*args, **kw):
+            _Recorder.calls.append((self.kernel, grid, args, kw))
+            _Recorder.tags.append(_Recorder.tag)
+
+        return launch
 
 
 def rff_hsic_gpu_config(R, setattr=setattr) -> None:
@@ -124,22 +130,29 @@ def _legendre_gram():
     from kernelssl.triton import legendre_gram as LG
 
     b3 = (1.0, 40.0, 40.0)
-    for (n, q), dtype, tf32 in [((2048, 8192), torch.bfloat16, False), ((2048, 8192), torch.float16, False),
-                                ((2048, 8192), torch.float32, False), ((2048, 8192), torch.float32, True),
-                                ((1000, 300), torch.float32, False)]:
+    # The SFRIK headline shape (n = 2048, q = 8192) first in each dtype (its forward launch is the
+    # recorded grid of its variant), fp32 in all three precisions (tf32x3 the default); rows whose
+    # length is not a multiple of 16 in every dtype (issue 11, finding 4); a shape with many waves.
+    for (n, q), dtype, prec in [((2048, 8192), torch.bfloat16, "tf32x3"), ((2048, 8192), torch.float16, "tf32x3"),
+                                ((2048, 8192), torch.float32, "tf32x3"), ((2048, 8192), torch.float32, "ieee"),
+                                ((2048, 8192), torch.float32, "tf32"), ((2048, 8200), torch.bfloat16, "tf32x3"),
+                                ((2048, 8200), torch.float16, "tf32x3"), ((1000, 300), torch.float32, "tf32x3"),
+                                ((1000, 300), torch.float32, "ieee"), ((8192, 1024), torch.bfloat16, "tf32x3")]:
         z = torch.empty(n, q, dtype=dtype)
-        LG.legendre_gram_forward(z, b3, True, tf32)
-        LG.legendre_gram_backward(torch.ones(()), z, b3, True, tf32)
+        _Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
+        LG.legendre_gram_forward(z, b3, True, prec)
+        LG.legendre_gram_backward(torch.ones(()), z, b3, True, prec)
+    _Recorder.tag = None
     LG.legendre_gram_backward(torch.ones(()), torch.empty(4096, 512, dtype=torch.bfloat16), (1.0, 2.0, 3.0, 4.0, 5.0),
-                              False, False, panel_rows=1024)
+                              False, "tf32x3", panel_rows=1024)
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): n = 1
     # (the op takes one row), and a last backward panel of one row (row0 = 2, one row left).
     _Recorder.ones_from = len(_Recorder.calls)
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.empty(1, 64, dtype=dtype)
-        LG.legendre_gram_forward(z, b3, True, False)
-        LG.legendre_gram_backward(torch.ones(()), z, b3, True, False)
-    LG.legendre_gram_backward(torch.ones(()), torch.empty(3, 64), b3, True, False, panel_rows=2)
+        LG.legendre_gram_forward(z, b3, True, "tf32x3")
+        LG.legendre_gram_backward(torch.ones(()), z, b3, True, "tf32x3")
+    LG.legendre_gram_backward(torch.ones(()), torch.empty(3, 64), b3, True, "tf32x3", panel_rows=2)
     return LG
 
 
@@ -148,28 +161,30 @@ def _taylor_logdet():
 
     from kernelssl.triton import taylor_logdet as T
 
-    # (m, d), dtype, order, diagnostics, allow_tf32: the paper shape (fp32, bf16, fp32 with TF32),
-    # d-space (m > d), the on-chip path (s <= ONCHIP_MAX), order 1, and d-space with rows wider than
-    # one tile.
-    for (m, d), dtype, order, diag, tf32 in [((1024, 2048), torch.float32, 4, True, False),
-                                             ((1024, 2048), torch.bfloat16, 4, False, False),
-                                             ((1024, 2048), torch.float32, 4, False, True),
-                                             ((2048, 1024), torch.float32, 5, False, False),
-                                             ((2048, 24), torch.float32, 8, True, False),
-                                             ((256, 512), torch.float32, 1, False, False),
-                                             ((1024, 100), torch.float16, 4, False, False)]:
+    # (m, d), dtype, order, diagnostics, input_precision: the paper shape (fp32 and bf16 with the
+    # default tf32x3, fp32 with ieee and tf32), d-space (m > d), the on-chip path (s <= ONCHIP_MAX),
+    # order 1, and d-space with rows wider than one tile.
+    for (m, d), dtype, order, diag, prec in [((1024, 2048), torch.float32, 4, True, "tf32x3"),
+                                             ((1024, 2048), torch.bfloat16, 4, False, "tf32x3"),
+                                             ((1024, 2048), torch.float32, 4, False, "ieee"),
+                                             ((1024, 2048), torch.float32, 4, False, "tf32"),
+                                             ((2048, 1024), torch.float32, 5, False, "tf32x3"),
+                                             ((2048, 24), torch.float32, 8, True, "tf32x3"),
+                                             ((2048, 24), torch.float32, 8, True, "ieee"),
+                                             ((256, 512), torch.float32, 1, False, "tf32x3"),
+                                             ((1024, 100), torch.float16, 4, False, "tf32x3")]:
         a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
-        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, tf32)
-        T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, tf32, True, True)
+        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, prec)
+        T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, prec, True, True)
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): one pair,
     # one row and/or one column (s = 1), on the on-chip path, for order 1, and m-space with m = 1.
     _Recorder.ones_from = len(_Recorder.calls)
-    for (m, d), dtype, order, diag, tf32 in [((1, 1), torch.float32, 4, True, False),
-                                             ((3, 1), torch.bfloat16, 1, False, False),
-                                             ((1, 40), torch.float32, 2, False, True)]:
+    for (m, d), dtype, order, diag, prec in [((1, 1), torch.float32, 4, True, "tf32x3"),
+                                             ((3, 1), torch.bfloat16, 1, False, "tf32x3"),
+                                             ((1, 40), torch.float32, 2, False, "tf32")]:
         a, b, lam = torch.empty(1, m, d, dtype=dtype), torch.empty(1, m, d, dtype=dtype), torch.ones(1)
-        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, tf32)
-        T.taylor_logdet_backward(torch.ones(1), a, b, lam, *out[2:6], order, True, tf32, True, True)
+        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, prec)
+        T.taylor_logdet_backward(torch.ones(1), a, b, lam, *out[2:6], order, True, prec, True, True)
     return T
 
 
@@ -195,7 +210,8 @@ def _compile_all(calls, ones_from: int | None = None) -> list[dict]:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = "sm_90a"  # what Triton builds for compute capability 9.0
     binders, seen, out = {}, set(), []
-    for index, (kernel, _grid, args, kw) in enumerate(calls):
+    tags = _Recorder.tags if len(_Recorder.tags) == len(calls) else [None] * len(calls)
+    for index, ((kernel, _grid, args, kw), tag) in enumerate(zip(calls, tags)):
         if kernel not in binders:
             binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
         kw = dict(kw)
@@ -224,8 +240,27 @@ def _compile_all(calls, ones_from: int | None = None) -> list[dict]:
             "shared": ck.metadata.shared,
             "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
             "ones": ones_from is not None and index >= ones_from,
+            # the first launch of this variant: its grid and the recipe's case (tag), if any
+            "grid": [int(g) for g in _grid] if isinstance(_grid, tuple) else None, "case": tag,
         })
     return out
+
+
+def programs_per_sm(row: dict) -> int:
+    """Resident programs per SM of an sm_90 variant (H100/H200: 64 K registers, 228 KiB of shared
+    memory with 1 KiB reserved per program, 2048 threads, 32 programs), from ptxas' registers (allocated
+    per warp in units of 256) and Triton's shared memory."""
+    warps = row["num_warps"]
+    regs_per_warp = -(-max(row["registers"], 1) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    by_smem = (228 * 1024) // (row["shared"] + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // (32 * warps), 32))
+
+
+def wave_efficiency(programs: int, per_sm: int, sms: int = 132) -> float:
+    """programs / (waves x slots): the busy fraction of the GPU's program slots, waves rounded up."""
+    slots = per_sm * sms
+    return programs / (-(-programs // slots) * slots)
 
 
 def main(op: str) -> None:

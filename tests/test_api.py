@@ -164,10 +164,12 @@ def test_explicit_triton_via_env_raises(monkeypatch):
         SFRIKLoss()(*_views())
 
 
-@pytest.mark.parametrize("allow", [False, True], ids=["default-ieee", "tf32-opt-in"])
-def test_kernels_take_torchs_tf32_opt_in(allow):
-    # The three kernels' TF32 opt-in is torch's own flag (torch.set_float32_matmul_precision("high")),
-    # the one the torch path's matmuls obey: read off the precision argument each op is called with.
+@pytest.mark.parametrize("allow,explicit", [(False, None), (True, None), (True, "ieee"), (False, "tf32")],
+                         ids=["default-tf32x3", "torch-tf32-flag", "explicit-ieee-wins", "explicit-tf32"])
+def test_kernels_take_the_precision_policy(allow, explicit):
+    # SPEC §4: every fused op gets its precision as one string; the default is "tf32x3", "tf32" only
+    # under torch's own TF32 flag (torch.set_float32_matmul_precision("high")), an explicit argument
+    # wins.  Read off the precision argument each registered op is called with.
     pytest.importorskip("triton")
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -176,7 +178,7 @@ def test_kernels_take_torchs_tf32_opt_in(allow):
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace == "kernelssl":
-                seen[func._schema.name] = args[-1]
+                seen[func._schema.name] = [a for a in args if isinstance(a, str)]
             return func(*args, **(kwargs or {}))
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest sets it)
@@ -186,13 +188,32 @@ def test_kernels_take_torchs_tf32_opt_in(allow):
     torch.backends.cuda.matmul.allow_tf32 = allow
     try:
         with Record():
-            KF.rff_hsic(z, *maps, 1.0, backend="triton")
-            KF.legendre_gram_mean(z[0], backend="triton")
-            KF.taylor_logdet(z[0], z[1], 0.1, backend="triton")
+            KF.rff_hsic(z, *maps, 1.0, backend="triton", input_precision=explicit)
+            KF.legendre_gram_mean(z[0], backend="triton", input_precision=explicit)
+            KF.taylor_logdet(z[0], z[1], 0.1, backend="triton", input_precision=explicit)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen == {"kernelssl::rff_hsic_fwd": "tf32" if allow else "ieee",
-                    "kernelssl::legendre_gram_mean": allow, "kernelssl::taylor_logdet_fwd": allow}
+    want = [explicit or ("tf32" if allow else "tf32x3")]
+    assert seen == {"kernelssl::rff_hsic_fwd": want, "kernelssl::legendre_gram_mean": want,
+                    "kernelssl::taylor_logdet_fwd": want}
+
+
+def test_input_precision_is_validated_on_every_entry_point():
+    z = _views(K=2, B=6, d=5, dtype=torch.float32)
+    maps = KF.sample_imq_rff(5, 8, generator=torch.Generator().manual_seed(0)) * 2
+    calls = [lambda p: KF.rff_hsic(torch.stack(z), *maps, 1.0, backend="torch", input_precision=p),
+             lambda p: KF.ssl_hsic_loss(z, num_features=8, generator=torch.Generator().manual_seed(1),
+                                        input_precision=p),
+             lambda p: KF.legendre_gram_mean(z[0], input_precision=p),
+             lambda p: KF.sfrik_loss(*z, input_precision=p),
+             lambda p: KF.taylor_logdet(z[0], z[1], 0.1, input_precision=p),
+             lambda p: KF.mec_loss(*z, input_precision=p)]
+    for call in calls:
+        with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None, got 'fp32'"):
+            call("fp32")
+        # the torch path ignores it: the same result for every precision
+        first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+        assert torch.equal(first(call("ieee")), first(call(None)))
 
 
 def test_gather_distributed_without_process_group_is_a_no_op():

@@ -39,9 +39,11 @@ Backward (``legendre_gram_backward``), recomputing the Gram tiles (nothing but `
   n x n panel only while it is at most 128 MiB (n <= 5792), never beyond.  The phi' tile is 128 x 64
   (the joint value/derivative recurrence spills registers at 128 x 128); the GEMM tile 128 x 128.
 
-Precision (SPEC §4): Gram products in the input dtype with fp32 accumulation; ``input_precision="ieee"``
-for fp32 inputs unless TF32 is allowed (``allow_tf32=True``, or by default torch's own opt-in
-``torch.backends.cuda.matmul.allow_tf32``; then ``"tf32"``).  The backward GEMM ``P @ Z`` keeps
+Precision (SPEC §4): Gram products of fp16/bf16 rows go to the tensor cores as they are (exact
+products, fp32 accumulation); fp32 rows use the op's ``input_precision``: ``"tf32x3"`` by default (three
+TF32 tensor-core products per fp32 product, fp32-level error: ``tests/test_triton_legendre_gram.py``
+emulates it at the paper shape), ``"ieee"`` (FMA units) or ``"tf32"`` (the default only when torch's
+``torch.backends.cuda.matmul.allow_tf32`` is on).  The backward GEMM ``P @ Z`` keeps
 ``P`` at (near) fp32 precision on tensor cores: bf16 inputs split ``P = P_hi + P_lo`` into two bf16
 parts (2 bf16 MMAs, ``|P - P_hi - P_lo| <~ 2^-17 |P|``); fp16 inputs, whose exponent range is too narrow
 for the split, round ``P`` to two TF32 parts and multiply the fp16 rows converted to fp32, exact in TF32
@@ -73,7 +75,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op
 
 from .. import sfrik as _sfrik
-from .._backend import interpreting, tf32_allowed
+from .._backend import interpreting, resolve_precision
 from .._checks import check_coefficients, check_tensor
 from ._launch import wrap_triton
 
@@ -389,35 +391,65 @@ def _panel_matmul_kernel(
 # ==================================================================================================
 
 
-def _config(dtype: torch.dtype, q: int) -> dict:
+#: Streaming multiprocessors assumed when the launch is not on a CUDA device (the offline sm_90
+#: compile of tests/sm90_compile.py records the GPU launches on CPU tensors): an H100/H200 SXM.
+_DEFAULT_SMS = 132
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _config(dtype: torch.dtype, q: int, n: int = 0, sms: int = _DEFAULT_SMS, precision: str = "tf32x3") -> dict:
     """Block sizes.  GPU: starting points for H100/H200, not tuned on a GPU (none was available);
     checked by compiling every kernel for sm_90 offline with the launch's own specialisation
-    (``tests/sm90_compile.py``: no register spills in any variant): 128 x 128 forward tiles and
-    128 x 128 GEMM tiles of the backward, 8 warps, 3 stages (96-128 KiB of shared memory, wgmma for
-    16-bit operands); the backward's phi' tile is 128 x 64 because at 128 x 128 the joint
-    value/derivative recurrence spills registers.  K-steps of 64 for 16-bit operands, 32 where the
-    MMA takes fp32 operands.  fp32 with ``q`` not a multiple of 16 (Triton then cannot assume
-    aligned rows, so the loads are not vectorised and need more registers): 64-wide Gram tiles and
-    128 x 64 GEMM tiles, which at 128 x 128 spill.  The phi' kernel with fp32 operands takes K-steps of
-    16: at 32 Triton 3.6's build (128 registers) spills; 16 is spill-free under Triton 3.6 and 3.8.
-    The interpreter gets 32-wide blocks so that small test shapes span several tiles and exercise
-    every mask."""
+    (``tests/sm90_compile.py``: no register spills in any variant, and the wave count of the headline
+    forward).  Backward: 128 x 64 phi' tiles (the joint value/derivative recurrence spills registers
+    at 128 x 128) and 128 x 128 GEMM tiles, 8 warps, 3 stages (wgmma for 16-bit and TF32 operands).
+    K-steps of 64 for 16-bit operands, 32 where the MMA takes fp32 operands.
+
+    Forward tiles (issue 11, finding 5): 128 x 128 Gram tiles need ~235-255 registers x 256 threads,
+    one program per SM, and at the SFRIK headline shape (n = 2048) the T(T+1)/2 = 136 triangle tiles
+    ran as a wave of 132 and a wave of 4 (52% wave efficiency).  64 x 64 tiles (8 warps, 76-114
+    registers, two programs per SM by registers or by the 96 KiB of shared memory of the wider K-steps,
+    see below) give 528 programs, two full waves of 264.  The larger tile (twice the arithmetic
+    intensity) is kept where it has many waves anyway: ``T(T+1)/2 >= 8 * sms`` (tail <= 1/8).
+
+    Rows whose length ``q`` is not a multiple of 16 (Triton then cannot assume aligned rows, so the
+    loads are not vectorised and need more registers), in any dtype (finding 4: fp16/bf16 spilled
+    too): 64-wide Gram tiles and 128 x 64 GEMM tiles, which at 128 x 128 spill.  The interpreter gets
+    32-wide blocks so that small test shapes span several tiles and exercise every mask.
+
+    The phi' kernel with fp32 operands takes K-steps of 16: at 32 Triton 3.6's build (128 registers)
+    spills; 16 is spill-free under Triton 3.6 and 3.8."""
     if interpreting():
-        return dict(block=32, block_k=32, dphi_n=16, dphi_k=32, mm_m=32, mm_q=32, mm_k=32, group=2, warps=4,
-                    stages=1, row_block=32, row_q=32)
+        return dict(block=32, block_k=32, fwd_block=32, fwd_k=32, dphi_n=16, dphi_k=32, mm_m=32, mm_q=32, mm_k=32,
+                    group=2, warps=4, stages=1, row_block=32, row_q=32)
     half = dtype in (torch.float16, torch.bfloat16)
     bk = 64 if half else 32
     mm_k = 64 if dtype == torch.bfloat16 else 32  # fp16 / fp32 feed fp32 operands to the MMA
-    unaligned_fp32 = dtype == torch.float32 and q % 16 != 0
-    return dict(block=64 if unaligned_fp32 else 128, block_k=bk, dphi_n=64, dphi_k=bk if half else 16, mm_m=128,
-                mm_q=64 if unaligned_fp32 else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,
+    unaligned = q % 16 != 0
+    t128 = triton.cdiv(n, 128)
+    many_waves = t128 * (t128 + 1) // 2 >= 8 * sms
+    fwd_block = 128 if (many_waves and not unaligned) else 64
+    # 64-wide forward tiles: 528 programs at n = 2048 make whole waves with 1, 2 or 4 programs per SM,
+    # not 3; the K-step pins it at 2 (ptxas, sm_90, Triton 3.6 and 3.8): 16-bit rows 128-wide steps
+    # (96 KiB of shared memory), fp32 "tf32" 64-wide (96 KiB), "ieee" 64-wide (104 registers; 80 with
+    # 32-wide steps under Triton 3.6: 3 per SM); tf32x3 (114-120 registers) is held at 2 by its registers.
+    wide_k = fwd_block == 64 and not unaligned and (half or precision != "tf32x3")
+    fwd_k = 2 * bk if wide_k else bk
+    return dict(block=64 if unaligned else 128, block_k=bk, fwd_block=fwd_block, fwd_k=fwd_k, dphi_n=64,
+                dphi_k=bk if half else 16,
+                mm_m=128, mm_q=64 if unaligned else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,
                 row_q=256)
 
 
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    # "ieee" for fp32 unless TF32 is allowed; half operands ignore it (the MMA is fp16/bf16): "tf32",
-    # Triton's default, there.
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+def _input_precision(dtype: torch.dtype, input_precision: str) -> str:
+    # fp32 operands: the op's precision (SPEC §4); half operands go to the tensor cores as they are
+    # ("tf32", Triton's default, is ignored for them).
+    return input_precision if dtype == torch.float32 else "tf32"
 
 
 def panel_rows_for(n: int, align: int = 128) -> int:
@@ -453,15 +485,15 @@ def _row_scales(z: Tensor, normalize: bool, cfg: dict) -> tuple[Tensor, Tensor]:
 
 
 def legendre_gram_forward(
-    z: Tensor, coefficients: Sequence[float], normalize: bool = True, allow_tf32: bool = False
+    z: Tensor, coefficients: Sequence[float], normalize: bool = True, input_precision: str = "tf32x3"
 ) -> Tensor:
     """``M(Z)`` as a 0-dim fp32 tensor (no autograd; see :func:`legendre_gram_mean`)."""
     _check_z(z)
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = _config(z.dtype, q)
+    cfg = _config(z.dtype, q, n, _num_sms(z.device), input_precision)
     rinv, _ = _row_scales(z, normalize, cfg)
-    tiles = triton.cdiv(n, cfg["block"])
+    tiles = triton.cdiv(n, cfg["fwd_block"])
     num_parts = tiles * (tiles + 1) // 2
     parts = torch.empty(num_parts, device=z.device, dtype=torch.float32)
     wrap_triton(_gram_phi_sum_kernel)[(num_parts,)](
@@ -469,9 +501,9 @@ def legendre_gram_forward(
         z.stride(0), z.stride(1),
         n, q,
         COEF=coef, L=len(coef),
-        BLOCK=cfg["block"], BLOCK_K=cfg["block_k"],
+        BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
-        INPUT_PRECISION=_input_precision(z.dtype, allow_tf32),
+        INPUT_PRECISION=_input_precision(z.dtype, input_precision),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     out = torch.empty((), device=z.device, dtype=torch.float32)
@@ -484,7 +516,7 @@ def legendre_gram_backward(
     z: Tensor,
     coefficients: Sequence[float],
     normalize: bool = True,
-    allow_tf32: bool = False,
+    input_precision: str = "tf32x3",
     *,
     panel_rows: int | None = None,
 ) -> Tensor:
@@ -493,11 +525,11 @@ def legendre_gram_backward(
     _check_z(z)
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = _config(z.dtype, q)
+    cfg = _config(z.dtype, q, n, _num_sms(z.device), input_precision)
     rinv, proj = _row_scales(z, normalize, cfg)
     rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     dot_f32 = interpreting() and z.dtype != torch.float32
-    prec = _input_precision(z.dtype, allow_tf32)
+    prec = _input_precision(z.dtype, input_precision)
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
     num_dparts = triton.cdiv(n, cfg["dphi_n"])
     panel = torch.empty((rows, n), device=z.device, dtype=torch.float32)
@@ -567,38 +599,38 @@ def _torch_backward(grad: Tensor, z: Tensor, coefficients: Sequence[float], norm
 
 
 @triton_op("kernelssl::legendre_gram_mean", mutates_args=())
-def _gram_mean_op(z: Tensor, coefficients: list[float], normalize: bool, allow_tf32: bool) -> Tensor:
-    return legendre_gram_forward(z, coefficients, normalize, allow_tf32)
+def _gram_mean_op(z: Tensor, coefficients: list[float], normalize: bool, input_precision: str) -> Tensor:
+    return legendre_gram_forward(z, coefficients, normalize, input_precision)
 
 
 @triton_op("kernelssl::legendre_gram_mean_backward", mutates_args=())
 def _gram_mean_backward_op(
-    grad: Tensor, z: Tensor, coefficients: list[float], normalize: bool, allow_tf32: bool
+    grad: Tensor, z: Tensor, coefficients: list[float], normalize: bool, input_precision: str
 ) -> Tensor:
-    return legendre_gram_backward(grad, z, coefficients, normalize, allow_tf32)
+    return legendre_gram_backward(grad, z, coefficients, normalize, input_precision)
 
 
 @_gram_mean_op.register_kernel("cpu")
-def _gram_mean_cpu(z, coefficients, normalize, allow_tf32):
+def _gram_mean_cpu(z, coefficients, normalize, input_precision):
     if interpreting():  # wrap_triton hands interpreted kernels back unwrapped: a direct launch
-        return legendre_gram_forward(z, coefficients, normalize, allow_tf32)
+        return legendre_gram_forward(z, coefficients, normalize, input_precision)
     return _torch_forward(z, coefficients, normalize)
 
 
 @_gram_mean_backward_op.register_kernel("cpu")
-def _gram_mean_backward_cpu(grad, z, coefficients, normalize, allow_tf32):
+def _gram_mean_backward_cpu(grad, z, coefficients, normalize, input_precision):
     if interpreting():
-        return legendre_gram_backward(grad, z, coefficients, normalize, allow_tf32)
+        return legendre_gram_backward(grad, z, coefficients, normalize, input_precision)
     return _torch_backward(grad, z, coefficients, normalize)
 
 
 @_gram_mean_op.register_fake
-def _gram_mean_fake(z, coefficients, normalize, allow_tf32):
+def _gram_mean_fake(z, coefficients, normalize, input_precision):
     return z.new_empty((), dtype=torch.float32)
 
 
 @_gram_mean_backward_op.register_fake
-def _gram_mean_backward_fake(grad, z, coefficients, normalize, allow_tf32):
+def _gram_mean_backward_fake(grad, z, coefficients, normalize, input_precision):
     return z.new_empty(z.shape)
 
 
@@ -628,16 +660,16 @@ _gram_mean_backward_op.register_torch_dispatch(FunctionalTensorMode, _decompose_
 
 
 def _setup_context(ctx, inputs, output):
-    z, coefficients, normalize, allow_tf32 = inputs
+    z, coefficients, normalize, input_precision = inputs
     ctx.save_for_backward(z)
-    ctx.coefficients, ctx.normalize, ctx.allow_tf32 = coefficients, normalize, allow_tf32
+    ctx.coefficients, ctx.normalize, ctx.input_precision = coefficients, normalize, input_precision
 
 
 def _backward(ctx, grad):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     (z,) = ctx.saved_tensors
-    dz = _gram_mean_backward_op(grad, z, ctx.coefficients, ctx.normalize, ctx.allow_tf32)
+    dz = _gram_mean_backward_op(grad, z, ctx.coefficients, ctx.normalize, ctx.input_precision)
     return dz, None, None, None
 
 
@@ -654,7 +686,7 @@ def legendre_gram_mean(
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
     *,
     normalize: bool = True,
-    allow_tf32: bool | None = None,
+    input_precision: str | None = None,
 ) -> Tensor:
     """SFRIK's ``M(Z) = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` with the fused kernels (module docstring).
 
@@ -663,16 +695,17 @@ def legendre_gram_mean(
             is computed by the torch path (``kernelssl.sfrik``) in float64 and returned as float64.
         coefficients: ``(b_1, ..., b_L)``, Python floats, any L >= 1 (each distinct tuple compiles once).
         normalize: L2-normalise the rows first (fused into the kernels).
-        allow_tf32: let fp32 inputs use TF32 tensor cores for the Gram tiles and the backward
-            product.  Default ``None``: torch's own opt-in, ``torch.backends.cuda.matmul.allow_tf32``
-            (set by ``torch.set_float32_matmul_precision("high")``; off by default: IEEE fp32), the
-            flag the torch path's matmuls obey too.  No effect on fp16/bf16 inputs.
+        input_precision: the fp32 Gram tiles' and backward product's precision (SPEC §4):
+            ``"tf32x3"``, ``"ieee"`` or ``"tf32"``; ``None`` (default) is ``"tf32"`` when torch's
+            ``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"tf32x3"``.  No effect on fp16/bf16
+            inputs (their products are exact on the tensor cores).
 
     Returns a 0-dim float32 tensor; differentiable in ``z`` (gradient in z's dtype), deterministic.
     Double backward is not supported.
     """
+    prec = resolve_precision(input_precision)
     coefficients = check_coefficients(coefficients)
     check_tensor(z, "z", ndim=2, min_rows=1)
     if z.dtype == torch.float64:
         return _sfrik.legendre_gram_mean(z, coefficients, normalize=normalize)
-    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), tf32_allowed(allow_tf32))
+    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), prec)

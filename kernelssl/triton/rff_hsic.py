@@ -38,13 +38,19 @@ Forward (5 launches, 4 when the cross-covariance needs no split):
 4. ``_rff_finalize_kernel`` -- one program: sums the HSIC_ZY and HSIC_ZZ partials into the two 0-dim
    fp32 outputs.
 
-Backward (1 launch): ``_rff_hsic_bwd_kernel`` -- grid ``(cdiv(N, BM), cdiv(d, BDO))``.  A program owns BM
-rows and BDO output columns of dL/dX and, per map and per BJ-block of features, recomputes
-``u = X W^T / c + beta`` (GEMM over d) for ``sin``, forms ``Phibar_other C`` (GEMM over D_other, reading
-the stored Phi of the other map), adds the HSIC_ZY term from S and mu, applies ``-s sin(u) / c`` and
-accumulates ``T W`` (GEMM over the features) into its fp32 ``(BM, BDO)`` accumulator.  No dL/dPhi, no
-u, no N x D temporary is ever written; with d <= 256 (the paper's d) BDO = d and nothing is
-recomputed twice.
+Backward (2 launches):
+
+5. ``_rff_feature_grad_kernel`` -- grid ``(cdiv(N, BM), cdiv(D_A, BJ) + cdiv(D_B, BJ))``.  A program owns
+   BM rows and BJ features of one map: recomputes ``u = X W^T / c + beta`` (GEMM over d) for ``sin``,
+   forms ``Phibar_other C`` (GEMM over D_other, reading the stored Phi of the other map), adds the
+   HSIC_ZY term from S and mu and applies ``-s sin(u) / c``: ``T = dL/du`` (fp32, ``N x (D_A + D_B)``,
+   stored).  Every (row block, feature block) is computed once, whatever d.
+6. ``_rff_dx_kernel`` -- grid ``(cdiv(N, BM), cdiv(d, BN))``: ``dL/dX = T [W_A; W_B]``, one GEMM with
+   K = D_A + D_B, stored in the views' dtype.
+   (Issue 11, finding 6: a single fused launch over ``(rows, d-column blocks)`` recomputed ``u`` and
+   ``Phibar_other C`` for every column block of dL/dX -- 4.8x the essential backward flops at
+   d = 2048 -- with 32-wide tiles that re-read the Phi panel D/32 times.  The cost of the split is one
+   write and one read of T: 64 MiB at the paper shape.)
 
 Store Phi or recompute it?  Phi (the cos values, not the pre-activation) is stored in fp32:
 ``4 N (D_A + D_B)`` bytes, 64 MiB at the paper shape (N = 16384, d = 256, D = 512).  Both consumers
@@ -55,16 +61,16 @@ tiles, ~60 extra GFLOP, against ~20 us to read 64 MiB back from HBM.  The pre-ac
 stored: the backward recomputes it (one ``2 N d D`` GEMM per map; sin cannot be recovered from the
 stored cos without its sign).  Saved for backward: Phi_A, Phi_B, S (B x D_A), mu_A, mu_B, C.  Peak
 extra memory at the paper shape ~ 64 + 8 + 1 MiB, plus the split partials (SPLIT x 1 MiB) in the
-forward and the gradient (16 MiB fp32) in the backward: ~90 MiB, against ~330 MiB measured for the
-eager form (CPU, resident set) -- within the 0.5x-eager target by construction.
+forward, and T (64 MiB fp32) and the gradient (16 MiB fp32) in the backward: ~155 MiB, against
+~330 MiB measured for the eager form (CPU, resident set).
 
 Work at the paper shape (GFLOP): projections 4.3 per map, cross-covariance 8.6.  Fused: forward 17.2,
 backward 34.4 (u recompute 8.6, the two ``Phibar C`` products 17.2, back-projection 8.6) = 51.5; the
 eager form (features of map A computed twice, autograd backward) = 51.6; the torch path 43.  The
 fused kernels win on memory traffic (eager makes ~30 elementwise passes over N x D fp32 tensors) and
-launches (6 instead of ~60), not on FLOPs: with ``input_precision="ieee"`` (FMA-based ``tl.dot``, no
-tensor cores) a 3x speed-up over eager is not expected; ``"tf32x3"`` (three TF32 tensor-core products,
-~fp32 accuracy) is the setting that can reach it.  Neither has been measured (no GPU here).
+launches (7 instead of ~60), not on FLOPs.  Every fp32 GEMM runs at the op's ``input_precision``,
+``"tf32x3"`` by default (three TF32 tensor-core products, ~fp32 accuracy); with ``"ieee"`` (FMA-based
+``tl.dot``, no tensor cores) a 3x speed-up over eager is not expected.  Not measured (no GPU here).
 
 Numerics and contracts
 ----------------------
@@ -73,9 +79,10 @@ Numerics and contracts
 * float64 views are routed to the torch path (:func:`kernelssl.hsic.rff_hsic`) and return float64:
   a float64 caller asked for float64 accuracy, which an fp32 kernel cannot give.  Likewise when a map
   (W, beta) requires grad (the fused backward gives dL/dX only): the torch path differentiates them.
-* ``tl.dot`` precision: ``input_precision`` argument, default ``"ieee"`` (full fp32, no silent TF32);
-  ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (the same opt-in as the torch path),
-  or pass ``input_precision="tf32"`` / ``"tf32x3"`` explicitly.
+* ``tl.dot`` precision (SPEC §4): every GEMM here has an fp32 operand (the maps, Phi, C, T), so all of
+  them run at the op's ``input_precision``: ``"tf32x3"`` by default, ``"ieee"``, or ``"tf32"`` (the
+  default only under ``torch.backends.cuda.matmul.allow_tf32``); never a silent plain TF32.  Emulated
+  on the CPU at the paper shape (tests), tf32x3's error against float64 is within 1.1x of ieee's.
 * Deterministic: no atomics; every reduction is per-program partials reduced in a fixed order, so two
   runs give bitwise-equal outputs and gradients (on a given device and configuration).
 * The kernel scale c is read in-kernel from a 1-element tensor (never on the host) and gets no gradient.
@@ -114,15 +121,13 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .. import hsic as _hsic
-from .._backend import interpreting, tf32_allowed
+from .._backend import PRECISIONS, interpreting, resolve_precision  # noqa: F401 (PRECISIONS: re-export)
 from ..rff import rff_features
 from ._launch import wrap_triton
 
 __all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
 
 Tensor = torch.Tensor
-
-PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # Whether the kernels below were built for the CPU interpreter (triton reads TRITON_INTERPRET when
 # ``@triton.jit`` runs, i.e. at import of this module).
@@ -142,7 +147,7 @@ _INTERP_MAX_SPLIT = 2
 #   u = x W^T / c + beta;  Phi = s cos(u), s = sqrt(2/D)  -> stored (fp32, row n = v*B + i)
 #   S_i = sum_v Phi[v*B + i]  (stored for map A);  colsum_p = sum_{i in block} S_i  (partial)
 #   map A: M2_p = sum_{i in block} ||S_i - colsum_p / n_p||^2  (partial of the HSIC_ZY numerator)
-# Backward: see _rff_hsic_bwd_kernel (u is recomputed there, never stored).
+# Backward: see _rff_feature_grad_kernel (u is recomputed there, never stored).
 @triton.jit
 def _features_tile(
     x_ptr, w_ptr, beta_ptr, phi_ptr, s_ptr, colsum_ptr, m2_ptr,
@@ -367,90 +372,83 @@ def _rff_finalize_kernel(
     tl.store(zz_ptr, zz)
 
 
-# Backward contribution of one map M to BM rows x BDO columns of dL/dX:
-#   for each BJ-block of M's features:
-#     u = x W_M^T / c + beta_M                 (recomputed: GEMM over d)
-#     G = Phibar_other C_M                     (GEMM over D_other; C_A = C, C_B = C^T via strides)
-#     dL/dPhi = coef_zz G [+ coef_zy S_img - coef_mu mu_A   for map A]
-#     T = dL/dPhi * (-s_M sin(u) / c);   acc += T W_M[:, cols]
-# Forward: Phi_M = s_M cos(u) (see _features_tile).
+# Backward, pass 1: the gradient w.r.t. the pre-activation u of one map M, for BM rows x BJ features:
+#   u = x W_M^T / c + beta_M                 (recomputed: GEMM over d; never stored by the forward)
+#   G = Phibar_other C_M                     (GEMM over D_other; C_A = C, C_B = C^T via strides)
+#   dL/dPhi = coef_zz G [+ coef_zy S_img - coef_mu mu_A   for map A]
+#   T = dL/dPhi * (-s_M sin(u) / c)          -> stored (fp32) at columns t_col0 + j of the (N, D_A + D_B) T
+# Forward: Phi_M = s_M cos(u) (see _features_tile).  Each (row block, feature block) is computed once.
 @triton.jit
-def _bwd_map(
-    acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
-    w_ptr, beta_ptr, other_ptr, mu_other_ptr, cov_ptr, s_ptr, mu_ptr,
+def _feature_grad_tile(
+    x_ptr, x_rows, offs_m, img, mask_m,
+    w_ptr, beta_ptr, other_ptr, mu_other_ptr, cov_ptr, s_ptr, mu_ptr, t_ptr,
     stride_xd, stride_wj, stride_wd, stride_beta, stride_cl, stride_cj,
-    inv_c, coef_zz, coef_zy, coef_mu,
+    t_col0, stride_t, inv_c, coef_zz, coef_zy, coef_mu, pid_j,
     d, D, D_other,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
     PRECISION: tl.constexpr, HAS_ZY: tl.constexpr,
 ):
     offs_k0 = tl.arange(0, BLOCK_K)
     offs_l0 = tl.arange(0, BLOCK_L)
-    offs_j0 = tl.arange(0, BLOCK_J)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_j = offs_j < D
     amp = tl.sqrt(tl.full([], 2.0, tl.float32) / D)
-    for j0 in range(0, D, BLOCK_J):
-        offs_j = j0 + offs_j0
-        mask_j = offs_j < D
-        # projection GEMM (recompute u; never stored)
-        u = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            kk = k0 + offs_k0
-            mask_k = kk < d
-            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xd,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptr + offs_j[None, :] * stride_wj + kk[:, None] * stride_wd,
-                         mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-            u = tl.dot(xt.to(tl.float32), wt.to(tl.float32), u, input_precision=PRECISION)
-        beta = tl.load(beta_ptr + offs_j * stride_beta, mask=mask_j, other=0.0).to(tl.float32)
-        sin_u = tl.sin(u * inv_c + beta[None, :])
-        # cross-covariance term: Phibar_other[rows, :] @ C_M[:, j-block]
-        g = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-        for l0 in range(0, D_other, BLOCK_L):
-            ll = l0 + offs_l0
-            mask_l = ll < D_other
-            mo = mask_m[:, None] & mask_l[None, :]
-            po = tl.load(other_ptr + offs_m[:, None] * D_other + ll[None, :], mask=mo, other=0.0)
-            mu_o = tl.load(mu_other_ptr + ll, mask=mask_l, other=0.0)
-            po = tl.where(mo, po - mu_o[None, :], 0.0)
-            cm = tl.load(cov_ptr + ll[:, None] * stride_cl + offs_j[None, :] * stride_cj,
-                         mask=mask_l[:, None] & mask_j[None, :], other=0.0)
-            g = tl.dot(po, cm, g, input_precision=PRECISION)
-        gphi = coef_zz * g
-        if HAS_ZY:
-            st = tl.load(s_ptr + img[:, None] * D + offs_j[None, :],
-                         mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-            mu = tl.load(mu_ptr + offs_j, mask=mask_j, other=0.0)
-            gphi += coef_zy * st - coef_mu * mu[None, :]
-        t = tl.where(mask_m[:, None] & mask_j[None, :], gphi * sin_u * (-amp * inv_c), 0.0)
-        wo = tl.load(w_ptr + offs_j[:, None] * stride_wj + offs_do[None, :] * stride_wd,
-                     mask=mask_j[:, None] & mask_do[None, :], other=0.0)
-        acc = tl.dot(t, wo.to(tl.float32), acc, input_precision=PRECISION)
-    return acc
+    # projection GEMM (recompute u)
+    u = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        kk = k0 + offs_k0
+        mask_k = kk < d
+        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xd,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_j[None, :] * stride_wj + kk[:, None] * stride_wd,
+                     mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        u = tl.dot(xt.to(tl.float32), wt.to(tl.float32), u, input_precision=PRECISION)
+    beta = tl.load(beta_ptr + offs_j * stride_beta, mask=mask_j, other=0.0).to(tl.float32)
+    sin_u = tl.sin(u * inv_c + beta[None, :])
+    # cross-covariance term: Phibar_other[rows, :] @ C_M[:, j-block]
+    g = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for l0 in range(0, D_other, BLOCK_L):
+        ll = l0 + offs_l0
+        mask_l = ll < D_other
+        mo = mask_m[:, None] & mask_l[None, :]
+        po = tl.load(other_ptr + offs_m[:, None] * D_other + ll[None, :], mask=mo, other=0.0)
+        mu_o = tl.load(mu_other_ptr + ll, mask=mask_l, other=0.0)
+        po = tl.where(mo, po - mu_o[None, :], 0.0)
+        cm = tl.load(cov_ptr + ll[:, None] * stride_cl + offs_j[None, :] * stride_cj,
+                     mask=mask_l[:, None] & mask_j[None, :], other=0.0)
+        g = tl.dot(po, cm, g, input_precision=PRECISION)
+    gphi = coef_zz * g
+    if HAS_ZY:
+        st = tl.load(s_ptr + img[:, None] * D + offs_j[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        mu = tl.load(mu_ptr + offs_j, mask=mask_j, other=0.0)
+        gphi += coef_zy * st - coef_mu * mu[None, :]
+    tile_mask = mask_m[:, None] & mask_j[None, :]
+    t = tl.where(tile_mask, gphi * sin_u * (-amp * inv_c), 0.0)
+    tl.store(t_ptr + offs_m[:, None] * stride_t + (t_col0 + offs_j[None, :]), t, mask=tile_mask)
 
 
-# Backward (one launch): dL/dX[rows, cols] = sum over maps A, B of _bwd_map, with
+# Backward pass 1 (grid: row blocks x (feature blocks of A + feature blocks of B)): T = [T_A | T_B]
+# (N x (D_A + D_B), fp32) by _feature_grad_tile, with
 #   coef_zz = g_zz 2/N^2,  coef_zy = g_zy 2/(B K (K-1)),  coef_mu = g_zy 2/N
-# (g_zy, g_zz: upstream gradients of HSIC_ZY, HSIC_ZZ, loaded from memory).  Stored in the views' dtype.
+# (g_zy, g_zz: upstream gradients of HSIC_ZY, HSIC_ZZ, loaded from memory).
 @triton.jit
-def _rff_hsic_bwd_kernel(
+def _rff_feature_grad_kernel(
     x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, c_ptr, gzy_ptr, gzz_ptr,
-    phia_ptr, phib_ptr, s_ptr, mu_a_ptr, mu_b_ptr, cov_ptr, grad_ptr,
+    phia_ptr, phib_ptr, s_ptr, mu_a_ptr, mu_b_ptr, cov_ptr, t_ptr,
     stride_xv, stride_xb, stride_xd,
     stride_waj, stride_wad, stride_ba, stride_wbj, stride_wbd, stride_bb,
     K, B, d, D_A, D_B,
-    BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_L: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_do = tl.program_id(1).to(tl.int64)
+    pid_j = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flat row n = v*B + i (int64)
     n_rows = (pid_m * 0 + K) * B
     mask_m = offs_m < n_rows
     v = offs_m // B
     img = offs_m % B
     x_rows = v * stride_xv + img * stride_xb
-    offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < d
     inv_c = 1.0 / tl.load(c_ptr).to(tl.float32)
     g_zy = tl.load(gzy_ptr).to(tl.float32)
     g_zz = tl.load(gzz_ptr).to(tl.float32)
@@ -458,25 +456,64 @@ def _rff_hsic_bwd_kernel(
     coef_zz = g_zz * 2.0 / (n_f * n_f)
     coef_zy = g_zy * 2.0 / (n_f * (K - 1))
     coef_mu = g_zy * 2.0 / n_f
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    # map A: other = Phi_B, C_A[l, j] = C[l, j] (C is D_B x D_A, row-major)
-    acc = _bwd_map(
-        acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
-        wa_ptr, ba_ptr, phib_ptr, mu_b_ptr, cov_ptr, s_ptr, mu_a_ptr,
-        stride_xd, stride_waj, stride_wad, stride_ba, D_A, 1,
-        inv_c, coef_zz, coef_zy, coef_mu, d, D_A, D_B,
-        BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, True,
-    )
-    # map B: other = Phi_A, C_B[l, j] = C[j, l]
-    acc = _bwd_map(
-        acc, x_ptr, x_rows, offs_m, img, mask_m, offs_do, mask_do,
-        wb_ptr, bb_ptr, phia_ptr, mu_a_ptr, cov_ptr, s_ptr, mu_a_ptr,
-        stride_xd, stride_wbj, stride_wbd, stride_bb, 1, D_A,
-        inv_c, coef_zz, coef_zy, coef_mu, d, D_B, D_A,
-        BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, False,
-    )
-    out = grad_ptr + offs_m[:, None] * d + offs_do[None, :]
-    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :])
+    stride_t = D_A + D_B
+    num_ja = tl.cdiv(D_A, BLOCK_J)
+    if pid_j < num_ja:  # map A: other = Phi_B, C_A[l, j] = C[l, j] (C is D_B x D_A, row-major)
+        _feature_grad_tile(
+            x_ptr, x_rows, offs_m, img, mask_m,
+            wa_ptr, ba_ptr, phib_ptr, mu_b_ptr, cov_ptr, s_ptr, mu_a_ptr, t_ptr,
+            stride_xd, stride_waj, stride_wad, stride_ba, D_A, 1,
+            0, stride_t, inv_c, coef_zz, coef_zy, coef_mu, pid_j,
+            d, D_A, D_B,
+            BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, True,
+        )
+    else:  # map B: other = Phi_A, C_B[l, j] = C[j, l]
+        _feature_grad_tile(
+            x_ptr, x_rows, offs_m, img, mask_m,
+            wb_ptr, bb_ptr, phia_ptr, mu_a_ptr, cov_ptr, s_ptr, mu_a_ptr, t_ptr,
+            stride_xd, stride_wbj, stride_wbd, stride_bb, 1, D_A,
+            D_A, stride_t, inv_c, coef_zz, coef_zy, coef_mu, pid_j - num_ja,
+            d, D_B, D_A,
+            BLOCK_M, BLOCK_J, BLOCK_K, BLOCK_L, PRECISION, False,
+        )
+
+
+# Backward pass 2 (grid: row blocks x column blocks of d):
+#   dL/dX[rows, cols] = T_A[rows] W_A[:, cols] + T_B[rows] W_B[:, cols]   (one GEMM, K = D_A + D_B),
+#   stored in the views' dtype.  Forward: u_M = X W_M^T / c + beta_M (the 1/c is already in T).
+@triton.jit
+def _rff_dx_kernel(
+    t_ptr, wa_ptr, wb_ptr, grad_ptr,
+    stride_waj, stride_wad, stride_wbj, stride_wbd,
+    N, d, D_A, D_B,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < N
+    mask_n = cols < d
+    offs_k0 = tl.arange(0, BLOCK_K)
+    stride_t = D_A + D_B
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D_A, BLOCK_K):
+        kk = k0 + offs_k0
+        mask_k = kk < D_A
+        tt = tl.load(t_ptr + rows[:, None] * stride_t + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(wa_ptr + kk[:, None] * stride_waj + cols[None, :] * stride_wad,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(tt, wt.to(tl.float32), acc, input_precision=PRECISION)
+    for k0 in range(0, D_B, BLOCK_K):
+        kk = k0 + offs_k0
+        mask_k = kk < D_B
+        tt = tl.load(t_ptr + rows[:, None] * stride_t + (D_A + kk[None, :]), mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0)
+        wt = tl.load(wb_ptr + kk[:, None] * stride_wbj + cols[None, :] * stride_wbd,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(tt, wt.to(tl.float32), acc, input_precision=PRECISION)
+    out = grad_ptr + rows[:, None] * d + cols[None, :]
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ==================================================================================================
@@ -524,16 +561,17 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
     return c
 
 
-def _bwd_config(device: torch.device, N, d, DA, DB) -> dict:
+def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -> dict:
     if device.type != "cuda":
         cap = _INTERP_MAX_BLOCK
-        return dict(BM=_block(N, 16, cap), BDO=_block(d, 16, cap), BJ=_block(max(DA, DB), 16, cap),
-                    BK=_block(d, 16, cap), BL=_block(max(DA, DB), 16, cap), warps=4, stages=1)
-    # BDO covers d up to 256 in one program (no recompute); larger d re-runs the feature GEMMs per
-    # 256-column block of the gradient.  BM = 32 rows: the (BM, BDO) fp32 accumulator stays at 32
-    # registers per thread; with BM = 64 the bf16, tf32x3 and odd-d variants spilled 0.8-2.3 KB per
-    # thread, and with 2 stages an odd-d tf32x3 variant still spilled.  1 stage: 102-242 registers.
-    return dict(BM=32, BDO=_block(d, 16, 256), BJ=32, BK=32, BL=32, warps=8, stages=1)
+        return dict(BM=_block(N, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
+                    BL=_block(max(DA, DB), 16, cap), BM2=_block(N, 16, cap), BN2=_block(d, 16, cap),
+                    BK2=_block(DA + DB, 16, cap), warps=4, stages=1, stages2=1)
+    # Pass 1: 64 x 64 tiles of T (the two GEMMs over d and over D_other read X and the Phi panel once
+    # per 64 features instead of once per 32), K-steps of 32; pass 2: a plain GEMM, 64 x 64 tiles.
+    # FMA ("ieee") dots hold a thread's whole K slice in registers: K-steps of 16 there.
+    bk = 16 if precision == "ieee" else 32
+    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2, stages2=3)
 
 
 # ==================================================================================================
@@ -606,22 +644,31 @@ def rff_hsic_backward(
     scale: Tensor, phi_a: Tensor, phi_b: Tensor, s: Tensor, mu_a: Tensor, mu_b: Tensor, cov: Tensor,
     input_precision: str,
 ) -> Tensor:
-    """Launch the fused backward kernel: ``d(g_zy HSIC_ZY + g_zz HSIC_ZZ)/d views``, (K, B, d) in the
-    views' dtype (contiguous)."""
+    """Launch the two backward kernels: ``d(g_zy HSIC_ZY + g_zz HSIC_ZZ)/d views``, (K, B, d) in the
+    views' dtype (contiguous).  Extra memory: the fp32 ``(N, D_A + D_B)`` T."""
     K, B, d = views.shape
     DA, DB = w_a.shape[0], w_b.shape[0]
     N = K * B
-    cfg = _bwd_config(views.device, N, d, DA, DB)
-    grad = torch.empty((K, B, d), device=views.device, dtype=views.dtype)
-    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(d, cfg["BDO"]))
-    wrap_triton(_rff_hsic_bwd_kernel)[grid](
+    cfg = _bwd_config(views.device, N, d, DA, DB, input_precision)
+    t = torch.empty((N, DA + DB), device=views.device, dtype=torch.float32)
+    grid1 = (triton.cdiv(N, cfg["BM"]), triton.cdiv(DA, cfg["BJ"]) + triton.cdiv(DB, cfg["BJ"]))
+    wrap_triton(_rff_feature_grad_kernel)[grid1](
         views, w_a, b_a, w_b, b_b, scale, g_zy, g_zz,
-        phi_a, phi_b, s, mu_a, mu_b, cov, grad,
+        phi_a, phi_b, s, mu_a, mu_b, cov, t,
         views.stride(0), views.stride(1), views.stride(2),
         w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
         K, B, d, DA, DB,
-        BLOCK_M=cfg["BM"], BLOCK_DO=cfg["BDO"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], BLOCK_L=cfg["BL"],
+        BLOCK_M=cfg["BM"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], BLOCK_L=cfg["BL"],
         PRECISION=input_precision, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    grad = torch.empty((K, B, d), device=views.device, dtype=views.dtype)
+    grid2 = (triton.cdiv(N, cfg["BM2"]), triton.cdiv(d, cfg["BN2"]))
+    wrap_triton(_rff_dx_kernel)[grid2](
+        t, w_a, w_b, grad,
+        w_a.stride(0), w_a.stride(1), w_b.stride(0), w_b.stride(1),
+        N, d, DA, DB,
+        BLOCK_M=cfg["BM2"], BLOCK_N=cfg["BN2"], BLOCK_K=cfg["BK2"], PRECISION=input_precision,
+        num_warps=cfg["warps"], num_stages=cfg["stages2"],
     )
     return grad
 
@@ -780,15 +827,15 @@ def rff_hsic(
     Same contract as :func:`kernelssl.hsic.rff_hsic` (inputs already validated by
     :func:`kernelssl.functional.rff_hsic`).  float64 views, or maps that require grad, take the torch
     path (see the module docstring).  ``kernel_scale`` (a float or a 1-element tensor) is detached and
-    never read on the host.  ``input_precision``: ``"ieee"`` (default unless
-    ``torch.backends.cuda.matmul.allow_tf32``), ``"tf32"`` or ``"tf32x3"`` for the in-kernel GEMMs.
+    never read on the host.  ``input_precision`` of the in-kernel fp32 GEMMs (SPEC §4):
+    ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``; ``None`` is ``"tf32"`` only when torch's TF32 flag
+    is on (:func:`kernelssl._backend.resolve_precision`).  Every GEMM here has an fp32 operand (the maps,
+    Phi, C), so it applies to half-precision views too.
     """
+    prec = resolve_precision(input_precision)  # validated on every path
     maps = (w_a, b_a, w_b, b_b)
     if views.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in maps)):
         return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
-    prec = ("tf32" if tf32_allowed() else "ieee") if input_precision is None else input_precision
-    if prec not in PRECISIONS:
-        raise ValueError(f"input_precision: expected one of {PRECISIONS} or None, got {prec!r}")
     if isinstance(kernel_scale, Tensor):
         scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)
     else:

@@ -37,8 +37,13 @@ one tile (d <= 128), else a row-owning ``_project_kernel`` finishes it (one extr
 the fp32 gradient).  ``dT/dlam = (1/lam) sum_k (-1)^(k+1) tr(C^k)`` comes from the forward.
 
 Numerics: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast to fp32 right after the load;
-every product accumulates in fp32; fp32 ``tl.dot`` uses ``input_precision="ieee"`` unless
-TF32 is allowed (``allow_tf32=True``, or by default torch's ``torch.backends.cuda.matmul.allow_tf32``).
+every product accumulates in fp32; fp32 ``tl.dot`` (the Gram of fp32 inputs, every power, ``S_n`` and
+the gradient products, whose operands include an fp32 matrix whatever the input dtype) uses the op's
+``input_precision`` (SPEC §4): ``"tf32x3"`` by default (three TF32 tensor-core products, fp32-level
+error, emulated at the paper shape in ``tests/test_triton_taylor_logdet.py``), ``"ieee"`` (FMA units),
+or ``"tf32"`` (the default only under torch's ``torch.backends.cuda.matmul.allow_tf32``).  Exception:
+the on-chip series of step 3 (s <= 32) multiplies its tiny s x s matrices on the FMA units in full
+fp32 whatever the precision (latency-bound; tf32x3 there spilled registers under Triton 3.6).
 On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
 cores as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same
 error level as upcasting first.  float64 inputs fall back to the torch path
@@ -64,7 +69,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op
 
 from .. import mec as _mec
-from .._backend import interpreting, tf32_allowed
+from .._backend import interpreting, resolve_precision
 from .._checks import check_int
 from ._launch import wrap_triton
 
@@ -487,15 +492,15 @@ def _project_kernel(
 # ==================================================================================================
 
 
-def _gemm_config(half_dot: bool, allow_tf32: bool, proj: int = 0) -> dict:
+def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0) -> dict:
     """Tile sizes of :func:`_gemm_kernel`, chosen so that ptxas (sm_90) reports no register spills
     for any variant the launchers issue.  fp32 "ieee" dots run on the FMA units, whose operand
     layout holds a thread's whole K slice in registers: BLOCK_K = 16.  Tensor-core dots (half inputs,
-    or tf32) take 128 x 64 tiles, 64 x 64 when the normalisation-Jacobian epilogue is fused."""
+    or fp32 with tf32x3 / tf32) take 128 x 64 tiles, 64 x 64 when the normalisation-Jacobian epilogue is fused."""
     if interpreting():
         b = _INTERP_BLOCK
         return dict(BLOCK_M=b, BLOCK_N=b, BLOCK_K=b, GROUP_M=4, num_warps=4, num_stages=1)
-    if half_dot or allow_tf32:
+    if half_dot or input_precision != "ieee":
         bm = 64 if proj else 128
         return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
@@ -540,12 +545,14 @@ def _vec_stride(v: Tensor) -> int:
 
 def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=None, cs=None, ks=None,
           ks2=None, own=None, ownn=None, rdot=None, rdot_scale=None, proj=0, half_dot=False,
-          allow_tf32=False, split=1, k_split=None, block_n=None):
+          input_precision="tf32x3", split=1, k_split=None, block_n=None):
     """Launch :func:`_gemm_kernel`; ``sx, sy, sz`` are (batch, row, col) strides of the operands as
     used (transposes are stride swaps), ``so`` the (split, batch, row, col) strides of ``out``."""
-    cfg = _gemm_config(half_dot, allow_tf32, proj)
+    cfg = _gemm_config(half_dot, input_precision, proj)
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
+        if block_n > 64 and input_precision == "tf32x3" and not half_dot:
+            cfg["BLOCK_K"] = 16  # 64 x 128 tiles with the fused projection: K-steps of 32 spilled (sm_90)
     k_split = k if k_split is None else k_split
     batch = alpha.shape[0]
     dummy = alpha
@@ -572,7 +579,7 @@ def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=Non
         m, n, k, k_split,
         HAS_RS=rs is not None, HAS_CS=cs is not None,
         KS_COUNT=(ks is not None) + (ks2 is not None), HAS_Z=z is not None,
-        PROJ=proj, HALF_DOT=half_dot, PRECISION="tf32" if allow_tf32 else "ieee",
+        PROJ=proj, HALF_DOT=half_dot, PRECISION=input_precision,
         ROUND_BF16=_round_bf16_here(out), **cfg,
     )
 
@@ -615,7 +622,7 @@ def _half(t: Tensor) -> bool:
 
 
 def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, normalize: bool,
-                          diagnostics: bool, allow_tf32: bool):
+                          diagnostics: bool, input_precision: str):
     """Forward of the op on ``a3, b3: (P, m, d)`` (fp32/fp16/bf16, same dtype) and ``lam: (P,)`` fp32.
 
     Returns ``(T, U, nrm, q, r, mats, rho, ratio)``:
@@ -657,7 +664,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
     if series:
         h = (nt + 1) // 2
         half_dot = (not interpreting()) and _half(a3) and (mspace or not normalize)
-        cfg = _gemm_config(half_dot, allow_tf32)
+        cfg = _gemm_config(half_dot, input_precision)
         L = d if mspace else m
         tiles = triton.cdiv(s, cfg["BLOCK_M"]) * triton.cdiv(s, cfg["BLOCK_N"])
         split = _split_k(tiles, P, L, cfg["BLOCK_K"])
@@ -671,10 +678,10 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
         na, nb = (nrm[0], nrm[1]) if normalize else (None, None)
         if mspace:  # M = lam diag(1/|a|) A B^T diag(1/|b|)
             _gemm(a3, b3, gbuf, lam, sx=_strides3(a3), sy=_t3(b3), so=_so(gbuf), m=s, n=s, k=L,
-                  rs=na, cs=nb, half_dot=half_dot, allow_tf32=allow_tf32, split=split, k_split=k_split)
+                  rs=na, cs=nb, half_dot=half_dot, input_precision=input_precision, split=split, k_split=k_split)
         else:  # M = lam B^T diag(1/(|a||b|)) A
             _gemm(b3, a3, gbuf, lam, sx=_t3(b3), sy=_strides3(a3), so=_so(gbuf), m=s, n=s, k=L,
-                  ks=na, ks2=nb, half_dot=half_dot, allow_tf32=allow_tf32, split=split, k_split=k_split)
+                  ks=na, ks2=nb, half_dot=half_dot, input_precision=input_precision, split=split, k_split=k_split)
         if onchip:
             store_s = order >= 2
             mats = torch.empty((1 if store_s else 0, P, s, s), device=dev, dtype=f32)
@@ -688,7 +695,10 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
                     s, split,
                     ORDER=order, NT=nt, STORE_S=store_s, DIAG=diagnostics,
                     ITERS=POWER_ITERS, BURN=POWER_ITERS // 2, GOLDEN=_GOLDEN_ANGLE, TINY=_TINY,
-                    PRECISION="tf32" if allow_tf32 else "ieee", BLOCK_S=bs,
+                    # s <= 32: products of at most 32 x 32 x 32, latency-bound, on the FMA units
+                    # whatever the op's precision (full fp32); tf32x3 there spilled 40-48 B under
+                    # Triton 3.6 (255 registers with 4 or 8 warps).
+                    PRECISION="ieee", BLOCK_S=bs,
                     num_warps=4 if bs <= 32 else 16,
                 )
         else:
@@ -698,7 +708,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
             ones = torch.ones((P,), device=dev, dtype=f32)
             for k in range(2, h + 1):  # M^k = M^(k-1) M
                 _gemm(pw[k - 2], pw[0], pw[k - 1], ones, sx=_strides3(pw[k - 2]), sy=_strides3(pw[0]),
-                      so=_so(pw[k - 1]), m=s, n=s, k=s, allow_tf32=allow_tf32)
+                      so=_so(pw[k - 1]), m=s, n=s, k=s, input_precision=input_precision)
             blk = _INTERP_BLOCK if interpreting() else 64
             nj = triton.cdiv(s, blk)
             part = torch.empty((nt, P, nj, s), device=dev, dtype=f32)
@@ -761,7 +771,7 @@ def _power_iteration(mat: Tensor) -> Tensor:
     return torch.exp(torch.log(growth).sum(0) / (POWER_ITERS - burn))
 
 
-def _s_from_powers(pw: Tensor, order: int) -> Tensor:
+def _s_from_powers(pw: Tensor, order: int, input_precision: str = "tf32x3") -> Tensor:
     """``S_n = sum_{j<n} (-M)^j = Q_h + (-M)^h Q_(n-h)`` from the powers ``M^1..M^h``, with
     ``Q_r = sum_{j<r} (-M)^j``: one GEMM for n >= 4 (Q_(n-h) != I), elementwise below."""
     _, P, s, _ = pw.shape
@@ -781,12 +791,12 @@ def _s_from_powers(pw: Tensor, order: int) -> Tensor:
     q2 = qh if order - h == h else q_(order - h)
     sign = torch.full((P,), (-1.0) ** h, device=pw.device, dtype=pw.dtype)
     _gemm(pw[h - 1], q2, s_mat, sign, sx=_strides3(pw[h - 1]), sy=_strides3(q2), so=_so(s_mat),
-          m=s, n=s, k=s, z=qh, sz=_strides3(qh))
+          m=s, n=s, k=s, z=qh, sz=_strides3(qh), input_precision=input_precision)
     return s_mat
 
 
 def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: Tensor, q: Tensor,
-                           r: Tensor, mats: Tensor, order: int, normalize: bool, allow_tf32: bool,
+                           r: Tensor, mats: Tensor, order: int, normalize: bool, input_precision: str,
                            need_a: bool, need_b: bool):
     """``(dL/da, dL/db)`` from ``g = dL/dT (P,)`` and the forward's saved tensors (shapes as the
     inputs, in their dtype; a side not needed comes back as an empty tensor)."""
@@ -817,13 +827,13 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
                     num_warps=4,
                 )
         return ga, gb
-    s_mat = mats[0] if s <= ONCHIP_MAX else _s_from_powers(mats, order)
+    s_mat = mats[0] if s <= ONCHIP_MAX else _s_from_powers(mats, order, input_precision)
     if mspace:
         # side a: g lam S^T B^ (contraction over the m rows of b, scaled by 1/|b_j|); side b: g lam S A^
         for (own, ownn, oth, othn, out), sx in zip(sides, [_t3(s_mat)] * need_a + [_strides3(s_mat)] * need_b):
             _gemm(s_mat, oth, out, alpha, sx=sx, sy=_strides3(oth), so=_so(out), m=m, n=d, k=m,
                   ks=othn, own=own, ownn=ownn, rdot=r, rdot_scale=gsc, proj=1 if normalize else 0,
-                  allow_tf32=allow_tf32)
+                  input_precision=input_precision)
         return ga, gb
     # d-space: side a: g lam B^ S'^T; side b: g lam A^ S' (rows of the other input scaled by 1/|.|)
     in_tile = d <= _PROJ_IN_TILE_MAX
@@ -832,7 +842,7 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
         if normalize and not in_tile:
             dst = out if out.dtype == f32 else torch.empty(out.shape, device=dev, dtype=f32)
             _gemm(oth, s_mat, dst, alpha, sx=_strides3(oth), sy=sy, so=_so(dst), m=m, n=d, k=d,
-                  rs=othn, allow_tf32=allow_tf32)
+                  rs=othn, input_precision=input_precision)
             br, bc = _row_block(), _col_block(d)
             if _launch(out):
                 wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
@@ -846,7 +856,7 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
                 )
         else:
             _gemm(oth, s_mat, out, alpha, sx=_strides3(oth), sy=sy, so=_so(out), m=m, n=d, k=d,
-                  rs=othn, own=own, ownn=ownn, proj=2 if normalize else 0, allow_tf32=allow_tf32,
+                  rs=othn, own=own, ownn=ownn, proj=2 if normalize else 0, input_precision=input_precision,
                   block_n=block_n)
     return ga, gb
 
@@ -856,7 +866,7 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
 # ==================================================================================================
 
 
-def _torch_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32):
+def _torch_forward(a3, b3, lam, order, normalize, diagnostics, input_precision):
     P, m, d = a3.shape
     s = min(m, d)
     mspace = m <= d
@@ -905,7 +915,7 @@ def _torch_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32):
     return t_out, u_out, nrm, q, r, mats, rho, ratio
 
 
-def _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, allow_tf32, need_a, need_b):
+def _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_precision, need_a, need_b):
     P, m, d = a3.shape
     s = min(m, d)
     mspace = m <= d
@@ -954,29 +964,29 @@ def _s_from_powers_torch(pw, order):
 
 @triton_op("kernelssl::taylor_logdet_fwd", mutates_args=())
 def _fwd_op(a3: Tensor, b3: Tensor, lam: Tensor, order: int, normalize: bool, diagnostics: bool,
-            allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return taylor_logdet_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32)
+            input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return taylor_logdet_forward(a3, b3, lam, order, normalize, diagnostics, input_precision)
 
 
 @triton_op("kernelssl::taylor_logdet_bwd", mutates_args=())
 def _bwd_op(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: Tensor, q: Tensor, r: Tensor,
-            mats: Tensor, order: int, normalize: bool, allow_tf32: bool, need_a: bool,
+            mats: Tensor, order: int, normalize: bool, input_precision: str, need_a: bool,
             need_b: bool) -> tuple[Tensor, Tensor]:
-    return taylor_logdet_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, allow_tf32, need_a, need_b)
+    return taylor_logdet_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_precision, need_a, need_b)
 
 
 @_fwd_op.register_kernel("cpu")
-def _fwd_cpu(a3, b3, lam, order, normalize, diagnostics, allow_tf32):
+def _fwd_cpu(a3, b3, lam, order, normalize, diagnostics, input_precision):
     if interpreting():
-        return taylor_logdet_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32)
-    return _torch_forward(a3, b3, lam, order, normalize, diagnostics, allow_tf32)
+        return taylor_logdet_forward(a3, b3, lam, order, normalize, diagnostics, input_precision)
+    return _torch_forward(a3, b3, lam, order, normalize, diagnostics, input_precision)
 
 
 @_bwd_op.register_kernel("cpu")
-def _bwd_cpu(g, a3, b3, lam, nrm, q, r, mats, order, normalize, allow_tf32, need_a, need_b):
+def _bwd_cpu(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_precision, need_a, need_b):
     if interpreting():
-        return taylor_logdet_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, allow_tf32, need_a, need_b)
-    return _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, allow_tf32, need_a, need_b)
+        return taylor_logdet_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_precision, need_a, need_b)
+    return _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_precision, need_a, need_b)
 
 
 _DECOMPOSE_DEVICES = ("cuda",)  # where torch.compile sees the kernels (a test traces the rule on CPU)
@@ -1008,10 +1018,10 @@ _bwd_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(taylor_
 
 
 def _setup_context(ctx, inputs, output):
-    a3, b3, lam, order, normalize, diagnostics, allow_tf32 = inputs
+    a3, b3, lam, order, normalize, diagnostics, input_precision = inputs
     _, u, nrm, q, r, mats, _, _ = output
     ctx.save_for_backward(a3, b3, lam, u, nrm, q, r, mats)
-    ctx.order, ctx.normalize, ctx.allow_tf32 = order, normalize, allow_tf32
+    ctx.order, ctx.normalize, ctx.input_precision = order, normalize, input_precision
 
 
 def _backward(ctx, g_t, *_unused):
@@ -1020,7 +1030,7 @@ def _backward(ctx, g_t, *_unused):
     ga = gb = glam = None
     if need_a or need_b:
         ga, gb = torch.ops.kernelssl.taylor_logdet_bwd(
-            g_t.contiguous(), a3, b3, lam, nrm, q, r, mats, ctx.order, ctx.normalize, ctx.allow_tf32,
+            g_t.contiguous(), a3, b3, lam, nrm, q, r, mats, ctx.order, ctx.normalize, ctx.input_precision,
             need_a, need_b)
     if need_lam:  # dT/dlam = (1/lam) sum_k (-1)^(k+1) tr(C^k)
         glam = g_t * u / lam
@@ -1054,29 +1064,31 @@ def _prepare(a: Tensor, b: Tensor, lam, order: int):
 
 
 def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, normalize: bool = True,
-                  allow_tf32: bool | None = None) -> Tensor:
+                  input_precision: str | None = None) -> Tensor:
     """``T_n(a, b) = sum_{k=1..n} (-1)^(k+1) tr(C^k) / k``, ``C = lam A^ B^T``, by the fused kernels.
 
     Same contract as :func:`kernelssl.mec.taylor_logdet`: ``a, b (..., m, d)``, ``lam`` a number or a
     tensor broadcastable to the batch shape (its values are never read on the host), ``order >= 1``;
     returns ``a.shape[:-2]`` in float32, differentiable in a, b and lam (``dT/dlam`` is
     ``(1/lam) sum_k (-1)^(k+1) tr(C^k)``: lam must be nonzero).  float64 inputs use the torch path
-    (float64 result).  ``allow_tf32=True`` lets fp32 GEMMs use TF32 tensor cores (~1e-3 relative
-    error per product); the default ``None`` follows ``torch.backends.cuda.matmul.allow_tf32`` (set
-    by ``torch.set_float32_matmul_precision("high")``; off by default: IEEE fp32).  Double backward
+    (float64 result).  ``input_precision``: the fp32 GEMMs' precision (SPEC §4), ``"tf32x3"``,
+    ``"ieee"`` or ``"tf32"``; ``None`` (default) is ``"tf32"`` under torch's
+    ``torch.backends.cuda.matmul.allow_tf32`` (``torch.set_float32_matmul_precision("high")``), else
+    ``"tf32x3"`` (fp32-level error on the tensor cores).  Double backward
     is not supported.
     """
+    prec = resolve_precision(input_precision)
     if torch.promote_types(a.dtype, b.dtype) == torch.float64:
         return _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
     a3, b3, lam_t, batch, _ = _prepare(a, b, lam, order)
     if a3.shape[0] == 0:
         return torch.zeros(batch, device=a.device, dtype=torch.float32) + 0.0 * (a.sum() + b.sum())
-    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, tf32_allowed(allow_tf32))[0]
+    t = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, False, prec)[0]
     return t.reshape(batch)
 
 
 def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *,
-                                   normalize: bool = True, allow_tf32: bool | None = None):
+                                   normalize: bool = True, input_precision: str | None = None):
     """``(T, rho_estimate, term_ratio)``, each of shape ``a.shape[:-2]``, from ONE fused forward.
 
     ``T`` is :func:`taylor_logdet` (differentiable, bitwise the same value); the two diagnostics are
@@ -1094,9 +1106,10 @@ def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, or
       is differentiated under ``torch.compile``) the launches are dead code and disappear.
 
     Signature: ``taylor_logdet_with_diagnostics(a, b, lam, order=4, *, normalize=True,
-    allow_tf32=None) -> (T, rho_estimate, term_ratio)``; float64 inputs use the torch path and
+    input_precision=None) -> (T, rho_estimate, term_ratio)``; float64 inputs use the torch path and
     :func:`kernelssl.mec.convergence_diagnostics`.
     """
+    prec = resolve_precision(input_precision)
     if torch.promote_types(a.dtype, b.dtype) == torch.float64:
         t = _mec.taylor_logdet(a, b, lam, order, normalize=normalize)
         rho, ratio = _mec.convergence_diagnostics(a, b, lam, order=order, normalize=normalize)
@@ -1105,5 +1118,5 @@ def taylor_logdet_with_diagnostics(a: Tensor, b: Tensor, lam: float | Tensor, or
     if a3.shape[0] == 0:
         z = torch.zeros(batch, device=a.device, dtype=torch.float32)
         return z + 0.0 * (a.sum() + b.sum()), z.clone(), z.clone()
-    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, tf32_allowed(allow_tf32))
+    out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, True, prec)
     return out[0].reshape(batch), out[6].detach().reshape(batch), out[7].detach().reshape(batch)
