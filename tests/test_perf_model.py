@@ -1,0 +1,115 @@
+"""The static performance model (``benchmarks/perf_model.py``; PREDICTED times, never measured) at the
+papers' shapes, fp32 and bf16, forward + backward.
+
+The model records the launches the GPU path issues (as ``tests/sm90_compile.py`` does), compiles them
+for sm_90 and prices them against H200 ceilings (see its module doc).  These tests hold the kernels
+to what the model says a fast design needs, and hold the model to the math:
+
+* every launch that carries > 10% of one op call's product flops fills its waves >= 80%;
+* no fp32 product under the default precision runs on the FMA units;
+* predicted forward + backward within 1.5x of the op's limit (essential products at the best rate
+  for their operands, or the bytes floor);
+* the model's product flops equal an independent count from the shapes, for the fused path and for
+  the eager form, and the model's tensor-core / FMA split agrees with the compiled PTX.
+
+Runs the model in a subprocess (the kernels must be compiled, not interpreted; pytest runs the
+interpreter).  Needs Triton's bundled ptxas, like the sm_90 compile tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sm90_compile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
+DTYPES = ("float32", "bfloat16")
+CASES = [(op, dt) for op in OPS for dt in DTYPES]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    if not sm90_compile.tools_available():
+        pytest.skip("Triton's bundled ptxas is not available")
+    out = tmp_path_factory.mktemp("perf_model") / "model.json"
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "perf_model.py"), "--headline",
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "PREDICTED" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["predicted"] is True
+    return {(c["op"], c["dtype"]): c for c in data["cases"]}
+
+
+def _calls(case) -> int:
+    return case["shape"].get("views", 1)  # SFRIK: one op call per view
+
+
+def _analytic_fused(case) -> dict:
+    """Product flops of the fused algorithm (module docstrings), from the shapes: {phase: flops}."""
+    s, op, dtype = case["shape"], case["op"], case["dtype"]
+    if op == "rff_hsic":
+        N, d, D = s["K"] * s["B"], s["d"], s["D"]
+        assert d <= 256  # one gradient column block: the features are recomputed once per map
+        # forward: both projections, the cross-covariance; backward per map: u recomputed,
+        # Phibar_other C, back-projection
+        return {"fwd": 2 * N * d * 2 * D + 2 * N * D * D, "bwd": 2 * (2 * N * D * d + 2 * N * D * D + 2 * N * D * d)}
+    if op == "legendre_gram":
+        n, q, v = s["n"], s["q"], s["views"]
+        gram = [r for r in case["launch_rows"] if r["kernel"] == "_gram_phi_sum_kernel"]
+        block = gram[0]["constexprs"]["BLOCK"]
+        assert n % block == 0
+        # forward: the T(T+1)/2 lower-triangular tiles of the Gram, T = n / block: n (n + block) q;
+        # backward: phi'(G) panel 2 n^2 q, then P Zhat, as two products when P is split (bf16)
+        split = 2 if dtype == "bfloat16" else 1
+        return {"fwd": v * n * (n + block) * q, "bwd": v * (2 * n * n * q + split * 2 * n * n * q)}
+    P, m, d, order = s["P"], s["m"], s["d"], s["order"]
+    assert m <= d and order == 4  # m-space, h = 2 stored powers, one S_n product
+    # forward: Gram M = A^ B^T, M^2; backward: S_4 = Q_2 + M^2 Q_2, gradient of b (S A^)
+    return {"fwd": P * (2 * m * m * d + 2 * m ** 3), "bwd": P * (2 * m ** 3 + 2 * m * m * d)}
+
+
+def _analytic_eager(case) -> int:
+    s, op = case["shape"], case["op"]
+    if op == "rff_hsic":
+        N, d, D = s["K"] * s["B"], s["d"], s["D"]
+        # map A's features per view and again on the concatenation, map B once; C; autograd: each
+        # projection's dX, and C's two operands
+        return 3 * 2 * N * d * D + 2 * N * D * D + 3 * 2 * N * d * D + 2 * 2 * N * D * D
+    if op == "legendre_gram":
+        n, q, v = s["n"], s["q"], s["views"]
+        return v * (2 * n * n * q + 2 * 2 * n * n * q)  # G = Zhat Zhat^T; its backward, both operands
+    P, m, d, order = s["P"], s["m"], s["d"], s["order"]
+    # C = lam A^ B^T, order - 1 products C^k = C^(k-1) C; backward: both operands of every power
+    # product, B's side of the Gram
+    return P * (2 * m * m * d + (order - 1) * 2 * m ** 3 + (order - 1) * 2 * 2 * m ** 3 + 2 * m * m * d)
+
+
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_model_flops_match_the_math(model, op, dtype):
+    """The model's product flops, summed over the recorded launches, equal an independent count from
+    the shapes (the papers' shapes divide every tile, so no padding), for the fused path per phase and
+    for the eager form."""
+    case = model[(op, dtype)]
+    for phase, flops in _analytic_fused(case).items():
+        assert case["phases"][phase]["flops"] == pytest.approx(flops, rel=1e-12), phase
+    assert case["eager"]["flops"] == pytest.approx(_analytic_eager(case), rel=1e-12)
+
+
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_model_units_match_the_compiled_code(model, op, dtype):
+    """A launch the model puts on the tensor cores has tensor-core instructions (wgmma / mma.sync) in
+    its sm_90 PTX, and one it puts wholly on the FMA units has none; no launch spills registers."""
+    case = model[(op, dtype)]
+    for r in case["launch_rows"]:
+        if r["source"] != "triton":
+            continue
+        assert (r["tc_flops"] > 0) == (r["mma"] > 0), (r["kernel"], r["constexprs"], r["tc_flops"], r["mma"])
+        assert r["spills"] == 0, (r["kernel"], r["constexprs"])
