@@ -52,6 +52,37 @@ def _calls(case) -> int:
     return case["shape"].get("views", 1)  # SFRIK: one op call per view
 
 
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_main_launches_fill_their_waves(model, op, dtype):
+    """(a) No launch carrying > 10% of one op call's product flops has wave efficiency < 80% on 132 SMs
+    (occupancy from ptxas registers and shared memory)."""
+    case = model[(op, dtype)]
+    per_call = case["flops"] / _calls(case)
+    main = [r for r in case["launch_rows"] if r["flops"] > 0.1 * per_call]
+    assert main, "no launch carries 10% of the flops"
+    bad = [(r["kernel"], r["phase"], r["programs"], r["per_sm"], round(r["wave_eff"], 3)) for r in main
+           if r["wave_eff"] < 0.8]
+    assert not bad, f"{op} {dtype}: (kernel, phase, programs, programs per SM, wave efficiency) {bad}"
+
+
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_no_default_fp32_product_on_fma_units(model, op, dtype):
+    """(b) Under the public default precision, no product with fp32 operands runs on the FMA units
+    (input_precision "ieee"): SPEC §4's default is tf32x3 on the tensor cores."""
+    case = model[(op, dtype)]
+    fma = [(r["kernel"], r["phase"], r["flops"]) for r in case["launch_rows"] if r["fma_dot_flops"] > 0]
+    assert not fma, f"{op} {dtype} (default precision {case['precision']!r}): FMA products {fma}"
+
+
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_predicted_within_limit(model, op, dtype):
+    """(c) Predicted forward + backward within 1.5x of the op's limit."""
+    case = model[(op, dtype)]
+    assert case["ratio"] >= 1.0 - 1e-9, "the limit must be a lower bound"
+    assert case["ratio"] <= 1.5, (f"{op} {dtype}: predicted {case['predicted_ms']:.3f} ms, limit "
+                                  f"{case['limit_ms']:.3f} ms, ratio {case['ratio']:.2f}")
+
+
 def _analytic_fused(case) -> dict:
     """Product flops of the fused algorithm (module docstrings), from the shapes: {phase: flops}."""
     s, op, dtype = case["shape"], case["op"], case["dtype"]
