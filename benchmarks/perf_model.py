@@ -19,8 +19,9 @@ and input dtype (fp32, bf16), forward + backward:
    on this branch.  torch ops the launchers issue themselves (e.g. a split-K sum) are recorded too.
 2. **Per launch**: each Triton launch is compiled for sm_90 (``sm90_compile.compile_launch``: registers
    and shared memory from ptxas / Triton, warps); its work comes from the kernel's math
-   (:data:`KERNELS`, one cost function per kernel, integrating the kernel's loops over its grid with
-   the launch's block sizes, padding included):
+   (:data:`KERNELS`, one cost function per kernel, integrating the kernel's loops over its programs
+   with the launch's block sizes, padding included; the work is derived from the arguments, the
+   grid only gives the programs and waves):
 
    * product flops per ``tl.dot`` call, by unit: two fp16/bf16 operands -> tensor cores (bf16 rate);
      fp32 operands -> by ``input_precision``: ``"ieee"`` FMA units, ``"tf32"`` tensor cores (TF32
@@ -172,7 +173,8 @@ def _f32():
 
 def _rff_features_kernel(a, grid):
     bi, bj, bk = a["BLOCK_I"], a["BLOCK_J"], a["BLOCK_K"]
-    tiles = grid[0] * grid[1] * a["K"]  # (image block, feature block) x views
+    # (image block, feature block of either map) x views
+    tiles = _cdiv(a["B"], bi) * (_cdiv(a["D_A"], bj) + _cdiv(a["D_B"], bj)) * a["K"]
     unit = _unit(_f32(), a["PRECISION"])  # operands upcast to fp32 before tl.dot
     return Work(dots=[(unit, 2.0 * tiles * bi * bj * _pad(a["d"], bk))], aux=25.0 * tiles * bi * bj,
                 reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr")],
@@ -187,8 +189,9 @@ def _rff_stats_kernel(a, grid):
 def _rff_cross_cov_kernel(a, grid):
     bn, bjb, bja = a["BLOCK_N"], a["BLOCK_JB"], a["BLOCK_JA"]
     rows = _pad(a["N"], bn)  # the splits together cover the rows once (rows_per_split is a multiple of BN)
+    tiles = _cdiv(a["D_A"], bja) * _cdiv(a["D_B"], bjb)
     unit = _unit(_f32(), a["PRECISION"])
-    return Work(dots=[(unit, 2.0 * grid[0] * bjb * bja * rows)], aux=2.0 * grid[0] * rows * (bja + bjb),
+    return Work(dots=[(unit, 2.0 * tiles * bjb * bja * rows)], aux=2.0 * tiles * rows * (bja + bjb),
                 reads=[a["phia_ptr"], a["phib_ptr"], a["mu_a_ptr"], a["mu_b_ptr"]],
                 writes=[a["out_ptr"], a["sumsq_ptr"]])
 
@@ -203,7 +206,7 @@ def _rff_finalize_kernel(a, grid):
 
 def _rff_hsic_bwd_kernel(a, grid):
     bm, bdo, bj, bk, bl = a["BLOCK_M"], a["BLOCK_DO"], a["BLOCK_J"], a["BLOCK_K"], a["BLOCK_L"]
-    programs = grid[0] * grid[1]
+    programs = _cdiv(a["K"] * a["B"], bm) * _cdiv(a["d"], bdo)  # (row block, gradient column block)
     unit = _unit(_f32(), a["PRECISION"])
     flops = aux = 0.0
     for D, D_other in ((a["D_A"], a["D_B"]), (a["D_B"], a["D_A"])):
@@ -233,7 +236,8 @@ def _row_scales_kernel(a, grid):
 
 def _gram_phi_sum_kernel(a, grid):
     blk, L = a["BLOCK"], a["L"]
-    programs = grid[0]
+    t = _cdiv(a["n"], blk)
+    programs = t * (t + 1) // 2  # lower-triangular tiles
     return Work(dots=[(_gram_unit(a), 2.0 * programs * blk * blk * _pad(a["q"], a["BLOCK_K"]))],
                 aux=programs * blk * blk * (4.0 + 5.0 * (L - 1)),
                 reads=[a["z_ptr"], a["rinv_ptr"]], writes=[a["part_ptr"]])
@@ -245,8 +249,8 @@ def _sum_partials_kernel(a, grid):
 
 def _gram_dphi_kernel(a, grid):
     bm, bn, L = a["BLOCK_M"], a["BLOCK_N"], a["L"]
-    programs = grid[0]
     rows, n = a["panel_rows"], a["n"]
+    programs = _cdiv(rows, bm) * _cdiv(n, bn)
     return Work(dots=[(_gram_unit(a), 2.0 * programs * bm * bn * _pad(a["q"], a["BLOCK_K"]))],
                 aux=programs * bm * bn * (5.0 + 8.0 * (L - 1)),
                 reads=[a["z_ptr"], a["rinv_ptr"]],
@@ -255,8 +259,8 @@ def _gram_dphi_kernel(a, grid):
 
 def _panel_matmul_kernel(a, grid):
     bm, bq, bk = a["BLOCK_M"], a["BLOCK_Q"], a["BLOCK_K"]
-    programs = grid[0]
     rows, n, q = a["panel_rows"], a["n"], a["q"]
+    programs = _cdiv(rows, bm) * _cdiv(q, bq)
     one = 2.0 * programs * bm * bq * _pad(n, bk)
     mode = a["MODE"]
     if mode == 0:  # fp32 P @ fp32 Z
@@ -282,8 +286,10 @@ def _rownorm_kernel(a, grid):
 
 def _gemm_kernel(a, grid):
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    tiles, split, batch = grid
+    tiles = _cdiv(a["M"], bm) * _cdiv(a["N"], bn)
+    batch = a["alpha_ptr"].numel()  # one alpha per pair
     K, ks = a["K"], a["K_SPLIT"]
+    split = _cdiv(K, ks)
     steps = sum(_pad(min(ks, K - s * ks), bk) for s in range(split))
     unit = _unit(a["x_ptr"].dtype if a["HALF_DOT"] else _f32(), a["PRECISION"])
     flops = 2.0 * batch * tiles * bm * bn * steps
@@ -299,13 +305,14 @@ def _gemm_kernel(a, grid):
 
 def _small_series_kernel(a, grid):
     bs, nt = a["BLOCK_S"], a["NT"]
-    P = grid[0]
+    P = a["t_ptr"].numel()
     return Work(dots=[(_unit(_f32(), a["PRECISION"]), 2.0 * P * (nt - 1) * bs ** 3)], aux=4.0 * P * nt * bs * bs,
                 reads=[a["g_ptr"]], writes=[a["s_ptr"], a["r_ptr"], a["t_ptr"], a["u_ptr"]])
 
 
 def _pair_diag_kernel(a, grid):
-    return Work(aux=2.0 * a["NT"] * grid[2] * a["S"] ** 2, reads=[a["pw_ptr"]], writes=[a["out_ptr"]])
+    P = a["pw_ptr"].shape[1]
+    return Work(aux=2.0 * a["NT"] * P * a["S"] ** 2, reads=[a["pw_ptr"]], writes=[a["out_ptr"]])
 
 
 def _series_reduce_kernel(a, grid):
@@ -317,8 +324,7 @@ def _power_step_kernel(a, grid):
 
 
 def _project_kernel(a, grid):
-    P = grid[1]
-    elems = P * a["M"] * a["N"]
+    elems = a["alpha_ptr"].numel() * a["M"] * a["N"]  # pairs x rows x columns
     reads = [a["oth_ptr"]] if a["V_FROM_OTHER"] else [a["v_ptr"]]
     if a["NORMALIZE"]:
         reads.append(a["own_ptr"])
@@ -666,6 +672,8 @@ def model_case(op: str, s: dict, dtype_name: str) -> dict:
     calls = s.get("views", 1)  # SFRIK: one op call per view; the 10% is of one call's flops
     main = [r for r in rows if r["flops"] > 0.1 * fused["flops"] / calls]
     precision = next((x for x in reversed(args) if isinstance(x, (str, bool))), None)
+    if isinstance(precision, bool):  # allow_tf32 flag: the fp32 products' mode
+        precision = "tf32" if precision else "ieee"
     prods, floor = essential(op, s, dtype)
     return {
         "op": op, "shape": s, "label": shape_label(op, s), "dtype": dtype_name, "precision": precision,
@@ -687,8 +695,8 @@ def _clean(r: dict) -> dict:
 
 
 def table(cases: list[dict]) -> str:
-    head = ("| op | shape | dtype | precision | predicted ms | limit ms | ratio | eager ms (pred.) | waves "
-            "(main launches) | min wave eff. | tensor-core share |")
+    head = ("| op | shape | dtype | fp32 products | predicted ms | limit ms | ratio | eager ms (predicted) | "
+            "waves (main launches, max) | wave eff. (main, min) | tensor-core share |")
     lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
     for c in cases:
         lines.append(f"| {c['op']} | {c['label']} | {c['dtype']} | {c['precision']} | {c['predicted_ms']:.3f} | "
