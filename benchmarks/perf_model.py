@@ -585,13 +585,12 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
     P, m, d, order = s["P"], s["m"], s["d"], s["order"]
     sm, L = min(m, d), max(m, d)
     h = (order + 1) // 2
-    prods = [(h_or_f, 2.0 * P * sm * sm * L)]  # the Gram M
-    if order >= 2:
-        prods.append(("fp32", (h - 1) * 2.0 * P * sm ** 3))  # powers M^2..M^h
-        prods.append(("fp32", (1 if order - h >= 2 else 0) * 2.0 * P * sm ** 3))  # S_n = Q_h + (-M)^h Q_(n-h)
-        prods.append((m_or_f, 2.0 * P * sm * m * d))  # gradient of the differentiated argument
-    else:
-        prods.append(("fp32", 0.0))
+    if order == 1:  # T_1 = lam sum_i A^_i . B^_i: no product at all
+        return [], 3.0 * P * m * d * es
+    prods = [(h_or_f, 2.0 * P * sm * sm * L),  # the Gram M
+             ("fp32", (h - 1) * 2.0 * P * sm ** 3),  # powers M^2..M^h
+             ("fp32", (1 if order - h >= 2 else 0) * 2.0 * P * sm ** 3),  # S_n = Q_h + (-M)^h Q_(n-h)
+             (m_or_f, 2.0 * P * sm * m * d)]  # gradient of the differentiated argument
     return prods, 3.0 * P * m * d * es
 
 
