@@ -144,3 +144,40 @@ def test_model_units_match_the_compiled_code(model, op, dtype):
             continue
         assert (r["tc_flops"] > 0) == (r["mma"] > 0), (r["kernel"], r["constexprs"], r["tc_flops"], r["mma"])
         assert r["spills"] == 0, (r["kernel"], r["constexprs"])
+
+
+def _perf_model():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import perf_model
+
+    return perf_model
+
+
+def test_occupancy_and_wave_arithmetic():
+    """The model's occupancy and wave arithmetic on hand-checked cases (no compile needed)."""
+    pm = _perf_model()
+    # 237 registers x 256 threads = 60672 of 65536 registers: one program per SM; SFRIK's 136 forward
+    # programs then need 2 waves on 132 SMs, the second with 4 programs: 136 / 264 busy
+    assert pm._occupancy(237, 8, 98304) == 1
+    assert pm._occupancy(128, 8, 49152) == 2  # 32768 registers a program
+    assert pm._occupancy(32, 4, 64) == 16  # 128 threads: 2048 / 128
+    assert pm._occupancy(64, 4, 100 * 1024) == 2  # shared memory: 2 x (100 KiB + 1 KiB) <= 228 KiB
+    assert pm._occupancy(255, 8, 0) == 1 and pm._occupancy(255, 16, 0) == 0  # 256 x 512 > 64 K registers
+    # a tensor-core launch of 790 GFLOP with full waves takes 1 ms + the launch overhead; with half its
+    # slots idle, twice that; a bytes-bound one 4.3 GB -> 1 ms
+    assert pm._time([("bf16", 790e9)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert pm._time([("bf16", 790e9)], 0.0, 0.0, 0.5, 1.0) == pytest.approx(2e-3 + 3e-6)
+    assert pm._time([("tf32x3", 395e9 / 3)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert pm._time([("ieee", 67e9)], 0.0, 4.3e9, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert pm._time([], 0.0, 4.3e9, 0.1, 0.5) == pytest.approx(2e-3 + 3e-6)
+
+
+def test_limit_rates_follow_the_precision_policy():
+    """Limit rates by operand class: 16-bit x 16-bit at the bf16 rate, 16-bit x fp32 at half of it, fp32 x
+    fp32 at tf32x3's (a third of TF32); plain TF32 is faster than the fp32 class, so a kernel using it
+    silently would come out below the limit (test_predicted_within_limit asserts ratio >= 1)."""
+    pm = _perf_model()
+    assert pm.LIMIT_RATES["half"] == pm.RATES["bf16"]
+    assert pm.LIMIT_RATES["mixed"] == pm.RATES["bf16"] / 2
+    assert pm.LIMIT_RATES["fp32"] == pm.RATES["tf32x3"] < pm.RATES["tf32"]
+    assert pm.RATES["ieee"] < pm.RATES["tf32x3"]
