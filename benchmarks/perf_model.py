@@ -45,9 +45,10 @@ and input dtype (fp32, bf16), forward + backward:
 3. **Limit** of the op: its essential products (:func:`essential`) at the best rate for their
    operands, and a bytes floor (inputs read once, gradient written once): ``max`` of the two, no
    overhead.  Rates by operand class: two fp16/bf16 operands -> bf16 tensor-core rate; one 16-bit
-   operand and one fp32 operand -> half of it (the fp32 operand split into two 16-bit parts, two
-   products, as legendre's backward does); two fp32 operands -> a third of the TF32 rate (tf32x3,
-   SPEC §4's fp32 policy).  "Essential": what the math needs under the project's memory contract (no
+   operand and one fp32 operand -> the fp32 operand split into 16-bit parts, one product each: two
+   parts (half the bf16 rate) where the result is rounded to 16 bits anyway (a 16-bit gradient, as
+   legendre's backward does), three (24 bits: a third of the bf16 rate) where it must be fp32-exact;
+   two fp32 operands -> a third of the TF32 rate (tf32x3, SPEC §4's fp32 policy).  "Essential": what the math needs under the project's memory contract (no
    n x n matrix kept between forward and backward): SSL-HSIC the projections, the cross-covariance,
    the two ``Phibar C`` products and the back-projections (u = X W^T may be stored: no recompute);
    SFRIK the symmetric Gram (n(n+1)q), its symmetric recompute in the backward and ``phi'(G) Zhat``
@@ -92,7 +93,8 @@ RATES = {
 }
 TENSOR_CORE = ("bf16", "fp16", "tf32", "tf32x3")
 #: limit rates by operand class (module doc, point 3)
-LIMIT_RATES = {"half": H200["bf16"], "mixed": H200["bf16"] / 2, "fp32": H200["tf32"] / 3}
+LIMIT_RATES = {"half": H200["bf16"], "mixed16": H200["bf16"] / 2, "mixed32": H200["bf16"] / 3,
+               "fp32": H200["tf32"] / 3}
 
 OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
 PAPER = {
@@ -568,10 +570,11 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
     half = dtype in (torch.float16, torch.bfloat16)
     es = torch.tensor([], dtype=dtype).element_size()
     h_or_f = "half" if half else "fp32"
-    m_or_f = "mixed" if half else "fp32"
+    grad16 = "mixed16" if half else "fp32"  # 16-bit x fp32, result rounded to the 16-bit gradient
+    exact16 = "mixed32" if half else "fp32"  # 16-bit x fp32, result needed at fp32 accuracy
     if op == "rff_hsic":
         N, d, D = s["K"] * s["B"], s["d"], s["D"]
-        prods = [(m_or_f, 2.0 * N * d * 2 * D),  # projections X W^T, both maps (W is fp32)
+        prods = [(exact16, 2.0 * N * d * 2 * D),  # projections X W^T, both maps (W is fp32; u feeds cos)
                  ("fp32", 2.0 * N * D * D),  # C = Phibar_B^T Phibar_A
                  ("fp32", 2 * 2.0 * N * D * D),  # Phibar_B C, Phibar_A C^T
                  ("fp32", 2.0 * N * 2 * D * d)]  # back-projections T_M W_M
@@ -580,7 +583,7 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
         n, q, v = s["n"], s["q"], s["views"]
         prods = [(h_or_f, v * 1.0 * n * (n + 1) * q),  # forward Gram, symmetric
                  (h_or_f, v * 1.0 * n * (n + 1) * q),  # its recompute in the backward, symmetric
-                 (m_or_f, v * 2.0 * n * n * q)]  # phi'(G) Zhat
+                 (grad16, v * 2.0 * n * n * q)]  # phi'(G) Zhat -> the gradient
         return prods, v * 2.0 * n * q * es
     P, m, d, order = s["P"], s["m"], s["d"], s["order"]
     sm, L = min(m, d), max(m, d)
@@ -590,7 +593,7 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
     prods = [(h_or_f, 2.0 * P * sm * sm * L),  # the Gram M
              ("fp32", (h - 1) * 2.0 * P * sm ** 3),  # powers M^2..M^h
              ("fp32", (1 if order - h >= 2 else 0) * 2.0 * P * sm ** 3),  # S_n = Q_h + (-M)^h Q_(n-h)
-             (m_or_f, 2.0 * P * sm * m * d)]  # gradient of the differentiated argument
+             (grad16, 2.0 * P * sm * m * d)]  # gradient of the differentiated argument
     return prods, 3.0 * P * m * d * es
 
 

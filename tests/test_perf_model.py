@@ -173,11 +173,13 @@ def test_occupancy_and_wave_arithmetic():
 
 
 def test_limit_rates_follow_the_precision_policy():
-    """Limit rates by operand class: 16-bit x 16-bit at the bf16 rate, 16-bit x fp32 at half of it, fp32 x
-    fp32 at tf32x3's (a third of TF32); plain TF32 is faster than the fp32 class, so a kernel using it
-    silently would come out below the limit (test_predicted_within_limit asserts ratio >= 1)."""
+    """Limit rates by operand class: 16-bit x 16-bit at the bf16 rate; 16-bit x fp32 as two (result
+    rounded to 16 bits) or three (fp32-exact) 16-bit products; fp32 x fp32 at tf32x3's (a third of
+    TF32).  Plain TF32 is faster than the fp32 class, so a kernel using it silently would come out
+    below the limit (test_predicted_within_limit asserts ratio >= 1)."""
     pm = _perf_model()
     assert pm.LIMIT_RATES["half"] == pm.RATES["bf16"]
-    assert pm.LIMIT_RATES["mixed"] == pm.RATES["bf16"] / 2
+    assert pm.LIMIT_RATES["mixed16"] == pm.RATES["bf16"] / 2
+    assert pm.LIMIT_RATES["mixed32"] == pm.RATES["bf16"] / 3
     assert pm.LIMIT_RATES["fp32"] == pm.RATES["tf32x3"] < pm.RATES["tf32"]
     assert pm.RATES["ieee"] < pm.RATES["tf32x3"]
