@@ -48,8 +48,9 @@ and input dtype (fp32, bf16), forward + backward:
    operand and one fp32 operand -> the fp32 operand split into 16-bit parts, one product each: two
    parts (half the bf16 rate) where the result is rounded to 16 bits anyway (a 16-bit gradient, as
    legendre's backward does), three (24 bits: a third of the bf16 rate) where it must be fp32-exact;
-   two fp32 operands -> a third of the TF32 rate (tf32x3, SPEC §4's fp32 policy).  "Essential": what the math needs under the project's memory contract (no
-   n x n matrix kept between forward and backward): SSL-HSIC the projections, the cross-covariance,
+   two fp32 operands -> a third of the TF32 rate (tf32x3, SPEC §4's fp32 policy).  "Essential":
+   what the math needs under the project's memory contract (no n x n matrix kept between forward
+   and backward): SSL-HSIC the projections, the cross-covariance,
    the two ``Phibar C`` products and the back-projections (u = X W^T may be stored: no recompute);
    SFRIK the symmetric Gram (n(n+1)q), its symmetric recompute in the backward and ``phi'(G) Zhat``
    (2 n^2 q); MEC the Gram, the stored powers, the one ``S_n`` product (order >= 4) and the
@@ -75,7 +76,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

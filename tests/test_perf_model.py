@@ -37,8 +37,8 @@ def model(tmp_path_factory):
     if not sm90_compile.tools_available():
         pytest.skip("Triton's bundled ptxas is not available")
     out = tmp_path_factory.mktemp("perf_model") / "model.json"
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    path = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "perf_model.py"), "--headline",
                            "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
