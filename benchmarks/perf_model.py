@@ -12,13 +12,14 @@ What it does, per op (rff_hsic = SSL-HSIC, legendre_gram_mean = SFRIK, taylor_lo
 and input dtype (fp32, bf16), forward + backward:
 
 1. **Launches of the fused path** -- recorded exactly as ``tests/sm90_compile.py`` records them (its
-   ``record``: ``wrap_triton`` swapped for a recorder, the real GPU launchers called on empty CPU
-   tensors; nothing runs), with the arguments the public entry point passes: the forward op's
+   ``_Recorder`` in place of the op module's ``wrap_triton``, the real GPU launchers called on empty
+   CPU tensors; nothing runs), with the arguments the public entry point passes: the forward op's
    arguments are captured from a call of the public function (``rff_hsic``, ``legendre_gram_mean``,
    ``taylor_logdet``) under a dispatch mode, so the precision is the public default, whatever it is
    on this branch.  torch ops the launchers issue themselves (e.g. a split-K sum) are recorded too.
-2. **Per launch**: each Triton launch is compiled for sm_90 (``sm90_compile.compile_launch``: registers
-   and shared memory from ptxas / Triton, warps); its work comes from the kernel's math
+2. **Per launch**: each Triton launch is compiled for sm_90 by ``sm90_compile._compile_all`` (Triton's
+   own specialisation of the launch, its compiler and bundled ptxas: registers, shared memory, warps;
+   one compile per distinct specialisation); its work comes from the kernel's math
    (:data:`KERNELS`, one cost function per kernel, integrating the kernel's loops over its programs
    with the launch's block sizes, padding included; the work is derived from the arguments, the
    grid only gives the programs and waves):
@@ -437,6 +438,51 @@ def _capture_forward_args(fn):
 # ==================================================================================================
 
 
+def _record(op: str, body) -> list:
+    """The launches ``body()`` makes through ``kernelssl.triton.<op>``'s ``wrap_triton``, recorded (not
+    run) by ``sm90_compile._Recorder``: ``[(kernel, grid, args, kwargs)]``."""
+    import sm90_compile
+
+    module = __import__(f"kernelssl.triton.{op}", fromlist=["_"])
+    saved, module.wrap_triton = module.wrap_triton, sm90_compile._Recorder
+    sm90_compile._Recorder.calls = []
+    try:
+        body()
+    finally:
+        module.wrap_triton = saved
+    calls, sm90_compile._Recorder.calls = sm90_compile._Recorder.calls, []
+    return calls
+
+
+_COMPILED: dict = {}
+
+
+def _spec_key(kernel, args, kw) -> tuple:
+    """What Triton specialises a launch on (argument dtypes, 16-byte alignment of pointers, integers
+    equal to 1 or divisible by 16, the keyword constexprs and options): launches with equal keys share
+    one compile."""
+    import torch
+
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return ("T", str(v.dtype), v.data_ptr() % 16 == 0)
+        if isinstance(v, bool) or not isinstance(v, int):
+            return ("V", type(v).__name__, v if isinstance(v, (bool, str, float)) else None)
+        return ("I", v == 1, v % 16 == 0, abs(v) >= 2 ** 31)
+
+    return (kernel.fn.__name__, tuple(one(v) for v in args), tuple(sorted((k, repr(v)) for k, v in kw.items())))
+
+
+def _compile(kernel, grid, args, kw) -> dict:
+    """The sm_90 variant of one launch (``sm90_compile._compile_all``'s row), compiled once per key."""
+    import sm90_compile
+
+    key = _spec_key(kernel, args, kw)
+    if key not in _COMPILED:
+        _COMPILED[key] = sm90_compile._compile_all([(kernel, grid, args, kw)])[0]
+    return _COMPILED[key]
+
+
 def _fused_calls(op: str, s: dict, dtype):
     """``[(phase, launch)]``: recorded Triton launches ``("triton", kernel, grid, args, kw)`` and torch
     ops ``("torch", row)`` of one forward + backward at shape ``s``."""
@@ -456,7 +502,7 @@ def _fused_calls(op: str, s: dict, dtype):
             with _dispatch_recorder(torch_rows):
                 body()
 
-        calls = sm90_compile.record(op, run)
+        calls = _record(op, run)
         out.extend((name, ("triton",) + tuple(c)) for c in calls)
         out.extend((name, ("torch", r)) for r in torch_rows)
 
@@ -526,8 +572,6 @@ def _time(dots, aux, nbytes, eff, sm_eff) -> float:
 
 
 def _launch_row(phase, launch) -> dict:
-    import sm90_compile
-
     if launch[0] == "torch":
         row = dict(launch[1])
         row.update(phase=phase, source="torch", programs=None, per_sm=None, waves=None, wave_eff=1.0, sm_eff=1.0)
@@ -540,7 +584,7 @@ def _launch_row(phase, launch) -> dict:
         bound = dict(zip(kernel.arg_names, args))
         bound.update(kw)
         work = KERNELS[name](bound, grid)
-        info = sm90_compile.compile_launch(kernel, args, kw)
+        info = _compile(kernel, grid, args, kw)
         programs = grid[0] * grid[1] * grid[2]
         per_sm = _occupancy(info["registers"], info["num_warps"], info["shared"])
         slots = per_sm * H200["sms"]

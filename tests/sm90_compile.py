@@ -154,14 +154,7 @@ RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logde
 # --------------------------------------------------------------------------------------------------
 
 
-_BINDERS: dict = {}
-_COMPILED: dict = {}
-
-
-def compile_launch(kernel, args, kw) -> dict:
-    """Compile one recorded launch for sm_90 as ``JITFunction.run`` would specialise it on a GPU, run
-    ``ptxas -v`` on its PTX, and return its variant (the JSON row of the module doc).  Launches with
-    the same specialisation share one compile (and return the same dict)."""
+def _compile_all(calls) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -171,67 +164,47 @@ def compile_launch(kernel, args, kw) -> dict:
     backend = make_backend(target)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = "sm_90a"  # what Triton builds for compute capability 9.0
-    if kernel not in _BINDERS:
-        _BINDERS[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kw = dict(kw)
-    bound, spec, options = _BINDERS[kernel](*args, **kw)
-    key = (kernel.fn.__name__, repr(spec), repr(sorted(options.items())) if isinstance(options, dict) else repr(options))
-    if key in _COMPILED:
-        return _COMPILED[key]
-    opts, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
-    ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
-    with tempfile.TemporaryDirectory() as tmp:  # ptxas -v on Triton's PTX: the spill report
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ck.asm["ptx"])
-        report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True).stderr
-    field = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
-    consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
-    names = [p.name for p in kernel.params]
-    _COMPILED[key] = {
-        "kernel": kernel.fn.__name__,
-        "constexprs": {names[i]: v for i, v in consts.items() if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
-        "num_warps": opts.num_warps, "num_stages": opts.num_stages,
-        "registers": field(r"Used (\d+) registers"), "stack": field(r"(\d+) bytes stack frame"),
-        "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),
-        "shared": ck.metadata.shared,
-        "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
-    }
-    return _COMPILED[key]
-
-
-def _compile_all(calls) -> list[dict]:
-    """The distinct variants of the recorded launches, in order of first appearance."""
-    seen, out = set(), []
+    binders, seen, out = {}, set(), []
     for kernel, _grid, args, kw in calls:
-        row = compile_launch(kernel, args, kw)
-        if id(row) not in seen:
-            seen.add(id(row))
-            out.append(row)
+        if kernel not in binders:
+            binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+        kw = dict(kw)
+        bound, spec, options = binders[kernel](*args, **kw)
+        key = (kernel.fn.__name__, repr(spec), repr(sorted(options.items())) if isinstance(options, dict) else repr(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        opts, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
+        ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
+        with tempfile.TemporaryDirectory() as tmp:  # ptxas -v on Triton's PTX: the spill report
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ck.asm["ptx"])
+            report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                                    capture_output=True, text=True, check=True).stderr
+        field = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+        consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+        names = [p.name for p in kernel.params]
+        out.append({
+            "kernel": kernel.fn.__name__,
+            "constexprs": {names[i]: v for i, v in consts.items() if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
+            "num_warps": opts.num_warps, "num_stages": opts.num_stages,
+            "registers": field(r"Used (\d+) registers"), "stack": field(r"(\d+) bytes stack frame"),
+            "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),
+            "shared": ck.metadata.shared,
+            "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
+        })
     return out
-
-
-def record(op: str, recipe) -> list:
-    """The launches ``recipe()`` makes through ``kernelssl.triton.<op>``'s ``wrap_triton`` (recorded,
-    not run): ``(kernel, grid, args, kwargs)`` each.  Needs ``TRITON_INTERPRET=0``."""
-    import importlib
-
-    module = importlib.import_module(f"kernelssl.triton.{op}")
-    saved, module.wrap_triton = module.wrap_triton, _Recorder
-    _Recorder.calls = []
-    try:
-        recipe()
-    finally:
-        module.wrap_triton = saved
-    calls, _Recorder.calls = _Recorder.calls, []
-    return calls
 
 
 def main(op: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be compiled, not interpreted)")
-    for row in _compile_all(record(op, RECIPES[op])):
+    import importlib
+
+    importlib.import_module(f"kernelssl.triton.{op}").wrap_triton = _Recorder
+    RECIPES[op]()
+    for row in _compile_all(_Recorder.calls):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
