@@ -224,6 +224,32 @@ def _rff_hsic_bwd_kernel(a, grid):
                 writes=[a["grad_ptr"]])
 
 
+def _rff_feature_grad_kernel(a, grid):
+    # backward pass 1: T = dL/du for BM rows x BJ features of one map: u recomputed (GEMM over d),
+    # Phibar_other C (GEMM over D_other), stored to T (N x (D_A + D_B), fp32)
+    bm, bj, bk, bl = a["BLOCK_M"], a["BLOCK_J"], a["BLOCK_K"], a["BLOCK_L"]
+    rows = _cdiv(a["K"] * a["B"], bm)
+    unit = _unit(_f32(), a["PRECISION"])
+    flops = aux = 0.0
+    for D, D_other in ((a["D_A"], a["D_B"]), (a["D_B"], a["D_A"])):
+        programs = rows * _cdiv(D, bj)
+        flops += 2.0 * programs * bm * bj * (_pad(a["d"], bk) + _pad(D_other, bl))
+        aux += programs * bm * (30.0 * bj + 2.0 * _pad(D_other, bl))  # sin, scalings; centring
+    return Work(dots=[(unit, flops)], aux=aux,
+                reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr", "phia_ptr", "phib_ptr", "s_ptr",
+                                      "mu_a_ptr", "mu_b_ptr", "cov_ptr")],
+                writes=[a["t_ptr"]])
+
+
+def _rff_dx_kernel(a, grid):
+    # backward pass 2: dL/dX = T [W_A; W_B] (GEMM over D_A + D_B)
+    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    programs = _cdiv(a["N"], bm) * _cdiv(a["d"], bn)
+    unit = _unit(_f32(), a["PRECISION"])
+    return Work(dots=[(unit, 2.0 * programs * bm * bn * (_pad(a["D_A"], bk) + _pad(a["D_B"], bk)))],
+                aux=2.0 * programs * bm * bn, reads=[a["t_ptr"], a["wa_ptr"], a["wb_ptr"]], writes=[a["grad_ptr"]])
+
+
 # ---- legendre_gram -------------------------------------------------------------------------------
 
 
@@ -339,7 +365,7 @@ def _project_kernel(a, grid):
 
 KERNELS = {f.__name__: f for f in (
     _rff_features_kernel, _rff_stats_kernel, _rff_cross_cov_kernel, _rff_cov_reduce_kernel, _rff_finalize_kernel,
-    _rff_hsic_bwd_kernel,
+    _rff_hsic_bwd_kernel, _rff_feature_grad_kernel, _rff_dx_kernel,
     _row_scales_kernel, _gram_phi_sum_kernel, _sum_partials_kernel, _gram_dphi_kernel, _panel_matmul_kernel,
     _rownorm_kernel, _gemm_kernel, _small_series_kernel, _pair_diag_kernel, _series_reduce_kernel,
     _power_step_kernel, _project_kernel)}
