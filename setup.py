@@ -18,15 +18,16 @@ setup(
     # `reference/`, `tests/` and `benchmarks/` are run from a checkout, not installed.
     packages=find_packages(include=["kernelssl", "kernelssl.*"]),
     install_requires=[
-        # 2.6 is the first release with torch.library.triton_op; 2.14.1 is what installs here.
-        "torch>=2.6",
-        "torchvision>=0.21",
+        # The floors are what CI tests (.ci/run runs the suite on exactly these versions, the GPU
+        # machine's image, as well as on the newest release).
+        "torch>=2.11",
+        "torchvision>=0.26",
         "numpy>=1.24",
         # the training script: digits data set, linear probe and k-NN, progress bar
         "scikit-learn>=1.3",
         "tqdm>=4.60",
-        # torch's Linux x86_64 CUDA wheels already pull a matching triton; this only states the floor.
-        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        # torch's Linux x86_64 CUDA wheels already pull a matching triton; this states the tested floor.
+        "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "dev": [

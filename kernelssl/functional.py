@@ -489,7 +489,7 @@ def mec_loss(
         given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
                  if isinstance(t, Tensor)]
         _assert_finite([t for t, _ in given], [n for _, n in given])
-    diagnostics: list[Tensor] = []  # filled by the fused op: (rho, term_ratio)
+    diagnostics: list[Tensor] = []  # filled by the fused op when components are asked for: (rho, term_ratio)
     loss, t_ab, t_ba, coding_length, lam = _mec.mec_loss(
         z_a,
         z_b,
@@ -500,7 +500,8 @@ def mec_loss(
         scale=scale,
         lam=lam,
         exact=exact,
-        logdet=functools.partial(_logdet_keeping_diagnostics, diagnostics=diagnostics, backend=backend),
+        logdet=functools.partial(_logdet_keeping_diagnostics, diagnostics=diagnostics if return_components else None,
+                                 backend=backend),
     )
     if not return_components:
         return loss
@@ -526,12 +527,16 @@ def mec_loss(
     )
 
 
-def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list, backend: str) -> Tensor:
-    """:func:`taylor_logdet`; when it runs the fused kernel, also keep the kernel's diagnostics."""
+def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list | None, backend: str) -> Tensor:
+    """:func:`taylor_logdet`; when it runs the fused kernel and ``diagnostics`` is a list, also keep the
+    kernel's diagnostics there (``None``: not asked for, so not computed -- for s > ONCHIP_MAX they
+    cost 16 power-iteration launches)."""
     _mec._check_inputs(a, b, lam, min_rows=2)
     if resolve_backend(backend, "taylor_logdet", a.device) == "triton":
         from .triton import taylor_logdet as _k
 
+        if diagnostics is None:
+            return _k.taylor_logdet(a, b, lam, order)
         t, rho, ratio = _k.taylor_logdet_with_diagnostics(a, b, lam, order)
         diagnostics[:] = [rho, ratio]
         return t

@@ -14,7 +14,8 @@ that spill registers show up only when the kernel is compiled for a real target.
 4. prints one JSON line per distinct variant: kernel name, its constexprs, registers, stack frame,
    spill stores and loads (``ptxas -v``), shared memory, and the counts of tensor-core instructions
    in the PTX: Hopper's ``wgmma`` (warp-group MMA, for tiles of >= 64 rows per warp group) and the
-   older ``mma.sync``.  (A 32-byte stack frame without spills is the local array of
+   older ``mma.sync``; ``ones`` marks the variants of the recipes with dimensions equal to 1 (the
+   tests require them to compile, but hold only the others to "no spills").  (A 32-byte stack frame without spills is the local array of
    libdevice's slow-path range reduction behind ``tl.sin`` / ``tl.cos``, not a spill.)
 
 Usage (the tests run it in a subprocess: the pytest process has the interpreter on)::
@@ -64,6 +65,8 @@ class _Recorder:
     """Stands in for ``torch.library.wrap_triton``: ``kernel[grid](*args, **kw)`` records the launch."""
 
     calls: list = []
+    #: index in ``calls`` where the recipes with dimensions equal to 1 start (see ``_compile_all``)
+    ones_from: int | None = None
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -105,6 +108,13 @@ def _rff_hsic():
         out = R.rff_hsic_forward(views, w, b, w, b, scale, prec)
         g = torch.ones(())
         R.rff_hsic_backward(g, g, views, w, b, w, b, scale, *out[2:], prec)
+    # Dimensions equal to 1 (Triton specialises an int argument == 1 into a constant, which the
+    # interpreter never does): the smallest views the API takes, K = B = 2, with d = D = 1.
+    _Recorder.ones_from = len(_Recorder.calls)
+    for prec in ("ieee", "tf32x3"):
+        views, w, b, scale = torch.empty(2, 2, 1), torch.empty(1, 1), torch.empty(1), torch.ones(1)
+        out = R.rff_hsic_forward(views, w, b, w, b, scale, prec)
+        R.rff_hsic_backward(torch.ones(()), torch.ones(()), views, w, b, w, b, scale, *out[2:], prec)
     return R
 
 
@@ -122,6 +132,14 @@ def _legendre_gram():
         LG.legendre_gram_backward(torch.ones(()), z, b3, True, tf32)
     LG.legendre_gram_backward(torch.ones(()), torch.empty(4096, 512, dtype=torch.bfloat16), (1.0, 2.0, 3.0, 4.0, 5.0),
                               False, False, panel_rows=1024)
+    # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): n = 1
+    # (the op takes one row), and a last backward panel of one row (row0 = 2, one row left).
+    _Recorder.ones_from = len(_Recorder.calls)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.empty(1, 64, dtype=dtype)
+        LG.legendre_gram_forward(z, b3, True, False)
+        LG.legendre_gram_backward(torch.ones(()), z, b3, True, False)
+    LG.legendre_gram_backward(torch.ones(()), torch.empty(3, 64), b3, True, False, panel_rows=2)
     return LG
 
 
@@ -143,6 +161,15 @@ def _taylor_logdet():
         a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
         out = T.taylor_logdet_forward(a, b, lam, order, True, diag, tf32)
         T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, tf32, True, True)
+    # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): one pair,
+    # one row and/or one column (s = 1), on the on-chip path, for order 1, and m-space with m = 1.
+    _Recorder.ones_from = len(_Recorder.calls)
+    for (m, d), dtype, order, diag, tf32 in [((1, 1), torch.float32, 4, True, False),
+                                             ((3, 1), torch.bfloat16, 1, False, False),
+                                             ((1, 40), torch.float32, 2, False, True)]:
+        a, b, lam = torch.empty(1, m, d, dtype=dtype), torch.empty(1, m, d, dtype=dtype), torch.ones(1)
+        out = T.taylor_logdet_forward(a, b, lam, order, True, diag, tf32)
+        T.taylor_logdet_backward(torch.ones(1), a, b, lam, *out[2:6], order, True, tf32, True, True)
     return T
 
 
@@ -154,7 +181,10 @@ RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logde
 # --------------------------------------------------------------------------------------------------
 
 
-def _compile_all(calls) -> list[dict]:
+def _compile_all(calls, ones_from: int | None = None) -> list[dict]:
+    """Compile each distinct variant of ``calls``; ``ones: True`` marks a variant first recorded at or
+    after index ``ones_from`` (the recipes with dimensions equal to 1: they must compile, but their
+    speed, hence a spill, does not matter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -165,7 +195,7 @@ def _compile_all(calls) -> list[dict]:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = "sm_90a"  # what Triton builds for compute capability 9.0
     binders, seen, out = {}, set(), []
-    for kernel, _grid, args, kw in calls:
+    for index, (kernel, _grid, args, kw) in enumerate(calls):
         if kernel not in binders:
             binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
         kw = dict(kw)
@@ -193,6 +223,7 @@ def _compile_all(calls) -> list[dict]:
             "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),
             "shared": ck.metadata.shared,
             "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
+            "ones": ones_from is not None and index >= ones_from,
         })
     return out
 
@@ -204,7 +235,7 @@ def main(op: str) -> None:
 
     importlib.import_module(f"kernelssl.triton.{op}").wrap_triton = _Recorder
     RECIPES[op]()
-    for row in _compile_all(_Recorder.calls):
+    for row in _compile_all(_Recorder.calls, _Recorder.ones_from):
         print("VARIANT " + json.dumps(row), flush=True)
 
 

@@ -410,7 +410,8 @@ def test_kernels_compile_for_sm90():
     variants = sm90_compile.run("legendre_gram")
     assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_phi_sum_kernel", "_sum_partials_kernel",
                                                "_gram_dphi_kernel", "_panel_matmul_kernel"}
-    spills = [v for v in variants if v["spill_stores"] or v["spill_loads"]]
+    assert any(v["ones"] for v in variants)  # the recipes with dimensions equal to 1 compiled too
+    spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
     assert not spills, spills
     assert all(v["shared"] <= 227 * 1024 for v in variants)
     mma = [v for v in variants if v["constexprs"].get("INPUT_PRECISION") == "tf32"]  # 16-bit operands, or TF32

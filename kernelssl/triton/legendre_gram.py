@@ -70,11 +70,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import sfrik as _sfrik
 from .._backend import interpreting, tf32_allowed
 from .._checks import check_coefficients, check_tensor
+from ._launch import wrap_triton
 
 __all__ = [
     "legendre_gram_mean",
@@ -259,7 +260,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, num_parts, n, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, num_parts, BLOCK):
         acc += tl.load(part_ptr + s + offs, mask=(s + offs) < num_parts, other=0.0)
-    nf = n.to(tl.float32)
+    nf = tl.full([], 1.0, tl.float32) * n  # not n.to(): n == 1 arrives as a constant on a GPU
     tl.store(out_ptr, tl.sum(acc, axis=0) / (nf * nf))
 
 
@@ -374,7 +375,7 @@ def _panel_matmul_kernel(
         zk = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zq, mask=omask,
                      other=0.0).to(tl.float32)
         res = res - (proj * d)[:, None] * zk
-    nf = n.to(tl.float32)
+    nf = tl.full([], 1.0, tl.float32) * n  # not n.to(): n == 1 arrives as a constant on a GPU
     scale = tl.load(grad_ptr).to(tl.float32) * (2.0 / (nf * nf))
     res = res * scale
     if DOT_F32 and MODE == 1:  # interpreter: round to nearest even before its truncating bf16 cast
@@ -397,16 +398,18 @@ def _config(dtype: torch.dtype, q: int) -> dict:
     value/derivative recurrence spills registers.  K-steps of 64 for 16-bit operands, 32 where the
     MMA takes fp32 operands.  fp32 with ``q`` not a multiple of 16 (Triton then cannot assume
     aligned rows, so the loads are not vectorised and need more registers): 64-wide Gram tiles and
-    128 x 64 GEMM tiles, which at 128 x 128 spill.  The interpreter gets 32-wide blocks so that small test shapes
-    span several tiles and exercise every mask."""
+    128 x 64 GEMM tiles, which at 128 x 128 spill.  The phi' kernel with fp32 operands takes K-steps of
+    16: at 32 Triton 3.6's build (128 registers) spills; 16 is spill-free under Triton 3.6 and 3.8.
+    The interpreter gets 32-wide blocks so that small test shapes span several tiles and exercise
+    every mask."""
     if interpreting():
-        return dict(block=32, block_k=32, dphi_n=16, mm_m=32, mm_q=32, mm_k=32, group=2, warps=4,
+        return dict(block=32, block_k=32, dphi_n=16, dphi_k=32, mm_m=32, mm_q=32, mm_k=32, group=2, warps=4,
                     stages=1, row_block=32, row_q=32)
     half = dtype in (torch.float16, torch.bfloat16)
     bk = 64 if half else 32
     mm_k = 64 if dtype == torch.bfloat16 else 32  # fp16 / fp32 feed fp32 operands to the MMA
     unaligned_fp32 = dtype == torch.float32 and q % 16 != 0
-    return dict(block=64 if unaligned_fp32 else 128, block_k=bk, dphi_n=64, mm_m=128,
+    return dict(block=64 if unaligned_fp32 else 128, block_k=bk, dphi_n=64, dphi_k=bk if half else 16, mm_m=128,
                 mm_q=64 if unaligned_fp32 else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,
                 row_q=256)
 
@@ -509,7 +512,7 @@ def legendre_gram_backward(
             z.stride(0), z.stride(1), panel.stride(0), panel.stride(1), dpart.stride(0), dpart.stride(1),
             n, q, row0, nrows,
             COEF=coef, L=len(coef), NORMALIZE=normalize,
-            BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group"],
+            BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"], BLOCK_K=cfg["dphi_k"], GROUP_M=cfg["group"],
             DOT_F32=dot_f32, INPUT_PRECISION=prec,
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )

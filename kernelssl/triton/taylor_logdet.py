@@ -61,11 +61,12 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import mec as _mec
 from .._backend import interpreting, tf32_allowed
 from .._checks import check_int
+from ._launch import wrap_triton
 
 __all__ = [
     "taylor_logdet",
@@ -90,6 +91,14 @@ _INTERP_BLOCK = 16  # tile edge under the interpreter: small shapes still span s
 # ==================================================================================================
 # kernels
 # ==================================================================================================
+
+
+# The batch of pairs shares grid axis 0 with the tiles of one pair (pair-major: a pair's tiles run
+# together), since axes 1 and 2 are limited to 65535: program id -> (tile, pair), both int64.
+@triton.jit
+def _pair_split(pid, tiles):
+    pid = pid.to(tl.int64)
+    return pid % tiles, pid // tiles
 
 
 @triton.jit
@@ -120,8 +129,7 @@ def _rownorm_kernel(
     M, D,
     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+    pid_r, p = _pair_split(tl.program_id(0), tl.cdiv(M, BLOCK_R))
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     sa = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -172,12 +180,11 @@ def _gemm_kernel(
     PROJ: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(2).to(tl.int64)
     # grouped ordering of the output tiles (L2 reuse of the X row panels)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid, p = _pair_split(tl.program_id(0), num_pid_m * num_pid_n)
     num_in_group = GROUP_M * num_pid_n
     group_id = pid // num_in_group
     first_m = group_id * GROUP_M
@@ -322,9 +329,10 @@ def _pair_diag_kernel(
     S,
     H: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_i = tl.program_id(0).to(tl.int64)
-    pid_j = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(2).to(tl.int64)
+    nb = tl.cdiv(S, BLOCK)
+    pid_ij, p = _pair_split(tl.program_id(0), nb * nb)
+    pid_i = pid_ij % nb
+    pid_j = pid_ij // nb
     rows = pid_i * BLOCK + tl.arange(0, BLOCK)
     cols = pid_j * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < S
@@ -394,8 +402,7 @@ def _power_step_kernel(
     S, NR,
     TINY: tl.constexpr, NR_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+    pid_r, p = _pair_split(tl.program_id(0), NR)
     jj = tl.arange(0, NR_PAD)
     sq = tl.sum(tl.load(sqin_ptr + p * stride_qp + jj, mask=jj < NR, other=0.0), axis=0)
     inv = 1.0 / tl.maximum(tl.sqrt(sq), TINY)
@@ -430,8 +437,7 @@ def _project_kernel(
     V_FROM_OTHER: tl.constexpr, NORMALIZE: tl.constexpr, RDOT_GIVEN: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+    pid_r, p = _pair_split(tl.program_id(0), tl.cdiv(M, BLOCK_R))
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     alpha = tl.load(alpha_ptr + p)
@@ -514,6 +520,18 @@ def _split_k(tiles: int, batch: int, k: int, block_k: int) -> int:
     return max(1, min(want, steps // 4))
 
 
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65535)
+
+
+def _programs(tiles: int, pairs: int) -> int:
+    """Grid axis 0 of a launch over ``pairs`` pairs of ``tiles`` programs each (see ``_pair_split``)."""
+    n = tiles * pairs
+    if n > _MAX_GRID_X:
+        raise ValueError(f"a, b: a batch of {pairs} pairs needs {n} programs of one launch, more than CUDA's "
+                         f"{_MAX_GRID_X}: split the batch")
+    return n
+
+
 def _vec_stride(v: Tensor) -> int:
     return v.stride(0) if v.dim() >= 1 and v.numel() > 0 else 0
 
@@ -531,7 +549,7 @@ def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=Non
     dummy = alpha
     own_t = own if own is not None else x
     sw = (own.stride(0), own.stride(1), own.stride(2)) if own is not None else (0, 0, 0)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split, batch)
+    grid = (_programs(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), batch), split)
     if not _launch(x):
         return
     wrap_triton(_gemm_kernel)[grid](
@@ -620,7 +638,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
     q_buf = q if order == 1 else torch.empty((P, m if need_rows else 0), device=dev, dtype=f32)
     if need_rows and _launch(a3):
         br, bd = _row_block(), _col_block(d)
-        wrap_triton(_rownorm_kernel)[(triton.cdiv(m, br), P)](
+        wrap_triton(_rownorm_kernel)[(_programs(triton.cdiv(m, br), P),)](
             a3, b3, nrm, q_buf,
             *_strides3(a3), *_strides3(b3),
             nrm.stride(0), nrm.stride(1), q_buf.stride(0),
@@ -683,7 +701,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
             nj = triton.cdiv(s, blk)
             part = torch.empty((nt, P, nj, s), device=dev, dtype=f32)
             if _launch(pw):
-                wrap_triton(_pair_diag_kernel)[(nj, nj, P)](
+                wrap_triton(_pair_diag_kernel)[(_programs(nj * nj, P),)](
                     pw, part,
                     pw.stride(0), pw.stride(1), pw.stride(2), pw.stride(3),
                     part.stride(0), part.stride(1), part.stride(2),
@@ -729,7 +747,7 @@ def _power_iteration(mat: Tensor) -> Tensor:
     for it in range(POWER_ITERS):
         vin, vout = vs[it % 2], vs[(it + 1) % 2]
         if _launch(mat):
-            wrap_triton(_power_step_kernel)[(nr, P)](
+            wrap_triton(_power_step_kernel)[(_programs(nr, P),)](
                 mat, vin, sq[it], vout, sq[it + 1],
                 mat.stride(0), mat.stride(1), mat.stride(2), vin.stride(0), sq.stride(1),
                 s, nr,
@@ -786,7 +804,7 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
         br, bc = _row_block(), _col_block(d)
         for own, ownn, oth, othn, out in sides:
             if _launch(out):
-                wrap_triton(_project_kernel)[(triton.cdiv(m, br), P)](
+                wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
                     out, oth, othn if othn is not None else alpha, own, ownn if ownn is not None else alpha,
                     alpha, q, out,
                     *_strides3(out), *_strides3(oth), *_strides3(own), *_strides3(out),
@@ -815,7 +833,7 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
                   rs=othn, allow_tf32=allow_tf32)
             br, bc = _row_block(), _col_block(d)
             if _launch(out):
-                wrap_triton(_project_kernel)[(triton.cdiv(m, br), P)](
+                wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
                     dst, dst, alpha, own, ownn, alpha, alpha, out,
                     *_strides3(dst), *_strides3(dst), *_strides3(own), *_strides3(out),
                     ownn.stride(0), 0,
