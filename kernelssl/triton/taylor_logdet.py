@@ -184,7 +184,9 @@ def _gemm_kernel(
     # grouped ordering of the output tiles (L2 reuse of the X row panels)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid, p = _pair_split(tl.program_id(0), num_pid_m * num_pid_n)
+    pid = tl.program_id(0)  # int32 tile arithmetic (int64 here costs registers: Triton 3.6 then spills)
+    p = (pid // (num_pid_m * num_pid_n)).to(tl.int64)  # the batch shares axis 0 (see _pair_split)
+    pid = pid % (num_pid_m * num_pid_n)
     num_in_group = GROUP_M * num_pid_n
     group_id = pid // num_in_group
     first_m = group_id * GROUP_M
