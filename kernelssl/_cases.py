@@ -101,10 +101,12 @@ def implementations(
     seed: int = 0,
     compile: bool = False,
     names: tuple[str, ...] | None = None,
+    compile_kwargs: dict | None = None,
 ) -> dict[str, Callable[..., torch.Tensor]]:
     """``{name: fn(*inputs) -> scalar loss}`` for :func:`available` implementations, or for ``names``
-    (any of the names in the module docstring; ``torch.compile`` wraps only the compiled ones named,
-    and compiles on their first call)."""
+    (any of the names in the module docstring; ``torch.compile(fn, **compile_kwargs)`` wraps only the
+    compiled ones named, and compiles on their first call).  For HSIC, ``shape`` fixes d and D (the
+    random maps); the functions take any batch size."""
     device = torch.device(device)
     names = available(loss, device, compile=compile) if names is None else tuple(names)
     if loss == "hsic":
@@ -139,7 +141,7 @@ def implementations(
         if name in impls:
             out[name] = impls[name]
         elif name in compiled:
-            out[name] = torch.compile(impls[compiled[name]])
+            out[name] = torch.compile(impls[compiled[name]], **(compile_kwargs or {}))
         elif name.startswith("triton-") and name[len("triton-"):] in PRECISIONS:
             fn = precision_loss(loss, name[len("triton-"):], shape, device=device, seed=seed)
             if fn is not None:  # None: this version's kernel cannot run that precision

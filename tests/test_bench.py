@@ -27,7 +27,7 @@ def oom_factory(error):
     """Correct at the correctness case, out of memory at every timed shape."""
     def factory(loss, shape, device):
         fn = _torch_path(loss, shape, device)
-        check_batch = runner.SMOKE_CHECK[loss][runner.BATCH_KEY[loss]]
+        check_batch = runner.SMOKE_CHECK_BATCH[loss]
 
         def impl(*xs):
             batch = xs[0].shape[-2] if loss == "hsic" else xs[0].shape[0]

@@ -85,6 +85,11 @@ def markdown(result: dict) -> str:
         "",
         "## Correctness (small case, loss and input gradients against the float64 torch path)",
         "",
+        "fp32: |loss error| ≤ 1e-4·|loss| + 1e-6 and, elementwise, |gradient error| ≤ 1e-4·|grad| + "
+        "1e-4·max|grad| (the gradient column shows max|error| ÷ max|grad|). bf16/fp16 and TF32: error ≤ "
+        "max(2 × the torch path's error in the same precision, a rounding floor); the bound is shown. "
+        "A FAIL is not timed.",
+        "",
         "| loss | dtype | implementation | verdict | loss error (bound) | gradient error, of max\\|grad\\| (bound) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -95,7 +100,7 @@ def markdown(result: dict) -> str:
             cell += f" ({c['message'][:80]})"
         gb = c.get("grad_rel_tol")
         gcell = _f(c.get("grad_rel_err"), ".2e") + (f" ({gb:.2e})" if gb is not None else
-                                                      (" (rtol/atol)" if "grad_rel_err" in c else ""))
+                                                      (" (fp32 rule)" if "grad_rel_err" in c else ""))
         lcell = _f(c.get("loss_err"), ".2e") + (f" ({c['loss_tol']:.2e})" if "loss_tol" in c else "")
         lines.append(f"| {c['loss']} | {c['dtype']} | {c['impl']} | {cell} | {lcell} | {gcell} |")
 
