@@ -196,7 +196,7 @@ def plots(result: dict, out: Path) -> tuple[list[Path], str | None]:
         axes[0].legend(fontsize=7)
         shape = next(r for per in table.values() for r in per.values())["shape"]
         fixed = ", ".join(f"{k}={v}" for k, v in shape.items() if k != key)
-        fig.suptitle(f"{loss} ({fixed}), {dtype} — {label}")
+        fig.suptitle(f"{loss} ({fixed}), {dtype} — {label}", fontsize=11)
         fig.tight_layout()
         path = out / f"{loss}-{dtype}-sweep.png"
         fig.savefig(path, dpi=110)
@@ -207,7 +207,7 @@ def plots(result: dict, out: Path) -> tuple[list[Path], str | None]:
     if target:
         cases = sorted({(r["loss"], r["dtype"]) for r in target}, key=lambda c: (c[1], c[0]))
         impls = list(dict.fromkeys(r["impl"] for r in target))
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) * max(1, len(impls)) / 3), 4.2))
+        fig, ax = plt.subplots(figsize=(max(7.5, 0.55 * len(cases) * len(impls) + 2.0), 4.4))
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             xs, ys, bad = [], [], []
@@ -230,7 +230,7 @@ def plots(result: dict, out: Path) -> tuple[list[Path], str | None]:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([f"{loss}\n{dtype}" for loss, dtype in cases])
         ax.set_ylabel("speed-up vs the papers' form, eager (×)")
-        ax.set_title(f"forward+backward at the target shapes — {label}")
+        ax.set_title(f"forward+backward at the target shapes — {label}", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         fig.tight_layout()

@@ -20,10 +20,11 @@ Per loss and dtype:
    ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).
 
 Each implementation is built once per loss, so a ``torch.compile`` row keeps its graphs from the
-correctness case through the sweep.  It compiles with torch's defaults (a static graph for the first
-shape, then, by automatic dynamic shapes, one graph for every other batch size); under ``--quick``
-with ``dynamic=True`` (one graph for all shapes: half the compile time).  ``first_call_s`` of a
-compiled row's first shape includes its compile time.
+correctness case through the sweep; it compiles with torch's defaults (a static graph for the first
+shape, then, by automatic dynamic shapes, another for the other batch sizes; some losses specialise
+on the batch size and recompile more).  ``first_call_s`` of a compiled row includes its compile
+time.  Under ``--quick`` the compiled rows are checked and timed at the target shape only, in the
+first dtype only: compiling dominates a short run on a small CPU.
 """
 from __future__ import annotations
 
@@ -125,12 +126,11 @@ def plan_shapes(loss: str, device: torch.device, *, quick: bool, smoke: bool) ->
     else:
         target, full, reduced = SHAPES["cuda" if device.type == "cuda" else "cpu"][loss]
         batches = reduced if quick else full
-        if quick:  # --quick: the largest reduced batch is the target
+        if quick and device.type != "cuda":  # CPU --quick: the largest reduced batch is the target
             target = {**target, key: max(batches)}
     sweep = [{**target, key: b} for b in sorted(set(batches) | {target[key]})]
     if quick and not smoke:
-        # --quick: the correctness case is the sweep's smallest shape, so a compiled row that
-        # specialises on the batch size (SFRIK's chunking, MEC's lambda) compiles once less
+        # --quick: the correctness case is the sweep's smallest shape (one shape less to run)
         return sweep[0], target, sweep
     check = {**target, key: (SMOKE_CHECK_BATCH if smoke else CHECK_BATCH)[loss]}
     return check, target, sweep
@@ -430,50 +430,56 @@ def run(cfg: Config) -> dict:
     else:
         warmup, repeats, budget = 1, cfg.repeats or (3 if cfg.quick else 5), 1.0 if cfg.quick else 3.0
 
-    # torch.compile: torch's defaults (a static graph for the first shape, then one dynamic graph for
-    # the others); --quick/--smoke: dynamic=True, one graph for every shape (half the compiles).
-    compile_kwargs = {"dynamic": True} if (cfg.quick or cfg.smoke) else {}
-    plan = []  # (loss, dtype, check_shape, target, shapes to time)
+    # --quick (and --smoke): the torch.compile rows are checked and timed at the target shape only,
+    # in the first dtype only -- each new shape or dtype costs a compile (10-60 s on 2 CPU cores),
+    # which would dominate the run.  Otherwise each compiled row is checked at the small case and
+    # timed over the whole sweep, with torch.compile's defaults.
+    reduced = cfg.quick or cfg.smoke
+    plan = []  # (loss, dtype, [(names, check shape)], [(shape, names)], target)
     for loss in cfg.losses:
         if loss not in C.LOSSES:
             raise ValueError(f"--loss: expected some of {C.LOSSES}, got {loss!r}")
         check, target, sweep = plan_shapes(loss, device, quick=cfg.quick, smoke=cfg.smoke)
         for i, d in enumerate(dtypes):
-            plan.append((loss, d, check, target, sweep if i == 0 else [target]))
-    total = sum(len(names) * (1 + len(shapes)) for *_, shapes in plan)
+            shapes = sweep if i == 0 else [target]
+            plain = tuple(n for n in names if not C.is_compiled(n))
+            comp = tuple(n for n in names if C.is_compiled(n)) if (i == 0 or not reduced) else ()
+            if reduced:
+                checks_at = [(plain, check), (comp, target)]
+                timing = [(sh, names if sh == target else plain) for sh in shapes]
+            else:
+                checks_at = [(plain + comp, check)]
+                timing = [(sh, plain + comp) for sh in shapes]
+            timing = [(sh, tuple(n for n in names if n in ns)) for sh, ns in timing]  # the rows' order
+            plan.append((loss, d, checks_at, timing, target))
+    total = sum(sum(len(ns) for ns, _ in ca) + sum(len(ns) for _, ns in tm) for _, _, ca, tm, _ in plan)
     bar = _progress(total, cfg.progress)
     tick = _ticker(bar)
 
     checks, rows = [], []
     built: dict[str, dict] = {}
-    for loss, dname, check, target, shapes in plan:
+    for loss, dname, checks_at, timing, target in plan:
         if loss not in built:  # once per loss: a compiled row keeps its graphs across shapes and dtypes
-            built = {loss: _build(loss, names, target, device, cfg.extra, compile_kwargs)}
-            first_dtype = True
-        else:
-            first_dtype = False
+            built = {loss: _build(loss, names, target, device, cfg.extra)}
         impls = built[loss]
-        here = names
-        if cfg.quick and not first_dtype:  # --quick: compiled rows in the first dtype only (each recompiles)
-            here = tuple(n for n in names if not C.is_compiled(n))
-            tick_skip = len(names) - len(here)
-            for _ in range((1 + len(shapes)) * tick_skip):
-                tick("")
-        verdicts = check_correctness(loss, dname, here, impls, check, device, tick)
-        for name, v in verdicts.items():
-            checks.append({"loss": loss, "dtype": dname, "impl": name, "shape": dict(check),
-                           "shape_str": shape_str(check), **v})
-            if v["verdict"] == "FAIL":
-                _loud(f"{loss} {dname}: implementation {name!r} is WRONG at {shape_str(check)} "
-                      f"(loss err {v['loss_err']:.3g} > {v['loss_tol']:.3g} or gradient err "
-                      f"{v['grad_rel_err']:.3g} of max|grad|) -- it is not timed", bar)
-            elif v["verdict"] in ("error", "oom"):
-                _loud(f"{loss} {dname}: implementation {name!r} failed its correctness case: {v.get('message')}", bar)
+        verdicts: dict[str, dict] = {}
+        for ns, shape in checks_at:
+            for name, v in check_correctness(loss, dname, ns, impls, shape, device, tick).items():
+                verdicts[name] = v
+                checks.append({"loss": loss, "dtype": dname, "impl": name, "shape": dict(shape),
+                               "shape_str": shape_str(shape), **v})
+                if v["verdict"] == "FAIL":
+                    _loud(f"{loss} {dname}: implementation {name!r} is WRONG at {shape_str(shape)} "
+                          f"(loss err {v['loss_err']:.3g} > {v['loss_tol']:.3g} or gradient err "
+                          f"{v['grad_rel_err']:.3g} of max|grad|) -- it is not timed", bar)
+                elif v["verdict"] in ("error", "oom"):
+                    _loud(f"{loss} {dname}: implementation {name!r} failed its correctness case: "
+                          f"{v.get('message')}", bar)
         timed = {n: f for n, f in impls.items() if n in verdicts and verdicts[n]["verdict"] in ("pass", "n/a")}
-        here = tuple(n for n in here if verdicts[n]["verdict"] != "skipped")  # e.g. precisions of bf16
-        for _ in range(len(shapes) * (len(verdicts) - len(here))):
-            tick("")
-        for shape in shapes:
+        for shape, ns in timing:
+            here = tuple(n for n in ns if verdicts[n]["verdict"] != "skipped")  # e.g. precisions of bf16
+            for _ in range(len(ns) - len(here)):
+                tick("")
             case_rows = time_case(loss, dname, here, timed, shape, device, warmup=warmup, repeats=repeats,
                                   budget_s=budget, tick=tick)
             for r in case_rows:
@@ -491,7 +497,8 @@ def run(cfg: Config) -> dict:
     return {
         "env": environment(device),
         "config": {"losses": list(cfg.losses), "dtypes": list(dtypes), "quick": cfg.quick, "smoke": cfg.smoke,
-                   "implementations": list(names), "compile_kwargs": compile_kwargs, "warmup": warmup, "repeats": repeats, "budget_s": budget,
+                   "implementations": list(names), "compiled_rows": "target shape, first dtype" if reduced
+                   else "every shape and dtype", "warmup": warmup, "repeats": repeats, "budget_s": budget,
                    "fp32_tolerance": FP32_TOL, "value_rtol": VALUE_RTOL, "upstream_gradient": UPSTREAM},
         "checks": checks,
         "rows": rows,
