@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .runner import DTYPES, Config, any_wrong, run
+from .runner import DTYPES, IMPLS, Config, any_wrong, run
 from .._cases import LOSSES
 
 
@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input dtypes (default: fp32 on CPU, fp32 bf16 on a GPU; the sweep runs in the first)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--no-compile", action="store_true", help="drop the torch.compile rows")
-    p.add_argument("--impl", nargs="+", default=None, help=argparse.SUPPRESS)  # restrict the rows (debugging)
+    p.add_argument("--impl", nargs="+", default=None, choices=IMPLS, metavar="IMPL",
+                   help="only these rows (default: all that run on the device): " + " ".join(IMPLS))
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, for the tests
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

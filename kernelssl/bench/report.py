@@ -65,7 +65,11 @@ def _status_cell(r: dict) -> str:
 def machine_label(env: dict) -> str:
     if env["device_type"] == "cuda":
         return env["device"]
-    return f"{env['cpu_count']}-core CPU, {env['torch_threads']} threads"
+    label = f"{env['cpu_count']}-core CPU, {env['torch_threads']} threads"
+    loads = [x for x in (env.get("loadavg_1min") or {}).values() if x is not None]
+    if loads and max(loads) > 1.5 * (env["cpu_count"] or 1):  # times are inflated and noisy: say so
+        label += f", shared (load {min(loads):.0f}-{max(loads):.0f})"
+    return label
 
 
 def markdown(result: dict) -> str:
@@ -146,7 +150,8 @@ def _sweeps(rows: list[dict]) -> dict:
     from .runner import BATCH_KEY
 
     out: dict = {}
-    for r in rows:
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["impl"] for r in rows if r.get("target")))}
+    for r in sorted(rows, key=lambda r: order.get(r["impl"], len(order))):  # the target shape's row order
         out.setdefault((r["loss"], r["dtype"], BATCH_KEY[r["loss"]]), {}).setdefault(r["impl"], {})[r["batch"]] = r
     return {k: v for k, v in out.items() if len({b for per in v.values() for b in per}) > 1}
 

@@ -91,6 +91,10 @@ SMOKE = {
 SMOKE_CHECK_BATCH = {"hsic": 9, "sfrik": 11, "mec": 10}
 
 
+IMPLS = ("eager", "eager-compiled", "kernelssl", "kernelssl-compiled", "torch", "compile",
+         *(f"triton-{p}" for p in C.PRECISIONS), "limit")
+
+
 @dataclass
 class Config:
     losses: tuple[str, ...] = C.LOSSES
@@ -412,6 +416,7 @@ def _git_commit() -> str | None:
 def run(cfg: Config) -> dict:
     """Run the benchmark; returns ``{"env", "config", "checks", "rows", "wall_s"}``."""
     t_start = time.perf_counter()
+    load_start = _loadavg()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -421,6 +426,9 @@ def run(cfg: Config) -> dict:
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"--dtype: expected some of {tuple(DTYPES)}, got {d!r}")
+    for n in cfg.impls or ():
+        if n not in IMPLS and n not in cfg.extra:
+            raise ValueError(f"--impl: expected some of {IMPLS}, got {n!r}")
     names = cfg.impls or default_impls(device, quick=cfg.quick, compile=cfg.compile)
     names = tuple(names) + tuple(n for n in cfg.extra if n not in names)
     if cfg.smoke:
@@ -494,8 +502,10 @@ def run(cfg: Config) -> dict:
     if bar is not None:
         bar.update(bar.total - bar.n)
         bar.close()
+    env = environment(device)
+    env["loadavg_1min"] = {"start": load_start, "end": _loadavg()}  # other jobs on the machine
     return {
-        "env": environment(device),
+        "env": env,
         "config": {"losses": list(cfg.losses), "dtypes": list(dtypes), "quick": cfg.quick, "smoke": cfg.smoke,
                    "implementations": list(names), "compiled_rows": "target shape, first dtype" if reduced
                    else "every shape and dtype", "warmup": warmup, "repeats": repeats, "budget_s": budget,
@@ -504,6 +514,13 @@ def run(cfg: Config) -> dict:
         "rows": rows,
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _progress(total: int, enabled: bool):
