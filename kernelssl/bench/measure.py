@@ -94,6 +94,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_one(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn()``: between two CUDA events on a GPU (synchronised after the
+    call), wall time (``time.perf_counter``) on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
                min_repeats: int = 3, budget_s: float | None = None) -> list[float]:
     """Seconds per call of ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed ones (at
@@ -108,17 +123,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int = 
     times: list[float] = []
     spent = 0.0
     while len(times) < repeats:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
+        t = time_one(fn, device)
         times.append(t)
         spent += t
         if budget_s is not None and len(times) >= min_repeats and spent >= budget_s:

@@ -312,58 +312,101 @@ def _value_reference(loss: str, inputs, shape: dict, device: torch.device) -> fl
 def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, shape: dict,
               device: torch.device, *, warmup: int, repeats: int, budget_s: float,
               tick: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """One row per implementation at ``shape``: time, peak memory, value check, or why not."""
+    """One row per implementation at ``shape``: time, peak memory, value check, or why not.
+
+    Each implementation's first call (compile, JIT) and value check, then warm-up; then the timed
+    repeats **interleaved** (one call of each implementation per round, so a change in the
+    machine's load hits all rows alike), until ``repeats`` rounds, or at least 3 rounds and
+    ``budget_s`` seconds per implementation; then each one's peak extra memory."""
     dtype = DTYPES[dtype_name]
     rows = []
     base = {"loss": loss, "dtype": dtype_name, "shape": dict(shape), "shape_str": shape_str(shape),
             "batch": shape[BATCH_KEY[loss]]}
     inputs = C.make_inputs(loss, shape, device=device, dtype=dtype)
     ref = None
-    for name in names:
-        tick(f"{loss} {dtype_name} {shape_str(shape)} {name}")
-        row = {**base, "impl": name}
-        rows.append(row)
-        fn = impls.get(name)
-        if fn is None:
-            row.update(status="skipped", message="not timed (see its correctness verdict)")
-            continue
-        is_loss = name != "limit"
-        step = (lambda: C.forward_backward(fn, inputs)) if is_loss else (lambda: fn(*inputs))
-        status, message = "ok", None
+    steps: dict[str, Callable] = {}
+    by_name: dict[str, dict] = {}
+
+    def fail(name, exc_status, message):
+        # called outside the except block: its traceback held the failed call's tensors
+        steps.pop(name, None)
+        for x in inputs:
+            x.grad = None
+        Ms.free_gpu_memory()
+        by_name[name].update(status=exc_status, message=message)
+
+    def guarded(name, action):
+        """``action()``; an OOM or error becomes the row's status (the run goes on)."""
+        status = message = None
         try:
-            t0 = time.perf_counter()
-            value = step()
-            Ms.sync(device)
-            row["first_call_s"] = time.perf_counter() - t0
-            if is_loss:
-                if ref is None:
-                    ref = _value_reference(loss, inputs, shape, device)
-                v = float(value)
-                row["loss_value"] = v
-                row["value_rel_err"] = abs(v - ref) / max(abs(ref), 1e-30)
-                rtol = VALUE_RTOL["tf32" if _precision_of(name) == "tf32" else "default"]
-                if not abs(v - ref) <= rtol * abs(ref) + VALUE_ATOL:
-                    status = "value-mismatch"
-                    message = f"loss {v!r} vs float64 {ref!r} at this shape (rtol {rtol})"
-            if status == "ok":
-                times = Ms.time_calls(step, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
-                row.update(median_ms=Ms.median(times) * 1e3, min_ms=min(times) * 1e3, repeats=len(times))
-                peak = Ms.peak_extra_bytes(step, device)
-                row["peak_extra_mb"] = None if peak is None else peak / 2**20
+            return action()
         except _oom_types():
             status, message = "oom", "out of memory"
         except Exception as exc:  # noqa: BLE001 -- a failing row is a row; the run goes on
             status = "compile-failed" if C.is_compiled(name) and _is_compile_error(exc) else "error"
             message = _short(exc)
-        if status in ("oom", "error", "compile-failed"):
-            # outside the except block: its traceback held the failed call's tensors
-            value = step = None
-            for x in inputs:
-                x.grad = None
-            Ms.free_gpu_memory()
-        row["status"] = status
-        if message:
-            row["message"] = message
+        fail(name, status, message)
+        return None
+
+    for name in names:  # first call, value check, warm-up
+        tick(f"{loss} {dtype_name} {shape_str(shape)} {name}")
+        row = {**base, "impl": name, "status": "ok"}
+        rows.append(row)
+        by_name[name] = row
+        fn = impls.get(name)
+        if fn is None:
+            row.update(status="skipped", message="not timed (see its correctness verdict)")
+            continue
+        is_loss = name != "limit"
+        step = (lambda fn=fn: C.forward_backward(fn, inputs)) if is_loss else (lambda fn=fn: fn(*inputs))
+        steps[name] = step
+
+        def first(step=step):
+            t0 = time.perf_counter()
+            value = step()
+            Ms.sync(device)
+            return time.perf_counter() - t0, value
+
+        out = guarded(name, first)
+        if out is None:
+            continue
+        row["first_call_s"], value = out
+        if is_loss:
+            if ref is None:
+                ref = _value_reference(loss, inputs, shape, device)
+            v = float(value)
+            row["loss_value"] = v
+            row["value_rel_err"] = abs(v - ref) / max(abs(ref), 1e-30)
+            rtol = VALUE_RTOL["tf32" if _precision_of(name) == "tf32" else "default"]
+            if not abs(v - ref) <= rtol * abs(ref) + VALUE_ATOL:
+                steps.pop(name)
+                row.update(status="value-mismatch",
+                           message=f"loss {v!r} vs float64 {ref!r} at this shape (rtol {rtol})")
+                continue
+        if guarded(name, lambda step=step: Ms.time_calls(step, device, warmup=warmup, repeats=0)) is None:
+            continue
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    spent = dict.fromkeys(steps, 0.0)
+    for rnd in range(repeats):  # interleaved rounds
+        for name in list(steps):
+            t = guarded(name, lambda: Ms.time_one(steps[name], device))
+            if t is None:
+                times.pop(name, None)
+                continue
+            times[name].append(t)
+            spent[name] += t
+        if rnd + 1 >= 3 and all(spent[n] >= budget_s for n in steps):
+            break
+    for name in list(steps):
+        ts = times[name]
+        by_name[name].update(median_ms=Ms.median(ts) * 1e3, min_ms=min(ts) * 1e3, repeats=len(ts))
+        peak = guarded(name, lambda: Ms.peak_extra_bytes(steps[name], device))
+        if name in steps:
+            by_name[name]["peak_extra_mb"] = None if peak is None else peak / 2**20
+    for row in rows:
+        if row.get("message", "") is None:
+            del row["message"]
     del inputs
     Ms.free_gpu_memory()
     return rows
