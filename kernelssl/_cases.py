@@ -220,8 +220,9 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
       ``Phi_B^T Phi_A`` (D x N x D); backward ``Phi_B C``, ``Phi_A C^T`` (N x D x D) and
       ``dU_A W_A + dU_B W_B`` (N x D x d, two).
     * sfrik: per view, ``G = Z Z^T`` (n x q x n) and the backward ``G' Z`` (n x n x q).
-    * mec (order 4, both directions batched): ``C = A B^T`` (m x d x m), ``C^2`` (one m^3, the
-      forward's only power), ``C^3`` (the backward's series), ``S^T B`` and ``S A`` (m x m x d).
+    * mec (order 4, both directions; in min(m, d) space like the library, s = min(m, d)):
+      ``C = A B^T`` (s x max x s), ``C^2`` (one s^3, the forward's only power), ``C^3`` (the
+      backward's series), and the two gradient products ``S^T B``, ``S A`` (s x s x max).
     """
     if loss == "hsic":
         maps: dict = {}
@@ -253,15 +254,15 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
         return sfrik_limit
 
     def mec_limit(za, zb, pa, pb):
+        out = None
         with torch.no_grad():
-            a = torch.stack([pa.detach(), pb.detach()])
-            b = torch.stack([zb.detach(), za.detach()])
-            if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
-                a, b = a.mT, b.mT
-            c = a @ b.mT
-            c2 = c @ c
-            s = c2 - c - c2 @ c
-            return s.mT @ b + s @ a
+            for a, b in ((pa.detach(), zb.detach()), (pb.detach(), za.detach())):  # both directions
+                if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
+                    a, b = a.mT, b.mT
+                c = a @ b.mT
+                c3 = (c @ c) @ c  # C^2 (forward) and C^3 (the backward's series)
+                out = (c3.mT @ b, c3 @ a)  # the two gradient products
+        return out
 
     return mec_limit
 

@@ -44,7 +44,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["x_limit"] = r["median_ms"] / lim if lim and r["impl"] != "limit" else None
         e = case.get("eager")
         em = e.get("peak_extra_mb") if e and e.get("status") == "ok" else None
-        r["mem_vs_eager"] = r["peak_extra_mb"] / em if em and r.get("peak_extra_mb") is not None else None
+        r["mem_vs_eager"] = (r["peak_extra_mb"] / em if em and r.get("peak_extra_mb") is not None
+                             and r["impl"] != "limit" else None)
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -109,7 +110,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c['loss']} | {c['dtype']} | {c['impl']} | {cell} | {lcell} | {gcell} |")
 
     lines += ["", "## Target shapes", "",
-              "| loss | shape | dtype | implementation | median ms | peak extra MB | vs eager | vs compiled "
+              "| loss | shape | dtype | implementation | median ms (min) | peak extra MB | vs eager | vs compiled "
               "| × limit | mem vs eager |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -121,7 +122,7 @@ def markdown(result: dict) -> str:
                          "| | | | | |")
             continue
         lines.append(
-            f"| {r['loss']} | {r['shape_str']} | {r['dtype']} | {name} | {r['median_ms']:.2f} "
+            f"| {r['loss']} | {r['shape_str']} | {r['dtype']} | {name} | {r['median_ms']:.2f} ({r['min_ms']:.2f}) "
             f"| {_f(r.get('peak_extra_mb'), '.1f')} | {_f(r.get('speedup_vs_eager'), '.2f')}× "
             f"| {_f(r.get('speedup_vs_compiled'), '.2f')}× | {_f(r.get('x_limit'), '.2f')} "
             f"| {_f(r.get('mem_vs_eager'), '.3f')} |")
