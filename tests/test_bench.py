@@ -137,3 +137,19 @@ def test_compiled_rows_once():
     target = [r for r in res["rows"] if r["target"]]
     assert all(r["speedup_vs_compiled"] is not None for r in target), target
     assert len([r for r in res["rows"] if not r["target"]]) == 3  # eager, kernelssl, limit at the other batch
+
+
+def test_triton_precision_rows():
+    """Each input_precision row runs the kernel (the CPU interpreter here) and is checked; a precision
+    this version's kernel cannot select is marked unavailable, not silently run at another."""
+    names = tuple(f"triton-{p}" for p in C.PRECISIONS)
+    res = runner.run(runner.Config(losses=("hsic", "mec"), smoke=True, progress=False, dtypes=("fp32",),
+                                   impls=("eager",) + names))
+    verdicts = {(c["loss"], c["impl"]): c["verdict"] for c in res["checks"]}
+    for loss in ("hsic", "mec"):
+        assert verdicts[(loss, "triton-ieee")] == "pass"
+        assert verdicts[(loss, "triton-tf32")] == "pass"
+        assert verdicts[(loss, "triton-tf32x3")] in ("pass", "unavailable")
+    assert verdicts[("hsic", "triton-tf32x3")] == "pass"  # the rff_hsic kernel takes input_precision
+    ok = {(r["loss"], r["impl"]) for r in res["rows"] if r["status"] == "ok"}
+    assert {(loss, n) for loss, n in verdicts if verdicts[(loss, n)] == "pass"} <= ok

@@ -257,13 +257,13 @@ def check_correctness(loss: str, dtype_name: str, names: tuple[str, ...], impls:
         if name == "limit":
             out[name] = {"verdict": "n/a", "message": "not a loss: the essential matrix products alone"}
             continue
-        if name not in impls:
-            out[name] = {"verdict": "unavailable", "message": "this version of the kernel cannot select "
-                         f"input_precision={_precision_of(name)!r}"}
-            continue
         prec = _precision_of(name)
         if prec is not None and dtype_name != "fp32":
             out[name] = {"verdict": "skipped", "message": "input_precision applies to fp32 inputs only"}
+            continue
+        if name not in impls:
+            out[name] = {"verdict": "unavailable", "message": "this version of the kernel cannot select "
+                         f"input_precision={prec!r}"}
             continue
         status, message, res = "pass", None, None
         try:
