@@ -36,8 +36,11 @@ setup(
             "hypothesis>=6.100",
             "scipy>=1.10",
         ],
+        # python -m kernelssl.bench writes its plots with matplotlib (skipped with a note without it)
+        "bench": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["kernelssl-train = kernelssl.train:main"]},
+    entry_points={"console_scripts": ["kernelssl-train = kernelssl.train:main",
+                                      "kernelssl-bench = kernelssl.bench.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

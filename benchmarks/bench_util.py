@@ -1,32 +1,20 @@
-"""Helpers of the benchmarks: the device, the scale, and peak extra memory of one call.
+"""Helpers of the benchmarks: the device, the scale, the modes and the sweeps' parametrisation.
 
-Peak extra memory is the peak minus the pre-call baseline.
-
-CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated
-before the call.  CPU: the process's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``) above the resident set before the call, after ``malloc_trim(0)`` has
-handed glibc's cached free memory back to the OS (without it, memory freed by an earlier call is
-reused unseen and the peak reads ~0).  Linux/glibc only; elsewhere ``None``.  Seen here: repeated
-CPU measurements of one call agree within ~10-20%.
+The measurement itself (device name, peak extra memory of one call, releasing memory after an
+out-of-memory case) lives in the package, :mod:`kernelssl.bench.measure`, shared with
+``python -m kernelssl.bench``; it is imported from there.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
-import platform
-from typing import Callable
-
 import torch
 
-
-def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from kernelssl.bench.measure import (  # noqa: F401  (re-exported for the benchmark modules)
+    bench_device,
+    device_name,
+    free_gpu_memory,
+    peak_extra_bytes,
+    sync,
+)
 
 
 def bench_scale(config) -> str:
@@ -34,67 +22,7 @@ def bench_scale(config) -> str:
     return config.getoption("--bench-scale") or ("paper" if bench_device().type == "cuda" else "smoke")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> bool:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def _can_reset_cpu_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_kib("VmHWM")
-        return True
-    except OSError:
-        return False
-    except RuntimeError:
-        return False
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes of memory ``fn()`` needs above what was in use before it ran (None if unmeasurable)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    if not (_malloc_trim() and _can_reset_cpu_peak()):
-        return None
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current RSS
-    fn()
-    return max(0, (_status_kib("VmHWM") - base) * 1024)
-
-
 MODES = ("forward", "backward", "full")
-
-
-def free_gpu_memory() -> None:
-    """Release what an out-of-memory case left behind (call it outside the ``except`` block, whose
-    traceback keeps the failed call's tensors alive), so the next case starts from an empty cache."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def mode_step(fn, inputs, mode: str, device: torch.device, *, scalar=lambda out: out):

@@ -79,6 +79,8 @@ def _implementation(name: str):
         return lambda z: S.legendre_gram_mean(z, B3)
     if name == "compile":
         return torch.compile(lambda z: S.legendre_gram_mean(z, B3))
+    if name == "eager-compiled":
+        return torch.compile(lambda z: S.legendre_gram_mean_eager(z, B3))
     from kernelssl.triton import legendre_gram as LG
 
     prec = "tf32" if name == "triton-tf32" else None  # None: the default policy (tf32x3)

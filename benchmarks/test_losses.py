@@ -1,7 +1,8 @@
 """Forward+backward time and peak extra memory of each loss: every implementation, same inputs.
 
 The question is always the same loss, same inputs, side by side: the torch path vs the eager form
-written as the papers' code computes it (vs Triton and ``torch.compile`` on a GPU).  One test per
+written as the papers' code computes it, eager and under ``torch.compile`` (``eager-compiled``, on
+every device), vs Triton and ``torch.compile`` of the torch path on a GPU.  One test per
 (loss, shape, dtype, implementation), grouped by case in pytest-benchmark's table; each also records
 peak extra memory and appends a row to the results file.  Speed targets are read off the results,
 never asserted here; what is asserted is that every implementation computes the eager form's loss

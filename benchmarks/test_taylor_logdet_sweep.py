@@ -64,9 +64,10 @@ def _implementation(name: str, order: int, diagnostics: bool):
         if diagnostics:
             return lambda a, b, lam: K.taylor_logdet_with_diagnostics(a, b, lam, order, input_precision=prec)
         return lambda a, b, lam: K.taylor_logdet(a, b, lam, order, input_precision=prec)
-    base = {"eager": M.taylor_logdet_eager, "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
+    base = {"eager": M.taylor_logdet_eager, "eager-compiled": M.taylor_logdet_eager,
+            "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
     fn = lambda a, b, lam: base(a, b, lam, order)  # noqa: E731
-    if name == "compile":
+    if name in ("compile", "eager-compiled"):
         fn = torch.compile(fn)
     if diagnostics:
         return lambda a, b, lam: (fn(a, b, lam), *M.convergence_diagnostics(a, b, lam, order=order))

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     for loss, shape in shapes.items():
         leaves = tuple(x.detach().clone().requires_grad_(grad) for x, grad in inputs[loss])
-        impls = implementations(loss, shape, device=device)
+        impls = implementations(loss, shape, device=device, names=("torch", "eager"))
         values, times = {}, {}
         for name in ("torch", "eager"):
             values[name] = forward_backward(impls[name], leaves)

@@ -6,8 +6,18 @@ scalar loss with the papers' default hyper-parameters:
 * ``"torch"`` -- the library's torch path through the public functional API (``backend="torch"``);
 * ``"eager"`` -- the form the papers' code computes (materialised Gram for SFRIK, all matrix powers in
   m-space for MEC, features recomputed per term for HSIC): the benchmark baseline;
+* ``"eager-compiled"`` -- ``torch.compile`` of the papers' form: the strongest free peer (one line
+  for a user), on every device;
 * ``"compile"`` -- ``torch.compile`` of the torch path (only when asked for: it compiles);
 * ``"triton"`` -- the fused kernel, once the op's kernel has landed and runs on the inputs' device.
+
+``python -m kernelssl.bench`` adds (:func:`implementations` builds them when named):
+
+* ``"kernelssl"`` -- the library's default call (``backend="auto"``: Triton on CUDA, torch on CPU);
+* ``"kernelssl-compiled"`` -- ``torch.compile`` of that call;
+* ``"triton-ieee"``, ``"triton-tf32x3"``, ``"triton-tf32"`` -- the kernel at one ``input_precision``
+  (:func:`precision_op`);
+* ``"limit"`` -- not the loss: the op's essential matrix products alone (:func:`limit_products`).
 
 ``make_inputs(loss, shape, ...)`` draws random inputs of a named shape.  HSIC's random features are
 drawn once per case (from ``seed``) so that every implementation sees the same maps.
@@ -54,11 +64,16 @@ def make_inputs(
 _OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram_mean", "mec": "taylor_logdet"}
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
 def available(loss: str, device: str | torch.device, *, compile: bool = False) -> tuple[str, ...]:
-    """Names of the implementations of ``loss`` that can run on ``device``."""
+    """Names of the implementations of ``loss`` that ``pytest benchmarks/`` runs on ``device``: always
+    the papers' form eager and under ``torch.compile`` (the strongest free peer) and the torch path;
+    ``compile`` adds ``torch.compile`` of the torch path; CUDA adds the fused kernel."""
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
-    names = ["eager", "torch"]
+    names = ["eager", "eager-compiled", "torch"]
     if compile:
         names.append("compile")
     if _OPS[loss] in TRITON_OPS and torch.device(device).type == "cuda":
@@ -83,10 +98,15 @@ def implementations(
     device: str | torch.device = "cpu",
     seed: int = 0,
     compile: bool = False,
+    names: tuple[str, ...] | None = None,
+    compile_kwargs: dict | None = None,
 ) -> dict[str, Callable[..., torch.Tensor]]:
-    """``{name: fn(*inputs) -> scalar loss}`` for :func:`available` implementations."""
+    """``{name: fn(*inputs) -> scalar loss}`` for :func:`available` implementations, or for ``names``
+    (any of the names in the module docstring; ``torch.compile(fn, **compile_kwargs)`` wraps only the
+    compiled ones named, and compiles on their first call).  For HSIC, ``shape`` fixes d and D (the
+    random maps); the functions take any batch size."""
     device = torch.device(device)
-    names = available(loss, device, compile=compile)
+    names = available(loss, device, compile=compile) if names is None else tuple(names)
     if loss == "hsic":
         w_a, b_a, w_b, b_b = hsic_maps(shape, device=device, seed=seed)
 
@@ -97,22 +117,131 @@ def implementations(
             "eager": run(_hsic.rff_hsic_eager),
             "torch": run(lambda *a: KF.rff_hsic(*a, backend="torch")),
             "triton": run(lambda *a: KF.rff_hsic(*a, backend="triton")),
+            "kernelssl": run(KF.rff_hsic),
         }
     elif loss == "sfrik":
         impls = {
             "eager": lambda za, zb: _sfrik.sfrik_loss(za, zb, eager=True)[0],
             "torch": lambda za, zb: KF.sfrik_loss(za, zb, backend="torch"),
             "triton": lambda za, zb: KF.sfrik_loss(za, zb, backend="triton"),
+            "kernelssl": lambda za, zb: KF.sfrik_loss(za, zb),
         }
     else:
         impls = {
             "eager": lambda za, zb, pa, pb: _mec.mec_loss(za, zb, pa, pb, eager=True)[0],
             "torch": lambda za, zb, pa, pb: KF.mec_loss(za, zb, pa, pb, backend="torch"),
             "triton": lambda za, zb, pa, pb: KF.mec_loss(za, zb, pa, pb, backend="triton"),
+            "kernelssl": lambda za, zb, pa, pb: KF.mec_loss(za, zb, pa, pb),
         }
-    if compile:
-        impls["compile"] = torch.compile(impls["torch"])
-    return {name: impls[name] for name in names}
+    compiled = {"eager-compiled": "eager", "compile": "torch", "kernelssl-compiled": "kernelssl"}
+    out = {}
+    for name in names:
+        if name in impls:
+            out[name] = impls[name]
+        elif name in compiled:
+            out[name] = torch.compile(impls[compiled[name]], **(compile_kwargs or {}))
+        elif name.startswith("triton-") and name[len("triton-"):] in PRECISIONS:
+            out[name] = precision_loss(loss, name[len("triton-"):], shape, device=device, seed=seed)
+        elif name == "limit":
+            out[name] = limit_products(loss, shape)
+        else:
+            raise ValueError(f"names: unknown implementation {name!r} of {loss}")
+    return out
+
+
+def default_backend(loss: str, device: str | torch.device) -> str:
+    """What ``backend="auto"`` (the library's default call) runs for ``loss`` on ``device``."""
+    from ._backend import resolve_backend
+
+    return resolve_backend("auto", _OPS[loss], torch.device(device))
+
+
+def is_compiled(name: str) -> bool:
+    return name in ("eager-compiled", "compile", "kernelssl-compiled")
+
+
+# --------------------------------------------------------------------------------------------------
+# the kernel at one input precision
+
+
+def precision_op(loss: str, precision: str) -> Callable[..., object]:
+    """The loss's core op with the fused kernel at ``input_precision=precision`` (one of
+    :data:`PRECISIONS`), called like the functional op minus ``backend``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    fn = getattr(KF, _OPS[loss])
+    return lambda *a, **k: fn(*a, backend="triton", input_precision=precision, **k)
+
+
+def precision_loss(loss: str, precision: str, shape: dict, *, device="cpu", seed: int = 0):
+    """``fn(*inputs) -> loss`` through :func:`precision_op`."""
+    op = precision_op(loss, precision)
+    if loss == "hsic":
+        maps = hsic_maps(shape, device=device, seed=seed)
+        return lambda views: _hsic.hsic_loss(*op(views, *maps, 1.0), gamma=3.0)
+    if loss == "sfrik":
+        return lambda za, zb: _sfrik.sfrik_loss(za, zb, gram_mean=lambda z, b: op(z, b, normalize=True))[0]
+    return lambda za, zb, pa, pb: _mec.mec_loss(za, zb, pa, pb, logdet=lambda a, b, lam, n: op(a, b, lam, n))[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the limit: the op's essential matrix products alone
+
+
+def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
+    """``fn(*inputs)``: the matrix products the loss's forward+backward cannot avoid, on the same
+    inputs in their dtype, without autograd -- the time a fused implementation would approach if
+    everything else were free.  (Not a loss: ``fn`` returns the last product.)
+
+    * hsic: the two projections ``X W_A^T``, ``X W_B^T`` (N x d x D each), the cross-covariance
+      ``Phi_B^T Phi_A`` (D x N x D); backward ``Phi_B C``, ``Phi_A C^T`` (N x D x D) and
+      ``dU_A W_A + dU_B W_B`` (N x D x d, two).
+    * sfrik: per view, ``G = Z Z^T`` (n x q x n) and the backward ``G' Z`` (n x n x q).
+    * mec (order 4, both directions; in min(m, d) space like the library, s = min(m, d)):
+      ``C = A B^T`` (s x max x s), ``C^2`` (one s^3, the forward's only power), ``C^3`` (the
+      backward's series), and the two gradient products ``S^T B``, ``S A`` (s x s x max).
+    """
+    if loss == "hsic":
+        maps: dict = {}
+
+        def hsic_limit(views):
+            K, B, d = views.shape
+            x = views.detach().reshape(K * B, d)
+            key = (x.dtype, x.device)
+            if key not in maps:  # the maps, made once (their values do not matter to the time)
+                maps[key] = (torch.rand(shape.get("D", 512), d, device=x.device).to(x.dtype),
+                             torch.rand(shape.get("D", 512), d, device=x.device).to(x.dtype))
+            w_a, w_b = maps[key]
+            with torch.no_grad():
+                pa, pb = x @ w_a.T, x @ w_b.T
+                c = pb.T @ pa
+                ga, gb = pb @ c, pa @ c.T
+                return ga @ w_a + gb @ w_b
+
+        return hsic_limit
+    if loss == "sfrik":
+        def sfrik_limit(za, zb):
+            with torch.no_grad():
+                out = None
+                for z in (za.detach(), zb.detach()):
+                    g = z @ z.T
+                    out = g @ z
+                return out
+
+        return sfrik_limit
+
+    def mec_limit(za, zb, pa, pb):
+        out = None
+        with torch.no_grad():
+            for a, b in ((pa.detach(), zb.detach()), (pb.detach(), za.detach())):  # both directions
+                if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
+                    a, b = a.mT, b.mT
+                c = a @ b.mT
+                c3 = (c @ c) @ c  # C^2 (forward) and C^3 (the backward's series)
+                out = (c3.mT @ b, c3 @ a)  # the two gradient products
+        return out
+
+    return mec_limit
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

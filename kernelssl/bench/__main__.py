@@ -1,0 +1,59 @@
+"""``python -m kernelssl.bench [--quick] [--out DIR] [--loss hsic sfrik mec] [--dtype fp32 bf16] [--device D]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .runner import DTYPES, IMPLS, Config, any_wrong, run
+from .._cases import LOSSES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m kernelssl.bench",
+        description="Correctness, then forward+backward time and peak memory of SSL-HSIC, SFRIK and MEC: "
+        "kernelssl vs the papers' form (eager and torch.compile), on this machine.")
+    p.add_argument("--quick", action="store_true",
+                   help="a reduced set: two or three batch sizes per loss (CPU: under 3 minutes on 2 cores)")
+    p.add_argument("--out", default=None, help="output folder (default: kernelssl-bench-<time>)")
+    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES), help="losses (default: all)")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
+                   help="input dtypes (default: fp32 on CPU, fp32 bf16 on a GPU; the sweep runs in the first)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--no-compile", action="store_true", help="drop the torch.compile rows")
+    p.add_argument("--impl", nargs="+", default=None, choices=IMPLS, metavar="IMPL",
+                   help="only these rows (default: all that run on the device): " + " ".join(IMPLS))
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, for the tests
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None, *, extra=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out or f"kernelssl-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = Config(losses=tuple(args.loss), dtypes=tuple(args.dtype) if args.dtype else None, device=args.device,
+                 quick=args.quick, smoke=args.smoke, compile=not args.no_compile,
+                 impls=tuple(args.impl) if args.impl else None, extra=dict(extra or {}),
+                 progress=not args.no_progress)
+    result = run(cfg)
+    report.add_ratios(result["rows"])
+    files, note = report.plots(result, out)
+    result["plots"] = [p.name for p in files]
+    report.write_json(result, out / "results.json")
+    (out / "results.md").write_text(report.markdown(result))
+    print(report.summary(result))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {len(files)} plots" if files else ""))
+    if note:
+        print(f"note: {note}")
+    if any_wrong(result):
+        print("!!! at least one implementation computed a WRONG result (see above); exit status 2", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
