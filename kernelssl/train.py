@@ -399,8 +399,9 @@ def _pixel_probe(data: DataBundle, args: argparse.Namespace, max_values: int = 2
 
 
 def build_criterion(args: argparse.Namespace, gather: bool) -> nn.Module:
-    """The loss module of ``args.loss`` with the recipe's hyper-parameters (components returned)."""
-    common = dict(gather_distributed=gather, backend=args.backend, return_components=True)
+    """The loss module of ``args.loss`` with the recipe's hyper-parameters (the training step calls its
+    ``forward_components``, which returns the loss and the terms to log in one pass)."""
+    common = dict(gather_distributed=gather, backend=args.backend)
     if args.loss == "hsic":
         return HSICLoss(num_features=args.num_features, gamma=args.gamma, kernel_scale=args.kernel_scale,
                         learn_scale=bool(args.learn_scale), normalize=True, seed=args.seed, **common)
@@ -569,10 +570,10 @@ class _Trainer:
                     zt, _ = self.target(x)
         # The loss runs outside autocast: kernelssl computes in fp32 from inputs of any float dtype.
         if args.loss == "hsic":
-            return self.criterion(p[:b], p[b:], zt[b:], zt[:b], generator=self.loss_gen)
+            return self.criterion.forward_components(p[:b], p[b:], zt[b:], zt[:b], generator=self.loss_gen)
         if args.loss == "sfrik":
-            return self.criterion(z[:b], z[b:])
-        return self.criterion(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
+            return self.criterion.forward_components(z[:b], z[b:])
+        return self.criterion.forward_components(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
 
     def train_epoch(self, bar) -> dict[str, Any]:
         args = self.args
