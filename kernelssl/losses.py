@@ -119,7 +119,8 @@ class HSICLoss(nn.Module):
             sampled pairs, no gradient to the embeddings).  The module then returns
             ``hsic_loss + scale_objective``: the embeddings get gradients from the first term only
             (c is stop-gradient there), c from the second only.  Give ``loss.parameters()`` its own
-            optimiser (the paper: Adam, lr 3e-4).
+            optimiser (the paper: Adam, lr 3e-4).  The learned c is never read on the host: should
+            an optimiser drive it to <= 0, the loss becomes NaN (not a silent number).
         kernel: ``"rff"`` (the paper's estimator) or ``"exact"`` (the exact kernel, O(N^2) memory;
             for checking).
         normalize: L2-normalise each embedding first (default True, as the paper's code does before

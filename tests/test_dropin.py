@@ -13,13 +13,11 @@ import io
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import kernelssl.functional as KF
 from helpers import assert_close
-from kernelssl import hsic as H
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 from reference import hsic as RH
 from reference import mec as RM
