@@ -241,6 +241,13 @@ class HSICLoss(nn.Module):
         self._generators = {}
         self._pending_states = {str(k): v for k, v in state["generators"].items()}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint from before the generator state was saved has no _extra_state: load it as it
+        # was (generators restart from the seed) instead of failing with a missing key.
+        # (load_state_dict passes its own copy of the dict.)
+        state_dict.setdefault(prefix + "_extra_state", {"seed": self.seed, "generators": {}})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def draw_features(
         self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

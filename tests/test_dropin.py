@@ -380,6 +380,15 @@ def test_hsic_state_dict_restores_the_feature_stream():
     assert not torch.equal(fresh(za, zb), saved(za, zb))
 
 
+def test_hsic_loads_a_checkpoint_without_generator_state():
+    old = {"kernel_scale": torch.tensor(0.25)}  # what state_dict() held before the generators were saved
+    crit = HSICLoss(num_features=8, learn_scale=True, seed=3)
+    crit.load_state_dict(old)
+    assert float(crit.kernel_scale.detach()) == 0.25
+    assert torch.equal(crit(_z(), _z(seed=1)), HSICLoss(num_features=8, learn_scale=True, kernel_scale=0.25,
+                                                        seed=3)(_z(), _z(seed=1)))
+
+
 def test_hsic_state_dict_with_learned_scale_round_trips():
     crit = HSICLoss(num_features=8, learn_scale=True, kernel_scale=0.5)
     crit(_z(), _z(seed=1))
