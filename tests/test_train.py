@@ -178,3 +178,16 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _results(out)
     assert r["world_size"] == 2 and math.isfinite(r["linear_probe_acc"])
+
+
+def test_readme_cifar10_recipes_parse():
+    """The README's per-paper CIFAR-10 command lines are valid options of the script."""
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    commands = re.findall(r"`(python -m kernelssl\.train --loss \w+ --dataset cifar10[^`]*)`", readme)
+    assert len(commands) == 3, commands
+    for cmd in commands:
+        args = train.parse_args(shlex.split(cmd)[3:])
+        assert args.dataset == "cifar10" and args.download and args.arch == "resnet18"
