@@ -20,6 +20,7 @@ __all__ = [
     "check_same_shape",
     "check_same_device",
     "check_finite",
+    "check_bool",
     "check_int",
     "check_positive",
     "check_choice",
@@ -95,12 +96,21 @@ def check_finite(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
             raise ValueError(f"{n}: expected finite values (check_finite=True), got {bad} NaN/Inf entries")
 
 
-def check_int(x: object, name: str, *, minimum: int) -> int:
-    """A Python int (not bool) >= minimum."""
+def check_bool(x: object, name: str) -> bool:
+    """Strictly a Python bool (``True``/``False``): a string such as ``"no"`` or an int is refused,
+    so a truthy value of the wrong type can never switch a flag on."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {describe(x)}")
+    return x
+
+
+def check_int(x: object, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    """A Python int (not bool) >= minimum (and <= maximum when given)."""
+    span = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {describe(x)}")
-    if x < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
+        raise TypeError(f"{name}: expected an int {span}, got {describe(x)}")
+    if x < minimum or (maximum is not None and x > maximum):
+        raise ValueError(f"{name}: expected an int {span}, got {x}")
     return x
 
 

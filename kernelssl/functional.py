@@ -18,6 +18,23 @@ Losses: :func:`ssl_hsic_loss`, :func:`sfrik_loss`, :func:`mec_loss` (the modules
 Non-finite inputs: NaN/Inf propagate to the outputs (never a silent finite number); pass
 ``check_finite=True`` to raise a ``ValueError`` instead (costs one host sync per input).
 
+Huge finite rows: wherever rows are L2-normalised, each row whose largest magnitude is >= 1 is
+first scaled by an exact power of two (``2^-floor(log2 max|z_i|)``, detached: the normalised row and
+its gradient do not depend on the scale) so that the sum of squares cannot overflow; fp32 rows with
+entries up to the dtype's maximum then normalise correctly on every backend (before, a norm of
+~1e19 overflowed ``sum z^2`` and the torch path returned a wrong finite loss, the kernels NaN).  The
+scaling is exact, so results are bitwise unchanged for every row that did not overflow.
+
+Tensor-valued hyper-parameters (``kernel_scale`` c, MEC's ``lam``): their values are never read on
+the host (that would sync).  A value <= 0 (or NaN) makes the result NaN -- via ``torch.where``, no
+sync -- instead of a silent number from a meaningless kernel; ``check_finite=True`` raises on it
+(one host sync).  Python numbers are checked eagerly, as always.
+
+``torch.func`` (``grad``, ``vmap``, ``jvp``, ...): every op works under the transforms.  SFRIK's
+chunked Gram mean is a custom autograd Function, which the transforms cannot see through; under a
+transform it is replaced by the plain-autograd form (:func:`kernelssl.sfrik.legendre_gram_mean_eager`,
+same value, O(n^2) memory).  Meta tensors: shapes and dtypes propagate through every entry point.
+
 Autocast: every entry point computes in float32 (float64 for float64 inputs) even inside
 ``torch.autocast``: autocast is switched off for the inputs' device type for the duration of the
 call (:func:`_fp32_compute`), so no matmul of the loss silently runs in bf16/fp16.  Inputs may be
@@ -29,6 +46,7 @@ gathered from all ranks (:mod:`kernelssl.distributed`).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,8 +56,9 @@ from . import distributed as _dist
 from . import hsic as _hsic
 from . import mec as _mec
 from . import sfrik as _sfrik
-from ._backend import resolve_backend, resolve_precision
+from ._backend import ENV_VAR, resolve_backend, resolve_precision
 from ._checks import (
+    check_bool,
     check_choice,
     check_coefficients,
     check_finite as _assert_finite,
@@ -110,14 +129,20 @@ def _as_views(views: Sequence[Tensor] | Tensor, name: str = "views") -> Tensor:
 
 
 def _first_tensor(args, kwargs) -> Tensor | None:
+    """The first tensor among the arguments, looking into (nested) lists and tuples."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, Tensor):
             return a
         if isinstance(a, (list, tuple)):
-            for t in a:
-                if isinstance(t, Tensor):
-                    return t
+            t = _first_tensor(a, {})
+            if t is not None:
+                return t
     return None
+
+
+# Device types torch.autocast knows; asking about any other (``meta``) raises, so a meta tensor is
+# treated as "autocast off" and its shapes propagate.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone"})
 
 
 def _fp32_compute(fn):
@@ -131,12 +156,49 @@ def _fp32_compute(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t = _first_tensor(args, kwargs)
-        if t is not None and torch.is_autocast_enabled(t.device.type):
+        if (t is not None and t.device.type in _AUTOCAST_DEVICE_TYPES
+                and torch.is_autocast_enabled(t.device.type)):
             with torch.autocast(t.device.type, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _prescale_rows(x: Tensor) -> Tensor:
+    """``x`` with every row whose largest magnitude is >= 1 multiplied by ``2^-floor(log2 max|x_i|)``
+    (its largest entry then lies in [1, 2)); other rows unchanged.  For rows that are L2-normalised
+    next: the sum of squares can no longer overflow, and since the factor is an exact power of two
+    (detached) the normalised row, and the gradient through it, are bitwise those of the unscaled
+    row whenever that one did not overflow.  NaN/Inf rows stay non-finite.  fp16 is returned as is
+    (every path squares it in fp32, which cannot overflow at fp16's range).  No host sync.
+    """
+    if x.dtype == torch.float16:
+        return x
+    with torch.no_grad():
+        amax = x.detach().abs().amax(dim=-1, keepdim=True)
+        scale = torch.exp2(-torch.floor(torch.log2(amax)).clamp_min(0.0))
+    return x * scale
+
+
+def _positive_or_nan(x: float | Tensor) -> float | Tensor:
+    """A tensor hyper-parameter (c, lam) with every value <= 0 or NaN replaced by NaN -- so that a
+    meaningless value turns the loss into NaN instead of a silent number -- without reading it on the
+    host.  Python numbers pass through (they are validated eagerly)."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return torch.where(x > 0, x, torch.full_like(x, float("nan")))
+    return x
+
+
+def _assert_finite_hyper(x: float | Tensor, name: str) -> None:
+    """``check_finite=True`` on a tensor hyper-parameter: raise unless every value is finite and > 0."""
+    if isinstance(x, Tensor) and not bool(((x > 0) & torch.isfinite(x)).all()):
+        raise ValueError(f"{name}: expected finite values > 0 (check_finite=True), got {x.detach().cpu().tolist()}")
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def gather_views(views: Tensor, generator: torch.Generator | None | bool = False) -> Tensor:
@@ -196,6 +258,7 @@ def rff_hsic(
         views: ``(K, B, d)`` -- K >= 2 views of B >= 2 images; row i of every view is image i.
         w_a, w_b: ``(D, d)`` RFF directions; b_a, b_b: ``(D,)`` phases (see :func:`sample_imq_rff`).
         kernel_scale: c > 0, a float or 1-element tensor; not differentiated through (stop-gradient).
+            A tensor's value is not read (no sync): a value <= 0 gives NaN results.
         input_precision: the fused kernel's fp32 GEMM precision (SPEC §4): ``"tf32x3"``, ``"ieee"``,
             ``"tf32"``, or ``None`` (``"tf32"`` under torch's TF32 flag, else ``"tf32x3"``).  The torch
             path ignores it (its matmuls follow torch's own flag).
@@ -211,8 +274,11 @@ def rff_hsic(
     _hsic._check_map(w_b, b_b, d, views.device, "w_b", "b_b")
     _check_scale_arg(kernel_scale)
     resolve_precision(input_precision)
+    check_bool(check_finite, "check_finite")
     if check_finite:
         _assert_finite([views, w_a, b_a, w_b, b_b], names)
+        _assert_finite_hyper(kernel_scale, "kernel_scale")
+    kernel_scale = _positive_or_nan(kernel_scale)
     if resolve_backend(backend, "rff_hsic", views.device) == "triton":  # pragma: no cover - lands with the kernel
         from .triton import rff_hsic as _k
 
@@ -225,13 +291,17 @@ def exact_hsic(views: Tensor, kernel_scale: float | Tensor, *, check_finite: boo
     """The exact-IMQ-kernel estimators that :func:`rff_hsic` converges to as D grows (SPEC §1.3).
 
     ``k_c(x, y) = c / sqrt(||x - y||^2 + c^2)`` in place of ``phi(x)^T phi(y)``, HSIC(Z, Z) =
-    ``||H K H||_F^2 / N^2``.  A check path: it materialises the N x N kernel (torch only).
+    ``||H K H||_F^2 / N^2``.  A check path: it materialises the N x N kernel (torch only).  The
+    kernel is evaluated as ``rsqrt(||x/c - y/c||^2 + 1)`` from direct differences, so ``k(x, x) = 1``
+    exactly and no ``c^2`` can overflow or underflow (see :func:`kernelssl.hsic.exact_hsic`).
     """
     views = _as_views(views)
     _check_scale_arg(kernel_scale)
+    check_bool(check_finite, "check_finite")
     if check_finite:
         _assert_finite([views], ["views"])
-    return _hsic.exact_hsic(views, kernel_scale)
+        _assert_finite_hyper(kernel_scale, "kernel_scale")
+    return _hsic.exact_hsic(views, _positive_or_nan(kernel_scale))
 
 
 @_fp32_compute
@@ -283,10 +353,15 @@ def ssl_hsic_loss(
     check_choice(kernel, "kernel", ("rff", "exact"))
     _check_scale_arg(kernel_scale)
     resolve_precision(input_precision)  # the fused kernel's, see rff_hsic
+    for flag, name in ((gather_distributed, "gather_distributed"), (check_finite, "check_finite"),
+                       (return_components, "return_components")):
+        check_bool(flag, name)
     if gather_distributed:
         views = gather_views(views, generator if kernel == "rff" else False)
     if check_finite:
         _assert_finite([views], ["views"])
+        _assert_finite_hyper(kernel_scale, "kernel_scale")
+    kernel_scale = _positive_or_nan(kernel_scale)
     if kernel == "rff":
         # Maps in the compute dtype (fp32 for half views: rounding W and beta to half precision would
         # add ~1e-3 rad phase error), drawn on the generator's device and moved to the views'.
@@ -343,13 +418,32 @@ def legendre_gram_mean(
             the torch path ignores it.
 
     Returns a 0-dim float32 tensor (float64 for float64 input).  The torch path streams the Gram in
-    row chunks: peak extra memory O(n * chunk), never n x n.
+    row chunks: peak extra memory O(n * chunk), never n x n.  Under a ``torch.func`` transform it is
+    the plain-autograd form instead (O(n^2) memory; see the module docstring).
+
+    Precision at high degree L (fp32): the value stays within ~1e-7 * sum(b) of float64, but the
+    gradient's relative error grows about as L^2 (the recurrence amplifies the rounding of Gram
+    entries near +-1 by ``P'_L(1) = L (L + q - 2) / (q - 1)``).  Measured at n = 256 (max-abs error
+    of the gradient over its max-abs, b_l = 1): L = 10: ~5e-6, L = 50: ~5e-5, L = 100: ~5e-4,
+    L = 200: ~3e-3 (q from 2 to 128).  The paper's L = 3 is far from this; for L beyond ~50, pass
+    float64 embeddings if the gradient must be exact to fp32 precision.
     """
     _sfrik._check_z(z, "z")
     coefficients = check_coefficients(coefficients)
     resolve_precision(input_precision)
+    check_bool(normalize, "normalize")
+    check_bool(check_finite, "check_finite")
     if check_finite:
         _assert_finite([z], ["z"])
+    if normalize:
+        z = _prescale_rows(z)
+    if _functorch_active():
+        if (os.environ.get(ENV_VAR, "auto") if backend == "auto" else backend) == "triton":
+            raise RuntimeError(
+                "backend='triton' cannot run legendre_gram_mean under a torch.func transform (the fused "
+                "op has no vmap/jvp rule); use backend='torch' or 'auto' (the plain-autograd form)"
+            )
+        return _sfrik.legendre_gram_mean_eager(z, coefficients, normalize=normalize)
     if resolve_backend(backend, "legendre_gram_mean", z.device) == "triton":  # pragma: no cover
         from .triton import legendre_gram as _k
 
@@ -379,6 +473,14 @@ def sfrik_loss(
     ``input_precision``: the fused Gram kernel's fp32 precision (see :func:`legendre_gram_mean`).
     """
     resolve_precision(input_precision)
+    for flag, name in ((gather_distributed, "gather_distributed"), (check_finite, "check_finite"),
+                       (return_components, "return_components")):
+        check_bool(flag, name)
+    _sfrik._check_z(z_a, "z_a")
+    _sfrik._check_z(z_b, "z_b")
+    if check_finite:  # before the scaling below, which would spread a NaN over its row
+        _assert_finite([z_a, z_b], ["z_a", "z_b"])
+    z_a, z_b = _prescale_rows(z_a), _prescale_rows(z_b)  # both terms normalise the rows
     if gather_distributed:
         _sfrik._check_z(z_a, "z_a")
         _sfrik._check_z(z_b, "z_b")
@@ -390,7 +492,6 @@ def sfrik_loss(
         coefficients=coefficients,
         sim_weight=sim_weight,
         mmd_weight=mmd_weight,
-        check_finite=check_finite,
         gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend,
                                     input_precision=input_precision),
     )
@@ -412,7 +513,7 @@ class MECComponents:
     t_ab: Tensor  #: T_n(target_a, z_b)
     t_ba: Tensor  #: T_n(target_b, z_a)
     coding_length: Tensor  #: mu * (t_ab + t_ba) / (2m), mu = (m + d) / 2
-    lam: float  #: the lambda used this step
+    lam: float | Tensor  #: the lambda used this step
     spectral_radius: Tensor  #: power-iteration estimate of rho(C), max over both directions; series converges iff < 1
     term_ratio: Tensor  #: |last series term| / |previous term|, max over both directions
 
@@ -438,7 +539,9 @@ def taylor_logdet(
 
     Args:
         a, b: ``(..., m, d)``, same shape, m >= 2; rows L2-normalised unless ``normalize=False``.
-        lam: lambda > 0 (float, or a tensor broadcastable to the batch shape).
+        lam: lambda > 0 (float, or a tensor broadcastable to the batch shape).  A float below what
+            the compute dtype resolves (:func:`min_lambda`) is refused; a tensor's values are not
+            read (no sync): a value <= 0 gives NaN.
         order: n >= 1.
         input_precision: the fused kernel's fp32 GEMM precision (SPEC §4), as in :func:`rff_hsic`;
             the torch path ignores it.
@@ -448,8 +551,15 @@ def taylor_logdet(
     _mec._check_inputs(a, b, lam, min_rows=2)
     check_int(order, "order", minimum=1)
     resolve_precision(input_precision)
+    check_bool(normalize, "normalize")
+    check_bool(check_finite, "check_finite")
+    _check_lambda_range(lam, _mec._compute_dtype(a, b))
     if check_finite:
         _assert_finite([a, b], ["a", "b"])
+        _assert_finite_hyper(lam, "lam")
+    lam = _positive_or_nan(lam)
+    if normalize:
+        a, b = _prescale_rows(a), _prescale_rows(b)
     if resolve_backend(backend, "taylor_logdet", a.device) == "triton":  # pragma: no cover
         from .triton import taylor_logdet as _k
 
@@ -461,7 +571,34 @@ def taylor_logdet(
 def exact_logdet(a: Tensor, b: Tensor, lam: float | Tensor, *, normalize: bool = True) -> Tensor:
     """``log det(I + lam A^ B^T)`` exactly (slogdet in min(m, d) space); NaN where det <= 0."""
     _mec._check_inputs(a, b, lam, min_rows=2)
-    return _mec.exact_logdet(a, b, lam, normalize=normalize)
+    check_bool(normalize, "normalize")
+    if normalize:
+        a, b = _prescale_rows(a), _prescale_rows(b)
+    return _mec.exact_logdet(a, b, _positive_or_nan(lam), normalize=normalize)
+
+
+def min_lambda(dtype: torch.dtype) -> float:
+    """The smallest Python-float lambda MEC accepts for a compute dtype (float32 or float64):
+    ``finfo.tiny / finfo.eps`` (about 9.9e-32 in float32), so that every entry ``lam * a^_i . b^_j``
+    of C that matters at the dtype's precision is a normal number.  Below it C's entries become
+    subnormal or zero and the loss silently loses its digits (in fp32, eps_sq = 1e45 returned 0).
+    The reference-scaled loss hardly depends on lambda there (it tends to minus the mean cosine
+    similarity): use a larger lambda, or float64 embeddings."""
+    fi = torch.finfo(dtype)
+    return fi.tiny / fi.eps
+
+
+def _check_lambda_range(lam: float | Tensor | None, dtype: torch.dtype, hint: str = "") -> None:
+    if lam is None or isinstance(lam, Tensor):
+        return
+    lam = check_positive(lam, "lam")
+    floor = min_lambda(dtype)
+    if lam < floor:
+        raise ValueError(
+            f"lam: expected lambda >= {floor:.3g} for {dtype} computation (smaller values underflow: the "
+            f"entries of C = lam * A^ B^T would be subnormal or zero), got {lam:.3g}{hint}; use a larger "
+            f"lambda (smaller eps_sq) or float64 embeddings"
+        )
 
 
 @_fp32_compute
@@ -481,6 +618,7 @@ def mec_loss(
     check_finite: bool = False,
     return_components: bool = False,
     input_precision: str | None = None,
+    check_convergence: str = "off",
 ) -> Tensor | MECComponents:
     """MEC loss (Liu et al., NeurIPS 2022; SPEC §3.2), symmetrised over the two views::
 
@@ -495,8 +633,19 @@ def mec_loss(
     the **global** batch size -- in ``lam = d / (m eps_sq)`` and the 1/(2m) scale alike; a ``lam``
     passed in (e.g. from :func:`mec_lambda_warmup`) must be based on the global m too.
     ``input_precision``: the fused kernel's fp32 precision (see :func:`taylor_logdet`).
+
+    ``check_convergence``: ``"off"`` (default, no sync), ``"warn"`` or ``"raise"`` -- estimate the
+    spectral radius rho of C in both directions (the power iteration of
+    :func:`kernelssl.mec.convergence_diagnostics`) and, when ``rho >= 1`` (the series no longer
+    approximates ``log det``: the loss is silently wrong), issue a ``RuntimeWarning`` or raise a
+    ``ValueError``.  Costs the diagnostics (about a third of a forward + backward on the torch path)
+    and ONE host sync to read rho.  Under ``torch.compile`` leave it off.
     """
     resolve_precision(input_precision)
+    for flag, name in ((exact, "exact"), (gather_distributed, "gather_distributed"),
+                       (check_finite, "check_finite"), (return_components, "return_components")):
+        check_bool(flag, name)
+    check_choice(check_convergence, "check_convergence", ("off", "warn", "raise"))
     if gather_distributed:
         given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
                  if t is not None]
@@ -507,11 +656,28 @@ def mec_loss(
         z_a, z_b = next(gathered), next(gathered)
         target_a = None if target_a is None else next(gathered)
         target_b = None if target_b is None else next(gathered)
+    given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
+             if t is not None]
+    for t, n in given:
+        check_tensor(t, n, ndim=2, min_rows=2, min_cols=1)
     if check_finite:
-        given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
-                 if isinstance(t, Tensor)]
         _assert_finite([t for t, _ in given], [n for _, n in given])
-    diagnostics: list[Tensor] = []  # filled by the fused op when components are asked for: (rho, term_ratio)
+        if lam is not None:
+            _assert_finite_hyper(lam, "lam")
+    check_positive(eps_sq, "eps_sq")
+    if lam is None:
+        m_, d_ = z_a.shape
+        lam = d_ / (m_ * eps_sq)
+        _check_lambda_range(lam, _mec._compute_dtype(*(t for t, _ in given)),
+                            f" (lam = d / (m eps_sq) = {d_} / ({m_} * {eps_sq:g}))")
+    else:
+        _check_lambda_range(lam, _mec._compute_dtype(*(t for t, _ in given)))
+        lam = _positive_or_nan(lam)
+    # all four are row-normalised inside: scale huge rows first (exact; see the module docstring)
+    z_a, z_b = _prescale_rows(z_a), _prescale_rows(z_b)
+    target_a = None if target_a is None else _prescale_rows(target_a)
+    target_b = None if target_b is None else _prescale_rows(target_b)
+    diagnostics: list[Tensor] = []  # (rho, term_ratio), filled by the fused op when asked for (below)
     loss, t_ab, t_ba, coding_length, lam = _mec.mec_loss(
         z_a,
         z_b,
@@ -522,10 +688,10 @@ def mec_loss(
         scale=scale,
         lam=lam,
         exact=exact,
-        logdet=functools.partial(_logdet_keeping_diagnostics, diagnostics=diagnostics if return_components else None,
-                                 backend=backend, input_precision=input_precision),
+        logdet=functools.partial(_logdet_keeping_diagnostics, backend=backend, input_precision=input_precision,
+                                 diagnostics=diagnostics if return_components or check_convergence != "off" else None),
     )
-    if not return_components:
+    if not return_components and check_convergence == "off":
         return loss
     # Diagnostics, without grad and without a host sync: a power-iteration estimate of rho(C) and
     # the ratio of the last two series terms.  The fused kernel returns them with T at negligible
@@ -538,6 +704,10 @@ def mec_loss(
         pb = z_b if target_b is None else target_b
         a, b = torch.stack(_promote(pa, pb)).detach(), torch.stack(_promote(z_b, z_a)).detach()
         rho, ratio = _mec.convergence_diagnostics(a, b, lam, order=order)
+    if check_convergence != "off":
+        _report_divergence(rho, lam, check_convergence)
+    if not return_components:
+        return loss
     return MECComponents(
         loss=loss,
         t_ab=t_ab,
@@ -547,6 +717,22 @@ def mec_loss(
         spectral_radius=rho.max(),
         term_ratio=ratio.max(),
     )
+
+
+def _report_divergence(rho: Tensor, lam: float | Tensor, action: str) -> None:
+    """Read the spectral-radius estimate (the one host sync of ``check_convergence``) and warn or raise
+    when the series diverges."""
+    r = float(rho.detach().max())
+    if not r < 1.0:  # also NaN
+        lam_s = f"{lam:.4g}" if isinstance(lam, float) else "the given tensor"
+        msg = (f"MEC: the truncated log-det series diverges: spectral radius of C = lam * A^ B^T is about "
+               f"{r:.4g} >= 1 (lam = {lam_s}); the loss no longer approximates log det(I + C).  Raise eps_sq, "
+               f"use the lambda warm-up (mec_lambda_warmup), or an even order")
+        if action == "raise":
+            raise ValueError(f"check_convergence: {msg}")
+        import warnings
+
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def _logdet_keeping_diagnostics(a, b, lam, order, *, diagnostics: list | None, backend: str,

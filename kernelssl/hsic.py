@@ -206,18 +206,23 @@ def exact_hsic(
         HSIC_ZY = (1/(B K (K-1))) sum_i sum_{v,w} Kmat[(v,i), (w,i)] - (1/N^2) sum_{n,m} Kmat_nm
         HSIC_ZZ = ||H Kmat H||_F^2 / N^2,   H = I - 11^T / N
 
-    The first sum includes v = w, a constant ``1/(K-1)`` (k(x, x) = 1).  Squared distances use the
-    Gram form ``||z_n||^2 + ||z_m||^2 - 2 z_n.z_m`` clamped at 0.  ``kernel_scale`` is detached.
+    The first sum includes v = w, a constant ``1/(K-1)`` (k(x, x) = 1).  ``kernel_scale`` is detached.
+
+    The kernel is evaluated as ``Kmat_nm = 1 / sqrt(r_nm^2 + 1)`` with ``r_nm^2 = ||z_n/c - z_m/c||^2``
+    summed from direct coordinate differences (memory O(N^2 d) under autograd: a check path), never
+    from the Gram form ``||x||^2 + ||y||^2 - 2 x.y``: that cancels catastrophically when the distance is small next to
+    the norms, so ``k(x, x)`` came out below 1 (a few percent in fp32 at moderate scales, and wrong
+    even in float64 at small c), and ``c^2`` overflowed/underflowed in fp32 (c = 1e20 gave k = 0,
+    c = 1e-25 NaN).  Now ``k(x, x) = 1`` exactly, every c representable in the dtype works, and
+    ``r -> inf`` gives k -> 0 without overflow trouble.
     """
     _check_views(views)
     K, B, d = views.shape
     N = K * B
     cdt = _compute_dtype(views)
     c = _scale(kernel_scale, cdt, views.device, detach=True)
-    x = views.to(cdt).reshape(N, d)
-    sq = x.square().sum(dim=1)
-    rho = torch.clamp(sq[:, None] + sq[None, :] - 2.0 * (x @ x.t()), min=0.0)
-    kmat = c * torch.rsqrt(rho + c * c)
+    x = views.to(cdt).reshape(N, d) / c
+    kmat = torch.rsqrt((x[:, None, :] - x[None, :, :]).square().sum(dim=-1) + 1.0)
     positive = kmat.reshape(K, B, K, B).diagonal(dim1=1, dim2=3).sum()  # same image i, all (v, w)
     hsic_zy = positive / (B * K * (K - 1)) - kmat.mean()
     kc = kmat - kmat.mean(dim=0, keepdim=True) - kmat.mean(dim=1, keepdim=True) + kmat.mean()
@@ -267,7 +272,7 @@ def kernel_scale_objective(
     ``m = max(1, round(sqrt(num_pairs)))`` row indices i and m indices j into the N flattened
     embeddings (m^2 ~ num_pairs pairs): drawn with ``generator`` (i then j, ``randint`` with
     replacement), or, when ``generator`` is None, a deterministic evenly strided choice (even / odd
-    points of ``t * N // (2m)``, t < 2m).  ``rho`` (Gram form, clamped at 0; O(m^2 + m d) memory) is
+    points of ``t * N // (2m)``, t < 2m).  ``rho`` (direct differences, O(m^2 + m d) memory) is
     computed under ``torch.no_grad()`` from detached views: no gradient reaches the embeddings, only
     ``kernel_scale`` (when it is a tensor that requires grad; its value is not checked, as that would
     sync -- a Python number is checked > 0).  Returns a 0-dim tensor, float32 (float64 for float64 views).
@@ -284,9 +289,10 @@ def kernel_scale_objective(
         x = views.detach().to(cdt).reshape(N, d)
         i, j = _pair_indices(N, m, generator, views.device)
         xi, xj = x[i], x[j]
-        # Gram form, memory O(m^2 + m d): ||xi||^2 + ||xj||^2 - 2 xi.xj, clamped at 0
-        rho = (xi.square().sum(1)[:, None] + xj.square().sum(1)[None, :] - 2.0 * (xi @ xj.t())).clamp_min(0.0)
+        # direct differences (the Gram form cancels: a sampled pair i = j got rho ~ 1e-7 ||x||^2, not 0)
+        log_rho = torch.log((xi[:, None, :] - xj[None, :, :]).square().sum(dim=-1))
     c = _scale(kernel_scale, cdt, views.device, detach=False)
     if isinstance(c, float):
         c = torch.tensor(c, dtype=cdt, device=views.device)
-    return -torch.log(c / 2.0) + 1.5 * torch.log(rho + c * c).mean()
+    # log(rho + c^2) as logaddexp(log rho, 2 log c): no c^2 to overflow/underflow in fp32 (rho = 0 -> 2 log c)
+    return -torch.log(c / 2.0) + 1.5 * torch.logaddexp(log_rho, 2.0 * torch.log(c)).mean()

@@ -57,6 +57,8 @@ def sample_imq_rff(
     src = generator.device if generator is not None else torch.device("cpu")
     out = torch.device(device) if device is not None else src
     D = num_features
+    if out.type == "meta":  # shape propagation: nothing to draw, and no generator state consumed
+        return torch.empty(D, dim, device=out, dtype=dtype), torch.empty(D, device=out, dtype=dtype)
     g = torch.randn(D, dim, generator=generator, device=src, dtype=torch.float64)
     n = torch.randn(D, generator=generator, device=src, dtype=torch.float64)
     b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)

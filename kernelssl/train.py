@@ -34,6 +34,17 @@ bit-identical results on CPU), ``log.csv`` (one row per epoch: the loss componen
 (``seconds`` is the pretraining wall time summed over resumed segments, ``cpu_seconds`` the CPU time
 of the main process in it -- data-loader workers not included).
 
+Data: ``--dataset digits`` (default), ``cifar10`` / ``stl10`` (their on-disk formats under
+``--data-dir``, read by :mod:`kernelssl.data`; ``--download`` fetches them) or ``imagefolder PATH``
+(``python -m kernelssl.train --dataset imagefolder PATH``; PATH is the same as ``--data-dir PATH``).
+``--arch smallcnn`` works on every dataset (width 32 on natural images unless ``--width``).  Loader
+workers default to the cores each process has left after one compute thread (at most 1 on digits,
+4 otherwise): 1 on a 2-core machine, 0 on one core.
+
+MEC's convergence: the estimated spectral radius of C is logged every epoch (``spectral_radius``, the
+epoch mean, and ``spectral_radius_max``); ``--mec-check warn|raise`` also checks it at every step
+(one host sync per step) and warns or stops when it reaches 1.
+
 Distributed: ``torchrun --nproc_per_node=N -m kernelssl.train ...`` runs DDP (gloo on CPU, NCCL on
 CUDA) with a DistributedSampler; ``--batch-size`` is the global batch and the loss is computed on the
 gathered global batch (``gather_distributed=True``).
@@ -99,15 +110,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 #: Per-dataset overrides of :data:`RECIPES` (natural images: ResNet-18, longer runs, batch 256, wider
 #: heads, the papers' gamma and q-scaled sim_weight).  Not tuned here (no dataset on the CI machine).
+#: ``width`` is used by ``--arch smallcnn`` only.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(arch="smallcnn", width=16, probe_labels=5, probe_repeats=5, workers=1),
-    "cifar10": dict(arch="resnet18", epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5, warmup_epochs=10,
-                    proj_hidden=2048, probe_labels=0, probe_repeats=1, workers=4),
-    "stl10": dict(arch="resnet18", epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5, warmup_epochs=10,
-                  proj_hidden=2048, probe_labels=0, probe_repeats=1, workers=4),
-    "imagefolder": dict(arch="resnet18", epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5, warmup_epochs=10,
-                        proj_hidden=2048, probe_labels=0, probe_repeats=1, workers=4),
+    "digits": dict(arch="smallcnn", width=16, probe_labels=5, probe_repeats=5),
+    "cifar10": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
+                    warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
+    "stl10": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
+                  warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
+    "imagefolder": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
+                        warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
 }
+#: Most data-loader workers by default (``--workers`` unset): digits are tensors already, natural
+#: images are decoded and augmented per item.  The default never exceeds the cores left to each
+#: process after one compute thread (:func:`machine_defaults`).
+MAX_WORKERS = {"digits": 1, "cifar10": 4, "stl10": 4, "imagefolder": 4}
 _NATURAL_DIMS = {"hsic": dict(proj_dim=256, pred_hidden=2048, gamma=3.0),
                  "sfrik": dict(proj_dim=2048, sim_weight=None),
                  "mec": dict(proj_dim=2048, pred_hidden=512)}
@@ -148,7 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--loss", choices=LOSSES, default="hsic", help="the self-supervised loss (default hsic)")
     a("--dataset", choices=DATASETS, default="digits", help="default digits (bundled with scikit-learn, offline)")
-    a("--data-dir", default=os.environ.get("KERNELSSL_DATA", "data"),
+    a("data", nargs="?", default=None, metavar="PATH",
+      help="dataset root (cifar10/stl10) or image folder (imagefolder): the same as --data-dir PATH")
+    a("--data-dir", default=None,
       help="dataset root (cifar10/stl10) or image folder (imagefolder); default $KERNELSSL_DATA or ./data")
     a("--download", action="store_true", help="download cifar10/stl10 into --data-dir if missing")
     a("--subset", type=int, default=None, help="use only the first N images for pretraining and probe training")
@@ -182,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--eps-sq", type=float, default=None, help="mec: distortion epsilon^2")
     a("--order", type=int, default=None, help="mec: Taylor order")
     a("--mec-warmup", type=float, default=None, help="mec: lambda warm-up epochs (default min(10, epochs/10))")
+    a("--mec-check", choices=("off", "warn", "raise"), default="off",
+      help="mec: warn or stop when the series diverges (spectral radius of C >= 1; one host sync per step). "
+           "The radius is logged either way (log.csv: spectral_radius, the epoch mean, and spectral_radius_max)")
     # evaluation
     a("--probe-labels", type=int, default=None,
       help="labelled images per class for the probes (0 = all; default 5 on digits, else 0)")
@@ -192,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     a("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype for the network")
     a("--threads", type=int, default=None, help="torch intra-op threads (default: cores / processes - workers)")
-    a("--workers", type=int, default=None, help="data-loader worker processes (default 1 on digits, 4 otherwise)")
+    a("--workers", type=int, default=None,
+      help="data-loader worker processes (default: cores per process - 1, at most 1 on digits and 4 otherwise)")
     a("--backend", choices=("auto", "torch", "triton"), default="auto", help="kernelssl backend of the loss")
     a("--no-progress", action="store_true", help="no tqdm bar (it is off anyway when stderr is not a tty)")
     return p
@@ -201,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and resolve the command line (recipe defaults filled in)."""
     args = _parser().parse_args(argv)
+    if args.data is not None and args.data_dir is not None and args.data != args.data_dir:
+        _parser().error(f"PATH {args.data!r} and --data-dir {args.data_dir!r} differ: give one of them")
+    args.data_dir = args.data or args.data_dir or os.environ.get("KERNELSSL_DATA", "data")
+    if args.workers is not None and args.workers < 0:
+        _parser().error(f"--workers must be >= 0, got {args.workers}")
     for name in ("subset", "epochs", "batch_size", "stop_after", "width", "knn_k", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -236,6 +263,16 @@ def _available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def machine_defaults(args: argparse.Namespace, cores: int, local_world: int) -> tuple[int, int]:
+    """``(workers, threads)`` for this process: ``--workers`` if given, else
+    ``min(MAX_WORKERS[dataset], cores per process - 1)`` (so a 2-core machine gets 1 worker, a 1-core
+    machine none); ``--threads`` if given, else the cores per process left after the workers (>= 1)."""
+    per_process = max(1, cores // max(1, local_world))
+    workers = args.workers if args.workers is not None else min(MAX_WORKERS[args.dataset], per_process - 1)
+    threads = args.threads or max(1, per_process - workers)
+    return workers, threads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,15 +436,16 @@ def _pixel_probe(data: DataBundle, args: argparse.Namespace, max_values: int = 2
 
 
 def build_criterion(args: argparse.Namespace, gather: bool) -> nn.Module:
-    """The loss module of ``args.loss`` with the recipe's hyper-parameters (components returned)."""
-    common = dict(gather_distributed=gather, backend=args.backend, return_components=True)
+    """The loss module of ``args.loss`` with the recipe's hyper-parameters (the training step calls its
+    ``forward_components``, which returns the loss and the terms to log in one pass)."""
+    common = dict(gather_distributed=gather, backend=args.backend)
     if args.loss == "hsic":
         return HSICLoss(num_features=args.num_features, gamma=args.gamma, kernel_scale=args.kernel_scale,
                         learn_scale=bool(args.learn_scale), normalize=True, seed=args.seed, **common)
     if args.loss == "sfrik":
         return SFRIKLoss(coefficients=args.coefficients, sim_weight=args.sim_weight, mmd_weight=args.mmd_weight,
                          **common)
-    return MECLoss(eps_sq=args.eps_sq, order=args.order, **common)
+    return MECLoss(eps_sq=args.eps_sq, order=args.order, check_convergence=args.mec_check, **common)
 
 
 def build_model(args: argparse.Namespace, in_channels: int) -> SSLNet:
@@ -569,10 +607,10 @@ class _Trainer:
                     zt, _ = self.target(x)
         # The loss runs outside autocast: kernelssl computes in fp32 from inputs of any float dtype.
         if args.loss == "hsic":
-            return self.criterion(p[:b], p[b:], zt[b:], zt[:b], generator=self.loss_gen)
+            return self.criterion.forward_components(p[:b], p[b:], zt[b:], zt[:b], generator=self.loss_gen)
         if args.loss == "sfrik":
-            return self.criterion(z[:b], z[b:])
-        return self.criterion(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
+            return self.criterion.forward_components(z[:b], z[b:])
+        return self.criterion.forward_components(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
 
     def train_epoch(self, bar) -> dict[str, Any]:
         args = self.args
@@ -582,6 +620,7 @@ class _Trainer:
         if self.target is not None:
             self.target.train()  # BatchNorm of the target uses batch statistics, as in BYOL
         sums: dict[str, torch.Tensor] = {}
+        rho_max: torch.Tensor | None = None
         t0, c0 = time.perf_counter(), time.process_time()
         lam = momentum = lr = None
         images = 0
@@ -612,6 +651,8 @@ class _Trainer:
                 ema_update(self.target, self.online, momentum)
             for k, v in _components(args.loss, out).items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
+                if k == "spectral_radius":  # the worst step of the epoch too (no host sync here)
+                    rho_max = v.clone() if rho_max is None else torch.maximum(rho_max, v)
             self.step += 1
             images += x1.shape[0] * self.world
             if bar is not None:
@@ -628,6 +669,8 @@ class _Trainer:
         n = max(1, self.steps_per_epoch)
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         row.update({k: float(v) / n for k, v in sums.items()})
+        if rho_max is not None:
+            row["spectral_radius_max"] = float(rho_max)
         if args.loss == "mec":
             row["lam"] = lam
         if momentum is not None:
@@ -669,9 +712,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     device = _pick_device(args.device, local_rank, world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    cores = _available_cores()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    threads = args.threads or max(1, cores // local_world - args.workers)
+    args.workers, threads = machine_defaults(args, _available_cores(), local_world)
     torch.set_num_threads(threads)
     args.threads = threads
 

@@ -73,7 +73,7 @@ def _maps(device, dtype):
 # Library forms (autocast off inside), as ``f(z)`` on the stacked (4, N, D) embeddings.
 def _library(device):
     return {
-        "hsic-module": lambda z: HSICLoss(num_features=NUM_FEATURES, learn_scale=True, seed=3)(z),
+        "hsic-module": lambda z: HSICLoss(num_features=NUM_FEATURES, learn_scale=True, seed=3)(z, view_dim=0),
         "sfrik-module": lambda z: SFRIKLoss(sim_weight=50.0)(z[0], z[1]),
         "mec-module": lambda z: MECLoss(eps_sq=4.0)(z[0], z[1], z[2], z[3]),
         "rff_hsic": lambda z: sum(KF.rff_hsic(z, *_maps(device, torch.float32), 1.0)),

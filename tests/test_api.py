@@ -47,9 +47,9 @@ def test_modules_return_scalar_and_components(dtype):
         # HSIC redraws its features every call: give both calls the same generator state
         kw = lambda: {"generator": torch.Generator().manual_seed(1)} if isinstance(crit, HSICLoss) else {}  # noqa: E731
         loss = crit(*z, **kw())
+        assert isinstance(loss, torch.Tensor)
         assert loss.shape == () and loss.dtype == dtype and torch.isfinite(loss)
-        crit.return_components = True
-        comps = crit(*z, **kw())
+        comps = crit.forward_components(*z, **kw())
         torch.testing.assert_close(comps.loss, loss, rtol=0, atol=0)
 
 
@@ -73,8 +73,8 @@ def test_hsic_module_redraws_features_each_step_reproducibly():
 
 def test_hsic_learn_scale_gradients_are_separated():
     z = [v.requires_grad_() for v in _views(dtype=torch.float64)]
-    crit = HSICLoss(num_features=32, learn_scale=True, return_components=True)
-    out = crit(*z)
+    crit = HSICLoss(num_features=32, learn_scale=True, normalize=False)
+    out = crit.forward_components(*z)
     assert out.scale_objective is not None
     torch.testing.assert_close(out.loss, KF._hsic.hsic_loss(out.hsic_zy, out.hsic_zz) + out.scale_objective)
     out.loss.backward()
@@ -90,7 +90,7 @@ def test_hsic_learn_scale_gradients_are_separated():
     torch.testing.assert_close(c.grad, c2.grad)
     # the embeddings' gradient equals that of the HSIC loss alone (scale objective has no path to them)
     z2 = [v.detach().clone().requires_grad_() for v in z]
-    crit2 = HSICLoss(num_features=32, kernel_scale=1.0, seed=0)
+    crit2 = HSICLoss(num_features=32, kernel_scale=1.0, seed=0, normalize=False)
     crit2(*z2).backward()
     for g1, g2 in zip(z, z2):
         torch.testing.assert_close(g1.grad, g2.grad, rtol=1e-12, atol=1e-12)
@@ -107,9 +107,9 @@ def test_mec_default_lambda_and_warmup():
 
 def test_mec_components_report_divergence_without_sync():
     z = torch.ones(16, 8, dtype=torch.float64)  # collapsed: rho = lam * m = d / eps_sq
-    comps = MECLoss(eps_sq=0.5, return_components=True)(z + 1e-3 * torch.randn(16, 8, dtype=torch.float64), z)
+    comps = MECLoss(eps_sq=0.5).forward_components(z + 1e-3 * torch.randn(16, 8, dtype=torch.float64), z)
     assert comps.spectral_radius.shape == () and comps.spectral_radius > 1.0
-    ok = MECLoss(eps_sq=64.0, return_components=True)(*_views(B=16, d=8))
+    ok = MECLoss(eps_sq=64.0).forward_components(*_views(B=16, d=8))
     assert ok.spectral_radius < 1.0
 
 

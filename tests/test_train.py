@@ -4,7 +4,8 @@
   with finite values, log.csv has the loss components;
 * resume: 2 epochs in one go == 1 epoch, stop, ``--resume`` for the second -- bitwise-equal weights,
   EMA target, optimiser state and results;
-* bad data: a missing cifar10 without ``--download`` exits with status 2 and a clear message;
+* bad data: a missing or corrupt cifar10 without ``--download`` exits with status 2 and a clear message
+  (the real cifar10/stl10/imagefolder layouts are exercised on generated files in test_data.py);
 * DDP under torchrun (2 CPU processes, gloo) once ``gather_distributed`` is available.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ REQUIRED = ("loss", "epochs", "seconds", "seed", "args", "linear_probe_acc", "ba
 COMPONENTS = {
     "hsic": ("loss", "hsic_zy", "hsic_zz", "kernel_scale", "scale_objective", "ema_momentum"),
     "sfrik": ("loss", "mse", "mmd_a", "mmd_b"),
-    "mec": ("loss", "t_ab", "t_ba", "coding_length", "lam", "spectral_radius", "term_ratio", "ema_momentum"),
+    "mec": ("loss", "t_ab", "t_ba", "coding_length", "lam", "spectral_radius", "spectral_radius_max", "term_ratio",
+            "ema_momentum"),
 }
 
 
@@ -111,6 +113,17 @@ def test_resume_is_bit_identical(tmp_path, capsys, loss, workers):
     assert ra == rb
 
 
+def test_mec_check_stops_a_diverging_run(tmp_path, capsys):
+    # eps_sq = 0.5 at d = 128: a collapsed batch has rho = d / eps_sq = 256; the warm-up is off.
+    args = ["--loss", "mec", "--epochs", "1", *TINY, "--eps-sq", "0.5", "--mec-warmup", "0"]
+    with pytest.raises(ValueError, match="check_convergence: MEC: the truncated log-det series diverges"):
+        train.main([*args, "--out", str(tmp_path / "raise"), "--mec-check", "raise"])
+    assert train.main([*args, "--out", str(tmp_path / "off")]) == 0  # off: runs, and logs rho >= 1
+    with open(os.path.join(tmp_path / "off", "log.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["spectral_radius_max"]) >= 1.0 and float(row["spectral_radius_max"]) >= float(row["spectral_radius"])
+
+
 def test_resume_rejects_other_options(tmp_path):
     out = str(tmp_path / "run")
     args = ["--loss", "sfrik", "--epochs", "2", "--out", out, *TINY]
@@ -132,7 +145,9 @@ def test_corrupt_cifar10_exits_2(tmp_path, capsys):
     (root / "cifar-10-batches-py").mkdir(parents=True)
     (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
     assert train.main(["--dataset", "cifar10", "--data-dir", str(root), "--out", str(tmp_path / "o")]) == 2
-    assert "cifar10 not found in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data_batch_1 is not a CIFAR-10 python batch" in err and "pass --download" in err
+    assert "Traceback" not in err
 
 
 def test_missing_imagefolder_exits_2(tmp_path, capsys):
@@ -163,3 +178,16 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _results(out)
     assert r["world_size"] == 2 and math.isfinite(r["linear_probe_acc"])
+
+
+def test_readme_cifar10_recipes_parse():
+    """The README's per-paper CIFAR-10 command lines are valid options of the script."""
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    commands = re.findall(r"`(python -m kernelssl\.train --loss \w+ --dataset cifar10[^`]*)`", readme)
+    assert len(commands) == 3, commands
+    for cmd in commands:
+        args = train.parse_args(shlex.split(cmd)[3:])
+        assert args.dataset == "cifar10" and args.download and args.arch == "resnet18"

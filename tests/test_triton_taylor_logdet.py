@@ -673,14 +673,14 @@ def test_gpu_precisions():
 
 
 def test_mec_components_take_the_kernels_diagnostics():
-    # MECLoss(backend="triton", return_components=True) reports the fused op's diagnostics; they
+    # MECLoss(backend="triton").forward_components(...) reports the fused op's diagnostics; they
     # agree with the torch path's (same power iteration, same traces) to fp32 round-off.
     g = torch.Generator().manual_seed(3)
     z = [torch.randn(12, 7, generator=g) for _ in range(4)]
     from kernelssl.losses import MECLoss
 
-    got = MECLoss(backend="triton", return_components=True)(*z)
-    want = MECLoss(backend="torch", return_components=True)(*z)
+    got = MECLoss(backend="triton").forward_components(*z)
+    want = MECLoss(backend="torch").forward_components(*z)
     for name in ("loss", "t_ab", "t_ba", "spectral_radius", "term_ratio"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-7, msg=name)
 
