@@ -237,9 +237,12 @@ def _gemm_kernel(
     if PROJ > 0:
         on = tl.load(ownn_ptr + p * stride_onp + rows, mask=rmask, other=1.0)
         inv = _inv_norm(on)
-        pinv = tl.where(on > 1e-12, inv, 0.0)  # F.normalize's Jacobian has no projection below eps
         xw = tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
-                     mask=omask, other=0.0).to(tl.float32) * pinv[:, None]
+                     mask=omask, other=0.0).to(tl.float32)
+        if PROJ == 1:
+            xw = xw * tl.where(on > 1e-12, inv, 0.0)[:, None]  # no projection below eps (F.normalize)
+        else:  # the row dot is reduced here from this x^: divide, as _project_kernel (_unit_rows)
+            xw = _unit_rows(xw, on)
         if PROJ == 1:
             rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * tl.load(rdot_scale_ptr + p)
         else:
