@@ -78,13 +78,16 @@ def _upstream(batch, seed=0):
 
 
 def _terms(a, b, lam, order, normalize=True):
-    """sum_k |tr(C^k)| / k per pair: the magnitude against which roundoff of T is measured."""
+    """sum_k sum_i |diag(C^k)_i| / k per pair: the magnitude against which roundoff of T is measured
+    (the summands of the traces, not the traces: at d = 1 with rows of opposite signs tr(C) = 0
+    exactly while each diag(C)_i = +-lam is rounded -- issue #16; elsewhere the diagonals share a
+    sign and this is sum_k |tr(C^k)| / k)."""
     an, bn = (R.normalize(a), R.normalize(b)) if normalize else (a, b)
     c = np.asarray(lam)[..., None, None] * an @ np.swapaxes(bn, -1, -2)
     out, p = 0.0, np.broadcast_to(np.eye(c.shape[-1]), c.shape)
     for k in range(1, order + 1):
         p = p @ c
-        out = out + np.abs(np.trace(p, axis1=-2, axis2=-1)) / k
+        out = out + np.abs(np.diagonal(p, axis1=-2, axis2=-1)).sum(-1) / k
     return out
 
 
@@ -216,6 +219,7 @@ def test_d_space_rows_wider_than_a_tile(path, dtype, monkeypatch):
        normalize=st.booleans(), seed=st.integers(0, 2**16))
 @example(m=2, d=1, order=1, tiled=False, normalize=True, seed=0)  # issue #16 (test_d1_gradient_is_zero_regression)
 @example(m=2, d=1, order=2, tiled=False, normalize=True, seed=0)  # the thorough profile's, after order 1 was fixed
+@example(m=2, d=1, order=1, tiled=False, normalize=True, seed=27426)  # tr(C) = 0 exactly: see _terms
 def test_random_tiny_shapes(m, d, order, tiled, normalize, seed):
     """fp32 kernel vs float64 within the stated fp32 tolerances, or, where those are beyond fp32 on the
     input (torch misses them too), within SPEC §4's 2x of the torch path's error."""
