@@ -239,10 +239,13 @@ def _gemm_kernel(
         inv = _inv_norm(on)
         xw = tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
                      mask=omask, other=0.0).to(tl.float32)
-        if PROJ == 1:
-            xw = xw * tl.where(on > 1e-12, inv, 0.0)[:, None]  # no projection below eps (F.normalize)
-        else:  # the row dot is reduced here from this x^: divide, as _project_kernel (_unit_rows)
+        if PROJ == 2 and BLOCK_N <= 64:
+            # the row dot is reduced here from this x^: divide, as _project_kernel (_unit_rows).  Rows
+            # up to 64 wide only: at 128 the division's registers spill (sm_90, ptxas); wide rows keep
+            # the reciprocal, whose 1.5-ulp x^ matters at d = 1-like cancellations, not at d > 64.
             xw = _unit_rows(xw, on)
+        else:
+            xw = xw * tl.where(on > 1e-12, inv, 0.0)[:, None]  # no projection below eps (F.normalize)
         if PROJ == 1:
             rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * tl.load(rdot_scale_ptr + p)
         else:
