@@ -1,7 +1,10 @@
 """Shared test configuration.
 
-Hypothesis profiles: ``ci`` (default; few examples, derandomised so CI is reproducible) and
+Hypothesis profiles: ``ci`` (default; few examples, derandomised so CI is reproducible),
+``ci-mid`` (derandomised, enough examples to reach the cancellation points of issue #16 -- q = 2,
+d = 1, n = 2 -- in a few minutes: CI runs it on the property tests alone, ``-m hypothesis``) and
 ``thorough`` (many examples, random).  Select with ``HYPOTHESIS_PROFILE=thorough pytest tests``.
+The long run (``tests/long_run.py``, README "Numerics") drives the three ops far beyond these.
 """
 import os
 
@@ -16,6 +19,13 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ci",
     max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "ci-mid",
+    max_examples=80,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -269,9 +269,13 @@ def _sum_partials_kernel(part_ptr, out_ptr, num_parts, n, BLOCK: tl.constexpr):
 # Backward, stage 1 (rows row0 .. row0 + panel_rows of the Gram matrix; tile (I, J)):
 #   G_kj = r_k r_j z_k . z_j  (recomputed),  P[k - row0, j] = phi'(G_kj) r_j,
 #   dpart[k - row0, J] = sum_{j in J} phi'(G_kj) G_kj        (-> zhat_k . dM/dzhat_k, up to 2/n^2)
+#   NORMALIZE: the diagonal term j = k is dropped (P_kk = 0, no share in d_k) for rows with
+#   ||z_k|| >= eps: its contribution phi'(1) zhat_k lies along zhat_k, so the Jacobian removes it
+#   exactly, but computed it is r_k^2 phi'(G_kk) (1 - G_kk) z_k with G_kk = 1 +- ulps, the rounding
+#   of the largest term (phi' peaks at t = 1) left over in a difference that may be tiny (q = 2, n = 2).
 @triton.jit
 def _gram_dphi_kernel(
-    z_ptr, rinv_ptr, p_ptr, dpart_ptr,
+    z_ptr, rinv_ptr, proj_ptr, p_ptr, dpart_ptr,
     stride_zn, stride_zq, stride_pm, stride_pn, stride_dm, stride_dn,
     n, q, row0, panel_rows,
     COEF: tl.constexpr, L: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -291,6 +295,9 @@ def _gram_dphi_kernel(
     r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
     g = acc * r_i[:, None] * r_j[None, :]
     dphi = _phi_prime(g, q, COEF, L)
+    if NORMALIZE:
+        projected = tl.load(proj_ptr + rows, mask=rmask, other=0.0) != 0.0
+        dphi = tl.where((rows[:, None] == cols[None, :]) & projected[:, None], 0.0, dphi)
     mask = rmask[:, None] & cmask[None, :]
     tl.store(p_ptr + lrows[:, None] * stride_pm + cols[None, :] * stride_pn, dphi * r_j[None, :], mask=mask)
     if NORMALIZE:
@@ -540,7 +547,7 @@ def legendre_gram_backward(
         nrows = min(rows, n - row0)
         grid1 = (triton.cdiv(nrows, cfg["block"]) * num_dparts,)
         wrap_triton(_gram_dphi_kernel)[grid1](
-            z, rinv, panel, dpart,
+            z, rinv, proj, panel, dpart,
             z.stride(0), z.stride(1), panel.stride(0), panel.stride(1), dpart.stride(0), dpart.stride(1),
             n, q, row0, nrows,
             COEF=coef, L=len(coef), NORMALIZE=normalize,

@@ -113,6 +113,15 @@ def _inv_norm(nrm):
 
 
 @triton.jit
+def _unit_rows(x, nrm):
+    # x^ = x / ||x|| (rows of a tile, norms per row) by a correctly rounded division, as F.normalize
+    # divides: x * (1/||x||) is off by up to 1.5 ulps, and x^ (x^ . v) then no longer cancels v's
+    # component along x^ to rounding of the result (d = 1: x^ = +-1 exactly, the gradient exactly 0).
+    # Rows below eps get 0 (F.normalize's Jacobian has no projection there).
+    return tl.where(nrm[:, None] > 1e-12, tl.div_rn(x, tl.maximum(nrm, 1e-12)[:, None]), 0.0)
+
+
+@triton.jit
 def _round_bf16(x):
     # fp32 -> nearest-even bf16 value, still in fp32 (its low 16 bits zero, so the cast is exact).
     # Only under the interpreter, whose fp32 -> bf16 cast truncates (Triton 3.8); a GPU's cast rounds.
@@ -242,9 +251,15 @@ def _gemm_kernel(
     if PROJ > 0:
         on = tl.load(ownn_ptr + p * stride_onp + rows, mask=rmask, other=1.0)
         inv = _inv_norm(on)
-        pinv = tl.where(on > 1e-12, inv, 0.0)  # F.normalize's Jacobian has no projection below eps
         xw = tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
-                     mask=omask, other=0.0).to(tl.float32) * pinv[:, None]
+                     mask=omask, other=0.0).to(tl.float32)
+        if PROJ == 2 and BLOCK_N <= 64:
+            # the row dot is reduced here from this x^: divide, as _project_kernel (_unit_rows).  Rows
+            # up to 64 wide only: at 128 the division's registers spill (sm_90, ptxas); wide rows keep
+            # the reciprocal, whose 1.5-ulp x^ matters at d = 1-like cancellations, not at d > 64.
+            xw = _unit_rows(xw, on)
+        else:
+            xw = xw * tl.where(on > 1e-12, inv, 0.0)[:, None]  # no projection below eps (F.normalize)
         if PROJ == 1:
             rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * tl.load(rdot_scale_ptr + p)
         else:
@@ -430,56 +445,66 @@ def _power_step_kernel(
 
 # Row-owning normalisation Jacobian (backward), for rows that do not fit one GEMM tile and for n = 1:
 #   v = dT/dx^ (fp32 scratch, or alpha * y^ for order 1: dT_1/da^ = lam b^),
-#   out = (v - x^ (x^ . v)) / max(|x|, eps)  (x^ . v given, or reduced over the row first);
+#   out = (v - x^ (x^ . v)) / max(|x|, eps)  (x^ . v reduced over the row first, from the same v and
+#   x^ that the second pass subtracts, so the two cancel to the rounding of the result);
 #   without normalisation out = v.  In place when v and out are the same fp32 buffer.
 @triton.jit
+def _project_load_v(v_ptr, oth_ptr, onrm, alpha, p, rows, cols, mask,
+                    stride_vp, stride_vm, stride_vn, stride_tp, stride_tm, stride_tn,
+                    V_FROM_OTHER: tl.constexpr, NORMALIZE: tl.constexpr):
+    if V_FROM_OTHER:
+        v = tl.load(oth_ptr + p * stride_tp + rows[:, None] * stride_tm + cols[None, :] * stride_tn,
+                    mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            v = tl.div_rn(v, onrm[:, None])  # y^ = y / max(|y|, eps), correctly rounded (_unit_rows)
+        v = v * alpha
+    else:
+        v = tl.load(v_ptr + p * stride_vp + rows[:, None] * stride_vm + cols[None, :] * stride_vn,
+                    mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _project_kernel(
-    v_ptr, oth_ptr, othn_ptr, own_ptr, ownn_ptr, alpha_ptr, rdot_ptr, out_ptr,
+    v_ptr, oth_ptr, othn_ptr, own_ptr, ownn_ptr, alpha_ptr, out_ptr,
     stride_vp, stride_vm, stride_vn,
     stride_tp, stride_tm, stride_tn,
     stride_wp, stride_wm, stride_wn,
     stride_op, stride_om, stride_on,
-    stride_np, stride_rdp,
+    stride_np,
     M, N,
-    V_FROM_OTHER: tl.constexpr, NORMALIZE: tl.constexpr, RDOT_GIVEN: tl.constexpr, ROUND_BF16: tl.constexpr,
+    V_FROM_OTHER: tl.constexpr, NORMALIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_r, p = _pair_split(tl.program_id(0), tl.cdiv(M, BLOCK_R))
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     alpha = tl.load(alpha_ptr + p)
+    onrm = tl.zeros((BLOCK_R,), dtype=tl.float32)  # max(|y|, eps) of the other input (order 1)
     if NORMALIZE:
         on = tl.load(ownn_ptr + p * stride_np + rows, mask=rmask, other=1.0)
         inv = _inv_norm(on)
-        pinv = tl.where(on > 1e-12, inv, 0.0)
         if V_FROM_OTHER:
-            oinv = _inv_norm(tl.load(othn_ptr + p * stride_np + rows, mask=rmask, other=1.0))
-        if RDOT_GIVEN:
-            rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * alpha
-        else:
-            rd = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for c0 in range(0, N, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                mask = rmask[:, None] & (cols < N)[None, :]
-                v = tl.load(v_ptr + p * stride_vp + rows[:, None] * stride_vm + cols[None, :] * stride_vn,
-                            mask=mask, other=0.0).to(tl.float32)
-                xw = tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
-                             mask=mask, other=0.0).to(tl.float32) * pinv[:, None]
-                rd += tl.sum(xw * v, axis=1)
+            onrm = tl.maximum(tl.load(othn_ptr + p * stride_np + rows, mask=rmask, other=1.0), 1e-12)
+        rd = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, N, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = rmask[:, None] & (cols < N)[None, :]
+            v = _project_load_v(v_ptr, oth_ptr, onrm, alpha, p, rows, cols, mask,
+                                stride_vp, stride_vm, stride_vn, stride_tp, stride_tm, stride_tn,
+                                V_FROM_OTHER, NORMALIZE)
+            xw = _unit_rows(tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
+                                    mask=mask, other=0.0).to(tl.float32), on)
+            rd += tl.sum(xw * v, axis=1)
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < N)[None, :]
-        if V_FROM_OTHER:
-            v = tl.load(oth_ptr + p * stride_tp + rows[:, None] * stride_tm + cols[None, :] * stride_tn,
-                        mask=mask, other=0.0).to(tl.float32) * alpha
-            if NORMALIZE:
-                v = v * oinv[:, None]
-        else:
-            v = tl.load(v_ptr + p * stride_vp + rows[:, None] * stride_vm + cols[None, :] * stride_vn,
-                        mask=mask, other=0.0).to(tl.float32)
+        v = _project_load_v(v_ptr, oth_ptr, onrm, alpha, p, rows, cols, mask,
+                            stride_vp, stride_vm, stride_vn, stride_tp, stride_tm, stride_tn,
+                            V_FROM_OTHER, NORMALIZE)
         if NORMALIZE:
-            xw = tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
-                         mask=mask, other=0.0).to(tl.float32) * pinv[:, None]
+            xw = _unit_rows(tl.load(own_ptr + p * stride_wp + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
+                                    mask=mask, other=0.0).to(tl.float32), on)
             v = inv[:, None] * (v - xw * rd[:, None])
         if ROUND_BF16:
             v = _round_bf16(v)
@@ -812,17 +837,17 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
     # (own input, its norms, the other input, its norms, output) for the two sides
     sides = [(a3, na, b3, nb, ga)] if need_a else []
     sides += [(b3, nb, a3, na, gb)] if need_b else []
-    if order == 1:  # dT_1/da^ = lam b^, dT_1/db^ = lam a^; row dot = lam q_i
+    if order == 1:  # dT_1/da^ = lam b^, dT_1/db^ = lam a^ (row dot reduced in the kernel)
         br, bc = _row_block(), _col_block(d)
         for own, ownn, oth, othn, out in sides:
             if _launch(out):
                 wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
                     out, oth, othn if othn is not None else alpha, own, ownn if ownn is not None else alpha,
-                    alpha, q, out,
+                    alpha, out,
                     *_strides3(out), *_strides3(oth), *_strides3(own), *_strides3(out),
-                    _vec_stride(nrm[0]) if normalize else 0, q.stride(0),
+                    _vec_stride(nrm[0]) if normalize else 0,
                     m, d,
-                    V_FROM_OTHER=True, NORMALIZE=normalize, RDOT_GIVEN=True,
+                    V_FROM_OTHER=True, NORMALIZE=normalize,
                     ROUND_BF16=_round_bf16_here(out), BLOCK_R=br, BLOCK_C=bc,
                     num_warps=4,
                 )
@@ -846,11 +871,11 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
             br, bc = _row_block(), _col_block(d)
             if _launch(out):
                 wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
-                    dst, dst, alpha, own, ownn, alpha, alpha, out,
+                    dst, dst, alpha, own, ownn, alpha, out,
                     *_strides3(dst), *_strides3(dst), *_strides3(own), *_strides3(out),
-                    ownn.stride(0), 0,
+                    ownn.stride(0),
                     m, d,
-                    V_FROM_OTHER=False, NORMALIZE=True, RDOT_GIVEN=False,
+                    V_FROM_OTHER=False, NORMALIZE=True,
                     ROUND_BF16=_round_bf16_here(out), BLOCK_R=br, BLOCK_C=bc,
                     num_warps=4,
                 )
@@ -922,8 +947,7 @@ def _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_pre
     a, b = a3.float(), b3.float()
     if normalize:
         inv = 1.0 / nrm.clamp_min(EPS)
-        pinv = torch.where(nrm > EPS, inv, torch.zeros_like(inv))
-        ah, bh = a * inv[0][..., None], b * inv[1][..., None]
+        ah, bh = a / nrm[0].clamp_min(EPS)[..., None], b / nrm[1].clamp_min(EPS)[..., None]  # as the kernels
     else:
         ah, bh = a, b
     alpha = (g * lam)[:, None, None]
@@ -939,7 +963,7 @@ def _torch_backward(g, a3, b3, lam, nrm, q, r, mats, order, normalize, input_pre
     def project(v, x, i):
         if not normalize:
             return v
-        xw = x * pinv[i][..., None]
+        xw = torch.where(nrm[i][..., None] > EPS, (ah, bh)[i], 0.0)  # _unit_rows
         return inv[i][..., None] * (v - xw * (xw * v).sum(-1, keepdim=True))
 
     ga = project(va, a, 0).to(a3.dtype) if need_a else a3.new_empty((0,))
