@@ -6,11 +6,19 @@ Differentiable, any device.  Two ways to compute the uniformity term
 
 (V-statistic, diagonal included; ``zhat_i = z_i / max(||z_i||, 1e-12)``; ``z`` is ``(n, q)``):
 
-* :func:`legendre_gram_mean` -- the library path.  A custom autograd Function streams the Gram
-  matrix ``G = Zhat Zhat^T`` in row chunks: the forward sums ``phi`` over each ``(chunk, n)`` tile and
-  keeps nothing but ``Zhat``; the backward recomputes each tile (flash-attention style) and forms
-  ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` as a ``(chunk, n) @ (n, q)`` product.  Peak extra
-  memory is O(n * chunk) in forward and backward; the only tensor saved for backward is ``Zhat``.
+* :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
+  Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
+  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks sized for the CPU's L2 cache (:func:`default_block_size`;
+  G is symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and
+  half the elementwise work).  Each block is read once, while it is in cache, for both the value and
+  -- when a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is
+  accumulated in the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved
+  (``(n, q)``) and scaled by the upstream gradient in the backward: no tile is computed twice.  The
+  polynomials run in the power basis by Horner's rule (``L - 1`` fused multiply-adds per element for
+  ``phi'``, as many for ``psi`` with ``phi(t) = c_0 + t psi(t)``, one dot product for the block's sum)
+  when that basis is well conditioned (:func:`_power_basis`), else by the three-term recurrence.
+  Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
+  graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
   materialise the ``n x n`` Gram, evaluate the polynomials on it, take the mean, plain autograd
   (which keeps several ``n x n`` tensors alive for the backward).
@@ -65,6 +73,7 @@ __all__ = [
     "legendre",
     "legendre_series",
     "default_chunk_size",
+    "default_block_size",
     "legendre_gram_mean",
     "legendre_gram_mean_eager",
     "sfrik_loss",
@@ -73,6 +82,17 @@ __all__ = [
 #: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
 #: float32; forward keeps ~4 tiles alive at once, backward ~6).
 DEFAULT_TILE_ELEMENTS = 1 << 23
+
+#: Target bytes of one ``(T, T)`` Gram block of the eager path: 4 MiB (T = 1024 in float32), so that
+#: the block and the polynomial built on it (2-3 blocks) stay in a last-level cache while each op is
+#: long enough to amortise a parallel region.  Measured on a 2-core EPYC (2 MiB L2, 32 MiB L3), fp32,
+#: n = 4096, q = 128: T = 384..1024 all within 10% on one thread (T = 2048 1.5x slower); with two
+#: threads on a loaded machine small blocks lose badly (T = 256: 3x slower than T = 1024).
+DEFAULT_BLOCK_BYTES = 1 << 22
+
+#: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
+#: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
+POWER_BASIS_MAX_GROWTH = 16.0
 
 _NORM_EPS = 1e-12  # the F.normalize default
 
@@ -228,6 +248,167 @@ def default_chunk_size(n: int) -> int:
     return max(1, min(n, DEFAULT_TILE_ELEMENTS // max(n, 1)))
 
 
+def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Edge T of the ``(T, T)`` Gram blocks of the eager path when ``chunk_size=None``: the multiple of
+    32 nearest ``sqrt(DEFAULT_BLOCK_BYTES / itemsize)`` (1024 in float32, 736 in float64), at most n."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    t = int(round((DEFAULT_BLOCK_BYTES / itemsize) ** 0.5 / 32.0)) * 32
+    return max(1, min(n, t))
+
+
+def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
+    """``(c_0, ..., c_L)`` with ``phi(t) = sum_k c_k t^k`` (float64 arithmetic), or None where Horner's
+    rule in that basis could be much less accurate than the recurrence.
+
+    On ``[-1, 1]`` Horner's rounding error is bounded by ``~2L u sum_k |c_k| |t|^k`` for phi (and by
+    ``~2L u sum_k k |c_k|`` for phi'), the recurrence's by ``~2L u sum_l |b_l|`` (``|P_l| <= 1``; for
+    phi', ``|P'_l| <= P'_l(1)``).  The power basis is used when both ratios are at most
+    ``POWER_BASIS_MAX_GROWTH``: always for the paper's degree 3 at q >= 3 (ratio < 3; at q = 2 the
+    Chebyshev case, ratio < 6), and for large q at any degree (``P_l -> t^l``).
+    """
+    consts = legendre_recurrence_constants(q, len(b))
+    prev, cur = [1.0], [0.0, 1.0]  # P_0, P_1 in powers of t
+    d_prev, d_cur = 0.0, 1.0  # P'_0(1), P'_1(1)
+    coeffs = [0.0] * (len(b) + 1)
+    coeffs[1] = b[0]
+    scale_val, scale_der = abs(b[0]), abs(b[0])
+    for l, (a, c) in enumerate(consts, start=1):
+        nxt = [0.0] + [a * x for x in cur]
+        for k, x in enumerate(prev):
+            nxt[k] -= c * x
+        d_prev, d_cur = d_cur, a * (1.0 + d_cur) - c * d_prev
+        for k, x in enumerate(nxt):
+            coeffs[k] += b[l] * x
+        scale_val += abs(b[l])
+        scale_der += abs(b[l]) * d_cur
+        prev, cur = cur, nxt
+    growth_val = sum(abs(x) for x in coeffs) / scale_val if scale_val > 0 else 1.0
+    growth_der = sum(k * abs(x) for k, x in enumerate(coeffs)) / scale_der if scale_der > 0 else 1.0
+    if max(growth_val, growth_der) > POWER_BASIS_MAX_GROWTH:
+        return None
+    return tuple(coeffs)
+
+
+def _horner(g: Tensor, h: list[Tensor], out: Tensor) -> Tensor:
+    """``sum_k h[k] g^k`` elementwise into ``out`` (``h`` 0-dim tensors), one fused multiply-add pass
+    per degree."""
+    if len(h) == 1:
+        return out.copy_(h[0])
+    torch.addcmul(h[-2], g, h[-1], out=out)
+    for hk in reversed(h[:-2]):
+        torch.addcmul(hk, g, out, out=out)
+    return out
+
+
+def _buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous ``(rows, cols)`` tensor on the first ``rows * cols`` elements of ``buf``."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _block_gram_mean(
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(M, dM/dzhat)`` (the gradient only if ``want_grad``, else None), over the upper triangle of
+    the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice (G is symmetric).
+
+    Per block ``G_IJ = Zhat_I Zhat_J^T``, in the power basis (when :func:`_power_basis` allows it)::
+
+        sum phi(G_IJ) = c_0 |I| |J| + <G_IJ, psi(G_IJ)>,      psi(t) = sum_{k>=1} c_k t^(k-1)
+        grad_I += phi'(G_IJ) Zhat_J,  grad_J += phi'(G_IJ)^T Zhat_I  (J != I)
+
+    else with the recurrence (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).  Fixed block order,
+    no atomics: deterministic.  The block sums are kept in a vector and added at the end.
+    """
+    n, q = zhat.shape
+    dt = zhat.dtype
+    power = _power_basis(q, b)
+    consts = legendre_recurrence_constants(q, len(b))
+    if power is not None:
+        c = [torch.tensor(x, dtype=dt, device=zhat.device) for x in power]
+        psi = c[1:]  # psi(t) = (phi(t) - c_0) / t
+        dphi = [torch.tensor(k * x, dtype=dt, device=zhat.device) for k, x in enumerate(power)][1:]
+    L = len(b)
+    # Degree <= 3 with a gradient: the value needs no pass of its own.  With S_k = sum_ij G_ij^k and
+    # R = phi'(G) Zhat (the unscaled gradient), <Zhat, R> = sum_ij G_ij phi'(G_ij) = sum_k k c_k S_k, so
+    # sum phi(G) = sum_k c_k S_k = c_0 n^2 + <Zhat, R> / L + sum_{1<=k<L} c_k (1 - k/L) S_k, where
+    # S_1 = ||sum_i zhat_i||^2 and S_2 = ||Zhat^T Zhat||_F^2 cost O(n q) and O(n q^2).
+    from_grad = power is not None and want_grad and L <= 3
+    starts = list(range(0, n, block))
+    nb = len(starts)
+    sums = None if from_grad else zhat.new_empty(nb * (nb + 1) // 2)
+    weights = []
+    grad = torch.zeros_like(zhat) if want_grad else None
+    # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
+    # page faults each time).
+    gbuf = zhat.new_empty(block * block)
+    pbuf = zhat.new_empty(block * block) if power is not None else None
+    k = 0
+    for bi, s0 in enumerate(starts):
+        zi = zhat[s0 : s0 + block]
+        for s1 in starts[bi:]:
+            zj = zhat[s1 : s1 + block]
+            g = torch.mm(zi, zj.t(), out=_buffer_view(gbuf, zi.shape[0], zj.shape[0]))
+            weights.append(1.0 if s1 == s0 else 2.0)
+            if power is not None:
+                p = _buffer_view(pbuf, zi.shape[0], zj.shape[0])
+                if sums is not None:
+                    _horner(g, psi, p)
+                    torch.dot(g.view(-1), p.view(-1), out=sums[k])
+                d = _horner(g, dphi, p) if want_grad else None
+            else:
+                sums[k] = _tile_phi_sum(g, b, consts)
+                d = _tile_phi_prime(g, b, consts) if want_grad else None
+            k += 1
+            if d is not None:
+                grad[s0 : s0 + block].addmm_(d, zj)
+                if s1 != s0:
+                    grad[s1 : s1 + block].addmm_(d.t(), zi)
+                del d
+    if from_grad:
+        total = torch.dot(zhat.reshape(-1), grad.reshape(-1)) / L
+        if L >= 2:
+            total = total + (power[1] * (1.0 - 1.0 / L)) * zhat.sum(dim=0).square().sum()
+        if L >= 3:
+            total = total + (power[2] * (1.0 - 2.0 / L)) * (zhat.t() @ zhat).square().sum()
+    else:
+        total = torch.dot(sums, torch.tensor(weights, dtype=dt, device=zhat.device))
+    m = total / float(n * n)
+    if power is not None:
+        m = m + power[0]
+    if grad is not None:
+        grad.mul_(2.0 / float(n * n))
+    return m, grad
+
+
+class _BlockGramMean(torch.autograd.Function):
+    """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` (eager path): value and gradient in one pass over
+    the upper-triangle blocks (:func:`_block_gram_mean`); saves only the ``(n, q)`` gradient, and the
+    backward scales it by the upstream gradient.  ``want_grad=False`` (no grad mode, or a frozen
+    input) skips the gradient.  Not twice differentiable: the backward raises under
+    ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool) -> Tensor:  # type: ignore[override]
+        m, grad = _block_gram_mean(zhat, b, block, want_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.has_grad = grad is not None
+        return m
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "legendre_gram_mean: double backward (create_graph=True) is not supported by the "
+                "blocked Gram mean; use legendre_gram_mean_eager (plain autograd) for higher derivatives"
+            )
+        if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
+            raise RuntimeError("legendre_gram_mean: backward reached a forward run without gradient")
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None
+
+
 class _LegendreGramMean(torch.autograd.Function):
     """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` on the rows as given, streamed over row chunks.
 
@@ -313,7 +494,11 @@ def legendre_gram_mean(
     zf = _upcast(z)
     zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
     n = zhat.shape[0]
-    return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
+    if torch.compiler.is_compiling():
+        return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
+    want_grad = torch.is_grad_enabled() and zhat.requires_grad
+    block = chunk if chunk is not None else default_block_size(n, zhat.dtype)
+    return _BlockGramMean.apply(zhat, b, min(block, n), want_grad)
 
 
 def legendre_gram_mean_eager(
