@@ -83,12 +83,12 @@ __all__ = [
 #: float32; forward keeps ~4 tiles alive at once, backward ~6).
 DEFAULT_TILE_ELEMENTS = 1 << 23
 
-#: Target bytes of one ``(T, T)`` Gram block of the eager path: 4 MiB (T = 1024 in float32), so that
-#: the block and the polynomial built on it (2-3 blocks) stay in a last-level cache while each op is
-#: long enough to amortise a parallel region.  Measured on a 2-core EPYC (2 MiB L2, 32 MiB L3), fp32,
-#: n = 4096, q = 128: T = 384..1024 all within 10% on one thread (T = 2048 1.5x slower); with two
-#: threads on a loaded machine small blocks lose badly (T = 256: 3x slower than T = 1024).
-DEFAULT_BLOCK_BYTES = 1 << 22
+#: Target bytes of one ``(T, T)`` Gram block of the eager path: 16 MiB (T = 2048 in float32, 1440 in
+#: float64; two such buffers are live).  Measured on this project's 2-core EPYC (2 MiB L2, 32 MiB L3),
+#: fp32, n = 4096, q = 128, forward+backward of one view: on one thread T = 1024 and 2048 are within
+#: ~10% (0.7x and 0.75x of the two n x n x q GEMMs); with two threads on a loaded machine every op
+#: pays a parallel-region wake-up, so fewer, larger blocks win (T = 2048 1.7x faster than 1024).
+DEFAULT_BLOCK_BYTES = 1 << 24
 
 #: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
@@ -250,7 +250,7 @@ def default_chunk_size(n: int) -> int:
 
 def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
     """Edge T of the ``(T, T)`` Gram blocks of the eager path when ``chunk_size=None``: the multiple of
-    32 nearest ``sqrt(DEFAULT_BLOCK_BYTES / itemsize)`` (1024 in float32, 736 in float64), at most n."""
+    32 nearest ``sqrt(DEFAULT_BLOCK_BYTES / itemsize)`` (2048 in float32, 1440 in float64), at most n."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     t = int(round((DEFAULT_BLOCK_BYTES / itemsize) ** 0.5 / 32.0)) * 32
     return max(1, min(n, t))
@@ -308,76 +308,126 @@ def _buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
 def _block_gram_mean(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """``(M, dM/dzhat)`` (the gradient only if ``want_grad``, else None), over the upper triangle of
-    the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice (G is symmetric).
+    """``(M, dM/dzhat)`` (the gradient only if ``want_grad``, else None).  The ``n x n`` work runs over
+    the upper triangle of the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice
+    (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
+    block order, no atomics: deterministic.
 
-    Per block ``G_IJ = Zhat_I Zhat_J^T``, in the power basis (when :func:`_power_basis` allows it)::
+    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it), the terms of
+    degree <= 2 never need the ``n x n`` Gram: with ``s = Zhat^T 1`` and ``Q = Zhat^T Zhat`` (``q x q``)::
 
-        sum phi(G_IJ) = c_0 |I| |J| + <G_IJ, psi(G_IJ)>,      psi(t) = sum_{k>=1} c_k t^(k-1)
-        grad_I += phi'(G_IJ) Zhat_J,  grad_J += phi'(G_IJ)^T Zhat_I  (J != I)
+        sum_ij G_ij = ||s||^2 = S_1,   sum_ij G_ij^2 = ||Q||_F^2 = S_2,
+        sum_j (c_1 + 2 c_2 G_kj) zhat_j = c_1 s + 2 c_2 Q zhat_k
 
-    else with the recurrence (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).  Fixed block order,
-    no atomics: deterministic.  The block sums are kept in a vector and added at the end.
+    so the blocks carry only ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's
+    degree 3: one elementwise pass per block) and, where needed, ``sum_{k>=3} c_k G^k``.  With a
+    gradient and degree <= 3 the value needs no block pass either: ``R = phi'(G) Zhat`` gives
+    ``<Zhat, R> = sum_k k c_k S_k``, hence ``sum phi(G) = c_0 n^2 + <Zhat, R>/L + sum_{k<L} (1 - k/L) c_k S_k``.
+    Degree <= 2 costs O(n q^2) in all.  Otherwise (ill-conditioned power basis) every block evaluates
+    the recurrence (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).
     """
     n, q = zhat.shape
-    dt = zhat.dtype
-    power = _power_basis(q, b)
-    consts = legendre_recurrence_constants(q, len(b))
-    if power is not None:
-        c = [torch.tensor(x, dtype=dt, device=zhat.device) for x in power]
-        psi = c[1:]  # psi(t) = (phi(t) - c_0) / t
-        dphi = [torch.tensor(k * x, dtype=dt, device=zhat.device) for k, x in enumerate(power)][1:]
+    dt, dev = zhat.dtype, zhat.device
     L = len(b)
-    # Degree <= 3 with a gradient: the value needs no pass of its own.  With S_k = sum_ij G_ij^k and
-    # R = phi'(G) Zhat (the unscaled gradient), <Zhat, R> = sum_ij G_ij phi'(G_ij) = sum_k k c_k S_k, so
-    # sum phi(G) = sum_k c_k S_k = c_0 n^2 + <Zhat, R> / L + sum_{1<=k<L} c_k (1 - k/L) S_k, where
-    # S_1 = ||sum_i zhat_i||^2 and S_2 = ||Zhat^T Zhat||_F^2 cost O(n q) and O(n q^2).
-    from_grad = power is not None and want_grad and L <= 3
+    power = _power_basis(q, b)
+    if power is None:
+        return _block_gram_mean_recurrence(zhat, b, block, want_grad)
+    c = power
+
+    def scalars(xs):
+        return [torch.tensor(x, dtype=dt, device=dev) for x in xs]
+
+    s = zhat.sum(dim=0)
+    s1 = torch.dot(s, s)
+    s2 = None
+    if L >= 2:
+        gq = zhat.t() @ zhat
+        s2 = torch.dot(gq.reshape(-1), gq.reshape(-1))
+    grad = None
+    if want_grad:
+        if L >= 2:
+            grad = torch.addmm(s.mul(c[1]).expand(n, q), zhat, gq, alpha=2.0 * c[2])
+        else:
+            grad = s.mul(c[1]).expand(n, q).clone()
+    value_from_grad = want_grad and L == 3
+    block_value = L >= 3 and not value_from_grad
+    total = None
+    if L >= 3:
+        # phi'_3 = t^2 (3 c_3 + 4 c_4 t + ...); sum_{k>=3} c_k G^k = <G, t (0 + c_3 t + c_4 t^2 ...)>
+        dcoef = scalars([0.0, 0.0] + [k * c[k] for k in range(3, L + 1)])
+        vcoef = scalars([0.0, 0.0] + [c[k] for k in range(3, L + 1)])
+        starts = list(range(0, n, block))
+        nb = len(starts)
+        sums = zhat.new_empty(nb * (nb + 1) // 2) if block_value else None
+        weights = []
+        # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
+        # page faults each time).
+        gbuf = zhat.new_empty(block * block)
+        pbuf = zhat.new_empty(block * block)
+        k = 0
+        for bi, s0 in enumerate(starts):
+            zi = zhat[s0 : s0 + block]
+            for s1_ in starts[bi:]:
+                zj = zhat[s1_ : s1_ + block]
+                g = torch.mm(zi, zj.t(), out=_buffer_view(gbuf, zi.shape[0], zj.shape[0]))
+                p = _buffer_view(pbuf, zi.shape[0], zj.shape[0])
+                weights.append(1.0 if s1_ == s0 else 2.0)
+                if block_value:
+                    _horner(g, vcoef, p)
+                    torch.dot(g.view(-1), p.view(-1), out=sums[k])
+                k += 1
+                if want_grad:
+                    if L == 3:
+                        d, alpha = torch.mul(g, g, out=p), 3.0 * c[3]
+                    else:
+                        d, alpha = _horner(g, dcoef, p), 1.0
+                    grad[s0 : s0 + block].addmm_(d, zj, alpha=alpha)
+                    if s1_ != s0:
+                        grad[s1_ : s1_ + block].addmm_(d.t(), zi, alpha=alpha)
+        if block_value:
+            total = torch.dot(sums, torch.tensor(weights, dtype=dt, device=dev))
+    if value_from_grad:
+        total = torch.dot(zhat.reshape(-1), grad.reshape(-1)) / 3.0 + ((2.0 / 3.0) * c[1]) * s1 + (c[2] / 3.0) * s2
+    else:
+        low = c[1] * s1 if L == 1 else c[1] * s1 + c[2] * s2
+        total = low if total is None else total + low
+    m = total / float(n * n) + c[0]
+    if grad is not None:
+        grad.mul_(2.0 / float(n * n))
+    return m, grad
+
+
+def _block_gram_mean_recurrence(
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_block_gram_mean` with the three-term recurrence on every block (no power basis)."""
+    n, q = zhat.shape
+    consts = legendre_recurrence_constants(q, len(b))
     starts = list(range(0, n, block))
     nb = len(starts)
-    sums = None if from_grad else zhat.new_empty(nb * (nb + 1) // 2)
+    sums = zhat.new_empty(nb * (nb + 1) // 2)
     weights = []
     grad = torch.zeros_like(zhat) if want_grad else None
-    # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
-    # page faults each time).
-    gbuf = zhat.new_empty(block * block)
-    pbuf = zhat.new_empty(block * block) if power is not None else None
     k = 0
     for bi, s0 in enumerate(starts):
         zi = zhat[s0 : s0 + block]
         for s1 in starts[bi:]:
             zj = zhat[s1 : s1 + block]
-            g = torch.mm(zi, zj.t(), out=_buffer_view(gbuf, zi.shape[0], zj.shape[0]))
+            g = torch.mm(zi, zj.t())
             weights.append(1.0 if s1 == s0 else 2.0)
-            if power is not None:
-                p = _buffer_view(pbuf, zi.shape[0], zj.shape[0])
-                if sums is not None:
-                    _horner(g, psi, p)
-                    torch.dot(g.view(-1), p.view(-1), out=sums[k])
-                d = _horner(g, dphi, p) if want_grad else None
-            else:
-                sums[k] = _tile_phi_sum(g, b, consts)
-                d = _tile_phi_prime(g, b, consts) if want_grad else None
+            sums[k] = _tile_phi_sum(g, b, consts)
             k += 1
-            if d is not None:
+            if want_grad:
+                d = _tile_phi_prime(g, b, consts)
                 grad[s0 : s0 + block].addmm_(d, zj)
                 if s1 != s0:
                     grad[s1 : s1 + block].addmm_(d.t(), zi)
                 del d
-    if from_grad:
-        total = torch.dot(zhat.reshape(-1), grad.reshape(-1)) / L
-        if L >= 2:
-            total = total + (power[1] * (1.0 - 1.0 / L)) * zhat.sum(dim=0).square().sum()
-        if L >= 3:
-            total = total + (power[2] * (1.0 - 2.0 / L)) * (zhat.t() @ zhat).square().sum()
-    else:
-        total = torch.dot(sums, torch.tensor(weights, dtype=dt, device=zhat.device))
-    m = total / float(n * n)
-    if power is not None:
-        m = m + power[0]
+            del g
+    total = torch.dot(sums, torch.tensor(weights, dtype=zhat.dtype, device=zhat.device))
     if grad is not None:
         grad.mul_(2.0 / float(n * n))
-    return m, grad
+    return total / float(n * n), grad
 
 
 class _BlockGramMean(torch.autograd.Function):
