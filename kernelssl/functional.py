@@ -377,7 +377,11 @@ def sfrik_loss(
         sim_weight=sim_weight,
         mmd_weight=mmd_weight,
         check_finite=check_finite,
-        gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend),
+        # torch backend: None selects the torch path's fused loss (one autograd Function for the
+        # normalisation, R and both M's); otherwise the dispatched op (the fused kernel) computes M.
+        gram_mean=None
+        if isinstance(z_a, Tensor) and resolve_backend(backend, "legendre_gram_mean", z_a.device) == "torch"
+        else functools.partial(legendre_gram_mean, normalize=True, backend=backend),
     )
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)

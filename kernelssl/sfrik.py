@@ -56,6 +56,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import (
     check_coefficients,
@@ -575,6 +576,63 @@ def legendre_gram_mean_eager(
 # --------------------------------------------------------------------------------------------------
 
 
+class _SFRIKLoss(torch.autograd.Function):
+    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, with the
+    Gram-mean gradients taken in the forward (:func:`_block_gram_mean`) and a hand-written backward
+    (a handful of ``(n, q)`` ops, where autograd would run a dozen per view for ``F.normalize`` and the
+    MSE).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and ``g_y`` the
+    gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
+
+        dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
+        dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
+
+    Saves ``y_a, y_b, y_a - y_b``, the row norms and the two ``(n, q)`` Gram-mean gradients.  Once
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b):  # type: ignore[override]
+        n, q = za.shape
+        denoms, ys, grads, mmds = [], [], [], []
+        for z, want in ((za, want_a), (zb, want_b)):
+            norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+            y = z / norm.clamp_min(_NORM_EPS)
+            m, g = _block_gram_mean(y, b, block, want)
+            denoms.append(norm)
+            ys.append(y)
+            grads.append(g)
+            mmds.append(m)
+        diff = ys[0] - ys[1]
+        flat = diff.reshape(-1)
+        mse = torch.dot(flat, flat) / float(n * q)
+        loss = sim_weight * mse + (mmd_weight * 0.5) * (mmds[0] + mmds[1])
+        ctx.save_for_backward(ys[0], ys[1], diff, denoms[0], denoms[1], *(g for g in grads if g is not None))
+        ctx.wants = (want_a, want_b)
+        ctx.weights = (sim_weight, mmd_weight)
+        return loss, mse, mmds[0], mmds[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
+        ya, yb, diff, da, db, *grads = ctx.saved_tensors
+        sim_weight, mmd_weight = ctx.weights
+        n, q = ya.shape
+        g_mse = g_mse + g_loss * sim_weight  # total upstream gradient of R, and of M_a, M_b below
+        c_diff = g_mse * (2.0 / float(n * q))
+        out = []
+        it = iter(grads)
+        for y, norm, want, g_m, sign in ((ya, da, ctx.wants[0], g_a, 1.0), (yb, db, ctx.wants[1], g_b, -1.0)):
+            if not want:
+                out.append(None)
+                continue
+            gy = torch.mul(next(it), g_m + g_loss * (mmd_weight * 0.5))
+            gy.addcmul_(diff, c_diff, value=sign)
+            r = torch.linalg.vecdot(y, gy, dim=1).unsqueeze(1)
+            r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
+            out.append(torch.addcmul(gy, y, r, value=-1.0).div_(norm.clamp_min(_NORM_EPS)))
+        return out[0], out[1], None, None, None, None, None, None
+
+
 def sfrik_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -624,6 +682,13 @@ def sfrik_loss(
     if za.dtype != zb.dtype:
         dtype = torch.promote_types(za.dtype, zb.dtype)
         za, zb = za.to(dtype), zb.to(dtype)
+    if gram_mean is None and not eager and not torch.compiler.is_compiling():
+        grad_on = torch.is_grad_enabled()
+        block = chunk if chunk is not None else default_block_size(za.shape[0], za.dtype)
+        return _SFRIKLoss.apply(
+            za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
+            grad_on and za.requires_grad, grad_on and zb.requires_grad,
+        )
     za = F.normalize(za, dim=-1, eps=_NORM_EPS)
     zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
     mse = (za - zb).pow(2).mean()
