@@ -514,7 +514,7 @@ def legendre_gram_mean(
     chunk_size: int | None = None,
     check_finite: bool = False,
 ) -> Tensor:
-    """SFRIK's uniformity term (SPEC §2.2), chunked, O(n * chunk) extra memory::
+    """SFRIK's uniformity term (SPEC §2.2), blocked, O(n q + chunk^2) extra memory::
 
         M(Z) = (1/n^2) sum_{i,j} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
 
@@ -524,18 +524,21 @@ def legendre_gram_mean(
         normalize: L2-normalise the rows first (``F.normalize``, outside the autograd Function, so
             autograd applies its Jacobian).  ``False``: use the rows as given (M is then the same
             polynomial sum on raw inner products).
-        chunk_size: rows per ``(chunk, n)`` Gram tile; ``None`` -> :func:`default_chunk_size`
-            (tiles of ~8 Mi elements).  Any value >= 1; values >= n mean one tile.
+        chunk_size: edge of the ``(chunk, chunk)`` Gram blocks (eager) or rows of the ``(chunk, n)``
+            tiles (under ``torch.compile``); ``None`` -> :func:`default_block_size` (eager, ~16 MiB
+            blocks) or :func:`default_chunk_size` (compiled, ~8 Mi-element tiles).  Any value >= 1;
+            values >= n mean one block.
         check_finite: raise a ``ValueError`` on NaN/Inf input (one host sync) instead of propagating.
 
     Returns:
         0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
 
-    The backward recomputes the tiles and forms ``(2/n^2) phi'(G_tile) @ Zhat`` (the Gram is
-    symmetric); only ``Zhat`` is saved for it, so no ``n x n`` tensor is kept alive.  Double backward
-    is not supported: a backward with ``create_graph=True`` raises a RuntimeError (use
-    :func:`legendre_gram_mean_eager` for higher derivatives).
-    Deterministic: fixed tile order, no atomics.
+    Eager: when a gradient is wanted (grad mode on and ``z`` requires grad) the forward also forms
+    ``dM/dzhat = (2/n^2) phi'(G) Zhat`` block by block and saves that ``(n, q)`` tensor; the backward
+    only scales it (no block is computed twice).  Under ``torch.compile`` the backward recomputes the
+    tiles instead.  No ``n x n`` tensor is ever kept alive.  Double backward is not supported: a
+    backward with ``create_graph=True`` raises a RuntimeError (use :func:`legendre_gram_mean_eager`
+    for higher derivatives).  Deterministic: fixed block order, no atomics.
     """
     _check_z(z, "z")
     b = check_coefficients(coefficients)
@@ -659,7 +662,7 @@ def sfrik_loss(
         sim_weight: lambda_sim >= 0 (default 4000: the reference's q = 8192 setting).
         mmd_weight: lambda_mmd >= 0 (default 1).
         eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
-        chunk_size: rows per Gram tile for the chunked path (see :func:`legendre_gram_mean`).
+        chunk_size: Gram block edge of the library path (see :func:`legendre_gram_mean`).
         check_finite: raise on NaN/Inf inputs (one host sync) instead of propagating them.
         gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
             place of the chunked torch path.  The public API passes its backend-dispatched op here,
@@ -667,6 +670,9 @@ def sfrik_loss(
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
+
+    Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
+    Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
     """
     _check_z(z_a, "z_a")
     _check_z(z_b, "z_b")
