@@ -309,7 +309,8 @@ def _buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
 def _block_gram_mean(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """``(M, dM/dzhat)`` (the gradient only if ``want_grad``, else None).  The ``n x n`` work runs over
+    """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
+    callers fold ``2 / n^2`` into their upstream scalar).  The ``n x n`` work runs over
     the upper triangle of the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice
     (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
     block order, no atomics: deterministic.
@@ -354,9 +355,8 @@ def _block_gram_mean(
         flat = e.reshape(-1)
         low = low + (torch.dot(flat, flat) + e.diagonal().sum() * (2.0 * n / q)) * c[2]
         const = c[0] + c[2] / q
-    grad = None
-    if want_grad:
-        grad = torch.zeros_like(zhat)  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j
+    grad = None  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j (L >= 3)
+    written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
     value_from_grad = want_grad and L == 3
     block_value = L >= 3 and not value_from_grad
     total = None
@@ -384,27 +384,31 @@ def _block_gram_mean(
                     sums[k] = _horner(g, vcoef, p).mul_(g).sum()  # torch.sum: cascade, accurate
                 k += 1
                 if want_grad:
+                    if grad is None:
+                        grad = torch.empty_like(zhat)
                     d = torch.mul(g, g, out=p) if L == 3 else _horner(g, dcoef, p)
-                    grad[s0 : s0 + block].addmm_(d, zj)
+                    grad[s0 : s0 + block].addmm_(d, zj, beta=1.0 if s0 in written else 0.0)
+                    written.add(s0)
                     if s1_ != s0:
-                        grad[s1_ : s1_ + block].addmm_(d.t(), zi)
+                        grad[s1_ : s1_ + block].addmm_(d.t(), zi, beta=1.0 if s1_ in written else 0.0)
+                        written.add(s1_)
         if block_value:
             total = torch.dot(sums, torch.tensor(weights, dtype=dt, device=dev))
         elif value_from_grad:
             # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
             total = (zhat * grad).sum() * c[3]
     if want_grad:
-        # grad = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
-        beta = 3.0 * c[3] if L == 3 else 1.0
-        if L >= 2:
-            grad.addmm_(zhat, gq, beta=beta, alpha=2.0 * c[2])
-        elif beta != 1.0:  # pragma: no cover - beta is 1 unless L == 3
-            grad.mul_(beta)
-        grad.add_(s, alpha=c[1])
+        # R = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
+        if grad is None:  # L <= 2: no blocks
+            if L >= 2:
+                grad = torch.addmm(s.mul(c[1]).expand(n, q), zhat, gq, alpha=2.0 * c[2])
+            else:
+                grad = s.mul(c[1]).expand(n, q).clone()
+        else:
+            grad.addmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
+            grad.add_(s, alpha=c[1])
     total = low if total is None else total + low
     m = total / float(n * n) + const
-    if grad is not None:
-        grad.mul_(2.0 / float(n * n))
     return m, grad
 
 
@@ -436,8 +440,6 @@ def _block_gram_mean_recurrence(
                 del d
             del g
     total = torch.dot(sums, torch.tensor(weights, dtype=zhat.dtype, device=zhat.device))
-    if grad is not None:
-        grad.mul_(2.0 / float(n * n))
     return total / float(n * n), grad
 
 
@@ -467,7 +469,7 @@ class _BlockGramMean(torch.autograd.Function):
         if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
             raise RuntimeError("legendre_gram_mean: backward reached a forward run without gradient")
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None
+        return grad * (grad_out * (2.0 / float(grad.shape[0] ** 2))), None, None, None
 
 
 class _LegendreGramMean(torch.autograd.Function):
@@ -637,7 +639,7 @@ class _SFRIKLoss(torch.autograd.Function):
             if not want:
                 out.append(None)
                 continue
-            gy = torch.mul(next(it), g_m + g_loss * (mmd_weight * 0.5))
+            gy = torch.mul(next(it), (g_m + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n)))
             gy.addcmul_(diff, c_diff, value=sign)
             r = torch.linalg.vecdot(y, gy, dim=1).unsqueeze(1)
             r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
