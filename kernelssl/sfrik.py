@@ -8,15 +8,17 @@ Differentiable, any device.  Two ways to compute the uniformity term
 
 * :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
   Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
-  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks sized for the CPU's L2 cache (:func:`default_block_size`;
+  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks of ~16 MiB (:func:`default_block_size`;
   G is symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and
   half the elementwise work).  Each block is read once, while it is in cache, for both the value and
   -- when a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is
   accumulated in the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved
   (``(n, q)``) and scaled by the upstream gradient in the backward: no tile is computed twice.  The
-  polynomials run in the power basis by Horner's rule (``L - 1`` fused multiply-adds per element for
-  ``phi'``, as many for ``psi`` with ``phi(t) = c_0 + t psi(t)``, one dot product for the block's sum)
-  when that basis is well conditioned (:func:`_power_basis`), else by the three-term recurrence.
+  polynomial runs in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
+  (:func:`_power_basis`): the terms of degree <= 2 go through ``Zhat^T Zhat`` (``q x q``, no block
+  needed), so a block of the paper's degree 3 costs one elementwise pass (``G o G``) besides its GEMMs;
+  otherwise each block runs the three-term recurrence.  The SFRIK loss (:func:`sfrik_loss`) wraps the
+  normalisation, the MSE and both M's in one Function with a hand-written backward.
   Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
   graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
