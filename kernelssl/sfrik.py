@@ -312,7 +312,8 @@ def _block_gram_mean(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
-    callers fold ``2 / n^2`` into their upstream scalar).  The ``n x n`` work runs over
+    callers fold ``2 / n^2`` into their upstream scalar), for ``zhat`` of shape ``(n, q)`` or ``(V, n, q)``
+    (V independent views, batched through every op: ``M (V,)``, ``R (V, n, q)``).  The ``n x n`` work runs over
     the upper triangle of the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice
     (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
     block order, no atomics: deterministic.
@@ -332,30 +333,37 @@ def _block_gram_mean(
     (ill-conditioned power basis) every block evaluates the recurrence (:func:`_tile_phi_sum`,
     :func:`_tile_phi_prime`).
     """
-    n, q = zhat.shape
+    if zhat.dim() == 2:
+        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad)
+        return m[0], (None if grad is None else grad[0])
+    V, n, q = zhat.shape  # V views, batched through every op
     dt, dev = zhat.dtype, zhat.device
     L = len(b)
     power = _power_basis(q, b)
     if power is None:
-        return _block_gram_mean_recurrence(zhat, b, block, want_grad)
+        outs = [_block_gram_mean_recurrence(z, b, block, want_grad) for z in zhat.unbind(0)]
+        ms = torch.stack([o[0] for o in outs])
+        return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
     c = power
 
     def scalars(xs):
         return [torch.tensor(x, dtype=dt, device=dev) for x in xs]
 
+    def diag(x):
+        return x.diagonal(dim1=-2, dim2=-1)
+
     # Degree <= 2 through s = Zhat^T 1 and Q = Zhat^T Zhat.  S_2 = ||Q||_F^2 is ~n^2/q and cancels
     # against c_0 n^2 (M is an MMD, ~0 for a uniform batch), so it is split exactly as
     # S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and (c_0 + c_2/q) n^2 is formed in
     # float64 on the host: in fp32 the aggregate form would lose the ~1e-8 accuracy of per-entry sums.
-    s = zhat.sum(dim=0)
-    low = torch.dot(s, s) * c[1]
+    s = zhat.sum(dim=-2)  # (V, q)
+    low = s.square().sum(dim=-1) * c[1]
     const = c[0]
     if L >= 2:
-        gq = zhat.t() @ zhat
+        gq = torch.bmm(zhat.mT, zhat)  # (V, q, q)
         e = gq.clone()
-        e.diagonal().sub_(n / q)
-        flat = e.reshape(-1)
-        low = low + (torch.dot(flat, flat) + e.diagonal().sum() * (2.0 * n / q)) * c[2]
+        diag(e).sub_(n / q)
+        low = low + (e.square().sum(dim=(-2, -1)) + diag(e).sum(dim=-1) * (2.0 * n / q)) * c[2]
         const = c[0] + c[2] / q
     grad = None  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j (L >= 3)
     written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
@@ -368,47 +376,48 @@ def _block_gram_mean(
         vcoef = scalars([0.0, 0.0] + [c[k] for k in range(3, L + 1)])
         starts = list(range(0, n, block))
         nb = len(starts)
-        sums = zhat.new_empty(nb * (nb + 1) // 2) if block_value else None
+        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if block_value else None
         weights = []
         # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
         # page faults each time).
-        gbuf = zhat.new_empty(block * block)
-        pbuf = zhat.new_empty(block * block)
+        gbuf = zhat.new_empty(V * block * block)
+        pbuf = zhat.new_empty(V * block * block)
         k = 0
         for bi, s0 in enumerate(starts):
-            zi = zhat[s0 : s0 + block]
+            zi = zhat[:, s0 : s0 + block]
             for s1_ in starts[bi:]:
-                zj = zhat[s1_ : s1_ + block]
-                g = torch.mm(zi, zj.t(), out=_buffer_view(gbuf, zi.shape[0], zj.shape[0]))
-                p = _buffer_view(pbuf, zi.shape[0], zj.shape[0])
+                zj = zhat[:, s1_ : s1_ + block]
+                r, cc = zi.shape[1], zj.shape[1]
+                g = torch.bmm(zi, zj.mT, out=_buffer_view(gbuf, V * r, cc).view(V, r, cc))
+                p = _buffer_view(pbuf, V * r, cc).view(V, r, cc)
                 weights.append(1.0 if s1_ == s0 else 2.0)
                 if block_value:
-                    sums[k] = _horner(g, vcoef, p).mul_(g).sum()  # torch.sum: cascade, accurate
+                    sums[k] = _horner(g, vcoef, p).mul_(g).sum(dim=(-2, -1))  # torch.sum: cascade
                 k += 1
                 if want_grad:
                     if grad is None:
                         grad = torch.empty_like(zhat)
                     d = torch.mul(g, g, out=p) if L == 3 else _horner(g, dcoef, p)
-                    grad[s0 : s0 + block].addmm_(d, zj, beta=1.0 if s0 in written else 0.0)
+                    grad[:, s0 : s0 + block].baddbmm_(d, zj, beta=1.0 if s0 in written else 0.0)
                     written.add(s0)
                     if s1_ != s0:
-                        grad[s1_ : s1_ + block].addmm_(d.t(), zi, beta=1.0 if s1_ in written else 0.0)
+                        grad[:, s1_ : s1_ + block].baddbmm_(d.mT, zi, beta=1.0 if s1_ in written else 0.0)
                         written.add(s1_)
         if block_value:
-            total = torch.dot(sums, torch.tensor(weights, dtype=dt, device=dev))
+            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
         elif value_from_grad:
             # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
-            total = (zhat * grad).sum() * c[3]
+            total = (zhat * grad).sum(dim=(-2, -1)) * c[3]
     if want_grad:
         # R = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
         if grad is None:  # L <= 2: no blocks
             if L >= 2:
-                grad = torch.addmm(s.mul(c[1]).expand(n, q), zhat, gq, alpha=2.0 * c[2])
+                grad = torch.baddbmm(s.mul(c[1]).unsqueeze(-2).expand(V, n, q), zhat, gq, alpha=2.0 * c[2])
             else:
-                grad = s.mul(c[1]).expand(n, q).clone()
+                grad = s.mul(c[1]).unsqueeze(-2).expand(V, n, q).clone()
         else:
-            grad.addmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
-            grad.add_(s, alpha=c[1])
+            grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
+            grad.add_(s.unsqueeze(-2), alpha=c[1])
     total = low if total is None else total + low
     m = total / float(n * n) + const
     return m, grad
@@ -603,50 +612,41 @@ class _SFRIKLoss(torch.autograd.Function):
         dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
         dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
 
-    Saves ``y_a, y_b, y_a - y_b``, the row norms and the two ``(n, q)`` Gram-mean gradients.  Once
-    differentiable.
+    The two views are stacked and go through every op together (half the op count).  Saves ``y``,
+    ``y_a - y_b``, the row norms and the ``(2, n, q)`` Gram-mean gradients.  Once differentiable.
     """
 
     @staticmethod
     def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b):  # type: ignore[override]
-        n, q = za.shape
-        denoms, ys, grads, mmds = [], [], [], []
-        for z, want in ((za, want_a), (zb, want_b)):
-            norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-            y = z / norm.clamp_min(_NORM_EPS)
-            m, g = _block_gram_mean(y, b, block, want)
-            denoms.append(norm)
-            ys.append(y)
-            grads.append(g)
-            mmds.append(m)
-        diff = ys[0] - ys[1]
+        z = torch.stack([za, zb])  # (2, n, q): both views through every op at once
+        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        y = z / norm.clamp_min(_NORM_EPS)
+        # one view frozen: its R is formed too (rare; the batched ops stay batched)
+        m, grad = _block_gram_mean(y, b, block, want_a or want_b)
+        diff = y[0] - y[1]
         mse = diff.square().mean()
-        loss = sim_weight * mse + (mmd_weight * 0.5) * (mmds[0] + mmds[1])
-        ctx.save_for_backward(ys[0], ys[1], diff, denoms[0], denoms[1], *(g for g in grads if g is not None))
+        loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
+        if grad is not None:
+            ctx.save_for_backward(y, diff, norm, grad)
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
-        return loss, mse, mmds[0], mmds[1]
+        return loss, mse, m[0], m[1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
-        ya, yb, diff, da, db, *grads = ctx.saved_tensors
+        y, diff, norm, grad = ctx.saved_tensors
         sim_weight, mmd_weight = ctx.weights
-        n, q = ya.shape
-        g_mse = g_mse + g_loss * sim_weight  # total upstream gradient of R, and of M_a, M_b below
-        c_diff = g_mse * (2.0 / float(n * q))
-        out = []
-        it = iter(grads)
-        for y, norm, want, g_m, sign in ((ya, da, ctx.wants[0], g_a, 1.0), (yb, db, ctx.wants[1], g_b, -1.0)):
-            if not want:
-                out.append(None)
-                continue
-            gy = torch.mul(next(it), (g_m + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n)))
-            gy.addcmul_(diff, c_diff, value=sign)
-            r = torch.linalg.vecdot(y, gy, dim=1).unsqueeze(1)
-            r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
-            out.append(torch.addcmul(gy, y, r, value=-1.0).div_(norm.clamp_min(_NORM_EPS)))
-        return out[0], out[1], None, None, None, None, None, None
+        _, n, q = y.shape
+        c_diff = (g_mse + g_loss * sim_weight) * (2.0 / float(n * q))  # upstream of R, times dR/d(diff)
+        c_m = (torch.stack([g_a, g_b]) + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n))
+        gy = grad * c_m.view(2, 1, 1)
+        gy.addcmul_(diff, torch.stack([c_diff, -c_diff]).view(2, 1, 1))
+        r = torch.linalg.vecdot(y, gy, dim=-1).unsqueeze(-1)
+        r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
+        dz = torch.addcmul(gy, y, r, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
+        want_a, want_b = ctx.wants
+        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None
 
 
 def sfrik_loss(
