@@ -492,8 +492,13 @@ def sfrik_loss(
         coefficients=coefficients,
         sim_weight=sim_weight,
         mmd_weight=mmd_weight,
-        gram_mean=functools.partial(legendre_gram_mean, normalize=True, backend=backend,
-                                    input_precision=input_precision),
+        # torch backend outside torch.func transforms: None selects the torch path's fused loss (one
+        # autograd Function for the normalisation, R and both M's); otherwise the dispatched op (the
+        # fused kernel, or the plain-autograd form under a transform) computes M.
+        gram_mean=None
+        if (isinstance(z_a, Tensor) and not _functorch_active()
+            and resolve_backend(backend, "legendre_gram_mean", z_a.device) == "torch")
+        else functools.partial(legendre_gram_mean, normalize=True, backend=backend, input_precision=input_precision),
     )
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)

@@ -6,11 +6,21 @@ Differentiable, any device.  Two ways to compute the uniformity term
 
 (V-statistic, diagonal included; ``zhat_i = z_i / max(||z_i||, 1e-12)``; ``z`` is ``(n, q)``):
 
-* :func:`legendre_gram_mean` -- the library path.  A custom autograd Function streams the Gram
-  matrix ``G = Zhat Zhat^T`` in row chunks: the forward sums ``phi`` over each ``(chunk, n)`` tile and
-  keeps nothing but ``Zhat``; the backward recomputes each tile (flash-attention style) and forms
-  ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` as a ``(chunk, n) @ (n, q)`` product.  Peak extra
-  memory is O(n * chunk) in forward and backward; the only tensor saved for backward is ``Zhat``.
+* :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
+  Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
+  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks of ~16 MiB (:func:`default_block_size`;
+  G is symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and
+  half the elementwise work).  Each block is read once, while it is in cache, for both the value and
+  -- when a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is
+  accumulated in the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved
+  (``(n, q)``) and scaled by the upstream gradient in the backward: no tile is computed twice.  The
+  polynomial runs in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
+  (:func:`_power_basis`): the terms of degree <= 2 go through ``Zhat^T Zhat`` (``q x q``, no block
+  needed), so a block of the paper's degree 3 costs one elementwise pass (``G o G``) besides its GEMMs;
+  otherwise each block runs the three-term recurrence.  The SFRIK loss (:func:`sfrik_loss`) wraps the
+  normalisation, the MSE and both M's in one Function with a hand-written backward.
+  Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
+  graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
   materialise the ``n x n`` Gram, evaluate the polynomials on it, take the mean, plain autograd
   (which keeps several ``n x n`` tensors alive for the backward).
@@ -48,6 +58,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import (
     check_coefficients,
@@ -65,6 +76,7 @@ __all__ = [
     "legendre",
     "legendre_series",
     "default_chunk_size",
+    "default_block_size",
     "legendre_gram_mean",
     "legendre_gram_mean_eager",
     "sfrik_loss",
@@ -73,6 +85,17 @@ __all__ = [
 #: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
 #: float32; forward keeps ~4 tiles alive at once, backward ~6).
 DEFAULT_TILE_ELEMENTS = 1 << 23
+
+#: Target bytes of one ``(T, T)`` Gram block of the eager path: 16 MiB (T = 2048 in float32, 1440 in
+#: float64; two such buffers are live).  Measured on this project's 2-core EPYC (2 MiB L2, 32 MiB L3),
+#: fp32, n = 4096, q = 128, forward+backward of one view: on one thread T = 1024 and 2048 are within
+#: ~10% (0.7x and 0.75x of the two n x n x q GEMMs); with two threads on a loaded machine every op
+#: pays a parallel-region wake-up, so fewer, larger blocks win (T = 2048 1.7x faster than 1024).
+DEFAULT_BLOCK_BYTES = 1 << 24
+
+#: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
+#: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
+POWER_BASIS_MAX_GROWTH = 16.0
 
 _NORM_EPS = 1e-12  # the F.normalize default
 
@@ -228,6 +251,238 @@ def default_chunk_size(n: int) -> int:
     return max(1, min(n, DEFAULT_TILE_ELEMENTS // max(n, 1)))
 
 
+def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Edge T of the ``(T, T)`` Gram blocks of the eager path when ``chunk_size=None``: the multiple of
+    32 nearest ``sqrt(DEFAULT_BLOCK_BYTES / itemsize)`` (2048 in float32, 1440 in float64), at most n."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    t = int(round((DEFAULT_BLOCK_BYTES / itemsize) ** 0.5 / 32.0)) * 32
+    return max(1, min(n, t))
+
+
+def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
+    """``(c_0, ..., c_L)`` with ``phi(t) = sum_k c_k t^k`` (float64 arithmetic), or None where Horner's
+    rule in that basis could be much less accurate than the recurrence.
+
+    On ``[-1, 1]`` Horner's rounding error is bounded by ``~2L u sum_k |c_k| |t|^k`` for phi (and by
+    ``~2L u sum_k k |c_k|`` for phi'), the recurrence's by ``~2L u sum_l |b_l|`` (``|P_l| <= 1``; for
+    phi', ``|P'_l| <= P'_l(1)``).  The power basis is used when both ratios are at most
+    ``POWER_BASIS_MAX_GROWTH``: always for the paper's degree 3 at q >= 3 (ratio < 3; at q = 2 the
+    Chebyshev case, ratio < 6), and for large q at any degree (``P_l -> t^l``).
+    """
+    consts = legendre_recurrence_constants(q, len(b))
+    prev, cur = [1.0], [0.0, 1.0]  # P_0, P_1 in powers of t
+    d_prev, d_cur = 0.0, 1.0  # P'_0(1), P'_1(1)
+    coeffs = [0.0] * (len(b) + 1)
+    coeffs[1] = b[0]
+    scale_val, scale_der = abs(b[0]), abs(b[0])
+    for l, (a, c) in enumerate(consts, start=1):
+        nxt = [0.0] + [a * x for x in cur]
+        for k, x in enumerate(prev):
+            nxt[k] -= c * x
+        d_prev, d_cur = d_cur, a * (1.0 + d_cur) - c * d_prev
+        for k, x in enumerate(nxt):
+            coeffs[k] += b[l] * x
+        scale_val += abs(b[l])
+        scale_der += abs(b[l]) * d_cur
+        prev, cur = cur, nxt
+    growth_val = sum(abs(x) for x in coeffs) / scale_val if scale_val > 0 else 1.0
+    growth_der = sum(k * abs(x) for k, x in enumerate(coeffs)) / scale_der if scale_der > 0 else 1.0
+    if max(growth_val, growth_der) > POWER_BASIS_MAX_GROWTH:
+        return None
+    return tuple(coeffs)
+
+
+def _horner(g: Tensor, h: list[Tensor], out: Tensor) -> Tensor:
+    """``sum_k h[k] g^k`` elementwise into ``out`` (``h`` 0-dim tensors), one fused multiply-add pass
+    per degree."""
+    if len(h) == 1:
+        return out.copy_(h[0])
+    torch.addcmul(h[-2], g, h[-1], out=out)
+    for hk in reversed(h[:-2]):
+        torch.addcmul(hk, g, out, out=out)
+    return out
+
+
+def _buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous ``(rows, cols)`` tensor on the first ``rows * cols`` elements of ``buf``."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+def _block_gram_mean(
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
+    callers fold ``2 / n^2`` into their upstream scalar), for ``zhat`` of shape ``(n, q)`` or ``(V, n, q)``
+    (V independent views, batched through every op: ``M (V,)``, ``R (V, n, q)``).  The ``n x n`` work runs over
+    the upper triangle of the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice
+    (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
+    block order, no atomics: deterministic.
+
+    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it), the terms of
+    degree <= 2 never need the ``n x n`` Gram: with ``s = Zhat^T 1`` and ``Q = Zhat^T Zhat`` (``q x q``)::
+
+        sum_ij G_ij = ||s||^2 = S_1,   sum_ij G_ij^2 = ||Q||_F^2 = S_2,
+        sum_j (c_1 + 2 c_2 G_kj) zhat_j = c_1 s + 2 c_2 Q zhat_k
+
+    so the blocks carry only ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's
+    degree 3: one elementwise pass per block) and, where needed, ``sum_{k>=3} c_k G^k``.  With a
+    gradient and degree 3 the value needs no block pass either: ``R_3 = (G o G) Zhat`` gives
+    ``S_3 = sum_ij G_ij^3 = <Zhat, R_3>``.  Degree <= 2 costs O(n q^2) in all.  ``S_2`` is split as
+    ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
+    ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).  Otherwise
+    (ill-conditioned power basis) every block evaluates the recurrence (:func:`_tile_phi_sum`,
+    :func:`_tile_phi_prime`).
+    """
+    if zhat.dim() == 2:
+        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad)
+        return m[0], (None if grad is None else grad[0])
+    V, n, q = zhat.shape  # V views, batched through every op
+    dt, dev = zhat.dtype, zhat.device
+    L = len(b)
+    power = _power_basis(q, b)
+    if power is None:
+        outs = [_block_gram_mean_recurrence(z, b, block, want_grad) for z in zhat.unbind(0)]
+        ms = torch.stack([o[0] for o in outs])
+        return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
+    c = power
+
+    def scalars(xs):
+        return [torch.tensor(x, dtype=dt, device=dev) for x in xs]
+
+    def diag(x):
+        return x.diagonal(dim1=-2, dim2=-1)
+
+    # Degree <= 2 through s = Zhat^T 1 and Q = Zhat^T Zhat.  S_2 = ||Q||_F^2 is ~n^2/q and cancels
+    # against c_0 n^2 (M is an MMD, ~0 for a uniform batch), so it is split exactly as
+    # S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and (c_0 + c_2/q) n^2 is formed in
+    # float64 on the host: in fp32 the aggregate form would lose the ~1e-8 accuracy of per-entry sums.
+    s = zhat.sum(dim=-2)  # (V, q)
+    low = s.square().sum(dim=-1) * c[1]
+    const = c[0]
+    if L >= 2:
+        gq = torch.bmm(zhat.mT, zhat)  # (V, q, q)
+        e = gq.clone()
+        diag(e).sub_(n / q)
+        low = low + (e.square().sum(dim=(-2, -1)) + diag(e).sum(dim=-1) * (2.0 * n / q)) * c[2]
+        const = c[0] + c[2] / q
+    grad = None  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j (L >= 3)
+    written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
+    value_from_grad = want_grad and L == 3
+    block_value = L >= 3 and not value_from_grad
+    total = None
+    if L >= 3:
+        # phi'_3 = t^2 (3 c_3 + 4 c_4 t + ...); sum_{k>=3} c_k G^k = <G, t (0 + c_3 t + c_4 t^2 ...)>
+        dcoef = scalars([0.0, 0.0] + [k * c[k] for k in range(3, L + 1)])
+        vcoef = scalars([0.0, 0.0] + [c[k] for k in range(3, L + 1)])
+        starts = list(range(0, n, block))
+        nb = len(starts)
+        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if block_value else None
+        weights = []
+        # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
+        # page faults each time).
+        gbuf = zhat.new_empty(V * block * block)
+        pbuf = zhat.new_empty(V * block * block)
+        k = 0
+        for bi, s0 in enumerate(starts):
+            zi = zhat[:, s0 : s0 + block]
+            for s1_ in starts[bi:]:
+                zj = zhat[:, s1_ : s1_ + block]
+                r, cc = zi.shape[1], zj.shape[1]
+                g = torch.bmm(zi, zj.mT, out=_buffer_view(gbuf, V * r, cc).view(V, r, cc))
+                p = _buffer_view(pbuf, V * r, cc).view(V, r, cc)
+                weights.append(1.0 if s1_ == s0 else 2.0)
+                if block_value:
+                    sums[k] = _horner(g, vcoef, p).mul_(g).sum(dim=(-2, -1))  # torch.sum: cascade
+                k += 1
+                if want_grad:
+                    if grad is None:
+                        grad = torch.empty_like(zhat)
+                    d = torch.mul(g, g, out=p) if L == 3 else _horner(g, dcoef, p)
+                    grad[:, s0 : s0 + block].baddbmm_(d, zj, beta=1.0 if s0 in written else 0.0)
+                    written.add(s0)
+                    if s1_ != s0:
+                        grad[:, s1_ : s1_ + block].baddbmm_(d.mT, zi, beta=1.0 if s1_ in written else 0.0)
+                        written.add(s1_)
+        if block_value:
+            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
+        elif value_from_grad:
+            # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
+            total = (zhat * grad).sum(dim=(-2, -1)) * c[3]
+    if want_grad:
+        # R = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
+        if grad is None:  # L <= 2: no blocks
+            if L >= 2:
+                grad = torch.baddbmm(s.mul(c[1]).unsqueeze(-2).expand(V, n, q), zhat, gq, alpha=2.0 * c[2])
+            else:
+                grad = s.mul(c[1]).unsqueeze(-2).expand(V, n, q).clone()
+        else:
+            grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
+            grad.add_(s.unsqueeze(-2), alpha=c[1])
+    total = low if total is None else total + low
+    m = total / float(n * n) + const
+    return m, grad
+
+
+def _block_gram_mean_recurrence(
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_block_gram_mean` with the three-term recurrence on every block (no power basis)."""
+    n, q = zhat.shape
+    consts = legendre_recurrence_constants(q, len(b))
+    starts = list(range(0, n, block))
+    nb = len(starts)
+    sums = zhat.new_empty(nb * (nb + 1) // 2)
+    weights = []
+    grad = torch.zeros_like(zhat) if want_grad else None
+    k = 0
+    for bi, s0 in enumerate(starts):
+        zi = zhat[s0 : s0 + block]
+        for s1 in starts[bi:]:
+            zj = zhat[s1 : s1 + block]
+            g = torch.mm(zi, zj.t())
+            weights.append(1.0 if s1 == s0 else 2.0)
+            sums[k] = _tile_phi_sum(g, b, consts)
+            k += 1
+            if want_grad:
+                d = _tile_phi_prime(g, b, consts)
+                grad[s0 : s0 + block].addmm_(d, zj)
+                if s1 != s0:
+                    grad[s1 : s1 + block].addmm_(d.t(), zi)
+                del d
+            del g
+    total = torch.dot(sums, torch.tensor(weights, dtype=zhat.dtype, device=zhat.device))
+    return total / float(n * n), grad
+
+
+class _BlockGramMean(torch.autograd.Function):
+    """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` (eager path): value and gradient in one pass over
+    the upper-triangle blocks (:func:`_block_gram_mean`); saves only the ``(n, q)`` gradient, and the
+    backward scales it by the upstream gradient.  ``want_grad=False`` (no grad mode, or a frozen
+    input) skips the gradient.  Not twice differentiable: the backward raises under
+    ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool) -> Tensor:  # type: ignore[override]
+        m, grad = _block_gram_mean(zhat, b, block, want_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.has_grad = grad is not None
+        return m
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "legendre_gram_mean: double backward (create_graph=True) is not supported by the "
+                "blocked Gram mean; use legendre_gram_mean_eager (plain autograd) for higher derivatives"
+            )
+        if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
+            raise RuntimeError("legendre_gram_mean: backward reached a forward run without gradient")
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out * (2.0 / float(grad.shape[0] ** 2))), None, None, None
+
+
 class _LegendreGramMean(torch.autograd.Function):
     """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` on the rows as given, streamed over row chunks.
 
@@ -282,7 +537,7 @@ def legendre_gram_mean(
     chunk_size: int | None = None,
     check_finite: bool = False,
 ) -> Tensor:
-    """SFRIK's uniformity term (SPEC §2.2), chunked, O(n * chunk) extra memory::
+    """SFRIK's uniformity term (SPEC §2.2), blocked, O(n q + chunk^2) extra memory::
 
         M(Z) = (1/n^2) sum_{i,j} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
 
@@ -292,18 +547,21 @@ def legendre_gram_mean(
         normalize: L2-normalise the rows first (``F.normalize``, outside the autograd Function, so
             autograd applies its Jacobian).  ``False``: use the rows as given (M is then the same
             polynomial sum on raw inner products).
-        chunk_size: rows per ``(chunk, n)`` Gram tile; ``None`` -> :func:`default_chunk_size`
-            (tiles of ~8 Mi elements).  Any value >= 1; values >= n mean one tile.
+        chunk_size: edge of the ``(chunk, chunk)`` Gram blocks (eager) or rows of the ``(chunk, n)``
+            tiles (under ``torch.compile``); ``None`` -> :func:`default_block_size` (eager, ~16 MiB
+            blocks) or :func:`default_chunk_size` (compiled, ~8 Mi-element tiles).  Any value >= 1;
+            values >= n mean one block.
         check_finite: raise a ``ValueError`` on NaN/Inf input (one host sync) instead of propagating.
 
     Returns:
         0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
 
-    The backward recomputes the tiles and forms ``(2/n^2) phi'(G_tile) @ Zhat`` (the Gram is
-    symmetric); only ``Zhat`` is saved for it, so no ``n x n`` tensor is kept alive.  Double backward
-    is not supported: a backward with ``create_graph=True`` raises a RuntimeError (use
-    :func:`legendre_gram_mean_eager` for higher derivatives).
-    Deterministic: fixed tile order, no atomics.
+    Eager: when a gradient is wanted (grad mode on and ``z`` requires grad) the forward also forms
+    ``dM/dzhat = (2/n^2) phi'(G) Zhat`` block by block and saves that ``(n, q)`` tensor; the backward
+    only scales it (no block is computed twice).  Under ``torch.compile`` the backward recomputes the
+    tiles instead.  No ``n x n`` tensor is ever kept alive.  Double backward is not supported: a
+    backward with ``create_graph=True`` raises a RuntimeError (use :func:`legendre_gram_mean_eager`
+    for higher derivatives).  Deterministic: fixed block order, no atomics.
     """
     _check_z(z, "z")
     b = check_coefficients(coefficients)
@@ -313,7 +571,11 @@ def legendre_gram_mean(
     zf = _upcast(z)
     zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
     n = zhat.shape[0]
-    return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
+    if torch.compiler.is_compiling():
+        return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
+    want_grad = torch.is_grad_enabled() and zhat.requires_grad
+    block = chunk if chunk is not None else default_block_size(n, zhat.dtype)
+    return _BlockGramMean.apply(zhat, b, min(block, n), want_grad)
 
 
 def legendre_gram_mean_eager(
@@ -338,6 +600,53 @@ def legendre_gram_mean_eager(
 # --------------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------------
+
+
+class _SFRIKLoss(torch.autograd.Function):
+    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, with the
+    Gram-mean gradients taken in the forward (:func:`_block_gram_mean`) and a hand-written backward
+    (a handful of ``(n, q)`` ops, where autograd would run a dozen per view for ``F.normalize`` and the
+    MSE).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and ``g_y`` the
+    gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
+
+        dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
+        dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
+
+    The two views are stacked and go through every op together (half the op count).  Saves ``y``,
+    ``y_a - y_b``, the row norms and the ``(2, n, q)`` Gram-mean gradients.  Once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b):  # type: ignore[override]
+        z = torch.stack([za, zb])  # (2, n, q): both views through every op at once
+        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        y = z / norm.clamp_min(_NORM_EPS)
+        # one view frozen: its R is formed too (rare; the batched ops stay batched)
+        m, grad = _block_gram_mean(y, b, block, want_a or want_b)
+        diff = y[0] - y[1]
+        mse = diff.square().mean()
+        loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
+        if grad is not None:
+            ctx.save_for_backward(y, diff, norm, grad)
+        ctx.wants = (want_a, want_b)
+        ctx.weights = (sim_weight, mmd_weight)
+        return loss, mse, m[0], m[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
+        y, diff, norm, grad = ctx.saved_tensors
+        sim_weight, mmd_weight = ctx.weights
+        _, n, q = y.shape
+        c_diff = (g_mse + g_loss * sim_weight) * (2.0 / float(n * q))  # upstream of R, times dR/d(diff)
+        c_m = (torch.stack([g_a, g_b]) + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n))
+        gy = grad * c_m.view(2, 1, 1)
+        gy.addcmul_(diff, torch.stack([c_diff, -c_diff]).view(2, 1, 1))
+        r = torch.linalg.vecdot(y, gy, dim=-1).unsqueeze(-1)
+        r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
+        dz = torch.addcmul(gy, y, r, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
+        want_a, want_b = ctx.wants
+        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None
 
 
 def sfrik_loss(
@@ -366,7 +675,7 @@ def sfrik_loss(
         sim_weight: lambda_sim >= 0 (default 4000: the reference's q = 8192 setting).
         mmd_weight: lambda_mmd >= 0 (default 1).
         eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
-        chunk_size: rows per Gram tile for the chunked path (see :func:`legendre_gram_mean`).
+        chunk_size: Gram block edge of the library path (see :func:`legendre_gram_mean`).
         check_finite: raise on NaN/Inf inputs (one host sync) instead of propagating them.
         gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
             place of the chunked torch path.  The public API passes its backend-dispatched op here,
@@ -374,6 +683,9 @@ def sfrik_loss(
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
+
+    Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
+    Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
     """
     _check_z(z_a, "z_a")
     _check_z(z_b, "z_b")
@@ -389,6 +701,13 @@ def sfrik_loss(
     if za.dtype != zb.dtype:
         dtype = torch.promote_types(za.dtype, zb.dtype)
         za, zb = za.to(dtype), zb.to(dtype)
+    if gram_mean is None and not eager and not torch.compiler.is_compiling():
+        grad_on = torch.is_grad_enabled()
+        block = chunk if chunk is not None else default_block_size(za.shape[0], za.dtype)
+        return _SFRIKLoss.apply(
+            za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
+            grad_on and za.requires_grad, grad_on and zb.requires_grad,
+        )
     za = F.normalize(za, dim=-1, eps=_NORM_EPS)
     zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
     mse = (za - zb).pow(2).mean()

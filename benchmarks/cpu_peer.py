@@ -1,0 +1,153 @@
+"""Forward+backward of each loss's default call against ``torch.compile`` of the papers' form, side by
+side on the CPU (issue 13), with the GEMM-limit row and peak extra memory.
+
+Implementations, timed on the same inputs, interleaved (every repeat runs each once, in turn), medians:
+
+* ``peer``    -- ``torch.compile`` (inductor) of the papers' form: the ``"eager"`` implementations of
+  :mod:`kernelssl._cases` (``_sfrik.sfrik_loss(eager=True)``, ``_hsic.rff_hsic_eager``,
+  ``_mec.mec_loss(eager=True)``), wrapped here.  Its compile time is reported separately.
+* ``default`` -- the library's default call: ``SFRIKLoss()(za, zb)``, ``HSICLoss()(views,
+  features=maps)`` (the same maps as the peer), ``MECLoss()(za, zb, ta, tb)``.
+* ``compiled``-- ``torch.compile`` of that default call (``--compiled``).
+* ``gemm``    -- the essential matrix products alone, forward+backward (SFRIK: ``z z^T`` and ``G z``
+  per view, n x n x q each; HSIC: the two projections, the cross-covariance and their backward,
+  i.e. 4 N x d x D and 3 N x D x D products; MEC: none listed).
+
+Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of one forward+backward
+(:func:`bench_util.peak_extra_bytes`), for ``default`` and the un-compiled papers' form (``eager``).
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/cpu_peer.py --loss sfrik --shape n=4096,q=128 --dtype float32 --repeats 11
+
+The machine is shared: read ratios, not absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_util import peak_extra_bytes  # noqa: E402
+from kernelssl._cases import forward_backward, hsic_maps, implementations, make_inputs  # noqa: E402
+from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss  # noqa: E402
+
+
+def parse_shape(text: str) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def default_call(loss: str, shape: dict, device):
+    if loss == "sfrik":
+        crit = SFRIKLoss()
+        return lambda za, zb: crit(za, zb)
+    if loss == "mec":
+        crit = MECLoss()
+        return lambda za, zb, pa, pb: crit(za, zb, pa, pb)
+    crit = HSICLoss(num_features=shape.get("D", 512))
+    maps = hsic_maps(shape, device=device)
+    return lambda views: crit(views, features=maps)
+
+
+def gemm_limit(loss: str, shape: dict, inputs):
+    """Forward+backward of the essential products only (no elementwise work), on the same inputs."""
+    if loss == "sfrik":
+        def fn(za, zb):
+            total = 0.0
+            for z in (za, zb):
+                z = z.detach()
+                g = z @ z.t()  # forward: the Gram
+                total = total + (g @ z).sum()  # backward: phi'(G) z
+            return total
+        return fn
+    if loss == "hsic":
+        K, B, d, D = shape["K"], shape["B"], shape["d"], shape.get("D", 512)
+        x0 = inputs[0].detach().reshape(K * B, d)
+        w = torch.randn(D, d, dtype=x0.dtype)
+
+        def fn(views):
+            x = views.detach().reshape(K * B, d)
+            pa, pb = x @ w.t(), x @ w.t()  # projections
+            c = pb.t() @ pa  # cross-covariance
+            ga, gb = pb @ c, pa @ c.t()  # its backward
+            return (ga @ w).sum() + (gb @ w).sum() + c.sum()  # projections' backward
+        return fn
+    return None
+
+
+def time_once(fn, inputs) -> float:
+    t0 = time.perf_counter()
+    if fn.__name__ == "gemm_fn":
+        fn(*inputs)
+    else:
+        forward_backward(fn, inputs)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loss", choices=("sfrik", "hsic", "mec"), required=True)
+    p.add_argument("--shape", required=True, help="e.g. n=4096,q=128 | K=4,B=1024,d=256,D=512 | m=1024,d=256")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-peer", action="store_true", help="skip the compiled papers' form")
+    p.add_argument("--compiled", action="store_true", help="also time torch.compile of the default call")
+    p.add_argument("--memory", action="store_true", help="peak extra memory of default and eager (one call each)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    shape = parse_shape(a.shape)
+    device = torch.device("cpu")
+    inputs = make_inputs(a.loss, shape, dtype=dtype)
+    impls = implementations(a.loss, shape, device=device)
+    fns = {"default": default_call(a.loss, shape, device)}
+    compile_s = {}
+    if not a.no_peer:
+        fns["peer"] = torch.compile(impls["eager"])
+    if a.compiled:
+        fns["compiled"] = torch.compile(default_call(a.loss, shape, device))
+    g = gemm_limit(a.loss, shape, inputs)
+    if g is not None:
+        g.__name__ = "gemm_fn"
+        fns["gemm"] = g
+    # warm-up (compiles); the first call of a compiled function is its compile time
+    for name, fn in fns.items():
+        t = time_once(fn, inputs)
+        if name in ("peer", "compiled"):
+            compile_s[name] = t
+        time_once(fn, inputs)
+    # agreement with the papers' form (a fast wrong answer must not look good)
+    ref = forward_backward(impls["eager"], inputs).item()
+    got = forward_backward(fns["default"], inputs).item()
+    times = {name: [] for name in fns}
+    for _ in range(a.repeats):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, inputs))
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    row = {"loss": a.loss, "shape": a.shape, "dtype": a.dtype, "threads": a.threads, "repeats": a.repeats}
+    row.update({f"{k}_ms": round(v, 2) for k, v in med.items()})
+    if "peer" in med:
+        row["peer/default"] = round(med["peer"] / med["default"], 2)
+    if "compiled" in med and "peer" in med:
+        row["peer/compiled"] = round(med["peer"] / med["compiled"], 2)
+    if "gemm" in med:
+        row["default/gemm"] = round(med["default"] / med["gemm"], 2)
+    row.update({f"compile_{k}_s": round(v, 1) for k, v in compile_s.items()})
+    row["loss_default"], row["loss_eager"] = got, ref
+    if a.memory:
+        fns_mem = {"default": fns["default"], "eager": impls["eager"]}
+        for name, fn in fns_mem.items():
+            b = peak_extra_bytes(lambda: forward_backward(fn, inputs), device)
+            row[f"mem_{name}_MiB"] = None if b is None else round(b / 2**20, 1)
+    print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
