@@ -179,8 +179,12 @@ def _rff_features_kernel(a, grid):
     bi, bj, bk = a["BLOCK_I"], a["BLOCK_J"], a["BLOCK_K"]
     # (image block, feature block of either map) x views
     tiles = _cdiv(a["B"], bi) * (_cdiv(a["D_A"], bj) + _cdiv(a["D_B"], bj)) * a["K"]
-    unit = _unit(_f32(), a["PRECISION"])  # operands upcast to fp32 before tl.dot
-    return Work(dots=[(unit, 2.0 * tiles * bi * bj * _pad(a["d"], bk))], aux=25.0 * tiles * bi * bj,
+    flops = 2.0 * tiles * bi * bj * _pad(a["d"], bk)
+    if a.get("W_SPLIT", 0):  # bf16 x, W split into three bf16 parts: three bf16 tl.dot calls
+        dots = [("bf16", 3.0 * flops)]
+    else:
+        dots = [(_unit(_f32(), a["PRECISION"]), flops)]  # operands upcast to fp32 before tl.dot
+    return Work(dots=dots, aux=25.0 * tiles * bi * bj,
                 reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr")],
                 writes=[a[k] for k in ("phia_ptr", "phib_ptr", "s_ptr", "colsum_a_ptr", "colsum_b_ptr", "m2_ptr")])
 

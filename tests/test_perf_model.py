@@ -90,8 +90,11 @@ def _analytic_fused(case) -> dict:
         N, d, D = s["K"] * s["B"], s["d"], s["D"]
         assert d <= 256  # one gradient column block: the features are recomputed once per map
         # forward: both projections, the cross-covariance; backward per map: u recomputed,
-        # Phibar_other C, back-projection
-        return {"fwd": 2 * N * d * 2 * D + 2 * N * D * D, "bwd": 2 * (2 * N * D * d + 2 * N * D * D + 2 * N * D * d)}
+        # Phibar_other C, back-projection.  bf16 views under tf32x3: the forward projection is three
+        # bf16 products (W split into three bf16 parts), counted three times like legendre's split.
+        proj = 3 if (dtype == "bfloat16" and case["precision"] == "tf32x3") else 1
+        return {"fwd": proj * 2 * N * d * 2 * D + 2 * N * D * D,
+                "bwd": 2 * (2 * N * D * d + 2 * N * D * D + 2 * N * D * d)}
     if op == "legendre_gram":
         n, q, v = s["n"], s["q"], s["views"]
         gram = [r for r in case["launch_rows"] if r["kernel"] == "_gram_phi_sum_kernel"]

@@ -156,6 +156,25 @@ def test_values_and_gradients_vs_reference(path, m, d, batch, order):
     _check_fp32(_run(M.taylor_logdet, a, b, lam, order, up), ref, terms, "torch")
 
 
+@pytest.mark.parametrize("sms", [132, 108, 114])
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
+def test_gram_split_fills_the_waves(sms, half, monkeypatch):
+    """Issue 11: the Gram's split-K is chosen from the SM count and the kernel's occupancy (fp32 dots
+    1 program per SM, bf16 3) so that its programs fill >= 90% of their waves, with no split where the
+    output alone does (MEC's fp32 paper Gram: 256 programs on 132 SMs; a split of 2 only added the
+    partials' sum)."""
+    import sm90_compile
+
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    cfg = K._gemm_config(half, "tf32x3")
+    tiles = (1024 // cfg["BLOCK_M"]) * (1024 // cfg["BLOCK_N"])  # MEC's paper shape, m = 1024
+    per_sm = K._gemm_per_sm(half, "tf32x3")
+    split = K._split_k(tiles, 2, 2048, cfg["BLOCK_K"], sms * per_sm)
+    assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm, sms) >= 0.9, split
+    if sms == 132 and not half:
+        assert split == 1
+
+
 @pytest.mark.parametrize("order", [2, 4, 5])
 @pytest.mark.parametrize(
     "path,m,d,batch",

@@ -23,7 +23,8 @@ Forward (5 launches, 4 when the cross-covariance needs no split):
 
 1. ``_rff_features_kernel`` -- grid ``(cdiv(B, BI), cdiv(D_A, BJ) + cdiv(D_B, BJ))``.  A program owns a
    block of BI images and BJ features of one map and loops over the K views: projection GEMM
-   (``tl.dot`` over d, fp32 accumulator), cos epilogue, stores its Phi tile (fp32), accumulates the
+   (``tl.dot`` over d, fp32 accumulator; bf16 views under "tf32x3": W split into three bf16 parts,
+   three exact bf16 MMAs, see ``_w_split``), cos epilogue, stores its Phi tile (fp32), accumulates the
    per-image sums S in registers and writes deterministic per-program partials: column sums (for mu)
    and, for map A, ``M2_p = sum_{i in p} ||S_i - m_p||^2`` about the block mean m_p.
 2. ``_rff_stats_kernel`` -- grid ``(cdiv(D_A, BJ) + cdiv(D_B, BJ),)``: reduces the column-sum partials in
@@ -33,7 +34,8 @@ Forward (5 launches, 4 when the cross-covariance needs no split):
 3. ``_rff_cross_cov_kernel`` -- grid ``(tiles of C, SPLIT)``: reads Phi_A, Phi_B tiles, centres them in
    registers and accumulates ``C_tile += Phibar_B^T Phibar_A`` over its share of the N rows (explicit
    centring, as in the torch path: the uncentred ``Phi_B^T Phi_A - N mu_B mu_A^T`` would cancel ~sqrt(N)
-   digits' worth).  SPLIT > 1 (chosen so the GPU is full) writes per-split partials that
+   digits' worth).  SPLIT > 1 (chosen from the SM count so the last wave is nearly full, see
+   ``_wave_split``) writes per-split partials that
    ``_rff_cov_reduce_kernel`` sums in a fixed order; each also writes ``||C_tile||^2``.
 4. ``_rff_finalize_kernel`` -- one program: sums the HSIC_ZY and HSIC_ZZ partials into the two 0-dim
    fp32 outputs.
@@ -143,6 +145,15 @@ _INTERP_MAX_SPLIT = 2
 # kernels
 # ==================================================================================================
 
+# Round fp32 to the nearest bf16 value (ties to even), kept in fp32, with integer ops (the interpreter
+# mis-rounds bf16 casts); NaN passes through.
+@triton.jit
+def _round_bf16(x):
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
 # Forward tile of one map (A or B) for BI images x BJ features, looping over the K views:
 #   u = x W^T / c + beta;  Phi = s cos(u), s = sqrt(2/D)  -> stored (fp32, row n = v*B + i)
 #   S_i = sum_v Phi[v*B + i]  (stored for map A);  colsum_p = sum_{i in block} S_i  (partial)
@@ -155,7 +166,7 @@ def _features_tile(
     inv_c, pid_i, pid_j, num_j,
     K, B, d, D,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, IS_A: tl.constexpr,
+    PRECISION: tl.constexpr, IS_A: tl.constexpr, W_SPLIT: tl.constexpr,
 ):
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)  # int64 (pid_i is)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -180,7 +191,24 @@ def _features_tile(
                 mask=mask_k[:, None] & mask_j[None, :],
                 other=0.0,
             )
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
+            if W_SPLIT == 0:
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
+            else:  # bf16 x exact; W = w1 + w2 + w3 (+ <= 2^-24 |W|), three exact bf16 x bf16 products
+                w = wt.to(tl.float32)
+                if W_SPLIT == 1:
+                    w1 = w.to(tl.bfloat16)
+                    r1 = w - w1.to(tl.float32)
+                    w2 = r1.to(tl.bfloat16)
+                    w3 = (r1 - w2.to(tl.float32)).to(tl.bfloat16)
+                else:  # interpreter: the same split with integer rounding, fp32 operands
+                    xt = xt.to(tl.float32)
+                    w1 = _round_bf16(w)
+                    r1 = w - w1
+                    w2 = _round_bf16(r1)
+                    w3 = _round_bf16(r1 - w2)
+                acc = tl.dot(xt, w3, acc)
+                acc = tl.dot(xt, w2, acc)
+                acc = tl.dot(xt, w1, acc)
         phi = amp * tl.cos(acc * inv_c + beta[None, :])
         phi = tl.where(tile_mask, phi, 0.0)
         rows = v64 * B + offs_i
@@ -205,6 +233,7 @@ def _rff_features_kernel(
     stride_waj, stride_wad, stride_ba, stride_wbj, stride_wbd, stride_bb,
     K, B, d, D_A, D_B,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_SPLIT: tl.constexpr,
 ):
     pid_i = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1).to(tl.int64)
@@ -215,14 +244,14 @@ def _rff_features_kernel(
             x_ptr, wa_ptr, ba_ptr, phia_ptr, s_ptr, colsum_a_ptr, m2_ptr,
             stride_xv, stride_xb, stride_xd, stride_waj, stride_wad, stride_ba,
             inv_c, pid_i, pid_j, num_ja, K, B, d, D_A,
-            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, True,
+            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, True, W_SPLIT,
         )
     else:
         _features_tile(
             x_ptr, wb_ptr, bb_ptr, phib_ptr, s_ptr, colsum_b_ptr, m2_ptr,
             stride_xv, stride_xb, stride_xd, stride_wbj, stride_wbd, stride_bb,
             inv_c, pid_i, pid_j - num_ja, num_ja, K, B, d, D_B,
-            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, False,
+            BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, False, W_SPLIT,
         )
 
 
@@ -556,9 +585,42 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
              BJS=128, warps=8, stages=3)
     tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    want = triton.cdiv(2 * sms, tiles)  # ~2 programs per SM
-    c["split"] = max(1, min(want, triton.cdiv(N, 8 * c["BN"])))  # >= 8 row blocks per split
+    max_split = max(1, triton.cdiv(N, 8 * c["BN"]))  # >= 8 row blocks per split
+    c["split"] = _wave_split(tiles, sms * _CROSS_COV_PER_SM, max_split)
     return c
+
+
+# Resident cross-covariance programs per SM (64 x 64 fp32 accumulator, 8 warps: ptxas allocates
+# 96-128 registers a thread under both compilers -> 2 programs of 256 threads per SM; the static model,
+# benchmarks/perf_model.py, checks the wave efficiency this implies from the compiled kernel).
+_CROSS_COV_PER_SM = 2
+
+
+def _wave_split(tiles: int, slots: int, max_split: int) -> int:
+    """SPLIT of the rows for ``tiles`` output tiles on a GPU with ``slots`` resident programs: the
+    smallest split whose wave efficiency ``tiles * s / (ceil(tiles * s / slots) * slots)`` reaches 90%
+    (or the best there is) over ``1 .. min(max_split, 4 * slots / tiles)``.  E.g.
+    64 tiles on 132 SMs x 2: split 4 (256 of 264 slots, 97%), where the first split to reach ~2 programs
+    an SM (5: 320 programs, 3 waves of which the last 21% full) wastes 39% of the machine."""
+    hi = max(1, min(max_split, (4 * slots) // max(tiles, 1)))
+
+    def eff(s: int) -> float:
+        p = tiles * s
+        return p / (triton.cdiv(p, slots) * slots)
+
+    target = min(0.9, max(eff(s) for s in range(1, hi + 1)))
+    return next(s for s in range(1, hi + 1) if eff(s) >= target)
+
+
+def _w_split(dtype: torch.dtype, precision: str) -> int:
+    """How the forward projection ``x W^T`` runs: 0 as ``tl.dot`` at ``precision`` on fp32 operands;
+    for bf16 views under "tf32x3", W split into three bf16 parts, three bf16 MMAs (1 on the GPU, 2
+    the same split emulated under the interpreter): x is exact in bf16 and ``|W - w1 - w2 - w3| <~
+    2^-24 |W|``, so every product is fp32-exact (at least tf32x3's accuracy) at the bf16 rate, ~2x
+    tf32x3's (issue 11: the projection was the bf16 forward's largest cost above the model's limit)."""
+    if dtype != torch.bfloat16 or precision != "tf32x3":
+        return 0
+    return 2 if _BUILT_FOR_INTERPRETER else 1
 
 
 def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -> dict:
@@ -599,13 +661,16 @@ def rff_hsic_forward(
     colsum_a = torch.empty((num_i, DA), **f32)
     colsum_b = torch.empty((num_i, DB), **f32)
     m2 = torch.empty((num_i * num_ja,), **f32)
+    w_split = _w_split(views.dtype, input_precision)
     wrap_triton(_rff_features_kernel)[(num_i, num_ja + num_jb)](
         views, w_a, b_a, w_b, b_b, scale,
         phi_a, phi_b, s, colsum_a, colsum_b, m2,
         views.stride(0), views.stride(1), views.stride(2),
         w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
         K, B, d, DA, DB,
-        BLOCK_I=cfg["BI"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], PRECISION=input_precision,
+        # the three-part W split on the GPU: K-steps of 16 (32 spilled under Triton 3.6's compiler)
+        BLOCK_I=cfg["BI"], BLOCK_J=cfg["BJ"], BLOCK_K=16 if w_split == 1 else cfg["BK"], PRECISION=input_precision,
+        W_SPLIT=w_split,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     mu_a = torch.empty((DA,), **f32)

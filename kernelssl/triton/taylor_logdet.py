@@ -59,6 +59,7 @@ the Triton interpreter when ``TRITON_INTERPRET=1``, else a torch mirror of the s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -542,14 +543,46 @@ def _col_block(n: int) -> int:
 _PROJ_IN_TILE_MAX = 128  # d-space gradients: rows up to this width are projected in the GEMM epilogue
 
 
-def _split_k(tiles: int, batch: int, k: int, block_k: int) -> int:
-    """Contraction chunks so that a small output still fills the GPU (about 2 programs per SM of an
-    H100, each chunk >= 4 K-steps); at most 2 under the interpreter (it exercises the path)."""
+def _gemm_per_sm(half_dot: bool, input_precision: str) -> int:
+    """Resident programs per SM of the plain (no projection) :func:`_gemm_kernel` launches of
+    :func:`_gemm_config` on sm_90, from ptxas' registers (256 threads a program): half-input dots
+    ~71 registers -> 3; fp32 dots (tf32x3 / tf32 / ieee) > 128 registers -> 1.  The static model
+    (benchmarks/perf_model.py) reads the real figure from the compiled kernel and checks the waves."""
+    return 3 if half_dot else 1
+
+
+def _num_sms(dev: torch.device) -> int:
+    """SM count of ``dev``; 132 (H100 / H200) off CUDA, where only the offline sm_90 recording of
+    tests/sm90_compile.py and benchmarks/perf_model.py reaches the GPU launchers."""
+    if dev.type != "cuda":
+        return 132
+    return _cuda_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k(tiles: int, batch: int, k: int, block_k: int, slots: int = 264) -> int:
+    """Contraction chunks so that a small output fills the GPU's ``slots`` resident programs (SMs x
+    programs per SM): the smallest split (each chunk >= 4 K-steps) whose wave efficiency
+    ``p / (ceil(p / slots) * slots)``, ``p = tiles * batch * split``, reaches 90%, or the best there
+    is; 1 when the output alone does (e.g. MEC's fp32 Gram at the paper shape: 256 programs on 132 SMs
+    x 1, 97%, where a split of 2 only adds the partials' sum).  At most 2 under the interpreter (it
+    exercises the path)."""
     steps = triton.cdiv(k, block_k)
     if interpreting():
         return 2 if steps >= 2 and tiles * batch <= 16 else 1
-    want = triton.cdiv(264, max(1, tiles * batch))
-    return max(1, min(want, steps // 4))
+    hi = max(1, steps // 4)
+    base = max(1, tiles * batch)
+
+    def eff(sp: int) -> float:
+        p = base * sp
+        return p / (triton.cdiv(p, slots) * slots)
+
+    target = min(0.9, max(eff(sp) for sp in range(1, hi + 1)))
+    return next(sp for sp in range(1, hi + 1) if eff(sp) >= target)
 
 
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65535)
@@ -692,7 +725,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
         cfg = _gemm_config(half_dot, input_precision)
         L = d if mspace else m
         tiles = triton.cdiv(s, cfg["BLOCK_M"]) * triton.cdiv(s, cfg["BLOCK_N"])
-        split = _split_k(tiles, P, L, cfg["BLOCK_K"])
+        split = _split_k(tiles, P, L, cfg["BLOCK_K"], _num_sms(dev) * _gemm_per_sm(half_dot, input_precision))
         k_split = triton.cdiv(triton.cdiv(L, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         split = triton.cdiv(L, k_split)
         if onchip or split > 1:
@@ -729,7 +762,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
         else:
             if split > 1:
                 pw = torch.empty((h, P, s, s), device=dev, dtype=f32)
-                pw[0] = gbuf.sum(0)
+                torch.sum(gbuf, 0, out=pw[0])  # fixed order; no copy
             ones = torch.ones((P,), device=dev, dtype=f32)
             for k in range(2, h + 1):  # M^k = M^(k-1) M
                 _gemm(pw[k - 2], pw[0], pw[k - 1], ones, sx=_strides3(pw[k - 2]), sy=_strides3(pw[0]),
@@ -804,9 +837,11 @@ def _s_from_powers(pw: Tensor, order: int, input_precision: str = "tf32x3") -> T
     eye = torch.eye(s, device=pw.device, dtype=pw.dtype)
 
     def q_(r):
-        out = eye.expand(P, s, s).clone()
-        for j in range(1, r):
-            out = out + ((-1.0) ** j) * pw[j - 1]
+        if r == 1:
+            return eye.expand(P, s, s).clone()
+        out = torch.add(eye, pw[0], alpha=-1.0)  # one launch (alpha = +-1 is exact), (P, s, s)
+        for j in range(2, r):
+            out = torch.add(out, pw[j - 1], alpha=(-1.0) ** j)
         return out
 
     qh = q_(h)
