@@ -487,7 +487,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
     err_md, err_mi = float((md.double() - m64).abs()), float((mi.double() - m64).abs())
     assert err_md <= 2 * max(err_mi, _rule_floor_m(float(m64), B3, 2048)), (err_md, err_mi)
     err_gd, err_gi = float((gd.double() - g64).abs().max()), float((gi.double() - g64).abs().max())
-    assert err_gd <= 2 * max(err_gi, 2.0**-24 * float(g64.abs().max())), (err_gd, err_gi)
+    assert err_gd <= 2 * max(err_gi, 2.0**-22 * float(g64.abs().max())), (err_gd, err_gi)  # floor: tf32_emulation
 
 
 # --------------------------------------------------------------------------------------------------

@@ -647,4 +647,4 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
     ieee = _gpu_run(lambda *a: M.rff_hsic(*a, input_precision="ieee"), x64, maps, torch.float32)
     for a, b, r, name in zip(default, ieee, ref, ("HSIC_ZY", "HSIC_ZZ", "d/dviews")):
         e_d, e_i = float((a - r).abs().max()), float((b - r).abs().max())
-        assert e_d <= 2.0 * max(e_i, 2.0**-24 * float(r.abs().max())), f"{name}: {e_d:.3g} > 2 x {e_i:.3g}"
+        assert e_d <= 2.0 * max(e_i, 2.0**-22 * float(r.abs().max())), f"{name}: {e_d:.3g} > 2 x {e_i:.3g}"

@@ -808,4 +808,4 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
     ieee = run(a, b, torch.float32, input_precision="ieee")
     for name, x, y, r in zip(("T", "dL/da", "dL/db"), default, ieee, ref):
         e_x, e_i = float((x - r).abs().max()), float((y - r).abs().max())
-        assert e_x <= 2.0 * max(e_i, 2.0**-24 * float(r.abs().max())), f"{name}: {e_x:.3g} > 2 x {e_i:.3g}"
+        assert e_x <= 2.0 * max(e_i, 2.0**-22 * float(r.abs().max())), f"{name}: {e_x:.3g} > 2 x {e_i:.3g}"

@@ -49,10 +49,12 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).abs().max() / ref.abs().max())
 
 
-def check_within_2x_of_ieee(run, ref, names, floor: float = 2.0**-24) -> dict:
+def check_within_2x_of_ieee(run, ref, names, floor: float = 2.0**-22) -> dict:
     """Run ``run(precision)`` (a tuple of fp32 results) for the three precisions; every result's error
-    against ``ref`` (float64) with tf32x3 is within 2x of ieee's (``floor``: relative errors below a
-    few fp32 ulps are equal).  tf32 must be clearly worse on at least one result, else the emulation is
+    against ``ref`` (float64) with tf32x3 is within 2x of ieee's (``floor``: relative errors below two
+    fp32 epsilons, 2^-22, are equal -- the ieee path's own error on a scalar result moves by about one
+    epsilon with the summation order alone: HSIC_ZY at the paper shape measured 1.22e-7 with one CPU
+    thread and 3.45e-8 with two, SFRIK's M 9.3e-8 and 9.3e-10).  tf32 must be clearly worse on at least one result, else the emulation is
     not doing anything.  Returns the table of errors."""
     errs = {p: [rel_err(x, r) for x, r in zip(run(p), ref)] for p in ("ieee", "tf32x3", "tf32")}
     for name, e_ieee, e_x3 in zip(names, errs["ieee"], errs["tf32x3"]):
