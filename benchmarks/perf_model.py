@@ -212,22 +212,6 @@ def _rff_finalize_kernel(a, grid):
     return Work(reads=[a["m2_ptr"], a["zy_part_ptr"], a["sumsq_ptr"]], writes=[a["zy_ptr"], a["zz_ptr"]])
 
 
-def _rff_hsic_bwd_kernel(a, grid):
-    bm, bdo, bj, bk, bl = a["BLOCK_M"], a["BLOCK_DO"], a["BLOCK_J"], a["BLOCK_K"], a["BLOCK_L"]
-    programs = _cdiv(a["K"] * a["B"], bm) * _cdiv(a["d"], bdo)  # (row block, gradient column block)
-    unit = _unit(_f32(), a["PRECISION"])
-    flops = aux = 0.0
-    for D, D_other in ((a["D_A"], a["D_B"]), (a["D_B"], a["D_A"])):
-        nj = _cdiv(D, bj)
-        # per feature block: u (GEMM over d), Phibar_other C (over D_other), T W (BDO columns)
-        flops += 2.0 * programs * nj * bm * bj * (_pad(a["d"], bk) + _pad(D_other, bl) + bdo)
-        aux += programs * nj * bm * (30.0 * bj + 2.0 * _pad(D_other, bl))  # sin, scalings; centring
-    return Work(dots=[(unit, flops)], aux=aux,
-                reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr", "phia_ptr", "phib_ptr", "s_ptr",
-                                      "mu_a_ptr", "mu_b_ptr", "cov_ptr")],
-                writes=[a["grad_ptr"]])
-
-
 def _rff_feature_grad_kernel(a, grid):
     # backward pass 1: T = dL/du for BM rows x BJ features of one map: u recomputed (GEMM over d),
     # Phibar_other C (GEMM over D_other), stored to T (N x (D_A + D_B), fp32)
@@ -360,16 +344,14 @@ def _power_step_kernel(a, grid):
 def _project_kernel(a, grid):
     elems = a["alpha_ptr"].numel() * a["M"] * a["N"]  # pairs x rows x columns
     reads = [a["oth_ptr"]] if a["V_FROM_OTHER"] else [a["v_ptr"]]
-    if a["NORMALIZE"]:
+    if a["NORMALIZE"]:  # the row dot is taken from the same v in a first pass (lower bound: v read once)
         reads.append(a["own_ptr"])
-        if not a["RDOT_GIVEN"]:
-            reads.append(a["v_ptr"])
     return Work(aux=6.0 * elems, reads=reads, writes=[a["out_ptr"]])
 
 
 KERNELS = {f.__name__: f for f in (
     _rff_features_kernel, _rff_stats_kernel, _rff_cross_cov_kernel, _rff_cov_reduce_kernel, _rff_finalize_kernel,
-    _rff_hsic_bwd_kernel, _rff_feature_grad_kernel, _rff_dx_kernel,
+    _rff_feature_grad_kernel, _rff_dx_kernel,
     _row_scales_kernel, _gram_phi_sum_kernel, _sum_partials_kernel, _gram_dphi_kernel, _panel_matmul_kernel,
     _rownorm_kernel, _gemm_kernel, _small_series_kernel, _pair_diag_kernel, _series_reduce_kernel,
     _power_step_kernel, _project_kernel)}
