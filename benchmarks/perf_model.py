@@ -305,20 +305,30 @@ def _rownorm_kernel(a, grid):
 def _gemm_kernel(a, grid):
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     tiles = _cdiv(a["M"], bm) * _cdiv(a["N"], bn)
-    batch = a["alpha_ptr"].numel()  # one alpha per pair
+    batch = grid[0] // tiles  # grid axis 0: tiles x pairs (alpha_ptr may be a dummy: HAS_ALPHA)
     K, ks = a["K"], a["K_SPLIT"]
     split = _cdiv(K, ks)
     steps = sum(_pad(min(ks, K - s * ks), bk) for s in range(split))
-    unit = _unit(a["x_ptr"].dtype if a["HALF_DOT"] else _f32(), a["PRECISION"])
     flops = 2.0 * batch * tiles * bm * bn * steps
-    reads = [a["x_ptr"], a["y_ptr"], a["alpha_ptr"]]
+    hilo = a.get("HILO", 0)
+    if hilo:  # fp32 operand split into bf16 hi + lo against a bf16 input: two bf16 tl.dot calls
+        dots = [(_unit(a["y_ptr" if hilo == 1 else "x_ptr"].dtype, a["PRECISION"]), flops)] * 2
+    else:
+        dots = [(_unit(a["x_ptr"].dtype if a["HALF_DOT"] else _f32(), a["PRECISION"]), flops)]
+    reads = [a["x_ptr"], a["y_ptr"]] + ([a["alpha_ptr"]] if a.get("HAS_ALPHA", True) else [])
     reads += [a["z_ptr"]] if a["HAS_Z"] else []
     reads += [a["own_ptr"], a["ownn_ptr"]] if a["PROJ"] else []
     reads += [a[k] for k, on in (("rs_ptr", a["HAS_RS"]), ("cs_ptr", a["HAS_CS"]), ("ks_ptr", a["KS_COUNT"] >= 1),
                                  ("ks2_ptr", a["KS_COUNT"] == 2)) if on]
+    # contraction weights scale Y's rows (X's columns under HILO = 1), per program and K-step
+    kw_edge = bm if hilo == 1 else bn
     aux = batch * tiles * bm * bn * (4.0 + (6.0 if a["PROJ"] else 0.0)) + (
-        batch * tiles * bn * steps * 2.0 * a["KS_COUNT"])
-    return Work(dots=[(unit, flops)], aux=aux, reads=reads, writes=[a["out_ptr"]])
+        batch * tiles * kw_edge * steps * 2.0 * a["KS_COUNT"])
+    if hilo:  # the split of the fp32 operand (convert, subtract, convert) per program and K-step
+        aux += batch * tiles * (bm if hilo == 1 else bn) * steps * 3.0
+    if a.get("SERIES", 0):  # SERIES (X_ij - acc): one more tile of X read (from L2: X is an operand)
+        aux += batch * tiles * bm * bn * 2.0
+    return Work(dots=dots, aux=aux, reads=reads, writes=[a["out_ptr"]])
 
 
 def _small_series_kernel(a, grid):

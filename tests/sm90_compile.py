@@ -163,7 +163,7 @@ def _taylor_logdet():
 
     # (m, d), dtype, order, diagnostics, input_precision: the paper shape (fp32 and bf16 with the
     # default tf32x3, fp32 with ieee and tf32), d-space (m > d), the on-chip path (s <= ONCHIP_MAX),
-    # order 1, and d-space with rows wider than one tile.
+    # order 1, and d-space with rows wider than one tile; bf16 d-space both ways (the split gradient).
     for (m, d), dtype, order, diag, prec in [((1024, 2048), torch.float32, 4, True, "tf32x3"),
                                              ((1024, 2048), torch.bfloat16, 4, False, "tf32x3"),
                                              ((1024, 2048), torch.float32, 4, False, "ieee"),
@@ -172,7 +172,9 @@ def _taylor_logdet():
                                              ((2048, 24), torch.float32, 8, True, "tf32x3"),
                                              ((2048, 24), torch.float32, 8, True, "ieee"),
                                              ((256, 512), torch.float32, 1, False, "tf32x3"),
-                                             ((1024, 100), torch.float16, 4, False, "tf32x3")]:
+                                             ((1024, 100), torch.float16, 4, False, "tf32x3"),
+                                             ((2048, 1024), torch.bfloat16, 4, False, "tf32x3"),
+                                             ((1024, 100), torch.bfloat16, 4, False, "tf32x3")]:
         a, b, lam = torch.empty(2, m, d, dtype=dtype), torch.empty(2, m, d, dtype=dtype), torch.ones(2)
         out = T.taylor_logdet_forward(a, b, lam, order, True, diag, prec)
         T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, prec, True, True)

@@ -159,9 +159,9 @@ def test_values_and_gradients_vs_reference(path, m, d, batch, order):
 @pytest.mark.parametrize("sms", [132, 108, 114])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
 def test_gram_split_fills_the_waves(sms, half, monkeypatch):
-    """Issue 11: the Gram's split-K is chosen from the SM count and the kernel's occupancy (fp32 dots
-    1 program per SM, bf16 3) so that its programs fill >= 90% of their waves, with no split where the
-    output alone does (MEC's fp32 paper Gram: 256 programs on 132 SMs; a split of 2 only added the
+    """Issue 11: the Gram's split-K is chosen from the SM count and the kernel's occupancy (1 program
+    per SM) so that its programs fill >= 90% of their waves, with no split where the output alone does
+    (MEC's paper Gram on 132 SMs: fp32 256 programs, bf16 128 of 128 x 128; a split only adds the
     partials' sum)."""
     import sm90_compile
 
@@ -171,7 +171,7 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
     per_sm = K._gemm_per_sm(half, "tf32x3")
     split = K._split_k(tiles, 2, 2048, cfg["BLOCK_K"], sms * per_sm)
     assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm, sms) >= 0.9, split
-    if sms == 132 and not half:
+    if sms == 132:
         assert split == 1
 
 
@@ -296,6 +296,45 @@ def test_low_precision_rule(path, m, d, dtype):
     torch_ = _run(M.taylor_logdet, a, b, lam, order, up, dtype=dtype)
     assert kern[0].dtype == torch.float32 and kern[1].dtype == dtype and kern[2].dtype == dtype
     _check_rule(kern, torch_, ref, _terms(a, b, lam, order), f"{dtype} m={m} d={d}")
+
+
+@pytest.mark.parametrize("hilo", [1, 2])
+def test_bf16_gradient_split_product_error_bound(hilo):
+    """bf16 gradients: the fp32 operand F (HILO 1: X = S diag(1/|x_k|), the row weights moved onto its
+    columns; HILO 2: Y = S') times the raw bf16 rows H as two bf16 products, F = bf16(F) +
+    bf16(F - bf16(F)).  Against float64, elementwise:
+    |err| <= (2^-18 + 2^-21 + K 2^-24) sum_k |F_ik| |H_kj|
+    (the split leaves <= 2^-18 |F|; the weight 1/|x_k| and the row scaling of HILO 2 a few fp32
+    roundings; fp32 accumulation of K exact products).  A single bf16 rounding of F (what a plain bf16
+    product of S would do) misses this bound by far: the check has teeth."""
+    P, m, k, n = 2, 24, 40, 36
+    gen = torch.Generator().manual_seed(hilo)
+    f = torch.randn(P, m, k, generator=gen) * torch.exp2(torch.randint(-4, 4, (P, m, k), generator=gen).float())
+    hb = torch.randn(P, k, n, generator=gen).to(torch.bfloat16)
+    w = torch.rand(P, k if hilo == 1 else m, generator=gen) + 0.5  # norms: their reciprocals weight F
+    out = torch.empty(P, m, n)
+    if hilo == 1:  # out = F diag(1/w) H
+        x, y, kw = f, hb, dict(ks=w.to(DEV))
+    else:  # out = diag(1/w) H' F' with H' (m, k) bf16 and F' (k, n) fp32
+        hb = torch.randn(P, m, k, generator=gen).to(torch.bfloat16)
+        x, y, kw = hb, torch.randn(P, k, n, generator=gen) * 2.0 ** torch.randint(-4, 4, (P, k, n), generator=gen), \
+            dict(rs=w.to(DEV))
+    x, y, out = x.to(DEV), y.to(DEV), out.to(DEV)
+    K._gemm(x, y, out, torch.ones(P, device=DEV), sx=K._strides3(x), sy=K._strides3(y), so=K._so(out),
+            m=m, n=n, k=k, hilo=hilo, **kw)
+    x64, y64, r64 = x.cpu().double(), y.cpu().double(), 1.0 / w.double()
+    if hilo == 1:
+        f64, h64 = x64 * r64[:, None, :], y64
+        ref, bound_terms = f64 @ h64, f64.abs() @ h64.abs()
+        single = f64.float().to(torch.bfloat16).double() @ h64
+    else:
+        f64, h64 = y64, x64
+        ref, bound_terms = r64[..., None] * (h64 @ f64), r64[..., None] * (h64.abs() @ f64.abs())
+        single = r64[..., None] * (h64 @ f64.float().to(torch.bfloat16).double())
+    bound = (2.0**-18 + 2.0**-21 + k * 2.0**-24) * bound_terms
+    err = (out.cpu().double() - ref).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float(((single - ref).abs() / bound).max()) > 10.0  # one bf16 rounding of F: far outside
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,7 +600,11 @@ def test_gpu_kernels_compile_for_sm90_without_spills():
     assert all(v["shared"] <= 227 * 1024 for v in variants)
     assert any(v["kernel"] == "_gemm_kernel" and v["constexprs"].get("HALF_DOT") and v["wgmma"] > 0 for v in variants)
     gemms = [v for v in variants if v["kernel"] in ("_gemm_kernel", "_small_series_kernel")
-             and not v["constexprs"].get("HALF_DOT")]
+             and not v["constexprs"].get("HALF_DOT") and not v["constexprs"].get("HILO")]
+    # bf16 gradients: S split into bf16 hi + lo against the bf16 rows, on the tensor cores (m-space: HILO
+    # 1, d-space: 2), whatever the precision of the fp32 products
+    assert {v["constexprs"]["HILO"] for v in variants if v["kernel"] == "_gemm_kernel" and v["wgmma"] > 0
+            and not v["ones"]} >= {1, 2}
     assert {v["constexprs"]["PRECISION"] for v in gemms} == {"ieee", "tf32", "tf32x3"}
     for v in gemms:  # the default tf32x3 (and tf32) on the tensor cores, "ieee" never
         assert (v["wgmma"] + v["mma_sync"] > 0) == (v["constexprs"]["PRECISION"] != "ieee"), v

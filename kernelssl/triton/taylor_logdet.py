@@ -12,21 +12,25 @@ Forward (order n >= 2; ``h = ceil(n/2)``)
 1. ``_rownorm_kernel``: one read of a and b -> row norms (and ``q_i = A^_i . B^_i``).  The
    normalisation is never materialised: it is fused as scalings of the Gram GEMM (m-space: an
    epilogue ``lam / (|a_i| |b_j|)``; d-space: a weight ``1 / (|a_i| |b_i|)`` on the contraction rows).
-2. ``_gemm_kernel``: the Gram ``M`` (s x s, fp32 accumulation), split-K when s is small.
+2. ``_gemm_kernel``: the Gram ``M`` (s x s, fp32 accumulation), split-K when its tiles alone do not
+   fill the GPU (fp16/bf16 Grams take 128 x 128 tiles: MEC's paper shape needs no split).
 3. small s (``s <= ONCHIP_MAX``, default 32): ``_small_series_kernel``, one program per pair, keeps
    M on-chip: all powers, their diagonals, T, ``r = diag(M S_n)``, ``S_n = sum_{j<n} (-M)^j`` (stored
    for the backward) and, on request, the convergence diagnostics -- one launch.
    large s: ``h - 1`` GEMMs for ``M^2..M^h`` (stored for the backward), then ``_pair_diag_kernel``
    reads the powers once and produces the diagonals of every power by trace pairing,
-   ``diag(M^k)_i = sum_j (M^p)_ij (M^q)_ji`` (p + q = k, p, q <= h), and ``_series_reduce_kernel``
-   turns them into T, ``dT/dlam`` and r (deterministic partials, no atomics).
+   ``diag(M^k)_i = sum_j (M^p)_ij (M^q)_ji`` (p + q = k, p, q <= h; one partial per group of column
+   blocks, as few groups as keep the SMs streaming), and ``_series_reduce_kernel`` turns them into T,
+   ``dT/dlam`` and r (deterministic partials, no atomics), and writes the diagnostics' zeros when
+   they were not asked for (no separate fills).
 Order 1 needs no s x s matrix: ``T_1 = lam sum_i q_i``.
 
 Backward (SPEC §3.1): ``dT/dA^ = lam S_n^T B^``, ``dT/dB^ = lam S_n A^``; in d-space equivalently
 ``lam B^ S'^T`` and ``lam A^ S'`` with ``S' = sum_{j<n} (-M)^j`` (``C^j A^ = A^ M^j``).
 ``S_n`` is formed ONCE in s-space from the stored powers, ``S_n = Q_h + (-M)^h Q_{n-h}`` with
-``Q_r = sum_{j<r} (-M)^j`` -- one s^3 GEMM for n >= 4, none for n <= 3 -- and then applied once per
-side (one GEMM on (m, d) blocks each).  This replaces SPEC §3.1's Horner recursion
+``Q_r = sum_{j<r} (-M)^j`` -- one s^3 GEMM for n >= 4 (the identities and the ``M^h`` term in its
+epilogue: no other launch at n = 4), none for n <= 3 -- and then applied once per
+side (one GEMM on (m, d) blocks each, ``g lam`` formed in its epilogue).  This replaces SPEC §3.1's Horner recursion
 ``X - C (X - C (...))``, which costs ``n - 1`` GEMMs on (m, d) blocks per side: forming S costs
 ``2 s^3 + 4 s^2 max(m, d)`` flops against Horner's ``4 (n - 1) s^2 max(m, d)``, fewer for every
 n >= 3 (equal at n = 2) because s <= max(m, d).  The normalisation Jacobian
@@ -46,7 +50,12 @@ the on-chip series of step 3 (s <= 32) multiplies its tiny s x s matrices on the
 fp32 whatever the precision (latency-bound; tf32x3 there spilled registers under Triton 3.6).
 On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
 cores as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same
-error level as upcasting first.  float64 inputs fall back to the torch path
+error level as upcasting first.  bf16 gradients: the products of the fp32 ``S_n`` with the raw bf16
+rows run as two bf16 tensor-core products, ``S`` split into ``bf16(S) + bf16(S - bf16(S))``
+(``_gemm_kernel``'s HILO; error <= 2^-18 of ``sum_k |S_ik| |x_kj|``, 2^-9 below the bf16 rounding of
+the gradient), the row weights ``1/|x_k|`` moved onto S's columns so the bf16 operand stays exact --
+whatever ``input_precision`` (it governs fp32 x fp32 products); fp16 keeps the fp32 products (its
+exponent range is too narrow for the split).  float64 inputs fall back to the torch path
 (:func:`kernelssl.mec.taylor_logdet`), which keeps float64 end to end (Triton's fp64 ``tl.dot``
 would give no speed-up).  Deterministic: fixed reduction orders, no atomics, so two runs are
 bitwise equal.  No host syncs.  Memory: the stored powers (``ceil(n/2)`` s x s fp32 matrices per
@@ -131,6 +140,34 @@ def _round_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+# acc + F H (F_FIRST) or acc + H F, F fp32 and H a bf16 tile (exact), as two bf16 tensor-core products
+# F = F_hi + F_lo (see _gemm_kernel's HILO), the small part first.  DOT_F32 (interpreter, whose bf16
+# dot and fp32 -> bf16 cast are not the GPU's): the same split rounded to nearest even with integer ops
+# and the operands in fp32 -- products of bf16 values are exact in fp32 either way.
+@triton.jit
+def _split_dot(f, h, acc, F_FIRST: tl.constexpr, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        f_hi = _round_bf16(f)
+        f_lo = _round_bf16(f - f_hi)
+        h = h.to(tl.float32)
+        if F_FIRST:
+            acc = tl.dot(f_lo, h, acc, input_precision="ieee")
+            acc = tl.dot(f_hi, h, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, f_lo, acc, input_precision="ieee")
+            acc = tl.dot(h, f_hi, acc, input_precision="ieee")
+    else:
+        f_hi = f.to(tl.bfloat16)
+        f_lo = (f - f_hi.to(tl.float32)).to(tl.bfloat16)
+        if F_FIRST:
+            acc = tl.dot(f_lo, h, acc)
+            acc = tl.dot(f_hi, h, acc)
+        else:
+            acc = tl.dot(h, f_lo, acc)
+            acc = tl.dot(h, f_hi, acc)
+    return acc
+
+
 # Row statistics, one read of a and b.
 #   forward:  na_i = ||a_i||, nb_i = ||b_i||, q_i = <a_i, b_i> / (max(na_i, eps) max(nb_i, eps))
 #             (q_i = <a_i, b_i> without normalisation);  T_1 = lam sum_i q_i.
@@ -170,20 +207,31 @@ def _rownorm_kernel(
 
 
 # Batched scaled GEMM with fused epilogues (every product of the op goes through it):
-#   out[s, p] = alpha_p * diag(rs) X_p diag(ks) Y_p diag(cs) (+ Z_p),  contraction split in chunks s,
-#   rs / cs / ks = 1 / max(norm, eps) of the given norm vectors (ks: product of one or two).
+#   out[s, p] = alpha_p * diag(rs) X'_p diag(ks) Y'_p diag(cs) (+ Z'_p),  contraction split in chunks s,
+#   rs / cs / ks = 1 / max(norm, eps) of the given norm vectors (ks: product of one or two);
+#   alpha_p = 1 without HAS_ALPHA, times g_p (the upstream gradient) with ALPHA_G; Z' = Z, or I - Z
+#   with EYE_Z (the identity added in the epilogue, never stored).
+#   SERIES = +-1 (square products only): out = SERIES (X_ij - (X Y)_ij) + Z'_ij, i.e. SERIES X (I - Y) + Z'
+#   with the identity outside the K loop.
 #   Uses:  Gram m-space  M = lam diag(1/|a|) A B^T diag(1/|b|)         (rs, cs)
 #          Gram d-space  M = lam B^T diag(1/(|a||b|)) A                 (ks, two vectors)
-#          powers        M^k = M^(k-1) M;   S_n = (-1)^h M^h Q_(n-h) + Q_h     (Z)
+#          powers        M^k = M^(k-1) M;   S_n = (-1)^h M^h (I - R_(n-h)) + (I - R_h)   (SERIES, EYE_Z)
 #          gradients     g lam S^T B^ (m-space, ks) or g lam B^ S'^T (d-space, rs), then the
 #                        normalisation Jacobian  out = (v - x^ (x^ . v)) / |x|  with the row dot
 #                        given (PROJ = 1: g r_i, m-space) or reduced in-tile (PROJ = 2: N <= BLOCK_N).
+#   HILO (bf16 inputs, gradients): the fp32 operand F (X = S diag(ks) when HILO = 1, Y = S' when
+#   HILO = 2) times the other, a bf16 input kept exact, as two bf16 tensor-core products,
+#   F = F_hi + F_lo + e with F_hi = bf16(F), F_lo = bf16(F - F_hi): |e| <= 2^-9 |F - F_hi| <= 2^-18 |F|
+#   elementwise (round to nearest), each product exact in fp32, fp32 accumulation; so the result is
+#   the fp32 product up to 2^-18 sum_k |F_ik| |Y_kj| besides the fp32 accumulation -- 2^-9 below the
+#   rounding of the bf16 gradient it becomes.  The contraction weights (1/|x_k|) go onto F's columns
+#   so that the bf16 operand is the raw input, exact.
 #   (This GEMM is itself the backward of the products above; it has no autograd of its own.)
 @triton.jit
 def _gemm_kernel(
     x_ptr, y_ptr, z_ptr, out_ptr,
     alpha_ptr, rs_ptr, cs_ptr, ks_ptr, ks2_ptr,
-    own_ptr, ownn_ptr, rdot_ptr, rdot_scale_ptr,
+    own_ptr, ownn_ptr, rdot_ptr, g_ptr,
     stride_xp, stride_xm, stride_xk,
     stride_yp, stride_yk, stride_yn,
     stride_zp, stride_zm, stride_zn,
@@ -191,8 +239,10 @@ def _gemm_kernel(
     stride_wp, stride_wm, stride_wn,
     stride_rsp, stride_csp, stride_ksp, stride_ks2p, stride_onp, stride_rdp,
     M, N, K, K_SPLIT,
-    HAS_RS: tl.constexpr, HAS_CS: tl.constexpr, KS_COUNT: tl.constexpr, HAS_Z: tl.constexpr,
-    PROJ: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, ALPHA_G: tl.constexpr, HAS_RS: tl.constexpr, HAS_CS: tl.constexpr, KS_COUNT: tl.constexpr,
+    HAS_Z: tl.constexpr, SERIES: tl.constexpr, EYE_Z: tl.constexpr,
+    PROJ: tl.constexpr, HALF_DOT: tl.constexpr, HILO: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_s = tl.program_id(1).to(tl.int64)
@@ -229,6 +279,14 @@ def _gemm_kernel(
         if HALF_DOT:
             # fp16/bf16 tiles straight to the tensor cores: exact products, fp32 accumulation
             acc = tl.dot(x, y, acc)
+        elif HILO == 1:
+            x = x.to(tl.float32)
+            if KS_COUNT >= 1:
+                kw = _inv_norm(tl.load(ks_ptr + p * stride_ksp + ks, mask=kmask, other=1.0))
+                x = x * kw[None, :]
+            acc = _split_dot(x, y, acc, True, DOT_F32)
+        elif HILO == 2:
+            acc = _split_dot(y.to(tl.float32), x, acc, False, DOT_F32)
         else:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
@@ -244,11 +302,21 @@ def _gemm_kernel(
         acc = acc * _inv_norm(tl.load(rs_ptr + p * stride_rsp + rows, mask=rmask, other=1.0))[:, None]
     if HAS_CS:
         acc = acc * _inv_norm(tl.load(cs_ptr + p * stride_csp + cols, mask=cmask, other=1.0))[None, :]
-    acc = acc * tl.load(alpha_ptr + p)
+    if HAS_ALPHA:
+        alpha = tl.load(alpha_ptr + p)
+        if ALPHA_G:
+            alpha = tl.load(g_ptr + p) * alpha  # g lam, as torch's g * lam
+        acc = acc * alpha
     omask = rmask[:, None] & cmask[None, :]
+    if SERIES != 0:
+        xt = tl.load(x_base + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=omask, other=0.0)
+        acc = SERIES * (xt.to(tl.float32) - acc)
     if HAS_Z:
-        acc += tl.load(z_ptr + p * stride_zp + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
-                       mask=omask, other=0.0).to(tl.float32)
+        zt = tl.load(z_ptr + p * stride_zp + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
+                     mask=omask, other=0.0).to(tl.float32)
+        if EYE_Z:
+            zt = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0) - zt
+        acc += zt
     if PROJ > 0:
         on = tl.load(ownn_ptr + p * stride_onp + rows, mask=rmask, other=1.0)
         inv = _inv_norm(on)
@@ -262,7 +330,7 @@ def _gemm_kernel(
         else:
             xw = xw * tl.where(on > 1e-12, inv, 0.0)[:, None]  # no projection below eps (F.normalize)
         if PROJ == 1:
-            rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * tl.load(rdot_scale_ptr + p)
+            rd = tl.load(rdot_ptr + p * stride_rdp + rows, mask=rmask, other=0.0) * tl.load(g_ptr + p)
         else:
             rd = tl.sum(xw * acc, axis=1)
         acc = inv[:, None] * (acc - xw * rd[:, None])
@@ -338,52 +406,61 @@ def _small_series_kernel(
             log_growth += tl.where(it >= BURN, tl.log(growth), 0.0)
             v = w / tl.maximum(growth, TINY)
         tl.store(rho_ptr + p, tl.exp(log_growth / (ITERS - BURN)))
+    else:
+        tl.store(rho_ptr + p, 0.0)
+        tl.store(ratio_ptr + p, 0.0)
 
 
 # Diagonals of every power by trace pairing, for large s (powers M^1..M^H stored, H = ceil(NT/2)):
 #   diag(M)_i from the diagonal tiles; for k >= 2, with p = min(k-1, H), q = k - p <= H:
-#   diag(M^k)_i = sum_j (M^p)_ij (M^q)_ji  -> partial sums over the column block J of this program.
+#   diag(M^k)_i = sum_j (M^p)_ij (M^q)_ji  -> partial sums over the column blocks J of this program's
+#   group (JG consecutive blocks, summed in order), one partial per group.
 #   forward only (the backward needs r = sum_k (-1)^(k+1) diag(M^k), reduced from these).
 @triton.jit
 def _pair_diag_kernel(
     pw_ptr, out_ptr,
     stride_pk, stride_pp, stride_pm, stride_pn,
     stride_ok, stride_op, stride_oj,
-    S,
+    S, JG,
     H: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     nb = tl.cdiv(S, BLOCK)
-    pid_ij, p = _pair_split(tl.program_id(0), nb * nb)
-    pid_i = pid_ij % nb
-    pid_j = pid_ij // nb
+    ng = tl.cdiv(nb, JG)
+    pid_ig, p = _pair_split(tl.program_id(0), nb * ng)
+    pid_i = pid_ig % nb
+    pid_g = pid_ig // nb
     rows = pid_i * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_j * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < S
-    cmask = cols < S
-    mask = rmask[:, None] & cmask[None, :]
     base = pw_ptr + p * stride_pp
-    ij = rows[:, None] * stride_pm + cols[None, :] * stride_pn  # tile (I, J)
-    ji = cols[None, :] * stride_pm + rows[:, None] * stride_pn  # tile (J, I), transposed in place
+    j_lo = pid_g * JG
+    j_hi = tl.minimum(j_lo + JG, nb)
     for k in tl.static_range(1, NT + 1):
-        if k == 1:
-            t = tl.load(base + ij, mask=mask, other=0.0)
-            dk = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), axis=1)
-        else:
-            pp = k - 1 if k - 1 <= H else H
-            qq = k - pp
-            x = tl.load(base + (pp - 1) * stride_pk + ij, mask=mask, other=0.0)
-            y = tl.load(base + (qq - 1) * stride_pk + ji, mask=mask, other=0.0)
-            dk = tl.sum(x * y, axis=1)
-        tl.store(out_ptr + (k - 1) * stride_ok + p * stride_op + pid_j * stride_oj + rows, dk, mask=rmask)
+        dk = tl.zeros((BLOCK,), dtype=tl.float32)
+        for pid_j in range(j_lo, j_hi):
+            cols = pid_j * BLOCK + tl.arange(0, BLOCK)
+            mask = rmask[:, None] & (cols < S)[None, :]
+            ij = rows[:, None] * stride_pm + cols[None, :] * stride_pn  # tile (I, J)
+            if k == 1:
+                t = tl.load(base + ij, mask=mask, other=0.0)
+                dk += tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), axis=1)
+            else:
+                ji = cols[None, :] * stride_pm + rows[:, None] * stride_pn  # tile (J, I), transposed in place
+                pp = k - 1 if k - 1 <= H else H
+                qq = k - pp
+                x = tl.load(base + (pp - 1) * stride_pk + ij, mask=mask, other=0.0)
+                y = tl.load(base + (qq - 1) * stride_pk + ji, mask=mask, other=0.0)
+                dk += tl.sum(x * y, axis=1)
+        tl.store(out_ptr + (k - 1) * stride_ok + p * stride_op + pid_g * stride_oj + rows, dk, mask=rmask)
 
 
 # Series reduction for large s: sums the pair-diagonal partials in a fixed order (deterministic):
 #   diag(M^k) = sum_J partial_k,J;  tr_k = sum_i diag(M^k)_i;  T = sum_{k<=n} (-1)^(k+1) tr_k / k,
 #   U = sum_{k<=n} (-1)^(k+1) tr_k (= lam dT/dlam),  r = sum_{k<=n} (-1)^(k+1) diag(M^k);
-#   diagnostics: term ratio |tr_NT/NT| / |tr_(NT-1)/(NT-1)|.
+#   diagnostics: term ratio |tr_NT/NT| / |tr_(NT-1)/(NT-1)|; without, rho = ratio = 0 (stored here, no
+#   separate zero fill).
 @triton.jit
 def _series_reduce_kernel(
-    part_ptr, t_ptr, u_ptr, r_ptr, ratio_ptr,
+    part_ptr, t_ptr, u_ptr, r_ptr, rho_ptr, ratio_ptr,
     stride_ok, stride_op, stride_oj, stride_rp,
     S, NJ,
     ORDER: tl.constexpr, NT: tl.constexpr, DIAG: tl.constexpr, NT_PAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -413,6 +490,9 @@ def _series_reduce_kernel(
         num = tl.abs(tl.sum(tl.where(kk == NT - 1, trv, 0.0), axis=0)) / NT
         den = tl.abs(tl.sum(tl.where(kk == NT - 2, trv, 0.0), axis=0)) / (NT - 1)
         tl.store(ratio_ptr + p, tl.where(num == 0.0, 0.0, num / den))
+    else:
+        tl.store(rho_ptr + p, 0.0)
+        tl.store(ratio_ptr + p, 0.0)
 
 
 # One power-iteration step on M (large s), forward-only diagnostics:
@@ -518,15 +598,22 @@ def _project_kernel(
 # ==================================================================================================
 
 
-def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0) -> dict:
+def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0, hilo: int = 0) -> dict:
     """Tile sizes of :func:`_gemm_kernel`, chosen so that ptxas (sm_90) reports no register spills
     for any variant the launchers issue.  fp32 "ieee" dots run on the FMA units, whose operand
-    layout holds a thread's whole K slice in registers: BLOCK_K = 16.  Tensor-core dots (half inputs,
-    or fp32 with tf32x3 / tf32) take 128 x 64 tiles, 64 x 64 when the normalisation-Jacobian epilogue is fused."""
+    layout holds a thread's whole K slice in registers: BLOCK_K = 16.  fp32 tensor-core dots (tf32x3 /
+    tf32) take 128 x 64 tiles, 64 x 64 when the normalisation-Jacobian epilogue is fused.  Half-input
+    Grams: 128 x 128 x 64 tiles, 4 stages (one program per SM, by shared memory: at MEC's paper shape
+    the 128 tiles of the two pairs fill 132 SMs without a split-K and its partials' sum).  bf16
+    gradients (HILO, two bf16 dots per K-step): 64 x 128 tiles, so each split of S serves 128 columns."""
     if interpreting():
         b = _INTERP_BLOCK
         return dict(BLOCK_M=b, BLOCK_N=b, BLOCK_K=b, GROUP_M=4, num_warps=4, num_stages=1)
-    if half_dot or input_precision != "ieee":
+    if half_dot:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    if hilo:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if input_precision != "ieee":
         bm = 64 if proj else 128
         return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
@@ -545,10 +632,11 @@ _PROJ_IN_TILE_MAX = 128  # d-space gradients: rows up to this width are projecte
 
 def _gemm_per_sm(half_dot: bool, input_precision: str) -> int:
     """Resident programs per SM of the plain (no projection) :func:`_gemm_kernel` launches of
-    :func:`_gemm_config` on sm_90, from ptxas' registers (256 threads a program): half-input dots
-    ~71 registers -> 3; fp32 dots (tf32x3 / tf32 / ieee) > 128 registers -> 1.  The static model
+    :func:`_gemm_config` on sm_90, from ptxas' registers and shared memory (256 threads a program):
+    half-input dots, 128 x 128 tiles with 4 stages of 64-deep K slices -> 128 KiB of shared memory
+    (and ~150 registers) -> 1; fp32 dots (tf32x3 / tf32 / ieee) > 128 registers -> 1.  The static model
     (benchmarks/perf_model.py) reads the real figure from the compiled kernel and checks the waves."""
-    return 3 if half_dot else 1
+    return 1
 
 
 def _num_sms(dev: torch.device) -> int:
@@ -597,19 +685,38 @@ def _programs(tiles: int, pairs: int) -> int:
     return n
 
 
+def _pair_diag_group(nb: int, pairs: int, sms: int) -> int:
+    """Column blocks per :func:`_pair_diag_kernel` program (its J loop): the fewest partials per row
+    (so the one-program-per-pair series reduction reads little) whose ``nb x groups x pairs``
+    programs still keep >= 90% of the SMs streaming (the kernel is bytes-bound), else one block each.
+    2 under the interpreter (the loop is exercised)."""
+    if interpreting():
+        return min(2, nb)
+    for groups in range(1, nb + 1):
+        p = nb * groups * pairs
+        if p / (triton.cdiv(p, sms) * sms) >= 0.9:
+            return triton.cdiv(nb, groups)
+    return 1
+
+
 def _vec_stride(v: Tensor) -> int:
     return v.stride(0) if v.dim() >= 1 and v.numel() > 0 else 0
 
 
 def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=None, cs=None, ks=None,
-          ks2=None, own=None, ownn=None, rdot=None, rdot_scale=None, proj=0, half_dot=False,
-          input_precision="tf32x3", split=1, k_split=None, block_n=None):
+          ks2=None, own=None, ownn=None, rdot=None, g=None, proj=0, half_dot=False,
+          input_precision="tf32x3", split=1, k_split=None, block_n=None, has_alpha=True, series=0,
+          eye_z=False, hilo=0):
     """Launch :func:`_gemm_kernel`; ``sx, sy, sz`` are (batch, row, col) strides of the operands as
-    used (transposes are stride swaps), ``so`` the (split, batch, row, col) strides of ``out``."""
-    cfg = _gemm_config(half_dot, input_precision, proj)
+    used (transposes are stride swaps), ``so`` the (split, batch, row, col) strides of ``out``.
+    ``alpha`` (P,) is also the batch size when ``has_alpha`` is False (then not read)."""
+    cfg = _gemm_config(half_dot, input_precision, proj, hilo)
+    if series and not interpreting():
+        # the S_n epilogue reads a tile of X too: 128-row tf32x3 tiles spilled (unaligned s, sm_90)
+        cfg["BLOCK_M"] = 64
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
-        if block_n > 64 and input_precision == "tf32x3" and not half_dot:
+        if block_n > 64 and input_precision == "tf32x3" and not half_dot and not hilo:
             cfg["BLOCK_K"] = 16  # 64 x 128 tiles with the fused projection: K-steps of 32 spilled (sm_90)
     k_split = k if k_split is None else k_split
     batch = alpha.shape[0]
@@ -625,7 +732,7 @@ def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=Non
         rs if rs is not None else dummy, cs if cs is not None else dummy,
         ks if ks is not None else dummy, ks2 if ks2 is not None else dummy,
         own_t, ownn if ownn is not None else dummy,
-        rdot if rdot is not None else dummy, rdot_scale if rdot_scale is not None else dummy,
+        rdot if rdot is not None else dummy, g if g is not None else dummy,
         sx[0], sx[1], sx[2],
         sy[0], sy[1], sy[2],
         sz[0], sz[1], sz[2],
@@ -635,9 +742,9 @@ def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=Non
         _vec_stride(ks) if ks is not None else 0, _vec_stride(ks2) if ks2 is not None else 0,
         _vec_stride(ownn) if ownn is not None else 0, _vec_stride(rdot) if rdot is not None else 0,
         m, n, k, k_split,
-        HAS_RS=rs is not None, HAS_CS=cs is not None,
-        KS_COUNT=(ks is not None) + (ks2 is not None), HAS_Z=z is not None,
-        PROJ=proj, HALF_DOT=half_dot, PRECISION=input_precision,
+        HAS_ALPHA=has_alpha, ALPHA_G=g is not None and has_alpha, HAS_RS=rs is not None, HAS_CS=cs is not None,
+        KS_COUNT=(ks is not None) + (ks2 is not None), HAS_Z=z is not None, SERIES=series, EYE_Z=eye_z,
+        PROJ=proj, HALF_DOT=half_dot, HILO=hilo, DOT_F32=bool(hilo) and interpreting(), PRECISION=input_precision,
         ROUND_BF16=_round_bf16_here(out), **cfg,
     )
 
@@ -713,8 +820,9 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
             NORMALIZE=normalize, BLOCK_R=br, BLOCK_D=bd,
             num_warps=4,
         )
-    rho = torch.zeros((P,), device=dev, dtype=f32)
-    ratio = torch.zeros((P,), device=dev, dtype=f32)
+    # rho, ratio: written by the series kernels (zeros without diagnostics), zeros here for order 1
+    fill = torch.empty if series else torch.zeros
+    rho, ratio = fill((P,), device=dev, dtype=f32), fill((P,), device=dev, dtype=f32)
     r = torch.empty((P, s if series else 0), device=dev, dtype=f32)
     t_ser = torch.empty((P,), device=dev, dtype=f32)
     u_ser = torch.empty((P,), device=dev, dtype=f32)
@@ -763,26 +871,27 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
             if split > 1:
                 pw = torch.empty((h, P, s, s), device=dev, dtype=f32)
                 torch.sum(gbuf, 0, out=pw[0])  # fixed order; no copy
-            ones = torch.ones((P,), device=dev, dtype=f32)
             for k in range(2, h + 1):  # M^k = M^(k-1) M
-                _gemm(pw[k - 2], pw[0], pw[k - 1], ones, sx=_strides3(pw[k - 2]), sy=_strides3(pw[0]),
-                      so=_so(pw[k - 1]), m=s, n=s, k=s, input_precision=input_precision)
+                _gemm(pw[k - 2], pw[0], pw[k - 1], lam, sx=_strides3(pw[k - 2]), sy=_strides3(pw[0]),
+                      so=_so(pw[k - 1]), m=s, n=s, k=s, input_precision=input_precision, has_alpha=False)
             blk = _INTERP_BLOCK if interpreting() else 64
-            nj = triton.cdiv(s, blk)
+            nb = triton.cdiv(s, blk)
+            jg = _pair_diag_group(nb, P, _num_sms(dev))
+            nj = triton.cdiv(nb, jg)
             part = torch.empty((nt, P, nj, s), device=dev, dtype=f32)
             if _launch(pw):
-                wrap_triton(_pair_diag_kernel)[(_programs(nj * nj, P),)](
+                wrap_triton(_pair_diag_kernel)[(_programs(nb * nj, P),)](
                     pw, part,
                     pw.stride(0), pw.stride(1), pw.stride(2), pw.stride(3),
                     part.stride(0), part.stride(1), part.stride(2),
-                    s,
+                    s, jg,
                     H=h, NT=nt, BLOCK=blk,
                     num_warps=8,
                 )
             rblk = _INTERP_BLOCK if interpreting() else 256
             if _launch(part):
                 wrap_triton(_series_reduce_kernel)[(P,)](
-                    part, t_ser, u_ser, r, ratio,
+                    part, t_ser, u_ser, r, rho, ratio,
                     part.stride(0), part.stride(1), part.stride(2), r.stride(0),
                     s, nj,
                     ORDER=order, NT=nt, DIAG=diagnostics, NT_PAD=triton.next_power_of_2(nt), BLOCK=rblk,
@@ -831,27 +940,29 @@ def _power_iteration(mat: Tensor) -> Tensor:
 
 def _s_from_powers(pw: Tensor, order: int, input_precision: str = "tf32x3") -> Tensor:
     """``S_n = sum_{j<n} (-M)^j = Q_h + (-M)^h Q_(n-h)`` from the powers ``M^1..M^h``, with
-    ``Q_r = sum_{j<r} (-M)^j``: one GEMM for n >= 4 (Q_(n-h) != I), elementwise below."""
+    ``Q_r = sum_{j<r} (-M)^j = I - R_r``, ``R_r = sum_{1<=j<r} (-1)^(j+1) M^j``: for n >= 4 one GEMM,
+    ``S_n = (-1)^h (M^h - M^h R_(n-h)) + I - R_h``, whose identity and ``M^h`` term are added in the
+    epilogue (``R_2 = M`` is the stored power: no other launch at n = 4; one add per further term);
+    orders 2 and 3 elementwise."""
     _, P, s, _ = pw.shape
     h = (order + 1) // 2  # a Python int (pw.shape[0] would be symbolic under dynamic shapes)
-    eye = torch.eye(s, device=pw.device, dtype=pw.dtype)
-
-    def q_(r):
-        if r == 1:
-            return eye.expand(P, s, s).clone()
+    if order - h <= 1:  # n = 2: I - M;  n = 3: I - M + M^2
+        eye = torch.eye(s, device=pw.device, dtype=pw.dtype)
         out = torch.add(eye, pw[0], alpha=-1.0)  # one launch (alpha = +-1 is exact), (P, s, s)
+        return out if h == 1 else out + pw[1]
+
+    def r_(r):
+        out = pw[0]
         for j in range(2, r):
-            out = torch.add(out, pw[j - 1], alpha=(-1.0) ** j)
+            out = torch.add(out, pw[j - 1], alpha=(-1.0) ** (j + 1))
         return out
 
-    qh = q_(h)
-    if order - h <= 1:
-        return qh + ((-1.0) ** h) * pw[h - 1]
+    rh = r_(h)
+    r2 = rh if order - h == h else r_(order - h)
     s_mat = torch.empty((P, s, s), device=pw.device, dtype=pw.dtype)
-    q2 = qh if order - h == h else q_(order - h)
-    sign = torch.full((P,), (-1.0) ** h, device=pw.device, dtype=pw.dtype)
-    _gemm(pw[h - 1], q2, s_mat, sign, sx=_strides3(pw[h - 1]), sy=_strides3(q2), so=_so(s_mat),
-          m=s, n=s, k=s, z=qh, sz=_strides3(qh), input_precision=input_precision)
+    _gemm(pw[h - 1], r2, s_mat, pw[0, :, 0, 0], sx=_strides3(pw[h - 1]), sy=_strides3(r2), so=_so(s_mat),
+          m=s, n=s, k=s, z=rh, sz=_strides3(rh), input_precision=input_precision, has_alpha=False,
+          series=1 if h % 2 == 0 else -1, eye_z=True)
     return s_mat
 
 
@@ -866,13 +977,13 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
     dev, f32 = a3.device, torch.float32
     ga = torch.empty_like(a3, memory_format=torch.contiguous_format) if need_a else a3.new_empty((0,))
     gb = torch.empty_like(b3, memory_format=torch.contiguous_format) if need_b else b3.new_empty((0,))
-    alpha = (g * lam).contiguous()  # dL/dT * lam, per pair
     gsc = g.contiguous()
     na, nb = (nrm[0], nrm[1]) if normalize else (None, None)
     # (own input, its norms, the other input, its norms, output) for the two sides
     sides = [(a3, na, b3, nb, ga)] if need_a else []
     sides += [(b3, nb, a3, na, gb)] if need_b else []
     if order == 1:  # dT_1/da^ = lam b^, dT_1/db^ = lam a^ (row dot reduced in the kernel)
+        alpha = (g * lam).contiguous()  # dL/dT * lam, per pair
         br, bc = _row_block(), _col_block(d)
         for own, ownn, oth, othn, out in sides:
             if _launch(out):
@@ -888,12 +999,16 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
                 )
         return ga, gb
     s_mat = mats[0] if s <= ONCHIP_MAX else _s_from_powers(mats, order, input_precision)
+    # bf16 inputs: S (fp32) times the raw bf16 rows as two bf16 products (_gemm_kernel's HILO); fp16
+    # keeps the fp32 products of input_precision (its exponent range is too narrow for the split)
+    hilo = a3.dtype == torch.bfloat16
     if mspace:
         # side a: g lam S^T B^ (contraction over the m rows of b, scaled by 1/|b_j|); side b: g lam S A^
+        # (alpha = g lam formed in the epilogue: ALPHA_G)
         for (own, ownn, oth, othn, out), sx in zip(sides, [_t3(s_mat)] * need_a + [_strides3(s_mat)] * need_b):
-            _gemm(s_mat, oth, out, alpha, sx=sx, sy=_strides3(oth), so=_so(out), m=m, n=d, k=m,
-                  ks=othn, own=own, ownn=ownn, rdot=r, rdot_scale=gsc, proj=1 if normalize else 0,
-                  input_precision=input_precision)
+            _gemm(s_mat, oth, out, lam, sx=sx, sy=_strides3(oth), so=_so(out), m=m, n=d, k=m,
+                  ks=othn, own=own, ownn=ownn, rdot=r, g=gsc, proj=1 if normalize else 0,
+                  input_precision=input_precision, hilo=1 if hilo else 0)
         return ga, gb
     # d-space: side a: g lam B^ S'^T; side b: g lam A^ S' (rows of the other input scaled by 1/|.|)
     in_tile = d <= _PROJ_IN_TILE_MAX
@@ -901,12 +1016,12 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
     for (own, ownn, oth, othn, out), sy in zip(sides, [_t3(s_mat)] * need_a + [_strides3(s_mat)] * need_b):
         if normalize and not in_tile:
             dst = out if out.dtype == f32 else torch.empty(out.shape, device=dev, dtype=f32)
-            _gemm(oth, s_mat, dst, alpha, sx=_strides3(oth), sy=sy, so=_so(dst), m=m, n=d, k=d,
-                  rs=othn, input_precision=input_precision)
+            _gemm(oth, s_mat, dst, lam, sx=_strides3(oth), sy=sy, so=_so(dst), m=m, n=d, k=d,
+                  rs=othn, g=gsc, input_precision=input_precision, hilo=2 if hilo else 0)
             br, bc = _row_block(), _col_block(d)
             if _launch(out):
                 wrap_triton(_project_kernel)[(_programs(triton.cdiv(m, br), P),)](
-                    dst, dst, alpha, own, ownn, alpha, out,
+                    dst, dst, lam, own, ownn, lam, out,  # lam: placeholders, unread (V_FROM_OTHER=False)
                     *_strides3(dst), *_strides3(dst), *_strides3(own), *_strides3(out),
                     ownn.stride(0),
                     m, d,
@@ -915,9 +1030,9 @@ def taylor_logdet_backward(g: Tensor, a3: Tensor, b3: Tensor, lam: Tensor, nrm: 
                     num_warps=4,
                 )
         else:
-            _gemm(oth, s_mat, out, alpha, sx=_strides3(oth), sy=sy, so=_so(out), m=m, n=d, k=d,
-                  rs=othn, own=own, ownn=ownn, proj=2 if normalize else 0, input_precision=input_precision,
-                  block_n=block_n)
+            _gemm(oth, s_mat, out, lam, sx=_strides3(oth), sy=sy, so=_so(out), m=m, n=d, k=d,
+                  rs=othn, g=gsc, own=own, ownn=ownn, proj=2 if normalize else 0, input_precision=input_precision,
+                  block_n=block_n, hilo=2 if hilo else 0)
     return ga, gb
 
 
