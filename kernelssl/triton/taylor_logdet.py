@@ -345,7 +345,8 @@ def _gemm_kernel(
 #             T = sum_{k<=n} (-1)^(k+1) tr(M^k)/k,  U = sum_{k<=n} (-1)^(k+1) tr(M^k)  (= lam dT/dlam),
 #             r = sum_{k<=n} (-1)^(k+1) diag(M^k) = diag(M S_n),  S_n = sum_{j<n} (-M)^j (stored);
 #             diagnostics: term ratio |tr(M^NT)/NT| / |tr(M^(NT-1))/(NT-1)| and the power-iteration
-#             estimate of rho(M) (ITERS steps, geometric mean of the growth after BURN steps).
+#             estimate of rho(M) (ITERS steps, geometric mean of the growth after BURN steps);
+#             without diagnostics, rho = ratio = 0 (stored here, no separate zero fill).
 #   backward: S_n and r are what the gradient GEMMs consume.
 @triton.jit
 def _small_series_kernel(
