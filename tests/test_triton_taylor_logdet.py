@@ -803,7 +803,7 @@ def _emulated_mec(a, b, lam, g, precision):
     t = sum((-1.0) ** k * dk.sum() / (k + 1) for k, dk in enumerate(diags))
     r = sum((-1.0) ** k * dk for k, dk in enumerate(diags))
     q2 = torch.eye(m_mat.shape[0], dtype=a.dtype) - m_mat  # Q_2 = I - M
-    s_mat = mm(m2, q2, precision) + q2  # S_4 = Q_2 + (-M)^2 Q_2 (one GEMM, Z = Q_2)
+    s_mat = (m2 - mm(m2, m_mat, precision)) + q2  # S_4 = M^2 (I - M) + Q_2: one GEMM, M^2 and Q_2 in its epilogue
     alpha = g * lam
     grads = []
     for sm, own, r_own, oth, r_oth in ((s_mat.T.contiguous(), a, ra, b, rb), (s_mat, b, rb, a, ra)):
