@@ -37,7 +37,10 @@ Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and fl
 scalars come back in float32 (float64 for float64 inputs); gradients in the input dtype.  NaN/Inf
 inputs propagate to a NaN result (``check_finite=True`` at the public API raises instead).  Duplicate
 rows are fine (their pair has ``s = 1``, ``phi_t = 1``; the gradient is finite).  A zero row
-normalises to zero (``F.normalize``), i.e. ``s = 0`` with every other row.
+normalises to zero (``F.normalize``), i.e. ``s = 0`` with every other row: its pairs count at squared
+distance ``2 - 2s = 2`` (as if orthogonal), where Wang & Isola's ``pdist`` of the zero vector would
+use ``||x_j||^2 = 1`` -- a zero row has no direction on the sphere; all tiers (reference, torch,
+Triton) use the Gram form.  Its gradient is ``g / 1e-12`` (the Jacobian of ``z / eps``), finite.
 """
 from __future__ import annotations
 
