@@ -621,8 +621,8 @@ def test_compiled_step_matches_eager(which, backend):
             assert_close(c, e, rtol=1e-12, atol=1e-14, name=f"call {i} grad[{j}]")
 
 
-def test_compiled_chunked_path_large_t_and_block():
-    # The compiled Function with several row tiles and the running maximum moving between them.
+def test_compiled_op_large_t_and_small_blocks():
+    # The compiled path (the blocked pass as one torch.library op) with several blocks and a large t.
     torch._dynamo.reset()
     z = _z(23, 4, seed=20)
     f = lambda x: U.gaussian_gram_logmean(x, 500.0, block_size=5)  # noqa: E731
