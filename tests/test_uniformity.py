@@ -514,6 +514,13 @@ def test_exports_docstrings_and_repr():
     assert repr(UniformityLoss()) == "UniformityLoss(t=2.0, normalize=True, backend='auto')"
 
 
+def test_hyper_parameters_are_keyword_only_and_modules_hold_no_state():
+    for cls in (UniformityLoss, AlignUniformLoss):
+        with pytest.raises(TypeError):
+            cls(2.0)
+        assert cls().state_dict() == {} and list(cls().parameters()) == []
+
+
 def test_forward_components_is_the_same_single_pass():
     crit = AlignUniformLoss(t=1.5)
     za, zb = _z(10, 6, seed=24).requires_grad_(), _z(10, 6, seed=25)
