@@ -30,6 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
 DTYPES = ("float32", "bfloat16")
 CASES = [(op, dt) for op in OPS for dt in DTYPES]
+#: ops the model prices whose kernels are not yet held to (a)-(c) (issue 17's uniformity: its backward's
+#: panel GEMM has n/128 output tiles at q = 128, see benchmarks/perf_model.py's table); their flop counts
+#: are checked all the same
+PRICED_ONLY = [("gaussian_gram", dt) for dt in DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +108,10 @@ def _analytic_fused(case) -> dict:
         proj = 3 if (dtype == "bfloat16" and case["precision"] == "tf32x3") else 1
         return {"fwd": proj * 2 * N * d * 2 * D + 2 * N * D * D,
                 "bwd": 2 * (2 * N * D * d + 2 * N * D * D + 2 * N * D * d)}
-    if op == "legendre_gram":
+    if op in ("legendre_gram", "gaussian_gram"):
         n, q, v = s["n"], s["q"], s["views"]
-        gram = [r for r in case["launch_rows"] if r["kernel"] == "_gram_phi_sum_kernel"]
+        name = "_gram_phi_sum_kernel" if op == "legendre_gram" else "_gram_lse_kernel"
+        gram = [r for r in case["launch_rows"] if r["kernel"] == name]
         block = gram[0]["constexprs"]["BLOCK"]
         assert n % block == 0
         # forward: the T(T+1)/2 lower-triangular tiles of the Gram, T = n / block: n (n + block) q;
@@ -129,13 +134,16 @@ def _analytic_eager(case) -> int:
     if op == "legendre_gram":
         n, q, v = s["n"], s["q"], s["views"]
         return v * (2 * n * n * q + 2 * 2 * n * n * q)  # G = Zhat Zhat^T; its backward, both operands
+    if op == "gaussian_gram":  # Wang & Isola's pdist: 2 flops per pair and feature forward, 4 backward
+        n, q, v = s["n"], s["q"], s["views"]
+        return v * (2 + 4) * n * (n - 1) // 2 * q
     P, m, d, order = s["P"], s["m"], s["d"], s["order"]
     # C = lam A^ B^T, order - 1 products C^k = C^(k-1) C; backward: both operands of every power
     # product, B's side of the Gram
     return P * (2 * m * m * d + (order - 1) * 2 * m ** 3 + (order - 1) * 2 * 2 * m ** 3 + 2 * m * m * d)
 
 
-@pytest.mark.parametrize("op,dtype", CASES)
+@pytest.mark.parametrize("op,dtype", CASES + PRICED_ONLY)
 def test_model_flops_match_the_math(model, op, dtype):
     """The model's product flops, summed over the recorded launches, equal an independent count from
     the shapes (the papers' shapes divide every tile, so no padding), for the fused path per phase and
