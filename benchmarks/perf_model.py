@@ -319,6 +319,31 @@ def _lse_reduce_kernel(a, grid):
                 writes=[a["out_ptr"], a["stats_ptr"]])
 
 
+def _resident_backward_kernel(a, grid):
+    bm, bn, bq, n = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_Q"], a["n"]
+    tiles = _cdiv(n, bm) * _cdiv(n, bn)  # every (row tile, column tile) once over the splits
+    gram = 2.0 * tiles * bm * bn * _pad(a["q"], a["BLOCK_K"])
+    one = 2.0 * tiles * bm * bn * bq  # (w r_j) @ Z_J, all q columns
+    mode = a["MODE"]
+    if mode == 0:
+        prods = [(_unit(_f32(), a["INPUT_PRECISION"]), one)]
+    elif mode == 1:  # the weights split into two bf16 parts: two tl.dot calls
+        prods = [("bf16" if not a["DOT_F32"] else _unit(_f32(), a["INPUT_PRECISION"]), one)] * 2
+    else:  # two TF32 parts
+        prods = [("tf32", one)] * 2
+    part, dpart = a["part_ptr"], a["dpart_ptr"]
+    return Work(dots=[(_gram_unit(a), gram)] + prods, aux=tiles * bm * bn * (10.0 + (3.0 if mode else 0.0)),
+                reads=[a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
+                writes=[part, dpart] if a["NORMALIZE"] else [part])
+
+
+def _split_reduce_kernel(a, grid):
+    part = a["part_ptr"]
+    return Work(aux=float(part.numel()) + 6.0 * a["out_ptr"].numel(),
+                reads=[part, a["dpart_ptr"], a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
+                writes=[a["out_ptr"]])
+
+
 def _gram_weights_kernel(a, grid):
     bm, bn = a["BLOCK_M"], a["BLOCK_N"]
     rows, n = a["panel_rows"], a["n"]
@@ -388,7 +413,8 @@ KERNELS = {f.__name__: f for f in (
     _rff_feature_grad_kernel, _rff_dx_kernel,
     _row_scales_kernel, _gram_phi_sum_kernel, _sum_partials_kernel, _gram_dphi_kernel, _panel_matmul_kernel,
     _rownorm_kernel, _gemm_kernel, _small_series_kernel, _pair_diag_kernel, _series_reduce_kernel,
-    _power_step_kernel, _project_kernel, _gram_lse_kernel, _lse_reduce_kernel, _gram_weights_kernel)}
+    _power_step_kernel, _project_kernel, _gram_lse_kernel, _lse_reduce_kernel, _gram_weights_kernel,
+    _resident_backward_kernel, _split_reduce_kernel)}
 
 
 def _bytes(items) -> float:

@@ -27,13 +27,9 @@ import pytest
 import sm90_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
+OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
 DTYPES = ("float32", "bfloat16")
 CASES = [(op, dt) for op in OPS for dt in DTYPES]
-#: ops the model prices whose kernels are not yet held to (a)-(c) (issue 17's uniformity: its backward's
-#: panel GEMM has n/128 output tiles at q = 128, see benchmarks/perf_model.py's table); their flop counts
-#: are checked all the same
-PRICED_ONLY = [("gaussian_gram", dt) for dt in DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,11 @@ def test_no_default_fp32_product_on_fma_units(model, op, dtype):
 #: has now so that it can only improve.  MEC bf16: the gradient product S B^ runs at tf32x3 where a
 #: bf16 hi/lo split of S (as legendre_gram's panel GEMM does) would be ~3x faster, and ~50 us of small
 #: launches (split-K sum, series_reduce, rownorm, pair_diag, zeros/eye/add) remain unfused.
-KNOWN_GAPS = {("taylor_logdet", "bfloat16"): 2.35}
+#: Uniformity at its headline shape (n = 4096 per view, q = 128): ~20-70 us of products per view, so the
+#: model's 3 us per launch over the 6 launches of a view (row scales twice, the two reduces) weigh; the
+#: larger shapes of the sweep are within 1.5x (n = 65536: 1.35 fp32, 1.50 bf16).
+KNOWN_GAPS = {("taylor_logdet", "bfloat16"): 2.35, ("gaussian_gram", "float32"): 1.75,
+              ("gaussian_gram", "bfloat16"): 2.95}
 
 
 @pytest.mark.parametrize("op,dtype", CASES)
@@ -143,7 +143,7 @@ def _analytic_eager(case) -> int:
     return P * (2 * m * m * d + (order - 1) * 2 * m ** 3 + (order - 1) * 2 * 2 * m ** 3 + 2 * m * m * d)
 
 
-@pytest.mark.parametrize("op,dtype", CASES + PRICED_ONLY)
+@pytest.mark.parametrize("op,dtype", CASES)
 def test_model_flops_match_the_math(model, op, dtype):
     """The model's product flops, summed over the recorded launches, equal an independent count from
     the shapes (the papers' shapes divide every tile, so no padding), for the fused path per phase and

@@ -239,20 +239,42 @@ def test_random_shapes_and_scales(n, q, t, normalize, exclude, seed):
     _check(kern, z, t, normalize, exclude, f"n={n} q={q} t={t}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("normalize,exclude", [(True, True), (False, False)])
-def test_backward_panels(dtype, normalize, exclude):
-    """The backward in several row panels (20 rows: panels of 20, 20, 5) equals one panel."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("normalize,exclude", [(True, True), (False, False), (True, False)])
+def test_both_backward_paths(dtype, normalize, exclude, monkeypatch):
+    """The two backwards give the float64 gradient: rows resident (the default for q <= 256; column
+    splits as a small batch gets them, and one split) and the panel backward (q > 256; here forced: one
+    panel, and panels of 20, 20, 5 rows)."""
     n, q, t = 45, 24, 2.0
     z = _z(n, q, 5, dtype, unit=not normalize).to(DEV)
     _, stats = GG.gaussian_gram_forward(z, t, normalize, exclude)
     grad = torch.tensor(UPSTREAM, device=DEV)
-    one = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude)
-    many = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude, panel_rows=20)
     _, g64 = _reference(z, t, normalize, exclude)
     tol = _tol_grad(t, float(np.abs(g64).max()), dtype)
+    assert GG.resident_splits(n, 32, 32) == (2, 1)  # interpreter blocks: 2 row tiles x 2 column splits
+    split = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude)
+    assert_close(split, g64, **tol, name="resident, 2 splits vs float64")
+    monkeypatch.setattr(GG, "_RESIDENT_TARGET_PROGRAMS", 1)
+    assert GG.resident_splits(n, 32, 32) == (1, 2)
+    whole = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude)
+    assert_close(whole, g64, **tol, name="resident, 1 split vs float64")
+    one = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude, resident=False)
+    many = GG.gaussian_gram_backward(grad, z, stats, t, normalize, exclude, panel_rows=20)
+    assert_close(one, g64, **tol, name="1 panel vs float64")
     assert_close(many, g64, **tol, name="3 panels vs float64")
-    assert_close(many, one, **tol, name="3 panels vs 1 panel")
+
+
+def test_resident_split_policy():
+    """Enough programs for 4 per SM: a small batch is split over the columns (whole splits), a large one
+    is not; rows wider than 256 take the panel backward."""
+    assert GG.resident_splits(4096, 64, 64) == (8, 8)  # 64 row tiles x 8 splits of 8 column tiles
+    assert GG.resident_splits(65536, 64, 64) == (1, 1024)
+    assert GG.resident_splits(1000, 64, 64) == (16, 1)
+    assert GG.resident_ok(128) and GG.resident_ok(100) and GG.resident_ok(256)
+    assert not GG.resident_ok(200) and not GG.resident_ok(272)  # unaligned past 128 spills; past 256
+    with pytest.raises(ValueError, match="resident"):
+        GG.gaussian_gram_backward(torch.ones((), device=DEV), torch.ones(4, 300, device=DEV), torch.ones(2, device=DEV),
+                                  2.0, resident=True)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU every test runs the GPU configuration")
@@ -409,9 +431,11 @@ def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
 
     monkeypatch.setattr(L, "device_guard", recording_guard)
     monkeypatch.setattr(InterpretedFunction, "run", checked_run)
-    _run(GG.gaussian_gram_logmean, _z(40, 9, 0, torch.float32), 2.0)
-    assert {"_row_scales_kernel", "_gram_lse_kernel", "_lse_reduce_kernel", "_gram_weights_kernel",
-            "_panel_matmul_kernel"} <= {name for name, _, _ in launches}
+    z = _z(40, 9, 0, torch.float32)
+    _run(GG.gaussian_gram_logmean, z, 2.0)
+    GG.gaussian_gram_backward(torch.ones(()), z, GG.gaussian_gram_forward(z, 2.0)[1], 2.0, resident=False)
+    assert {"_row_scales_kernel", "_gram_lse_kernel", "_lse_reduce_kernel", "_resident_backward_kernel",
+            "_split_reduce_kernel", "_gram_weights_kernel", "_panel_matmul_kernel"} <= {n for n, _, _ in launches}
     assert all(g == dev for _, g, dev in launches), launches
 
 
@@ -582,6 +606,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's bundled ptxas is not available")
     variants = sm90_compile.run("gaussian_gram")
     assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_lse_kernel", "_lse_reduce_kernel",
+                                               "_resident_backward_kernel", "_split_reduce_kernel",
                                                "_gram_weights_kernel", "_panel_matmul_kernel"}
     assert any(v["ones"] for v in variants)
     spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]

@@ -72,7 +72,9 @@ from .legendre_gram import (  # noqa: F401  (jit helpers: globals of the kernels
     _gram_tile,
     _input_precision,
     _num_sms,
+    _panel_dot,
     _panel_matmul_kernel,
+    _round_bf16,
     _row_scales_kernel,
     _swizzle,
     panel_rows_for,
@@ -201,9 +203,139 @@ def _gram_weights_kernel(
         tl.store(dpart_ptr + lrows * stride_dm + tn * stride_dn, d, mask=rmask)
 
 
+# Backward, rows resident (q <= MAX_RESIDENT_Q: a whole row of dL/dzhat fits in registers, as
+# flash-attention's dQ).  Program (row tile I, column split c) runs over the column tiles J of its split
+# (tiles c * tiles_per_split ...): the Gram tile recomputed, w_kj as in _gram_weights_kernel, and
+#   part[c, k, :] = sum_j (w_kj r_j) z_j      (all q columns, _panel_dot: P at near-fp32 precision),
+#   dpart[c, k]   = sum_j w_kj G_kj,
+# no n x n panel in memory.  _split_reduce_kernel sums the splits in a fixed order.
+@triton.jit
+def _resident_backward_kernel(
+    z_ptr, rinv_ptr, proj_ptr, stats_ptr, part_ptr, dpart_ptr,
+    stride_zn, stride_zq, stride_ps, stride_pm, stride_pq, stride_ds, stride_dm,
+    n, q, two_t, tiles_per_split,
+    EXCLUDE: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_m = tl.cdiv(n, BLOCK_M)
+    tm = pid % num_m  # row tiles fastest: the programs of one split share its column tiles in L2
+    c = pid // num_m
+    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n
+    qs = tl.arange(0, BLOCK_Q)
+    qmask = qs < q
+    m = tl.load(stats_ptr)
+    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
+    if NORMALIZE and not EXCLUDE:
+        projected = tl.load(proj_ptr + rows, mask=rmask, other=0.0) != 0.0
+    acc = tl.zeros([BLOCK_M, BLOCK_Q], dtype=tl.float32)
+    d = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t0 = c * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(n, BLOCK_N))
+    for tn in range(t0, t1):
+        cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < n
+        g = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
+        r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
+        g = g * r_i[:, None] * r_j[None, :]
+        valid = rmask[:, None] & cmask[None, :]
+        diag = rows[:, None] == cols[None, :]
+        if EXCLUDE:
+            valid = valid & (~diag)
+        elif NORMALIZE:
+            valid = valid & ~(diag & projected[:, None])
+        w = tl.exp(tl.where(valid, two_t * (g - 1.0), float("-inf")) - m)  # 0 off the valid pairs
+        if NORMALIZE:
+            d += tl.sum(w * g, axis=1)
+        zt = tl.load(z_ptr + cols[:, None] * stride_zn + qs[None, :] * stride_zq,
+                     mask=cmask[:, None] & qmask[None, :], other=0.0)
+        acc = _panel_dot(w * r_j[None, :], zt, acc, MODE, DOT_F32, INPUT_PRECISION)
+    tl.store(part_ptr + c * stride_ps + rows[:, None] * stride_pm + qs[None, :] * stride_pq, acc,
+             mask=rmask[:, None] & qmask[None, :])
+    if NORMALIZE:
+        tl.store(dpart_ptr + c * stride_ds + rows * stride_dm, d, mask=rmask)
+
+
+# Backward, rows resident, stage 2 (rows k, q tile): acc_k = sum_c part[c, k], d_k = sum_c dpart[c, k]
+# (fixed order), dz_k = (g 2 two_t / S') (r_k acc_k - proj_k d_k z_k) in z's dtype (the Jacobian as in
+# legendre_gram's _panel_matmul_kernel).
+@triton.jit
+def _split_reduce_kernel(
+    part_ptr, dpart_ptr, z_ptr, rinv_ptr, proj_ptr, stats_ptr, grad_ptr, out_ptr,
+    stride_ps, stride_pm, stride_pq, stride_ds, stride_dm, stride_zn, stride_zq, stride_on, stride_oq,
+    n, q, splits, two_t,
+    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_q = tl.cdiv(q, BLOCK_Q)
+    rows = (pid // num_q) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % num_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rmask = rows < n
+    omask = rmask[:, None] & (cols[None, :] < q)
+    acc = tl.zeros([BLOCK_R, BLOCK_Q], dtype=tl.float32)
+    d = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c in range(0, splits):
+        acc += tl.load(part_ptr + c * stride_ps + rows[:, None] * stride_pm + cols[None, :] * stride_pq,
+                       mask=omask, other=0.0)
+        if NORMALIZE:
+            d += tl.load(dpart_ptr + c * stride_ds + rows * stride_dm, mask=rmask, other=0.0)
+    res = acc * tl.load(rinv_ptr + rows, mask=rmask, other=0.0)[:, None]
+    if NORMALIZE:
+        proj = tl.load(proj_ptr + rows, mask=rmask, other=0.0)
+        zk = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zq, mask=omask,
+                     other=0.0).to(tl.float32)
+        res = res - (proj * d)[:, None] * zk
+    res = res * (tl.load(grad_ptr).to(tl.float32) * (2.0 * two_t) / tl.load(stats_ptr + 1))
+    if ROUND_BF16:  # interpreter: round to nearest even before its truncating bf16 cast
+        res = _round_bf16(res)
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oq, res.to(out_ptr.dtype.element_ty),
+             mask=omask)
+
+
 # ==================================================================================================
 # launchers
 # ==================================================================================================
+
+#: Widest rows for the rows-resident backward (a (BLOCK_M, q) fp32 accumulator per program): 256 when q
+#: is a multiple of 16, else 128 (unaligned rows of 129..255 spill registers: sm90_compile); wider rows
+#: take legendre_gram's panel backward (its GEMM tiles q, at the price of an (R, n) fp32 panel in HBM).
+MAX_RESIDENT_Q = 256
+
+
+def resident_ok(q: int) -> bool:
+    """Whether rows of length ``q`` take the rows-resident backward by default (see MAX_RESIDENT_Q)."""
+    return q <= 128 or (q <= MAX_RESIDENT_Q and q % 16 == 0)
+#: Programs the rows-resident backward aims at (4 per SM of an H100/H200): few row tiles (small n) are
+#: split over the columns, each split writing an (n, q) fp32 partial (at most ~35 MiB at q = 256).
+_RESIDENT_TARGET_PROGRAMS = 4 * 132
+
+
+def _resident_config(dtype: torch.dtype, q: int) -> dict:
+    """Blocks of the rows-resident backward (sm_90 compiles, tests/sm90_compile.py: spill-free under
+    Triton 3.6 and 3.8, one program of 8 warps per SM): 64-row tiles, the (64, q) fp32 accumulator over
+    8 warps; 64-wide column tiles up to q = 128, 16-wide at q = 256 (wider ones spill); K-steps over q
+    of 64 for 16-bit rows (32 at q = 256), 16 for fp32 (tf32x3 spills at 32).  Interpreter: 32-wide, so test shapes
+    span several tiles."""
+    bq = max(16, triton.next_power_of_2(q))
+    if interpreting():
+        return dict(bm=32, bn=32, bk=32, bq=bq, warps=4, stages=1, red_r=32, red_q=min(bq, 64))
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(bm=64, bn=64 if bq <= 128 else 16, bk=(64 if bq <= 128 else 32) if half else 16, bq=bq,
+                warps=8 if bq > 64 else 4,
+                stages=2, red_r=32, red_q=min(bq, 128))
+
+
+def resident_splits(n: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """``(splits, column tiles per split)`` of the rows-resident backward: enough programs for
+    ``_RESIDENT_TARGET_PROGRAMS`` (whole splits of equal length but the last)."""
+    num_m, num_n = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+    want = max(1, min(num_n, triton.cdiv(_RESIDENT_TARGET_PROGRAMS, num_m)))
+    per = triton.cdiv(num_n, want)
+    return triton.cdiv(num_n, per), per
+
 
 
 def _check_z(z: Tensor, exclude_diagonal: bool) -> None:
@@ -266,24 +398,56 @@ def gaussian_gram_backward(
     input_precision: str = "tf32x3",
     *,
     panel_rows: int | None = None,
+    resident: bool | None = None,
 ) -> Tensor:
     """``grad * dL/dz`` (shape and dtype of ``z``) for a 0-dim upstream gradient ``grad`` and the
-    forward's ``stats``; recomputes the Gram tiles panel by panel (``panel_rows`` rows at a time;
-    default legendre_gram's :func:`panel_rows_for`)."""
+    forward's ``stats``, recomputing the Gram tiles: rows resident (the default ``resident=None`` where
+    :func:`resident_ok`), else panel by panel (``panel_rows`` rows at a time; default
+    legendre_gram's :func:`panel_rows_for`)."""
     _check_z(z, exclude_diagonal)
     n, q = z.shape
     cfg = _config(z.dtype, q, n, _num_sms(z.device), input_precision)
     rinv, proj = _row_scales(z, normalize, cfg)
-    rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     dot_f32 = interpreting() and z.dtype != torch.float32
     prec = _input_precision(z.dtype, input_precision)
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
+    grad = grad.reshape(())
+    if resident is None:
+        resident = resident_ok(q) and panel_rows is None
+    if resident:
+        if q > MAX_RESIDENT_Q:
+            raise ValueError(f"resident: rows of q <= {MAX_RESIDENT_Q} only, got q = {q}")
+        rc = _resident_config(z.dtype, q)
+        splits, per = resident_splits(n, rc["bm"], rc["bn"])
+        part = torch.empty((splits, n, q), device=z.device, dtype=torch.float32)
+        dpart = torch.empty((splits, n), device=z.device, dtype=torch.float32)
+        wrap_triton(_resident_backward_kernel)[(triton.cdiv(n, rc["bm"]) * splits,)](
+            z, rinv, proj, stats, part, dpart,
+            z.stride(0), z.stride(1), part.stride(0), part.stride(1), part.stride(2), dpart.stride(0),
+            dpart.stride(1),
+            n, q, 2.0 * float(t), per,
+            EXCLUDE=exclude_diagonal, NORMALIZE=normalize, MODE=mode,
+            BLOCK_M=rc["bm"], BLOCK_N=rc["bn"], BLOCK_K=rc["bk"], BLOCK_Q=rc["bq"],
+            DOT_F32=dot_f32, INPUT_PRECISION=prec,
+            num_warps=rc["warps"], num_stages=rc["stages"],
+        )
+        out = torch.empty((n, q), device=z.device, dtype=z.dtype)
+        wrap_triton(_split_reduce_kernel)[(triton.cdiv(n, rc["red_r"]) * triton.cdiv(q, rc["red_q"]),)](
+            part, dpart, z, rinv, proj, stats, grad, out,
+            part.stride(0), part.stride(1), part.stride(2), dpart.stride(0), dpart.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+            n, q, splits, 2.0 * float(t),
+            NORMALIZE=normalize, BLOCK_R=rc["red_r"], BLOCK_Q=rc["red_q"],
+            ROUND_BF16=dot_f32 and z.dtype == torch.bfloat16,
+            num_warps=4,
+        )
+        return out
+    rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     num_dparts = triton.cdiv(n, cfg["dphi_n"])
     panel = torch.empty((rows, n), device=z.device, dtype=torch.float32)
     dpart = torch.empty((rows, num_dparts), device=z.device, dtype=torch.float32)
     scale = torch.empty((), device=z.device, dtype=torch.float32)
     out = torch.empty((n, q), device=z.device, dtype=z.dtype)
-    grad = grad.reshape(())
     for row0 in range(0, n, rows):
         nrows = min(rows, n - row0)
         grid1 = (triton.cdiv(nrows, cfg["block"]) * num_dparts,)

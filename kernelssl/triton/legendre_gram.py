@@ -321,12 +321,37 @@ def _round_bf16(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
+# acc + p @ zt for an fp32 weight tile p and a tile zt of the rows in their dtype, P at (near) fp32
+# precision on tensor cores -- MODE 0: fp32 zt, one dot at INPUT_PRECISION; 1: bf16 zt, p = p_hi + p_lo
+# in bf16 (2 MMAs); 2: fp16 zt (exact in TF32), p = p_hi + p_lo rounded to TF32 (2 TF32 MMAs).
+@triton.jit
+def _panel_dot(p, zt, acc, MODE: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if MODE == 0:
+        acc = tl.dot(p, zt, acc, input_precision=INPUT_PRECISION)
+    elif MODE == 1:
+        if DOT_F32:  # interpreter: the same split with round-to-nearest-even, fp32 operands
+            p_hi = _round_bf16(p)
+            p_lo = _round_bf16(p - p_hi)
+            zt = zt.to(tl.float32)
+        else:
+            p_hi = p.to(tl.bfloat16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(p_lo, zt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p_hi, zt, acc, input_precision=INPUT_PRECISION)
+    else:
+        zf = zt.to(tl.float32)
+        p_hi = _round_tf32(p)
+        p_lo = _round_tf32(p - p_hi)
+        acc = tl.dot(p_lo, zf, acc, input_precision="tf32")
+        acc = tl.dot(p_hi, zf, acc, input_precision="tf32")
+    return acc
+
+
 # Backward, stage 2 (panel rows k, q tile c):
 #   acc_k = sum_j P[k, j] z_j                          (= sum_j phi'(G_kj) zhat_j; GEMM with K = n)
 #   dz_k  = (2 g / n^2) (r_k acc_k - proj_k d_k z_k),  d_k = sum_J dpart[k, J], proj_k = r_k^2 or 0
 #   (SCALE_GIVEN: grad_ptr holds the whole factor, here 2 g / n^2 -- gaussian_gram.py's panel writes its own)
-# MODE 0: fp32 P @ fp32 Z (INPUT_PRECISION);  1: bf16 Z, P = P_hi + P_lo in bf16 (2 MMAs);
-# MODE 2: fp16 Z (exact in TF32), P = P_hi + P_lo rounded to TF32 (2 TF32 MMAs).
+# (the product by _panel_dot, MODE by z's dtype)
 @triton.jit
 def _panel_matmul_kernel(
     p_ptr, z_ptr, rinv_ptr, proj_ptr, dpart_ptr, grad_ptr, out_ptr,
@@ -351,24 +376,7 @@ def _panel_matmul_kernel(
         jmask = (j0 + js0) < n
         p = tl.load(p_ptrs, mask=rmask[:, None] & jmask[None, :], other=0.0)
         zt = tl.load(z_ptrs, mask=jmask[:, None] & cmask[None, :], other=0.0)
-        if MODE == 0:
-            acc = tl.dot(p, zt, acc, input_precision=INPUT_PRECISION)
-        elif MODE == 1:
-            if DOT_F32:  # interpreter: the same split with round-to-nearest-even, fp32 operands
-                p_hi = _round_bf16(p)
-                p_lo = _round_bf16(p - p_hi)
-                zt = zt.to(tl.float32)
-            else:
-                p_hi = p.to(tl.bfloat16)
-                p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(p_lo, zt, acc, input_precision=INPUT_PRECISION)
-            acc = tl.dot(p_hi, zt, acc, input_precision=INPUT_PRECISION)
-        else:
-            zf = zt.to(tl.float32)
-            p_hi = _round_tf32(p)
-            p_lo = _round_tf32(p - p_hi)
-            acc = tl.dot(p_lo, zf, acc, input_precision="tf32")
-            acc = tl.dot(p_hi, zf, acc, input_precision="tf32")
+        acc = _panel_dot(p, zt, acc, MODE, DOT_F32, INPUT_PRECISION)
         p_ptrs += BLOCK_K * stride_pn
         z_ptrs += BLOCK_K * stride_zn
     r_k = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
