@@ -8,7 +8,7 @@ with ``V`` the pairs ``i != j`` and ``c = n(n-1)`` (``exclude_diagonal=True``: W
 ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()``, as ``||zhat_i - zhat_j||^2 = 2 - 2 G_ij``) or all
 pairs and ``c = n^2``; ``zhat_i = z_i / max(||z_i||, 1e-12)`` (``normalize=True``, fused as in
 legendre_gram: Gram tiles of the raw rows scaled by ``r_i r_j``) or the rows as given.  Never an
-``n x n`` matrix in the forward; in the backward legendre_gram's bounded row panel.
+``n x n`` matrix: memory O(n q) (rows up to q = 256), or legendre_gram's bounded row panel (wider rows).
 
 Stable for any t (an online log-sum-exp): at large t every ``exp(x_ij)`` may underflow in fp32 (t = 1e3
 and rows 0.1 apart already give exp(-20)... exp(-4000)), so each program keeps the maximum exponent of
@@ -29,13 +29,23 @@ Backward (``gaussian_gram_backward``), with ``w_kj = exp(x_kj - m)`` (so ``exp(x
 
     dL/dzhat_k = (4t / S') sum_{j: (k,j) in V} w_kj zhat_j,   dz_k = r_k (g_k - zhat_k (zhat_k . g_k))
 
-  (both roles of row k in the symmetric sum give the factor 2 of 4t = 2 * 2t), in legendre_gram's row
-  panels: ``_gram_weights_kernel`` recomputes the Gram tiles and writes ``P_kj = w_kj r_j`` and the
-  per-(row, column tile) partials of ``d_k = sum_j w_kj G_kj``; legendre_gram's ``_panel_matmul_kernel``
-  (the GEMM ``P Z`` with the normalisation Jacobian in its epilogue) finishes, with the factor
-  ``g 4t / S'`` that program 0 of the weights kernel writes (``SCALE_GIVEN``).  For normalised rows
-  (``||z_k|| >= eps``) the diagonal weight is dropped also when the diagonal is included: its term lies
-  along ``zhat_k`` and the Jacobian removes it exactly (legendre_gram's issue 16 reasoning).
+  (both roles of row k in the symmetric sum give the factor 2 of 4t = 2 * 2t), ``m`` and ``S'`` read
+  from the forward's statistics on the device.  For normalised rows (``||z_k|| >= eps``) the diagonal
+  weight is dropped also when the diagonal is included: its term lies along ``zhat_k`` and the Jacobian
+  removes it exactly (legendre_gram's issue 16 reasoning).  Two paths, both recomputing the Gram tiles:
+  * rows resident (default for q <= 128, and q <= 256 when q % 16 == 0: :func:`resident_ok`), the
+    uniformity case: ``_resident_backward_kernel`` keeps a ``(64, q)`` fp32 accumulator of
+    ``sum_j (w_kj r_j) z_j`` in registers while it runs over the column tiles (as flash-attention's dQ),
+    so nothing n x n is ever stored; when the row tiles alone are too few to fill the GPU (n below
+    ~34k) the columns are split over ``resident_splits`` programs, each writing an ``(n, q)`` fp32
+    partial; ``_split_reduce_kernel`` sums the splits in a fixed order and applies the Jacobian and
+    ``g 4t / S'``.  Products ``(w r_j) Z_J`` by legendre_gram's ``_panel_dot`` (the weights at near-fp32
+    precision on tensor cores: bf16 / TF32 hi-lo splits for 16-bit rows).
+  * wider rows: legendre_gram's row panels (its docstring says why: a q-wide output row does not fit in
+    registers): ``_gram_weights_kernel`` writes ``P_kj = w_kj r_j`` and the per-(row, column tile)
+    partials of ``d_k = sum_j w_kj G_kj``; legendre_gram's ``_panel_matmul_kernel`` (the GEMM ``P Z``
+    with the Jacobian in its epilogue) finishes, with the factor ``g 4t / S'`` that program 0 of the
+    weights kernel writes (``SCALE_GIVEN``).
 
 Precision (SPEC §4), block sizes and the interpreter's quirks: as legendre_gram (its ``_config``; fp32
 Gram tiles at ``input_precision``, ``"tf32x3"`` by default; 16-bit rows on the tensor cores as they are;
