@@ -567,6 +567,39 @@ def test_gpu_compile_inductor():
 
 
 @needs_cuda
+def test_gpu_tensors_on_a_device_that_is_not_the_current_one(monkeypatch):
+    """As tests/test_triton_launch.py for the original ops: tensors on the last CUDA device while device 0
+    is current -- every launch guarded with the tensors' device, and the same value and gradient as on
+    the current device (both backward paths)."""
+    from kernelssl.triton import _launch as L
+
+    target = torch.device("cuda", torch.cuda.device_count() - 1)
+    guards: list = []
+    real_guard = L.device_guard
+
+    def recording_guard(device, fake=False):
+        guards.append(device)
+        return real_guard(device, fake)
+
+    def both(device):
+        out = []
+        for q in (24, 300):  # rows resident; panel backward
+            z = _z(200, q, 31, torch.float32).to(device)
+            out += [t.cpu().double() for t in _run(GG.gaussian_gram_logmean, z, 2.0)]
+        return out
+
+    with torch.cuda.device(0):
+        expected = both(torch.device("cuda", 0))
+        monkeypatch.setattr(L, "device_guard", recording_guard)
+        got = both(target)
+        torch.cuda.synchronize(target)
+        assert torch.cuda.current_device() == 0
+    assert guards and all(d == target for d in guards)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()), name=f"output {i}")
+
+
+@needs_cuda
 def test_gpu_tf32x3_default_within_2x_of_ieee():
     """At the uniformity shape (n = 4096, q = 128, fp32 rows): the default (tf32x3) error of L and dL/dz
     against float64 is within 2x of "ieee"'s; plain "tf32" stays sane (1e-2 of L's scale 2t)."""
