@@ -67,7 +67,8 @@ an H200), TF32 half of bf16, fp32 FMA 67 TFLOP/s (datasheet), 132 SMs, 3 us per 
 gap and ramp; the host is assumed to keep ahead).
 
 Shapes (the papers' and the benchmark sweeps'): SSL-HSIC K = 4, B = 4096 (N = 16384), d = 256,
-D = 512; SFRIK n = 2048 per view, q = 8192, L = 3, two views (two calls); MEC m = 1024, d = 2048,
+D = 512; SFRIK n = 2048 per view, q = 8192, L = 3, two views (two calls); uniformity (gaussian_gram, SPEC
+§6.1) n = 4096 per view, q = 128, two views, and n = 65536 in the sweep; MEC m = 1024, d = 2048,
 order 4, two directions stacked as a batch of 2 pairs, the first argument (teacher) without grad.
 """
 from __future__ import annotations
@@ -98,11 +99,13 @@ TENSOR_CORE = ("bf16", "fp16", "tf32", "tf32x3")
 LIMIT_RATES = {"half": H200["bf16"], "mixed16": H200["bf16"] / 2, "mixed32": H200["bf16"] / 3,
                "fp32": H200["tf32"] / 3}
 
-OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
+OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
 PAPER = {
     "rff_hsic": {"K": 4, "B": 4096, "d": 256, "D": 512},
     "legendre_gram": {"n": 2048, "q": 8192, "L": 3, "views": 2},
     "taylor_logdet": {"m": 1024, "d": 2048, "order": 4, "P": 2},
+    # Wang & Isola's uniformity, one call per view (align + uniform loss: two views)
+    "gaussian_gram": {"n": 4096, "q": 128, "views": 2},
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -115,6 +118,8 @@ def sweep(op: str) -> list[dict]:
         pts = [{**p, "B": n // 4} for n in (1024, 4096, 65536)] + [{**p, "D": D} for D in (128, 1024, 2048)]
     elif op == "legendre_gram":
         pts = [{**p, "q": q} for q in (16384, 32768)] + [{**p, "n": n} for n in (1024, 4096, 8192, 16384)]
+    elif op == "gaussian_gram":
+        pts = [{**p, "n": n, "views": 1} for n in (16384, 65536)] + [{**p, "q": 512}]
     else:
         pts = ([{**p, "m": m} for m in (256, 512, 2048, 4096)] + [{**p, "d": d} for d in (128, 512, 4096)]
                + [{**p, "order": n} for n in (2, 3, 6, 8)])
@@ -126,6 +131,8 @@ def shape_label(op: str, s: dict) -> str:
         return f"N={s['K'] * s['B']} d={s['d']} D={s['D']}"
     if op == "legendre_gram":
         return f"n={s['n']} q={s['q']} L={s['L']} x{s['views']}"
+    if op == "gaussian_gram":
+        return f"n={s['n']} q={s['q']} x{s['views']}"
     return f"m={s['m']} d={s['d']} n={s['order']} P={s['P']}"
 
 
@@ -294,6 +301,58 @@ def _panel_matmul_kernel(a, grid):
                 writes=[(rows * q * z.element_size(), "out")])
 
 
+# ---- gaussian_gram (its row kernel and backward GEMM are legendre_gram's, priced above) -----------
+
+
+def _gram_lse_kernel(a, grid):
+    blk = a["BLOCK"]
+    t = _cdiv(a["n"], blk)
+    programs = t * (t + 1) // 2  # lower-triangular tiles
+    # epilogue per entry: scale, exponent, mask, max, exp, sum (exp ~ 4 FMA-pipe flops)
+    return Work(dots=[(_gram_unit(a), 2.0 * programs * blk * blk * _pad(a["q"], a["BLOCK_K"]))],
+                aux=programs * blk * blk * 10.0, reads=[a["z_ptr"], a["rinv_ptr"]],
+                writes=[a["mpart_ptr"], a["spart_ptr"]])
+
+
+def _lse_reduce_kernel(a, grid):
+    return Work(aux=6.0 * a["num_parts"], reads=[a["mpart_ptr"], a["spart_ptr"]],
+                writes=[a["out_ptr"], a["stats_ptr"]])
+
+
+def _resident_backward_kernel(a, grid):
+    bm, bn, bq, n = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_Q"], a["n"]
+    tiles = _cdiv(n, bm) * _cdiv(n, bn)  # every (row tile, column tile) once over the splits
+    gram = 2.0 * tiles * bm * bn * _pad(a["q"], a["BLOCK_K"])
+    one = 2.0 * tiles * bm * bn * bq  # (w r_j) @ Z_J, all q columns
+    mode = a["MODE"]
+    if mode == 0:
+        prods = [(_unit(_f32(), a["INPUT_PRECISION"]), one)]
+    elif mode == 1:  # the weights split into two bf16 parts: two tl.dot calls
+        prods = [("bf16" if not a["DOT_F32"] else _unit(_f32(), a["INPUT_PRECISION"]), one)] * 2
+    else:  # two TF32 parts
+        prods = [("tf32", one)] * 2
+    part, dpart = a["part_ptr"], a["dpart_ptr"]
+    return Work(dots=[(_gram_unit(a), gram)] + prods, aux=tiles * bm * bn * (10.0 + (3.0 if mode else 0.0)),
+                reads=[a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
+                writes=[part, dpart] if a["NORMALIZE"] else [part])
+
+
+def _split_reduce_kernel(a, grid):
+    part = a["part_ptr"]
+    return Work(aux=float(part.numel()) + 6.0 * a["out_ptr"].numel(),
+                reads=[part, a["dpart_ptr"], a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
+                writes=[a["out_ptr"]])
+
+
+def _gram_weights_kernel(a, grid):
+    bm, bn = a["BLOCK_M"], a["BLOCK_N"]
+    rows, n = a["panel_rows"], a["n"]
+    programs = _cdiv(rows, bm) * _cdiv(n, bn)
+    return Work(dots=[(_gram_unit(a), 2.0 * programs * bm * bn * _pad(a["q"], a["BLOCK_K"]))],
+                aux=programs * bm * bn * 10.0, reads=[a["z_ptr"], a["rinv_ptr"], a["stats_ptr"]],
+                writes=[(rows * n * 4, "panel"), (rows * _cdiv(n, bn) * 4, "dpart") if a["NORMALIZE"] else (0, "")])
+
+
 # ---- taylor_logdet -------------------------------------------------------------------------------
 
 
@@ -364,7 +423,8 @@ KERNELS = {f.__name__: f for f in (
     _rff_feature_grad_kernel, _rff_dx_kernel,
     _row_scales_kernel, _gram_phi_sum_kernel, _sum_partials_kernel, _gram_dphi_kernel, _panel_matmul_kernel,
     _rownorm_kernel, _gemm_kernel, _small_series_kernel, _pair_diag_kernel, _series_reduce_kernel,
-    _power_step_kernel, _project_kernel)}
+    _power_step_kernel, _project_kernel, _gram_lse_kernel, _lse_reduce_kernel, _gram_weights_kernel,
+    _resident_backward_kernel, _split_reduce_kernel)}
 
 
 def _bytes(items) -> float:
@@ -394,6 +454,9 @@ _NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
               "diagonal", "_reshape_alias", "resize_", "set_", "is_same_size", "sym_size", "sym_stride", "size",
               "stride", "numel", "dim", "lift_fresh_copy_meta")
 _MATMULS = ("mm", "bmm", "addmm", "baddbmm", "addbmm")
+#: pdist's flops per (pair, feature): forward a difference and an FMA; backward the difference, its
+#: scaling and the two accumulations into both rows
+_PDIST = {"_pdist_forward": 2.0, "_pdist_backward": 4.0}
 
 
 def _torch_launch(func, args, kwargs, out) -> dict | None:
@@ -414,6 +477,9 @@ def _torch_launch(func, args, kwargs, out) -> dict | None:
         flops = 2.0 * outs[0].numel() * k
         unit = _half_name(x.dtype) or ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
         dots = [(unit, flops)]
+    elif name in _PDIST:  # Wang & Isola's pdist on the FMA units (_PDIST: flops per pair and feature)
+        x = args[1] if name == "_pdist_backward" else args[0]
+        dots = [("ieee", _PDIST[name] * x.shape[0] * (x.shape[0] - 1) / 2 * x.shape[1])]
     aux = float(max([t.numel() for t in outs] + [0]))
     return {"kernel": f"aten.{name}", "dots": dots, "aux": aux, "bytes": reads + writes}
 
@@ -556,6 +622,19 @@ def _fused_calls(op: str, s: dict, dtype):
         def bwd():
             for _ in range(s["views"]):
                 mod.legendre_gram_backward(g, *args)
+    elif op == "gaussian_gram":
+        z = torch.empty(s["n"], s["q"], dtype=dtype)
+        args = _capture_forward_args(lambda: mod.gaussian_gram_logmean(z, 2.0))  # (z, t, normalize, exclude, prec)
+
+        def fwd():
+            for _ in range(s["views"]):
+                state["stats"] = mod.gaussian_gram_forward(*args)[1]
+
+        g = torch.ones(())
+
+        def bwd():
+            for _ in range(s["views"]):
+                mod.gaussian_gram_backward(g, args[0], state["stats"], *args[1:])
     else:
         P, m, d, order = s["P"], s["m"], s["d"], s["order"]
         a, b = torch.empty(P, m, d, dtype=dtype), torch.empty(P, m, d, dtype=dtype)
@@ -646,7 +725,7 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
                  ("fp32", 2 * 2.0 * N * D * D),  # Phibar_B C, Phibar_A C^T
                  ("fp32", 2.0 * N * 2 * D * d)]  # back-projections T_M W_M
         return prods, 2.0 * N * d * es + 2 * 4.0 * D * (d + 1)
-    if op == "legendre_gram":
+    if op in ("legendre_gram", "gaussian_gram"):
         n, q, v = s["n"], s["q"], s["views"]
         prods = [(h_or_f, v * 1.0 * n * (n + 1) * q),  # forward Gram, symmetric
                  (h_or_f, v * 1.0 * n * (n + 1) * q),  # its recompute in the backward, symmetric
@@ -692,6 +771,11 @@ def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
         inputs = zs
         coef = (1.0, 40.0, 40.0, 40.0, 40.0, 40.0)[: s["L"]]
         fn = lambda: sum(S.legendre_gram_mean_eager(z, coef) for z in zs)  # noqa: E731
+    elif op == "gaussian_gram":  # Wang & Isola's code, per view
+        zs = [torch.empty(s["n"], s["q"], **meta, requires_grad=True) for _ in range(s["views"])]
+        inputs = zs
+        fn = lambda: sum(torch.pdist(torch.nn.functional.normalize(z, dim=1), p=2)  # noqa: E731
+                         .pow(2).mul(-2.0).exp().mean().log() for z in zs)
     else:
         a = torch.empty(s["P"], s["m"], s["d"], **meta)
         bb = torch.empty(s["P"], s["m"], s["d"], **meta, requires_grad=True)

@@ -24,6 +24,7 @@ TRITON_OPS: dict[str, str] = {
     "rff_hsic": "rff_hsic",
     "legendre_gram_mean": "legendre_gram",
     "taylor_logdet": "taylor_logdet",
+    "gaussian_gram_logmean": "gaussian_gram",
 }
 
 

@@ -20,7 +20,7 @@ that spill registers show up only when the kernel is compiled for a real target.
 
 Usage (the tests run it in a subprocess: the pytest process has the interpreter on)::
 
-    TRITON_INTERPRET=0 python tests/sm90_compile.py rff_hsic|legendre_gram|taylor_logdet
+    TRITON_INTERPRET=0 python tests/sm90_compile.py rff_hsic|legendre_gram|taylor_logdet|gaussian_gram
 """
 from __future__ import annotations
 
@@ -190,7 +190,50 @@ def _taylor_logdet():
     return T
 
 
-RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logdet": _taylor_logdet}
+def _gaussian_gram():
+    import torch
+
+    from kernelssl.triton import gaussian_gram as GG
+
+    # Uniformity's shapes (n = 4096 per view, q = 128; n = 65536: many waves, 128-wide tiles) in each
+    # dtype, fp32 in all three precisions (tf32x3 the default); rows whose length is not a multiple of
+    # 16 (q = 100, 8200) in every dtype; the diagonal included and raw rows (other constexprs); q = 256
+    # (the widest rows-resident backward), q = 200 and 8200 (the panel backward), and the panel backward
+    # forced at q = 128 in every dtype.
+    for (n, q), dtype, prec, normalize, exclude in [
+            ((4096, 128), torch.bfloat16, "tf32x3", True, True), ((4096, 128), torch.float16, "tf32x3", True, True),
+            ((4096, 128), torch.float32, "tf32x3", True, True), ((4096, 128), torch.float32, "ieee", True, True),
+            ((4096, 128), torch.float32, "tf32", True, True), ((65536, 128), torch.bfloat16, "tf32x3", True, True),
+            ((65536, 128), torch.float32, "tf32x3", True, True), ((2048, 100), torch.bfloat16, "tf32x3", True, True),
+            ((2048, 100), torch.float16, "tf32x3", True, True), ((2048, 100), torch.float32, "tf32x3", True, True),
+            ((2048, 8200), torch.bfloat16, "tf32x3", True, True), ((1000, 128), torch.float32, "tf32x3", False, False),
+            ((1000, 128), torch.bfloat16, "tf32x3", True, False), ((4096, 256), torch.bfloat16, "tf32x3", True, True),
+            ((4096, 256), torch.float32, "tf32x3", True, True), ((4096, 256), torch.float16, "tf32x3", True, True),
+            ((2048, 200), torch.bfloat16, "tf32x3", True, True), ((2048, 200), torch.float32, "tf32x3", True, True)]:
+        z = torch.empty(n, q, dtype=dtype)
+        _Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
+        _, stats = GG.gaussian_gram_forward(z, 2.0, normalize, exclude, prec)
+        GG.gaussian_gram_backward(torch.ones(()), z, stats, 2.0, normalize, exclude, prec)
+    for dtype, prec in [(torch.float32, "tf32x3"), (torch.float32, "ieee"), (torch.float32, "tf32"),
+                        (torch.bfloat16, "tf32x3"), (torch.float16, "tf32x3")]:
+        GG.gaussian_gram_backward(torch.ones(()), torch.empty(4096, 128, dtype=dtype), torch.ones(2), 2.0, True, True,
+                                  prec, resident=False)
+    _Recorder.tag = None
+    # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): n = 1 with
+    # the diagonal included, q = 1, and a last backward panel of one row (row0 = 2, one row left).
+    _Recorder.ones_from = len(_Recorder.calls)
+    for (n, q), dtype, exclude in [((1, 64), torch.float32, False), ((1, 64), torch.bfloat16, False),
+                                   ((40, 1), torch.float32, True), ((40, 1), torch.float16, True)]:
+        z = torch.empty(n, q, dtype=dtype)
+        _, stats = GG.gaussian_gram_forward(z, 2.0, True, exclude, "tf32x3")
+        GG.gaussian_gram_backward(torch.ones(()), z, stats, 2.0, True, exclude, "tf32x3")
+    z = torch.empty(3, 64)
+    GG.gaussian_gram_backward(torch.ones(()), z, torch.ones(2), 2.0, True, True, "tf32x3", panel_rows=2)
+    return GG
+
+
+RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logdet": _taylor_logdet,
+           "gaussian_gram": _gaussian_gram}
 
 
 # --------------------------------------------------------------------------------------------------

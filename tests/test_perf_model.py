@@ -27,7 +27,7 @@ import pytest
 import sm90_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")
+OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
 DTYPES = ("float32", "bfloat16")
 CASES = [(op, dt) for op in OPS for dt in DTYPES]
 
@@ -75,8 +75,10 @@ def test_no_default_fp32_product_on_fma_units(model, op, dtype):
 
 
 #: Cases not yet within 1.5x of the limit, each held at the ratio it has now so that it can only
-#: improve (none at present).
-KNOWN_GAPS: dict = {}
+#: improve.  Uniformity at its headline shape (n = 4096 per view, q = 128): ~20-70 us of products per
+#: view, so the model's 3 us per launch over the 6 launches of a view (row scales twice, the two
+#: reduces) weigh; the larger shapes of the sweep are within 1.5x (n = 65536: 1.35 fp32, 1.50 bf16).
+KNOWN_GAPS = {("gaussian_gram", "float32"): 1.75, ("gaussian_gram", "bfloat16"): 2.95}
 
 
 @pytest.mark.parametrize("op,dtype", CASES)
@@ -102,9 +104,10 @@ def _analytic_fused(case) -> dict:
         proj = 3 if (dtype == "bfloat16" and case["precision"] == "tf32x3") else 1
         return {"fwd": proj * 2 * N * d * 2 * D + 2 * N * D * D,
                 "bwd": 2 * (2 * N * D * d + 2 * N * D * D + 2 * N * D * d)}
-    if op == "legendre_gram":
+    if op in ("legendre_gram", "gaussian_gram"):
         n, q, v = s["n"], s["q"], s["views"]
-        gram = [r for r in case["launch_rows"] if r["kernel"] == "_gram_phi_sum_kernel"]
+        name = "_gram_phi_sum_kernel" if op == "legendre_gram" else "_gram_lse_kernel"
+        gram = [r for r in case["launch_rows"] if r["kernel"] == name]
         block = gram[0]["constexprs"]["BLOCK"]
         assert n % block == 0
         # forward: the T(T+1)/2 lower-triangular tiles of the Gram, T = n / block: n (n + block) q;
@@ -129,6 +132,9 @@ def _analytic_eager(case) -> int:
     if op == "legendre_gram":
         n, q, v = s["n"], s["q"], s["views"]
         return v * (2 * n * n * q + 2 * 2 * n * n * q)  # G = Zhat Zhat^T; its backward, both operands
+    if op == "gaussian_gram":  # Wang & Isola's pdist: 2 flops per pair and feature forward, 4 backward
+        n, q, v = s["n"], s["q"], s["views"]
+        return v * (2 + 4) * n * (n - 1) // 2 * q
     P, m, d, order = s["P"], s["m"], s["d"], s["order"]
     # C = lam A^ B^T, order - 1 products C^k = C^(k-1) C; backward: both operands of every power
     # product, B's side of the Gram

@@ -321,11 +321,37 @@ def _round_bf16(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
+# acc + p @ zt for an fp32 weight tile p and a tile zt of the rows in their dtype, P at (near) fp32
+# precision on tensor cores -- MODE 0: fp32 zt, one dot at INPUT_PRECISION; 1: bf16 zt, p = p_hi + p_lo
+# in bf16 (2 MMAs); 2: fp16 zt (exact in TF32), p = p_hi + p_lo rounded to TF32 (2 TF32 MMAs).
+@triton.jit
+def _panel_dot(p, zt, acc, MODE: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if MODE == 0:
+        acc = tl.dot(p, zt, acc, input_precision=INPUT_PRECISION)
+    elif MODE == 1:
+        if DOT_F32:  # interpreter: the same split with round-to-nearest-even, fp32 operands
+            p_hi = _round_bf16(p)
+            p_lo = _round_bf16(p - p_hi)
+            zt = zt.to(tl.float32)
+        else:
+            p_hi = p.to(tl.bfloat16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(p_lo, zt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p_hi, zt, acc, input_precision=INPUT_PRECISION)
+    else:
+        zf = zt.to(tl.float32)
+        p_hi = _round_tf32(p)
+        p_lo = _round_tf32(p - p_hi)
+        acc = tl.dot(p_lo, zf, acc, input_precision="tf32")
+        acc = tl.dot(p_hi, zf, acc, input_precision="tf32")
+    return acc
+
+
 # Backward, stage 2 (panel rows k, q tile c):
 #   acc_k = sum_j P[k, j] z_j                          (= sum_j phi'(G_kj) zhat_j; GEMM with K = n)
 #   dz_k  = (2 g / n^2) (r_k acc_k - proj_k d_k z_k),  d_k = sum_J dpart[k, J], proj_k = r_k^2 or 0
-# MODE 0: fp32 P @ fp32 Z (INPUT_PRECISION);  1: bf16 Z, P = P_hi + P_lo in bf16 (2 MMAs);
-# MODE 2: fp16 Z (exact in TF32), P = P_hi + P_lo rounded to TF32 (2 TF32 MMAs).
+#   (SCALE_GIVEN: grad_ptr holds the whole factor, here 2 g / n^2 -- gaussian_gram.py's panel writes its own)
+# (the product by _panel_dot, MODE by z's dtype)
 @triton.jit
 def _panel_matmul_kernel(
     p_ptr, z_ptr, rinv_ptr, proj_ptr, dpart_ptr, grad_ptr, out_ptr,
@@ -333,7 +359,7 @@ def _panel_matmul_kernel(
     n, q, row0, panel_rows, num_dparts,
     NORMALIZE: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_GIVEN: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tm, tc = _swizzle(pid, tl.cdiv(panel_rows, BLOCK_M), tl.cdiv(q, BLOCK_Q), GROUP_M)
@@ -350,24 +376,7 @@ def _panel_matmul_kernel(
         jmask = (j0 + js0) < n
         p = tl.load(p_ptrs, mask=rmask[:, None] & jmask[None, :], other=0.0)
         zt = tl.load(z_ptrs, mask=jmask[:, None] & cmask[None, :], other=0.0)
-        if MODE == 0:
-            acc = tl.dot(p, zt, acc, input_precision=INPUT_PRECISION)
-        elif MODE == 1:
-            if DOT_F32:  # interpreter: the same split with round-to-nearest-even, fp32 operands
-                p_hi = _round_bf16(p)
-                p_lo = _round_bf16(p - p_hi)
-                zt = zt.to(tl.float32)
-            else:
-                p_hi = p.to(tl.bfloat16)
-                p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(p_lo, zt, acc, input_precision=INPUT_PRECISION)
-            acc = tl.dot(p_hi, zt, acc, input_precision=INPUT_PRECISION)
-        else:
-            zf = zt.to(tl.float32)
-            p_hi = _round_tf32(p)
-            p_lo = _round_tf32(p - p_hi)
-            acc = tl.dot(p_lo, zf, acc, input_precision="tf32")
-            acc = tl.dot(p_hi, zf, acc, input_precision="tf32")
+        acc = _panel_dot(p, zt, acc, MODE, DOT_F32, INPUT_PRECISION)
         p_ptrs += BLOCK_K * stride_pn
         z_ptrs += BLOCK_K * stride_zn
     r_k = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
@@ -384,8 +393,11 @@ def _panel_matmul_kernel(
         zk = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zq, mask=omask,
                      other=0.0).to(tl.float32)
         res = res - (proj * d)[:, None] * zk
-    nf = tl.full([], 1.0, tl.float32) * n  # not n.to(): n == 1 arrives as a constant on a GPU
-    scale = tl.load(grad_ptr).to(tl.float32) * (2.0 / (nf * nf))
+    if SCALE_GIVEN:
+        scale = tl.load(grad_ptr).to(tl.float32)
+    else:
+        nf = tl.full([], 1.0, tl.float32) * n  # not n.to(): n == 1 arrives as a constant on a GPU
+        scale = tl.load(grad_ptr).to(tl.float32) * (2.0 / (nf * nf))
     res = res * scale
     if DOT_F32 and MODE == 1:  # interpreter: round to nearest even before its truncating bf16 cast
         res = _round_bf16(res)
@@ -563,7 +575,7 @@ def legendre_gram_backward(
             n, q, row0, nrows, num_dparts,
             NORMALIZE=normalize, MODE=mode,
             BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
-            DOT_F32=dot_f32, INPUT_PRECISION=prec,
+            DOT_F32=dot_f32, INPUT_PRECISION=prec, SCALE_GIVEN=False,
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     return out
