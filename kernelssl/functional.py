@@ -69,7 +69,9 @@ from ._checks import (
     check_tensor,
 )
 from .mec import lambda_warmup as mec_lambda_warmup
-from .rff import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
+from .rff import (  # noqa: F401 (re-exports)
+    KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff,
+)
 
 __all__ = [
     "rff_hsic",

@@ -4,9 +4,10 @@ Conventions
 -----------
 ``views`` is a ``(K, B, d)`` tensor: K >= 2 views of the same B >= 2 images; row i of every view is
 image i (the image identity is the row index).  The N = B*K embeddings are flattened view-major
-(flat row ``n = v*B + i``).  ``kernel_scale`` c > 0 (a number or a one-element tensor) is the IMQ scale.
+(flat row ``n = v*B + i``).  ``kernel_scale`` c > 0 (a number or a one-element tensor) is the kernel scale.
 Two random-feature maps (``w_a (D_A, d)``, ``b_a (D_A,)``) and (``w_b (D_B, d)``, ``b_b (D_B,)``) are
-drawn per step with :func:`kernelssl.rff.sample_imq_rff`; ``phi(x) = sqrt(2/D) cos(W (x/c) + b)``.
+drawn per step with :func:`kernelssl.rff.sample_rff` (the paper's IMQ: :func:`kernelssl.rff.sample_imq_rff`);
+``phi(x) = sqrt(2/D) cos(W (x/c) + b)``.
 
 Estimators (SPEC §1.3), ``S_i = sum_v phi_A(z_i^v)``, ``mu = (1/N) sum_n phi_A(z_n)``::
 
@@ -165,7 +166,7 @@ def rff_hsic(
     b_b: torch.Tensor,
     kernel_scale: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RFF-IMQ estimators ``(HSIC_ZY, HSIC_ZZ)`` -- the library (torch) path.
+    """RFF estimators ``(HSIC_ZY, HSIC_ZZ)`` (any kernel's maps) -- the library (torch) path.
 
     Shapes: ``views (K, B, d)``, ``w_a (D_A, d)``, ``b_a (D_A,)``, ``w_b (D_B, d)``, ``b_b (D_B,)``;
     returns two 0-dim tensors.  Each map's features are computed once (``Phi_A``, ``Phi_B``, N x D);

@@ -391,8 +391,8 @@ class HSICLoss(nn.Module):
     def extra_repr(self) -> str:
         c = "learned" if self.learn_scale else self.kernel_scale
         return (
-            f"num_features={self.num_features}, gamma={self.gamma}, kernel_scale={c}, kernel={self.kernel!r}, exact={self.exact}, "
-            f"normalize={self.normalize}, backend={self.backend!r}"
+            f"num_features={self.num_features}, gamma={self.gamma}, kernel_scale={c}, kernel={self.kernel!r}, "
+            f"exact={self.exact}, normalize={self.normalize}, backend={self.backend!r}"
         )
 
 

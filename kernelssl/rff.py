@@ -15,8 +15,8 @@ has the IMQ spectral law (radial density of ``||W_j||`` proportional to ``r^nu K
 Other shift-invariant kernels (SPEC §6.2), same feature map, only the law of W changes (Bochner:
 ``E_w[cos(w . delta)]`` is the kernel at ``delta = (x - y) / c``)::
 
-    "gaussian"  k_c(x, y) = exp(-||x - y||^2 / (2 c^2))     W_jk iid N(0, 1)        (E cos(w.delta) = exp(-||delta||^2 / 2))
-    "laplace"   k_c(x, y) = exp(-||x - y||_1 / c)           W_jk iid standard Cauchy (E cos(w.delta) = prod_k exp(-|delta_k|))
+    "gaussian"  k_c(x, y) = exp(-||x - y||^2 / (2 c^2))   W_jk iid N(0, 1):  E cos(w.delta) = exp(-||delta||^2 / 2)
+    "laplace"   k_c(x, y) = exp(-||x - y||_1 / c)         W_jk iid standard Cauchy:  E cos(w.delta) = exp(-||delta||_1)
 
 :func:`sample_rff` dispatches on the kernel name (:data:`KERNELS`).  Laplace features have
 heavy-tailed frequencies (a Cauchy entry exceeds 1e4 with probability ~6e-5), so some phases
