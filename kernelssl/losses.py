@@ -127,6 +127,10 @@ class HSICLoss(nn.Module):
         kernel: the kernel family: ``"imq"`` (the paper's, default), ``"gaussian"``
             (``exp(-||x - y||^2 / (2 c^2))``, random features ``W ~ N(0, I)``) or ``"laplace"``
             (``exp(-||x - y||_1 / c)``, iid standard Cauchy ``W``); :func:`kernelssl.functional.sample_rff`.
+            Laplace random features give unbiased values but gradients of infinite variance (Cauchy
+            W): on digits they did not train; ``kernel="laplace", exact=True`` did (see
+            :mod:`kernelssl.rff`).  The Laplace scale should be of the order of the l1 distances
+            (~1.1 sqrt(d) between unrelated unit rows of dimension d), not the IMQ default 1.
             The legacy ``"rff"`` / ``"exact"`` still work with a ``FutureWarning``: ``kernel="imq"``
             with ``exact=False`` / ``exact=True``.
         exact: use the exact kernel instead of random features (O(N^2) memory; for checking).
