@@ -75,7 +75,9 @@ from ._checks import (
     check_tensor,
 )
 from .mec import lambda_warmup as mec_lambda_warmup
-from .rff import rff_features, sample_imq_rff
+from .rff import (  # noqa: F401 (re-exports)
+    KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff,
+)
 from .uniformity import GaussianPotential, LegendreSeries
 
 __all__ = [
@@ -83,7 +85,11 @@ __all__ = [
     "exact_hsic",
     "ssl_hsic_loss",
     "kernel_scale_objective",
+    "sample_rff",
     "sample_imq_rff",
+    "sample_gaussian_rff",
+    "sample_laplace_rff",
+    "KERNELS",
     "rff_features",
     "HSICComponents",
     "legendre_gram_mean",
@@ -244,7 +250,7 @@ class HSICComponents:
     loss: Tensor  #: what the loss returned (including ``scale_objective`` when the scale is learned)
     hsic_zy: Tensor  #: HSIC(Z, Y), the identity term (maximised)
     hsic_zz: Tensor  #: HSIC(Z, Z), the redundancy term (its square root is penalised)
-    kernel_scale: Tensor  #: the IMQ scale c used this step
+    kernel_scale: Tensor  #: the kernel scale c used this step
     scale_objective: Tensor | None = None  #: side objective of c when it is learned, else None
 
 
@@ -271,7 +277,8 @@ def rff_hsic(
 
     Args:
         views: ``(K, B, d)`` -- K >= 2 views of B >= 2 images; row i of every view is image i.
-        w_a, w_b: ``(D, d)`` RFF directions; b_a, b_b: ``(D,)`` phases (see :func:`sample_imq_rff`).
+        w_a, w_b: ``(D, d)`` RFF directions; b_a, b_b: ``(D,)`` phases -- any shift-invariant kernel's
+            maps (:func:`sample_rff`: "imq", "gaussian" or "laplace"; the op itself is kernel-agnostic).
         kernel_scale: c > 0, a float or 1-element tensor; not differentiated through (stop-gradient).
             A tensor's value is not read (no sync): a value <= 0 gives NaN results.
         input_precision: the fused kernel's fp32 GEMM precision (SPEC §4): ``"tf32x3"``, ``"ieee"``,
@@ -302,35 +309,51 @@ def rff_hsic(
 
 
 @_fp32_compute
-def exact_hsic(views: Tensor, kernel_scale: float | Tensor, *, check_finite: bool = False) -> tuple[Tensor, Tensor]:
-    """The exact-IMQ-kernel estimators that :func:`rff_hsic` converges to as D grows (SPEC §1.3).
+def exact_hsic(
+    views: Tensor, kernel_scale: float | Tensor, *, kernel: str = "imq", check_finite: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The exact-kernel estimators that :func:`rff_hsic` converges to as D grows (SPEC §1.3, §6.2).
 
-    ``k_c(x, y) = c / sqrt(||x - y||^2 + c^2)`` in place of ``phi(x)^T phi(y)``, HSIC(Z, Z) =
-    ``||H K H||_F^2 / N^2``.  A check path: it materialises the N x N kernel (torch only).  The
-    kernel is evaluated as ``rsqrt(||x/c - y/c||^2 + 1)`` from direct differences, so ``k(x, x) = 1``
-    exactly and no ``c^2`` can overflow or underflow (see :func:`kernelssl.hsic.exact_hsic`).
+    ``k_c(x, y)`` in place of ``phi(x)^T phi(y)``, HSIC(Z, Z) = ``||H K H||_F^2 / N^2``, for ``kernel``
+    "imq" (``c / sqrt(||x - y||^2 + c^2)``, default), "gaussian" (``exp(-||x - y||^2 / (2 c^2))``) or
+    "laplace" (``exp(-||x - y||_1 / c)``; gradient with the subgradient sign(0) = 0 at tied
+    coordinates).  A check path: it materialises the N x N kernel (torch only).  The kernel is
+    evaluated on ``x/c`` from direct differences, so ``k(x, x) = 1`` exactly and no ``c^2`` can
+    overflow or underflow (see :func:`kernelssl.hsic.exact_hsic`).
     """
     views = _as_views(views)
     _check_scale_arg(kernel_scale)
+    _hsic.check_kernel(kernel)
     check_bool(check_finite, "check_finite")
     if check_finite:
         _assert_finite([views], ["views"])
         _assert_finite_hyper(kernel_scale, "kernel_scale")
-    return _hsic.exact_hsic(views, _positive_or_nan(kernel_scale))
+    return _hsic.exact_hsic(views, _positive_or_nan(kernel_scale), kernel=kernel)
 
 
 @_fp32_compute
 def kernel_scale_objective(
-    views: Tensor, kernel_scale: Tensor, *, num_pairs: int = 1024, generator: torch.Generator | None = None
+    views: Tensor,
+    kernel_scale: Tensor,
+    *,
+    num_pairs: int = 1024,
+    generator: torch.Generator | None = None,
+    kernel: str = "imq",
 ) -> Tensor:
-    """Side objective that learns the IMQ scale c (SPEC §1.2), differentiable in c only::
+    """Side objective that learns the kernel scale c (SPEC §1.2), differentiable in c only: minus
+    ``mean 1/2 log (dk/drho)^2`` over sampled pairs (no gradient to the embeddings)::
 
-        -log(c/2) + (3/2) mean_ij log(rho_ij + c^2)      rho_ij = ||z_i - z_j||^2 (no gradient)
+        "imq"       -log(c/2) + (3/2) mean_ij log(rho_ij + c^2)      rho_ij = ||z_i - z_j||^2
+        "gaussian"  log(2 c^2) + mean_ij rho_ij / (2 c^2)            (minimum at c^2 = mean rho / 2)
+        "laplace"   log(c) + mean_ij r_ij / c                        r_ij = ||z_i - z_j||_1 (minimum at c = mean r)
+
+    See :func:`kernelssl.hsic.kernel_scale_objective`.
     """
     views = _as_views(views)
     check_int(num_pairs, "num_pairs", minimum=1)
     _check_scale_arg(kernel_scale)
-    return _hsic.kernel_scale_objective(views, kernel_scale, num_pairs=num_pairs, generator=generator)
+    _hsic.check_kernel(kernel)
+    return _hsic.kernel_scale_objective(views, kernel_scale, num_pairs=num_pairs, generator=generator, kernel=kernel)
 
 
 @_fp32_compute
@@ -340,7 +363,8 @@ def ssl_hsic_loss(
     num_features: int = 512,
     gamma: float = 3.0,
     kernel_scale: float | Tensor = 1.0,
-    kernel: str = "rff",
+    kernel: str = "imq",
+    exact: bool = False,
     generator: torch.Generator | None = None,
     gather_distributed: bool = False,
     backend: str = "auto",
@@ -350,8 +374,11 @@ def ssl_hsic_loss(
 ) -> Tensor | HSICComponents:
     """SSL-HSIC loss ``gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y)`` (Li et al., NeurIPS 2021; SPEC §1).
 
-    Draws two fresh independent RFF maps (A, B) from ``generator`` (``kernel="rff"``) or uses the
-    exact IMQ kernel (``kernel="exact"``, O(N^2) memory, for checking).  The views are used as given
+    ``kernel`` names the family: "imq" (the paper's, default), "gaussian" or "laplace" (SPEC §6.2).
+    Draws two fresh independent RFF maps (A, B) of that kernel from ``generator`` (``exact=False``,
+    :func:`sample_rff`) or uses the exact kernel (``exact=True``, O(N^2) memory, for checking).  The
+    legacy ``kernel="rff"`` / ``kernel="exact"`` still work with a ``FutureWarning``: they mean
+    ``kernel="imq"`` with ``exact=False`` / ``exact=True``.  The views are used as given
     (the reference L2-normalises them before the loss; :class:`kernelssl.losses.HSICLoss` offers
     ``normalize=True``).  The square root is guarded: ``sqrt(max(x, 0) + 1e-12)``, so a collapsed
     batch (HSIC(Z,Z) -> 0) keeps a finite gradient.
@@ -365,28 +392,28 @@ def ssl_hsic_loss(
     views = _as_views(views)
     check_int(num_features, "num_features", minimum=1)
     check_positive(gamma, "gamma", allow_zero=True)
-    check_choice(kernel, "kernel", ("rff", "exact"))
+    kernel, exact = _hsic.resolve_kernel(kernel, exact, stacklevel=4)  # user -> _fp32_compute -> here
     _check_scale_arg(kernel_scale)
     resolve_precision(input_precision)  # the fused kernel's, see rff_hsic
     for flag, name in ((gather_distributed, "gather_distributed"), (check_finite, "check_finite"),
                        (return_components, "return_components")):
         check_bool(flag, name)
     if gather_distributed:
-        views = gather_views(views, generator if kernel == "rff" else False)
+        views = gather_views(views, generator if not exact else False)
     if check_finite:
         _assert_finite([views], ["views"])
         _assert_finite_hyper(kernel_scale, "kernel_scale")
     kernel_scale = _positive_or_nan(kernel_scale)
-    if kernel == "rff":
+    if not exact:
         # Maps in the compute dtype (fp32 for half views: rounding W and beta to half precision would
         # add ~1e-3 rad phase error), drawn on the generator's device and moved to the views'.
         d, dt = views.shape[-1], torch.float64 if views.dtype == torch.float64 else torch.float32
-        w_a, b_a = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
-        w_b, b_b = sample_imq_rff(d, num_features, generator=generator, device=views.device, dtype=dt)
+        w_a, b_a = sample_rff(kernel, d, num_features, generator=generator, device=views.device, dtype=dt)
+        w_b, b_b = sample_rff(kernel, d, num_features, generator=generator, device=views.device, dtype=dt)
         zy, zz = rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale, backend=backend, input_precision=input_precision)
     else:
         resolve_backend(backend, "exact_hsic", views.device)  # validates; exact is torch-only
-        zy, zz = _hsic.exact_hsic(views, kernel_scale)
+        zy, zz = _hsic.exact_hsic(views, kernel_scale, kernel=kernel)
     loss = _hsic.hsic_loss(zy, zz, gamma=gamma)
     if not return_components:
         return loss

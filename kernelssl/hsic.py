@@ -4,9 +4,10 @@ Conventions
 -----------
 ``views`` is a ``(K, B, d)`` tensor: K >= 2 views of the same B >= 2 images; row i of every view is
 image i (the image identity is the row index).  The N = B*K embeddings are flattened view-major
-(flat row ``n = v*B + i``).  ``kernel_scale`` c > 0 (a number or a one-element tensor) is the IMQ scale.
+(flat row ``n = v*B + i``).  ``kernel_scale`` c > 0 (a number or a one-element tensor) is the kernel scale.
 Two random-feature maps (``w_a (D_A, d)``, ``b_a (D_A,)``) and (``w_b (D_B, d)``, ``b_b (D_B,)``) are
-drawn per step with :func:`kernelssl.rff.sample_imq_rff`; ``phi(x) = sqrt(2/D) cos(W (x/c) + b)``.
+drawn per step with :func:`kernelssl.rff.sample_rff` (the paper's IMQ: :func:`kernelssl.rff.sample_imq_rff`);
+``phi(x) = sqrt(2/D) cos(W (x/c) + b)``.
 
 Estimators (SPEC §1.3), ``S_i = sum_v phi_A(z_i^v)``, ``mu = (1/N) sum_n phi_A(z_n)``::
 
@@ -14,8 +15,19 @@ Estimators (SPEC §1.3), ``S_i = sum_v phi_A(z_i^v)``, ``mu = (1/N) sum_n phi_A(
     HSIC_ZZ = ||Phibar_B^T Phibar_A||_F^2 / N^2,        Phibar = Phi - 1 mu^T   (N x D, column-centred)
     loss    = gamma * sqrt_guard(HSIC_ZZ) - HSIC_ZY,     gamma = 3
 
-The exact-kernel versions (:func:`exact_hsic`) use the N x N IMQ matrix in place of ``Phi Phi^T``;
+The exact-kernel versions (:func:`exact_hsic`) use the N x N kernel matrix in place of ``Phi Phi^T``;
 the RFF terms are unbiased estimates of them (E over the maps; A and B independent).
+
+Kernel families (SPEC §6.2; ``kernel=`` names one, :data:`kernelssl.rff.KERNELS`): the RFF estimators
+take any maps, so only the sampler (:func:`kernelssl.rff.sample_rff`) and the exact kernel change::
+
+    "imq"       k_c(x, y) = c / sqrt(||x - y||^2 + c^2)      (SSL-HSIC's, the default)
+    "gaussian"  k_c(x, y) = exp(-||x - y||^2 / (2 c^2))
+    "laplace"   k_c(x, y) = exp(-||x - y||_1 / c)
+
+Legacy spelling: ``kernel="rff"`` / ``kernel="exact"`` (before the families existed) still work on the
+public entry points with a ``FutureWarning`` (:func:`resolve_kernel`): "rff" is ``kernel="imq",
+exact=False`` and "exact" is ``kernel="imq", exact=True``.
 
 Numerics: fp16/bf16 views are upcast to float32 at entry, float64 stays float64; the results are
 float32 (float64 for float64 views), and autograd returns gradients in the dtype of ``views``.  The
@@ -38,12 +50,13 @@ gets no gradient through the guard; for x > 0 the slope tends to 5e5 as x -> 0+)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_int, check_positive, check_tensor, describe
-from .rff import _compute_dtype, rff_features
+from ._checks import check_bool, check_int, check_positive, check_tensor, describe
+from .rff import KERNELS, _compute_dtype, check_kernel, rff_features
 
 __all__ = [
     "SQRT_EPS",
@@ -53,6 +66,7 @@ __all__ = [
     "exact_hsic",
     "hsic_loss",
     "kernel_scale_objective",
+    "resolve_kernel",
 ]
 
 SQRT_EPS = 1e-12
@@ -65,6 +79,35 @@ def sqrt_guard(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # validation / preparation (metadata only: no host sync)
+
+
+_LEGACY_KERNELS = {"rff": False, "exact": True}
+
+
+def resolve_kernel(kernel: object, exact: object, *, stacklevel: int = 3) -> tuple[str, bool]:
+    """``(family, exact)`` from the public ``kernel=`` / ``exact=`` arguments.
+
+    ``kernel`` is one of :data:`~kernelssl.rff.KERNELS`; ``exact`` a bool.  The legacy values map with a
+    ``FutureWarning`` naming the new spelling: ``kernel="rff"`` -> ``("imq", False)``, ``kernel="exact"``
+    -> ``("imq", True)``.  ``kernel="rff", exact=True`` contradicts itself: ``ValueError``.
+    """
+    check_bool(exact, "exact")
+    if isinstance(kernel, str) and kernel in _LEGACY_KERNELS:
+        legacy_exact = _LEGACY_KERNELS[kernel]
+        if kernel == "rff" and exact:
+            raise ValueError(
+                "kernel: the legacy kernel='rff' (random features) contradicts exact=True; pass "
+                "kernel='imq', exact=True for the exact IMQ kernel or kernel='imq' for random features"
+            )
+        new = "kernel='imq', exact=True" if legacy_exact else "kernel='imq'"
+        warnings.warn(
+            f"kernel={kernel!r} is deprecated: kernel now names the kernel family (one of "
+            f"{', '.join(repr(k) for k in KERNELS)}) and exact= picks the exact path; pass {new}",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
+        return "imq", legacy_exact or exact
+    return check_kernel(kernel), exact
 
 
 def _check_views(views: object) -> torch.Tensor:
@@ -123,7 +166,7 @@ def rff_hsic(
     b_b: torch.Tensor,
     kernel_scale: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RFF-IMQ estimators ``(HSIC_ZY, HSIC_ZZ)`` -- the library (torch) path.
+    """RFF estimators ``(HSIC_ZY, HSIC_ZZ)`` (any kernel's maps) -- the library (torch) path.
 
     Shapes: ``views (K, B, d)``, ``w_a (D_A, d)``, ``b_a (D_A,)``, ``w_b (D_B, d)``, ``b_b (D_B,)``;
     returns two 0-dim tensors.  Each map's features are computed once (``Phi_A``, ``Phi_B``, N x D);
@@ -262,34 +305,60 @@ def rff_hsic_eager(
 # exact kernel (check path)
 
 
+def exact_kernel_matrix(x: torch.Tensor, kernel: str = "imq") -> torch.Tensor:
+    """The N x N matrix of ``kernel`` at unit scale on ``x (N, d)`` (already divided by c)::
+
+        "imq"       1 / sqrt(||x_n - x_m||^2 + 1)
+        "gaussian"  exp(-||x_n - x_m||^2 / 2)
+        "laplace"   exp(-||x_n - x_m||_1)
+
+    Distances come from direct coordinate differences (memory O(N^2 d) under autograd: a check path),
+    never from the Gram form ``||x||^2 + ||y||^2 - 2 x.y``, which cancels: so ``k(x, x) = 1`` exactly.
+    Laplace's gradient: ``|t|`` is not differentiable at t = 0; autograd's ``abs`` uses the subgradient
+    ``sign(0) = 0``, so a coordinate where ``x_n`` and ``x_m`` tie contributes nothing to ``d k_nm``
+    (the reference's choice too, :func:`reference.hsic.exact_hsic_grad`).
+    """
+    diff = x[:, None, :] - x[None, :, :]
+    if kernel == "imq":
+        return torch.rsqrt(diff.square().sum(dim=-1) + 1.0)
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * diff.square().sum(dim=-1))
+    if kernel == "laplace":
+        return torch.exp(-diff.abs().sum(dim=-1))
+    check_kernel(kernel)
+    raise AssertionError(kernel)  # pragma: no cover - check_kernel raised
+
+
 def exact_hsic(
-    views: torch.Tensor, kernel_scale: float | torch.Tensor
+    views: torch.Tensor, kernel_scale: float | torch.Tensor, *, kernel: str = "imq"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact-IMQ estimators ``(HSIC_ZY, HSIC_ZZ)``, the limit of the RFF terms as D grows.
+    """Exact-kernel estimators ``(HSIC_ZY, HSIC_ZZ)``, the limit of the RFF terms as D grows.
 
     **Materialises the N x N kernel matrix** (memory O(N^2)): this is the check path and the
-    ``kernel="exact"`` option, not the scalable one.  With ``Kmat_nm = c / sqrt(||z_n - z_m||^2 + c^2)``::
+    ``exact=True`` option, not the scalable one.  ``kernel`` is the family ("imq", "gaussian",
+    "laplace"; module doc).  With ``Kmat_nm = k_c(z_n, z_m)``::
 
         HSIC_ZY = (1/(B K (K-1))) sum_i sum_{v,w} Kmat[(v,i), (w,i)] - (1/N^2) sum_{n,m} Kmat_nm
         HSIC_ZZ = ||H Kmat H||_F^2 / N^2,   H = I - 11^T / N
 
     The first sum includes v = w, a constant ``1/(K-1)`` (k(x, x) = 1).  ``kernel_scale`` is detached.
 
-    The kernel is evaluated as ``Kmat_nm = 1 / sqrt(r_nm^2 + 1)`` with ``r_nm^2 = ||z_n/c - z_m/c||^2``
-    summed from direct coordinate differences (memory O(N^2 d) under autograd: a check path), never
-    from the Gram form ``||x||^2 + ||y||^2 - 2 x.y``: that cancels catastrophically when the distance is small next to
-    the norms, so ``k(x, x)`` came out below 1 (a few percent in fp32 at moderate scales, and wrong
-    even in float64 at small c), and ``c^2`` overflowed/underflowed in fp32 (c = 1e20 gave k = 0,
-    c = 1e-25 NaN).  Now ``k(x, x) = 1`` exactly, every c representable in the dtype works, and
-    ``r -> inf`` gives k -> 0 without overflow trouble.
+    The kernel is evaluated at unit scale on ``x / c`` (:func:`exact_kernel_matrix`; IMQ:
+    ``Kmat_nm = 1 / sqrt(r_nm^2 + 1)`` with ``r_nm^2 = ||z_n/c - z_m/c||^2``) summed from direct
+    coordinate differences, never from the Gram form ``||x||^2 + ||y||^2 - 2 x.y``: that cancels
+    catastrophically when the distance is small next to the norms, so ``k(x, x)`` came out below 1 (a
+    few percent in fp32 at moderate scales, and wrong even in float64 at small c), and ``c^2``
+    overflowed/underflowed in fp32 (c = 1e20 gave k = 0, c = 1e-25 NaN).  Now ``k(x, x) = 1`` exactly,
+    every c representable in the dtype works, and ``r -> inf`` gives k -> 0 without overflow trouble.
     """
     _check_views(views)
+    check_kernel(kernel)
     K, B, d = views.shape
     N = K * B
     cdt = _compute_dtype(views)
     c = _scale(kernel_scale, cdt, views.device, detach=True)
     x = views.to(cdt).reshape(N, d) / c
-    kmat = torch.rsqrt((x[:, None, :] - x[None, :, :]).square().sum(dim=-1) + 1.0)
+    kmat = exact_kernel_matrix(x, kernel)
     positive = kmat.reshape(K, B, K, B).diagonal(dim1=1, dim2=3).sum()  # same image i, all (v, w)
     hsic_zy = positive / (B * K * (K - 1)) - kmat.mean()
     kc = kmat - kmat.mean(dim=0, keepdim=True) - kmat.mean(dim=1, keepdim=True) + kmat.mean()
@@ -330,22 +399,33 @@ def kernel_scale_objective(
     *,
     num_pairs: int = 1024,
     generator: torch.Generator | None = None,
+    kernel: str = "imq",
 ) -> torch.Tensor:
-    """Side objective that learns the IMQ scale c (SPEC §1.2), to minimise in c alone::
+    """Side objective that learns the kernel scale c (SPEC §1.2), to minimise in c alone.
 
-        objective(c) = -log(c/2) + (3/2) * mean_{a,b} log(rho_ab + c^2)
+    The paper's rule (for its IMQ kernel): maximise ``mean_ab 1/2 log (dk/drho)^2`` over sampled pairs,
+    the kernel's sensitivity to the distance at the distances the batch has.  Written out, minus it,
+    for each family (``rho`` the squared Euclidean distance; for Laplace the l1 distance ``r``, the
+    variable that kernel is a function of -- any c-free reparametrisation of the distance only adds
+    a c-free constant, so the minimiser and the gradient in c do not depend on that choice)::
 
-    (= minus ``mean 1/2 log (dk/drho)^2``).  ``rho_ab = ||z_{i_a} - z_{j_b}||^2`` over the m x m grid of
+        "imq"       -log(c/2) + (3/2) mean log(rho + c^2)     k = c (rho + c^2)^(-1/2)
+        "gaussian"  log(2 c^2) + mean(rho) / (2 c^2)         k = exp(-rho / (2 c^2)):  minimum at c^2 = mean(rho) / 2
+        "laplace"   log(c) + mean(r) / c                     k = exp(-r / c):          minimum at c = mean(r)
+
+    (IMQ: minimum where ``mean c^2 / (rho + c^2) = 1/3``.)  Distances over the m x m grid of
     ``m = max(1, round(sqrt(num_pairs)))`` row indices i and m indices j into the N flattened
     embeddings (m^2 ~ num_pairs pairs): drawn with ``generator`` (i then j, ``randint`` with
     replacement), or, when ``generator`` is None, a deterministic evenly strided choice (even / odd
-    points of ``t * N // (2m)``, t < 2m).  ``rho`` (direct differences, O(m^2 + m d) memory) is
-    computed under ``torch.no_grad()`` from detached views: no gradient reaches the embeddings, only
-    ``kernel_scale`` (when it is a tensor that requires grad; its value is not checked, as that would
-    sync -- a Python number is checked > 0).  Returns a 0-dim tensor, float32 (float64 for float64 views).
+    points of ``t * N // (2m)``, t < 2m) -- the same pairs whatever the kernel.  The distances (direct
+    differences, O(m^2 + m d) memory) are computed under ``torch.no_grad()`` from detached views: no
+    gradient reaches the embeddings, only ``kernel_scale`` (when it is a tensor that requires grad; its
+    value is not checked, as that would sync -- a Python number is checked > 0).  Returns a 0-dim
+    tensor, float32 (float64 for float64 views).
     """
     _check_views(views)
     check_int(num_pairs, "num_pairs", minimum=1)
+    check_kernel(kernel)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     K, B, d = views.shape
@@ -357,9 +437,21 @@ def kernel_scale_objective(
         i, j = _pair_indices(N, m, generator, views.device)
         xi, xj = x[i], x[j]
         # direct differences (the Gram form cancels: a sampled pair i = j got rho ~ 1e-7 ||x||^2, not 0)
-        log_rho = torch.log((xi[:, None, :] - xj[None, :, :]).square().sum(dim=-1))
+        diff = xi[:, None, :] - xj[None, :, :]
+        if kernel == "laplace":
+            dist = diff.abs().sum(dim=-1)  # l1 distances r
+        else:
+            dist = diff.square().sum(dim=-1)  # squared distances rho
+        log_dist = torch.log(dist)
     c = _scale(kernel_scale, cdt, views.device, detach=False)
     if isinstance(c, float):
         c = torch.tensor(c, dtype=cdt, device=views.device)
-    # log(rho + c^2) as logaddexp(log rho, 2 log c): no c^2 to overflow/underflow in fp32 (rho = 0 -> 2 log c)
-    return -torch.log(c / 2.0) + 1.5 * torch.logaddexp(log_rho, 2.0 * torch.log(c)).mean()
+    log_c = torch.log(c)
+    if kernel == "imq":
+        # log(rho + c^2) as logaddexp(log rho, 2 log c): no c^2 to overflow/underflow in fp32 (rho = 0 -> 2 log c)
+        return -torch.log(c / 2.0) + 1.5 * torch.logaddexp(log_dist, 2.0 * log_c).mean()
+    # mean(dist) / c^p as exp(log mean(dist) - p log c): no c^p to overflow/underflow (mean 0 -> exp(-inf) = 0)
+    log_mean = torch.logsumexp(log_dist.reshape(-1), dim=0) - math.log(log_dist.numel())
+    if kernel == "gaussian":
+        return math.log(2.0) + 2.0 * log_c + 0.5 * torch.exp(log_mean - 2.0 * log_c)
+    return log_c + torch.exp(log_mean - log_c)

@@ -108,24 +108,36 @@ class HSICLoss(nn.Module):
         loss = gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y)
 
     ``HSIC(Z, Y)`` is the dependence between embeddings and image identity (row index), ``HSIC(Z, Z)``
-    the redundancy penalty, both with the inverse multiquadric kernel
-    ``k_c(x, y) = c / sqrt(||x - y||^2 + c^2)`` approximated by ``num_features`` random Fourier
-    features, two independent maps redrawn at every call (SPEC §1).  Cost O(N d D + N D^2), memory
-    O(N D + D^2) for N = B*K embeddings: never an N x N matrix.
+    the redundancy penalty, both with a shift-invariant kernel -- the paper's inverse multiquadric
+    ``k_c(x, y) = c / sqrt(||x - y||^2 + c^2)`` by default -- approximated by ``num_features`` random
+    Fourier features, two independent maps redrawn at every call (SPEC §1, §6.2).  Cost
+    O(N d D + N D^2), memory O(N D + D^2) for N = B*K embeddings: never an N x N matrix.
 
     Args (keyword-only):
         num_features: D, the number of random Fourier features per map (paper: 512).
         gamma: weight of ``sqrt(HSIC(Z, Z))`` (paper: 3).
-        kernel_scale: the IMQ scale c (paper: learned from 1.0).
-        learn_scale: own c as a parameter and learn it with the paper's side objective
-            ``-log(c/2) + 1.5 mean log(rho + c^2)`` (rho = squared distances of ``num_scale_pairs``
-            sampled pairs, no gradient to the embeddings).  The module then returns
+        kernel_scale: the kernel scale c (paper: learned from 1.0).
+        learn_scale: own c as a parameter and learn it with the paper's side objective, minus
+            ``mean 1/2 log (dk/drho)^2`` over ``num_scale_pairs`` sampled pairs (no gradient to the
+            embeddings): ``-log(c/2) + 1.5 mean log(rho + c^2)`` for IMQ (rho = squared distances),
+            ``log(2 c^2) + mean(rho) / (2 c^2)`` for Gaussian (optimum c^2 = mean rho / 2),
+            ``log(c) + mean(r) / c`` for Laplace (r = l1 distances, optimum c = mean r); see
+            :func:`kernelssl.functional.kernel_scale_objective`.  The module then returns
             ``hsic_loss + scale_objective``: the embeddings get gradients from the first term only
             (c is stop-gradient there), c from the second only.  Give ``loss.parameters()`` its own
             optimiser (the paper: Adam, lr 3e-4).  The learned c is never read on the host: should
             an optimiser drive it to <= 0, the loss becomes NaN (not a silent number).
-        kernel: ``"rff"`` (the paper's estimator) or ``"exact"`` (the exact kernel, O(N^2) memory;
-            for checking).
+        kernel: the kernel family: ``"imq"`` (the paper's, default), ``"gaussian"``
+            (``exp(-||x - y||^2 / (2 c^2))``, random features ``W ~ N(0, I)``) or ``"laplace"``
+            (``exp(-||x - y||_1 / c)``, iid standard Cauchy ``W``); :func:`kernelssl.functional.sample_rff`.
+            Laplace random features give unbiased values but gradients of infinite variance (Cauchy
+            W): on digits they did not train; ``kernel="laplace", exact=True`` did (see
+            :mod:`kernelssl.rff`).  The Laplace scale should be of the order of the l1 distances
+            (~1.1 sqrt(d) between unrelated unit rows of dimension d), not the IMQ default 1.
+            The legacy ``"rff"`` / ``"exact"`` still work with a ``FutureWarning``: ``kernel="imq"``
+            with ``exact=False`` / ``exact=True``.
+        exact: use the exact kernel instead of random features (O(N^2) memory; for checking).
+            Nothing random is drawn then.
         normalize: L2-normalise each embedding first (default True, as the paper's code does before
             the loss).  The loss is not scale-invariant without it: on raw projector outputs
             (||z|| ~ 10) the IMQ kernel with c = 1 sees nearly orthogonal far-apart points and the
@@ -177,7 +189,8 @@ class HSICLoss(nn.Module):
         gamma: float = 3.0,
         kernel_scale: float = 1.0,
         learn_scale: bool = False,
-        kernel: str = "rff",
+        kernel: str = "imq",
+        exact: bool = False,
         normalize: bool = True,
         num_scale_pairs: int = 1024,
         seed: int = 0,
@@ -192,7 +205,7 @@ class HSICLoss(nn.Module):
         check_positive(gamma, "gamma", allow_zero=True)
         check_positive(kernel_scale, "kernel_scale")
         check_bool(learn_scale, "learn_scale")
-        check_choice(kernel, "kernel", ("rff", "exact"))
+        kernel, exact = _hsic.resolve_kernel(kernel, exact, stacklevel=3)  # user -> __init__ -> here
         check_bool(normalize, "normalize")
         check_int(num_scale_pairs, "num_scale_pairs", minimum=1)
         check_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -201,6 +214,7 @@ class HSICLoss(nn.Module):
         self.gamma = float(gamma)
         self.learn_scale = learn_scale
         self.kernel = kernel
+        self.exact = exact
         self.normalize = normalize
         self.num_scale_pairs = num_scale_pairs
         self.seed = seed
@@ -268,8 +282,8 @@ class HSICLoss(nn.Module):
         device = torch.device(device)
         gen = self._generator(device)
         dt = torch.float64 if dtype == torch.float64 else torch.float32
-        w_a, b_a = KF.sample_imq_rff(dim, self.num_features, generator=gen, device=device, dtype=dt)
-        w_b, b_b = KF.sample_imq_rff(dim, self.num_features, generator=gen, device=device, dtype=dt)
+        w_a, b_a = KF.sample_rff(self.kernel, dim, self.num_features, generator=gen, device=device, dtype=dt)
+        w_b, b_b = KF.sample_rff(self.kernel, dim, self.num_features, generator=gen, device=device, dtype=dt)
         return w_a, b_a, w_b, b_b
 
     @KF._fp32_compute
@@ -278,16 +292,17 @@ class HSICLoss(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if features is not None:
-            if self.kernel != "rff":
+            if self.exact:
                 raise ValueError(
-                    f"features: expected None with kernel={self.kernel!r} (maps are for kernel='rff'), got maps"
+                    "features: expected None with exact=True (maps are for the random-feature path, "
+                    "exact=False), got maps"
                 )
             if not isinstance(features, (tuple, list)) or len(features) != 4:
                 raise TypeError(
                     "features: expected a tuple (w_a, b_a, w_b, b_b) as returned by draw_features, "
                     f"got {type(features).__name__}"
                 )
-        elif generator is None and self.kernel == "rff":
+        elif generator is None and not self.exact:
             generator = self._generator(stacked.device)
         if self.check_finite:  # before normalising (the row scaling would spread a NaN over its row)
             KF._assert_finite([stacked], ["views"])
@@ -304,6 +319,7 @@ class HSICLoss(nn.Module):
                 gamma=self.gamma,
                 kernel_scale=c,
                 kernel=self.kernel,
+                exact=self.exact,
                 generator=generator,
                 backend=self.backend,
                 check_finite=self.check_finite,
@@ -316,7 +332,7 @@ class HSICLoss(nn.Module):
             out = KF.HSICComponents(loss=loss, hsic_zy=zy, hsic_zz=zz, kernel_scale=c_log)
         if self.learn_scale:
             out.scale_objective = _hsic.kernel_scale_objective(
-                stacked, c, num_pairs=self.num_scale_pairs, generator=generator
+                stacked, c, num_pairs=self.num_scale_pairs, generator=generator, kernel=self.kernel
             )
             out.loss = out.loss + out.scale_objective
         return out
@@ -383,7 +399,7 @@ class HSICLoss(nn.Module):
         c = "learned" if self.learn_scale else self.kernel_scale
         return (
             f"num_features={self.num_features}, gamma={self.gamma}, kernel_scale={c}, kernel={self.kernel!r}, "
-            f"normalize={self.normalize}, backend={self.backend!r}"
+            f"exact={self.exact}, normalize={self.normalize}, backend={self.backend!r}"
         )
 
 

@@ -191,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     # loss hyper-parameters
     a("--num-features", type=int, default=None, help="hsic: random Fourier features D")
     a("--gamma", type=float, default=None, help="hsic: weight of sqrt(HSIC(Z,Z))")
-    a("--kernel-scale", type=float, default=None, help="hsic: IMQ scale c (initial value when learned)")
+    a("--hsic-kernel", choices=("imq", "gaussian", "laplace"), default="imq",
+      help="hsic: kernel family of the random features (default imq, the paper's)")
+    a("--kernel-scale", type=float, default=None, help="hsic: kernel scale c (initial value when learned)")
     a("--learn-scale", type=int, choices=(0, 1), default=None, help="hsic: learn c (1) or keep it fixed (0)")
     a("--scale-lr", type=float, default=None, help="hsic: Adam lr of the learned scale")
     a("--coefficients", type=float, nargs="+", default=None, help="sfrik: Legendre coefficients b_1..b_L")
@@ -441,7 +443,8 @@ def build_criterion(args: argparse.Namespace, gather: bool) -> nn.Module:
     common = dict(gather_distributed=gather, backend=args.backend)
     if args.loss == "hsic":
         return HSICLoss(num_features=args.num_features, gamma=args.gamma, kernel_scale=args.kernel_scale,
-                        learn_scale=bool(args.learn_scale), normalize=True, seed=args.seed, **common)
+                        learn_scale=bool(args.learn_scale), kernel=args.hsic_kernel, normalize=True, seed=args.seed,
+                        **common)
     if args.loss == "sfrik":
         return SFRIKLoss(coefficients=args.coefficients, sim_weight=args.sim_weight, mmd_weight=args.mmd_weight,
                          **common)

@@ -24,6 +24,16 @@ The exact-kernel estimators put the N x N kernel matrix ``Kmat`` in place of ``P
 
 (the v = w terms of the first sum contribute exactly ``B K / (B K (K-1)) = 1/(K-1)``, since k(x,x)=1).
 
+Other kernel families (SPEC §6.2), ``kernel=`` on the exact functions (the RFF functions take any maps)::
+
+    "imq"       k_c(x, y) = c / sqrt(||x - y||^2 + c^2)      dk/dx = -(x - y) k^3 / c^2
+    "gaussian"  k_c(x, y) = exp(-||x - y||^2 / (2 c^2))      dk/dx = -(x - y) k / c^2
+    "laplace"   k_c(x, y) = exp(-||x - y||_1 / c)            dk/dx = -sign(x - y) k / c
+
+Laplace: ``|t|`` has no derivative at t = 0; the subgradient taken is ``sign(0) = 0`` (what
+``torch.abs``'s autograd uses), so a coordinate where x and y tie contributes nothing -- in
+particular ``dk(x, y)/dx = 0`` at x = y, as for the two smooth kernels.
+
 sqrt guard
 ----------
 ``sqrt_guard(x) = sqrt(max(x, 0) + SQRT_EPS)`` with ``SQRT_EPS = 1e-12``.  For x >= 0 the shift is
@@ -35,10 +45,12 @@ HSIC_ZZ itself vanishes and the loss gradient stays finite (zero through that te
 round-off values of HSIC_ZZ are clamped to 0 by a relu (derivative 0 for x <= 0, 1 for x > 0, like
 ``torch.relu``): an exactly collapsed batch (HSIC_ZZ = 0) gets no gradient through the guard.
 
-Kernel-scale side objective (SPEC §1.2), in c alone, over squared distances rho::
+Kernel-scale side objective (SPEC §1.2), in c alone: minus ``mean_ij 1/2 log (dk/drho)^2`` over
+the distances rho (squared Euclidean for imq and gaussian, the l1 distance for laplace)::
 
-    objective(c) = -log(c/2) + (3/2) mean_ij log(rho_ij + c^2)
-    d/dc         = -1/c + 3 c mean_ij 1/(rho_ij + c^2)
+    imq       objective(c) = -log(c/2) + (3/2) mean log(rho + c^2)    d/dc = -1/c + 3 c mean 1/(rho + c^2)
+    gaussian  objective(c) = log(2 c^2) + mean(rho) / (2 c^2)          d/dc = 2/c - mean(rho) / c^3
+    laplace   objective(c) = log(c) + mean(rho) / c                    d/dc = 1/c - mean(rho) / c^2
 """
 from __future__ import annotations
 
@@ -48,7 +60,11 @@ __all__ = [
     "SQRT_EPS",
     "sqrt_guard",
     "sqrt_guard_grad",
+    "KERNELS",
     "imq_kernel",
+    "gaussian_kernel",
+    "laplace_kernel",
+    "kernel_matrix",
     "rff_features",
     "rff_hsic",
     "exact_hsic",
@@ -61,6 +77,7 @@ __all__ = [
 ]
 
 SQRT_EPS = 1e-12
+KERNELS = ("imq", "gaussian", "laplace")
 
 
 def _views(views) -> np.ndarray:
@@ -88,6 +105,48 @@ def imq_kernel(x, y, c: float) -> np.ndarray:
     diff = x[:, None, :] - y[None, :, :]
     rho = np.sum(diff * diff, axis=-1)
     return c / np.sqrt(rho + c * c)
+
+
+def gaussian_kernel(x, y, c: float) -> np.ndarray:
+    """Gaussian kernel matrix ``exp(-||x_n - y_m||^2 / (2 c^2))``; x (n, d), y (m, d) -> (n, m)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    diff = x[:, None, :] - y[None, :, :]
+    rho = np.sum(diff * diff, axis=-1)
+    return np.exp(-rho / (2.0 * c * c))
+
+
+def laplace_kernel(x, y, c: float) -> np.ndarray:
+    """Laplace (l1) kernel matrix ``exp(-||x_n - y_m||_1 / c)``; x (n, d), y (m, d) -> (n, m)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    r = np.sum(np.abs(x[:, None, :] - y[None, :, :]), axis=-1)
+    return np.exp(-r / c)
+
+
+def _check_kernel(kernel) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def kernel_matrix(x, y, c: float, kernel: str = "imq") -> np.ndarray:
+    """``k_c(x_n, y_m)`` for the family ``kernel`` ("imq", "gaussian", "laplace")."""
+    fn = {"imq": imq_kernel, "gaussian": gaussian_kernel, "laplace": laplace_kernel}[_check_kernel(kernel)]
+    return fn(x, y, c)
+
+
+def _kernel_grad_x(x, y, c: float, kernel: str) -> np.ndarray:
+    """``d k_c(x_n, y_m) / d x_n`` as an (n, m, d) array (Laplace: subgradient sign(0) = 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    diff = x[:, None, :] - y[None, :, :]
+    k = kernel_matrix(x, y, c, kernel)[:, :, None]
+    if kernel == "imq":
+        return -diff * k**3 / c**2
+    if kernel == "gaussian":
+        return -diff * k / c**2
+    return -np.sign(diff) * k / c
 
 
 def rff_features(x, w, b, c: float) -> np.ndarray:
@@ -124,13 +183,13 @@ def rff_hsic(views, w_a, b_a, w_b, b_b, c: float) -> tuple[float, float]:
     return float(zy), float(zz)
 
 
-def exact_hsic(views, c: float) -> tuple[float, float]:
-    """Exact-kernel estimators (HSIC_ZY, HSIC_ZZ) from the N x N IMQ kernel matrix (loops)."""
+def exact_hsic(views, c: float, kernel: str = "imq") -> tuple[float, float]:
+    """Exact-kernel estimators (HSIC_ZY, HSIC_ZZ) from the N x N kernel matrix of ``kernel`` (loops)."""
     v = _views(views)
     K, B, d = v.shape
     N = K * B
     x = v.reshape(N, d)
-    kmat = imq_kernel(x, x, c)
+    kmat = kernel_matrix(x, x, c, kernel)
     pos = 0.0
     for i in range(B):
         for a in range(K):
@@ -175,19 +234,20 @@ def rff_hsic_grad(views, w_a, b_a, w_b, b_b, c: float, g_zy: float, g_zz: float)
     return gx.reshape(K, B, d)
 
 
-def exact_hsic_grad(views, c: float, g_zy: float, g_zz: float) -> np.ndarray:
-    """Analytic ``d(g_zy * HSIC_ZY + g_zz * HSIC_ZZ)/d views`` for the exact IMQ kernel, (K, B, d).
+def exact_hsic_grad(views, c: float, g_zy: float, g_zz: float, kernel: str = "imq") -> np.ndarray:
+    """Analytic ``d(g_zy * HSIC_ZY + g_zz * HSIC_ZZ)/d views`` for the exact kernel ``kernel``, (K, B, d).
 
     Both terms are ``sum_{nm} G_nm Kmat_nm`` (G taken with the entries of Kmat as free variables):
     HSIC_ZY: ``G_nm = [img(n) = img(m)]/(B K (K-1)) - 1/N^2``; HSIC_ZZ = tr(Kmat H Kmat H)/N^2:
-    ``G = 2 H Kmat H / N^2``.  With ``dk(x, y)/dx = -(x - y) k^3 / c^2``:
-    ``d/dx_n = sum_m (G_nm + G_mn) * (-(x_n - x_m) Kmat_nm^3 / c^2)``.
+    ``G = 2 H Kmat H / N^2``.  Then ``d/dx_n = sum_m (G_nm + G_mn) dk(x_n, x_m)/dx_n`` with the kernel
+    derivatives of the module docstring (IMQ ``-(x_n - x_m) k^3 / c^2``; Laplace's with sign(0) = 0).
     """
     v = _views(views)
     K, B, d = v.shape
     N = K * B
     x = v.reshape(N, d)
-    kmat = imq_kernel(x, x, c)
+    kmat = kernel_matrix(x, x, c, kernel)
+    dk = _kernel_grad_x(x, x, c, kernel)  # (N, N, d)
     G = np.full((N, N), -1.0 / N**2)
     for n in range(N):
         for m in range(N):
@@ -200,7 +260,7 @@ def exact_hsic_grad(views, c: float, g_zy: float, g_zz: float) -> np.ndarray:
     gx = np.zeros_like(x)
     for n in range(N):
         for m in range(N):
-            gx[n] -= Gs[n, m] * (x[n] - x[m]) * kmat[n, m] ** 3 / c**2
+            gx[n] += Gs[n, m] * dk[n, m]
     return gx.reshape(K, B, d)
 
 
@@ -209,30 +269,45 @@ def hsic_loss_grad(
     c: float,
     *,
     gamma: float = 3.0,
-    kernel: str = "rff",
+    kernel: str = "imq",
+    exact: bool = False,
     w_a=None,
     b_a=None,
     w_b=None,
     b_b=None,
 ) -> np.ndarray:
-    """d loss / d views, ``loss = gamma * sqrt_guard(HSIC_ZZ) - HSIC_ZY``, for ``kernel="rff"`` (needs the
-    two maps) or ``kernel="exact"``: ``g_zy = -1``, ``g_zz = gamma * sqrt_guard'(HSIC_ZZ)``."""
-    if kernel == "rff":
+    """d loss / d views, ``loss = gamma * sqrt_guard(HSIC_ZZ) - HSIC_ZY``: the RFF estimators
+    (``exact=False``; needs the two maps, whatever kernel they sample -- ``kernel`` is then only
+    validated) or the exact kernel ``kernel`` (``exact=True``): ``g_zy = -1``,
+    ``g_zz = gamma * sqrt_guard'(HSIC_ZZ)``."""
+    _check_kernel(kernel)
+    if exact is False:
         _, zz = rff_hsic(views, w_a, b_a, w_b, b_b, c)
         return rff_hsic_grad(views, w_a, b_a, w_b, b_b, c, -1.0, gamma * sqrt_guard_grad(zz))
-    if kernel == "exact":
-        _, zz = exact_hsic(views, c)
-        return exact_hsic_grad(views, c, -1.0, gamma * sqrt_guard_grad(zz))
-    raise ValueError(f"kernel: expected 'rff' or 'exact', got {kernel!r}")
+    if exact is True:
+        _, zz = exact_hsic(views, c, kernel)
+        return exact_hsic_grad(views, c, -1.0, gamma * sqrt_guard_grad(zz), kernel)
+    raise TypeError(f"exact: expected a bool, got {exact!r}")
 
 
-def scale_objective(rho, c: float) -> float:
-    """``-log(c/2) + 1.5 * mean(log(rho + c^2))`` over the squared distances ``rho`` (any shape)."""
+def scale_objective(rho, c: float, kernel: str = "imq") -> float:
+    """Minus ``mean 1/2 log (dk/drho)^2`` over the distances ``rho`` (any shape; squared Euclidean for
+    "imq" and "gaussian", l1 for "laplace"): ``-log(c/2) + 1.5 mean log(rho + c^2)`` (imq),
+    ``log(2 c^2) + mean(rho) / (2 c^2)`` (gaussian), ``log(c) + mean(rho) / c`` (laplace)."""
     rho = np.asarray(rho, dtype=np.float64)
-    return float(-np.log(c / 2.0) + 1.5 * np.mean(np.log(rho + c * c)))
+    if _check_kernel(kernel) == "imq":
+        return float(-np.log(c / 2.0) + 1.5 * np.mean(np.log(rho + c * c)))
+    if kernel == "gaussian":
+        return float(np.log(2.0 * c * c) + np.mean(rho) / (2.0 * c * c))
+    return float(np.log(c) + np.mean(rho) / c)
 
 
-def scale_objective_grad(rho, c: float) -> float:
-    """``d scale_objective / dc = -1/c + 3 c mean(1/(rho + c^2))``."""
+def scale_objective_grad(rho, c: float, kernel: str = "imq") -> float:
+    """``d scale_objective / dc``: ``-1/c + 3 c mean(1/(rho + c^2))`` (imq), ``2/c - mean(rho)/c^3``
+    (gaussian), ``1/c - mean(rho)/c^2`` (laplace)."""
     rho = np.asarray(rho, dtype=np.float64)
-    return float(-1.0 / c + 3.0 * c * np.mean(1.0 / (rho + c * c)))
+    if _check_kernel(kernel) == "imq":
+        return float(-1.0 / c + 3.0 * c * np.mean(1.0 / (rho + c * c)))
+    if kernel == "gaussian":
+        return float(2.0 / c - np.mean(rho) / c**3)
+    return float(1.0 / c - np.mean(rho) / c**2)

@@ -156,8 +156,8 @@ def test_draw_features_are_the_maps_forward_draws():
     assert all(t.dtype == torch.float32 for t in f32)
     with pytest.raises(TypeError, match="features: expected a tuple"):
         b(*z, features=f32[:2])
-    with pytest.raises(ValueError, match="features: expected None with kernel='exact'"):
-        HSICLoss(kernel="exact")(*z, features=f32)
+    with pytest.raises(ValueError, match="features: expected None with exact=True"):
+        HSICLoss(exact=True)(*z, features=f32)
 
 
 def test_hsic_module_with_its_generator_is_refused_by_fullgraph():

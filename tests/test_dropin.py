@@ -213,10 +213,10 @@ def test_huge_rows_mec_matches_reference():
 
 def test_huge_rows_hsic_module_matches_float64():
     za, zb = _z(seed=0, scale=HUGE), _z(seed=1, scale=HUGE)
-    for kernel in ("exact", "rff"):
-        want = HSICLoss(kernel=kernel, num_features=64)(za, zb, generator=_gen())
-        got = HSICLoss(kernel=kernel, num_features=64)(za.float(), zb.float(), generator=_gen())
-        assert_close(got, want, rtol=1e-4, atol=1e-6, name=f"HSIC ({kernel}) loss, rows of norm ~1e20 (fp32)")
+    for exact in (True, False):
+        want = HSICLoss(exact=exact, num_features=64)(za, zb, generator=_gen())
+        got = HSICLoss(exact=exact, num_features=64)(za.float(), zb.float(), generator=_gen())
+        assert_close(got, want, rtol=1e-4, atol=1e-6, name=f"HSIC (exact={exact}) loss, rows of norm ~1e20 (fp32)")
 
 
 @pytest.mark.parametrize("op", ["legendre_gram_mean", "taylor_logdet"])
@@ -285,7 +285,7 @@ def test_tensor_hyper_parameters_out_of_range_give_nan_without_sync():
     for bad in (0.0, -1.0, math.nan):
         c = torch.tensor(bad, dtype=torch.float64)
         assert torch.isnan(KF.ssl_hsic_loss(views, num_features=8, kernel_scale=c, generator=_gen()))
-        assert torch.isnan(KF.ssl_hsic_loss(views, kernel="exact", kernel_scale=c))
+        assert torch.isnan(KF.ssl_hsic_loss(views, exact=True, kernel_scale=c))
         lam = torch.tensor(bad, dtype=torch.float64)
         assert torch.isnan(KF.mec_loss(za, zb, lam=lam))
         assert torch.isnan(KF.taylor_logdet(za, zb, lam))
@@ -314,7 +314,7 @@ def test_sfrik_high_degree_fp32_error_is_as_documented():
 # ------------------------------------------------------------------------------------------------
 
 FUNC_LOSSES = {
-    "hsic": lambda a, b: HSICLoss(kernel="exact")(a, b),
+    "hsic": lambda a, b: HSICLoss(exact=True)(a, b),
     "sfrik": lambda a, b: SFRIKLoss()(a, b),
     "mec": lambda a, b: MECLoss()(a, b),
 }
@@ -339,7 +339,7 @@ def test_torch_func_grad_vmap_jvp(name):
 
 @pytest.mark.parametrize("name", ["hsic", "hsic-exact", "sfrik", "mec"])
 def test_meta_tensors_propagate_shapes(name):
-    crit = {"hsic": HSICLoss(), "hsic-exact": HSICLoss(kernel="exact"), "sfrik": SFRIKLoss(), "mec": MECLoss()}[name]
+    crit = {"hsic": HSICLoss(), "hsic-exact": HSICLoss(exact=True), "sfrik": SFRIKLoss(), "mec": MECLoss()}[name]
     za, zb = torch.empty(8, 5, device="meta"), torch.empty(8, 5, device="meta")
     out = crit(za, zb)
     assert out.device.type == "meta" and out.shape == () and out.dtype == torch.float32

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import assert_close, to_numpy
 import reference.hsic as R
 from kernelssl import hsic as H
-from kernelssl.rff import sample_imq_rff
+from kernelssl.rff import KERNELS, sample_imq_rff, sample_rff
 
 # float64, same formulas in a different order: round-off ~ 1e-16 x (accumulation length < 1e4).
 F64_RTOL, F64_ATOL = 1e-10, 1e-12
@@ -89,41 +89,55 @@ def test_rff_hsic_and_eager_match_reference(shape):
 
 
 @settings(deadline=None)
-@given(shapes)
-def test_exact_hsic_matches_reference(shape):
+@given(shapes, st.sampled_from(KERNELS))
+def test_exact_hsic_matches_reference(shape, kernel):
     K, B, d, _, _, seed = shape
     views, *_, c = _case(seed, K, B, d, 1)
-    ref = R.exact_hsic(views.numpy(), c)
+    ref = R.exact_hsic(views.numpy(), c, kernel)
     rng = np.random.default_rng(seed + 2)
     g_zy, g_zz = rng.uniform(-3, 3, size=2)
     v = views.clone().requires_grad_()
-    zy, zz = H.exact_hsic(v, c)
-    # the torch path uses the Gram form of the squared distances: ~1e-16 x ||z||^2 absolute per entry
-    assert_close(zy, ref[0], rtol=F64_RTOL, atol=F64_ATOL, name="exact HSIC_ZY")
-    assert_close(zz, ref[1], rtol=F64_RTOL, atol=F64_ATOL, name="exact HSIC_ZZ")
+    zy, zz = H.exact_hsic(v, c, kernel=kernel)
+    # same direct-difference distances, different order of the sums: float64 round-off only
+    assert_close(zy, ref[0], rtol=F64_RTOL, atol=F64_ATOL, name=f"exact {kernel} HSIC_ZY")
+    assert_close(zz, ref[1], rtol=F64_RTOL, atol=F64_ATOL, name=f"exact {kernel} HSIC_ZZ")
     (g,) = torch.autograd.grad(g_zy * zy + g_zz * zz, v)
-    ref_grad = R.exact_hsic_grad(views.numpy(), c, g_zy, g_zz)
-    assert_close(g, ref_grad, rtol=1e-9, atol=1e-10 * _grad_scale(ref_grad), name="exact grad")
+    ref_grad = R.exact_hsic_grad(views.numpy(), c, g_zy, g_zz, kernel)
+    assert_close(g, ref_grad, rtol=1e-9, atol=1e-10 * _grad_scale(ref_grad), name=f"exact {kernel} grad")
 
 
-@pytest.mark.parametrize("kernel", ["rff", "exact"])
-def test_loss_gradient_matches_reference(kernel):
+@pytest.mark.parametrize("kernel,exact", [("imq", False), ("imq", True), ("gaussian", True), ("laplace", True)])
+def test_loss_gradient_matches_reference(kernel, exact):
     views, w_a, b_a, w_b, b_b, c = _case(8, 3, 5, 6, 24)
     gamma, upstream = 3.0, 2.5
     v = views.clone().requires_grad_()
-    if kernel == "rff":
+    if not exact:
         zy, zz = H.rff_hsic(v, w_a, b_a, w_b, b_b, c)
         ref_zy, ref_zz = R.rff_hsic(views.numpy(), *_np(w_a, b_a, w_b, b_b), c)
     else:
-        zy, zz = H.exact_hsic(v, c)
-        ref_zy, ref_zz = R.exact_hsic(views.numpy(), c)
+        zy, zz = H.exact_hsic(v, c, kernel=kernel)
+        ref_zy, ref_zz = R.exact_hsic(views.numpy(), c, kernel)
     loss = H.hsic_loss(zy, zz, gamma=gamma)
     assert_close(loss, R.hsic_loss(ref_zy, ref_zz, gamma=gamma), rtol=F64_RTOL, atol=F64_ATOL, name="loss")
     (upstream * loss).backward()
     ref_grad = upstream * R.hsic_loss_grad(
-        views.numpy(), c, gamma=gamma, kernel=kernel, **dict(zip(("w_a", "b_a", "w_b", "b_b"), _np(w_a, b_a, w_b, b_b)))
+        views.numpy(), c, gamma=gamma, kernel=kernel, exact=exact,
+        **dict(zip(("w_a", "b_a", "w_b", "b_b"), _np(w_a, b_a, w_b, b_b))),
     )
     assert_close(v.grad, ref_grad, rtol=1e-9, atol=1e-10 * _grad_scale(ref_grad), name="loss grad")
+
+
+def test_laplace_exact_gradient_at_tied_coordinates():
+    """Tied coordinates (|t| not differentiable at 0): the torch path takes the documented
+    subgradient sign(0) = 0, as the reference does (non-unit upstream gradients)."""
+    views, *_, c = _case(14, 3, 3, 4, 1)
+    views[1, 2] = views[0, 2]  # all coordinates of two views of image 2 tie
+    views[2, 0, 1] = views[0, 1, 1]  # one coordinate ties across images
+    v = views.clone().requires_grad_()
+    zy, zz = H.exact_hsic(v, c, kernel="laplace")
+    (g,) = torch.autograd.grad(1.3 * zy - 2.2 * zz, v)
+    ref_grad = R.exact_hsic_grad(views.numpy(), c, 1.3, -2.2, "laplace")
+    assert_close(g, ref_grad, rtol=1e-9, atol=1e-10 * _grad_scale(ref_grad), name="laplace grad at ties")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,17 +151,23 @@ def test_gradcheck_rff_hsic_all_inputs():
     assert torch.autograd.gradcheck(lambda *a: H.rff_hsic_eager(*a, c), inputs)
 
 
-def test_gradcheck_exact_hsic():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck_exact_hsic(kernel):
+    # (Laplace: random views, no coordinate ties within gradcheck's eps = 1e-6: differentiable there)
     views, *_, c = _case(2, 3, 2, 3, 1)
-    assert torch.autograd.gradcheck(lambda v: H.exact_hsic(v, c), (views.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda v: H.exact_hsic(v, c, kernel=kernel), (views.requires_grad_(),))
 
 
-@pytest.mark.parametrize("kernel", ["rff", "exact"])
-def test_gradcheck_loss_composition(kernel):
-    views, w_a, b_a, w_b, b_b, c = _case(3, 2, 3, 4, 6)
+@pytest.mark.parametrize("kernel,exact", [("imq", False), ("gaussian", False), ("laplace", False),
+                                          ("imq", True), ("gaussian", True), ("laplace", True)])
+def test_gradcheck_loss_composition(kernel, exact):
+    views, *_, c = _case(3, 2, 3, 4, 6)
+    g = _gen(33)
+    w_a, b_a = sample_rff(kernel, 4, 6, generator=g, dtype=torch.float64)
+    w_b, b_b = sample_rff(kernel, 4, 6, generator=g, dtype=torch.float64)
 
     def f(v):
-        zy, zz = H.rff_hsic(v, w_a, b_a, w_b, b_b, c) if kernel == "rff" else H.exact_hsic(v, c)
+        zy, zz = H.exact_hsic(v, c, kernel=kernel) if exact else H.rff_hsic(v, w_a, b_a, w_b, b_b, c)
         return H.hsic_loss(zy, zz, gamma=3.0)
 
     assert torch.autograd.gradcheck(f, (views.requires_grad_(),))
@@ -234,20 +254,24 @@ def _strided_pairs(n, num_pairs):
     return idx[0::2], idx[1::2]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("num_pairs", [1024, 50, 1])
-def test_kernel_scale_objective_deterministic_pairs_match_reference(num_pairs):
+def test_kernel_scale_objective_deterministic_pairs_match_reference(num_pairs, kernel):
     views, *_ = _case(7, 3, 20, 5, 1)
     N = 60
     i, j = _strided_pairs(N, num_pairs)
     x = views.reshape(N, 5).numpy()
-    rho = np.array([[np.sum((x[a] - x[b]) ** 2) for b in j] for a in i])
+    if kernel == "laplace":  # the l1 distance, the variable the Laplace kernel is a function of
+        rho = np.array([[np.sum(np.abs(x[a] - x[b])) for b in j] for a in i])
+    else:
+        rho = np.array([[np.sum((x[a] - x[b]) ** 2) for b in j] for a in i])
     v = views.clone().requires_grad_()
     c = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
-    obj = H.kernel_scale_objective(v, c, num_pairs=num_pairs)
+    obj = H.kernel_scale_objective(v, c, num_pairs=num_pairs, kernel=kernel)
     assert obj.dtype == torch.float64 and obj.shape == ()
-    assert_close(obj, R.scale_objective(rho, 0.8), rtol=F64_RTOL, atol=F64_ATOL, name="objective")
+    assert_close(obj, R.scale_objective(rho, 0.8, kernel), rtol=F64_RTOL, atol=F64_ATOL, name="objective")
     (3.0 * obj).backward()
-    assert_close(c.grad, 3.0 * R.scale_objective_grad(rho, 0.8), rtol=F64_RTOL, atol=F64_ATOL, name="d/dc")
+    assert_close(c.grad, 3.0 * R.scale_objective_grad(rho, 0.8, kernel), rtol=F64_RTOL, atol=F64_ATOL, name="d/dc")
     assert v.grad is None  # rho is computed without gradient to the embeddings
     if 2 * len(i) <= N:
         assert min(rho.ravel()) > 0  # the strided i and j sets are disjoint: no self-distances
@@ -287,11 +311,12 @@ def test_kernel_scale_objective_dtypes():
 
 
 def _both(views, maps, c, kernel):
-    return H.exact_hsic(views, c) if kernel == "exact" else H.rff_hsic(views, *maps, c)
+    """``kernel``: "rff" (the maps given) or an exact family's name."""
+    return H.rff_hsic(views, *maps, c) if kernel == "rff" else H.exact_hsic(views, c, kernel=kernel)
 
 
 @settings(deadline=None)
-@given(shapes, st.sampled_from(["rff", "exact"]), st.randoms(use_true_random=False))
+@given(shapes, st.sampled_from(("rff",) + KERNELS), st.randoms(use_true_random=False))
 def test_view_and_batch_permutation_invariance(shape, kernel, rnd):
     K, B, d, D, D_b, seed = shape
     views, w_a, b_a, w_b, b_b, c = _case(seed, K, B, d, D, D_b)
@@ -308,15 +333,34 @@ def test_view_and_batch_permutation_invariance(shape, kernel, rnd):
 
 
 @settings(deadline=None)
-@given(shapes)
-def test_exact_kernel_rotation_invariance(shape):
-    """A joint orthogonal rotation of every embedding leaves the exact terms unchanged (distances)."""
+@given(shapes, st.sampled_from(("imq", "gaussian")))
+def test_exact_kernel_rotation_invariance(shape, kernel):
+    """A joint orthogonal rotation of every embedding leaves the exact terms unchanged (Euclidean
+    distances; IMQ and Gaussian)."""
     K, B, d, _, _, seed = shape
     views, *_, c = _case(seed, K, B, d, 1)
     q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
     rotated = views @ torch.from_numpy(q)
-    for a, e, name in zip(H.exact_hsic(rotated, c), H.exact_hsic(views, c), ("HSIC_ZY", "HSIC_ZZ")):
-        # Gram-form distances of rotated points: ~1e-16 x ||z||^2 per entry
+    for a, e, name in zip(H.exact_hsic(rotated, c, kernel=kernel), H.exact_hsic(views, c, kernel=kernel),
+                          ("HSIC_ZY", "HSIC_ZZ")):
+        # distances of rotated points: ~1e-16 x ||z||^2 per entry
+        assert_close(a, e, rtol=1e-9, atol=1e-12, name=name)
+
+
+@settings(deadline=None)
+@given(shapes, st.randoms(use_true_random=False))
+def test_exact_laplace_signed_permutation_invariance(shape, rnd):
+    """The l1 distance is invariant under permuting and sign-flipping coordinates (jointly for every
+    embedding), and under a joint translation: the exact Laplace terms do not change -- exactly, as
+    the same |differences| are summed in another order (float64 round-off only)."""
+    K, B, d, _, _, seed = shape
+    views, *_, c = _case(seed, K, B, d, 1)
+    perm = list(range(d))
+    rnd.shuffle(perm)
+    signs = torch.tensor([rnd.choice((-1.0, 1.0)) for _ in range(d)], dtype=torch.float64)
+    moved = views[..., perm] * signs + 0.25
+    for a, e, name in zip(H.exact_hsic(moved, c, kernel="laplace"), H.exact_hsic(views, c, kernel="laplace"),
+                          ("HSIC_ZY", "HSIC_ZZ")):
         assert_close(a, e, rtol=1e-9, atol=1e-12, name=name)
 
 
@@ -332,7 +376,7 @@ def test_degenerate_inputs_give_finite_loss_and_gradients(shape, kind):
         views[1, 0] = views[0, 0]  # and two views of image 0 coincide
     elif kind == "collapsed":
         views[:] = views[0, 0]
-    for kernel in ("rff", "exact"):
+    for kernel in ("rff",) + KERNELS:
         v = views.clone().requires_grad_()
         zy, zz = _both(v, (w_a, b_a, w_b, b_b), c, kernel)
         loss = H.hsic_loss(zy, zz)
@@ -345,8 +389,8 @@ def test_degenerate_inputs_give_finite_loss_and_gradients(shape, kind):
             v2 = views.clone().requires_grad_()
             (g_zy,) = torch.autograd.grad(-2.5 * _both(v2, (w_a, b_a, w_b, b_b), c, kernel)[0], v2)
             assert_close(g, g_zy, rtol=0, atol=1e-9, name=f"{kernel} collapsed grad")
-            if kernel == "exact":
-                assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-12, name="exact collapsed grad")
+            if kernel != "rff":  # Laplace too: the subgradient sign(0) = 0
+                assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-12, name=f"exact {kernel} collapsed grad")
 
 
 def test_collapsed_batch_closed_forms():
@@ -386,7 +430,8 @@ def test_no_grad_and_inputs_without_grad():
 # the exact-kernel limit of the RFF estimators
 
 
-def test_rff_terms_converge_to_exact_terms():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rff_terms_converge_to_exact_terms(kernel):
     """E over the maps of the RFF terms is the exact terms.  Write a = sqrt(2) cos(u) (N, D), so that
     Phi = a / sqrt(D) and K_A = Phi_A Phi_A^T = mean_j a_j a_j^T with E[a_j a_j^T] = Kex.
 
@@ -402,15 +447,16 @@ def test_rff_terms_converge_to_exact_terms():
     They are loose (worst-case ranges), so the variance-based version is asserted too: the mean of
     the iid summands (T_j, and a_j^T M a_j for L_A, L_B) within 6 standard errors of its expectation
     (CLT; the seeds are fixed), and the error shrinks with D (expected ratio sqrt(4096/256) = 4; at
-    least 2 asserted, on the mean over the seeds).
+    least 2 asserted, on the mean over the seeds).  Nothing above depends on the kernel family beyond
+    ``0 <= k <= 1`` and a uniform phase: the same bounds hold for each sampler (SPEC §6.2).
     """
     K, B, d = 2, 4, 3
     N = K * B
     views, *_ = _case(12, K, B, d, 1)
     c = 1.0
-    zy_ex, zz_ex = (t.item() for t in H.exact_hsic(views, c))
+    zy_ex, zz_ex = (t.item() for t in H.exact_hsic(views, c, kernel=kernel))
     x = views.reshape(N, d).numpy()
-    kex = R.imq_kernel(x, x, c)
+    kex = R.kernel_matrix(x, x, c, kernel)
     Hc = np.eye(N) - np.ones((N, N)) / N
     M = Hc @ kex @ Hc / N**2
     lam = np.linalg.eigvalsh(M).max()
@@ -425,8 +471,8 @@ def test_rff_terms_converge_to_exact_terms():
         errs = []
         for seed in seeds:
             g = _gen(1000 + 10 * D + seed)
-            w_a, b_a = sample_imq_rff(d, D, generator=g, dtype=torch.float64)
-            w_b, b_b = sample_imq_rff(d, D, generator=g, dtype=torch.float64)
+            w_a, b_a = sample_rff(kernel, d, D, generator=g, dtype=torch.float64)
+            w_b, b_b = sample_rff(kernel, d, D, generator=g, dtype=torch.float64)
             zy, zz = (t.item() for t in H.rff_hsic(views, w_a, b_a, w_b, b_b, c))
             assert abs(zy - zy_ex) <= bound_zy, (D, seed, zy, zy_ex, bound_zy)
             assert abs(zz - zz_ex) <= bound_zz, (D, seed, zz, zz_ex, bound_zz)
@@ -470,3 +516,9 @@ def test_bad_input_raises_with_the_argument_name():
         H.rff_hsic(views, w_a.to("meta"), b_a, w_b, b_b, c)
     with pytest.raises(ValueError, match="num_pairs"):
         H.kernel_scale_objective(views, c, num_pairs=0)
+    with pytest.raises(ValueError, match=r"kernel: expected one of 'imq', 'gaussian', 'laplace', got 'gauss'"):
+        H.exact_hsic(views, c, kernel="gauss")
+    with pytest.raises(TypeError, match="kernel: expected a str"):
+        H.exact_hsic(views, c, kernel=None)
+    with pytest.raises(ValueError, match="kernel"):
+        H.kernel_scale_objective(views, c, kernel="rff")  # the torch tier has no legacy spelling

@@ -67,33 +67,62 @@ def test_rff_hsic_grad_matches_central_difference(K, B, d, D):
     assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="rff grad")
 
 
+@pytest.mark.parametrize("kernel", R.KERNELS)
 @pytest.mark.parametrize("K,B,d", [(2, 3, 3), (3, 2, 4)])
-def test_exact_hsic_grad_matches_central_difference(K, B, d):
+def test_exact_hsic_grad_matches_central_difference(K, B, d, kernel):
+    # (Laplace: random views have no tied coordinates within 2h, so f is smooth around them.)
     views, *_, c = _case(2, K, B, d, 1)
     g_zy, g_zz = -0.6, 3.1
 
     def f(v):
-        zy, zz = R.exact_hsic(v, c)
+        zy, zz = R.exact_hsic(v, c, kernel)
         return g_zy * zy + g_zz * zz
 
-    analytic = R.exact_hsic_grad(views, c, g_zy, g_zz)
-    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="exact grad")
+    analytic = R.exact_hsic_grad(views, c, g_zy, g_zz, kernel)
+    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name=f"exact {kernel} grad")
 
 
-@pytest.mark.parametrize("kernel", ["rff", "exact"])
-def test_hsic_loss_grad_matches_central_difference(kernel):
+def test_laplace_subgradient_at_tied_coordinates_is_the_central_difference():
+    """|t| at t = 0: the reference takes the subgradient sign(0) = 0.  Moving a tied coordinate by
+    +h or -h changes |t| to h either way, so that pair's term cancels exactly in a central
+    difference: the central difference IS the sign(0) = 0 gradient (up to the other, smooth terms'
+    truncation), which tests the choice.  Ties here: duplicated images, two views sharing a
+    coordinate, and one row equal to another in every coordinate."""
+    views, *_, c = _case(9, 3, 3, 3, 1)
+    views[1, 2] = views[0, 2]  # two views of image 2 coincide (all d coordinates tie)
+    views[2, 0, 1] = views[0, 1, 1]  # one tied coordinate across different images
+    views[:, 1, 0] = views[0, 0, 0]  # coordinate 0 of image 1 ties with image 0's in every view
+    g_zy, g_zz = 1.3, -2.2
+
+    def f(v):
+        zy, zz = R.exact_hsic(v, c, "laplace")
+        return g_zy * zy + g_zz * zz
+
+    analytic = R.exact_hsic_grad(views, c, g_zy, g_zz, "laplace")
+    assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="laplace grad at ties")
+    # the tied coordinates really are kinks: a one-sided difference differs from the central one
+    x = views.copy()
+    h = 1e-6
+    base = f(x)
+    x[1, 2, 0] += h
+    right = (f(x) - base) / h
+    assert abs(right - analytic[1, 2, 0]) > 1e3 * FD_ATOL
+
+
+@pytest.mark.parametrize("kernel,exact", [("imq", False), ("imq", True), ("gaussian", True), ("laplace", True)])
+def test_hsic_loss_grad_matches_central_difference(kernel, exact):
     views, w_a, b_a, w_b, b_b, c = _case(3, 3, 3, 2, 12)
     gamma = 2.5
 
     def f(v):
-        if kernel == "rff":
+        if not exact:
             zy, zz = R.rff_hsic(v, w_a, b_a, w_b, b_b, c)
         else:
-            zy, zz = R.exact_hsic(v, c)
+            zy, zz = R.exact_hsic(v, c, kernel)
         return R.hsic_loss(zy, zz, gamma=gamma)
 
     analytic = R.hsic_loss_grad(
-        views, c, gamma=gamma, kernel=kernel, w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b
+        views, c, gamma=gamma, kernel=kernel, exact=exact, w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b
     )
     assert_close(analytic, central_difference(f, views), rtol=FD_RTOL, atol=FD_ATOL, name="loss grad")
 
@@ -102,24 +131,41 @@ def test_hsic_loss_grad_rejects_unknown_kernel():
     views, *_ = _case(0, 2, 2, 2, 2)
     with pytest.raises(ValueError, match="kernel"):
         R.hsic_loss_grad(views, 1.0, kernel="gauss")
+    with pytest.raises(ValueError, match="kernel"):
+        R.hsic_loss_grad(views, 1.0, kernel="rff")  # the reference has no legacy spelling
+    with pytest.raises(TypeError, match="exact"):
+        R.hsic_loss_grad(views, 1.0, exact="yes")
+    with pytest.raises(ValueError, match="kernel"):
+        R.kernel_matrix(views[0], views[0], 1.0, "cauchy")
 
 
+@pytest.mark.parametrize("kernel", R.KERNELS)
 @pytest.mark.parametrize("rho_scale", [0.1, 1.0, 4.0])
-def test_scale_objective_grad_matches_central_difference(rho_scale):
+def test_scale_objective_grad_matches_central_difference(rho_scale, kernel):
     rng = np.random.default_rng(4)
     rho = rho_scale * rng.uniform(0.0, 4.0, size=(8, 8))
     rho[0, 0] = 0.0  # a zero distance is allowed: log(c^2) is finite
     for c in (0.3, 1.0, 2.7):
-        fd = central_difference(lambda cc: R.scale_objective(rho, float(cc[0])), np.array([c]))
-        assert_close(R.scale_objective_grad(rho, c), fd[0], rtol=FD_RTOL, atol=FD_ATOL, name="d obj/dc")
+        fd = central_difference(lambda cc: R.scale_objective(rho, float(cc[0]), kernel), np.array([c]))
+        assert_close(R.scale_objective_grad(rho, c, kernel), fd[0], rtol=FD_RTOL, atol=FD_ATOL,
+                     name=f"{kernel} d obj/dc")
 
 
 def test_scale_objective_definition():
-    # -log(c/2) + 1.5 mean log(rho + c^2), written out with a loop.
+    # IMQ: -log(c/2) + 1.5 mean log(rho + c^2), written out with a loop.
     rho = np.array([[0.0, 1.0], [2.0, 0.5]])
     c = 0.7
     expected = -math.log(c / 2) + 1.5 * sum(math.log(r + c * c) for r in rho.ravel()) / rho.size
     assert_close(R.scale_objective(rho, c), expected, rtol=EQ_RTOL, atol=EQ_ATOL, name="objective")
+    # the others as -mean 1/2 log (dk/drho)^2 from the kernels' derivatives, written out
+    mean = sum(rho.ravel()) / rho.size
+    gauss = -sum(math.log(abs(-math.exp(-r / (2 * c * c)) / (2 * c * c))) for r in rho.ravel()) / rho.size
+    lap = -sum(math.log(abs(-math.exp(-r / c) / c)) for r in rho.ravel()) / rho.size
+    assert_close(R.scale_objective(rho, c, "gaussian"), gauss, rtol=EQ_RTOL, atol=EQ_ATOL, name="gaussian")
+    assert_close(R.scale_objective(rho, c, "laplace"), lap, rtol=EQ_RTOL, atol=EQ_ATOL, name="laplace")
+    # and their minimisers (the learned scale's fixed point): c^2 = mean(rho)/2 and c = mean(rho)
+    assert abs(R.scale_objective_grad(rho, math.sqrt(mean / 2), "gaussian")) <= 1e-14
+    assert abs(R.scale_objective_grad(rho, mean, "laplace")) <= 1e-14
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,6 +259,23 @@ def test_imq_kernel_definition():
     assert_close(np.diag(R.imq_kernel(x, x, c)), np.ones(4), rtol=0, atol=1e-15, name="k(x, x) = 1")
 
 
+def test_gaussian_and_laplace_kernel_definitions():
+    rng = np.random.default_rng(15)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    c = 0.9
+    kg, kl = R.gaussian_kernel(x, y, c), R.laplace_kernel(x, y, c)
+    assert kg.shape == kl.shape == (4, 5)
+    for n in range(4):
+        for m in range(5):
+            sq = sum((x[n, k] - y[m, k]) ** 2 for k in range(3))
+            l1 = sum(abs(x[n, k] - y[m, k]) for k in range(3))
+            assert_close(kg[n, m], math.exp(-sq / (2 * c * c)), rtol=EQ_RTOL, atol=EQ_ATOL, name="gaussian k")
+            assert_close(kl[n, m], math.exp(-l1 / c), rtol=EQ_RTOL, atol=EQ_ATOL, name="laplace k")
+    for kernel in R.KERNELS:
+        assert np.array_equal(np.diag(R.kernel_matrix(x, x, c, kernel)), np.ones(4)), kernel  # k(x, x) = 1
+    assert np.array_equal(R.kernel_matrix(x, y, c, "imq"), R.imq_kernel(x, y, c))
+
+
 def test_rff_features_definition():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3, 2))
@@ -236,8 +299,14 @@ def test_collapsed_batch_closed_forms():
     _, w_a, b_a, w_b, b_b, c = _case(7, K, B, d, 16)
     _, zz_rff = R.rff_hsic(views, w_a, b_a, w_b, b_b, c)
     assert abs(zz_rff) <= 1e-28
-    g = R.hsic_loss_grad(views, c, kernel="rff", w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b)
+    g = R.hsic_loss_grad(views, c, w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b)
     assert np.all(np.isfinite(g))
+    for kernel in R.KERNELS:  # every exact kernel: k(x, x) = 1 gives the same closed form
+        zy, zz = R.exact_hsic(views, 1.0, kernel)
+        assert_close(zy, 1.0 / (K - 1), rtol=EQ_RTOL, atol=EQ_ATOL, name=f"{kernel} HSIC_ZY")
+        assert abs(zz) <= 1e-28
+        # dk/dx = 0 at x = y for all three (Laplace by the sign(0) = 0 subgradient): zero gradient
+        assert np.array_equal(R.exact_hsic_grad(views, 1.0, 1.7, -0.4, kernel), np.zeros_like(views)), kernel
 
 
 def test_sqrt_guard_bounds():

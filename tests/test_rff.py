@@ -1,4 +1,5 @@
-"""IMQ random Fourier features (kernelssl/rff.py): the exact sampler and the feature map.
+"""Random Fourier features (kernelssl/rff.py): the exact IMQ sampler, the Gaussian and Laplace samplers
+(SPEC §6.2), the dispatcher, and the feature map.
 
 Statistical tests use fixed seeds (so they are deterministic) and assert bounds that a correct
 sampler violates with probability <= delta = 1e-6 (union-bounded over every tested quantity), except
@@ -14,7 +15,7 @@ from scipy.integrate import cumulative_trapezoid
 
 from helpers import assert_close
 import reference.hsic as R
-from kernelssl.rff import rff_features, sample_imq_rff
+from kernelssl.rff import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
 
 DELTA = 1e-6
 
@@ -81,13 +82,14 @@ def test_sampler_device_argument():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
-def test_sampler_same_features_on_every_device():  # pragma: no cover - GPU only
-    w_cpu, b_cpu = sample_imq_rff(6, 128, generator=_gen(9), dtype=torch.float64)
-    w_gpu, b_gpu = sample_imq_rff(6, 128, generator=_gen(9), device="cuda", dtype=torch.float64)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sampler_same_features_on_every_device(kernel):  # pragma: no cover - GPU only
+    w_cpu, b_cpu = sample_rff(kernel, 6, 128, generator=_gen(9), dtype=torch.float64)
+    w_gpu, b_gpu = sample_rff(kernel, 6, 128, generator=_gen(9), device="cuda", dtype=torch.float64)
     assert w_gpu.device.type == "cuda"
     assert torch.equal(w_gpu.cpu(), w_cpu) and torch.equal(b_gpu.cpu(), b_cpu)
     # a CUDA generator draws on CUDA and can be moved to the CPU
-    w, b = sample_imq_rff(6, 128, generator=_gen(9, "cuda"), device="cpu")
+    w, b = sample_rff(kernel, 6, 128, generator=_gen(9, "cuda"), device="cpu")
     assert w.device.type == "cpu"
 
 
@@ -100,6 +102,68 @@ def test_sampler_rejects_bad_arguments():
         sample_imq_rff(3, 4, dtype=torch.int64)
     with pytest.raises(TypeError, match="generator"):
         sample_imq_rff(3, 4, generator=0)
+
+
+def test_gaussian_and_laplace_documented_draw_order():
+    """Gaussian: w = randn(D, dim), b = rand(D) 2pi.  Laplace: u = rand(D, dim), b = rand(D) 2pi,
+    w = tan(pi (u - 1/2)).  Float64 from the one generator; lower precisions are casts."""
+    D, dim = 33, 7
+    g = _gen(6)
+    w = torch.randn(D, dim, generator=g, dtype=torch.float64)
+    b = torch.rand(D, generator=g, dtype=torch.float64) * (2 * math.pi)
+    wg, bg = sample_gaussian_rff(dim, D, generator=_gen(6), dtype=torch.float64)
+    assert torch.equal(wg, w) and torch.equal(bg, b)
+    g = _gen(6)
+    u = torch.rand(D, dim, generator=g, dtype=torch.float64)
+    b = torch.rand(D, generator=g, dtype=torch.float64) * (2 * math.pi)
+    wl, bl = sample_laplace_rff(dim, D, generator=_gen(6), dtype=torch.float64)
+    assert torch.equal(wl, torch.tan(math.pi * (u - 0.5))) and torch.equal(bl, b)
+    for fn, w64, b64 in ((sample_gaussian_rff, wg, bg), (sample_laplace_rff, wl, bl)):
+        w32, b32 = fn(dim, D, generator=_gen(6), dtype=torch.float32)
+        assert torch.equal(w32, w64.float()) and torch.equal(b32, torch.remainder(b64.float(), 2 * math.pi))
+
+
+def test_dispatcher_is_each_sampler_draw_for_draw():
+    # the default (IMQ) stream is unchanged by the dispatcher: same numbers, same generator state after
+    for kernel, fn in (("imq", sample_imq_rff), ("gaussian", sample_gaussian_rff), ("laplace", sample_laplace_rff)):
+        g1, g2 = _gen(8), _gen(8)
+        for _ in range(2):
+            w1, b1 = sample_rff(kernel, 5, 19, generator=g1)
+            w2, b2 = fn(5, 19, generator=g2)
+            assert torch.equal(w1, w2) and torch.equal(b1, b2), kernel
+        assert torch.equal(g1.get_state(), g2.get_state())
+    assert KERNELS == ("imq", "gaussian", "laplace")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_sampler_shapes_dtypes_devices(kernel):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        w, b = sample_rff(kernel, 9, 4099, generator=_gen(0), dtype=dtype)
+        assert w.shape == (4099, 9) and b.shape == (4099,) and w.dtype == b.dtype == dtype
+        b64 = b.double()
+        assert bool((b64 >= 0).all()) and bool((b64 < 2 * math.pi).all())
+        assert bool(torch.isfinite(w).all())
+    g = _gen(0)
+    state = g.get_state()
+    w, b = sample_rff(kernel, 4, 8, generator=g, device="meta")
+    assert w.device.type == "meta" and w.shape == (8, 4) and b.shape == (8,)
+    assert torch.equal(g.get_state(), state)  # nothing drawn for meta
+
+
+def test_sample_rff_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"kernel: expected one of 'imq', 'gaussian', 'laplace', got 'rff'"):
+        sample_rff("rff", 3, 4)
+    with pytest.raises(TypeError, match=r"kernel: expected a str, one of 'imq', 'gaussian', 'laplace', got int 3"):
+        sample_rff(3, 3, 4)
+    for fn in (sample_gaussian_rff, sample_laplace_rff):
+        with pytest.raises(ValueError, match="num_features"):
+            fn(3, 0)
+        with pytest.raises(TypeError, match="dim"):
+            fn(3.0, 4)
+        with pytest.raises(TypeError, match="dtype"):
+            fn(3, 4, dtype=torch.int64)
+        with pytest.raises(TypeError, match="generator"):
+            fn(3, 4, generator=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +214,22 @@ def test_radial_law_matches_bessel_density(dim):
     assert ks <= eps, f"KS statistic {ks} > DKW bound {eps}"
 
 
+@pytest.mark.parametrize("kernel", ["gaussian", "laplace"])
+def test_gaussian_and_laplace_entries_follow_their_laws(kernel):
+    """W's entries are iid N(0, 1) (Gaussian) or standard Cauchy (Laplace): the KS statistic of all
+    D*dim entries against the CDF (Phi, or 1/2 + arctan(w)/pi) is within the DKW bound at
+    delta (one test per kernel).  Entries of one row are independent by construction (one iid draw)."""
+    D, dim = 4096, 4
+    w, _ = sample_rff(kernel, dim, D, generator=_gen(200), dtype=torch.float64)
+    x = np.sort(w.numpy().ravel())
+    F = special.ndtr(x) if kernel == "gaussian" else 0.5 + np.arctan(x) / math.pi
+    n = x.size
+    i = np.arange(1, n + 1)
+    ks = max(np.max(i / n - F), np.max(F - (i - 1) / n))
+    eps = math.sqrt(math.log(2 / DELTA) / (2 * n))
+    assert ks <= eps, f"{kernel}: KS statistic {ks} > DKW bound {eps}"
+
+
 def _bernstein_t(D, n_tests):
     """Deviation t with P(|mean of D iid X - E X| > t) <= DELTA / n_tests for X = 2 cos(u) cos(v).
 
@@ -166,8 +246,12 @@ def _bernstein_t(D, n_tests):
     return t
 
 
-def test_feature_gram_converges_to_imq_kernel():
-    """phi(X) phi(Y)^T -> k_c(X, Y) at D = 4096 and 16384, for several kernel scales (x / c)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_feature_gram_converges_to_kernel(kernel):
+    """phi(X) phi(Y)^T -> k_c(X, Y) at D = 4096 and 16384, for several kernel scales (x / c), for each
+    family's sampler against its exact kernel.  The Bernstein bound of :func:`_bernstein_t` uses only
+    a uniform phase and 0 <= k <= 1 (E[X^2] = 1 + k(2 delta)/2 <= 3/2, |X - E X| <= 3), which holds
+    for all three kernels."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((6, 5)) * 0.7
     Y = rng.standard_normal((6, 5)) * 0.7
@@ -178,9 +262,9 @@ def test_feature_gram_converges_to_imq_kernel():
     for D in Ds:
         t = _bernstein_t(D, n_tests)
         for k, c in enumerate(scales):
-            w, b = sample_imq_rff(5, D, generator=_gen(1000 * D + k), dtype=torch.float64)
+            w, b = sample_rff(kernel, 5, D, generator=_gen(1000 * D + k), dtype=torch.float64)
             gram = (rff_features(xt, w, b, c) @ rff_features(yt, w, b, c).t()).numpy()
-            err = np.abs(gram - R.imq_kernel(X, Y, c)).max()
+            err = np.abs(gram - R.kernel_matrix(X, Y, c, kernel)).max()
             assert err <= t, f"D={D}, c={c}: max |error| {err} > bound {t}"
             errs[D, c] = err
     # sanity of the bound's scale: the error at 16384 is not larger than the bound at 4096 / 2

@@ -1,9 +1,11 @@
-"""Fused Triton kernels for SSL-HSIC's RFF-IMQ estimator, forward and backward (SPEC §1.3, §1.4).
+"""Fused Triton kernels for SSL-HSIC's RFF estimator, forward and backward (SPEC §1.3, §1.4).
 
 What it computes
 ----------------
 ``views (K, B, d)`` flattened view-major (row ``n = v*B + i``, N = K*B), two random-feature maps
-``(W_A (D_A, d), beta_A)``, ``(W_B (D_B, d), beta_B)``, the IMQ scale c (detached)::
+``(W_A (D_A, d), beta_A)``, ``(W_B (D_B, d), beta_B)``, the kernel scale c (detached).  Nothing here is
+specific to a kernel: the maps may sample the IMQ, Gaussian or Laplace kernel (SPEC §6.2,
+:func:`kernelssl.rff.sample_rff`); only the law of W differs::
 
     u_M   = X W_M^T / c + beta_M                 (N x D_M, never stored)
     Phi_M = s_M cos(u_M),  s_M = sqrt(2 / D_M)
