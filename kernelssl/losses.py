@@ -43,6 +43,7 @@ outside on the same (bf16) embeddings -- no matmul of the loss silently drops to
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -206,6 +207,15 @@ class HSICLoss(nn.Module):
         check_positive(kernel_scale, "kernel_scale")
         check_bool(learn_scale, "learn_scale")
         kernel, exact = _hsic.resolve_kernel(kernel, exact, stacklevel=3)  # user -> __init__ -> here
+        if kernel == "laplace" and not exact:
+            warnings.warn(
+                "HSICLoss(kernel='laplace') with random features: the Cauchy frequencies give an unbiased "
+                "loss but a gradient of infinite variance, which did not train on digits (linear probe "
+                "0.713 vs 0.750 for the random-init encoder; exact=True: 0.879). Pass exact=True (O(N^2) "
+                "memory) or use kernel='gaussian'.",
+                UserWarning,
+                stacklevel=2,
+            )
         check_bool(normalize, "normalize")
         check_int(num_scale_pairs, "num_scale_pairs", minimum=1)
         check_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
