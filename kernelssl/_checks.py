@@ -11,6 +11,7 @@ never a silent finite number.  ``check_finite=True`` raises a ``ValueError`` ins
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -116,7 +117,8 @@ def check_int(x: object, name: str, *, minimum: int, maximum: int | None = None)
 
 def check_positive(x: object, name: str, *, allow_zero: bool = False) -> float:
     """A finite real number > 0 (or >= 0).  Python numbers only (never reads a tensor)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    # numbers.Real: Python int/float and NumPy's scalars (np.float32(2.0), np.int64(2)); never bool
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or type(x).__name__ == "bool_":
         raise TypeError(f"{name}: expected a positive number, got {describe(x)}")
     ok = x >= 0 if allow_zero else x > 0
     if not ok or x != x or x in (float("inf"),):

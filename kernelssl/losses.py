@@ -716,8 +716,10 @@ class UniformityLoss(nn.Module):
         backend: str = "auto",
         check_finite: bool = False,
         input_precision: str | None = None,
+        return_components: None = None,
     ) -> None:
         super().__init__()
+        _reject_return_components(return_components)
         self.t = _unif.check_t(t)
         self.normalize = check_bool(normalize, "normalize")
         _check_common(gather_distributed, backend, check_finite)
@@ -802,8 +804,10 @@ class AlignUniformLoss(nn.Module):
         backend: str = "auto",
         check_finite: bool = False,
         input_precision: str | None = None,
+        return_components: None = None,
     ) -> None:
         super().__init__()
+        _reject_return_components(return_components)
         self.alpha = _unif.check_alpha(alpha)
         self.t = _unif.check_t(t)
         self.uniformity_weight = check_positive(uniformity_weight, "uniformity_weight", allow_zero=True)

@@ -137,10 +137,17 @@ def _pairs(n: int, exclude_diagonal: bool) -> int:
 
 
 def _blocked_logmean(
-    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool
+    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool, unit_rows: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """``(L, dL/dzhat)`` (the gradient only when ``want_grad``) over ``(block, block)`` blocks of the
-    upper triangle of the Gram, with an online maximum of the exponent.  No host sync."""
+    upper triangle of the Gram, with an online maximum of the exponent.  No host sync.
+
+    ``unit_rows`` (the rows were normalised just before, and the normalisation's Jacobian follows):
+    the exponent is clamped to ``<= 0`` (``s <= 1`` on unit rows; a rounded ``s = 1 + ulp`` times a
+    huge t would otherwise give a positive log-mean), and the diagonal pairs (kept when
+    ``exclude_diagonal=False``) are left out of the gradient: ``d/dzhat_k phi(zhat_k . zhat_k)`` is
+    radial, which the Jacobian ``(I - zhat zhat^T)/||z||`` removes -- exactly, instead of by a
+    cancellation that loses every digit when the diagonal dominates (large t)."""
     n, q = zhat.shape
     dt, dev = zhat.dtype, zhat.device
     two_t = 2.0 * t
@@ -157,6 +164,8 @@ def _blocked_logmean(
             zj = zhat[s1 : s1 + t_eff]
             r, c = zi.shape[0], zj.shape[0]
             e = torch.addmm(shift, zi, zj.t(), alpha=two_t, out=_buffer_view(gbuf, r, c))
+            if unit_rows:
+                e.clamp_(max=0.0)
             if s1 == s0 and exclude_diagonal:
                 e.diagonal().fill_(-math.inf)
             new_max = torch.maximum(run_max, e.amax())
@@ -165,6 +174,8 @@ def _blocked_logmean(
             w = 1.0 if s1 == s0 else 2.0  # an off-diagonal block stands for its transpose too
             total = total * rescale + p.sum() * w
             if want_grad:
+                if unit_rows and s1 == s0 and not exclude_diagonal:
+                    p.diagonal().zero_()  # radial: removed by the normalisation Jacobian (above)
                 grad.mul_(rescale)
                 grad[s0 : s0 + r].addmm_(p, zj)
                 if s1 != s0:
@@ -185,8 +196,9 @@ class _GaussianGramLogMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool) -> Tensor:  # type: ignore[override]
-        value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad)
+    def forward(ctx, zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool,  # type: ignore[override]
+                unit_rows: bool) -> Tensor:
+        value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, unit_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.has_grad = grad is not None
@@ -197,12 +209,12 @@ class _GaussianGramLogMean(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-                "blocked Gram; use gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+                "blocked Gram; use kernelssl.uniformity.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
             )
         if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
             raise RuntimeError("gaussian_gram_logmean: backward reached a forward run without gradient")
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None
+        return grad * grad_out, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,17 +223,18 @@ class _GaussianGramLogMean(torch.autograd.Function):
 
 
 @torch.library.custom_op("kernelssl::gaussian_gram_logmean_torch", mutates_args=())
-def _blocked_op(zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool) -> tuple[Tensor, Tensor]:
+def _blocked_op(zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool,
+                unit_rows: bool) -> tuple[Tensor, Tensor]:
     """:func:`_blocked_logmean` as one op that ``torch.compile`` does not trace into (its in-place
     block buffers and running maximum stay eager code): returns ``(L, dL/dzhat)``, the gradient an
     empty ``(0,)`` tensor unless ``want_grad``.  Autograd: ``register_autograd`` scales the saved
     gradient, as :class:`_GaussianGramLogMean` does in eager mode."""
-    value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad)
+    value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, unit_rows)
     return value, (grad if grad is not None else zhat.new_empty((0,)))
 
 
 @_blocked_op.register_fake
-def _blocked_op_fake(zhat, t, exclude_diagonal, block, want_grad):
+def _blocked_op_fake(zhat, t, exclude_diagonal, block, want_grad, unit_rows):
     return zhat.new_empty(()), zhat.new_empty(tuple(zhat.shape) if want_grad else (0,))
 
 
@@ -233,10 +246,10 @@ def _blocked_op_backward(ctx, grad_value, grad_grad):
     if torch.is_grad_enabled():
         raise RuntimeError(
             "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-            "blocked Gram; use gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+            "blocked Gram; use kernelssl.uniformity.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
         )
     (grad,) = ctx.saved_tensors
-    return grad * grad_value, None, None, None, None
+    return grad * grad_value, None, None, None, None, None
 
 
 _blocked_op.register_autograd(_blocked_op_backward, setup_context=_blocked_op_setup_context)
@@ -281,8 +294,8 @@ def gaussian_gram_logmean(
     want_grad = torch.is_grad_enabled() and zhat.requires_grad
     block = min(block if block is not None else default_block_size(n, zhat.dtype), n)
     if torch.compiler.is_compiling():
-        return _blocked_op(zhat, t, exclude_diagonal, block, want_grad)[0]
-    return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, block, want_grad)
+        return _blocked_op(zhat, t, exclude_diagonal, block, want_grad, normalize)[0]
+    return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, block, want_grad, normalize)
 
 
 def gaussian_gram_logmean_eager(

@@ -691,3 +691,64 @@ def test_meta_tensors_propagate_shapes():
     zr = torch.empty(16, 8, device="meta", requires_grad=True)
     AlignUniformLoss()(zr, z).backward()
     assert zr.grad.shape == zr.shape and zr.grad.device.type == "meta"
+
+
+# --------------------------------------------------------------------------------------------------
+# Findings of a hostile-user probe (each failed before its fix)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e-20, 1e-200])
+def test_tiny_rows_normalise_like_any_other(scale):
+    """Rows of norm < 1e-12 (a batch collapsing towards zero) used to stay un-normalised under
+    F.normalize's eps and score as perfectly uniform (-4t: the loss's global minimum at collapse);
+    the exact power-of-two prescale now scales them up too, so every finite non-zero row gives the
+    value and gradient of its direction, bitwise-level (the scaling is exact)."""
+    z = _z(9, 4, seed=21)
+    want, (g_want,) = _val_grad(lambda x: KF.uniformity(x), z)
+    got, (g_got,) = _val_grad(lambda x: KF.uniformity(x), z * scale)
+    assert_close(got, want, **WI, name="uniformity of tiny rows")
+    assert_close(g_got * scale, g_want, rtol=1e-12, atol=1e-12 * float(g_want.abs().max()), name="its gradient")
+    # the other losses share the prescale: SFRIK's Gram mean (was -20 instead of ~5 at 1e-14)
+    assert_close(KF.legendre_gram_mean(z * scale), KF.legendre_gram_mean(z), **WI, name="legendre")
+    aligned = KF.align_uniform_loss(z * scale, z * scale)
+    assert_close(aligned, want, **WI, name="align + uniform of tiny, identical views")
+    # fp32 at its own tiny end (normal numbers): the direction's value within the fp32 bound
+    zf = z.float()
+    assert_close(KF.uniformity(zf * 1e-30), KF.uniformity(zf), rtol=0, atol=FP32_ATOL(2.0), name="fp32 1e-30")
+
+
+def test_diagonal_included_fp32_gradient_at_large_t():
+    """exclude_diagonal=False keeps the pairs (k, k); their gradient is radial and the normalisation
+    Jacobian removes it.  The torch path used to add it and rely on the Jacobian's cancellation: at
+    t = 10 the fp32 gradient was 4e-2 off (relative), at t = 40 garbage.  Now within the fp32 bound."""
+    for n, q, t in [(40, 64, 10.0), (40, 64, 40.0), (129, 17, 40.0)]:
+        z = _z(n, q, seed=n + q)
+        _, (g64,) = _val_grad(lambda x: KF.gaussian_gram_logmean(x, t, exclude_diagonal=False), z)
+        _, (g32,) = _val_grad(lambda x: KF.gaussian_gram_logmean(x, t, exclude_diagonal=False), z.float())
+        assert_close(g32.double(), g64, rtol=0, atol=FP32_ATOL(t) * float(g64.abs().max()), name=f"t = {t}")
+
+
+def test_huge_t_with_duplicate_rows_stays_a_log_of_a_fraction():
+    """On unit rows s <= 1, so the log-mean is <= 0; a rounded s = 1 + ulp times t = 1e30 gave +2e23.
+    With duplicates the exact value is log(#duplicate pairs / n(n-1))."""
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))  # fp32: row 0 . row 0 = 1 + 2^-23
+    z[1] = z[0]
+    zh = F.normalize(z)
+    assert float(zh[0] @ zh[1]) > 1.0  # the rounding this test is about
+    for backend in ("torch",):  # TODO(lead): "triton" once the kernel clamps too
+        got = KF.uniformity(z, 1e30, backend=backend)
+        assert_close(got, math.log(2 / 20), rtol=0, atol=1e-6, name=f"{backend} t = 1e30, one duplicate pair")
+
+
+def test_numpy_scalars_and_return_components():
+    z = _z(6, 3, seed=1)
+    want = KF.uniformity(z, 2.0)
+    for t in (np.float32(2.0), np.float64(2.0), np.int64(2)):
+        assert_close(KF.uniformity(z, t), want, rtol=0, atol=0, name=f"t = {t!r}")
+        assert_close(AlignUniformLoss(t=t, alpha=np.float32(2.0))(z, z), want, rtol=0, atol=0, name="module")
+    with pytest.raises(TypeError, match="t: expected a positive number"):
+        KF.uniformity(z, np.bool_(True))
+    for cls in (UniformityLoss, AlignUniformLoss):
+        with pytest.raises(TypeError, match="return_components: removed.*forward_components"):
+            cls(return_components=True)
