@@ -809,6 +809,7 @@ class AlignUniformLoss(nn.Module):
 
             loss = mean_i ||z_a^_i - z_b^_i||^alpha
                    + uniformity_weight * (L_unif(Z_a; t) + L_unif(Z_b; t)) / 2
+            L_unif(Z; t) = log( (1/(n (n - 1))) sum_{i != j} exp(-t ||z_i^ - z_j^||^2) )
 
         Args:
             z_a, z_b: raw projector outputs ``(n, q)`` of the two views, n >= 2, same shape and

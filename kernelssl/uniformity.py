@@ -25,8 +25,9 @@ dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i - zhat_j||^2) = exp(2t (s - 1))
   (the maximum cancels) is formed in the forward and saved (``(n, q)``); the backward only scales it.
   No host syncs (the running maximum stays on the device).  Distances come from the Gram of unit
   rows, ``||zhat_i - zhat_j||^2 = 2 - 2 s_ij`` (never from un-normalised norms).
-  Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles (few, large) and recomputes
-  them in the backward (flash-attention style).
+  Under ``torch.compile`` the same pass runs as one opaque ``torch.library`` op
+  (``kernelssl::gaussian_gram_logmean_torch``, autograd through ``register_autograd``): the compiled
+  graph calls it as it is, so a compiled training step keeps the blocked path's speed and memory.
 * :func:`gaussian_gram_logmean_eager` -- the plain-autograd form (materialised ``n x n`` Gram,
   ``torch.logsumexp``); what runs under ``torch.func`` transforms (same value, O(n^2) memory).
 * :func:`uniformity_pdist`, :func:`alignment_wang_isola` -- Wang & Isola's code, verbatim (tests and
@@ -37,7 +38,10 @@ Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and fl
 scalars come back in float32 (float64 for float64 inputs); gradients in the input dtype.  NaN/Inf
 inputs propagate to a NaN result (``check_finite=True`` at the public API raises instead).  Duplicate
 rows are fine (their pair has ``s = 1``, ``phi_t = 1``; the gradient is finite).  A zero row
-normalises to zero (``F.normalize``), i.e. ``s = 0`` with every other row.
+normalises to zero (``F.normalize``), i.e. ``s = 0`` with every other row: its pairs count at squared
+distance ``2 - 2s = 2`` (as if orthogonal), where Wang & Isola's ``pdist`` of the zero vector would
+use ``||x_j||^2 = 1`` -- a zero row has no direction on the sphere; all tiers (reference, torch,
+Triton) use the Gram form.  Its gradient is ``g / 1e-12`` (the Jacobian of ``z / eps``), finite.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_bool, check_coefficients, check_int, check_positive, check_tensor
-from .sfrik import _buffer_view, default_block_size, default_chunk_size
+from .sfrik import _buffer_view, default_block_size
 
 __all__ = [
     "LegendreSeries",
@@ -203,55 +207,40 @@ class _GaussianGramLogMean(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------
-# Compiled path: (chunk, n) row tiles, recomputed in the backward
+# Compiled path: the same blocked pass as one opaque torch.library op
 # --------------------------------------------------------------------------------------------------
 
 
-def _tile_exponent(zhat: Tensor, s: int, chunk: int, t: float, exclude_diagonal: bool) -> Tensor:
-    """``E = 2t (G[s:s+chunk, :] - 1)``, with the diagonal at -inf when excluded (out of place)."""
-    e = torch.mm(zhat[s : s + chunk], zhat.t()).sub(1.0).mul(2.0 * t)
-    if exclude_diagonal:
-        rows = torch.arange(s, s + e.shape[0], device=zhat.device)
-        cols = torch.arange(zhat.shape[0], device=zhat.device)
-        e = e.masked_fill(rows[:, None] == cols[None, :], -math.inf)
-    return e
+@torch.library.custom_op("kernelssl::gaussian_gram_logmean_torch", mutates_args=())
+def _blocked_op(zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_blocked_logmean` as one op that ``torch.compile`` does not trace into (its in-place
+    block buffers and running maximum stay eager code): returns ``(L, dL/dzhat)``, the gradient an
+    empty ``(0,)`` tensor unless ``want_grad``.  Autograd: ``register_autograd`` scales the saved
+    gradient, as :class:`_GaussianGramLogMean` does in eager mode."""
+    value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad)
+    return value, (grad if grad is not None else zhat.new_empty((0,)))
 
 
-class _GaussianGramLogMeanChunked(torch.autograd.Function):
-    """The same value on ``(chunk, n)`` row tiles, functional ops only (for ``torch.compile``).  The
-    forward keeps a running maximum and sum; it saves ``zhat``, the maximum and the sum, and the
-    backward recomputes each tile: ``dL/dzhat = 4t exp(E - m) Zhat / sum``."""
+@_blocked_op.register_fake
+def _blocked_op_fake(zhat, t, exclude_diagonal, block, want_grad):
+    return zhat.new_empty(()), zhat.new_empty(tuple(zhat.shape) if want_grad else (0,))
 
-    @staticmethod
-    def forward(ctx, zhat: Tensor, t: float, exclude_diagonal: bool, chunk: int) -> Tensor:  # type: ignore[override]
-        n = zhat.shape[0]
-        run_max = torch.full((), torch.finfo(zhat.dtype).min, dtype=zhat.dtype, device=zhat.device)
-        total = torch.zeros((), dtype=zhat.dtype, device=zhat.device)
-        for s in range(0, n, chunk):
-            e = _tile_exponent(zhat, s, chunk, t, exclude_diagonal)
-            new_max = torch.maximum(run_max, e.amax())
-            total = total * torch.exp(run_max - new_max) + torch.exp(e - new_max).sum()
-            run_max = new_max
-        ctx.save_for_backward(zhat, run_max, total)
-        ctx.t, ctx.exclude_diagonal, ctx.chunk = t, exclude_diagonal, chunk
-        return run_max + torch.log(total) - math.log(_pairs(n, exclude_diagonal))
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-                "chunked Gram; use gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
-            )
-        zhat, run_max, total = ctx.saved_tensors
-        t, chunk = ctx.t, ctx.chunk
-        n = zhat.shape[0]
-        parts = []
-        for s in range(0, n, chunk):
-            e = _tile_exponent(zhat, s, chunk, t, ctx.exclude_diagonal)
-            parts.append(torch.mm(torch.exp(e - run_max), zhat))  # G symmetric: rows k of P Zhat
-        grad = torch.cat(parts) * (grad_out * (4.0 * t) / total)
-        return grad, None, None, None
+def _blocked_op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _blocked_op_backward(ctx, grad_value, grad_grad):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
+            "blocked Gram; use gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+        )
+    (grad,) = ctx.saved_tensors
+    return grad * grad_value, None, None, None, None
+
+
+_blocked_op.register_autograd(_blocked_op_backward, setup_context=_blocked_op_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +265,8 @@ def gaussian_gram_logmean(
         normalize: L2-normalise the rows first (``F.normalize``, outside the autograd Function, so
             autograd applies its Jacobian); ``False``: the rows as given (unit rows expected).
         exclude_diagonal: leave out the n pairs ``(i, i)`` (Wang & Isola's uniformity) or include them.
-        block_size: edge T of the Gram blocks (eager) or rows per tile (compiled); None: ~16 MiB
-            blocks (:func:`kernelssl.sfrik.default_block_size`) / ~8 Mi-element tiles.
+        block_size: edge T of the Gram blocks; None: ~16 MiB blocks
+            (:func:`kernelssl.sfrik.default_block_size`: T = 2048 in fp32, 1440 in float64).
 
     Returns:
         0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
@@ -290,12 +279,11 @@ def gaussian_gram_logmean(
     zf = _upcast(z)
     zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
     n = zhat.shape[0]
-    if torch.compiler.is_compiling():
-        chunk = block if block is not None else default_chunk_size(n)
-        return _GaussianGramLogMeanChunked.apply(zhat, t, exclude_diagonal, min(chunk, n))
     want_grad = torch.is_grad_enabled() and zhat.requires_grad
-    block = block if block is not None else default_block_size(n, zhat.dtype)
-    return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, min(block, n), want_grad)
+    block = min(block if block is not None else default_block_size(n, zhat.dtype), n)
+    if torch.compiler.is_compiling():
+        return _blocked_op(zhat, t, exclude_diagonal, block, want_grad)[0]
+    return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, block, want_grad)
 
 
 def gaussian_gram_logmean_eager(

@@ -32,7 +32,7 @@ from helpers import assert_close
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernelssl.functional as KF
-from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
+from kernelssl.losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
 
 F64 = torch.float64
 WORLD = 2
@@ -50,6 +50,12 @@ LOSSES = {
     "hsic_functional": lambda gather: _Fn(
         lambda z1, z2: KF.ssl_hsic_loss([z1, z2], num_features=16, generator=torch.Generator().manual_seed(4),
                                         gather_distributed=gather, backend="torch")
+    ),
+    # Wang & Isola: both terms on the global batch; the single-view module through the functional form
+    "align_uniform": lambda gather: AlignUniformLoss(uniformity_weight=0.7, gather_distributed=gather, backend="torch"),
+    "uniformity": lambda gather: _Fn(
+        lambda z1, z2: KF.uniformity(z1, 3.0, gather_distributed=gather) + UniformityLoss(
+            t=3.0, gather_distributed=gather, backend="torch")(z2)
     ),
 }
 SPLITS = {"even": (5, 5), "uneven": (6, 3)}
