@@ -37,7 +37,8 @@ sync -- instead of a silent number from a meaningless kernel; ``check_finite=Tru
 ``torch.func`` (``grad``, ``vmap``, ``jvp``, ...): every op works under the transforms.  SFRIK's
 chunked Gram mean is a custom autograd Function, which the transforms cannot see through; under a
 transform it is replaced by the plain-autograd form (:func:`kernelssl.sfrik.legendre_gram_mean_eager`,
-same value, O(n^2) memory).  Meta tensors: shapes and dtypes propagate through every entry point.
+same value, O(n^2) memory); so is the blocked Gaussian Gram of the uniformity
+(:func:`kernelssl.uniformity.gaussian_gram_logmean_eager`).  Meta tensors: shapes and dtypes propagate through every entry point.
 
 Autocast: every entry point computes in float32 (float64 for float64 inputs) even inside
 ``torch.autocast``: autocast is switched off for the inputs' device type for the duration of the

@@ -514,6 +514,13 @@ def test_exports_docstrings_and_repr():
     assert repr(UniformityLoss()) == "UniformityLoss(t=2.0, normalize=True, backend='auto')"
 
 
+def test_hyper_parameters_are_keyword_only_and_modules_hold_no_state():
+    for cls in (UniformityLoss, AlignUniformLoss):
+        with pytest.raises(TypeError):
+            cls(2.0)
+        assert cls().state_dict() == {} and list(cls().parameters()) == []
+
+
 def test_forward_components_is_the_same_single_pass():
     crit = AlignUniformLoss(t=1.5)
     za, zb = _z(10, 6, seed=24).requires_grad_(), _z(10, 6, seed=25)
@@ -560,6 +567,32 @@ class _LargestTensor(TorchDispatchMode):
             if isinstance(o, torch.Tensor):
                 self.largest = max(self.largest, o.numel())
         return out
+
+
+class _Ops(TorchDispatchMode):
+    """Records the name of every aten op that runs (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_in_forward_or_backward():
+    # A host read of a tensor value is aten._local_scalar_dense (.item(), bool(), float(), ...): none may
+    # run in the loss's forward or backward (the running maximum stays on the device).
+    za, zb = _z(40, 6, seed=26, dtype=torch.float32).requires_grad_(), _z(40, 6, seed=27, dtype=torch.float32)
+    ops = _Ops()
+    with ops:
+        (UPSTREAM * AlignUniformLoss()(za, zb)).backward()
+        with torch.no_grad():
+            KF.uniformity(zb)
+        U.gaussian_gram_logmean(za, 1e4, block_size=7).backward()
+    assert "aten.addmm" in ops.names and "aten.amax" in ops.names  # the blocked path ran, and was recorded
+    assert not any("local_scalar_dense" in n or n == "aten.item" for n in ops.names), sorted(ops.names)
 
 
 def test_no_tensor_larger_than_a_block_and_saved_is_linear():
