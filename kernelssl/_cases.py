@@ -179,8 +179,9 @@ def uniformity_eager(z: torch.Tensor, t: float = UNIFORMITY_T) -> torch.Tensor:
 #: Peak extra memory of the pdist form in units of its ``n(n-1)/2`` distance vector.  Forward+backward
 #: (``True``): pdist's output, the saved ``pow``/``exp`` results and their gradients -- measured on the
 #: CPU (fp32, q = 128, peak RSS above the pre-call RSS) 8.2x at n = 1024, 7.1x at 2048, 7.4x at 4096,
-#: 5.0x at 8192: 8 is taken.  Forward under ``torch.no_grad()`` (``False``): two vectors alive at a
-#: time, measured 2.1x at n = 4096: 3 is taken.  A prediction errs towards skipping.
+#: 5.0x at 8192 and 16384: 8 is taken.  Forward under ``torch.no_grad()`` (``False``): two vectors
+#: alive at a time, measured 2.1x at n = 4096, 2.0x at 16384 and 32768: 3 is taken.  A prediction
+#: errs towards skipping.
 PDIST_PEAK_VECTORS = {True: 8, False: 3}
 #: Share of the memory available at the start of a case (``MemAvailable``) that a predicted peak may
 #: take on the CPU: a host out-of-memory kills the process (Linux's OOM killer) instead of raising,
