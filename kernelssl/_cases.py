@@ -21,6 +21,11 @@ scalar loss with the papers' default hyper-parameters:
 
 ``make_inputs(loss, shape, ...)`` draws random inputs of a named shape.  HSIC's random features are
 drawn once per case (from ``seed``) so that every implementation sees the same maps.
+
+Besides the three papers' losses, ``"uniformity"`` is Wang & Isola's uniformity of one set of
+embeddings (SPEC §6.1, t = 2): ``KF.uniformity(z)`` against their code's
+``torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()`` on the L2-normalised rows, whose
+``n(n-1)/2`` pdist vector sets its memory (:func:`predicted_oom` says when that cannot fit).
 """
 from __future__ import annotations
 
@@ -32,10 +37,12 @@ from . import functional as KF
 from . import hsic as _hsic
 from . import mec as _mec
 from . import sfrik as _sfrik
+from . import uniformity as _unif
 from ._backend import TRITON_OPS
 from .rff import sample_imq_rff
 
-LOSSES = ("hsic", "sfrik", "mec")
+LOSSES = ("hsic", "sfrik", "mec", "uniformity")
+UNIFORMITY_T = 2.0  # Wang & Isola's t (their default, SPEC §6.1)
 
 
 def make_inputs(
@@ -43,8 +50,9 @@ def make_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """Leaf input tensors (requires_grad where the loss differentiates them).
 
-    shape keys -- hsic: K, B, d (and D, used by :func:`implementations`); sfrik: n, q; mec: m, d.
-    MEC gets online outputs (with grad) and teacher outputs (without), like a training step.
+    shape keys -- hsic: K, B, d (and D, used by :func:`implementations`); sfrik and uniformity: n, q;
+    mec: m, d.  MEC gets online outputs (with grad) and teacher outputs (without), like a training step;
+    uniformity one raw ``(n, q)`` set of embeddings (normalised inside every implementation).
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -58,10 +66,13 @@ def make_inputs(
     if loss == "mec":
         m, d = shape["m"], shape["d"]
         return randn(m, d), randn(m, d), randn(m, d, grad=False), randn(m, d, grad=False)
+    if loss == "uniformity":
+        return (randn(shape["n"], shape["q"]),)
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-_OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram_mean", "mec": "taylor_logdet"}
+_OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram_mean", "mec": "taylor_logdet",
+        "uniformity": "gaussian_gram_logmean"}
 
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -126,6 +137,13 @@ def implementations(
             "triton": lambda za, zb: KF.sfrik_loss(za, zb, backend="triton"),
             "kernelssl": lambda za, zb: KF.sfrik_loss(za, zb),
         }
+    elif loss == "uniformity":
+        impls = {
+            "eager": uniformity_eager,
+            "torch": lambda z: KF.uniformity(z, UNIFORMITY_T, backend="torch"),
+            "triton": lambda z: KF.uniformity(z, UNIFORMITY_T, backend="triton"),
+            "kernelssl": lambda z: KF.uniformity(z, UNIFORMITY_T),
+        }
     else:
         impls = {
             "eager": lambda za, zb, pa, pb: _mec.mec_loss(za, zb, pa, pb, eager=True)[0],
@@ -149,6 +167,77 @@ def implementations(
     return out
 
 
+def uniformity_eager(z: torch.Tensor, t: float = UNIFORMITY_T) -> torch.Tensor:
+    """Wang & Isola's uniformity as their code computes it (``uniform_loss``), on the L2-normalised rows:
+    the ``n(n-1)/2`` vector of pairwise distances, materialised.  16-bit inputs are upcast to fp32
+    first, as ``torch.autocast`` does for ``pdist`` (it is on autocast's fp32 list)."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return _unif.uniformity_pdist(torch.nn.functional.normalize(z, dim=-1), t)
+
+
+#: Peak extra memory of the pdist form in units of its ``n(n-1)/2`` distance vector.  Forward+backward
+#: (``True``): pdist's output, the saved ``pow``/``exp`` results and their gradients -- measured on the
+#: CPU (fp32, q = 128, peak RSS above the pre-call RSS) 8.2x at n = 1024, 7.1x at 2048, 7.4x at 4096,
+#: 5.0x at 8192 and 16384: 8 is taken.  Forward under ``torch.no_grad()`` (``False``): two vectors
+#: alive at a time, measured 2.1x at n = 4096, 2.0x at 16384 and 32768: 3 is taken.  A prediction
+#: errs towards skipping.
+PDIST_PEAK_VECTORS = {True: 8, False: 3}
+#: Share of the memory available at the start of a case (``MemAvailable``) that a predicted peak may
+#: take on the CPU: a host out-of-memory kills the process (Linux's OOM killer) instead of raising,
+#: and the machine may be shared.
+CPU_MEMORY_SHARE = 1 / 3
+
+
+def pdist_vector_bytes(n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the ``n(n-1)/2`` distances that ``torch.pdist`` materialises (16-bit inputs: fp32)."""
+    size = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).bits // 8
+    return n * (n - 1) // 2 * size
+
+
+def memory_cap_bytes(device: str | torch.device) -> int | None:
+    """The most a benchmark case may be predicted to need on ``device``: on the CPU
+    :data:`CPU_MEMORY_SHARE` of ``MemAvailable`` (``/proc/meminfo``; None where unreadable); on a GPU
+    None -- the caching allocator raises ``OutOfMemoryError``, which the benchmarks catch and record."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * CPU_MEMORY_SHARE)
+    except OSError:
+        pass
+    return None
+
+
+def predicted_oom(loss: str, name: str, shape: dict, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", cap: int | None = None, grad: bool = True) -> str | None:
+    """Why ``name`` of ``loss`` is not run at ``shape`` (its predicted peak exceeds ``cap``, default
+    :func:`memory_cap_bytes`), or None.  Only the pdist forms of uniformity (``eager``,
+    ``eager-compiled``) are predicted: ``PDIST_PEAK_VECTORS[grad]`` times the pdist vector (``grad``:
+    forward+backward; else a forward under ``torch.no_grad()``)."""
+    if loss != "uniformity" or name not in ("eager", "eager-compiled"):
+        return None
+    cap = memory_cap_bytes(device) if cap is None else cap
+    if cap is None:
+        return None
+    vec = pdist_vector_bytes(shape["n"], dtype)
+    factor = PDIST_PEAK_VECTORS[bool(grad)]
+    need = factor * vec
+    if need <= cap:
+        return None
+    return (f"predicted OOM ({_size(need)}: {factor} x the pdist vector of {_size(vec)}, above "
+            f"the cap of {_size(cap)} = {CPU_MEMORY_SHARE:.2g} of the available memory); not run")
+
+
+def _size(b: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= scale:
+            return f"{b / scale:.1f} {unit}"
+    return f"{b / 2**10:.0f} KiB"
+
+
 def default_backend(loss: str, device: str | torch.device) -> str:
     """What ``backend="auto"`` (the library's default call) runs for ``loss`` on ``device``."""
     from ._backend import resolve_backend
@@ -169,6 +258,8 @@ def precision_op(loss: str, precision: str) -> Callable[..., object]:
     :data:`PRECISIONS`), called like the functional op minus ``backend``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if loss == "uniformity":
+        return lambda z, **k: KF.uniformity(z, UNIFORMITY_T, backend="triton", input_precision=precision, **k)
     fn = getattr(KF, _OPS[loss])
     return lambda *a, **k: fn(*a, backend="triton", input_precision=precision, **k)
 
@@ -181,6 +272,8 @@ def precision_loss(loss: str, precision: str, shape: dict, *, device="cpu", seed
         return lambda views: _hsic.hsic_loss(*op(views, *maps, 1.0), gamma=3.0)
     if loss == "sfrik":
         return lambda za, zb: _sfrik.sfrik_loss(za, zb, gram_mean=lambda z, b: op(z, b, normalize=True))[0]
+    if loss == "uniformity":
+        return op
     return lambda za, zb, pa, pb: _mec.mec_loss(za, zb, pa, pb, logdet=lambda a, b, lam, n: op(a, b, lam, n))[0]
 
 
@@ -200,6 +293,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     * mec (order 4, both directions; in min(m, d) space like the library, s = min(m, d)):
       ``C = A B^T`` (s x max x s), ``C^2`` (one s^3, the forward's only power), ``C^3`` (the
       backward's series), and the two gradient products ``S^T B``, ``S A`` (s x s x max).
+    * uniformity: ``G = Z Z^T`` (n x q x n) and the backward ``G' Z`` (n x n x q), one set of
+      embeddings (the full products; an implementation that uses the Gram's symmetry can go below).
     """
     if loss == "hsic":
         maps: dict = {}
@@ -229,6 +324,13 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
                 return out
 
         return sfrik_limit
+    if loss == "uniformity":
+        def uniformity_limit(z):
+            with torch.no_grad():
+                z = z.detach()
+                return (z @ z.T) @ z
+
+        return uniformity_limit
 
     def mec_limit(za, zb, pa, pb):
         out = None

@@ -33,6 +33,7 @@ COMPONENTS = {
     "sfrik": ("loss", "mse", "mmd_a", "mmd_b"),
     "mec": ("loss", "t_ab", "t_ba", "coding_length", "lam", "spectral_radius", "spectral_radius_max", "term_ratio",
             "ema_momentum"),
+    "uniformity": ("loss", "alignment", "uniformity_a", "uniformity_b"),
 }
 
 
@@ -41,7 +42,7 @@ def _results(out) -> dict:
         return json.load(f)
 
 
-@pytest.mark.parametrize("loss", ["hsic", "sfrik", "mec"])
+@pytest.mark.parametrize("loss", ["hsic", "sfrik", "mec", "uniformity"])
 def test_smoke_one_epoch(tmp_path, loss):
     out = str(tmp_path / loss)
     assert train.main(["--loss", loss, "--epochs", "1", "--out", out, *TINY]) == 0
@@ -54,6 +55,10 @@ def test_smoke_one_epoch(tmp_path, loss):
         assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
     for key in ("linear_probe_acc", "baseline_linear_probe_acc", "knn_acc", "baseline_knn_acc"):
         assert 0.0 <= r[key] <= 1.0
+    # the uniformity (t = 2) of the unit-norm test features: log mean exp(-2 d^2) with mean d^2 <= 2n/(n-1)
+    n_test = r["probe"]["test_images"]
+    for key in ("probe_uniformity", "baseline_probe_uniformity"):
+        assert -4.0 * n_test / (n_test - 1) <= r[key] <= 0.0, (key, r[key])
     with open(os.path.join(out, "log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
@@ -61,6 +66,25 @@ def test_smoke_one_epoch(tmp_path, loss):
         assert math.isfinite(float(rows[0][key])), key
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2  # 256 images / batch 128
+    if loss == "uniformity":  # Wang & Isola's two-view setup: no target network, no predictor
+        assert ckpt["target"] is None and r["args"]["pred_hidden"] == 0 and r["args"]["ema"] is None
+        assert (r["args"]["align_alpha"], r["args"]["unif_t"], r["args"]["unif_weight"]) == (2.0, 2.0, 1.0)
+        row = rows[0]  # loss = alignment + (uniformity_a + uniformity_b) / 2 is what was logged
+        assert math.isclose(float(row["loss"]), float(row["alignment"]) + (float(row["uniformity_a"])
+                            + float(row["uniformity_b"])) / 2, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_feature_uniformity_is_wang_isolas_metric():
+    """The probe metric equals their pdist code on the normalised features (float64), any feature scale."""
+    import numpy as np
+
+    from kernelssl.uniformity import uniformity_pdist
+
+    f = np.random.default_rng(0).standard_normal((57, 24)) * 30.0 + 5.0
+    ref = float(uniformity_pdist(torch.nn.functional.normalize(torch.from_numpy(f), dim=1), 2.0))
+    got = train.feature_uniformity(f, torch.device("cpu"))
+    # fp32 inputs and sums of 3192 terms: ~1e-6 relative; a missing normalisation or a wrong t is off by >> 1e-3
+    assert math.isclose(got, ref, rel_tol=1e-5), (got, ref)
 
 
 def _assert_state_equal(a, b, path="ckpt"):

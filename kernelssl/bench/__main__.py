@@ -1,4 +1,4 @@
-"""``python -m kernelssl.bench [--quick] [--out DIR] [--loss hsic sfrik mec] [--dtype fp32 bf16] [--device D]``."""
+"""``python -m kernelssl.bench [--quick] [--out DIR] [--loss hsic sfrik mec uniformity] [--dtype fp32 bf16] [--device D]``."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +14,8 @@ from .._cases import LOSSES
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m kernelssl.bench",
-        description="Correctness, then forward+backward time and peak memory of SSL-HSIC, SFRIK and MEC: "
-        "kernelssl vs the papers' form (eager and torch.compile), on this machine.")
+        description="Correctness, then forward+backward time and peak memory of SSL-HSIC, SFRIK, MEC and Wang & "
+        "Isola's uniformity: kernelssl vs the papers' form (eager and torch.compile), on this machine.")
     p.add_argument("--quick", action="store_true",
                    help="a reduced set: two or three batch sizes per loss (CPU: under 3 minutes on 2 cores)")
     p.add_argument("--out", default=None, help="output folder (default: kernelssl-bench-<time>)")

@@ -59,6 +59,8 @@ def _f(x, fmt: str, none: str = "—") -> str:
 
 
 def _status_cell(r: dict) -> str:
+    if r["status"] == "predicted-oom":  # "predicted OOM (X GiB: ...)": the size, not the whole reason
+        return "skipped: " + r.get("message", "predicted OOM").split(":")[0] + ")"
     return {"oom": "OOM", "compile-failed": "compile failed", "error": "error", "skipped": "not timed",
             "value-mismatch": "**WRONG VALUE**"}.get(r["status"], r["status"])
 
@@ -129,7 +131,7 @@ def markdown(result: dict) -> str:
 
     sweeps = _sweeps(rows)
     if sweeps:
-        lines += ["", "## Batch-size sweep (median ms; OOM = out of memory)", ""]
+        lines += ["", "## Batch-size sweep (median ms; OOM = out of memory; predicted OOM = not tried, see the JSON's message)", ""]
         for (loss, dtype, key), table in sweeps.items():
             batches = sorted({b for per in table.values() for b in per})
             lines += [f"**{loss}**, {dtype}, {key} = batch:", "",
@@ -186,13 +188,14 @@ def plots(result: dict, out: Path) -> tuple[list[Path], str | None]:
                 line = None
                 if pts:
                     (line,) = ax.plot(*zip(*pts), marker="o", label=impl, **style)
-                ooms = sorted(b for b, r in per.items() if r["status"] == "oom")
+                ooms = sorted(b for b, r in per.items() if r["status"] in ("oom", "predicted-oom"))
                 if ooms:
                     color = line.get_color() if line is not None else "red"
                     ax.plot(ooms, [ymax * 1.6] * len(ooms), marker="x", linestyle="none", color=color,
                             markersize=9, label=f"{impl}: OOM" if line is None else None)
                     for b in ooms:
-                        ax.annotate("OOM", (b, ymax * 1.6), textcoords="offset points", xytext=(4, 4),
+                        text = "OOM" if per[b]["status"] == "oom" else "OOM (predicted)"
+                        ax.annotate(text, (b, ymax * 1.6), textcoords="offset points", xytext=(4, 4),
                                     fontsize=7, color=color)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -17,7 +17,10 @@ Per loss and dtype:
    (:mod:`kernelssl.bench.measure`).  Each timed loss value is also checked against the float64
    torch path on the same inputs (``value_rel_err``), so a compiled graph that goes wrong at a new
    shape cannot hide.  Out of memory is a row with ``status="oom"`` and the run goes on; so is a
-   ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).
+   ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).  On the CPU,
+   where an out-of-memory kills the process instead of raising, a case whose predicted peak exceeds
+   a share of the available memory is not tried: ``status="predicted-oom"``, the prediction in its
+   message (:func:`kernelssl._cases.predicted_oom`; the uniformity's pdist form).
 
 Each implementation is built once per loss, so a ``torch.compile`` row keeps its graphs from the
 correctness case through the sweep; it compiles with torch's defaults (a static graph for the first
@@ -66,20 +69,24 @@ VALUE_ATOL = 1e-5
 UPSTREAM = 0.73  # a non-unit upstream gradient
 
 # The small correctness case: the target shape with a small, odd batch (masks and tails).
-CHECK_BATCH = {"hsic": 37, "sfrik": 67, "mec": 45}
+CHECK_BATCH = {"hsic": 37, "sfrik": 67, "mec": 45, "uniformity": 61}
 # Target shapes and batch-size sweeps.  GPU: the papers' shapes (SPEC §1.5, §2.3, §3.2).  CPU:
 # smaller ones (the foundation issue's CPU targets).  The swept dimension is the batch: B, n, m.
-BATCH_KEY = {"hsic": "B", "sfrik": "n", "mec": "m"}
+BATCH_KEY = {"hsic": "B", "sfrik": "n", "mec": "m", "uniformity": "n"}
 SHAPES = {
     "cuda": {
         "hsic": ({"K": 4, "B": 4096, "d": 256, "D": 512}, [512, 1024, 2048, 4096, 8192], [1024, 4096]),
         "sfrik": ({"n": 2048, "q": 8192}, [512, 1024, 2048, 4096, 8192, 16384], [1024, 2048, 4096]),
         "mec": ({"m": 1024, "d": 2048}, [256, 512, 1024, 2048, 4096], [512, 1024]),
+        # Wang & Isola's q = 128; the sweep runs the pdist form into its out-of-memory point
+        "uniformity": ({"n": 16384, "q": 128}, [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
+                       [4096, 16384]),
     },
     "cpu": {
         "hsic": ({"K": 4, "B": 1024, "d": 128, "D": 512}, [256, 512, 1024], [128, 512]),
         "sfrik": ({"n": 2048, "q": 256}, [512, 1024, 2048], [256, 1024]),
         "mec": ({"m": 1024, "d": 256}, [256, 512, 1024], [128, 512]),
+        "uniformity": ({"n": 4096, "q": 128}, [1024, 2048, 4096, 8192, 16384], [512, 1024]),
     },
 }
 # Shapes of the hidden --smoke mode (the test suite): seconds, not minutes.
@@ -87,8 +94,9 @@ SMOKE = {
     "hsic": ({"K": 2, "B": 32, "d": 16, "D": 32}, [16, 32]),
     "sfrik": ({"n": 48, "q": 16}, [24, 48]),
     "mec": ({"m": 24, "d": 16}, [12, 24]),
+    "uniformity": ({"n": 48, "q": 16}, [24, 48]),
 }
-SMOKE_CHECK_BATCH = {"hsic": 9, "sfrik": 11, "mec": 10}
+SMOKE_CHECK_BATCH = {"hsic": 9, "sfrik": 11, "mec": 10, "uniformity": 11}
 
 
 IMPLS = ("eager", "eager-compiled", "kernelssl", "kernelssl-compiled", "torch", "compile",
@@ -351,6 +359,10 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
         fn = impls.get(name)
         if fn is None:
             row.update(status="skipped", message="not timed (see its correctness verdict)")
+            continue
+        why = C.predicted_oom(loss, name, shape, dtype=dtype, device=device)
+        if why is not None:  # a host OOM would kill the run instead of raising: not tried
+            row.update(status="predicted-oom", message=why)
             continue
         is_loss = name != "limit"
         step = (lambda fn=fn: C.forward_backward(fn, inputs)) if is_loss else (lambda fn=fn: fn(*inputs))
