@@ -210,7 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--num-features", type=int, default=None, help="hsic: random Fourier features D")
     a("--gamma", type=float, default=None, help="hsic: weight of sqrt(HSIC(Z,Z))")
     a("--hsic-kernel", choices=("imq", "gaussian", "laplace"), default="imq",
-      help="hsic: kernel family of the random features (default imq, the paper's)")
+      help="hsic: kernel family (default imq, the paper's)")
+    a("--hsic-exact", type=int, choices=(0, 1), default=0,
+      help="hsic: 1 = the exact kernel (N x N Gram of the batch) instead of random features (0, the paper's); "
+           "laplace needs it (its random-feature gradient has infinite variance)")
     a("--kernel-scale", type=float, default=None, help="hsic: kernel scale c (initial value when learned)")
     a("--learn-scale", type=int, choices=(0, 1), default=None, help="hsic: learn c (1) or keep it fixed (0)")
     a("--scale-lr", type=float, default=None, help="hsic: Adam lr of the learned scale")
@@ -363,7 +366,10 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 #: Options that must match between a checkpoint and a resumed run (``epochs`` may grow, which changes
 #: the schedules: the result is then no longer the one a single run would give).
 _RESUME_KEYS = ("loss", "dataset", "subset", "image_size", "arch", "width", "batch_size", "lr", "weight_decay",
-                "warmup_epochs", "proj_hidden", "proj_dim", "pred_hidden", "ema", "seed", "amp")
+                "warmup_epochs", "proj_hidden", "proj_dim", "pred_hidden", "ema", "seed", "amp",
+                "hsic_kernel", "hsic_exact")
+# options added after checkpoints were first written: what an older checkpoint's run used
+_RESUME_DEFAULTS = {"hsic_kernel": "imq", "hsic_exact": 0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +484,8 @@ def build_criterion(args: argparse.Namespace, gather: bool) -> nn.Module:
     common = dict(gather_distributed=gather, backend=args.backend)
     if args.loss == "hsic":
         return HSICLoss(num_features=args.num_features, gamma=args.gamma, kernel_scale=args.kernel_scale,
-                        learn_scale=bool(args.learn_scale), kernel=args.hsic_kernel, normalize=True, seed=args.seed,
+                        learn_scale=bool(args.learn_scale), kernel=args.hsic_kernel, exact=bool(args.hsic_exact),
+                        normalize=True, seed=args.seed,
                         **common)
     if args.loss == "sfrik":
         return SFRIKLoss(coefficients=args.coefficients, sim_weight=args.sim_weight, mmd_weight=args.mmd_weight,
@@ -611,8 +618,8 @@ class _Trainer:
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise SystemExit(f"error: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
         saved = ckpt["args"]
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.args, k)!r}" for k in _RESUME_KEYS
-                if saved.get(k) != getattr(self.args, k)]
+        diff = [f"{k}: checkpoint {saved.get(k, _RESUME_DEFAULTS.get(k))!r}, now {getattr(self.args, k)!r}"
+                for k in _RESUME_KEYS if saved.get(k, _RESUME_DEFAULTS.get(k)) != getattr(self.args, k)]
         if diff:
             raise SystemExit("error: --resume with options that differ from the checkpoint's:\n  " + "\n  ".join(diff))
         self.online.load_state_dict(ckpt["online"])

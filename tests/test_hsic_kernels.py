@@ -222,6 +222,9 @@ def test_training_script_takes_hsic_kernel():
         crit = train.build_criterion(args, gather=False)
         assert crit.kernel == kernel and crit.exact is False and crit.learn_scale  # the digits recipe learns c
     assert train.parse_args(["--loss", "hsic"]).hsic_kernel == "imq"
+    args = train.parse_args(["--loss", "hsic", "--hsic-kernel", "laplace", "--hsic-exact", "1"])
+    crit = train.build_criterion(args, gather=False)
+    assert crit.kernel == "laplace" and crit.exact is True
     with pytest.raises(SystemExit):
         train.parse_args(["--loss", "hsic", "--hsic-kernel", "rff"])
 

@@ -215,3 +215,21 @@ def test_readme_cifar10_recipes_parse():
     for cmd in commands:
         args = train.parse_args(shlex.split(cmd)[3:])
         assert args.dataset == "cifar10" and args.download and args.arch == "resnet18"
+
+
+def test_resume_rejects_another_hsic_kernel_and_reads_old_checkpoints_as_imq(tmp_path):
+    """The HSIC kernel family is part of the run: resuming with another one is refused; a checkpoint
+    written before the option existed (no such key) counts as the default IMQ random features."""
+    import torch
+
+    out = str(tmp_path / "run")
+    args = ["--loss", "hsic", "--epochs", "2", "--out", out, *TINY]
+    assert train.main([*args, "--stop-after", "1"]) == 0
+    with pytest.raises(SystemExit, match="hsic_kernel: checkpoint 'imq', now 'gaussian'"):
+        train.main([*args, "--resume", "--hsic-kernel", "gaussian"])
+    ckpt_path = next(p for p in (tmp_path / "run").iterdir() if p.suffix in (".pt", ".pth"))
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for k in ("hsic_kernel", "hsic_exact"):
+        ckpt["args"].pop(k)
+    torch.save(ckpt, ckpt_path)
+    assert train.main([*args, "--resume"]) == 0
