@@ -1,4 +1,4 @@
-"""``python -m kernelssl``: each loss on a real batch, torch path vs the papers' eager form.
+"""``python -m kernelssl``: each loss (and Wang & Isola's uniformity) on a real batch, torch path vs the papers' eager form.
 
 The batch is scikit-learn's bundled handwritten digits (8x8 images, no download): two augmented
 views of each image (random one-pixel shift + pixel noise) through a fixed random linear encoder to
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"kernelssl {__version__}, torch {torch.__version__}, {device} ({where}), "
           f"{torch.get_num_threads()} threads; digits batch n={n}, d={d}, fp32")
 
-    shapes = {"hsic": {"K": 2, "B": n, "d": d, "D": 512}, "sfrik": {"n": n, "q": d}, "mec": {"m": n, "d": d}}
+    shapes = {"hsic": {"K": 2, "B": n, "d": d, "D": 512}, "sfrik": {"n": n, "q": d}, "mec": {"m": n, "d": d},
+              "uniformity": {"n": n, "q": d}}
     zan = torch.nn.functional.normalize(za, dim=-1)
     zbn = torch.nn.functional.normalize(zb, dim=-1)
     # (tensor, differentiated?) -- SSL-HSIC's reference normalises before the loss; MEC has no
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         "hsic": ((torch.stack([zan, zbn]), True),),
         "sfrik": ((za, True), (zb, True)),
         "mec": ((za, True), (zb, True), (za, False), (zb, False)),
+        "uniformity": ((za, True),),  # Wang & Isola's uniformity of one view (normalised inside)
     }
-    header = f"{'loss':6} {'torch path':>14} {'eager':>14} {'|diff|':>9} {'torch ms':>9} {'eager ms':>9} {'speed-up':>8}"
+    header = f"{'loss':10} {'torch path':>14} {'eager':>14} {'|diff|':>9} {'torch ms':>9} {'eager ms':>9} {'speed-up':>8}"
     print(header)
     print("-" * len(header))
     for loss, shape in shapes.items():
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             times[name] = statistics.median(runs) * 1e3
         diff = abs(float(values["torch"]) - float(values["eager"]))
         print(
-            f"{loss:6} {float(values['torch']):14.6g} {float(values['eager']):14.6g} {diff:9.2e} "
+            f"{loss:10} {float(values['torch']):14.6g} {float(values['eager']):14.6g} {diff:9.2e} "
             f"{times['torch']:9.2f} {times['eager']:9.2f} {times['eager'] / times['torch']:7.2f}x"
         )
 
