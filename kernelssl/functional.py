@@ -1042,9 +1042,19 @@ def align_uniform_loss(
     if gather_distributed:
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     align = _unif.alignment(z_a, z_b, alpha, normalize=normalize)
-    u_a = _gaussian_dispatch(z_a, t, normalize, True, backend, input_precision)
-    u_b = _gaussian_dispatch(z_b, t, normalize, True, backend, input_precision)
-    loss = align + uniformity_weight * 0.5 * (u_a + u_b)
+    if not _functorch_active() and resolve_backend(backend, "gaussian_gram_logmean", z_a.device) == "triton":
+        # both views in ONE fused call (one launch per stage), bitwise each view's own call;
+        # w * (0.5 * (u_a + u_b)) == w * 0.5 * (u_a + u_b) exactly (scalings by 1/2)
+        from .triton import gaussian_gram as _k
+
+        u = _k.gaussian_gram_logmean(torch.stack([z_a, z_b]), t, normalize=normalize, exclude_diagonal=True,
+                                     input_precision=input_precision)
+        u_a, u_b = u[0], u[1]
+        loss = align + uniformity_weight * (0.5 * u.sum())
+    else:
+        u_a = _gaussian_dispatch(z_a, t, normalize, True, backend, input_precision)
+        u_b = _gaussian_dispatch(z_b, t, normalize, True, backend, input_precision)
+        loss = align + uniformity_weight * 0.5 * (u_a + u_b)
     if return_components:
         return AlignUniformComponents(loss=loss, alignment=align, uniformity_a=u_a, uniformity_b=u_b)
     return loss
