@@ -47,8 +47,8 @@ Backward (``gaussian_gram_backward``), with ``w_kj = exp(x_kj - m)`` (so ``exp(x
     writing an ``(n, q)`` fp32 partial; ``_split_reduce_kernel`` sums the splits in a fixed order and
     applies the Jacobian and ``g 4t / S'``.  With one split (the row tiles of all views fill whole waves
     of the SMs at >= 90%: two views of 4096 rows, one of 65536) the kernel applies them itself
-    (``FUSED``): one launch, no partials.  Products ``(w r_j) Z_J`` by legendre_gram's ``_panel_dot`` (the weights at near-fp32
-    precision on tensor cores: bf16 / TF32 hi-lo splits for 16-bit rows).
+    (``FUSED``): one launch, no partials.  Products ``(w r_j) Z_J`` by legendre_gram's ``_panel_dot``
+    (the weights at near-fp32 precision on tensor cores: bf16 / TF32 hi-lo splits for 16-bit rows).
   * wider rows: legendre_gram's row panels (its docstring says why: a q-wide output row does not fit in
     registers): ``_gram_weights_kernel`` writes ``P_kj = w_kj r_j`` and the per-(row, column tile)
     partials of ``d_k = sum_j w_kj G_kj``; legendre_gram's ``_panel_matmul_kernel`` (the GEMM ``P Z``
@@ -788,8 +788,9 @@ def gaussian_gram_logmean(
             ``"tf32x3"``, ``"ieee"`` or ``"tf32"``; ``None`` (default) is ``"tf32"`` when torch's
             ``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"tf32x3"``.  No effect on fp16/bf16.
 
-    Returns a 0-dim float32 tensor (``(P,)`` for ``(P, n, q)``; float64 for float64 ``z``); differentiable in ``z`` (gradient in z's
-    dtype), deterministic, finite for any t > 0 (log-sum-exp).  Double backward is not supported.
+    Returns a 0-dim float32 tensor (``(P,)`` for ``(P, n, q)``; float64 for float64 ``z``);
+    differentiable in ``z`` (gradient in z's dtype), deterministic, finite for any t > 0 (log-sum-exp).
+    Double backward is not supported.
     NaN in ``z`` propagates to the value and the gradient.
     """
     prec = resolve_precision(input_precision)
