@@ -322,8 +322,9 @@ def test_views_batched_in_one_launch_per_stage(dtype, normalize, exclude, monkey
 
 @pytest.mark.skipif(CUDA, reason="records the interpreter's launches")
 def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
-    """kernelssl.functional.align_uniform_loss on the Triton backend computes both views' uniformity in
-    one fused call (one Gram-tile launch for both) with the value and components bitwise those of the
+    """kernelssl.functional.align_uniform_loss on the Triton backend stacks the views first (one row
+    prescale for both) and computes both views' uniformity in one fused call (one Gram-tile launch for
+    both) with the value and components bitwise those of the
     per-view composition ``align + w * 0.5 * (u_a + u_b)``, the gradients to a few fp32 ulps."""
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -339,8 +340,19 @@ def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
     a, b = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
-    comp = KF.align_uniform_loss(a, b, **kw, backend="triton", return_components=True)
+    with Ops():
+        comp = KF.align_uniform_loss(a, b, **kw, backend="triton", return_components=True)
+    assert Ops.seen.count("stack") == 1 and Ops.seen.count("exp2") == 1, Ops.seen  # one prescale for both
     (UPSTREAM * comp.loss).backward()
     assert names.count("_gram_lse_kernel") == 1 and names.count("_resident_backward_kernel") == 1, names
     a2, b2 = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
