@@ -68,7 +68,8 @@ gap and ramp; the host is assumed to keep ahead).
 
 Shapes (the papers' and the benchmark sweeps'): SSL-HSIC K = 4, B = 4096 (N = 16384), d = 256,
 D = 512; SFRIK n = 2048 per view, q = 8192, L = 3, two views (two calls); uniformity (gaussian_gram, SPEC
-§6.1) n = 4096 per view, q = 128, two views, and n = 65536 in the sweep; MEC m = 1024, d = 2048,
+§6.1) n = 4096 per view, q = 128, two views stacked in one op call (as the loss makes it), and n = 65536 in
+the sweep; MEC m = 1024, d = 2048,
 order 4, two directions stacked as a batch of 2 pairs, the first argument (teacher) without grad.
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ PAPER = {
     "rff_hsic": {"K": 4, "B": 4096, "d": 256, "D": 512},
     "legendre_gram": {"n": 2048, "q": 8192, "L": 3, "views": 2},
     "taylor_logdet": {"m": 1024, "d": 2048, "order": 4, "P": 2},
-    # Wang & Isola's uniformity, one call per view (align + uniform loss: two views)
+    # Wang & Isola's uniformity (align + uniform loss: two views, one batched op call)
     "gaussian_gram": {"n": 4096, "q": 128, "views": 2},
 }
 DTYPES = ("float32", "bfloat16")
@@ -306,8 +307,7 @@ def _panel_matmul_kernel(a, grid):
 
 def _gram_lse_kernel(a, grid):
     blk = a["BLOCK"]
-    t = _cdiv(a["n"], blk)
-    programs = t * (t + 1) // 2  # lower-triangular tiles
+    programs = grid[0]  # the lower-triangular tiles of every view (views stacked on grid axis 0)
     # epilogue per entry: scale, exponent, mask, max, exp, sum (exp ~ 4 FMA-pipe flops)
     return Work(dots=[(_gram_unit(a), 2.0 * programs * blk * blk * _pad(a["q"], a["BLOCK_K"]))],
                 aux=programs * blk * blk * 10.0, reads=[a["z_ptr"], a["rinv_ptr"]],
@@ -315,13 +315,14 @@ def _gram_lse_kernel(a, grid):
 
 
 def _lse_reduce_kernel(a, grid):
-    return Work(aux=6.0 * a["num_parts"], reads=[a["mpart_ptr"], a["spart_ptr"]],
+    return Work(aux=6.0 * a["num_parts"] * grid[0], reads=[a["mpart_ptr"], a["spart_ptr"]],
                 writes=[a["out_ptr"], a["stats_ptr"]])
 
 
 def _resident_backward_kernel(a, grid):
     bm, bn, bq, n = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_Q"], a["n"]
-    tiles = _cdiv(n, bm) * _cdiv(n, bn)  # every (row tile, column tile) once over the splits
+    views = grid[0] // (_cdiv(n, bm) * _cdiv(_cdiv(n, bn), a["tiles_per_split"]))  # stacked on grid axis 0
+    tiles = views * _cdiv(n, bm) * _cdiv(n, bn)  # every (row tile, column tile) of each view once
     gram = 2.0 * tiles * bm * bn * _pad(a["q"], a["BLOCK_K"])
     one = 2.0 * tiles * bm * bn * bq  # (w r_j) @ Z_J, all q columns
     mode = a["MODE"]
@@ -332,7 +333,12 @@ def _resident_backward_kernel(a, grid):
     else:  # two TF32 parts
         prods = [("tf32", one)] * 2
     part, dpart = a["part_ptr"], a["dpart_ptr"]
-    return Work(dots=[(_gram_unit(a), gram)] + prods, aux=tiles * bm * bn * (10.0 + (3.0 if mode else 0.0)),
+    aux = tiles * bm * bn * (10.0 + (3.0 if mode else 0.0))
+    if a["FUSED"]:  # one split: the Jacobian epilogue here (z re-read), dz written
+        return Work(dots=[(_gram_unit(a), gram)] + prods, aux=aux + 6.0 * a["out_ptr"].numel(),
+                    reads=[a["z_ptr"], a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
+                    writes=[a["out_ptr"]])
+    return Work(dots=[(_gram_unit(a), gram)] + prods, aux=aux,
                 reads=[a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
                 writes=[part, dpart] if a["NORMALIZE"] else [part])
 
@@ -623,18 +629,24 @@ def _fused_calls(op: str, s: dict, dtype):
             for _ in range(s["views"]):
                 mod.legendre_gram_backward(g, *args)
     elif op == "gaussian_gram":
-        z = torch.empty(s["n"], s["q"], dtype=dtype)
+        # Wang & Isola's loss (views = 2): both views in ONE op call on z (views, n, q), as
+        # kernelssl.functional.align_uniform_loss makes it on the Triton backend -- its stack of the two
+        # views recorded as the torch copy it is; the backward takes the forward's row scales.
+        v = s["views"]
+        zs = [torch.empty(s["n"], s["q"], dtype=dtype) for _ in range(v)]
+        z = torch.empty(v, s["n"], s["q"], dtype=dtype) if v > 1 else zs[0]
         args = _capture_forward_args(lambda: mod.gaussian_gram_logmean(z, 2.0))  # (z, t, normalize, exclude, prec)
 
         def fwd():
-            for _ in range(s["views"]):
-                state["stats"] = mod.gaussian_gram_forward(*args)[1]
+            if v > 1:
+                torch.stack(zs)
+            state["out"] = mod.gaussian_gram_forward(*args, return_scales=True)
 
-        g = torch.ones(())
+        g = torch.ones(z.shape[:-2])
 
         def bwd():
-            for _ in range(s["views"]):
-                mod.gaussian_gram_backward(g, args[0], state["stats"], *args[1:])
+            _, stats, rinv, proj = state["out"]
+            mod.gaussian_gram_backward(g, args[0], stats, *args[1:], scales=(rinv, proj))
     else:
         P, m, d, order = s["P"], s["m"], s["d"], s["order"]
         a, b = torch.empty(P, m, d, dtype=dtype), torch.empty(P, m, d, dtype=dtype)

@@ -1072,14 +1072,32 @@ def align_uniform_loss(
     uniformity_weight = check_positive(uniformity_weight, "uniformity_weight", allow_zero=True)
     if check_finite:  # before the scaling below, which would spread a NaN over its row
         _assert_finite([z_a, z_b], ["z_a", "z_b"])
-    if normalize:
+    fused = not _functorch_active() and resolve_backend(backend, "gaussian_gram_logmean", z_a.device) == "triton"
+    zz = None
+    if fused and not gather_distributed:  # the views stacked first: one prescale for both (row-wise: same bits)
+        zz = torch.stack([z_a, z_b])
+        if normalize:
+            zz = _prescale_rows(zz)
+        z_a, z_b = zz[0], zz[1]
+    elif normalize:
         z_a, z_b = _prescale_rows(z_a), _prescale_rows(z_b)
     if gather_distributed:
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     align = _unif.alignment(z_a, z_b, alpha, normalize=normalize)
-    u_a = _gaussian_dispatch(z_a, t, normalize, True, backend, input_precision)
-    u_b = _gaussian_dispatch(z_b, t, normalize, True, backend, input_precision)
-    loss = align + uniformity_weight * 0.5 * (u_a + u_b)
+    if fused:
+        # both views in ONE fused call (one launch per stage), bitwise each view's own call;
+        # w * (0.5 * (u_a + u_b)) == w * 0.5 * (u_a + u_b) exactly (scalings by 1/2)
+        from .triton import gaussian_gram as _k
+
+        zz = torch.stack([z_a, z_b]) if zz is None else zz
+        u = _k.gaussian_gram_logmean(zz, t, normalize=normalize, exclude_diagonal=True,
+                                     input_precision=input_precision)
+        u_a, u_b = u[0], u[1]
+        loss = align + uniformity_weight * (0.5 * u.sum())
+    else:
+        u_a = _gaussian_dispatch(z_a, t, normalize, True, backend, input_precision)
+        u_b = _gaussian_dispatch(z_b, t, normalize, True, backend, input_precision)
+        loss = align + uniformity_weight * 0.5 * (u_a + u_b)
     if return_components:
         return AlignUniformComponents(loss=loss, alignment=align, uniformity_a=u_a, uniformity_b=u_b)
     return loss

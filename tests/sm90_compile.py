@@ -214,6 +214,12 @@ def _gaussian_gram():
         _Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
         _, stats = GG.gaussian_gram_forward(z, 2.0, normalize, exclude, prec)
         GG.gaussian_gram_backward(torch.ones(()), z, stats, 2.0, normalize, exclude, prec)
+    # Wang & Isola's loss: both views stacked in one call (the backward's one split, its epilogue fused)
+    for dtype in (torch.bfloat16, torch.float32):
+        z = torch.empty(2, 4096, 128, dtype=dtype)
+        _Recorder.tag = f"views2-n4096-q128-{str(dtype)[6:]}"
+        _, stats, rinv, proj = GG.gaussian_gram_forward(z, 2.0, True, True, "tf32x3", return_scales=True)
+        GG.gaussian_gram_backward(torch.ones(2), z, stats, 2.0, True, True, "tf32x3", scales=(rinv, proj))
     for dtype, prec in [(torch.float32, "tf32x3"), (torch.float32, "ieee"), (torch.float32, "tf32"),
                         (torch.bfloat16, "tf32x3"), (torch.float16, "tf32x3")]:
         GG.gaussian_gram_backward(torch.ones(()), torch.empty(4096, 128, dtype=dtype), torch.ones(2), 2.0, True, True,

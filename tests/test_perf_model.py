@@ -49,6 +49,8 @@ def model(tmp_path_factory):
 
 
 def _calls(case) -> int:
+    if case["op"] == "gaussian_gram":  # the views stacked in one op call
+        return 1
     return case["shape"].get("views", 1)  # SFRIK: one op call per view
 
 
@@ -75,10 +77,12 @@ def test_no_default_fp32_product_on_fma_units(model, op, dtype):
 
 
 #: Cases not yet within 1.5x of the limit, each held at the ratio it has now so that it can only
-#: improve.  Uniformity at its headline shape (n = 4096 per view, q = 128): ~20-70 us of products per
-#: view, so the model's 3 us per launch over the 6 launches of a view (row scales twice, the two
-#: reduces) weigh; the larger shapes of the sweep are within 1.5x (n = 65536: 1.35 fp32, 1.50 bf16).
-KNOWN_GAPS = {("gaussian_gram", "float32"): 1.75, ("gaussian_gram", "bfloat16"): 2.95}
+#: improve.  Uniformity in bf16 at its headline shape (n = 4096 per view, q = 128; both views in one
+#: call: 4 launches and the loss's stack of the views, was 6 launches per view at 1.73 fp32 / 2.93 bf16):
+#: ~10 + 40 us of products, so the model's 3 us per launch still weighs, and the backward recomputes
+#: the whole Gram (not its triangle) and splits the weights into two bf16 products; fp32 is within 1.5x
+#: (1.49), the larger shapes of the sweep too.
+KNOWN_GAPS = {("gaussian_gram", "bfloat16"): 2.02}
 
 
 @pytest.mark.parametrize("op,dtype", CASES)

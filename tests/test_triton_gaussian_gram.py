@@ -264,12 +264,126 @@ def test_both_backward_paths(dtype, normalize, exclude, monkeypatch):
     assert_close(many, g64, **tol, name="3 panels vs float64")
 
 
+@pytest.mark.skipif(CUDA, reason="records the interpreter's launches")
+@pytest.mark.parametrize("dtype,normalize,exclude", [(torch.float32, True, True), (torch.bfloat16, True, True),
+                                                     (torch.float16, False, False)],
+                         ids=["fp32", "bf16", "fp16-raw-diagonal"])
+def test_views_batched_in_one_launch_per_stage(dtype, normalize, exclude, monkeypatch):
+    """P = 2 views stacked ``(2, n, q)`` (Wang & Isola's loss): the values, statistics and gradients are
+    bitwise those of the per-view calls (each program computes the same tiles in the same order; the
+    column splits are the same here, asserted), from ONE launch per stage -- row scales (forward only:
+    the backward takes the saved ones), Gram tiles over both views, one reduce program per view, the
+    rows-resident backward over both views, one split reduce -- with the grids recorded; the panel
+    backward (view by view) and a non-contiguous stack give the same bits."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    n, q, t = 45, 24, 2.0
+    za, zb = (_z(n, q, s, dtype, unit=not normalize).to(DEV) for s in (21, 22))
+    up = torch.tensor([UPSTREAM, -0.75], device=DEV)
+    launches = []
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, tuple(kwargs["grid"])))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    zz = torch.stack([za, zb]).requires_grad_(True)
+    values = GG.gaussian_gram_logmean(zz, t, normalize=normalize, exclude_diagonal=exclude)
+    (values * up).sum().backward()
+    tiles = -(-n // 32)  # interpreter: 32-wide tiles
+    splits, _ = GG.resident_splits(n, 32, 32, 2)
+    assert (splits, _) == GG.resident_splits(n, 32, 32, 1) == (2, 1)
+    assert launches == [("_row_scales_kernel", (-(-2 * n // 32),)),
+                        ("_gram_lse_kernel", (2 * tiles * (tiles + 1) // 2,)), ("_lse_reduce_kernel", (2,)),
+                        ("_resident_backward_kernel", (2 * tiles * splits,)),
+                        ("_split_reduce_kernel", (-(-2 * n // 32),))], launches  # q = 24: one q tile
+    assert values.shape == (2,) and zz.grad.shape == (2, n, q) and zz.grad.dtype == dtype
+    for b, zv in enumerate((za, zb)):
+        one = zv.detach().clone().requires_grad_(True)
+        value = GG.gaussian_gram_logmean(one, t, normalize=normalize, exclude_diagonal=exclude)
+        (value * up[b]).backward()
+        assert torch.equal(values[b], value), (b, values[b], value)
+        assert torch.equal(zz.grad[b], one.grad), b
+    # the same bits from a non-contiguous stack (views interleaved in memory) and the panel backward
+    inter = torch.stack([za, zb], dim=1).transpose(0, 1)
+    assert not inter.is_contiguous()
+    v2, stats, rinv, proj = GG.gaussian_gram_forward(inter, t, normalize, exclude, return_scales=True)
+    assert torch.equal(v2, values.detach())
+    for panel in (dict(), dict(resident=False), dict(panel_rows=20)):
+        g2 = GG.gaussian_gram_backward(up, inter, stats, t, normalize, exclude, scales=(rinv, proj), **panel)
+        if panel:  # per view, by the panel path
+            ref = torch.stack([GG.gaussian_gram_backward(up[b], zv, stats[b], t, normalize, exclude, **panel)
+                               for b, zv in enumerate((za, zb))])
+            assert torch.equal(g2, ref), panel
+        else:
+            assert torch.equal(g2, zz.grad), panel
+
+
+@pytest.mark.skipif(CUDA, reason="records the interpreter's launches")
+def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
+    """kernelssl.functional.align_uniform_loss on the Triton backend stacks the views first (one row
+    prescale for both) and computes both views' uniformity in one fused call (one Gram-tile launch for
+    both) with the value and components bitwise those of the
+    per-view composition ``align + w * 0.5 * (u_a + u_b)``, the gradients to a few fp32 ulps."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernelssl import functional as KF
+
+    za, zb = (_z(40, 20, s, torch.float32).to(DEV) for s in (31, 32))
+    kw = dict(alpha=2.0, t=2.0, uniformity_weight=0.7)
+    names = []
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    a, b = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    with Ops():
+        comp = KF.align_uniform_loss(a, b, **kw, backend="triton", return_components=True)
+    assert Ops.seen.count("stack") == 1 and Ops.seen.count("exp2") == 1, Ops.seen  # one prescale for both
+    (UPSTREAM * comp.loss).backward()
+    assert names.count("_gram_lse_kernel") == 1 and names.count("_resident_backward_kernel") == 1, names
+    a2, b2 = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    pa, pb = KF._prescale_rows(a2), KF._prescale_rows(b2)  # the loss's own steps, per view
+    u_a, u_b = GG.gaussian_gram_logmean(pa, 2.0), GG.gaussian_gram_logmean(pb, 2.0)
+    loss = KF._unif.alignment(pa, pb, 2.0, normalize=True) + 0.7 * 0.5 * (u_a + u_b)
+    (UPSTREAM * loss).backward()
+    assert torch.equal(comp.uniformity_a, u_a) and torch.equal(comp.uniformity_b, u_b)
+    assert torch.equal(comp.loss, loss), (comp.loss, loss)
+    # the gradients: equal up to the order in which autograd adds the three contributions at the
+    # prescaled rows (alignment's two and the uniformity's, which now arrives through the stack): a few
+    # fp32 ulps of the largest entry
+    for got, want, name in ((a.grad, a2.grad, "dL/dz_a"), (b.grad, b2.grad, "dL/dz_b")):
+        assert_close(got, want, rtol=0.0, atol=2.0**-22 * float(want.abs().max()), name=name)
+    torch_loss = KF.align_uniform_loss(za, zb, **kw, backend="torch")
+    assert_close(comp.loss, torch_loss, rtol=1e-5, atol=1e-6, name="triton vs torch backend")
+
+
 def test_resident_split_policy():
     """Enough programs for 4 per SM: a small batch is split over the columns (whole splits), a large one
     is not; rows wider than 256 take the panel backward."""
     assert GG.resident_splits(4096, 64, 64) == (8, 8)  # 64 row tiles x 8 splits of 8 column tiles
     assert GG.resident_splits(65536, 64, 64) == (1, 1024)
     assert GG.resident_splits(1000, 64, 64) == (16, 1)
+    # one split (its epilogue fused, no split reduce) when the row tiles alone fill the SMs' one program
+    # each at >= 90%: Wang & Isola's two views of 4096 (128 row tiles on 132 SMs), not one view (64)
+    assert GG.resident_splits(4096, 64, 64, 2, 132) == (1, 64)
+    assert GG.resident_splits(4096, 64, 64, 1, 132) == (8, 8)
+    assert GG.resident_splits(65536, 64, 64, 1, 132) == (1, 1024)
+    assert GG.resident_splits(1000, 64, 64, 10, 132) == (4, 4)  # 160 row tiles: 61% of 2 waves
+    assert GG.resident_splits(1000, 64, 64, 16, 132) == (1, 16)  # 256 row tiles: 97% of 2 waves
     assert GG.resident_ok(128) and GG.resident_ok(100) and GG.resident_ok(256)
     assert not GG.resident_ok(200) and not GG.resident_ok(272)  # unaligned past 128 spills; past 256
     with pytest.raises(ValueError, match="resident"):
@@ -347,8 +461,13 @@ def test_bad_input():
     z = torch.ones(4, 3, device=DEV)
     with pytest.raises(TypeError, match="z: expected a floating-point tensor"):
         GG.gaussian_gram_logmean(torch.ones(4, 3, dtype=torch.int64), 2.0)
-    with pytest.raises(ValueError, match="z: expected a 2-D tensor"):
+    with pytest.raises(ValueError, match="z: expected at least 2 dims"):
         GG.gaussian_gram_logmean(torch.ones(4, device=DEV), 2.0)
+    for bad in (torch.ones(1, 2, 4, 3, device=DEV), torch.ones(0, 4, 3, device=DEV)):  # views: (P >= 1, n, q)
+        with pytest.raises(ValueError, match=r"z: expected one view \(n, q\) or a batch of views \(P, n, q\)"):
+            GG.gaussian_gram_logmean(bad, 2.0)
+    with pytest.raises(ValueError, match="z: expected at least 2 rows"):
+        GG.gaussian_gram_logmean(torch.ones(2, 1, 3, device=DEV), 2.0)
     with pytest.raises(ValueError, match="z: expected at least 2 rows"):
         GG.gaussian_gram_logmean(torch.ones(1, 3, device=DEV), 2.0)
     with pytest.raises(ValueError, match="z: expected at least 1 columns"):
@@ -445,9 +564,16 @@ def test_opcheck(dtype, normalize, exclude):
     z = _z(37, 19, 14, dtype, unit=not normalize).to(DEV).requires_grad_(True)
     args = (2.0, normalize, exclude, "tf32x3")
     torch.library.opcheck(torch.ops.kernelssl.gaussian_gram_logmean.default, (z, *args))
-    _, stats = GG.gaussian_gram_forward(z.detach(), *args)
+    _, stats, rinv, proj = GG.gaussian_gram_forward(z.detach(), *args, return_scales=True)
     torch.library.opcheck(torch.ops.kernelssl.gaussian_gram_logmean_backward.default,
-                          (torch.tensor(UPSTREAM, device=DEV), z.detach(), stats, *args))
+                          (torch.tensor(UPSTREAM, device=DEV), z.detach(), stats, rinv, proj, *args))
+    # two views (P, n, q) in one call: a (P,) value, (P, 2) statistics, (P n,) row scales
+    zz = torch.stack([z.detach(), z.detach().flip(0)]).requires_grad_(True)
+    torch.library.opcheck(torch.ops.kernelssl.gaussian_gram_logmean.default, (zz, *args))
+    _, stats, rinv, proj = GG.gaussian_gram_forward(zz.detach(), *args, return_scales=True)
+    assert stats.shape == (2, 2) and rinv.shape == proj.shape == (2 * 37,)
+    torch.library.opcheck(torch.ops.kernelssl.gaussian_gram_logmean_backward.default,
+                          (torch.tensor([UPSTREAM, -0.5], device=DEV), zz.detach(), stats, rinv, proj, *args))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -461,6 +587,14 @@ def test_compile_fullgraph(backend):
     me, ge = _run(lambda x: UPSTREAM * GG.gaussian_gram_logmean(x, 2.0), z)
     assert_close(m, me, rtol=1e-6, atol=0, name="compiled L")
     assert_close(g, ge, rtol=1e-6, atol=1e-6 * float(ge.abs().max()), name="compiled grad")
+    # two views in one call (Wang & Isola's loss), (2,) values with distinct weights
+    w = torch.tensor([UPSTREAM, -0.5], device=DEV)
+    fn2 = torch.compile(lambda x: (w * GG.gaussian_gram_logmean(x, 2.0)).sum(), backend=backend, fullgraph=True)
+    zz = torch.stack([z, z.flip(1)])
+    m, g = _run(fn2, zz)
+    me, ge = _run(lambda x: (w * GG.gaussian_gram_logmean(x, 2.0)).sum(), zz)
+    assert_close(m, me, rtol=1e-6, atol=0, name="compiled L, 2 views")
+    assert_close(g, ge, rtol=1e-6, atol=1e-6 * float(ge.abs().max()), name="compiled grad, 2 views")
 
 
 def test_registered_in_the_backend_table():

@@ -17,12 +17,18 @@ its tile, ``m_p``, and ``s_p = sum exp(x - m_p)``; the reduce takes ``m = max_p 
 ``L = m + log S' - log c``.  A tile without a valid pair (the diagonal tile of a last row block of one
 row, diagonal excluded) contributes ``m_p = -inf, s_p = 0`` and is skipped by the reduce (no NaN).
 
+Views: ``z`` is one view ``(n, q)`` or ``P`` views ``(P, n, q)`` (Wang & Isola's loss: P = 2), stacked as
+the rows of one ``(P n, q)`` matrix; every launch below covers all views (the view on grid axis 0), so
+the loss's two uniformities cost one launch per stage, each view's value and gradient bitwise its own
+call's (the same tiles in the same order).
+
 Forward (``gaussian_gram_forward``), the row kernel of legendre_gram + 2 kernels:
   * ``_gram_lse_kernel``: one program per lower-triangular ``(BLOCK, BLOCK)`` Gram tile (legendre_gram's
     tiles and K-loop, ``_gram_tile``); epilogue: the masked tile max and sum above; off-diagonal tiles
     count twice (G is symmetric: ``n^2 q`` FLOPs instead of ``2 n^2 q``).
-  * ``_lse_reduce_kernel``: one program combines the partials in a fixed order: the value and the
-    statistics ``(m, S')`` saved for the backward (a tensor: no host sync).
+  * ``_lse_reduce_kernel``: one program per view combines its partials in a fixed order: the value and
+    the statistics ``(m, S')`` saved for the backward (a tensor: no host sync), as are the row scales
+    (the backward does not recompute them).
   Deterministic (no atomics), memory O(n q + n^2 / BLOCK^2).
 
 Backward (``gaussian_gram_backward``), with ``w_kj = exp(x_kj - m)`` (so ``exp(x_kj) / S = w_kj / S'``)::
@@ -37,10 +43,12 @@ Backward (``gaussian_gram_backward``), with ``w_kj = exp(x_kj - m)`` (so ``exp(x
     uniformity case: ``_resident_backward_kernel`` keeps a ``(64, q)`` fp32 accumulator of
     ``sum_j (w_kj r_j) z_j`` in registers while it runs over the column tiles (as flash-attention's dQ),
     so nothing n x n is ever stored; when the row tiles alone are too few to fill the GPU (n below
-    ~34k) the columns are split over ``resident_splits`` programs, each writing an ``(n, q)`` fp32
-    partial; ``_split_reduce_kernel`` sums the splits in a fixed order and applies the Jacobian and
-    ``g 4t / S'``.  Products ``(w r_j) Z_J`` by legendre_gram's ``_panel_dot`` (the weights at near-fp32
-    precision on tensor cores: bf16 / TF32 hi-lo splits for 16-bit rows).
+    ~34k, counting the rows of all views) the columns are split over ``resident_splits`` programs, each
+    writing an ``(n, q)`` fp32 partial; ``_split_reduce_kernel`` sums the splits in a fixed order and
+    applies the Jacobian and ``g 4t / S'``.  With one split (the row tiles of all views fill whole waves
+    of the SMs at >= 90%: two views of 4096 rows, one of 65536) the kernel applies them itself
+    (``FUSED``): one launch, no partials.  Products ``(w r_j) Z_J`` by legendre_gram's ``_panel_dot``
+    (the weights at near-fp32 precision on tensor cores: bf16 / TF32 hi-lo splits for 16-bit rows).
   * wider rows: legendre_gram's row panels (its docstring says why: a q-wide output row does not fit in
     registers): ``_gram_weights_kernel`` writes ``P_kj = w_kj r_j`` and the per-(row, column tile)
     partials of ``d_k = sum_j w_kj G_kj``; legendre_gram's ``_panel_matmul_kernel`` (the GEMM ``P Z``
@@ -54,8 +62,8 @@ load under the interpreter).  The exponent's error is ``2t`` times the Gram entr
 1), so the value's absolute error and the gradient's relative error grow with t as in any fp32
 computation of this formula.  float64 inputs go to a float64 torch computation (same algorithm).
 
-Registration: ``kernelssl::gaussian_gram_logmean`` (returns the value and the statistics ``(m, S')``,
-the latter non-differentiable) and ``kernelssl::gaussian_gram_logmean_backward`` are
+Registration: ``kernelssl::gaussian_gram_logmean`` (returns the value, the statistics ``(m, S')`` and
+the row scales ``(r, proj)``, the latter non-differentiable) and ``kernelssl::gaussian_gram_logmean_backward`` are
 ``torch.library.triton_op``s wired like legendre_gram's (CPU kernels: the interpreter when
 ``TRITON_INTERPRET=1``, else the torch math; explicit fakes; decomposed into the kernels under
 ``torch.compile`` on CUDA, opaque on CPU).
@@ -100,20 +108,25 @@ _NEG_INF = float("-inf")
 # ==================================================================================================
 
 
-# Forward.  Program p owns Gram tile (I, J), J <= I, p = I (I + 1)/2 + J; over its valid entries
-# (inside n x n, and i != j when EXCLUDE), x_ij = two_t (r_i r_j z_i . z_j - 1):
-#   mpart[p] = max x_ij  (-inf if none),   spart[p] = w_IJ sum exp(x_ij - mpart[p])  (0 if none),
+# Forward.  Views b = 0..P-1 stacked as rows b n .. b n + n - 1 of z (one launch for all views: grid
+# axis 0 = b * num_parts + p).  Program p of view b owns Gram tile (I, J), J <= I, p = I (I + 1)/2 + J;
+# over its valid entries (inside n x n, and i != j when EXCLUDE), x_ij = two_t (r_i r_j z_i . z_j - 1):
+#   mpart[b, p] = max x_ij  (-inf if none),   spart[b, p] = w_IJ sum exp(x_ij - mpart[b, p])  (0 if none),
 #   w = 1 on the diagonal tile, 2 off it (G = G^T).
 # Backward: _gram_weights_kernel + legendre_gram's _panel_matmul_kernel (tiles recomputed).
 @triton.jit
 def _gram_lse_kernel(
     z_ptr, rinv_ptr, mpart_ptr, spart_ptr,
     stride_zn, stride_zq,
-    n, q, two_t,
+    n, q, two_t, num_parts,
     EXCLUDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    gid = tl.program_id(0).to(tl.int64)
+    b = gid // num_parts
+    pid = gid % num_parts
+    z_ptr += b * n * stride_zn  # this program's view: rows b n .. of z and rinv
+    rinv_ptr += b * n
     # invert p = I (I + 1)/2 + J: I = floor((sqrt(8p + 1) - 1) / 2), then fix a possible off-by-one
     ti = ((tl.sqrt((8 * pid + 1).to(tl.float64)) - 1.0) * 0.5).to(tl.int64)
     ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
@@ -136,16 +149,22 @@ def _gram_lse_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # no valid entry: exp(-inf - 0) = 0, no NaN
     s = tl.sum(tl.sum(tl.where(valid, tl.exp(x - m_safe), 0.0), axis=1), axis=0)
     w = tl.where(ti == tj, 1.0, 2.0)
-    tl.store(mpart_ptr + pid, m)
-    tl.store(spart_ptr + pid, s * w)
+    tl.store(mpart_ptr + gid, m)
+    tl.store(spart_ptr + gid, s * w)
 
 
-# Reduce, one program, fixed order (the deterministic second stage):
-#   m = max_p mpart[p],   S' = sum_p spart[p] exp(mpart[p] - m)   (parts with mpart = -inf skipped),
-#   out = m + log S' - log c,   c = n (n - 1) (EXCLUDE) or n^2;   stats = (m, S') for the backward.
+# Reduce, one program per view b, fixed order (the deterministic second stage):
+#   m = max_p mpart[b, p],   S' = sum_p spart[b, p] exp(mpart[b, p] - m)   (parts with mpart = -inf
+#   skipped),  out[b] = m + log S' - log c,  c = n (n - 1) (EXCLUDE) or n^2;  stats[b] = (m, S') for the
+#   backward.
 @triton.jit
 def _lse_reduce_kernel(mpart_ptr, spart_ptr, out_ptr, stats_ptr, num_parts, n,
                        EXCLUDE: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    mpart_ptr += b * num_parts
+    spart_ptr += b * num_parts
+    out_ptr += b
+    stats_ptr += 2 * b
     offs = tl.arange(0, BLOCK)
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
     for s0 in range(0, num_parts, BLOCK):
@@ -218,25 +237,38 @@ def _gram_weights_kernel(
 # (tiles c * tiles_per_split ...): the Gram tile recomputed, w_kj as in _gram_weights_kernel, and
 #   part[c, k, :] = sum_j (w_kj r_j) z_j      (all q columns, _panel_dot: P at near-fp32 precision),
 #   dpart[c, k]   = sum_j w_kj G_kj,
-# no n x n panel in memory.  _split_reduce_kernel sums the splits in a fixed order.
+# no n x n panel in memory.  _split_reduce_kernel sums the splits in a fixed order.  Views b stacked as
+# in _gram_lse_kernel (rows b n ..; grid axis 0 = b * (row tiles * splits) + c * row tiles + I;
+# BATCHED = P > 1: one view compiles without the view arithmetic, as registers are tight at q = 256).
+# FUSED (one split): no partials; _split_reduce_kernel's epilogue applied here (the same operations in
+# the same order: the same bits), dz written directly.
 @triton.jit
 def _resident_backward_kernel(
-    z_ptr, rinv_ptr, proj_ptr, stats_ptr, part_ptr, dpart_ptr,
-    stride_zn, stride_zq, stride_ps, stride_pm, stride_pq, stride_ds, stride_dm,
+    z_ptr, rinv_ptr, proj_ptr, stats_ptr, part_ptr, dpart_ptr, grad_ptr, out_ptr,
+    stride_zn, stride_zq, stride_ps, stride_pm, stride_pq, stride_ds, stride_dm, stride_g, stride_on, stride_oq,
     n, q, two_t, tiles_per_split,
     EXCLUDE: tl.constexpr, NORMALIZE: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
-    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, FUSED: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BATCHED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_m = tl.cdiv(n, BLOCK_M)
+    b = 0
+    if BATCHED:  # this program's view: rows b n .. of z, rinv, proj, part, dpart, out (pointers moved)
+        per_view = num_m * tl.cdiv(tl.cdiv(n, BLOCK_N), tiles_per_split)
+        b = pid // per_view
+        pid = pid % per_view
+        z_ptr += b * n * stride_zn
+        rinv_ptr += b * n
+        proj_ptr += b * n
     tm = pid % num_m  # row tiles fastest: the programs of one split share its column tiles in L2
     c = pid // num_m
     rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     qs = tl.arange(0, BLOCK_Q)
     qmask = qs < q
-    m = tl.load(stats_ptr)
+    m = tl.load(stats_ptr + 2 * b)
     r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
     if NORMALIZE and not EXCLUDE:
         projected = tl.load(proj_ptr + rows, mask=rmask, other=0.0) != 0.0
@@ -263,20 +295,38 @@ def _resident_backward_kernel(
         zt = tl.load(z_ptr + cols[:, None] * stride_zn + qs[None, :] * stride_zq,
                      mask=cmask[:, None] & qmask[None, :], other=0.0)
         acc = _panel_dot(w * r_j[None, :], zt, acc, MODE, DOT_F32, INPUT_PRECISION)
-    tl.store(part_ptr + c * stride_ps + rows[:, None] * stride_pm + qs[None, :] * stride_pq, acc,
-             mask=rmask[:, None] & qmask[None, :])
-    if NORMALIZE:
-        tl.store(dpart_ptr + c * stride_ds + rows * stride_dm, d, mask=rmask)
+    omask = rmask[:, None] & qmask[None, :]
+    lr = tl.arange(0, BLOCK_M)  # the row tile's pointers moved once (int64), offsets in it in int32
+    if FUSED:  # dz_k = (g_b 2 two_t / S'_b) (r_k acc_k - proj_k d_k z_k), as _split_reduce_kernel
+        res = acc * r_i[:, None]
+        if NORMALIZE:
+            proj = tl.load(proj_ptr + rows, mask=rmask, other=0.0)
+            zk = tl.load(z_ptr + tm * BLOCK_M * stride_zn + (lr[:, None] * stride_zn + qs[None, :] * stride_zq),
+                         mask=omask, other=0.0).to(tl.float32)
+            res = res - (proj * d)[:, None] * zk
+        res = res * (tl.load(grad_ptr + b * stride_g).to(tl.float32) * (2.0 * two_t) / tl.load(stats_ptr + 2 * b + 1))
+        if ROUND_BF16:  # interpreter: round to nearest even before its truncating bf16 cast
+            res = _round_bf16(res)
+        out_ptr += (b * n + tm * BLOCK_M) * stride_on
+        tl.store(out_ptr + (lr[:, None] * stride_on + qs[None, :] * stride_oq), res.to(out_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        if BATCHED:
+            part_ptr += b * n * stride_pm
+            dpart_ptr += b * n * stride_dm
+        tl.store(part_ptr + c * stride_ps + rows[:, None] * stride_pm + qs[None, :] * stride_pq, acc, mask=omask)
+        if NORMALIZE:
+            tl.store(dpart_ptr + c * stride_ds + rows * stride_dm, d, mask=rmask)
 
 
-# Backward, rows resident, stage 2 (rows k, q tile): acc_k = sum_c part[c, k], d_k = sum_c dpart[c, k]
-# (fixed order), dz_k = (g 2 two_t / S') (r_k acc_k - proj_k d_k z_k) in z's dtype (the Jacobian as in
-# legendre_gram's _panel_matmul_kernel).
+# Backward, rows resident, stage 2 (rows k of all P n stacked rows, q tile): acc_k = sum_c part[c, k],
+# d_k = sum_c dpart[c, k] (fixed order), dz_k = (g_b 2 two_t / S'_b) (r_k acc_k - proj_k d_k z_k) in z's
+# dtype, b = k // n the row's view (the Jacobian as in legendre_gram's _panel_matmul_kernel).
 @triton.jit
 def _split_reduce_kernel(
     part_ptr, dpart_ptr, z_ptr, rinv_ptr, proj_ptr, stats_ptr, grad_ptr, out_ptr,
-    stride_ps, stride_pm, stride_pq, stride_ds, stride_dm, stride_zn, stride_zq, stride_on, stride_oq,
-    n, q, splits, two_t,
+    stride_ps, stride_pm, stride_pq, stride_ds, stride_dm, stride_zn, stride_zq, stride_on, stride_oq, stride_g,
+    n, q, splits, two_t, n_view,
     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -298,7 +348,10 @@ def _split_reduce_kernel(
         zk = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :] * stride_zq, mask=omask,
                      other=0.0).to(tl.float32)
         res = res - (proj * d)[:, None] * zk
-    res = res * (tl.load(grad_ptr).to(tl.float32) * (2.0 * two_t) / tl.load(stats_ptr + 1))
+    b = rows // n_view  # each row's view
+    fac = (tl.load(grad_ptr + b * stride_g, mask=rmask, other=0.0).to(tl.float32) * (2.0 * two_t)
+           / tl.load(stats_ptr + 2 * b + 1, mask=rmask, other=1.0))
+    res = res * fac[:, None]
     if ROUND_BF16:  # interpreter: round to nearest even before its truncating bf16 cast
         res = _round_bf16(res)
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oq, res.to(out_ptr.dtype.element_ty),
@@ -338,21 +391,37 @@ def _resident_config(dtype: torch.dtype, q: int) -> dict:
                 stages=2, red_r=32, red_q=min(bq, 128))
 
 
-def resident_splits(n: int, block_m: int, block_n: int) -> tuple[int, int]:
-    """``(splits, column tiles per split)`` of the rows-resident backward: enough programs for
-    ``_RESIDENT_TARGET_PROGRAMS`` (whole splits of equal length but the last)."""
-    num_m, num_n = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+def resident_splits(n: int, block_m: int, block_n: int, views: int = 1, slots: int = 0) -> tuple[int, int]:
+    """``(splits, column tiles per split)`` of the rows-resident backward of ``views`` stacked views of
+    ``n`` rows: one split (no partials, no split reduce) when the row tiles alone fill ``slots``
+    program slots (the SMs, where a program takes a whole SM: 8 warps of > 128 registers) at >= 90%
+    wave efficiency, else enough programs for ``_RESIDENT_TARGET_PROGRAMS`` (whole splits of equal
+    length but the last)."""
+    num_m, num_n = views * triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+    if slots and num_m >= 0.9 * triton.cdiv(num_m, slots) * slots:
+        return 1, num_n
     want = max(1, min(num_n, triton.cdiv(_RESIDENT_TARGET_PROGRAMS, num_m)))
     per = triton.cdiv(num_n, want)
     return triton.cdiv(num_n, per), per
 
 
-
 def _check_z(z: Tensor, exclude_diagonal: bool) -> None:
-    check_tensor(z, "z", ndim=2, min_rows=2 if exclude_diagonal else 1, min_cols=1)
+    check_tensor(z, "z", min_ndim=2, min_rows=2 if exclude_diagonal else 1, min_cols=1)
+    if z.dim() > 3 or (z.dim() == 3 and z.shape[0] < 1):
+        raise ValueError(f"z: expected one view (n, q) or a batch of views (P, n, q) with P >= 1, got shape "
+                         f"{tuple(z.shape)}")
     if z.dtype not in _SUPPORTED:
         raise TypeError(f"z: the Triton kernel takes float32, float16 or bfloat16, got dtype {z.dtype} "
                         "(gaussian_gram_logmean computes float64 with torch)")
+
+
+def _flat(z: Tensor) -> tuple[Tensor, int, int, int]:
+    """``(zf, P, n, q)``: the views stacked as the rows of one ``(P n, q)`` matrix (a view of ``z`` when
+    its strides allow, else a copy; a single ``(n, q)`` view is taken as it is)."""
+    if z.dim() == 2:
+        return z, 1, z.shape[0], z.shape[1]
+    P, n, q = z.shape
+    return z.reshape(P * n, q), P, n, q
 
 
 def _row_scales(z: Tensor, normalize: bool, cfg: dict) -> tuple[Tensor, Tensor]:
@@ -370,32 +439,36 @@ def _row_scales(z: Tensor, normalize: bool, cfg: dict) -> tuple[Tensor, Tensor]:
 
 
 def gaussian_gram_forward(
-    z: Tensor, t: float, normalize: bool = True, exclude_diagonal: bool = True, input_precision: str = "tf32x3"
-) -> tuple[Tensor, Tensor]:
-    """``(L, stats)``: the log-mean as a 0-dim fp32 tensor and the fp32 statistics ``(m, S')`` of the
-    module docstring, shape ``(2,)`` (no autograd; see :func:`gaussian_gram_logmean`)."""
+    z: Tensor, t: float, normalize: bool = True, exclude_diagonal: bool = True, input_precision: str = "tf32x3",
+    *, return_scales: bool = False,
+) -> tuple[Tensor, ...]:
+    """``(L, stats)``: the log-mean as fp32 (0-dim for ``z`` of shape ``(n, q)``, ``(P,)`` for ``P``
+    views ``(P, n, q)``, all views in one launch per stage) and the fp32 statistics ``(m, S')`` of the
+    module docstring, shape ``(2,)`` or ``(P, 2)``; ``return_scales=True`` appends the row scales
+    ``(r, proj)``, each ``(P n,)`` fp32, which :func:`gaussian_gram_backward` takes as ``scales``
+    instead of recomputing them.  No autograd (see :func:`gaussian_gram_logmean`)."""
     _check_z(z, exclude_diagonal)
-    n, q = z.shape
+    zf, P, n, q = _flat(z)
     cfg = _config(z.dtype, q, n, _num_sms(z.device), input_precision)
-    rinv, _ = _row_scales(z, normalize, cfg)
+    rinv, proj = _row_scales(zf, normalize, cfg)
     tiles = triton.cdiv(n, cfg["fwd_block"])
     num_parts = tiles * (tiles + 1) // 2
-    mpart = torch.empty(num_parts, device=z.device, dtype=torch.float32)
-    spart = torch.empty(num_parts, device=z.device, dtype=torch.float32)
-    wrap_triton(_gram_lse_kernel)[(num_parts,)](
-        z, rinv, mpart, spart,
-        z.stride(0), z.stride(1),
-        n, q, 2.0 * float(t),
+    mpart = torch.empty(P * num_parts, device=z.device, dtype=torch.float32)
+    spart = torch.empty(P * num_parts, device=z.device, dtype=torch.float32)
+    wrap_triton(_gram_lse_kernel)[(P * num_parts,)](
+        zf, rinv, mpart, spart,
+        zf.stride(0), zf.stride(1),
+        n, q, 2.0 * float(t), num_parts,
         EXCLUDE=exclude_diagonal, BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
         INPUT_PRECISION=_input_precision(z.dtype, input_precision),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
-    out = torch.empty((), device=z.device, dtype=torch.float32)
-    stats = torch.empty(2, device=z.device, dtype=torch.float32)
-    wrap_triton(_lse_reduce_kernel)[(1,)](mpart, spart, out, stats, num_parts, n, EXCLUDE=exclude_diagonal,
+    out = torch.empty(z.shape[:-2], device=z.device, dtype=torch.float32)
+    stats = torch.empty((*z.shape[:-2], 2), device=z.device, dtype=torch.float32)
+    wrap_triton(_lse_reduce_kernel)[(P,)](mpart, spart, out, stats, num_parts, n, EXCLUDE=exclude_diagonal,
                                          BLOCK=1024, num_warps=4)
-    return out, stats
+    return (out, stats, rinv, proj) if return_scales else (out, stats)
 
 
 def gaussian_gram_backward(
@@ -409,79 +482,95 @@ def gaussian_gram_backward(
     *,
     panel_rows: int | None = None,
     resident: bool | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """``grad * dL/dz`` (shape and dtype of ``z``) for a 0-dim upstream gradient ``grad`` and the
-    forward's ``stats``, recomputing the Gram tiles: rows resident (the default ``resident=None`` where
-    :func:`resident_ok`), else panel by panel (``panel_rows`` rows at a time; default
-    legendre_gram's :func:`panel_rows_for`)."""
+    """``grad * dL/dz`` (shape and dtype of ``z``) for the upstream gradient ``grad`` (0-dim, or ``(P,)``
+    for ``P`` views) and the forward's ``stats``, recomputing the Gram tiles: rows resident (the
+    default ``resident=None`` where :func:`resident_ok`; all views in one launch per stage), else panel
+    by panel (``panel_rows`` rows at a time, view by view; default legendre_gram's
+    :func:`panel_rows_for`).  ``scales``: the forward's row scales (``return_scales=True``); ``None``
+    recomputes them (one launch)."""
     _check_z(z, exclude_diagonal)
-    n, q = z.shape
+    zf, P, n, q = _flat(z)
     cfg = _config(z.dtype, q, n, _num_sms(z.device), input_precision)
-    rinv, proj = _row_scales(z, normalize, cfg)
+    rinv, proj = _row_scales(zf, normalize, cfg) if scales is None else scales
     dot_f32 = interpreting() and z.dtype != torch.float32
     prec = _input_precision(z.dtype, input_precision)
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
-    grad = grad.reshape(())
+    grad = grad.reshape(P)
+    stats = stats.reshape(P, 2).contiguous()
     if resident is None:
         resident = resident_ok(q) and panel_rows is None
     if resident:
         if q > MAX_RESIDENT_Q:
             raise ValueError(f"resident: rows of q <= {MAX_RESIDENT_Q} only, got q = {q}")
         rc = _resident_config(z.dtype, q)
-        splits, per = resident_splits(n, rc["bm"], rc["bn"])
-        part = torch.empty((splits, n, q), device=z.device, dtype=torch.float32)
-        dpart = torch.empty((splits, n), device=z.device, dtype=torch.float32)
-        wrap_triton(_resident_backward_kernel)[(triton.cdiv(n, rc["bm"]) * splits,)](
-            z, rinv, proj, stats, part, dpart,
-            z.stride(0), z.stride(1), part.stride(0), part.stride(1), part.stride(2), dpart.stride(0),
-            dpart.stride(1),
+        slots = _num_sms(z.device) if rc["warps"] == 8 else 0  # 8 warps: one program per SM
+        splits, per = resident_splits(n, rc["bm"], rc["bn"], P, slots)
+        fused = splits == 1
+        out = torch.empty((P * n, q), device=z.device, dtype=z.dtype)
+        # one split: dz written by the kernel itself (part / dpart unused: placeholders)
+        part = out if fused else torch.empty((splits, P * n, q), device=z.device, dtype=torch.float32)
+        dpart = rinv if fused else torch.empty((splits, P * n), device=z.device, dtype=torch.float32)
+        pst = (0, out.stride(0), out.stride(1)) if fused else part.stride()
+        dst = (0, 1) if fused else dpart.stride()
+        round_bf16 = dot_f32 and z.dtype == torch.bfloat16
+        wrap_triton(_resident_backward_kernel)[(P * triton.cdiv(n, rc["bm"]) * splits,)](
+            zf, rinv, proj, stats, part, dpart, grad, out,
+            zf.stride(0), zf.stride(1), pst[0], pst[1], pst[2], dst[0], dst[1], grad.stride(0), out.stride(0),
+            out.stride(1),
             n, q, 2.0 * float(t), per,
             EXCLUDE=exclude_diagonal, NORMALIZE=normalize, MODE=mode,
             BLOCK_M=rc["bm"], BLOCK_N=rc["bn"], BLOCK_K=rc["bk"], BLOCK_Q=rc["bq"],
-            DOT_F32=dot_f32, INPUT_PRECISION=prec,
+            DOT_F32=dot_f32, INPUT_PRECISION=prec, FUSED=fused, ROUND_BF16=round_bf16, BATCHED=P > 1,
             num_warps=rc["warps"], num_stages=rc["stages"],
         )
-        out = torch.empty((n, q), device=z.device, dtype=z.dtype)
-        wrap_triton(_split_reduce_kernel)[(triton.cdiv(n, rc["red_r"]) * triton.cdiv(q, rc["red_q"]),)](
-            part, dpart, z, rinv, proj, stats, grad, out,
+        if fused:
+            return out.reshape(z.shape)
+        grid = (triton.cdiv(P * n, rc["red_r"]) * triton.cdiv(q, rc["red_q"]),)
+        wrap_triton(_split_reduce_kernel)[grid](
+            part, dpart, zf, rinv, proj, stats, grad, out,
             part.stride(0), part.stride(1), part.stride(2), dpart.stride(0), dpart.stride(1),
-            z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-            n, q, splits, 2.0 * float(t),
+            zf.stride(0), zf.stride(1), out.stride(0), out.stride(1), grad.stride(0),
+            P * n, q, splits, 2.0 * float(t), n,
             NORMALIZE=normalize, BLOCK_R=rc["red_r"], BLOCK_Q=rc["red_q"],
-            ROUND_BF16=dot_f32 and z.dtype == torch.bfloat16,
+            ROUND_BF16=round_bf16,
             num_warps=4,
         )
-        return out
+        return out.reshape(z.shape)
     rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     num_dparts = triton.cdiv(n, cfg["dphi_n"])
     panel = torch.empty((rows, n), device=z.device, dtype=torch.float32)
     dpart = torch.empty((rows, num_dparts), device=z.device, dtype=torch.float32)
     scale = torch.empty((), device=z.device, dtype=torch.float32)
-    out = torch.empty((n, q), device=z.device, dtype=z.dtype)
-    for row0 in range(0, n, rows):
-        nrows = min(rows, n - row0)
-        grid1 = (triton.cdiv(nrows, cfg["block"]) * num_dparts,)
-        wrap_triton(_gram_weights_kernel)[grid1](
-            z, rinv, proj, stats, grad, scale, panel, dpart,
-            z.stride(0), z.stride(1), panel.stride(0), panel.stride(1), dpart.stride(0), dpart.stride(1),
-            n, q, row0, nrows, 2.0 * float(t),
-            EXCLUDE=exclude_diagonal, NORMALIZE=normalize,
-            BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"], BLOCK_K=cfg["dphi_k"], GROUP_M=cfg["group"],
-            DOT_F32=dot_f32, INPUT_PRECISION=prec,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
-        )
-        grid2 = (triton.cdiv(nrows, cfg["mm_m"]) * triton.cdiv(q, cfg["mm_q"]),)
-        wrap_triton(_panel_matmul_kernel)[grid2](
-            panel, z, rinv, proj, dpart, scale, out,
-            panel.stride(0), panel.stride(1), z.stride(0), z.stride(1), dpart.stride(0), dpart.stride(1),
-            out.stride(0), out.stride(1),
-            n, q, row0, nrows, num_dparts,
-            NORMALIZE=normalize, MODE=mode,
-            BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
-            DOT_F32=dot_f32, INPUT_PRECISION=prec, SCALE_GIVEN=True,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
-        )
-    return out
+    out = torch.empty((P * n, q), device=z.device, dtype=z.dtype)
+    for b in range(P):  # view by view (rows wider than MAX_RESIDENT_Q: the products dominate)
+        zb, rb, pb, ob = zf[b * n:(b + 1) * n], rinv[b * n:(b + 1) * n], proj[b * n:(b + 1) * n], out[b * n:(b + 1) * n]
+        sb, gb = stats[b], grad[b]
+        for row0 in range(0, n, rows):
+            nrows = min(rows, n - row0)
+            grid1 = (triton.cdiv(nrows, cfg["block"]) * num_dparts,)
+            wrap_triton(_gram_weights_kernel)[grid1](
+                zb, rb, pb, sb, gb, scale, panel, dpart,
+                zb.stride(0), zb.stride(1), panel.stride(0), panel.stride(1), dpart.stride(0), dpart.stride(1),
+                n, q, row0, nrows, 2.0 * float(t),
+                EXCLUDE=exclude_diagonal, NORMALIZE=normalize,
+                BLOCK_M=cfg["block"], BLOCK_N=cfg["dphi_n"], BLOCK_K=cfg["dphi_k"], GROUP_M=cfg["group"],
+                DOT_F32=dot_f32, INPUT_PRECISION=prec,
+                num_warps=cfg["warps"], num_stages=cfg["stages"],
+            )
+            grid2 = (triton.cdiv(nrows, cfg["mm_m"]) * triton.cdiv(q, cfg["mm_q"]),)
+            wrap_triton(_panel_matmul_kernel)[grid2](
+                panel, zb, rb, pb, dpart, scale, ob,
+                panel.stride(0), panel.stride(1), zb.stride(0), zb.stride(1), dpart.stride(0), dpart.stride(1),
+                ob.stride(0), ob.stride(1),
+                n, q, row0, nrows, num_dparts,
+                NORMALIZE=normalize, MODE=mode,
+                BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
+                DOT_F32=dot_f32, INPUT_PRECISION=prec, SCALE_GIVEN=True,
+                num_warps=cfg["warps"], num_stages=cfg["stages"],
+            )
+    return out.reshape(z.shape)
 
 
 # ==================================================================================================
@@ -545,65 +634,107 @@ def _torch_backward(grad: Tensor, z: Tensor, stats: Tensor, t: float, normalize:
     return g.to(z.dtype)
 
 
+def _torch_scales(z: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The row scales ``(r, proj)`` of ``_row_scales_kernel`` over the ``(P n,)`` stacked rows, in torch."""
+    zf = _flat(z)[0].detach().float()
+    if not normalize:
+        return torch.ones(zf.shape[0], device=z.device), torch.zeros(zf.shape[0], device=z.device)
+    norm = zf.norm(dim=1)
+    rinv = 1.0 / norm.clamp_min(_EPS)
+    return rinv, torch.where(norm >= _EPS, rinv * rinv, torch.zeros_like(rinv))
+
+
+def _torch_forward_views(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_torch_forward` of one view ``(n, q)`` or of each view of ``(P, n, q)`` (stacked)."""
+    if z.dim() == 2:
+        return _torch_forward(z, t, normalize, exclude_diagonal)
+    vals, stats = zip(*(_torch_forward(zb, t, normalize, exclude_diagonal) for zb in z.unbind(0)))
+    return torch.stack(vals), torch.stack(stats)
+
+
+def _torch_backward_views(grad: Tensor, z: Tensor, stats: Tensor, t: float, normalize: bool,
+                          exclude_diagonal: bool) -> Tensor:
+    if z.dim() == 2:
+        return _torch_backward(grad, z, stats, t, normalize, exclude_diagonal)
+    return torch.stack([_torch_backward(grad.reshape(-1)[b], z[b], stats.reshape(-1, 2)[b], t, normalize,
+                                        exclude_diagonal) for b in range(z.shape[0])])
+
+
 # ==================================================================================================
 # torch.library registration and autograd
 # ==================================================================================================
 
 
+# The op takes one view (n, q) or P views (P, n, q) and returns (value, stats, r, proj): the row scales
+# are saved for the backward (no second row-scales launch there).
+def _forward_impl(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool,
+                  input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return gaussian_gram_forward(z, t, normalize, exclude_diagonal, input_precision, return_scales=True)
+
+
+def _backward_impl(grad: Tensor, z: Tensor, stats: Tensor, rinv: Tensor, proj: Tensor, t: float, normalize: bool,
+                   exclude_diagonal: bool, input_precision: str) -> Tensor:
+    return gaussian_gram_backward(grad, z, stats, t, normalize, exclude_diagonal, input_precision,
+                                  scales=(rinv, proj))
+
+
 @triton_op("kernelssl::gaussian_gram_logmean", mutates_args=())
 def _logmean_op(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool,
-                input_precision: str) -> tuple[Tensor, Tensor]:
-    return gaussian_gram_forward(z, t, normalize, exclude_diagonal, input_precision)
+                input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(z, t, normalize, exclude_diagonal, input_precision)
 
 
 @triton_op("kernelssl::gaussian_gram_logmean_backward", mutates_args=())
-def _logmean_backward_op(grad: Tensor, z: Tensor, stats: Tensor, t: float, normalize: bool,
-                         exclude_diagonal: bool, input_precision: str) -> Tensor:
-    return gaussian_gram_backward(grad, z, stats, t, normalize, exclude_diagonal, input_precision)
+def _logmean_backward_op(grad: Tensor, z: Tensor, stats: Tensor, rinv: Tensor, proj: Tensor, t: float,
+                         normalize: bool, exclude_diagonal: bool, input_precision: str) -> Tensor:
+    return _backward_impl(grad, z, stats, rinv, proj, t, normalize, exclude_diagonal, input_precision)
 
 
 @_logmean_op.register_kernel("cpu")
 def _logmean_cpu(z, t, normalize, exclude_diagonal, input_precision):
     if interpreting():  # wrap_triton hands interpreted kernels back unwrapped: a direct launch
-        return gaussian_gram_forward(z, t, normalize, exclude_diagonal, input_precision)
-    return _torch_forward(z, t, normalize, exclude_diagonal)
+        return _forward_impl(z, t, normalize, exclude_diagonal, input_precision)
+    return (*_torch_forward_views(z, t, normalize, exclude_diagonal), *_torch_scales(z, normalize))
 
 
 @_logmean_backward_op.register_kernel("cpu")
-def _logmean_backward_cpu(grad, z, stats, t, normalize, exclude_diagonal, input_precision):
+def _logmean_backward_cpu(grad, z, stats, rinv, proj, t, normalize, exclude_diagonal, input_precision):
     if interpreting():
-        return gaussian_gram_backward(grad, z, stats, t, normalize, exclude_diagonal, input_precision)
-    return _torch_backward(grad, z, stats, t, normalize, exclude_diagonal)
+        return _backward_impl(grad, z, stats, rinv, proj, t, normalize, exclude_diagonal, input_precision)
+    return _torch_backward_views(grad, z, stats, t, normalize, exclude_diagonal)
 
 
 @_logmean_op.register_fake
 def _logmean_fake(z, t, normalize, exclude_diagonal, input_precision):
-    return z.new_empty((), dtype=torch.float32), z.new_empty((2,), dtype=torch.float32)
+    rows = z.shape[0] * z.shape[1] if z.dim() == 3 else z.shape[0]
+    return (z.new_empty(z.shape[:-2], dtype=torch.float32), z.new_empty((*z.shape[:-2], 2), dtype=torch.float32),
+            z.new_empty((rows,), dtype=torch.float32), z.new_empty((rows,), dtype=torch.float32))
 
 
 @_logmean_backward_op.register_fake
-def _logmean_backward_fake(grad, z, stats, t, normalize, exclude_diagonal, input_precision):
+def _logmean_backward_fake(grad, z, stats, rinv, proj, t, normalize, exclude_diagonal, input_precision):
     return z.new_empty(z.shape)
 
 
-_logmean_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(gaussian_gram_forward, 0))
-_logmean_backward_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(gaussian_gram_backward, 1))
+_logmean_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(_forward_impl, 0))
+_logmean_backward_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(_backward_impl, 1))
 
 
 def _setup_context(ctx, inputs, output):
     z, t, normalize, exclude_diagonal, input_precision = inputs
-    _, stats = output
-    ctx.save_for_backward(z, stats)
-    ctx.mark_non_differentiable(stats)
+    _, stats, rinv, proj = output
+    ctx.save_for_backward(z, stats, rinv, proj)
+    ctx.mark_non_differentiable(stats, rinv, proj)
     ctx.set_materialize_grads(False)
     ctx.t, ctx.normalize, ctx.exclude_diagonal, ctx.input_precision = t, normalize, exclude_diagonal, input_precision
 
 
-def _backward(ctx, grad, _grad_stats):
+def _backward(ctx, grad, _grad_stats, _grad_rinv, _grad_proj):
     if not ctx.needs_input_grad[0] or grad is None:
         return None, None, None, None, None
-    z, stats = ctx.saved_tensors
-    dz = _logmean_backward_op(grad, z, stats, ctx.t, ctx.normalize, ctx.exclude_diagonal, ctx.input_precision)
+    z, stats, rinv, proj = ctx.saved_tensors
+    dz = _logmean_backward_op(grad, z, stats, rinv, proj, ctx.t, ctx.normalize, ctx.exclude_diagonal,
+                              ctx.input_precision)
     return dz, None, None, None, None
 
 
@@ -646,7 +777,9 @@ def gaussian_gram_logmean(
     Args:
         z: ``(n, q)``, float32 / float16 / bfloat16 (CUDA, or CPU under ``TRITON_INTERPRET=1``); n >= 2
             (n >= 1 with the diagonal included), q >= 1.  float64 is computed by the same algorithm in
-            torch, float64 end to end, and returned as float64.
+            torch, float64 end to end, and returned as float64.  Or ``P`` views of equal shape stacked,
+            ``(P, n, q)``: the ``P`` log-means, each view's own (bitwise the per-view calls' on the
+            Triton path), all views in one launch per stage (Wang & Isola's loss: P = 2).
         t: the potential's scale, a finite number > 0 (Wang & Isola's default 2).
         normalize: L2-normalise the rows first (fused into the kernels); False: the rows are taken as
             given (unit rows expected: the formula is ``exp(2t(z_i . z_j - 1))`` either way).
@@ -655,15 +788,21 @@ def gaussian_gram_logmean(
             ``"tf32x3"``, ``"ieee"`` or ``"tf32"``; ``None`` (default) is ``"tf32"`` when torch's
             ``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"tf32x3"``.  No effect on fp16/bf16.
 
-    Returns a 0-dim float32 tensor (float64 for float64 ``z``); differentiable in ``z`` (gradient in z's
-    dtype), deterministic, finite for any t > 0 (log-sum-exp).  Double backward is not supported.
+    Returns a 0-dim float32 tensor (``(P,)`` for ``(P, n, q)``; float64 for float64 ``z``);
+    differentiable in ``z`` (gradient in z's dtype), deterministic, finite for any t > 0 (log-sum-exp).
+    Double backward is not supported.
     NaN in ``z`` propagates to the value and the gradient.
     """
     prec = resolve_precision(input_precision)
     t = check_positive(t, "t")
     normalize = check_bool(normalize, "normalize")
     exclude_diagonal = check_bool(exclude_diagonal, "exclude_diagonal")
-    check_tensor(z, "z", ndim=2, min_rows=2 if exclude_diagonal else 1, min_cols=1)
+    check_tensor(z, "z", min_ndim=2, min_rows=2 if exclude_diagonal else 1, min_cols=1)
+    if z.dim() > 3 or (z.dim() == 3 and z.shape[0] < 1):
+        raise ValueError(f"z: expected one view (n, q) or a batch of views (P, n, q) with P >= 1, got shape "
+                         f"{tuple(z.shape)}")
     if z.dtype == torch.float64:
+        if z.dim() == 3:
+            return torch.stack([_Float64.apply(zb, t, normalize, exclude_diagonal) for zb in z.unbind(0)])
         return _Float64.apply(z, t, normalize, exclude_diagonal)
     return _logmean_op(z, t, normalize, exclude_diagonal, prec)[0]
