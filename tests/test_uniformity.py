@@ -736,7 +736,7 @@ def test_huge_t_with_duplicate_rows_stays_a_log_of_a_fraction():
     z[1] = z[0]
     zh = F.normalize(z)
     assert float(zh[0] @ zh[1]) > 1.0  # the rounding this test is about
-    for backend in ("torch",):  # TODO(lead): "triton" once the kernel clamps too
+    for backend in ("torch", "triton"):
         got = KF.uniformity(z, 1e30, backend=backend)
         assert_close(got, math.log(2 / 20), rtol=0, atol=1e-6, name=f"{backend} t = 1e30, one duplicate pair")
 

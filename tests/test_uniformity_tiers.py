@@ -117,3 +117,27 @@ def test_modules_on_triton_backend(device):
     assert_close(v, v_torch, rtol=0, atol=FP32_ATOL(2.0), name="triton vs torch module loss")
     for got, ref in zip(gs, g_torch):
         assert_close(got, ref, rtol=0, atol=FP32_ATOL(2.0) * float(np.abs(ref).max()), name="module gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_double_backward_refuses(device, dtype):
+    """The fused op's backward uses the forward's (m, S') as constants, so a second derivative through
+    it would be silently wrong (float64 returned zeros): it raises, like the torch path's."""
+    z = torch.randn(6, 4, dtype=dtype, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(KF.uniformity(z, backend="triton"), z, create_graph=False)
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(KF.uniformity(z, backend="triton"), z, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_every_row_non_finite_gives_nan(device, backend, bad):
+    """A batch whose every row is non-finite (e.g. an fp16 overflow of the whole batch) gives NaN on
+    both backends -- the Triton reduce used to return -inf (no tile had a comparable exponent)."""
+    z = torch.randn(6, 4, device=device)
+    z[:, 0] = bad
+    assert torch.isnan(KF.uniformity(z, backend=backend))
+    assert torch.isnan(KF.uniformity(z.half(), backend=backend))

@@ -119,7 +119,7 @@ def _gram_lse_kernel(
     z_ptr, rinv_ptr, mpart_ptr, spart_ptr,
     stride_zn, stride_zq,
     n, q, two_t, num_parts,
-    EXCLUDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    EXCLUDE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     gid = tl.program_id(0).to(tl.int64)
@@ -140,7 +140,10 @@ def _gram_lse_kernel(
                      BLOCK, BLOCK, BLOCK_K, DOT_F32, INPUT_PRECISION)
     r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
     r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    x = two_t * (acc * r_i[:, None] * r_j[None, :] - 1.0)
+    g = acc * r_i[:, None] * r_j[None, :]
+    if NORMALIZE:  # s <= 1 on unit rows: a rounded 1 + ulp times a huge t must not make x > 0
+        g = tl.where(g > 1.0, 1.0, g)  # not tl.minimum: that drops NaN (min.f32 returns the other operand)
+    x = two_t * (g - 1.0)
     valid = rmask[:, None] & cmask[None, :]
     if EXCLUDE:
         valid = valid & (rows[:, None] != cols[None, :])
@@ -182,7 +185,9 @@ def _lse_reduce_kernel(mpart_ptr, spart_ptr, out_ptr, stats_ptr, num_parts, n,
         log_c = tl.log(nf) + tl.log(nf - 1.0)
     else:
         log_c = 2.0 * tl.log(nf)
-    tl.store(out_ptr, m + tl.log(total) - log_c)
+    # m = -inf: no tile had a comparable exponent (every row non-finite, NaN skipped by the max): NaN,
+    # never a silent -inf (a finite z always has m >= -4t)
+    tl.store(out_ptr, tl.where(m == float("-inf"), float("nan"), m + tl.log(total) - log_c))
     tl.store(stats_ptr, m)
     tl.store(stats_ptr + 1, total)
 
@@ -225,7 +230,8 @@ def _gram_weights_kernel(
     elif NORMALIZE:
         projected = tl.load(proj_ptr + rows, mask=rmask, other=0.0) != 0.0
         valid = valid & ~(diag & projected[:, None])
-    w = tl.exp(tl.where(valid, two_t * (g - 1.0), float("-inf")) - m)  # 0 off the valid pairs
+    gx = tl.where(g > 1.0, 1.0, g) if NORMALIZE else g  # the forward's clamp (NaN kept)
+    w = tl.exp(tl.where(valid, two_t * (gx - 1.0), float("-inf")) - m)  # 0 off the valid pairs
     tl.store(p_ptr + lrows[:, None] * stride_pm + cols[None, :] * stride_pn, w * r_j[None, :], mask=mask)
     if NORMALIZE:
         d = tl.sum(w * g, axis=1)  # w = 0 outside the valid pairs
@@ -289,7 +295,8 @@ def _resident_backward_kernel(
             valid = valid & (~diag)
         elif NORMALIZE:
             valid = valid & ~(diag & projected[:, None])
-        w = tl.exp(tl.where(valid, two_t * (g - 1.0), float("-inf")) - m)  # 0 off the valid pairs
+        gx = tl.where(g > 1.0, 1.0, g) if NORMALIZE else g  # the forward's clamp (NaN kept)
+        w = tl.exp(tl.where(valid, two_t * (gx - 1.0), float("-inf")) - m)  # 0 off the valid pairs
         if NORMALIZE:
             d += tl.sum(w * g, axis=1)
         zt = tl.load(z_ptr + cols[:, None] * stride_zn + qs[None, :] * stride_zq,
@@ -459,7 +466,7 @@ def gaussian_gram_forward(
         zf, rinv, mpart, spart,
         zf.stride(0), zf.stride(1),
         n, q, 2.0 * float(t), num_parts,
-        EXCLUDE=exclude_diagonal, BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
+        EXCLUDE=exclude_diagonal, NORMALIZE=normalize, BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
         INPUT_PRECISION=_input_precision(z.dtype, input_precision),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
@@ -598,7 +605,8 @@ def _torch_forward(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool)
     c = _chunk(n)
     ms, ss = [], []
     for s in range(0, n, c):
-        x = (2.0 * t) * (zh[s:s + c] @ zh.t() - 1.0)
+        gb = zh[s:s + c] @ zh.t()
+        x = (2.0 * t) * ((gb.clamp_max(1.0) if normalize else gb) - 1.0)
         if exclude_diagonal:
             idx = torch.arange(x.shape[0], device=x.device)
             x[idx, s + idx] = _NEG_INF
@@ -609,7 +617,7 @@ def _torch_forward(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool)
     m = mpart.max()
     total = (spart * torch.exp(mpart - m)).sum()
     log_c = math.log(n) + math.log(n - 1) if exclude_diagonal else 2.0 * math.log(n)
-    value = m + torch.log(total) - log_c
+    value = torch.where(m == _NEG_INF, torch.full_like(m, math.nan), m + torch.log(total) - log_c)
     return value, torch.stack([m, total])
 
 
@@ -622,7 +630,8 @@ def _torch_backward(grad: Tensor, z: Tensor, stats: Tensor, t: float, normalize:
     c = _chunk(n)
     g = torch.empty_like(zh)
     for s in range(0, n, c):
-        w = torch.exp((2.0 * t) * (zh[s:s + c] @ zh.t() - 1.0) - m)
+        gb = zh[s:s + c] @ zh.t()
+        w = torch.exp((2.0 * t) * ((gb.clamp_max(1.0) if normalize else gb) - 1.0) - m)
         if exclude_diagonal:
             idx = torch.arange(w.shape[0], device=w.device)
             w[idx, s + idx] = 0.0
@@ -729,7 +738,16 @@ def _setup_context(ctx, inputs, output):
     ctx.t, ctx.normalize, ctx.exclude_diagonal, ctx.input_precision = t, normalize, exclude_diagonal, input_precision
 
 
+_NO_DOUBLE_BACKWARD = (
+    "gaussian_gram_logmean (backend='triton'): double backward (create_graph=True) is not supported by "
+    "the fused kernels; use backend='torch' under torch.func, or kernelssl.uniformity."
+    "gaussian_gram_logmean_eager (plain autograd), for higher derivatives"
+)
+
+
 def _backward(ctx, grad, _grad_stats, _grad_rinv, _grad_proj):
+    if torch.is_grad_enabled():
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
     if not ctx.needs_input_grad[0] or grad is None:
         return None, None, None, None, None
     z, stats, rinv, proj = ctx.saved_tensors
@@ -753,6 +771,8 @@ class _Float64(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # the saved (m, S') are constants: a second derivative would be wrong
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         z, stats = ctx.saved_tensors
         return _torch_backward(grad, z, stats, *ctx.args), None, None, None
 
