@@ -967,10 +967,10 @@ def uniformity(
     ``(n, q)`` copies of ``z`` (the power-of-two prescaled and the normalised rows) and one ~16 MiB
     Gram block -- O(n q), where Wang & Isola's ``pdist`` form stores ``n (n - 1) / 2`` distances
     (20 GB in fp32 at n = 10^5).  Measured on this project's 2-core CPU (torch 2.14, 2 threads, fp32,
-    the machine shared with other jobs), q = 128: n = 100 000 in 162 s with a peak-RSS increase of
-    114 MiB over the 49 MiB of ``z`` itself; n = 16 384 in 4.9 s, +32 MiB.  (Method: a fresh process
-    creates ``z``, warms the call up on 4096 rows, resets the peak RSS through
-    ``/proc/self/clear_refs``, then reports ``VmHWM`` after the call minus ``VmRSS`` before it.)
+    otherwise idle), q = 128: n = 100 000 in 11.5 s with a peak-RSS increase of 119 MiB over the
+    49 MiB of ``z`` itself; n = 16 384 in 0.34 s, +35 MiB (their pdist form: 1.58 s, +1032 MiB).
+    (``benchmarks/uniformity_memory.py``: each case in a fresh process, peak RSS above the RSS just
+    before the call; README, "Uniformity and alignment".)
 
     Args:
         z: ``(n, q)``, n >= 2, floating point; raw rows are L2-normalised first (``normalize=True``).
