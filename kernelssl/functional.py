@@ -961,7 +961,10 @@ def uniformity(
     the same number as their ``torch.pdist(z^, p=2).pow(2).mul(-t).exp().mean().log()``
     (:func:`kernelssl.uniformity.uniformity_pdist`) without its ``n (n - 1) / 2`` distances, and
     finite for any t (online log-sum-exp; see :func:`gaussian_gram_logmean`, which this is with
-    ``exclude_diagonal=True``).  Lower is more uniform; ``>= -4t``.
+    ``exclude_diagonal=True``).  Lower is more uniform; ``>= -4t``.  Rows of any finite non-zero
+    magnitude are normalised exactly (power-of-two prescale); an exactly zero row has no direction:
+    it counts at squared distance ``2 - 2 * 0 = 2`` from every row (their pdist of the zero vector
+    would give 1), see :mod:`kernelssl.uniformity`.
 
     As a metric (no training), call it under ``torch.no_grad()``: nothing is stored beyond two
     ``(n, q)`` copies of ``z`` (the power-of-two prescaled and the normalised rows) and one ~16 MiB
