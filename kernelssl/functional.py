@@ -51,7 +51,6 @@ gathered from all ranks (:mod:`kernelssl.distributed`).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -64,6 +63,7 @@ from . import mec as _mec
 from . import sfrik as _sfrik
 from . import uniformity as _unif
 from ._backend import ENV_VAR, resolve_backend, resolve_precision
+from ._prescale import prescale_rows as _prescale_rows
 from ._checks import (
     check_bool,
     check_choice,
@@ -185,29 +185,6 @@ def _fp32_compute(fn):
         return fn(*args, **kwargs)
 
     return wrapper
-
-
-def _prescale_rows(x: Tensor) -> Tensor:
-    """``x`` with every non-zero row multiplied by ``2^-floor(log2 max|x_i|)`` (its largest entry then
-    lies in [1, 2); the exponent is capped so the factor stays finite for subnormal rows); zero rows
-    unchanged.  For rows that are L2-normalised next: the sum of squares can neither overflow (huge
-    rows) nor underflow below the normalisation's eps (rows of norm < 1e-12, which ``F.normalize``
-    would leave un-normalised and the losses would read as nearly orthogonal to everything, a
-    silent wrong number at a collapse towards zero).  Since the factor is an exact power of two
-    (detached), the normalised row, and the gradient through it, are bitwise those of the unscaled
-    row whenever that one did not overflow or underflow.  NaN/Inf rows stay non-finite.  fp16 is
-    returned as is (every path squares it in fp32, which can neither overflow nor underflow at
-    fp16's range).  No host sync.
-    """
-    if x.dtype == torch.float16:
-        return x
-    with torch.no_grad():
-        amax = x.detach().abs().amax(dim=-1, keepdim=True)
-        # zero rows: log2(0) = -inf -> factor 1; subnormal rows: cap 2^(maxexp - 2), still exact
-        cap = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if x.is_floating_point() else 0.0
-        e = (-torch.floor(torch.log2(amax))).clamp_max(cap)
-        scale = torch.exp2(torch.where(amax > 0, e, torch.zeros_like(e)))
-    return x * scale
 
 
 def _positive_or_nan(x: float | Tensor) -> float | Tensor:
@@ -961,7 +938,8 @@ def uniformity(
     the same number as their ``torch.pdist(z^, p=2).pow(2).mul(-t).exp().mean().log()``
     (:func:`kernelssl.uniformity.uniformity_pdist`) without its ``n (n - 1) / 2`` distances, and
     finite for any t (online log-sum-exp; see :func:`gaussian_gram_logmean`, which this is with
-    ``exclude_diagonal=True``).  Lower is more uniform; ``>= -4t``.  Rows of any finite non-zero
+    ``exclude_diagonal=True``).  Lower is more uniform; ``>= -2t n / (n - 1)`` (n unit vectors:
+    ``sum_{i != j} ||z_i^ - z_j^||^2 <= 2 n^2``, and exp is convex).  Rows of any finite non-zero
     magnitude are normalised exactly (power-of-two prescale); an exactly zero row has no direction:
     it counts at squared distance ``2 - 2 * 0 = 2`` from every row (their pdist of the zero vector
     would give 1), see :mod:`kernelssl.uniformity`.
@@ -1033,7 +1011,7 @@ def alignment(
         _assert_finite([z_a, z_b], ["z_a", "z_b"])
     if normalize:
         z_a, z_b = _prescale_rows(z_a), _prescale_rows(z_b)
-    return _unif.alignment(z_a, z_b, alpha, normalize=normalize)
+    return _unif._alignment(z_a, z_b, alpha, normalize)
 
 
 @_fp32_compute
@@ -1086,7 +1064,7 @@ def align_uniform_loss(
         z_a, z_b = _prescale_rows(z_a), _prescale_rows(z_b)
     if gather_distributed:
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
-    align = _unif.alignment(z_a, z_b, alpha, normalize=normalize)
+    align = _unif._alignment(z_a, z_b, alpha, normalize)
     if fused:
         # both views in ONE fused call (one launch per stage), bitwise each view's own call;
         # w * (0.5 * (u_a + u_b)) == w * 0.5 * (u_a + u_b) exactly (scalings by 1/2)

@@ -151,6 +151,12 @@ def sample_laplace_rff(
     (``u`` in [0, 1): ``pi (u - 1/2)`` in [-pi/2, pi/2), whose float64 tangent is finite -- at most
     ~1.6e16 in magnitude, at u = 0).  Devices, dtypes and the phase reduction as :func:`sample_imq_rff`.
     """
+    if dtype == torch.float16:  # before any draw: the generator's state stays untouched
+        raise ValueError(
+            "dtype: expected float32, float64 or bfloat16 for Laplace features, got float16 (standard "
+            "Cauchy draws exceed its maximum 65504 with probability ~1e-5 per entry: inf, then NaN "
+            "features); draw them in float32"
+        )
     src, out = _sampler_devices(dim, num_features, generator, device, dtype)
     D = num_features
     if out.type == "meta":

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_bool, check_coefficients, check_int, check_positive, check_tensor
+from ._checks import check_bool, check_coefficients, check_int, check_positive, check_same_shape, check_tensor
+from ._prescale import prescale_rows
 from .sfrik import _buffer_view, default_block_size
 
 __all__ = [
@@ -289,7 +290,9 @@ def gaussian_gram_logmean(
     check_bool(exclude_diagonal, "exclude_diagonal")
     block = None if block_size is None else check_int(block_size, "block_size", minimum=1)
     zf = _upcast(z)
-    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    # prescaled, every non-zero row normalises to a unit row (no row below F.normalize's eps): the
+    # radial diagonal term dropped by the blocked pass is then exactly what the Jacobian removes
+    zhat = F.normalize(prescale_rows(zf), dim=-1, eps=_NORM_EPS) if normalize else zf
     n = zhat.shape[0]
     want_grad = torch.is_grad_enabled() and zhat.requires_grad
     block = min(block if block is not None else default_block_size(n, zhat.dtype), n)
@@ -306,10 +309,13 @@ def gaussian_gram_logmean_eager(
     differentiable; works under ``torch.func`` transforms.  Same arguments and result."""
     _check_z(z, "z")
     t = check_t(t)
+    check_bool(normalize, "normalize")
+    check_bool(exclude_diagonal, "exclude_diagonal")
     zf = _upcast(z)
-    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    zhat = F.normalize(prescale_rows(zf), dim=-1, eps=_NORM_EPS) if normalize else zf
     n = zhat.shape[0]
-    e = (zhat @ zhat.t() - 1.0) * (2.0 * t)
+    g = zhat @ zhat.t()
+    e = ((g.clamp_max(1.0) if normalize else g) - 1.0) * (2.0 * t)  # s <= 1 on unit rows, as the blocked pass
     if exclude_diagonal:
         eye = torch.eye(n, dtype=torch.bool, device=zhat.device)
         e = e.masked_fill(eye, -math.inf)
@@ -343,7 +349,17 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0, *, normalize: bool =
     """
     _check_z(z_a, "z_a")
     _check_z(z_b, "z_b")
+    check_same_shape([z_a, z_b], ["z_a", "z_b"])
     alpha = check_alpha(alpha)
+    check_bool(normalize, "normalize")
+    if normalize:
+        z_a, z_b = prescale_rows(_upcast(z_a)), prescale_rows(_upcast(z_b))
+    return _alignment(z_a, z_b, alpha, normalize)
+
+
+def _alignment(z_a: Tensor, z_b: Tensor, alpha: float, normalize: bool) -> Tensor:
+    """:func:`alignment` on checked arguments whose rows are already prescaled (``KF`` prescales once
+    for both terms of the loss)."""
     za, zb = _upcast(z_a), _upcast(z_b)
     if za.dtype != zb.dtype:
         dtype = torch.promote_types(za.dtype, zb.dtype)

@@ -8,8 +8,8 @@ Conventions
 * ``a`` and ``b`` are ``(m, d)`` arrays (rows are samples), or ``(..., m, d)`` with identical leading
   batch dims (the batched wrappers loop over them).  ``a`` is the FIRST argument: the teacher /
   target branch; ``b`` is the student (online) branch.
-* ``normalize(z)`` divides each row by ``max(||z_i||_2, 1e-12)`` (the ``F.normalize`` default), so a
-  zero row stays zero.  ``A^ = normalize(a)``, ``B^ = normalize(b)``.
+* ``normalize(z)`` divides each non-zero row by its norm, however small (the library prescales rows by
+  an exact power of two before ``F.normalize``, so it agrees); a zero row stays zero.  ``A^ = normalize(a)``, ``B^ = normalize(b)``.
 * ``C = lam * A^ B^T`` is ``(m, m)`` and NOT symmetric.
 * The truncated matrix-log series of order n >= 1::
 
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import sfrik as _sfrik
+
 __all__ = [
     "EPS",
     "normalize",
@@ -60,16 +62,18 @@ EPS = 1e-12
 
 
 def normalize(z) -> np.ndarray:
-    """Row-wise L2 normalisation ``z_i / max(||z_i||, 1e-12)`` over the last axis (any leading dims)."""
+    """Row-wise L2 normalisation over the last axis (any leading dims): ``z_i / ||z_i||`` for every
+    non-zero row, however small (the library's exact power-of-two prescale makes its ``F.normalize``
+    agree); a zero row stays zero (``F.normalize``'s ``z / max(||z||, 1e-12)``)."""
     z = np.asarray(z, dtype=np.float64)
-    norms = np.sqrt(np.sum(z * z, axis=-1, keepdims=True))
-    return z / np.maximum(norms, EPS)
+    norms = _sfrik.row_norms(z)
+    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 def normalize_backward(z, g) -> np.ndarray:
     """Vector-Jacobian product of :func:`normalize`: the gradient wrt raw ``z`` given ``g = dL/dz^``.
 
-    Per row: ``(g - x (x . g)) / ||z||`` with ``x = z / ||z||`` when ``||z|| > eps``, else ``g / eps``.
+    Per row: ``(g - x (x . g)) / ||z||`` with ``x = z / ||z||`` for a non-zero row, else ``g / eps``.
     """
     z = np.asarray(z, dtype=np.float64)
     g = np.asarray(g, dtype=np.float64)
@@ -77,9 +81,10 @@ def normalize_backward(z, g) -> np.ndarray:
     flat_z = z.reshape(-1, z.shape[-1])
     flat_g = g.reshape(-1, g.shape[-1])
     flat_o = out.reshape(-1, z.shape[-1])
+    norms = _sfrik.row_norms(flat_z)[:, 0]
     for i in range(flat_z.shape[0]):
-        nrm = np.sqrt(np.sum(flat_z[i] * flat_z[i]))
-        if nrm > EPS:
+        nrm = norms[i]
+        if nrm > 0:
             x = flat_z[i] / nrm
             flat_o[i] = (flat_g[i] - x * np.dot(x, flat_g[i])) / nrm
         else:

@@ -5,8 +5,9 @@ NumPy, float64, written to be obviously correct rather than fast.  No torch here
 Conventions
 -----------
 * ``z`` is an ``(n, q)`` array, rows are samples, q >= 2 is the dimension of the ambient space of the
-  sphere S^(q-1).  ``normalize(z)`` divides each row by ``max(||z_i||, 1e-12)`` (the
-  ``torch.nn.functional.normalize`` default), so a zero row stays zero.
+  sphere S^(q-1).  ``normalize(z)`` divides each non-zero row by its norm, however small
+  (the library prescales rows by an exact power of two before ``torch.nn.functional.normalize``, so
+  it agrees); a zero row stays zero.
 * ``P_l(q; t)`` is the Legendre (ultraspherical) polynomial of degree l in dimension q, normalised so
   that ``P_l(q; 1) = 1``, evaluated by the three-term recurrence (valid for every q >= 2)::
 
@@ -22,8 +23,8 @@ Conventions
   ``R = mean over the n*q entries of (zhat_a - zhat_b)^2``.
 
 Gradients are analytic (the tests check them against central differences).  The Jacobian of the
-normalisation is the one of ``z / max(||z||, eps)``: ``(I - zhat zhat^T) / ||z||`` when
-``||z|| >= eps`` and ``I / eps`` below (this is what autograd gives for ``F.normalize``).
+normalisation is ``(I - zhat zhat^T) / ||z||`` for a non-zero row and ``I / eps`` for a zero row (what
+autograd gives for ``F.normalize`` after the library's prescale).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ __all__ = [
     "sfrik_loss_grad",
 ]
 
-EPS = 1e-12  #: the clamp of the row norm in :func:`normalize`
+EPS = 1e-12  #: the clamp of the row norm in :func:`normalize` (reached by zero rows only)
 
 
 def _check_q(q: int) -> int:
@@ -67,11 +68,22 @@ def _check_z(z: np.ndarray, name: str) -> np.ndarray:
     return z
 
 
+def row_norms(z: np.ndarray) -> np.ndarray:
+    """``||z_i||_2`` over the last axis, keepdims, computed as ``m sqrt(sum (z/m)^2)``, ``m = max|z_i|``:
+    exact for every row a float64 holds (no underflow of the squares of a tiny row); 0 for zero rows."""
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(np.abs(z), axis=-1, keepdims=True)
+    safe = np.where(m > 0, m, 1.0)
+    return m * np.sqrt(np.sum((z / safe) ** 2, axis=-1, keepdims=True))
+
+
 def normalize(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``z_i / max(||z_i||_2, 1e-12)``; ``(n, q) -> (n, q)``."""
+    """Row-wise ``z_i / ||z_i||_2`` for every non-zero row (however small: the library's exact
+    power-of-two prescale makes its ``F.normalize`` agree); a zero row stays zero (``z / max(||z||,
+    1e-12)``, the clamp of ``F.normalize``).  ``(n, q) -> (n, q)``."""
     z = _check_z(z, "z")
-    norms = np.sqrt(np.sum(z * z, axis=1, keepdims=True))
-    return z / np.maximum(norms, EPS)
+    norms = row_norms(z)
+    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 _normalize_rows = normalize  # reachable where a ``normalize=`` flag shadows the name
@@ -80,13 +92,14 @@ _normalize_rows = normalize  # reachable where a ``normalize=`` flag shadows the
 def _normalize_vjp(z: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Vector-Jacobian product of :func:`normalize` at ``z`` with the cotangent ``g`` (both (n, q))."""
     out = np.empty_like(g)
+    norms = row_norms(z)[:, 0]
     for k in range(z.shape[0]):
-        norm = np.sqrt(np.dot(z[k], z[k]))
-        if norm >= EPS:
+        norm = norms[k]
+        if norm > 0:
             u = z[k] / norm
             out[k] = (g[k] - u * np.dot(u, g[k])) / norm  # (I - u u^T) g / ||z||
         else:
-            out[k] = g[k] / EPS  # z / eps is linear below the clamp
+            out[k] = g[k] / EPS  # a zero row: F.normalize's z / eps, linear
     return out
 
 

@@ -5,8 +5,9 @@ NumPy, float64, written to be obviously correct rather than fast.  No torch here
 
 Conventions (as in :mod:`reference.sfrik`)
 ------------------------------------------
-* ``z`` is an ``(n, q)`` array, rows are samples.  ``normalize(z)`` divides each row by
-  ``max(||z_i||, 1e-12)`` (the ``torch.nn.functional.normalize`` default).
+* ``z`` is an ``(n, q)`` array, rows are samples.  ``normalize(z)`` divides each non-zero row by its
+  norm, however small (the library's power-of-two prescale makes ``F.normalize`` agree); a zero row
+  stays zero.
 * A ``phi`` is a pair of elementwise functions ``(phi, phi')`` on ``s = zhat_i . zhat_j``:
   :func:`legendre_phi` (SFRIK's ``sum_l b_l P_l(q; s)``) and :func:`gaussian_phi` (the Gaussian
   potential ``exp(2t (s - 1)) = exp(-t ||zhat_i - zhat_j||^2)`` on unit rows).
@@ -63,9 +64,11 @@ def _check_z(z: np.ndarray, name: str) -> np.ndarray:
 
 
 def normalize(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``z_i / max(||z_i||_2, 1e-12)`` (any q >= 1; :func:`reference.sfrik.normalize` asks q >= 2)."""
+    """Row-wise ``z_i / ||z_i||_2`` for every non-zero row, a zero row stays zero (as
+    :func:`reference.sfrik.normalize`, which asks q >= 2; this one takes any q >= 1)."""
     z = _check_z(z, "z")
-    return z / np.maximum(np.sqrt(np.sum(z * z, axis=1, keepdims=True)), EPS)
+    norms = _sfrik.row_norms(z)
+    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 def _check_t(t: float) -> float:

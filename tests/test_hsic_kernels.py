@@ -240,3 +240,14 @@ def test_laplace_random_features_warn_and_exact_does_not():
         HSICLoss(kernel="laplace", exact=True)
         HSICLoss(kernel="gaussian")
         HSICLoss()
+
+
+def test_laplace_features_refuse_float16_before_drawing():
+    """Cauchy draws overflow float16 (|w| > 65504 with probability ~1e-5 per entry: inf, NaN features)."""
+    g = _gen(1)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="dtype: expected float32, float64 or bfloat16 for Laplace.*float16"):
+        sample_rff("laplace", 4, 8, generator=g, dtype=torch.float16)
+    assert torch.equal(g.get_state(), state)
+    w, b = sample_rff("laplace", 4, 8, generator=g, dtype=torch.bfloat16)
+    assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()

@@ -141,3 +141,16 @@ def test_every_row_non_finite_gives_nan(device, backend, bad):
     z[:, 0] = bad
     assert torch.isnan(KF.uniformity(z, backend=backend))
     assert torch.isnan(KF.uniformity(z.half(), backend=backend))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [33, 65, 34])
+def test_nan_row_alone_in_the_last_row_block_reaches_the_value(device, n):
+    """A tile whose valid entries are all NaN has max -inf (the max skips NaN) and sum NaN; the reduce
+    used to skip it as empty and return a finite value (n = 33 or 65 with the last row NaN: the last
+    row block of the interpreter's and the GPU's tiles holds that row alone)."""
+    z = torch.randn(n, 4, device=device)
+    z[n - 1] = float("nan")
+    for backend in ("torch", "triton"):
+        assert torch.isnan(KF.uniformity(z, backend=backend)), backend
+        assert torch.isnan(KF.gaussian_gram_logmean(z, 2.0, exclude_diagonal=False, backend=backend)), backend

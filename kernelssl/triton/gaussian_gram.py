@@ -15,7 +15,9 @@ and rows 0.1 apart already give exp(-20)... exp(-4000)), so each program keeps t
 its tile, ``m_p``, and ``s_p = sum exp(x - m_p)``; the reduce takes ``m = max_p m_p``,
 ``S' = sum_p s_p exp(m_p - m)`` (>= 1: the maximal entry contributes exp(0)), and
 ``L = m + log S' - log c``.  A tile without a valid pair (the diagonal tile of a last row block of one
-row, diagonal excluded) contributes ``m_p = -inf, s_p = 0`` and is skipped by the reduce (no NaN).
+row, diagonal excluded) contributes ``m_p = -inf, s_p = 0`` and is skipped by the reduce (no NaN); a
+tile whose valid entries are all NaN has ``m_p = -inf`` too (the max skips NaN) but ``s_p = NaN``, which
+the reduce keeps: NaN in ``z`` always reaches the value.
 
 Views: ``z`` is one view ``(n, q)`` or ``P`` views ``(P, n, q)`` (Wang & Isola's loss: P = 2), stacked as
 the rows of one ``(P n, q)`` matrix; every launch below covers all views (the view on grid axis 0), so
@@ -178,7 +180,9 @@ def _lse_reduce_kernel(mpart_ptr, spart_ptr, out_ptr, stats_ptr, num_parts, n,
         pmask = (s0 + offs) < num_parts
         mp = tl.load(mpart_ptr + s0 + offs, mask=pmask, other=float("-inf"))
         sp = tl.load(spart_ptr + s0 + offs, mask=pmask, other=0.0)
-        acc += tl.where(mp == float("-inf"), 0.0, sp * tl.exp(mp - m))
+        # skip only empty parts: a part of NaN entries has mp = -inf (the max skips NaN) and sp = NaN,
+        # which must reach the sum (NaN * exp(-inf) = NaN)
+        acc += tl.where((mp == float("-inf")) & (sp == 0.0), 0.0, sp * tl.exp(mp - m))
     total = tl.sum(acc, axis=0)
     nf = tl.full([], 1.0, tl.float32) * n  # not n.to(): n == 1 arrives as a constant on a GPU
     if EXCLUDE:

@@ -280,12 +280,14 @@ def _gemm_kernel(
             # fp16/bf16 tiles straight to the tensor cores: exact products, fp32 accumulation
             acc = tl.dot(x, y, acc)
         elif HILO == 1:
+            tl.static_assert(KS_COUNT <= 1, "HILO == 1 applies one K-weight vector (ks) only")
             x = x.to(tl.float32)
             if KS_COUNT >= 1:
                 kw = _inv_norm(tl.load(ks_ptr + p * stride_ksp + ks, mask=kmask, other=1.0))
                 x = x * kw[None, :]
             acc = _split_dot(x, y, acc, True, DOT_F32)
         elif HILO == 2:
+            tl.static_assert(KS_COUNT == 0, "HILO == 2 takes no K-weight vector")
             acc = _split_dot(y.to(tl.float32), x, acc, False, DOT_F32)
         else:
             x = x.to(tl.float32)
