@@ -38,7 +38,7 @@ propagate to non-finite outputs.
 sqrt guard
 ----------
 ``sqrt_guard(x) = sqrt(max(x, 0) + SQRT_EPS)``, ``SQRT_EPS = 1e-12`` (same constant as
-``reference/hsic.py``).  For x >= 0 it shifts the value by
+``reference/rff_hsic.py``).  For x >= 0 it shifts the value by
 ``0 < sqrt(x + eps) - sqrt(x) = eps / (sqrt(x + eps) + sqrt(x)) <= sqrt(eps) = 1e-6`` (equality at
 x = 0; ``<= eps / (2 sqrt(x))`` otherwise), i.e. the loss by at most ``gamma * 1e-6``.  Its derivative
 ``1 / (2 sqrt(max(x, 0) + eps))`` is at most ``1/(2e-6) = 5e5``: at a collapsed batch (HSIC_ZZ -> 0)
@@ -316,7 +316,7 @@ def exact_kernel_matrix(x: torch.Tensor, kernel: str = "imq") -> torch.Tensor:
     never from the Gram form ``||x||^2 + ||y||^2 - 2 x.y``, which cancels: so ``k(x, x) = 1`` exactly.
     Laplace's gradient: ``|t|`` is not differentiable at t = 0; autograd's ``abs`` uses the subgradient
     ``sign(0) = 0``, so a coordinate where ``x_n`` and ``x_m`` tie contributes nothing to ``d k_nm``
-    (the reference's choice too, :func:`reference.hsic.exact_hsic_grad`).
+    (the reference's choice too, :func:`reference.rff_hsic.exact_hsic_grad`).
     """
     diff = x[:, None, :] - x[None, :, :]
     if kernel == "imq":

@@ -1,6 +1,6 @@
 """MEC -- Maximum Entropy Coding (Liu, Wang, Li, Wang, NeurIPS 2022; SPEC §3), torch tier.
 
-Differentiable PyTorch, any device.  The NumPy float64 reference is ``reference/mec.py``; the tests
+Differentiable PyTorch, any device.  The NumPy float64 reference is ``reference/taylor_logdet.py``; the tests
 hold the two (and the eager baseline below) to each other.
 
 Conventions

@@ -52,9 +52,9 @@ from kernelssl import hsic as H  # noqa: E402
 from kernelssl import mec as MEC  # noqa: E402
 from kernelssl import sfrik as S  # noqa: E402
 from kernelssl.rff import sample_imq_rff  # noqa: E402
-from reference import hsic as RH  # noqa: E402
-from reference import mec as RM  # noqa: E402
-from reference import sfrik as RS  # noqa: E402
+from reference import rff_hsic as RH  # noqa: E402
+from reference import taylor_logdet as RM  # noqa: E402
+from reference import legendre_gram as RS  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")

@@ -19,9 +19,9 @@ import torch
 import kernelssl.functional as KF
 from helpers import assert_close
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
-from reference import hsic as RH
-from reference import mec as RM
-from reference import sfrik as RS
+from reference import rff_hsic as RH
+from reference import taylor_logdet as RM
+from reference import legendre_gram as RS
 
 
 def _z(n=16, d=8, *, dtype=torch.float64, seed=0, scale=1.0):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close, to_numpy
-import reference.hsic as R
+import reference.rff_hsic as R
 from kernelssl import hsic as H
 from kernelssl.rff import KERNELS, sample_imq_rff, sample_rff
 

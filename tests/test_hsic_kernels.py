@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernelssl.functional as KF
-import reference.hsic as R
+import reference.rff_hsic as R
 from helpers import assert_close, to_numpy
 from kernelssl import train
 from kernelssl.losses import HSICLoss

@@ -1,4 +1,4 @@
-"""MEC torch tier (kernelssl/mec.py) against the NumPy reference (reference/mec.py), the eager
+"""MEC torch tier (kernelssl/mec.py) against the NumPy reference (reference/taylor_logdet.py), the eager
 baseline, first principles and its own invariances."""
 import math
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 from kernelssl import mec as M
-from reference import mec as R
+from reference import taylor_logdet as R
 
 F64 = torch.float64
 SHAPES = [(5, 8), (8, 5)]  # m < d (m-space path) and m > d (d-space path)

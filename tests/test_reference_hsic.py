@@ -1,4 +1,4 @@
-"""The NumPy float64 reference of SSL-HSIC (reference/hsic.py) against its own definitions.
+"""The NumPy float64 reference of SSL-HSIC (reference/rff_hsic.py) against its own definitions.
 
 Analytic gradients vs central differences, the RFF estimators vs their pairwise-kernel (Gram) forms,
 the streamed identity for ||HKH||^2, the +1/(K-1) diagonal of the exact positive term, and the
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close, central_difference
-import reference.hsic as R
+import reference.rff_hsic as R
 
 # Central differences with h = 1e-6 on O(1) functions: truncation O(h^2 f''') ~ 1e-12, round-off
 # ~ 1e-16 * |f| / h ~ 1e-10; 1e-7 absolute + 1e-6 relative leaves a wide margin over both.

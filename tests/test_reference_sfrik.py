@@ -1,4 +1,4 @@
-"""The NumPy SFRIK reference (reference/sfrik.py) against closed forms, classical polynomials,
+"""The NumPy SFRIK reference (reference/legendre_gram.py) against closed forms, classical polynomials,
 exact quadrature and central differences.  No torch here."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from numpy.polynomial import legendre as npleg
 from scipy.special import roots_jacobi
 
 from helpers import assert_close, central_difference
-from reference import sfrik as R
+from reference import legendre_gram as R
 
 QS = list(range(2, 11))
 # Recurrence vs closed forms in float64: a few ulps per step on |t| <= 1 values of size O(1).

@@ -1,4 +1,4 @@
-"""The NumPy uniformity reference (reference/uniformity.py) against Wang & Isola's definitions written
+"""The NumPy uniformity reference (reference/gaussian_gram.py) against Wang & Isola's definitions written
 out directly, closed forms, the SFRIK reference and central differences.  No torch here.
 
 Tolerances: the reference and the direct pairwise formulas are two float64 evaluations of the same
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, central_difference
-from reference import sfrik as RS
-from reference import uniformity as R
+from reference import legendre_gram as RS
+from reference import gaussian_gram as R
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 FD = dict(rtol=1e-7, atol=1e-7)

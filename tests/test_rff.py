@@ -14,7 +14,7 @@ from scipy import special
 from scipy.integrate import cumulative_trapezoid
 
 from helpers import assert_close
-import reference.hsic as R
+import reference.rff_hsic as R
 from kernelssl.rff import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
 
 DELTA = 1e-6

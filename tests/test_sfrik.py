@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_close, to_numpy
 from kernelssl import sfrik as S
-from reference import sfrik as R
+from reference import legendre_gram as R
 
 B3 = (1.0, 40.0, 40.0)
 # float64 torch vs float64 NumPy: same math, different summation order; M and the loss are O(1..1e3)

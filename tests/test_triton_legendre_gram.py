@@ -1,7 +1,7 @@
 """Fused Triton kernels of SFRIK's Legendre Gram mean (kernelssl/triton/legendre_gram.py).
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
-shapes, against the float64 NumPy reference (reference/sfrik.py) and the torch path
+shapes, against the float64 NumPy reference (reference/legendre_gram.py) and the torch path
 (kernelssl/sfrik.py); GPU tests at the paper's shapes are skipped without CUDA.
 
 Every gradient check uses a non-unit upstream gradient (``UPSTREAM * M``).
@@ -21,7 +21,7 @@ from helpers import assert_close, assert_error_within_torch, to_numpy
 from kernelssl import _backend
 from kernelssl import sfrik as S
 from kernelssl.losses import SFRIKLoss
-from reference import sfrik as R
+from reference import legendre_gram as R
 
 LG = pytest.importorskip("kernelssl.triton.legendre_gram")
 

@@ -26,7 +26,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kernelssl.functional as KF  # noqa: E402
-import reference.hsic as R  # noqa: E402
+import reference.rff_hsic as R  # noqa: E402
 from helpers import assert_close, assert_error_within_torch, to_numpy  # noqa: E402
 from kernelssl import _backend  # noqa: E402
 from kernelssl import hsic as H  # noqa: E402

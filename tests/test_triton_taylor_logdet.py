@@ -1,7 +1,7 @@
 """Fused Triton kernels of MEC's batched matrix-log Taylor expansion (kernelssl/triton/taylor_logdet.py).
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
-shapes, against the float64 NumPy reference (reference/mec.py) and the torch path (kernelssl/mec.py);
+shapes, against the float64 NumPy reference (reference/taylor_logdet.py) and the torch path (kernelssl/mec.py);
 GPU tests at the paper's shapes are skipped without CUDA.
 
 Both kernel paths are exercised: ``onchip`` (s = min(m, d) <= ONCHIP_MAX: one program per pair holds
@@ -25,7 +25,7 @@ from helpers import assert_close, assert_error_within_torch, to_numpy
 from kernelssl import _backend
 from kernelssl import mec as M
 from kernelssl.losses import MECLoss
-from reference import mec as R
+from reference import taylor_logdet as R
 
 K = pytest.importorskip("kernelssl.triton.taylor_logdet")
 

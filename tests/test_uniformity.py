@@ -36,8 +36,8 @@ import kernelssl.functional as KF
 from helpers import assert_close, to_numpy
 from kernelssl import uniformity as U
 from kernelssl.losses import AlignUniformLoss, UniformityLoss
-from reference import sfrik as RS
-from reference import uniformity as R
+from reference import legendre_gram as RS
+from reference import gaussian_gram as R
 
 F64 = torch.float64
 WI = dict(rtol=1e-12, atol=1e-12)  # vs Wang & Isola's float64 code (module docstring)

@@ -32,6 +32,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ._common import EPS, row_norms
+from ._common import normalize as _normalize
+from ._common import normalize_backward as _normalize_vjp
+
 __all__ = [
     "EPS",
     "normalize",
@@ -45,7 +49,6 @@ __all__ = [
     "sfrik_loss_grad",
 ]
 
-EPS = 1e-12  #: the clamp of the row norm in :func:`normalize` (reached by zero rows only)
 
 
 def _check_q(q: int) -> int:
@@ -68,39 +71,12 @@ def _check_z(z: np.ndarray, name: str) -> np.ndarray:
     return z
 
 
-def row_norms(z: np.ndarray) -> np.ndarray:
-    """``||z_i||_2`` over the last axis, keepdims, computed as ``m sqrt(sum (z/m)^2)``, ``m = max|z_i|``:
-    exact for every row a float64 holds (no underflow of the squares of a tiny row); 0 for zero rows."""
-    z = np.asarray(z, dtype=np.float64)
-    m = np.max(np.abs(z), axis=-1, keepdims=True)
-    safe = np.where(m > 0, m, 1.0)
-    return m * np.sqrt(np.sum((z / safe) ** 2, axis=-1, keepdims=True))
-
-
 def normalize(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``z_i / ||z_i||_2`` for every non-zero row (however small: the library's exact
-    power-of-two prescale makes its ``F.normalize`` agree); a zero row stays zero (``z / max(||z||,
-    1e-12)``, the clamp of ``F.normalize``).  ``(n, q) -> (n, q)``."""
-    z = _check_z(z, "z")
-    norms = row_norms(z)
-    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
+    """Row-wise ``z_i / ||z_i||_2`` of an ``(n, q)`` array, q >= 2 (:func:`reference._common.normalize`)."""
+    return _normalize(_check_z(z, "z"))
 
 
 _normalize_rows = normalize  # reachable where a ``normalize=`` flag shadows the name
-
-
-def _normalize_vjp(z: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Vector-Jacobian product of :func:`normalize` at ``z`` with the cotangent ``g`` (both (n, q))."""
-    out = np.empty_like(g)
-    norms = row_norms(z)[:, 0]
-    for k in range(z.shape[0]):
-        norm = norms[k]
-        if norm > 0:
-            u = z[k] / norm
-            out[k] = (g[k] - u * np.dot(u, g[k])) / norm  # (I - u u^T) g / ||z||
-        else:
-            out[k] = g[k] / EPS  # a zero row: F.normalize's z / eps, linear
-    return out
 
 
 def legendre(q: int, t: np.ndarray, degree: int) -> np.ndarray:

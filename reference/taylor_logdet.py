@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import sfrik as _sfrik
+from ._common import EPS, normalize, normalize_backward
 
 __all__ = [
     "EPS",
@@ -53,43 +53,11 @@ __all__ = [
     "lambda_warmup",
 ]
 
-EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def normalize(z) -> np.ndarray:
-    """Row-wise L2 normalisation over the last axis (any leading dims): ``z_i / ||z_i||`` for every
-    non-zero row, however small (the library's exact power-of-two prescale makes its ``F.normalize``
-    agree); a zero row stays zero (``F.normalize``'s ``z / max(||z||, 1e-12)``)."""
-    z = np.asarray(z, dtype=np.float64)
-    norms = _sfrik.row_norms(z)
-    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
-
-
-def normalize_backward(z, g) -> np.ndarray:
-    """Vector-Jacobian product of :func:`normalize`: the gradient wrt raw ``z`` given ``g = dL/dz^``.
-
-    Per row: ``(g - x (x . g)) / ||z||`` with ``x = z / ||z||`` for a non-zero row, else ``g / eps``.
-    """
-    z = np.asarray(z, dtype=np.float64)
-    g = np.asarray(g, dtype=np.float64)
-    out = np.empty_like(z)
-    flat_z = z.reshape(-1, z.shape[-1])
-    flat_g = g.reshape(-1, g.shape[-1])
-    flat_o = out.reshape(-1, z.shape[-1])
-    norms = _sfrik.row_norms(flat_z)[:, 0]
-    for i in range(flat_z.shape[0]):
-        nrm = norms[i]
-        if nrm > 0:
-            x = flat_z[i] / nrm
-            flat_o[i] = (flat_g[i] - x * np.dot(x, flat_g[i])) / nrm
-        else:
-            flat_o[i] = flat_g[i] / EPS
-    return out
 
 
 def _check_pair(a, b):

@@ -3,7 +3,7 @@ over a small family of phi (SPEC §6.1).
 
 NumPy, float64, written to be obviously correct rather than fast.  No torch here.
 
-Conventions (as in :mod:`reference.sfrik`)
+Conventions (as in :mod:`reference.legendre_gram`)
 ------------------------------------------
 * ``z`` is an ``(n, q)`` array, rows are samples.  ``normalize(z)`` divides each non-zero row by its
   norm, however small (the library's power-of-two prescale makes ``F.normalize`` agree); a zero row
@@ -24,7 +24,7 @@ Conventions (as in :mod:`reference.sfrik`)
   and their training loss ``L_align + lam (L_unif(X) + L_unif(Y)) / 2`` on normalised rows.
 
 Gradients are analytic (the tests check them against central differences); the normalisation's
-Jacobian is :func:`reference.sfrik._normalize_vjp`.
+Jacobian is :func:`reference._common.normalize_backward`.
 """
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import sfrik as _sfrik
-from .sfrik import EPS
+from . import legendre_gram as _lg
+from ._common import EPS
+from ._common import normalize as _normalize
+from ._common import normalize_backward as _normalize_vjp
 
 __all__ = [
     "EPS",
@@ -64,11 +66,8 @@ def _check_z(z: np.ndarray, name: str) -> np.ndarray:
 
 
 def normalize(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``z_i / ||z_i||_2`` for every non-zero row, a zero row stays zero (as
-    :func:`reference.sfrik.normalize`, which asks q >= 2; this one takes any q >= 1)."""
-    z = _check_z(z, "z")
-    norms = _sfrik.row_norms(z)
-    return np.where(norms > 0, z / np.where(norms > 0, norms, 1.0), 0.0)
+    """Row-wise ``z_i / ||z_i||_2`` of an ``(n, q)`` array, any q >= 1 (:func:`reference._common.normalize`)."""
+    return _normalize(_check_z(z, "z"))
 
 
 def _check_t(t: float) -> float:
@@ -87,8 +86,8 @@ def _unit_rows(z: np.ndarray, do_normalize: bool) -> np.ndarray:
 
 
 def legendre_phi(q: int, coefficients: Sequence[float]) -> Phi:
-    """``(phi, phi')`` of SFRIK's kernel ``phi(s) = sum_{l=1..L} b_l P_l(q; s)`` (reference.sfrik)."""
-    return (lambda s: _sfrik.phi(s, q, coefficients), lambda s: _sfrik.phi_prime(s, q, coefficients))
+    """``(phi, phi')`` of SFRIK's kernel ``phi(s) = sum_{l=1..L} b_l P_l(q; s)`` (reference.legendre_gram)."""
+    return (lambda s: _lg.phi(s, q, coefficients), lambda s: _lg.phi_prime(s, q, coefficients))
 
 
 def gaussian_phi(t: float) -> Phi:
@@ -118,7 +117,7 @@ def gram_mean_grad(z: np.ndarray, phi: Phi, *, normalize: bool = True) -> np.nda
     g = np.zeros_like(zh)
     for k in range(n):
         g[k] = (2.0 / n**2) * (phi[1](zh @ zh[k]) @ zh)
-    return _sfrik._normalize_vjp(z, g) if normalize else g
+    return _normalize_vjp(z, g) if normalize else g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def gaussian_gram_logmean_grad(z: np.ndarray, t: float = 2.0, *, normalize: bool
     e = _exponents(zh, t, exclude_diagonal)
     p = np.exp(e - np.max(e))
     g = (4.0 * t / float(np.sum(p))) * (p @ zh)
-    return _sfrik._normalize_vjp(z, g) if normalize else g
+    return _normalize_vjp(z, g) if normalize else g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,4 +236,4 @@ def align_uniform_loss_grad(z_a: np.ndarray, z_b: np.ndarray, *, alpha: float = 
     ga, gb = alignment_wang_isola_grad(xa, xb, alpha)
     ga = ga + uniformity_weight * 0.5 * uniformity_wang_isola_grad(xa, t)
     gb = gb + uniformity_weight * 0.5 * uniformity_wang_isola_grad(xb, t)
-    return _sfrik._normalize_vjp(z_a, ga), _sfrik._normalize_vjp(z_b, gb)
+    return _normalize_vjp(z_a, ga), _normalize_vjp(z_b, gb)
