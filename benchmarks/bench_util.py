@@ -81,7 +81,7 @@ def parametrize_sweep(metafunc, loss: str, op: str, cases, tf32_variant: str | N
     runs, the ``(shape, dtype, mode)`` in ``tf32_cases`` (fp32 ones) also get the implementation
     ``tf32_variant`` (e.g. ``"triton-tf32x3"``): the kernel with its TF32 opt-in, timed beside the
     IEEE-fp32 default, so one GPU run tells whether the opt-in pays."""
-    from kernelssl._cases import available
+    from kernelssl.bench.cases import available
 
     if "op_case" not in metafunc.fixturenames:
         return

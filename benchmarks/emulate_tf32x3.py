@@ -1,41 +1,30 @@
 """Accuracy of SSL-HSIC's fused-kernel math at the paper shape (K = 4, B = 4096, d = 256, D = 512) when
-every GEMM runs in fp32, in Triton's ``tf32x3`` (``a_hi b_hi + a_hi b_lo + a_lo b_hi`` with the parts
-rounded to TF32, fp32 accumulation) or in TF32, against float64 -- emulated on the CPU, to inform
-whether ``input_precision="tf32x3"`` may become the kernel's fp32 default (SPEC §4 allows it).  The
-tensor cores' own accumulation order and rounding are not modelled: the GPU test
-``test_gpu_paper_shape_fp32_vs_float64[tf32x3]`` is the real check.
+every GEMM runs in fp32, in Triton's ``tf32x3`` (``a_hi b_hi + a_hi b_lo + a_lo b_hi``: the big parts
+rounded to TF32, the small ones truncated by the MMA, fp32 accumulation) or in TF32, against float64 --
+emulated on the CPU (:func:`kernelssl.numerics.mm`), to inform whether ``input_precision="tf32x3"`` may
+be the kernel's fp32 default.  The tensor cores' own accumulation order and rounding are not modelled:
+the GPU test ``test_gpu_paper_shape_fp32_vs_float64[tf32x3]`` is the real check.
 
-    python benchmarks/emulate_tf32x3.py      # ~15 s on 2 cores
+    PYTHONPATH=. python benchmarks/emulate_tf32x3.py      # ~15 s on 2 cores
 """
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernelssl.rff import sample_imq_rff  # noqa: E402
+from kernelssl.numerics import mm as emulated_mm
+from kernelssl.ops.rff_hsic import sample_imq_rff
 
-
-
-def r_tf32(x):
-    """Round fp32 to TF32 (10-bit mantissa), to nearest with ties away, as ``cvt.rna.tf32.f32``."""
-    b = x.contiguous().view(torch.int32)
-    return ((b + 0x1000) & ~0x1FFF).view(torch.float32)
 
 def mm_fp32(a, b):
     return a @ b
 
 
 def mm_tf32(a, b):
-    return r_tf32(a) @ r_tf32(b)
+    return emulated_mm(a, b, "tf32")
 
 
 def mm_tf32x3(a, b):
-    ah, bh = r_tf32(a), r_tf32(b)
-    al, bl = r_tf32(a - ah), r_tf32(b - bh)
-    return (al @ bh + ah @ bl) + ah @ bh
-
+    return emulated_mm(a, b, "tf32x3")
 
 
 def hsic(x, maps, K, B, mm, dt):

@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kernelssl.data import load_dataset
+from kernelssl.train.data import load_dataset
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
-from kernelssl.models import build_backbone
+from kernelssl.train.models import build_backbone
 from kernelssl.train import evaluate
 
 Q = 128  # projector output dim

@@ -11,13 +11,13 @@ Usage::
 What it does, per op (rff_hsic = SSL-HSIC, legendre_gram_mean = SFRIK, taylor_logdet = MEC), shape,
 and input dtype (fp32, bf16), forward + backward:
 
-1. **Launches of the fused path** -- recorded exactly as ``tests/sm90_compile.py`` records them (its
+1. **Launches of the fused path** -- recorded exactly as ``tests/sm90_compile.py`` records them (:mod:`kernelssl.triton.offline`) (its
    ``_Recorder`` in place of the op module's ``wrap_triton``, the real GPU launchers called on empty
    CPU tensors; nothing runs), with the arguments the public entry point passes: the forward op's
    arguments are captured from a call of the public function (``rff_hsic``, ``legendre_gram_mean``,
    ``taylor_logdet``) under a dispatch mode, so the precision is the public default, whatever it is
    on this branch.  torch ops the launchers issue themselves (e.g. a split-K sum) are recorded too.
-2. **Per launch**: each Triton launch is compiled for sm_90 by ``sm90_compile._compile_all`` (Triton's
+2. **Per launch**: each Triton launch is compiled for sm_90 by :func:`kernelssl.triton.offline.compile_all` (Triton's
    own specialisation of the launch, its compiler and bundled ptxas: registers, shared memory, warps;
    one compile per distinct specialisation); its work comes from the kernel's math
    (:data:`KERNELS`, one cost function per kernel, integrating the kernel's loops over its programs
@@ -78,7 +78,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -533,19 +532,13 @@ def _capture_forward_args(fn):
 
 
 def _record(op: str, body) -> list:
-    """The launches ``body()`` makes through ``kernelssl.triton.<op>``'s ``wrap_triton``, recorded (not
-    run) by ``sm90_compile._Recorder``: ``[(kernel, grid, args, kwargs)]``."""
-    import sm90_compile
+    """The launches ``body()`` makes through ``kernelssl.triton.<op>_op``, recorded (not run) by
+    :func:`kernelssl.triton.offline.recording`: ``[(kernel, grid, args, kwargs)]``."""
+    from kernelssl.triton import offline
 
-    module = __import__(f"kernelssl.triton.{op}", fromlist=["_"])
-    saved, module.wrap_triton = module.wrap_triton, sm90_compile._Recorder
-    sm90_compile._Recorder.calls = []
-    try:
+    with offline.recording(op) as calls:
         body()
-    finally:
-        module.wrap_triton = saved
-    calls, sm90_compile._Recorder.calls = sm90_compile._Recorder.calls, []
-    return calls
+    return list(calls)
 
 
 _COMPILED: dict = {}
@@ -568,12 +561,12 @@ def _spec_key(kernel, args, kw) -> tuple:
 
 
 def _compile(kernel, grid, args, kw) -> dict:
-    """The sm_90 variant of one launch (``sm90_compile._compile_all``'s row), compiled once per key."""
-    import sm90_compile
+    """The sm_90 variant of one launch (:func:`kernelssl.triton.offline.compile_all`'s row), compiled once per key."""
+    from kernelssl.triton import offline
 
     key = _spec_key(kernel, args, kw)
     if key not in _COMPILED:
-        _COMPILED[key] = sm90_compile._compile_all([(kernel, grid, args, kw)])[0]
+        _COMPILED[key] = offline.compile_all([(kernel, grid, args, kw)])[0]
     return _COMPILED[key]
 
 
@@ -582,10 +575,9 @@ def _fused_calls(op: str, s: dict, dtype):
     ops ``("torch", row)`` of one forward + backward at shape ``s``."""
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import sm90_compile
+    from kernelssl.triton import offline
 
-    mod = __import__(f"kernelssl.triton.{op}", fromlist=["_"])
+    mod = __import__(f"kernelssl.triton.{op}_op", fromlist=["_"])
     out: list = []
     state: dict = {}
 
@@ -601,7 +593,7 @@ def _fused_calls(op: str, s: dict, dtype):
         out.extend((name, ("torch", r)) for r in torch_rows)
 
     if op == "rff_hsic":
-        sm90_compile.rff_hsic_gpu_config(mod)
+        offline.rff_hsic_gpu_config(mod)
         K, B, d, D = s["K"], s["B"], s["d"], s["D"]
         views = torch.empty(K, B, d, dtype=dtype)
         w, b = torch.empty(D, d), torch.empty(D)
@@ -768,9 +760,9 @@ def limit_time(op, s, dtype) -> float:
 def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
     import torch
 
-    from kernelssl import hsic as H
-    from kernelssl import mec as M
-    from kernelssl import sfrik as S
+    from kernelssl.ops import rff_hsic as H
+    from kernelssl.ops import taylor_logdet as M
+    from kernelssl.ops import legendre_gram as S
 
     meta = dict(device="meta", dtype=dtype)
     if op == "rff_hsic":
@@ -897,6 +889,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     main()

@@ -31,7 +31,7 @@ import torch
 
 from bench_util import (MODES, bench_device, bench_scale, device_name, free_gpu_memory, mode_step,
                         parametrize_sweep, step_peak_bytes, sync)
-from kernelssl import sfrik as S
+from kernelssl.ops import legendre_gram as S
 
 
 B3 = (1.0, 40.0, 40.0)
@@ -81,7 +81,7 @@ def _implementation(name: str):
         return torch.compile(lambda z: S.legendre_gram_mean(z, B3))
     if name == "eager-compiled":
         return torch.compile(lambda z: S.legendre_gram_mean_eager(z, B3))
-    from kernelssl.triton import legendre_gram as LG
+    from kernelssl.triton import legendre_gram_op as LG
 
     prec = "tf32" if name == "triton-tf32" else None  # None: the default policy (tf32x3)
     return lambda z: LG.legendre_gram_mean(z, B3, input_precision=prec)

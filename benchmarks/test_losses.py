@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from bench_util import bench_device, bench_scale, peak_extra_bytes
-from kernelssl._cases import available, forward_backward, implementations, make_inputs
+from kernelssl.bench.cases import available, forward_backward, implementations, make_inputs
 
 SHAPES = {
     "smoke": {

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
-from kernelssl._cases import hsic_maps, implementations, make_inputs
+from kernelssl.bench.cases import hsic_maps, implementations, make_inputs
 
 PAPER = {"K": 4, "B": 4096, "d": 256, "D": 512}
 SWEEP_N = [1024, 4096, 16384, 65536]  # N = K B with K = 4
@@ -58,8 +58,8 @@ def _implementation(impl, shape, device):
     """``fn(views) -> loss`` of ``impl``; ``triton-tf32x3`` on the same random features as the rest."""
     if impl != "triton-tf32x3":
         return implementations("hsic", shape, device=device, compile=impl == "compile")[impl]
-    from kernelssl import hsic as H
-    from kernelssl.triton import rff_hsic as RK
+    from kernelssl.ops import rff_hsic as H
+    from kernelssl.triton import rff_hsic_op as RK
 
     maps = hsic_maps(shape, device=device)
     return lambda views: H.hsic_loss(*RK.rff_hsic(views, *maps, 1.0, input_precision="tf32x3"), gamma=3.0)

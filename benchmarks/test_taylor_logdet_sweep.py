@@ -29,7 +29,7 @@ import torch
 
 from bench_util import (MODES, bench_device, bench_scale, free_gpu_memory, mode_step, parametrize_sweep,
                         step_peak_bytes, sync)
-from kernelssl import mec as M
+from kernelssl.ops import taylor_logdet as M
 
 
 PAPER = {"m": 1024, "d": 2048, "n": 4}
@@ -58,7 +58,7 @@ def _cases(device: torch.device, scale: str):
 def _implementation(name: str, order: int, diagnostics: bool):
     """``fn(a, b, lam) -> T`` (the diagnostics computed too, and returned alongside, when asked)."""
     if name in ("triton", "triton-tf32"):
-        from kernelssl.triton import taylor_logdet as K
+        from kernelssl.triton import taylor_logdet_op as K
 
         prec = "tf32" if name == "triton-tf32" else None  # None: the default policy (tf32x3)
         if diagnostics:

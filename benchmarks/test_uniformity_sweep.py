@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from bench_util import bench_device, bench_scale, free_gpu_memory, mode_step, parametrize_sweep, step_peak_bytes, sync
-from kernelssl import _cases as C
+from kernelssl.bench import cases as C
 from kernelssl import functional as KF
 
 T = C.UNIFORMITY_T

@@ -23,7 +23,7 @@ import time
 
 CHILD = r"""
 import json, sys, time, torch
-from kernelssl import _cases as C
+from kernelssl.bench import cases as C
 from kernelssl import functional as KF
 from kernelssl.bench.measure import _status_kib, peak_extra_bytes
 impl, n, q, mode, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -54,7 +54,7 @@ print(json.dumps(res))
 
 
 def run_case(impl: str, n: int, q: int, mode: str, threads: int, force: bool) -> dict:
-    from kernelssl import _cases as C
+    from kernelssl.bench import cases as C
 
     row = {"impl": impl, "n": n, "q": q, "mode": mode, "dtype": "fp32", "threads": threads}
     if impl == "eager":

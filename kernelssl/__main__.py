@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from ._cases import forward_backward, implementations
+from .bench.cases import forward_backward, implementations
 
 
 def digits_views(n: int, d: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

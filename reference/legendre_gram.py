@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._common import EPS, row_norms
+from ._common import EPS, row_norms  # noqa: F401  (row_norms: part of this module's API)
 from ._common import normalize as _normalize
 from ._common import normalize_backward as _normalize_vjp
 

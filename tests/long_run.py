@@ -17,8 +17,8 @@ Two tiers per op (``rff_hsic``, ``legendre_gram``, ``taylor_logdet``):
   random offset), and there the scale is a first-order bound of the rounding itself (``_rff_ref``).
 * ``kernel`` (default 1 000 inputs per op): the Triton kernel (on a machine without CUDA through the
   interpreter, ~0.1-1 s per input, hence tiny shapes and a lower count) against float64 with SPEC §4's
-  rule (``tests/helpers.py: assert_error_within_torch``): within the stated fp32 tolerances, or no
-  worse than 2x the torch path's error on the same input plus a floor, for the loss and every gradient.
+  rule (:func:`kernelssl.numerics.assert_error_within_torch`): within the stated fp32 tolerances, or no
+  worse than 2x the torch tier's error on the same input (or below a floor), for the loss and every gradient.
 
 Inputs (seeded: case i of op o in tier t is ``numpy.random.default_rng([seed, o, t, i])``, so a failure
 replays alone): odd and non-power-of-two shapes, n = 2 and q = 2 (Legendre), d = 1 (MEC, RFF),
@@ -45,13 +45,12 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers
-from helpers import assert_close, assert_error_within_torch  # noqa: E402
+from kernelssl.numerics import assert_close, assert_error_within_torch  # noqa: E402
 
-from kernelssl import hsic as H  # noqa: E402
-from kernelssl import mec as MEC  # noqa: E402
-from kernelssl import sfrik as S  # noqa: E402
-from kernelssl.rff import sample_imq_rff  # noqa: E402
+from kernelssl.ops import rff_hsic as H  # noqa: E402
+from kernelssl.ops import taylor_logdet as MEC  # noqa: E402
+from kernelssl.ops import legendre_gram as S  # noqa: E402
+from kernelssl.ops.rff_hsic import sample_imq_rff  # noqa: E402
 from reference import rff_hsic as RH  # noqa: E402
 from reference import taylor_logdet as RM  # noqa: E402
 from reference import legendre_gram as RS  # noqa: E402
@@ -62,10 +61,10 @@ TIERS = ("torch", "kernel")
 
 
 def _kernels():
-    from kernelssl.triton import legendre_gram, rff_hsic, taylor_logdet
+    from kernelssl.triton import legendre_gram_op, rff_hsic_op, taylor_logdet_op
 
-    return {"rff_hsic": rff_hsic.rff_hsic, "legendre_gram": legendre_gram.legendre_gram_mean,
-            "taylor_logdet": taylor_logdet.taylor_logdet}
+    return {"rff_hsic": rff_hsic_op.rff_hsic, "legendre_gram": legendre_gram_op.legendre_gram_mean,
+            "taylor_logdet": taylor_logdet_op.taylor_logdet}
 
 
 # --------------------------------------------------------------------------------------------------

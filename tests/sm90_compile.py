@@ -5,7 +5,7 @@ or operand dtypes the MMA cannot take, a layout conversion that does not fit sha
 that spill registers show up only when the kernel is compiled for a real target.  This script
 
 1. imports the op's module with ``TRITON_INTERPRET=0`` (the kernels are then real ``JITFunction``\\ s),
-2. replaces the module's ``wrap_triton`` with a recorder and calls the op's GPU launchers on CPU
+2. replaces the ``wrap_triton`` of the op's host module (and of ``_common``) with a recorder and calls the op's GPU launchers on CPU
    tensors at the shapes of :data:`RECIPES` -- every launch the GPU path would issue is recorded, with
    the GPU block configuration (nothing runs),
 3. specialises each recorded launch exactly as ``JITFunction.run`` would on a GPU (Triton's own
@@ -20,29 +20,28 @@ that spill registers show up only when the kernel is compiled for a real target.
 
 Usage (the tests run it in a subprocess: the pytest process has the interpreter on)::
 
-    TRITON_INTERPRET=0 python tests/sm90_compile.py rff_hsic|legendre_gram|taylor_logdet|gaussian_gram
+    TRITON_INTERPRET=0 PYTHONPATH=. python tests/sm90_compile.py rff_hsic|legendre_gram|taylor_logdet|gaussian_gram
+
+(the recording and compiling are :mod:`kernelssl.triton.offline`).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
+
+from kernelssl.triton.offline import (  # noqa: F401  (re-exported for the tests)
+    Recorder,
+    compile_all,
+    programs_per_sm,
+    recording,
+    rff_hsic_gpu_config,
+    tools_available,
+    wave_efficiency,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tools_available() -> bool:
-    """Whether Triton's bundled ptxas is installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("triton")
-    if spec is None or spec.origin is None:
-        return False
-    nvbin = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin")
-    return os.path.exists(os.path.join(nvbin, "ptxas"))
 
 
 def run(op: str, timeout: int = 900) -> list[dict]:
@@ -61,42 +60,10 @@ def run(op: str, timeout: int = 900) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Recorder:
-    """Stands in for ``torch.library.wrap_triton``: ``kernel[grid](*args, **kw)`` records the launch."""
-
-    calls: list = []
-    #: index in ``calls`` where the recipes with dimensions equal to 1 start (see ``_compile_all``)
-    ones_from: int | None = None
-    tag: str | None = None  # set by a recipe: the case each recorded launch belongs to
-    tags: list = []  # parallel to calls
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            _Recorder.calls.append((self.kernel, grid, args, kw))
-            _Recorder.tags.append(_Recorder.tag)
-
-        return launch
-
-
-def rff_hsic_gpu_config(R, setattr=setattr) -> None:
-    """Make the rff_hsic module ``R`` pick its GPU block sizes (those of an H100 SXM, 132 SMs) for any
-    tensors; ``setattr`` may be ``monkeypatch.setattr``."""
-    import torch
-
-    cuda = torch.device("cuda", 0)
-    fwd_config, bwd_config = R._fwd_config, R._bwd_config
-    setattr(R, "_num_sms", lambda index: 132)
-    setattr(R, "_fwd_config", lambda device, *a: fwd_config(cuda, *a))
-    setattr(R, "_bwd_config", lambda device, *a: bwd_config(cuda, *a))
-
-
 def _rff_hsic():
     import torch
 
-    from kernelssl.triton import rff_hsic as R
+    from kernelssl.triton import rff_hsic_op as R
 
     rff_hsic_gpu_config(R)
     # (K, B, d, D): the paper shape; odd sizes; d > 256 (two gradient column blocks); a small D
@@ -116,7 +83,7 @@ def _rff_hsic():
         R.rff_hsic_backward(g, g, views, w, b, w, b, scale, *out[2:], prec)
     # Dimensions equal to 1 (Triton specialises an int argument == 1 into a constant, which the
     # interpreter never does): the smallest views the API takes, K = B = 2, with d = D = 1.
-    _Recorder.ones_from = len(_Recorder.calls)
+    Recorder.ones_from = len(Recorder.calls)
     for prec in ("ieee", "tf32x3"):
         views, w, b, scale = torch.empty(2, 2, 1), torch.empty(1, 1), torch.empty(1), torch.ones(1)
         out = R.rff_hsic_forward(views, w, b, w, b, scale, prec)
@@ -127,7 +94,7 @@ def _rff_hsic():
 def _legendre_gram():
     import torch
 
-    from kernelssl.triton import legendre_gram as LG
+    from kernelssl.triton import legendre_gram_op as LG
 
     b3 = (1.0, 40.0, 40.0)
     # The SFRIK headline shape (n = 2048, q = 8192) first in each dtype (its forward launch is the
@@ -139,15 +106,15 @@ def _legendre_gram():
                                 ((2048, 8200), torch.float16, "tf32x3"), ((1000, 300), torch.float32, "tf32x3"),
                                 ((1000, 300), torch.float32, "ieee"), ((8192, 1024), torch.bfloat16, "tf32x3")]:
         z = torch.empty(n, q, dtype=dtype)
-        _Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
+        Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
         LG.legendre_gram_forward(z, b3, True, prec)
         LG.legendre_gram_backward(torch.ones(()), z, b3, True, prec)
-    _Recorder.tag = None
+    Recorder.tag = None
     LG.legendre_gram_backward(torch.ones(()), torch.empty(4096, 512, dtype=torch.bfloat16), (1.0, 2.0, 3.0, 4.0, 5.0),
                               False, "tf32x3", panel_rows=1024)
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): n = 1
     # (the op takes one row), and a last backward panel of one row (row0 = 2, one row left).
-    _Recorder.ones_from = len(_Recorder.calls)
+    Recorder.ones_from = len(Recorder.calls)
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.empty(1, 64, dtype=dtype)
         LG.legendre_gram_forward(z, b3, True, "tf32x3")
@@ -159,7 +126,7 @@ def _legendre_gram():
 def _taylor_logdet():
     import torch
 
-    from kernelssl.triton import taylor_logdet as T
+    from kernelssl.triton import taylor_logdet_op as T
 
     # (m, d), dtype, order, diagnostics, input_precision: the paper shape (fp32 and bf16 with the
     # default tf32x3, fp32 with ieee and tf32), d-space (m > d), the on-chip path (s <= ONCHIP_MAX),
@@ -180,7 +147,7 @@ def _taylor_logdet():
         T.taylor_logdet_backward(torch.ones(2), a, b, lam, *out[2:6], order, True, prec, True, True)
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): one pair,
     # one row and/or one column (s = 1), on the on-chip path, for order 1, and m-space with m = 1.
-    _Recorder.ones_from = len(_Recorder.calls)
+    Recorder.ones_from = len(Recorder.calls)
     for (m, d), dtype, order, diag, prec in [((1, 1), torch.float32, 4, True, "tf32x3"),
                                              ((3, 1), torch.bfloat16, 1, False, "tf32x3"),
                                              ((1, 40), torch.float32, 2, False, "tf32")]:
@@ -193,7 +160,7 @@ def _taylor_logdet():
 def _gaussian_gram():
     import torch
 
-    from kernelssl.triton import gaussian_gram as GG
+    from kernelssl.triton import gaussian_gram_op as GG
 
     # Uniformity's shapes (n = 4096 per view, q = 128; n = 65536: many waves, 128-wide tiles) in each
     # dtype, fp32 in all three precisions (tf32x3 the default); rows whose length is not a multiple of
@@ -211,23 +178,23 @@ def _gaussian_gram():
             ((4096, 256), torch.float32, "tf32x3", True, True), ((4096, 256), torch.float16, "tf32x3", True, True),
             ((2048, 200), torch.bfloat16, "tf32x3", True, True), ((2048, 200), torch.float32, "tf32x3", True, True)]:
         z = torch.empty(n, q, dtype=dtype)
-        _Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
+        Recorder.tag = f"n{n}-q{q}-{str(dtype)[6:]}-{prec}"
         _, stats = GG.gaussian_gram_forward(z, 2.0, normalize, exclude, prec)
         GG.gaussian_gram_backward(torch.ones(()), z, stats, 2.0, normalize, exclude, prec)
     # Wang & Isola's loss: both views stacked in one call (the backward's one split, its epilogue fused)
     for dtype in (torch.bfloat16, torch.float32):
         z = torch.empty(2, 4096, 128, dtype=dtype)
-        _Recorder.tag = f"views2-n4096-q128-{str(dtype)[6:]}"
+        Recorder.tag = f"views2-n4096-q128-{str(dtype)[6:]}"
         _, stats, rinv, proj = GG.gaussian_gram_forward(z, 2.0, True, True, "tf32x3", return_scales=True)
         GG.gaussian_gram_backward(torch.ones(2), z, stats, 2.0, True, True, "tf32x3", scales=(rinv, proj))
     for dtype, prec in [(torch.float32, "tf32x3"), (torch.float32, "ieee"), (torch.float32, "tf32"),
                         (torch.bfloat16, "tf32x3"), (torch.float16, "tf32x3")]:
         GG.gaussian_gram_backward(torch.ones(()), torch.empty(4096, 128, dtype=dtype), torch.ones(2), 2.0, True, True,
                                   prec, resident=False)
-    _Recorder.tag = None
+    Recorder.tag = None
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter): n = 1 with
     # the diagonal included, q = 1, and a last backward panel of one row (row0 = 2, one row left).
-    _Recorder.ones_from = len(_Recorder.calls)
+    Recorder.ones_from = len(Recorder.calls)
     for (n, q), dtype, exclude in [((1, 64), torch.float32, False), ((1, 64), torch.bfloat16, False),
                                    ((40, 1), torch.float32, True), ((40, 1), torch.float16, True)]:
         z = torch.empty(n, q, dtype=dtype)
@@ -247,84 +214,14 @@ RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logde
 # --------------------------------------------------------------------------------------------------
 
 
-def _compile_all(calls, ones_from: int | None = None) -> list[dict]:
-    """Compile each distinct variant of ``calls``; ``ones: True`` marks a variant first recorded at or
-    after index ``ones_from`` (the recipes with dimensions equal to 1: they must compile, but their
-    speed, hence a spill, does not matter)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = "sm_90a"  # what Triton builds for compute capability 9.0
-    binders, seen, out = {}, set(), []
-    tags = _Recorder.tags if len(_Recorder.tags) == len(calls) else [None] * len(calls)
-    for index, ((kernel, _grid, args, kw), tag) in enumerate(zip(calls, tags)):
-        if kernel not in binders:
-            binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
-        kw = dict(kw)
-        bound, spec, options = binders[kernel](*args, **kw)
-        key = (kernel.fn.__name__, repr(spec), repr(sorted(options.items())) if isinstance(options, dict) else repr(options))
-        if key in seen:
-            continue
-        seen.add(key)
-        opts, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
-        ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
-        with tempfile.TemporaryDirectory() as tmp:  # ptxas -v on Triton's PTX: the spill report
-            src = os.path.join(tmp, "k.ptx")
-            with open(src, "w") as f:
-                f.write(ck.asm["ptx"])
-            report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
-                                    capture_output=True, text=True, check=True).stderr
-        field = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
-        consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
-        names = [p.name for p in kernel.params]
-        out.append({
-            "kernel": kernel.fn.__name__,
-            "constexprs": {names[i]: v for i, v in consts.items() if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
-            "num_warps": opts.num_warps, "num_stages": opts.num_stages,
-            "registers": field(r"Used (\d+) registers"), "stack": field(r"(\d+) bytes stack frame"),
-            "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),
-            "shared": ck.metadata.shared,
-            "wgmma": ck.asm["ptx"].count("wgmma.mma_async"), "mma_sync": ck.asm["ptx"].count("mma.sync"),
-            "ones": ones_from is not None and index >= ones_from,
-            # the first launch of this variant: its grid and the recipe's case (tag), if any
-            "grid": [int(g) for g in _grid] if isinstance(_grid, tuple) else None, "case": tag,
-        })
-    return out
-
-
-def programs_per_sm(row: dict) -> int:
-    """Resident programs per SM of an sm_90 variant (H100/H200: 64 K registers, 228 KiB of shared
-    memory with 1 KiB reserved per program, 2048 threads, 32 programs), from ptxas' registers (allocated
-    per warp in units of 256) and Triton's shared memory."""
-    warps = row["num_warps"]
-    regs_per_warp = -(-max(row["registers"], 1) * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * warps)
-    by_smem = (228 * 1024) // (row["shared"] + 1024)
-    return max(0, min(by_regs, by_smem, 2048 // (32 * warps), 32))
-
-
-def wave_efficiency(programs: int, per_sm: int, sms: int = 132) -> float:
-    """programs / (waves x slots): the busy fraction of the GPU's program slots, waves rounded up."""
-    slots = per_sm * sms
-    return programs / (-(-programs // slots) * slots)
-
-
 def main(op: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be compiled, not interpreted)")
-    import importlib
-
-    importlib.import_module(f"kernelssl.triton.{op}").wrap_triton = _Recorder
-    RECIPES[op]()
-    for row in _compile_all(_Recorder.calls, _Recorder.ones_from):
+    with recording(op) as calls:
+        RECIPES[op]()
+    for row in compile_all(calls, Recorder.ones_from):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     main(sys.argv[1])

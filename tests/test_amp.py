@@ -26,9 +26,9 @@ import pytest
 import torch
 
 import kernelssl.functional as KF
-from kernelssl import hsic as _hsic
-from kernelssl import mec as _mec
-from kernelssl import sfrik as _sfrik
+from kernelssl.ops import rff_hsic as _hsic
+from kernelssl.ops import taylor_logdet as _mec
+from kernelssl.ops import legendre_gram as _sfrik
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 F64 = torch.float64

@@ -9,7 +9,7 @@ import torch
 
 import kernelssl
 import kernelssl.functional as KF
-from kernelssl import _backend
+from kernelssl import dispatch as _backend
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 
@@ -76,7 +76,7 @@ def test_hsic_learn_scale_gradients_are_separated():
     crit = HSICLoss(num_features=32, learn_scale=True, normalize=False)
     out = crit.forward_components(*z)
     assert out.scale_objective is not None
-    torch.testing.assert_close(out.loss, KF._hsic.hsic_loss(out.hsic_zy, out.hsic_zz) + out.scale_objective)
+    torch.testing.assert_close(out.loss, KF.hsic_loss(out.hsic_zy, out.hsic_zz) + out.scale_objective)
     out.loss.backward()
     c = crit.kernel_scale
     assert c.grad is not None and torch.isfinite(c.grad)
@@ -120,7 +120,8 @@ def test_mec_components_report_divergence_without_sync():
 
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    assert _backend.resolve_backend("auto", "rff_hsic", torch.device("cpu")) == "torch"
+    for op in _backend.TRITON_OPS:
+        assert _backend.implementation(op, "auto", torch.zeros(2, 2)) == "torch"
 
 
 def test_unknown_backend_is_rejected():
@@ -160,7 +161,7 @@ def test_explicit_triton_via_env_raises(monkeypatch):
     # SFRIK's Gram op has a Triton kernel; on CPU tensors without the interpreter it cannot run.
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run legendre_gram_mean: .*CUDA tensors"):
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run legendre_gram: .*CUDA tensors"):
         SFRIKLoss()(*_views())
 
 
@@ -395,14 +396,16 @@ def test_env_default_does_not_leak():
 def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(_backend.TRITON_OPS, "some_op", "some_module")
-    assert _backend.resolve_backend("auto", "some_op", torch.device("cpu")) == "torch"
-    if _backend.triton_import_error() is None:
-        assert _backend.resolve_backend("triton", "some_op", torch.device("cpu")) == "triton"
+    x = torch.zeros(2, 2)
+    for op in _backend.TRITON_OPS:
+        assert _backend.implementation(op, "auto", x) == "torch"
+        if _backend.triton_import_error() is None:
+            assert _backend.implementation(op, "triton", x) == "triton"
 
 
 def test_op_without_kernel_is_refused(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run some_new_op: .*not yet available"):
-        _backend.resolve_backend("triton", "some_new_op", torch.device("cpu"))
-    assert _backend.resolve_backend("auto", "some_new_op", torch.device("cpu")) == "torch"
+    x = torch.zeros(2, 2)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run some_new_op: there is no fused Triton kernel"):
+        _backend.implementation("some_new_op", "triton", x)
+    assert _backend.implementation("some_new_op", "auto", x) == "torch"

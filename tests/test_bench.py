@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kernelssl import _cases as C
+from kernelssl.bench import cases as C
 from kernelssl.bench import __main__ as cli
 from kernelssl.bench import report, runner
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernelssl import data as D
+from kernelssl.train import data as D
 from kernelssl import train
 
 TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--width", "4", "--proj-hidden", "16", "--proj-dim", "8",

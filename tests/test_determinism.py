@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernelssl import _backend
+from kernelssl import dispatch as _backend
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 N, D_IN, D = 256, 32, 64

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from helpers import assert_close, to_numpy
 import reference.rff_hsic as R
-from kernelssl import hsic as H
-from kernelssl.rff import KERNELS, sample_imq_rff, sample_rff
+import kernelssl.functional as KF
+from kernelssl.ops import rff_hsic as H
+from kernelssl.ops.rff_hsic import KERNELS, sample_imq_rff, sample_rff
 
 # float64, same formulas in a different order: round-off ~ 1e-16 x (accumulation length < 1e4).
 F64_RTOL, F64_ATOL = 1e-10, 1e-12
@@ -495,30 +496,31 @@ def test_rff_terms_converge_to_exact_terms(kernel):
 
 
 def test_bad_input_raises_with_the_argument_name():
+    """The functional API checks the inputs (once) before calling the torch tier."""
     views, w_a, b_a, w_b, b_b, c = _case(13, 2, 3, 4, 8)
     with pytest.raises(ValueError, match="views"):
-        H.rff_hsic(views[0], w_a, b_a, w_b, b_b, c)  # 2-D
+        KF.rff_hsic(views[0], w_a, b_a, w_b, b_b, c)  # 2-D
     with pytest.raises(ValueError, match="K >= 2"):
-        H.rff_hsic(views[:1], w_a, b_a, w_b, b_b, c)
+        KF.rff_hsic(views[:1], w_a, b_a, w_b, b_b, c)
     with pytest.raises(ValueError, match="views"):
-        H.exact_hsic(views[:, :1], c)  # B = 1
+        KF.exact_hsic(views[:, :1], c)  # B = 1
     with pytest.raises(TypeError, match="views"):
-        H.rff_hsic(views.long(), w_a, b_a, w_b, b_b, c)
+        KF.rff_hsic(views.long(), w_a, b_a, w_b, b_b, c)
     with pytest.raises(ValueError, match="w_b"):
-        H.rff_hsic(views, w_a, b_a, w_b[:, :3], b_b, c)
+        KF.rff_hsic(views, w_a, b_a, w_b[:, :3], b_b, c)
     with pytest.raises(ValueError, match="b_a"):
-        H.rff_hsic_eager(views, w_a, b_a[:3], w_b, b_b, c)
+        KF.rff_hsic(views, w_a, b_a[:3], w_b, b_b, c)
     with pytest.raises(ValueError, match="kernel_scale"):
-        H.rff_hsic(views, w_a, b_a, w_b, b_b, -1.0)
+        KF.rff_hsic(views, w_a, b_a, w_b, b_b, -1.0)
     with pytest.raises(TypeError, match="kernel_scale"):
-        H.exact_hsic(views, torch.ones(2))
+        KF.exact_hsic(views, torch.ones(2))
     with pytest.raises(ValueError, match="device"):
-        H.rff_hsic(views, w_a.to("meta"), b_a, w_b, b_b, c)
+        KF.rff_hsic(views, w_a.to("meta"), b_a, w_b, b_b, c)
     with pytest.raises(ValueError, match="num_pairs"):
-        H.kernel_scale_objective(views, c, num_pairs=0)
+        KF.kernel_scale_objective(views, c, num_pairs=0)
     with pytest.raises(ValueError, match=r"kernel: expected one of 'imq', 'gaussian', 'laplace', got 'gauss'"):
-        H.exact_hsic(views, c, kernel="gauss")
+        KF.exact_hsic(views, c, kernel="gauss")
     with pytest.raises(TypeError, match="kernel: expected a str"):
-        H.exact_hsic(views, c, kernel=None)
+        KF.exact_hsic(views, c, kernel=None)
     with pytest.raises(ValueError, match="kernel"):
-        H.kernel_scale_objective(views, c, kernel="rff")  # the torch tier has no legacy spelling
+        KF.kernel_scale_objective(views, c, kernel="rff")  # no legacy spelling

@@ -18,10 +18,10 @@ import torch
 
 import kernelssl.functional as KF
 import reference.rff_hsic as R
-from helpers import assert_close, to_numpy
+from helpers import assert_close
 from kernelssl import train
 from kernelssl.losses import HSICLoss
-from kernelssl.rff import KERNELS, sample_imq_rff, sample_rff
+from kernelssl.ops.rff_hsic import KERNELS, sample_imq_rff, sample_rff
 
 # float64, same formulas in a different order: round-off ~ 1e-16 x (accumulation length < 1e4).
 F64_RTOL, F64_ATOL = 1e-10, 1e-12
@@ -100,50 +100,25 @@ def test_default_kernel_draws_exactly_the_imq_stream():
     assert torch.equal(a._generators[torch.device("cpu")].get_state(), g.get_state())
 
 
-@pytest.mark.parametrize("legacy,new", [("rff", dict(kernel="imq")), ("exact", dict(kernel="imq", exact=True))])
-def test_legacy_kernel_values_warn_and_give_identical_numbers(legacy, new):
-    views = _views(4)
-    with pytest.warns(FutureWarning, match=r"kernel='%s' is deprecated.*pass %s" % (
-            legacy, "kernel='imq', exact=True" if legacy == "exact" else "kernel='imq'")) as rec:
-        old = HSICLoss(kernel=legacy, num_features=16)
-    assert rec[0].filename == __file__  # the warning points at the caller's line
-    assert old.kernel == "imq" and old.exact == new.get("exact", False)
-    cur = HSICLoss(num_features=16, **new)
-    for _ in range(2):  # same numbers, call after call (same generator stream)
-        x_old = [v.clone().requires_grad_() for v in views]
-        x_new = [v.clone().requires_grad_() for v in views]
-        lo, ln = old(*x_old), cur(*x_new)
-        (G_UP * lo).backward()
-        (G_UP * ln).backward()
-        assert torch.equal(lo, ln)
-        for p, q in zip(x_old, x_new):
-            assert torch.equal(p.grad, q.grad)
-    # the functional form too
-    stacked = torch.stack(views)
-    with pytest.warns(FutureWarning, match="deprecated") as rec:
-        lo = KF.ssl_hsic_loss(stacked, kernel=legacy, num_features=16, generator=_gen(1))
-    assert rec[0].filename == __file__
-    assert torch.equal(lo, KF.ssl_hsic_loss(stacked, num_features=16, generator=_gen(1), **new))
+@pytest.mark.parametrize("old", ["rff", "exact"])
+def test_kernel_names_only_the_family(old):
+    # kernel= is the family; exact= picks the exact path: the spellings of an unreleased version are refused
+    with pytest.raises(ValueError, match="kernel: expected one of 'imq', 'gaussian', 'laplace'"):
+        HSICLoss(kernel=old)
+    with pytest.raises(ValueError, match="kernel: expected one of 'imq', 'gaussian', 'laplace'"):
+        KF.ssl_hsic_loss(torch.stack(_views(4)), kernel=old)
 
 
-def test_new_spelling_does_not_warn_and_checkpoints_load_across_spellings():
+def test_new_spelling_does_not_warn():
     views = _views(5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        crit = HSICLoss(num_features=16)
         for kernel in KERNELS:
             for exact in (False, True):
                 if (kernel, exact) != ("laplace", False):  # that one warns on purpose (test below)
                     HSICLoss(kernel=kernel, exact=exact)
                 KF.ssl_hsic_loss(torch.stack(views), kernel=kernel, exact=exact, num_features=4, generator=_gen())
-    crit(*views)
-    with pytest.warns(FutureWarning):
-        legacy = HSICLoss(kernel="rff", num_features=16)
-    legacy(*views)
-    state = legacy.state_dict()  # a checkpoint of a module built with the legacy spelling
-    crit.load_state_dict(state)
-    assert torch.equal(crit(*views), legacy(*views))  # continues the same feature stream
-    assert "kernel='imq', exact=False" in repr(crit)
+    assert "kernel='imq', exact=False" in repr(HSICLoss(num_features=16))
     assert "kernel='laplace', exact=True" in repr(HSICLoss(kernel="laplace", exact=True))
 
 
@@ -156,15 +131,13 @@ def test_bad_kernel_arguments():
         HSICLoss(kernel=3)
     with pytest.raises(ValueError, match="kernel: expected one of 'imq', 'gaussian', 'laplace', got 'Gaussian'"):
         HSICLoss(kernel="Gaussian")
-    with pytest.raises(ValueError, match="kernel: the legacy kernel='rff' .* contradicts exact=True"):
-        HSICLoss(kernel="rff", exact=True)
     views = torch.stack(_views(6))
     with pytest.raises(TypeError, match="exact: expected a bool"):
         KF.ssl_hsic_loss(views, exact=None)
     with pytest.raises(ValueError, match="kernel: expected one of"):
         KF.ssl_hsic_loss(views, kernel="cauchy")
     with pytest.raises(ValueError, match="kernel: expected one of"):
-        KF.exact_hsic(views, 1.0, kernel="rff")  # new entry point argument: no legacy spelling
+        KF.exact_hsic(views, 1.0, kernel="rff")
     with pytest.raises(ValueError, match="kernel: expected one of"):
         KF.kernel_scale_objective(views, torch.tensor(1.0), kernel="exact")
     with pytest.raises(ValueError, match="features: expected None with exact=True"):
@@ -175,7 +148,7 @@ def test_bad_kernel_arguments():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_learned_scale_objective_of_each_kernel(kernel):
     """learn_scale=True returns hsic_loss + the family's scale objective (minus mean 1/2 log (dk/drho)^2,
-    see kernelssl.hsic.kernel_scale_objective); with exact=True no generator is involved, so the pairs
+    see kernelssl.ops.rff_hsic.kernel_scale_objective); with exact=True no generator is involved, so the pairs
     are the documented strided ones and the objective and its c-gradient equal the reference."""
     views = _views(7, K=2, B=10, d=3)
     crit = HSICLoss(kernel=kernel, exact=True, learn_scale=True, kernel_scale=0.7, num_scale_pairs=16,

@@ -15,7 +15,8 @@ from scipy.integrate import cumulative_trapezoid
 
 from helpers import assert_close
 import reference.rff_hsic as R
-from kernelssl.rff import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
+import kernelssl.functional as KF
+from kernelssl.ops.rff_hsic import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
 
 DELTA = 1e-6
 
@@ -313,12 +314,13 @@ def test_rff_features_gradcheck():
 
 
 def test_rff_features_rejects_bad_input():
+    """The functional API checks the inputs (once) before calling the torch tier."""
     w, b = sample_imq_rff(4, 6, generator=_gen(1))
     with pytest.raises(ValueError, match="w"):
-        rff_features(torch.randn(3, 5), w, b, 1.0)
+        KF.rff_features(torch.randn(3, 5), w, b, 1.0)
     with pytest.raises(ValueError, match="b"):
-        rff_features(torch.randn(3, 4), w, b[:5], 1.0)
+        KF.rff_features(torch.randn(3, 4), w, b[:5], 1.0)
     with pytest.raises(TypeError, match="x"):
-        rff_features(torch.ones(3, 4, dtype=torch.int64), w, b, 1.0)
+        KF.rff_features(torch.ones(3, 4, dtype=torch.int64), w, b, 1.0)
     with pytest.raises(ValueError, match="device"):
-        rff_features(torch.randn(3, 4, device="meta"), w, b, 1.0)
+        KF.rff_features(torch.randn(3, 4, device="meta"), w, b, 1.0)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_close, to_numpy
-from kernelssl import sfrik as S
+import kernelssl.functional as KF
+from kernelssl.ops import legendre_gram as S
 from reference import legendre_gram as R
 
 B3 = (1.0, 40.0, 40.0)
@@ -282,31 +283,32 @@ def test_non_finite_inputs():
     assert torch.isnan(out[0]) and torch.isnan(out[2])
     assert torch.isnan(S.legendre_gram_mean(za, B3))
     with pytest.raises(ValueError, match="z_a"):
-        S.sfrik_loss(za, zb, check_finite=True)
+        KF.sfrik_loss(za, zb, check_finite=True)
     with pytest.raises(ValueError, match="z"):
-        S.legendre_gram_mean(za, B3, check_finite=True)
+        KF.legendre_gram_mean(za, B3, check_finite=True)
 
 
 def test_bad_input():
+    """The functional API checks the inputs (once) before calling the torch tier."""
     z = _z(6, 4, 18)
     with pytest.raises(ValueError, match="z"):
-        S.legendre_gram_mean(z[0], B3)  # 1-D
+        KF.legendre_gram_mean(z[0], B3)  # 1-D
     with pytest.raises(ValueError, match="rows"):
-        S.legendre_gram_mean(z[:1], B3)  # n < 2
+        KF.legendre_gram_mean(z[:1], B3)  # n < 2
     with pytest.raises(ValueError, match="q >= 2"):
-        S.legendre_gram_mean(z[:, :1], B3)  # q < 2
+        KF.legendre_gram_mean(z[:, :1], B3)  # q < 2
     with pytest.raises(TypeError, match="floating"):
-        S.legendre_gram_mean(z.long(), B3)
+        KF.legendre_gram_mean(z.long(), B3)
     with pytest.raises(ValueError, match="coefficients"):
-        S.legendre_gram_mean(z, ())
+        KF.legendre_gram_mean(z, ())
     with pytest.raises(TypeError, match="coefficients"):
-        S.legendre_gram_mean(z, torch.tensor([1.0]))
+        KF.legendre_gram_mean(z, torch.tensor([1.0]))
     with pytest.raises(ValueError, match="chunk_size"):
-        S.legendre_gram_mean(z, B3, chunk_size=0)
+        S.legendre_gram_mean(z, B3, chunk_size=0)  # the torch tier's own argument
     with pytest.raises(ValueError, match="z_b"):
-        S.sfrik_loss(z, z[:, :3])
+        KF.sfrik_loss(z, z[:, :3])
     with pytest.raises(ValueError, match="sim_weight"):
-        S.sfrik_loss(z, z, sim_weight=-1.0)
+        KF.sfrik_loss(z, z, sim_weight=-1.0)
     with pytest.raises(ValueError, match="q"):
         S.legendre(torch.zeros(3), 1, 2)
 

@@ -78,7 +78,7 @@ def test_feature_uniformity_is_wang_isolas_metric():
     """The probe metric equals their pdist code on the normalised features (float64), any feature scale."""
     import numpy as np
 
-    from kernelssl.uniformity import uniformity_pdist
+    from kernelssl.ops.gaussian_gram import uniformity_pdist
 
     f = np.random.default_rng(0).standard_normal((57, 24)) * 30.0 + 5.0
     ref = float(uniformity_pdist(torch.nn.functional.normalize(torch.from_numpy(f), dim=1), 2.0))
@@ -217,9 +217,9 @@ def test_readme_cifar10_recipes_parse():
         assert args.dataset == "cifar10" and args.download and args.arch == "resnet18"
 
 
-def test_resume_rejects_another_hsic_kernel_and_reads_old_checkpoints_as_imq(tmp_path):
-    """The HSIC kernel family is part of the run: resuming with another one is refused; a checkpoint
-    written before the option existed (no such key) counts as the default IMQ random features."""
+def test_resume_rejects_another_hsic_kernel_and_checkpoints_without_it(tmp_path):
+    """The HSIC kernel family is part of the run: resuming with another one is refused, and so is a
+    checkpoint that does not record it."""
     import torch
 
     out = str(tmp_path / "run")
@@ -232,4 +232,5 @@ def test_resume_rejects_another_hsic_kernel_and_reads_old_checkpoints_as_imq(tmp
     for k in ("hsic_kernel", "hsic_exact"):
         ckpt["args"].pop(k)
     torch.save(ckpt, ckpt_path)
-    assert train.main([*args, "--resume"]) == 0
+    with pytest.raises(SystemExit, match="hsic_kernel: checkpoint None, now 'imq'"):
+        train.main([*args, "--resume"])

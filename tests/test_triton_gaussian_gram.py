@@ -21,10 +21,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from helpers import assert_close, assert_error_within_torch, to_numpy
-from kernelssl import _backend
+import kernelssl.functional as KF
+from kernelssl import dispatch as _backend
+from kernelssl.ops import gaussian_gram as U
+from kernelssl.ops._common import prescale_rows
 
-GG = pytest.importorskip("kernelssl.triton.gaussian_gram")
-from kernelssl.triton import legendre_gram as LG  # noqa: E402
+GG = pytest.importorskip("kernelssl.triton.gaussian_gram_op")
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
@@ -356,9 +358,9 @@ def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
     (UPSTREAM * comp.loss).backward()
     assert names.count("_gram_lse_kernel") == 1 and names.count("_resident_backward_kernel") == 1, names
     a2, b2 = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
-    pa, pb = KF._prescale_rows(a2), KF._prescale_rows(b2)  # the loss's own steps, per view
+    pa, pb = prescale_rows(a2), prescale_rows(b2)  # the loss's own steps, per view
     u_a, u_b = GG.gaussian_gram_logmean(pa, 2.0), GG.gaussian_gram_logmean(pb, 2.0)
-    loss = KF._unif.alignment(pa, pb, 2.0, normalize=True) + 0.7 * 0.5 * (u_a + u_b)
+    loss = U.alignment(pa, pb, 2.0, normalize=True) + 0.7 * 0.5 * (u_a + u_b)
     (UPSTREAM * loss).backward()
     assert torch.equal(comp.uniformity_a, u_a) and torch.equal(comp.uniformity_b, u_b)
     assert torch.equal(comp.loss, loss), (comp.loss, loss)
@@ -394,15 +396,17 @@ def test_resident_split_policy():
 @pytest.mark.skipif(CUDA, reason="on a GPU every test runs the GPU configuration")
 @pytest.mark.parametrize("n,q", [(150, 45), (140, 48)], ids=["q45-unaligned", "q48-aligned"])
 def test_gpu_block_configuration_under_interpreter(n, q, monkeypatch):
-    """The GPU block sizes (legendre_gram's _config: 64/128-wide tiles) run through the interpreter."""
-    config = GG._config
+    """The GPU block sizes (_common.gram_config: 64/128-wide tiles) run through the interpreter."""
+    from kernelssl.triton import _common
+
+    config = _common.gram_config
 
     def gpu_config(dtype, q, *args):
         with monkeypatch.context() as m:
-            m.setattr(LG, "interpreting", lambda: False)
+            m.setattr(_common, "interpreting", lambda: False)
             return config(dtype, q, *args)
 
-    monkeypatch.setattr(GG, "_config", gpu_config)
+    monkeypatch.setattr(GG, "gram_config", gpu_config)
     assert gpu_config(torch.float32, q)["block"] == (64 if q % 16 else 128)
     z = _z(n, q, 11, torch.float32).to(DEV)
     _check(_run(GG.gaussian_gram_logmean, z, 2.0), z, 2.0, what=f"GPU blocks n={n} q={q}")
@@ -449,8 +453,10 @@ def test_no_grad_and_frozen_input():
 
 @pytest.mark.parametrize("exclude", [True, False])
 def test_float64_is_computed_in_float64(exclude):
+    """backend="triton" with float64 rows: the dispatcher sends them to the torch tier, float64 end to end."""
     z = _z(20, 7, 8).to(DEV)
-    m, g = _run(GG.gaussian_gram_logmean, z, 2.0, exclude_diagonal=exclude)
+    m, g = _run(lambda x, t, **k: KF.gaussian_gram_logmean(x, t, backend="triton", **k), z, 2.0,
+                exclude_diagonal=exclude)
     m64, g64 = _run(_formula, z, 2.0, True, exclude)
     assert m.dtype == torch.float64 and g.dtype == torch.float64
     assert_close(m, m64, rtol=1e-12, atol=1e-12, name="L float64")
@@ -458,34 +464,34 @@ def test_float64_is_computed_in_float64(exclude):
 
 
 def test_bad_input():
+    """Bad input is refused once, by the functional API, before the dispatcher picks the kernels."""
     z = torch.ones(4, 3, device=DEV)
+
+    def op(x, *a, **k):
+        return KF.gaussian_gram_logmean(x, *a, backend="triton", **k)
+
     with pytest.raises(TypeError, match="z: expected a floating-point tensor"):
-        GG.gaussian_gram_logmean(torch.ones(4, 3, dtype=torch.int64), 2.0)
-    with pytest.raises(ValueError, match="z: expected at least 2 dims"):
-        GG.gaussian_gram_logmean(torch.ones(4, device=DEV), 2.0)
-    for bad in (torch.ones(1, 2, 4, 3, device=DEV), torch.ones(0, 4, 3, device=DEV)):  # views: (P >= 1, n, q)
-        with pytest.raises(ValueError, match=r"z: expected one view \(n, q\) or a batch of views \(P, n, q\)"):
-            GG.gaussian_gram_logmean(bad, 2.0)
+        op(torch.ones(4, 3, dtype=torch.int64), 2.0)
+    with pytest.raises(ValueError, match="z: expected a 2-D tensor"):
+        op(torch.ones(4, device=DEV), 2.0)
+    with pytest.raises(ValueError, match="z: expected a 2-D tensor"):
+        op(torch.ones(1, 2, 4, 3, device=DEV), 2.0)
     with pytest.raises(ValueError, match="z: expected at least 2 rows"):
-        GG.gaussian_gram_logmean(torch.ones(2, 1, 3, device=DEV), 2.0)
-    with pytest.raises(ValueError, match="z: expected at least 2 rows"):
-        GG.gaussian_gram_logmean(torch.ones(1, 3, device=DEV), 2.0)
+        op(torch.ones(1, 3, device=DEV), 2.0)
     with pytest.raises(ValueError, match="z: expected at least 1 columns"):
-        GG.gaussian_gram_logmean(torch.ones(3, 0, device=DEV), 2.0)
+        op(torch.ones(3, 0, device=DEV), 2.0)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="t: expected a finite number > 0"):
-            GG.gaussian_gram_logmean(z, bad)
+            op(z, bad)
     for bad in (True, "2", torch.tensor(2.0)):
         with pytest.raises(TypeError, match="t: expected a positive number"):
-            GG.gaussian_gram_logmean(z, bad)
+            op(z, bad)
     with pytest.raises(TypeError, match="normalize: expected a bool"):
-        GG.gaussian_gram_logmean(z, 2.0, normalize=1)
+        op(z, 2.0, normalize=1)
     with pytest.raises(TypeError, match="exclude_diagonal: expected a bool"):
-        GG.gaussian_gram_logmean(z, 2.0, exclude_diagonal="no")
+        op(z, 2.0, exclude_diagonal="no")
     with pytest.raises(ValueError, match="input_precision"):
-        GG.gaussian_gram_logmean(z, 2.0, input_precision="fp32")
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        GG.gaussian_gram_forward(torch.ones(4, 3, dtype=torch.float64, device=DEV), 2.0)
+        op(z, 2.0, input_precision="fp32")
     # one row is a valid input with the diagonal included: L = log phi(1) = 0 (G_11 = 1 up to fp32 ulps)
     one = float(GG.gaussian_gram_logmean(torch.ones(1, 3, device=DEV), 2.0, exclude_diagonal=False))
     assert abs(one) <= _tol_value(2.0, 0.0), one
@@ -505,8 +511,8 @@ def test_cpu_runs_the_kernels_under_the_interpreter(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the torch math ran instead of the interpreted kernels")
 
-    monkeypatch.setattr(GG, "_torch_forward", fail)
-    monkeypatch.setattr(GG, "_torch_backward", fail)
+    monkeypatch.setattr(U, "gaussian_gram_logmean_stats", fail)  # the torch tier, the CPU kernels' math
+    monkeypatch.setattr(U, "gaussian_gram_logmean_backward", fail)
     _run(GG.gaussian_gram_logmean, _z(20, 6, 10, torch.float32), 2.0)
 
 
@@ -526,7 +532,7 @@ def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
     guarded wrapper, and (interpreter) every launch is inside a guard entered with its tensors' device."""
     import contextlib
 
-    from kernelssl.triton import _launch as L
+    from kernelssl.triton import _common as L
 
     assert GG.wrap_triton is L.wrap_triton
     if CUDA:
@@ -600,7 +606,7 @@ def test_compile_fullgraph(backend):
 
 
 def test_registered_in_the_backend_table():
-    assert _backend.TRITON_OPS["gaussian_gram_logmean"] == "gaussian_gram"
+    assert "gaussian_gram" in _backend.TRITON_OPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -613,7 +619,7 @@ def _emulated_logmean(z, t, g, precision):
     (module docstring): Gram of the raw rows scaled by r_i r_j, the online log-sum-exp, the panel
     P = exp(x - m) r_j and the backward GEMM P Z with its Jacobian epilogue; every GEMM by
     tf32_emulation.mm at ``precision``."""
-    from tf32_emulation import mm
+    from kernelssl.numerics import mm
 
     n = z.shape[0]
     r = 1.0 / z.norm(dim=1).clamp_min(1e-12)  # _row_scales_kernel
@@ -635,7 +641,7 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     float64 is within 2x of full fp32's ("ieee"); plain tf32 is far worse.  Uniformity's rows are q = 128
     long (a typical projector width); n = 2048 rows instead of the benchmark's 4096 keeps the CPU
     emulation to a few seconds (a Gram entry's error is set by q, not by n)."""
-    from tf32_emulation import check_within_2x_of_ieee
+    from kernelssl.numerics import check_within_2x_of_ieee
 
     n, q, t = 2048, 128, 2.0
     z = _z(n, q, 21)
@@ -707,7 +713,7 @@ def test_gpu_tensors_on_a_device_that_is_not_the_current_one(monkeypatch):
     """As tests/test_triton_launch.py for the original ops: tensors on the last CUDA device while device 0
     is current -- every launch guarded with the tensors' device, and the same value and gradient as on
     the current device (both backward paths)."""
-    from kernelssl.triton import _launch as L
+    from kernelssl.triton import _common as L
 
     target = torch.device("cuda", torch.cuda.device_count() - 1)
     guards: list = []

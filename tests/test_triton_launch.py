@@ -21,12 +21,12 @@ import torch
 
 import kernelssl.functional as KF
 from helpers import assert_close
-from kernelssl import _backend
+from kernelssl import dispatch as _backend
 
-L = pytest.importorskip("kernelssl.triton._launch")
-from kernelssl.triton import legendre_gram as LG  # noqa: E402
-from kernelssl.triton import rff_hsic as RH  # noqa: E402
-from kernelssl.triton import taylor_logdet as TL  # noqa: E402
+L = pytest.importorskip("kernelssl.triton._common")
+from kernelssl.triton import legendre_gram_op as LG  # noqa: E402
+from kernelssl.triton import rff_hsic_op as RH  # noqa: E402
+from kernelssl.triton import taylor_logdet_op as TL  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")

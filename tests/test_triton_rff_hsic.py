@@ -28,16 +28,16 @@ from hypothesis import strategies as st  # noqa: E402
 import kernelssl.functional as KF  # noqa: E402
 import reference.rff_hsic as R  # noqa: E402
 from helpers import assert_close, assert_error_within_torch, to_numpy  # noqa: E402
-from kernelssl import _backend  # noqa: E402
-from kernelssl import hsic as H  # noqa: E402
+from kernelssl import dispatch as _backend  # noqa: E402
+from kernelssl.ops import rff_hsic as H  # noqa: E402
 from kernelssl.losses import HSICLoss  # noqa: E402
-from kernelssl.rff import sample_imq_rff, sample_rff  # noqa: E402
+from kernelssl.ops.rff_hsic import sample_imq_rff, sample_rff  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not _backend.interpreting():
     pytest.skip("no CUDA and TRITON_INTERPRET is not set: the kernels cannot run here", allow_module_level=True)
 
-import kernelssl.triton.rff_hsic as M  # noqa: E402
+import kernelssl.triton.rff_hsic_op as M  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
@@ -127,7 +127,7 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
     import sm90_compile
 
     sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
-    monkeypatch.setattr(M, "_num_sms", lambda index: sms)
+    monkeypatch.setattr(M, "num_sms", lambda device: sms)
     cfg = M._fwd_config(DEV, 16384, 4096, 256, 512, 512, "tf32x3")
     tiles = (512 // cfg["BJA"]) * (512 // cfg["BJB"])
     assert cfg["split"] > 1 and 16384 // cfg["split"] >= 8 * cfg["BN"]
@@ -297,13 +297,18 @@ def test_non_contiguous_views():
 
 
 def test_float64_and_trainable_maps_take_the_torch_path():
+    """backend="triton": the dispatcher sends float64 views, and maps that require grad, to the torch tier."""
     v, maps, c = _case(10, 2, 6, 5, 12, 9)
-    zy, zz, grad = _run(M.rff_hsic, v, maps, c, torch.float64)
+
+    def fused(*a):
+        return KF.rff_hsic(*a, backend="triton")
+
+    zy, zz, grad = _run(fused, v, maps, c, torch.float64)
     tzy, tzz, tgrad = _run(H.rff_hsic, v, maps, c, torch.float64)
     assert zy.dtype == torch.float64 and torch.equal(zy, tzy) and torch.equal(zz, tzz) and torch.equal(grad, tgrad)
     w = maps[0].clone().requires_grad_()
     x = torch.as_tensor(v, dtype=torch.float32, device=DEV)
-    zy, zz = M.rff_hsic(x, w, *maps[1:], c)
+    zy, zz = fused(x, w, *maps[1:], c)
     zy.backward()
     assert w.grad is not None  # the fused backward gives d/dviews only; trainable maps fall back
 
@@ -323,15 +328,15 @@ def test_input_precision_argument():
     v, maps, c = _case(12, 2, 6, 5, 12, 9)
     x = torch.as_tensor(v, dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="input_precision"):
-        M.rff_hsic(x, *maps, c, input_precision="bf16")
+        KF.rff_hsic(x, *maps, c, backend="triton", input_precision="bf16")
     with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None"):
-        M.rff_hsic(x.double(), *maps, c, input_precision=True)  # validated on the float64 path too
+        KF.rff_hsic(x.double(), *maps, c, backend="triton", input_precision=True)  # checked on the float64 path too
     # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (tests/test_api.py checks the
     # op receives it); an explicit one wins
     assert _backend.resolve_precision() == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
-    assert [_backend.resolve_precision(p) for p in M.PRECISIONS] == list(M.PRECISIONS)
+    assert [_backend.resolve_precision(p) for p in _backend.PRECISIONS] == list(_backend.PRECISIONS)
     rzy, rzz, _ = _reference(v, maps, c)
-    for prec in M.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    for prec in _backend.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
         zy, zz = M.rff_hsic(x, *maps, c, input_precision=prec)
         tol = 5e-3 if (prec == "tf32" and CUDA) else VAL_RTOL
         assert_close(zy, rzy, rtol=tol, atol=VAL_ATOL, name=f"HSIC_ZY {prec}")
@@ -343,7 +348,7 @@ def test_input_precision_argument():
 
 
 def test_public_api_dispatches_to_the_kernel(monkeypatch):
-    assert _backend.TRITON_OPS["rff_hsic"] == "rff_hsic"
+    assert "rff_hsic" in _backend.TRITON_OPS
     v, maps, c = _case(13, 2, 6, 5, 12, 9)
     calls = []
     real = M._rff_hsic_fwd
@@ -425,7 +430,7 @@ def test_compile_fullgraph_forward_backward():
 
 _GPU_BUILD_CHECK = """
 import torch
-import kernelssl.triton.rff_hsic as M
+import kernelssl.triton.rff_hsic_op as M
 from torch._library.triton import get_triton_kernels_for_op as kernels
 fwd = [k.fn.__name__ for k in kernels("kernelssl::rff_hsic_fwd")]
 bwd = [k.fn.__name__ for k in kernels("kernelssl::rff_hsic_bwd")]
@@ -623,7 +628,7 @@ def test_gpu_uses_no_n_by_n_memory():
 def _emulated_hsic(x, maps, K, B, c, precision):
     """(HSIC_ZY, HSIC_ZZ, dL/dX) for L = G_ZY HSIC_ZY + G_ZZ HSIC_ZZ, in the kernels' own GEMM
     decomposition (module docstring), every GEMM by tf32_emulation.mm at ``precision``."""
-    from tf32_emulation import mm
+    from kernelssl.numerics import mm
 
     N = K * B
     w_a, b_a, w_b, b_b = maps
@@ -650,7 +655,7 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     """SPEC §4 / issue 11: at the paper shape (K = 4, B = 4096, d = 256, D = 512, c = 1), the error
     against float64 of HSIC_ZY, HSIC_ZZ and dL/dX with every kernel GEMM in emulated tf32x3 is within
     2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
-    from tf32_emulation import check_within_2x_of_ieee
+    from kernelssl.numerics import check_within_2x_of_ieee
 
     K, B, d, D = PAPER["K"], PAPER["B"], PAPER["d"], PAPER["D"]
     g = torch.Generator().manual_seed(0)

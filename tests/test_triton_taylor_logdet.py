@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 
 import kernelssl.functional as KF
 from helpers import assert_close, assert_error_within_torch, to_numpy
-from kernelssl import _backend
-from kernelssl import mec as M
+from kernelssl import dispatch as _backend
+from kernelssl.ops import taylor_logdet as M
 from kernelssl.losses import MECLoss
 from reference import taylor_logdet as R
 
-K = pytest.importorskip("kernelssl.triton.taylor_logdet")
+K = pytest.importorskip("kernelssl.triton.taylor_logdet_op")
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
@@ -465,8 +465,8 @@ def test_empty_batch_and_single_pair():
 
 def test_float64_and_mixed_dtypes():
     a, b = _pair(2, 8, 11)
-    t64 = K.taylor_logdet(torch.tensor(a, device=DEV), torch.tensor(b, device=DEV), 0.1, 4)
-    assert t64.dtype == F64  # the documented float64 fallback: the torch path, float64 end to end
+    t64 = KF.taylor_logdet(torch.tensor(a, device=DEV), torch.tensor(b, device=DEV), 0.1, 4, backend="triton")
+    assert t64.dtype == F64  # the dispatcher's float64 rule: the torch tier, float64 end to end
     assert_close(t64, R.taylor_logdet(a, b, 0.1, 4), rtol=1e-12, atol=1e-12, name="float64")
     ah = torch.tensor(a, dtype=torch.float16, device=DEV).requires_grad_()
     bb = torch.tensor(b, dtype=torch.bfloat16, device=DEV).requires_grad_()
@@ -483,15 +483,16 @@ def test_nan_propagates():
 
 
 def test_bad_input():
+    """Bad input is refused once, by the functional API, before the dispatcher picks the kernels."""
     x = torch.randn(2, 4, 3, device=DEV)
     with pytest.raises(ValueError, match="order"):
-        K.taylor_logdet(x, x, 0.1, 0)
+        KF.taylor_logdet(x, x, 0.1, 0, backend="triton")
     with pytest.raises(ValueError, match="b: expected the same shape as a"):
-        K.taylor_logdet(x, torch.randn(2, 4, 4, device=DEV), 0.1, 2)
+        KF.taylor_logdet(x, torch.randn(2, 4, 4, device=DEV), 0.1, 2, backend="triton")
     with pytest.raises(ValueError, match="lam"):
-        K.taylor_logdet(x, x, torch.ones(3, device=DEV), 2)
+        KF.taylor_logdet(x, x, torch.ones(3, device=DEV), 2, backend="triton")
     with pytest.raises(TypeError, match="a"):
-        K.taylor_logdet(x.long(), x, 0.1, 2)
+        KF.taylor_logdet(x.long(), x, 0.1, 2, backend="triton")
 
 
 def test_double_backward_is_refused():
@@ -524,8 +525,8 @@ def test_public_api_dispatches_to_the_kernel(monkeypatch):
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 @pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
 def test_cpu_kernel_without_interpreter_is_the_same_math(path, monkeypatch):
-    """The ops' CPU kernel runs a torch mirror of the kernels' math when not interpreting: same
-    saved tensors, so the forward of one and the backward of the other compose."""
+    """The ops' CPU kernel runs the torch tier when not interpreting: the same value, gradients and
+    diagnostics as the interpreted kernels."""
     a, b = _pair(8, 13, 22)
     up = _upstream((2,))
     interp = _run(K.taylor_logdet, a, b, 0.1, 5, up)
@@ -627,8 +628,9 @@ class Sm90Target:  # stands in for the CUDA driver: the target of the TTIR the m
         return GPUTarget("cuda", 90, 32)
 
 triton.runtime.driver.set_active(Sm90Target())
-from kernelssl.triton import taylor_logdet as K
-K._DECOMPOSE_DEVICES = ("cuda", "cpu")  # decompose as on a GPU
+from kernelssl.triton import _common
+from kernelssl.triton import taylor_logdet_op as K
+_common.DECOMPOSE_DEVICES.append("cpu")  # decompose as on a GPU
 graphs = []
 def capture(gm, inputs):
     return aot_module_simplified(gm, inputs, fw_compiler=lambda g, i: graphs.append(("fw", g)) or g.forward,
@@ -794,7 +796,7 @@ def test_mec_components_take_the_kernels_diagnostics():
 def _emulated_mec(a, b, lam, g, precision):
     """(T_4, dL/da, dL/db) for L = g T_4(a, b), m <= d, in the kernels' own decomposition (module
     docstring; m-space, h = 2), every GEMM by tf32_emulation.mm at ``precision``."""
-    from tf32_emulation import mm
+    from kernelssl.numerics import mm
 
     na, nb = a.norm(dim=1), b.norm(dim=1)  # _rownorm_kernel
     ra, rb = 1.0 / na.clamp_min(1e-12), 1.0 / nb.clamp_min(1e-12)
@@ -817,7 +819,7 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     """SPEC §4 / issue 11: at MEC's paper shape (m = 1024, d = 2048, order 4, lam = d / (m eps^2) with
     eps^2 = 64), the error against float64 of T and both gradients with every kernel GEMM in emulated
     tf32x3 is within 2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
-    from tf32_emulation import check_within_2x_of_ieee
+    from kernelssl.numerics import check_within_2x_of_ieee
 
     m, d = 1024, 2048
     gen = torch.Generator().manual_seed(0)

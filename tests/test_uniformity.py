@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernelssl
 import kernelssl.functional as KF
 from helpers import assert_close, to_numpy
-from kernelssl import uniformity as U
+from kernelssl.ops import gaussian_gram as U
+from kernelssl.ops._common import prescale_rows
 from kernelssl.losses import AlignUniformLoss, UniformityLoss
 from reference import legendre_gram as RS
 from reference import gaussian_gram as R
@@ -749,26 +750,26 @@ def test_numpy_scalars_and_return_components():
         assert_close(AlignUniformLoss(t=t, alpha=np.float32(2.0))(z, z), want, rtol=0, atol=0, name="module")
     with pytest.raises(TypeError, match="t: expected a positive number"):
         KF.uniformity(z, np.bool_(True))
-    for cls in (UniformityLoss, AlignUniformLoss):
-        with pytest.raises(TypeError, match="return_components: removed.*forward_components"):
+    for cls in (UniformityLoss, AlignUniformLoss):  # the terms come from forward_components / KF
+        with pytest.raises(TypeError, match="return_components"):
             cls(return_components=True)
 
 
-def test_torch_tier_entry_points_review_findings():
-    """kernelssl.uniformity's own entry points (below KF): a row of norm < 1e-12 keeps its diagonal
-    gradient right (prescaled, it is a unit row like the others); the plain-autograd form checks its
-    flags and clamps s <= 1 like the blocked pass; alignment names mismatched shapes."""
+def test_torch_tier_forms_review_findings():
+    """The torch tier's blocked and plain-autograd forms, on the rows the functional API prescales: a
+    row of norm < 1e-12 keeps its diagonal gradient right (prescaled, it is a unit row like the others);
+    the plain-autograd form clamps s <= 1 like the blocked pass; alignment names mismatched shapes."""
     z = _z(5, 3, seed=4)
     z[2] *= 1e-13 / float(z[2].norm())
     t = 2.0
     want_g = UPSTREAM * R.gaussian_gram_logmean_grad(to_numpy(z), t, exclude_diagonal=False)
     for fn in (U.gaussian_gram_logmean, U.gaussian_gram_logmean_eager):
-        _, (g,) = _val_grad(lambda x: fn(x, t, exclude_diagonal=False), z)
+        _, (g,) = _val_grad(lambda x: fn(prescale_rows(x), t, exclude_diagonal=False), z)
         assert_close(g, want_g, **REF, name=f"{fn.__name__}: gradient with a row of norm 1e-13")
     with pytest.raises(TypeError, match="exclude_diagonal"):
-        U.gaussian_gram_logmean_eager(z, t, exclude_diagonal="yes")
+        KF.gaussian_gram_logmean(z, t, exclude_diagonal="yes")
     zd = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))  # fp32: row 0 . row 0 = 1 + ulp
     zd[1] = zd[0]
     assert_close(U.gaussian_gram_logmean_eager(zd, 1e30), math.log(2 / 20), rtol=0, atol=1e-6, name="eager, huge t")
     with pytest.raises(ValueError, match=r"z_b: expected the same shape as z_a \(4, 3\), got \(5, 3\)"):
-        U.alignment(torch.randn(4, 3), torch.randn(5, 3))
+        KF.alignment(torch.randn(4, 3), torch.randn(5, 3))

@@ -9,7 +9,7 @@ the device's target shapes and a batch-size sweep: the papers' form eager and un
 Triton kernel at each ``input_precision``, and the ``limit`` (the op's essential matrix products
 alone).  Outputs in ``--out``: ``results.json``, ``results.md`` (the ratios), PNG plots.
 
-The cases are :mod:`kernelssl._cases` -- the same ones ``pytest benchmarks/`` runs.
+The cases are :mod:`kernelssl.bench.cases` -- the same ones ``pytest benchmarks/`` runs.
 
 Modules: :mod:`.runner` (the run), :mod:`.report` (JSON, markdown, plots, summary), :mod:`.measure`
 (timing and peak memory of one call).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import report
 from .runner import DTYPES, IMPLS, Config, any_wrong, run
-from .._cases import LOSSES
+from .cases import LOSSES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """The benchmark run: correctness first, then time and peak memory, every implementation side by side.
 
 :func:`run` is what ``python -m kernelssl.bench`` calls; it returns the results as a dict (the JSON
-written by :mod:`kernelssl.bench.report`).  Cases come from :mod:`kernelssl._cases` (the same ones
+written by :mod:`kernelssl.bench.report`).  Cases come from :mod:`kernelssl.bench.cases` (the same ones
 ``pytest benchmarks/`` runs); the shapes per device are :func:`plan_shapes`.
 
 Per loss and dtype:
@@ -20,7 +20,7 @@ Per loss and dtype:
    ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).  On the CPU,
    where an out-of-memory kills the process instead of raising, a case whose predicted peak exceeds
    a share of the available memory is not tried: ``status="predicted-oom"``, the prediction in its
-   message (:func:`kernelssl._cases.predicted_oom`; the uniformity's pdist form).
+   message (:func:`kernelssl.bench.cases.predicted_oom`; the uniformity's pdist form).
 
 Each implementation is built once per loss, so a ``torch.compile`` row keeps its graphs from the
 correctness case through the sweep; it compiles with torch's defaults (a static graph for the first
@@ -44,28 +44,13 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from .. import _cases as C
+from . import cases as C
+from ..numerics import FP32_TOL, GRAD_FLOOR, LOSS_FLOOR_ULPS, VALUE_ATOL, VALUE_RTOL, bound_2x
 from . import measure as Ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# fp32 against float64 (SPEC §4: a stated rtol/atol).  Loss: |err| <= rtol |ref| + atol.  Gradients,
-# elementwise: |err| <= rtol |ref| + atol_rel * max|ref|.  Why 1e-4: SSL-HSIC's fp32 features carry a
-# phase error of ~1e-5 absolute (|W x / c| up to ~30 rad, see tests/test_hsic.py), which reaches the
-# loss and gradients at ~1e-5 relative; SFRIK's and MEC's fp32 sums at the small case stay below
-# ~1e-6.  Any wrong formula, scale or missing term errs by >= 1e-2.
-FP32_TOL = {"loss_rtol": 1e-4, "loss_atol": 1e-6, "grad_rtol": 1e-4, "grad_atol_rel": 1e-4}
-# Low precision (bf16 / fp16 inputs, TF32 products): error against float64 (of the unrounded fp32
-# inputs) at most 2x the torch path's error in the same precision, or under a floor where both are
-# at rounding level: the loss is fp32, so 64 fp32 ulps of |loss|; gradients come back rounded to the
-# input dtype (TF32 rows: fp32 gradients of TF32 products), so half an ulp of that format of
-# max|grad|, which no implementation can beat.
-LOSS_FLOOR_ULPS = 64 * 2.0**-24
-GRAD_FLOOR = {"bf16": 2.0**-9, "fp16": 2.0**-12, "tf32": 2.0**-11}
-# Loss value at every timed shape against float64 on the same (rounded) inputs: fp32 sums of up to
-# ~1e9 terms stay well under 1e-3 relative; TF32 products (10-bit mantissa) under 1e-2.
-VALUE_RTOL = {"default": 1e-3, "tf32": 1e-2}
-VALUE_ATOL = 1e-5
+# Tolerances and the 2x rule: kernelssl.numerics (one definition for the tests, this bench, the long run).
 UPSTREAM = 0.73  # a non-unit upstream gradient
 
 # The small correctness case: the target shape with a small, odd batch (masks and tails).
@@ -223,15 +208,16 @@ def _fp32_verdict(loss_val, grads, ref_loss, ref_grads) -> dict:
 
 
 def _low_precision_verdict(loss_val, grads, ref_loss, ref_grads, torch_loss, torch_grads, fmt: str) -> dict:
-    """SPEC §4: error <= max(2 x the torch path's error in the same precision, floor)."""
+    """The 2x rule (:mod:`kernelssl.numerics`): error <= max(2 x the torch tier's error in the same
+    precision, floor)."""
     loss_err = float((loss_val - ref_loss).abs())
-    loss_bound = max(2.0 * float((torch_loss - ref_loss).abs()), LOSS_FLOOR_ULPS * float(ref_loss.abs()))
+    loss_bound = bound_2x(float((torch_loss - ref_loss).abs()), LOSS_FLOOR_ULPS * float(ref_loss.abs()))
     ok = loss_err <= loss_bound
     grad_err, grad_bound = 0.0, 0.0
     for g, r, tg in zip(grads, ref_grads, torch_grads):
         scale = float(r.abs().max())
         e = float((g - r).abs().max())
-        b = max(2.0 * float((tg - r).abs().max()), GRAD_FLOOR[fmt] * scale)
+        b = bound_2x(float((tg - r).abs().max()), GRAD_FLOOR[fmt] * scale)
         ok = ok and e <= b and bool(torch.isfinite(g).all())
         if scale > 0 and e / scale >= grad_err:
             grad_err, grad_bound = e / scale, b / scale

@@ -1,19 +1,20 @@
-"""Fused Triton kernels for SSL-HSIC's RFF estimator, forward and backward (SPEC §1.3, §1.4).
+"""``rff_hsic``, Triton tier, the kernels: SSL-HSIC's RFF estimator, forward and backward (docs/rff_hsic.md).
+The host side (launch configuration, launchers, registration) is ``rff_hsic_op.py``.
 
 What it computes
 ----------------
 ``views (K, B, d)`` flattened view-major (row ``n = v*B + i``, N = K*B), two random-feature maps
 ``(W_A (D_A, d), beta_A)``, ``(W_B (D_B, d), beta_B)``, the kernel scale c (detached).  Nothing here is
-specific to a kernel: the maps may sample the IMQ, Gaussian or Laplace kernel (SPEC §6.2,
-:func:`kernelssl.rff.sample_rff`); only the law of W differs::
+specific to a kernel: the maps may sample the IMQ, Gaussian or Laplace kernel
+(:func:`kernelssl.ops.rff_hsic.sample_rff`); only the law of W differs::
 
     u_M   = X W_M^T / c + beta_M                 (N x D_M, never stored)
     Phi_M = s_M cos(u_M),  s_M = sqrt(2 / D_M)
     S_i   = sum_v Phi_A[v*B + i],   mu_M = (1/N) sum_n Phi_M[n]
-    HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i - K mu_A||^2 + ||mu_A||^2 / (K-1)     (= SPEC's direct form)
+    HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i - K mu_A||^2 + ||mu_A||^2 / (K-1)     (= the direct form)
     HSIC_ZZ = ||C||_F^2 / N^2,   C = Phibar_B^T Phibar_A   (D_B x D_A),   Phibar = Phi - 1 mu^T
 
-Backward (SPEC §1.4), upstream gradients g_zy, g_zz (0-dim tensors, read in-kernel)::
+Backward, upstream gradients g_zy, g_zz (0-dim tensors, read in-kernel)::
 
     dL/dPhi_A[n] = g_zy (2 S_img(n) / (B K (K-1)) - 2 mu_A / N) + g_zz (2/N^2) (Phibar_B C)[n]
     dL/dPhi_B[n] = g_zz (2/N^2) (Phibar_A C^T)[n]
@@ -51,8 +52,8 @@ Backward (2 launches):
    stored).  Every (row block, feature block) is computed once, whatever d.
 6. ``_rff_dx_kernel`` -- grid ``(cdiv(N, BM), cdiv(d, BN))``: ``dL/dX = T [W_A; W_B]``, one GEMM with
    K = D_A + D_B, stored in the views' dtype.
-   (Issue 11, finding 6: a single fused launch over ``(rows, d-column blocks)`` recomputed ``u`` and
-   ``Phibar_other C`` for every column block of dL/dX -- 4.8x the essential backward flops at
+   (Why two launches: a single fused launch over ``(rows, d-column blocks)`` would recompute ``u``
+   and ``Phibar_other C`` for every column block of dL/dX -- 4.8x the essential backward flops at
    d = 2048 -- with 32-wide tiles that re-read the Phi panel D/32 times.  The cost of the split is one
    write and one read of T: 64 MiB at the paper shape.)
 
@@ -80,10 +81,10 @@ Numerics and contracts
 ----------------------
 * Inputs fp32 / bf16 / fp16 (views; maps in any float dtype), upcast to fp32 right after each load;
   fp32 accumulation everywhere; the two outputs are 0-dim fp32; the gradient is in the views' dtype.
-* float64 views are routed to the torch path (:func:`kernelssl.hsic.rff_hsic`) and return float64:
+* float64 views are routed to the torch tier (:mod:`kernelssl.dispatch`) and return float64:
   a float64 caller asked for float64 accuracy, which an fp32 kernel cannot give.  Likewise when a map
   (W, beta) requires grad (the fused backward gives dL/dX only): the torch path differentiates them.
-* ``tl.dot`` precision (SPEC §4): every GEMM here has an fp32 operand (the maps, Phi, C, T), so all of
+* ``tl.dot`` precision: every GEMM here has an fp32 operand (the maps, Phi, C, T), so all of
   them run at the op's ``input_precision``: ``"tf32x3"`` by default, ``"ieee"``, or ``"tf32"`` (the
   default only under ``torch.backends.cuda.matmul.allow_tf32``); never a silent plain TF32.  Emulated
   on the CPU at the paper shape (tests), tf32x3's error against float64 is within 1.1x of ieee's.
@@ -105,55 +106,11 @@ Numerics and contracts
 * Block sizes were chosen offline: every launch the GPU path issues is compiled for sm_90 with the
   launch's own specialisation and checked for register spills (``tests/sm90_compile.py``), and the
   GPU block sizes run through the interpreter at a small shape against the reference.
-
-Registration: ``kernelssl::rff_hsic_fwd`` and ``kernelssl::rff_hsic_bwd`` are ``torch.library.triton_op``s
-(kernels launched through ``wrap_triton``); the backward op is wired in with ``register_autograd``
-(the forward op also returns what the backward needs, marked non-differentiable), so
-``torch.compile(fullgraph=True)`` traces forward and backward with no graph break and inductor sees
-the kernels.  Each op has a CPU kernel: under the interpreter it runs the Triton kernels, otherwise the
-same math in torch.  Under ``TRITON_INTERPRET=1`` the kernels are ``InterpretedFunction``s, which
-``wrap_triton`` cannot capture, so there (only) both ops get an explicit fake and stay opaque to
-tracing: compile still traces through without a break and calls the op (see the end of this file).
 """
-from __future__ import annotations
-
-import functools
-
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from .. import hsic as _hsic
-from .._backend import PRECISIONS, interpreting, resolve_precision  # noqa: F401 (PRECISIONS: re-export)
-from ..rff import rff_features
-from ._launch import wrap_triton
-
-__all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
-
-Tensor = torch.Tensor
-
-# Whether the kernels below were built for the CPU interpreter (triton reads TRITON_INTERPRET when
-# ``@triton.jit`` runs, i.e. at import of this module).
-_BUILT_FOR_INTERPRETER = interpreting()
-
-# Largest block edge used under the interpreter (tests lower it to 16 to exercise multi-block paths
-# and the split cross-covariance at small shapes), and the largest SPLIT there.
-_INTERP_MAX_BLOCK = 64
-_INTERP_MAX_SPLIT = 2
-
-
-# ==================================================================================================
-# kernels
-# ==================================================================================================
-
-# Round fp32 to the nearest bf16 value (ties to even), kept in fp32, with integer ops (the interpreter
-# mis-rounds bf16 casts); NaN passes through.
-@triton.jit
-def _round_bf16(x):
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+from ._jit import _round_bf16
 
 
 # Forward tile of one map (A or B) for BI images x BJ features, looping over the K views:
@@ -545,367 +502,3 @@ def _rff_dx_kernel(
         acc = tl.dot(tt, wt.to(tl.float32), acc, input_precision=PRECISION)
     out = grad_ptr + rows[:, None] * d + cols[None, :]
     tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-# ==================================================================================================
-# launch configuration (shapes only; no tensor values)
-# ==================================================================================================
-
-
-def _pow2(n) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-def _block(n, lo: int, hi: int) -> int:
-    """Power-of-two block edge for a dimension of size n, within [lo, hi]."""
-    return max(lo, min(hi, _pow2(n)))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") -> dict:
-    if device.type != "cuda":  # interpreter: few, large programs (each op costs Python time)
-        cap = _INTERP_MAX_BLOCK
-        c = dict(BI=_block(B, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
-                 BN=_block(N, 16, cap), BJB=_block(DB, 16, cap), BJA=_block(DA, 16, cap),
-                 BP=16, BJS=_block(max(DA, DB), 16, cap), warps=4, stages=1)
-        c["split"] = max(1, min(_INTERP_MAX_SPLIT, triton.cdiv(N, c["BN"])))
-        return c
-    # GPU (untuned, see the module docstring): 64 features per program, 8 warps; 32 images for the
-    # FMA ("ieee") dots, 64 for the TF32 ones (Hopper's warp-group MMA takes >= 64 rows).  No register
-    # spills in any variant (fp32/bf16/fp16, ieee/tf32/tf32x3, aligned or odd d; compiled for sm_90 by
-    # tests/sm90_compile.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
-    # per thread.  The FMA dots take 32 x 32 x 16 tiles: with 32 x 64 x 32 Triton 3.6's build spills.
-    ieee = precision == "ieee"
-    c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if ieee else 32, BN=32, BJB=64, BJA=64, BP=32,
-             BJS=128, warps=8, stages=3)
-    tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    max_split = max(1, triton.cdiv(N, 8 * c["BN"]))  # >= 8 row blocks per split
-    c["split"] = _wave_split(tiles, sms * _CROSS_COV_PER_SM, max_split)
-    return c
-
-
-# Resident cross-covariance programs per SM (64 x 64 fp32 accumulator, 8 warps: ptxas allocates
-# 96-128 registers a thread under both compilers -> 2 programs of 256 threads per SM; the static model,
-# benchmarks/perf_model.py, checks the wave efficiency this implies from the compiled kernel).
-_CROSS_COV_PER_SM = 2
-
-
-def _wave_split(tiles: int, slots: int, max_split: int) -> int:
-    """SPLIT of the rows for ``tiles`` output tiles on a GPU with ``slots`` resident programs: the
-    smallest split whose wave efficiency ``tiles * s / (ceil(tiles * s / slots) * slots)`` reaches 90%
-    (or the best there is) over ``1 .. min(max_split, 4 * slots / tiles)``.  E.g.
-    64 tiles on 132 SMs x 2: split 4 (256 of 264 slots, 97%), where the first split to reach ~2 programs
-    an SM (5: 320 programs, 3 waves of which the last 21% full) wastes 39% of the machine."""
-    hi = max(1, min(max_split, (4 * slots) // max(tiles, 1)))
-
-    def eff(s: int) -> float:
-        p = tiles * s
-        return p / (triton.cdiv(p, slots) * slots)
-
-    target = min(0.9, max(eff(s) for s in range(1, hi + 1)))
-    return next(s for s in range(1, hi + 1) if eff(s) >= target)
-
-
-def _w_split(dtype: torch.dtype, precision: str) -> int:
-    """How the forward projection ``x W^T`` runs: 0 as ``tl.dot`` at ``precision`` on fp32 operands;
-    for bf16 views under "tf32x3", W split into three bf16 parts, three bf16 MMAs (1 on the GPU, 2
-    the same split emulated under the interpreter): x is exact in bf16 and ``|W - w1 - w2 - w3| <~
-    2^-24 |W|``, so every product is fp32-exact (at least tf32x3's accuracy) at the bf16 rate, ~2x
-    tf32x3's (issue 11: the projection was the bf16 forward's largest cost above the model's limit)."""
-    if dtype != torch.bfloat16 or precision != "tf32x3":
-        return 0
-    return 2 if _BUILT_FOR_INTERPRETER else 1
-
-
-def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -> dict:
-    if device.type != "cuda":
-        cap = _INTERP_MAX_BLOCK
-        return dict(BM=_block(N, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
-                    BL=_block(max(DA, DB), 16, cap), BM2=_block(N, 16, cap), BN2=_block(d, 16, cap),
-                    BK2=_block(DA + DB, 16, cap), warps=4, stages=1, stages2=1)
-    # Pass 1: 64 x 64 tiles of T (the two GEMMs over d and over D_other read X and the Phi panel once
-    # per 64 features instead of once per 32), K-steps of 32; pass 2: a plain GEMM, 64 x 64 tiles.
-    # FMA ("ieee") dots hold a thread's whole K slice in registers: K-steps of 16 there.
-    bk = 16 if precision == "ieee" else 32
-    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2, stages2=3)
-
-
-# ==================================================================================================
-# launchers
-# ==================================================================================================
-
-
-def rff_hsic_forward(
-    views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, scale: Tensor, input_precision: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward kernels.  Returns ``(hsic_zy, hsic_zz, phi_a, phi_b, s, mu_a, mu_b, cov)``:
-    the two 0-dim fp32 estimators, then what the backward needs (fp32): ``phi_a (N, D_A)``,
-    ``phi_b (N, D_B)``, ``s (B, D_A)``, ``mu_a (D_A,)``, ``mu_b (D_B,)``, ``cov = Phibar_B^T Phibar_A``."""
-    K, B, d = views.shape
-    DA, DB = w_a.shape[0], w_b.shape[0]
-    N = K * B
-    dev = views.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    cfg = _fwd_config(dev, N, B, d, DA, DB, input_precision)
-    num_i = triton.cdiv(B, cfg["BI"])
-    num_ja, num_jb = triton.cdiv(DA, cfg["BJ"]), triton.cdiv(DB, cfg["BJ"])
-    phi_a = torch.empty((N, DA), **f32)
-    phi_b = torch.empty((N, DB), **f32)
-    s = torch.empty((B, DA), **f32)
-    colsum_a = torch.empty((num_i, DA), **f32)
-    colsum_b = torch.empty((num_i, DB), **f32)
-    m2 = torch.empty((num_i * num_ja,), **f32)
-    w_split = _w_split(views.dtype, input_precision)
-    wrap_triton(_rff_features_kernel)[(num_i, num_ja + num_jb)](
-        views, w_a, b_a, w_b, b_b, scale,
-        phi_a, phi_b, s, colsum_a, colsum_b, m2,
-        views.stride(0), views.stride(1), views.stride(2),
-        w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
-        K, B, d, DA, DB,
-        # the three-part W split on the GPU: K-steps of 16 (32 spilled under Triton 3.6's compiler)
-        BLOCK_I=cfg["BI"], BLOCK_J=cfg["BJ"], BLOCK_K=16 if w_split == 1 else cfg["BK"], PRECISION=input_precision,
-        W_SPLIT=w_split,
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )
-    mu_a = torch.empty((DA,), **f32)
-    mu_b = torch.empty((DB,), **f32)
-    num_sa, num_sb = triton.cdiv(DA, cfg["BJS"]), triton.cdiv(DB, cfg["BJS"])
-    zy_part = torch.empty((num_sa,), **f32)
-    wrap_triton(_rff_stats_kernel)[(num_sa + num_sb,)](
-        colsum_a, colsum_b, mu_a, mu_b, zy_part, num_i, K, B, DA, DB,
-        BLOCK_P=cfg["BP"], BLOCK_J=cfg["BJS"], BLOCK_I=cfg["BI"], num_warps=4,
-    )
-    tiles = triton.cdiv(DA, cfg["BJA"]) * triton.cdiv(DB, cfg["BJB"])
-    split = cfg["split"]
-    rows_per_split = triton.cdiv(triton.cdiv(N, cfg["BN"]), split) * cfg["BN"]
-    cov = torch.empty((DB, DA), **f32)
-    sumsq = torch.empty((tiles,), **f32)
-    part = cov if split == 1 else torch.empty((split, DB, DA), **f32)
-    wrap_triton(_rff_cross_cov_kernel)[(tiles, split)](
-        phi_a, phi_b, mu_a, mu_b, part, sumsq, N, DA, DB, rows_per_split,
-        BLOCK_N=cfg["BN"], BLOCK_JB=cfg["BJB"], BLOCK_JA=cfg["BJA"], PRECISION=input_precision,
-        SPLIT_ONE=split == 1, num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )
-    if split > 1:
-        wrap_triton(_rff_cov_reduce_kernel)[(tiles,)](
-            part, cov, sumsq, DA, DB, split, BLOCK_JB=cfg["BJB"], BLOCK_JA=cfg["BJA"], num_warps=4,
-        )
-    zy = torch.empty((), **f32)
-    zz = torch.empty((), **f32)
-    wrap_triton(_rff_finalize_kernel)[(1,)](
-        m2, zy_part, sumsq, zy, zz, num_i * num_ja, num_sa, tiles, K, B, BLOCK=1024, num_warps=4,
-    )
-    return zy, zz, phi_a, phi_b, s, mu_a, mu_b, cov
-
-
-def rff_hsic_backward(
-    g_zy: Tensor, g_zz: Tensor, views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
-    scale: Tensor, phi_a: Tensor, phi_b: Tensor, s: Tensor, mu_a: Tensor, mu_b: Tensor, cov: Tensor,
-    input_precision: str,
-) -> Tensor:
-    """Launch the two backward kernels: ``d(g_zy HSIC_ZY + g_zz HSIC_ZZ)/d views``, (K, B, d) in the
-    views' dtype (contiguous).  Extra memory: the fp32 ``(N, D_A + D_B)`` T."""
-    K, B, d = views.shape
-    DA, DB = w_a.shape[0], w_b.shape[0]
-    N = K * B
-    cfg = _bwd_config(views.device, N, d, DA, DB, input_precision)
-    t = torch.empty((N, DA + DB), device=views.device, dtype=torch.float32)
-    grid1 = (triton.cdiv(N, cfg["BM"]), triton.cdiv(DA, cfg["BJ"]) + triton.cdiv(DB, cfg["BJ"]))
-    wrap_triton(_rff_feature_grad_kernel)[grid1](
-        views, w_a, b_a, w_b, b_b, scale, g_zy, g_zz,
-        phi_a, phi_b, s, mu_a, mu_b, cov, t,
-        views.stride(0), views.stride(1), views.stride(2),
-        w_a.stride(0), w_a.stride(1), b_a.stride(0), w_b.stride(0), w_b.stride(1), b_b.stride(0),
-        K, B, d, DA, DB,
-        BLOCK_M=cfg["BM"], BLOCK_J=cfg["BJ"], BLOCK_K=cfg["BK"], BLOCK_L=cfg["BL"],
-        PRECISION=input_precision, num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )
-    grad = torch.empty((K, B, d), device=views.device, dtype=views.dtype)
-    grid2 = (triton.cdiv(N, cfg["BM2"]), triton.cdiv(d, cfg["BN2"]))
-    wrap_triton(_rff_dx_kernel)[grid2](
-        t, w_a, w_b, grad,
-        w_a.stride(0), w_a.stride(1), w_b.stride(0), w_b.stride(1),
-        N, d, DA, DB,
-        BLOCK_M=cfg["BM2"], BLOCK_N=cfg["BN2"], BLOCK_K=cfg["BK2"], PRECISION=input_precision,
-        num_warps=cfg["warps"], num_stages=cfg["stages2"],
-    )
-    return grad
-
-
-# ==================================================================================================
-# torch.library registration + autograd
-# ==================================================================================================
-
-
-@triton_op("kernelssl::rff_hsic_fwd", mutates_args=())
-def _rff_hsic_fwd(
-    views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, scale: Tensor, input_precision: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return rff_hsic_forward(views, w_a, b_a, w_b, b_b, scale, input_precision)
-
-
-@triton_op("kernelssl::rff_hsic_bwd", mutates_args=())
-def _rff_hsic_bwd(
-    g_zy: Tensor, g_zz: Tensor, views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
-    scale: Tensor, phi_a: Tensor, phi_b: Tensor, s: Tensor, mu_a: Tensor, mu_b: Tensor, cov: Tensor,
-    input_precision: str,
-) -> Tensor:
-    return rff_hsic_backward(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
-                             input_precision)
-
-
-def _use_interpreter() -> bool:
-    return _BUILT_FOR_INTERPRETER and interpreting()
-
-
-def _forward_torch(views, w_a, b_a, w_b, b_b, scale):
-    """The forward op's math in torch (fp32): the CPU kernel when the interpreter is off."""
-    K, B, d = views.shape
-    N = K * B
-    x = views.reshape(N, d).to(torch.float32)
-    c = scale.reshape(()).to(torch.float32)
-    phi_a = rff_features(x, w_a.to(torch.float32), b_a.to(torch.float32), c)
-    phi_b = rff_features(x, w_b.to(torch.float32), b_b.to(torch.float32), c)
-    s = phi_a.reshape(K, B, -1).sum(dim=0)
-    mu_a, mu_b = phi_a.mean(dim=0), phi_b.mean(dim=0)
-    zy = (s - K * mu_a).square().sum() / (B * K * (K - 1)) + mu_a.square().sum() / (K - 1)
-    cov = (phi_b - mu_b).transpose(0, 1) @ (phi_a - mu_a)
-    zz = cov.square().sum() / (N * N)
-    return zy, zz, phi_a, phi_b, s, mu_a, mu_b, cov
-
-
-def _backward_torch(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov):
-    """The backward op's math in torch (SPEC §1.4): the CPU kernel when the interpreter is off."""
-    K, B, d = views.shape
-    N = K * B
-    f = torch.float32
-    x = views.reshape(N, d).to(f)
-    c = scale.reshape(()).to(f)
-    g_zy, g_zz = g_zy.to(f), g_zz.to(f)
-    g_a = g_zy * (2.0 * s.repeat(K, 1) / (B * K * (K - 1)) - (2.0 / N) * mu_a)
-    g_a = g_a + (g_zz * 2.0 / (N * N)) * ((phi_b - mu_b) @ cov)
-    g_b = (g_zz * 2.0 / (N * N)) * ((phi_a - mu_a) @ cov.transpose(0, 1))
-    gx = torch.zeros_like(x)
-    for g, w, b in ((g_a, w_a.to(f), b_a.to(f)), (g_b, w_b.to(f), b_b.to(f))):
-        amp = (2.0 / w.shape[0]) ** 0.5
-        sin_u = torch.sin(x @ (w / c).transpose(0, 1) + b)
-        gx = gx - (g * sin_u) @ w * (amp / c)
-    return gx.reshape(K, B, d).to(views.dtype)
-
-
-@_rff_hsic_fwd.register_kernel("cpu")
-def _rff_hsic_fwd_cpu(views, w_a, b_a, w_b, b_b, scale, input_precision):
-    if _use_interpreter():  # wrap_triton hands interpreted kernels back unwrapped: a direct launch
-        return rff_hsic_forward(views, w_a, b_a, w_b, b_b, scale, input_precision)
-    return _forward_torch(views, w_a, b_a, w_b, b_b, scale)
-
-
-@_rff_hsic_bwd.register_kernel("cpu")
-def _rff_hsic_bwd_cpu(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
-                      input_precision):
-    if _use_interpreter():
-        return rff_hsic_backward(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
-                                 input_precision)
-    return _backward_torch(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov)
-
-
-def _setup_context(ctx, inputs, output):
-    views, w_a, b_a, w_b, b_b, scale, input_precision = inputs
-    _, _, phi_a, phi_b, s, mu_a, mu_b, cov = output
-    ctx.save_for_backward(views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov)
-    ctx.input_precision = input_precision
-    ctx.mark_non_differentiable(phi_a, phi_b, s, mu_a, mu_b, cov)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, g_zy, g_zz, *_intermediates):
-    if not ctx.needs_input_grad[0] or (g_zy is None and g_zz is None):
-        return None, None, None, None, None, None, None
-    views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov = ctx.saved_tensors
-    zero = torch.zeros((), device=views.device, dtype=torch.float32)
-    g_zy = zero if g_zy is None else g_zy
-    g_zz = zero if g_zz is None else g_zz
-    grad = _rff_hsic_bwd(g_zy, g_zz, views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov,
-                         ctx.input_precision)
-    return grad, None, None, None, None, None, None
-
-
-_rff_hsic_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _rff_hsic_fwd_fake(views, w_a, b_a, w_b, b_b, scale, input_precision):
-    K, B, _ = views.shape
-    DA, DB = w_a.shape[0], w_b.shape[0]
-    f32 = dict(device=views.device, dtype=torch.float32)
-    return (views.new_empty((), **f32), views.new_empty((), **f32), views.new_empty((K * B, DA), **f32),
-            views.new_empty((K * B, DB), **f32), views.new_empty((B, DA), **f32), views.new_empty((DA,), **f32),
-            views.new_empty((DB,), **f32), views.new_empty((DB, DA), **f32))
-
-
-def _rff_hsic_bwd_fake(g_zy, g_zz, views, *_rest):
-    return views.new_empty(views.shape)
-
-
-def _opaque(mode, op, types, args, kwargs):
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-if _BUILT_FOR_INTERPRETER:
-    # Under TRITON_INTERPRET=1, @triton.jit gives InterpretedFunctions, which wrap_triton cannot capture
-    # into a graph (it returns them unwrapped, so tracing would launch them on fake tensors).  Here the
-    # two ops stay opaque to tracing instead of being decomposed into their kernels: an explicit fake
-    # (shapes only) and no functional decomposition (what torch.export does for triton_ops).
-    # torch.compile(fullgraph=True) still traces through with no graph break and calls the op, whose
-    # CPU kernel runs the interpreter.  On a GPU (no interpreter) this block does not run, and
-    # inductor sees the kernels themselves.
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    _rff_hsic_fwd.register_fake(_rff_hsic_fwd_fake)
-    _rff_hsic_bwd.register_fake(_rff_hsic_bwd_fake)
-    _rff_hsic_fwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
-    _rff_hsic_bwd.register_torch_dispatch(FunctionalTensorMode, _opaque)
-
-
-# ==================================================================================================
-# public entry point (called by kernelssl.functional.rff_hsic)
-# ==================================================================================================
-
-
-def rff_hsic(
-    views: Tensor,
-    w_a: Tensor,
-    b_a: Tensor,
-    w_b: Tensor,
-    b_b: Tensor,
-    kernel_scale: float | Tensor,
-    *,
-    input_precision: str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(HSIC_ZY, HSIC_ZZ)`` through the fused kernels: 0-dim fp32 tensors; differentiable in ``views``.
-
-    Same contract as :func:`kernelssl.hsic.rff_hsic` (inputs already validated by
-    :func:`kernelssl.functional.rff_hsic`).  float64 views, or maps that require grad, take the torch
-    path (see the module docstring).  ``kernel_scale`` (a float or a 1-element tensor) is detached and
-    never read on the host.  ``input_precision`` of the in-kernel fp32 GEMMs (SPEC §4):
-    ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``; ``None`` is ``"tf32"`` only when torch's TF32 flag
-    is on (:func:`kernelssl._backend.resolve_precision`).  Every GEMM here has an fp32 operand (the maps,
-    Phi, C), so it applies to half-precision views too.
-    """
-    prec = resolve_precision(input_precision)  # validated on every path
-    maps = (w_a, b_a, w_b, b_b)
-    if views.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in maps)):
-        return _hsic.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)
-    if isinstance(kernel_scale, Tensor):
-        scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)
-    else:
-        scale = torch.full((1,), float(kernel_scale), device=views.device, dtype=torch.float32)
-    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, prec)
-    return out[0], out[1]

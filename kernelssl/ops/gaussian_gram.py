@@ -1,7 +1,8 @@
-"""Uniformity and alignment (Wang & Isola, ICML 2020) in PyTorch, and the Gaussian-potential Gram mean
-(SPEC §6.1).
+"""``gaussian_gram``, torch tier: the Gaussian-potential Gram log-mean, Wang & Isola's uniformity and
+alignment on it (ICML 2020; docs/gaussian_gram.md).
 
-Differentiable, any device.  On unit rows ``zhat_i`` (``z`` is ``(n, q)``) the Gaussian potential is a
+Differentiable, any device; the inputs are checked, and the rows prescaled
+(:func:`kernelssl.ops._common.prescale_rows`), by :mod:`kernelssl.functional`, which calls these.  On unit rows ``zhat_i`` (``z`` is ``(n, q)``) the Gaussian potential is a
 dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i - zhat_j||^2) = exp(2t (s - 1))`` with
 ``s = zhat_i . zhat_j``, and Wang & Isola's uniformity is the log of its mean over the pairs i != j::
 
@@ -14,7 +15,7 @@ dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i - zhat_j||^2) = exp(2t (s - 1))
 
 * :func:`gaussian_gram_logmean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
   Eager: one custom autograd Function walks the upper triangle of the Gram ``G = Zhat Zhat^T`` in
-  square ``(T, T)`` blocks of ~16 MiB (:func:`kernelssl.sfrik.default_block_size`; G is symmetric, so
+  square ``(T, T)`` blocks of ~16 MiB (:func:`kernelssl.ops._common.default_block_size`; G is symmetric, so
   an off-diagonal block stands for itself and its transpose).  Per block: ``E = 2t (G_IJ - 1)`` in the
   GEMM's epilogue (``addmm``), the block maximum, ``P = exp(E - m)`` against the running maximum ``m``
   of the exponent (an online log-sum-exp: earlier partial sums are rescaled by ``exp(m_old - m_new)``),
@@ -33,10 +34,12 @@ dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i - zhat_j||^2) = exp(2t (s - 1))
 * :func:`uniformity_pdist`, :func:`alignment_wang_isola` -- Wang & Isola's code, verbatim (tests and
   benchmark peers).
 * :func:`alignment` -- ``mean_i ||zhat_a_i - zhat_b_i||^alpha``, plain autograd (O(n q)).
+* :func:`gaussian_gram_logmean_stats`, :func:`gaussian_gram_logmean_backward` -- the blocked pass
+  without autograd, in the fused op's terms: the CPU kernels of :mod:`kernelssl.triton.gaussian_gram_op`.
 
 Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The
 scalars come back in float32 (float64 for float64 inputs); gradients in the input dtype.  NaN/Inf
-inputs propagate to a NaN result (``check_finite=True`` at the public API raises instead).  Duplicate
+inputs propagate to a NaN result.  Duplicate
 rows are fine (their pair has ``s = 1``, ``phi_t = 1``; the gradient is finite).  A zero row
 normalises to zero (``F.normalize``), i.e. ``s = 0`` with every other row: its pairs count at squared
 distance ``2 - 2s = 2`` (as if orthogonal), where Wang & Isola's ``pdist`` of the zero vector would
@@ -46,86 +49,22 @@ Triton) use the Gram form.  Its gradient is ``g / 1e-12`` (the Jacobian of ``z /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_bool, check_coefficients, check_int, check_positive, check_same_shape, check_tensor
-from ._prescale import prescale_rows
-from .sfrik import _buffer_view, default_block_size
+from .._checks import check_int
+from ._common import NORM_EPS, buffer_view, default_block_size, unit_rows, unit_rows_backward, upcast
 
 __all__ = [
-    "LegendreSeries",
-    "GaussianPotential",
-    "check_t",
-    "check_alpha",
     "gaussian_gram_logmean",
     "gaussian_gram_logmean_eager",
+    "gaussian_gram_logmean_stats",
+    "gaussian_gram_logmean_backward",
     "uniformity_pdist",
     "alignment",
     "alignment_wang_isola",
 ]
-
-_NORM_EPS = 1e-12  # the F.normalize default
-
-
-# --------------------------------------------------------------------------------------------------
-# The phi family of gram_mean (SPEC §6.1)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LegendreSeries:
-    """``phi(s) = sum_{l=1..L} b_l P_l(q; s)`` (SFRIK's kernel, SPEC §2.1); ``coefficients = (b_1..b_L)``.
-
-    ``KF.gram_mean(z, LegendreSeries((1.0, 40.0, 40.0)))`` is ``KF.legendre_gram_mean(z, (1, 40, 40))``.
-    """
-
-    coefficients: tuple[float, ...] = (1.0, 40.0, 40.0)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "coefficients", check_coefficients(self.coefficients))
-
-
-@dataclass(frozen=True)
-class GaussianPotential:
-    """``phi_t(s) = exp(2t (s - 1)) = exp(-t ||u - v||^2)`` on unit vectors, t > 0 (Wang & Isola's).
-
-    ``KF.gram_mean(z, GaussianPotential(t))`` is ``exp(KF.gaussian_gram_logmean(z, t,
-    exclude_diagonal=False))``: the mean over all n^2 pairs, diagonal included.
-    """
-
-    t: float = 2.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "t", check_t(self.t))
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-
-
-def check_t(t: object, name: str = "t") -> float:
-    """t: a finite Python number > 0 (the Gaussian potential's inverse squared length scale)."""
-    return check_positive(t, name)
-
-
-def check_alpha(alpha: object) -> float:
-    """alpha: a finite Python number > 0 (the alignment's exponent)."""
-    return check_positive(alpha, "alpha")
-
-
-def _check_z(z: object, name: str) -> Tensor:
-    """``(n, q)``, n >= 2 (a pair is needed), q >= 1, floating point."""
-    return check_tensor(z, name, ndim=2, min_rows=2, min_cols=1)
-
-
-def _upcast(z: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32 (differentiable: the gradient comes back in the input dtype)."""
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
 def _pairs(n: int, exclude_diagonal: bool) -> int:
@@ -138,17 +77,18 @@ def _pairs(n: int, exclude_diagonal: bool) -> int:
 
 
 def _blocked_logmean(
-    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool, unit_rows: bool = False
+    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool, normalized: bool = False, stats: list | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """``(L, dL/dzhat)`` (the gradient only when ``want_grad``) over ``(block, block)`` blocks of the
     upper triangle of the Gram, with an online maximum of the exponent.  No host sync.
 
-    ``unit_rows`` (the rows were normalised just before, and the normalisation's Jacobian follows):
+    ``normalized`` (the rows were normalised just before, and the normalisation's Jacobian follows):
     the exponent is clamped to ``<= 0`` (``s <= 1`` on unit rows; a rounded ``s = 1 + ulp`` times a
     huge t would otherwise give a positive log-mean), and the diagonal pairs (kept when
     ``exclude_diagonal=False``) are left out of the gradient: ``d/dzhat_k phi(zhat_k . zhat_k)`` is
     radial, which the Jacobian ``(I - zhat zhat^T)/||z||`` removes -- exactly, instead of by a
-    cancellation that loses every digit when the diagonal dominates (large t)."""
+    cancellation that loses every digit when the diagonal dominates (large t).  ``stats``: a list that
+    receives ``[m, S']``, the running maximum of the exponent and ``sum exp(E - m)``."""
     n, q = zhat.shape
     dt, dev = zhat.dtype, zhat.device
     two_t = 2.0 * t
@@ -164,8 +104,8 @@ def _blocked_logmean(
         for s1 in starts[bi:]:
             zj = zhat[s1 : s1 + t_eff]
             r, c = zi.shape[0], zj.shape[0]
-            e = torch.addmm(shift, zi, zj.t(), alpha=two_t, out=_buffer_view(gbuf, r, c))
-            if unit_rows:
+            e = torch.addmm(shift, zi, zj.t(), alpha=two_t, out=buffer_view(gbuf, r, c))
+            if normalized:
                 e.clamp_(max=0.0)
             if s1 == s0 and exclude_diagonal:
                 e.diagonal().fill_(-math.inf)
@@ -175,7 +115,7 @@ def _blocked_logmean(
             w = 1.0 if s1 == s0 else 2.0  # an off-diagonal block stands for its transpose too
             total = total * rescale + p.sum() * w
             if want_grad:
-                if unit_rows and s1 == s0 and not exclude_diagonal:
+                if normalized and s1 == s0 and not exclude_diagonal:
                     p.diagonal().zero_()  # radial: removed by the normalisation Jacobian (above)
                 grad.mul_(rescale)
                 grad[s0 : s0 + r].addmm_(p, zj)
@@ -185,6 +125,8 @@ def _blocked_logmean(
     value = run_max + torch.log(total) - math.log(_pairs(n, exclude_diagonal))
     if want_grad:
         grad.mul_((2.0 * two_t) / total)  # 4t sum_j P_kj zhat_j / sum P
+    if stats is not None:
+        stats[:] = [run_max, total]
     return value, grad
 
 
@@ -198,8 +140,8 @@ class _GaussianGramLogMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool,  # type: ignore[override]
-                unit_rows: bool) -> Tensor:
-        value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, unit_rows)
+                normalized: bool) -> Tensor:
+        value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, normalized)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.has_grad = grad is not None
@@ -210,7 +152,7 @@ class _GaussianGramLogMean(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-                "blocked Gram; use kernelssl.uniformity.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+                "blocked Gram; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
             )
         if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
             raise RuntimeError("gaussian_gram_logmean: backward reached a forward run without gradient")
@@ -225,17 +167,17 @@ class _GaussianGramLogMean(torch.autograd.Function):
 
 @torch.library.custom_op("kernelssl::gaussian_gram_logmean_torch", mutates_args=())
 def _blocked_op(zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool,
-                unit_rows: bool) -> tuple[Tensor, Tensor]:
+                normalized: bool) -> tuple[Tensor, Tensor]:
     """:func:`_blocked_logmean` as one op that ``torch.compile`` does not trace into (its in-place
     block buffers and running maximum stay eager code): returns ``(L, dL/dzhat)``, the gradient an
     empty ``(0,)`` tensor unless ``want_grad``.  Autograd: ``register_autograd`` scales the saved
     gradient, as :class:`_GaussianGramLogMean` does in eager mode."""
-    value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, unit_rows)
+    value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, normalized)
     return value, (grad if grad is not None else zhat.new_empty((0,)))
 
 
 @_blocked_op.register_fake
-def _blocked_op_fake(zhat, t, exclude_diagonal, block, want_grad, unit_rows):
+def _blocked_op_fake(zhat, t, exclude_diagonal, block, want_grad, normalized):
     return zhat.new_empty(()), zhat.new_empty(tuple(zhat.shape) if want_grad else (0,))
 
 
@@ -247,7 +189,7 @@ def _blocked_op_backward(ctx, grad_value, grad_grad):
     if torch.is_grad_enabled():
         raise RuntimeError(
             "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-            "blocked Gram; use kernelssl.uniformity.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+            "blocked Gram; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
         )
     (grad,) = ctx.saved_tensors
     return grad * grad_value, None, None, None, None, None
@@ -273,29 +215,25 @@ def gaussian_gram_logmean(
     over all ``n^2`` pairs), blocked, O(n q + T^2) extra memory (module docstring).
 
     Args:
-        z: ``(n, q)``, n >= 2, floating point.
+        z: ``(n, q)``, n >= 2, floating point, rows prescaled when ``normalize``.
         t: t > 0 (Python number).
         normalize: L2-normalise the rows first (``F.normalize``, outside the autograd Function, so
             autograd applies its Jacobian); ``False``: the rows as given (unit rows expected).
         exclude_diagonal: leave out the n pairs ``(i, i)`` (Wang & Isola's uniformity) or include them.
-        block_size: edge T of the Gram blocks; None: ~16 MiB blocks
-            (:func:`kernelssl.sfrik.default_block_size`: T = 2048 in fp32, 1440 in float64).
+        block_size: edge T of the Gram blocks; None: ~16 MiB blocks (T = 2048 in fp32, 1440 in float64).
 
     Returns:
         0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
     """
-    _check_z(z, "z")
-    t = check_t(t)
-    check_bool(normalize, "normalize")
-    check_bool(exclude_diagonal, "exclude_diagonal")
-    block = None if block_size is None else check_int(block_size, "block_size", minimum=1)
-    zf = _upcast(z)
-    # prescaled, every non-zero row normalises to a unit row (no row below F.normalize's eps): the
-    # radial diagonal term dropped by the blocked pass is then exactly what the Jacobian removes
-    zhat = F.normalize(prescale_rows(zf), dim=-1, eps=_NORM_EPS) if normalize else zf
+    # rows prescaled by the caller: every non-zero row normalises to a unit row (none below
+    # F.normalize's eps), so the radial diagonal term the blocked pass drops is exactly what the
+    # Jacobian removes
+    if block_size is not None:
+        check_int(block_size, "block_size", minimum=1)  # the torch tier's own argument
+    zhat = unit_rows(z) if normalize else upcast(z)
     n = zhat.shape[0]
     want_grad = torch.is_grad_enabled() and zhat.requires_grad
-    block = min(block if block is not None else default_block_size(n, zhat.dtype), n)
+    block = min(block_size if block_size is not None else default_block_size(n, zhat.dtype), n)
     if torch.compiler.is_compiling():
         return _blocked_op(zhat, t, exclude_diagonal, block, want_grad, normalize)[0]
     return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, block, want_grad, normalize)
@@ -306,13 +244,8 @@ def gaussian_gram_logmean_eager(
 ) -> Tensor:
     """Plain-autograd form of :func:`gaussian_gram_logmean`: materialise ``G = Zhat Zhat^T``
     (``n x n``), ``torch.logsumexp`` of ``2t (G - 1)`` over the pairs.  O(n^2) memory; twice
-    differentiable; works under ``torch.func`` transforms.  Same arguments and result."""
-    _check_z(z, "z")
-    t = check_t(t)
-    check_bool(normalize, "normalize")
-    check_bool(exclude_diagonal, "exclude_diagonal")
-    zf = _upcast(z)
-    zhat = F.normalize(prescale_rows(zf), dim=-1, eps=_NORM_EPS) if normalize else zf
+    differentiable; what runs under ``torch.func`` transforms.  Same arguments and result."""
+    zhat = unit_rows(z) if normalize else upcast(z)
     n = zhat.shape[0]
     g = zhat @ zhat.t()
     e = ((g.clamp_max(1.0) if normalize else g) - 1.0) * (2.0 * t)  # s <= 1 on unit rows, as the blocked pass
@@ -320,6 +253,36 @@ def gaussian_gram_logmean_eager(
         eye = torch.eye(n, dtype=torch.bool, device=zhat.device)
         e = e.masked_fill(eye, -math.inf)
     return torch.logsumexp(e.reshape(-1), dim=0) - math.log(_pairs(n, exclude_diagonal))
+
+
+def _rows(z: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """``(zhat, ||z||)`` of one view, detached, in the compute dtype."""
+    zf = upcast(z.detach())
+    norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
+    return (zf / norm.clamp_min(NORM_EPS) if normalize else zf), norm
+
+
+def gaussian_gram_logmean_stats(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool
+                                ) -> tuple[Tensor, Tensor]:
+    """``(L, [m, S'])`` of one view without autograd: the log-mean of :func:`gaussian_gram_logmean` and
+    the statistics of its online log-sum-exp (the running maximum ``m`` of the exponent and
+    ``S' = sum exp(E - m)``, so ``L = m + log S' - log(pairs)``)."""
+    zhat, _ = _rows(z, normalize)
+    stats: list = []
+    value, _ = _blocked_logmean(zhat, t, exclude_diagonal, default_block_size(zhat.shape[0], zhat.dtype), False,
+                                normalize, stats)
+    return value, torch.stack(stats)
+
+
+def gaussian_gram_logmean_backward(grad: Tensor, z: Tensor, t: float, normalize: bool, exclude_diagonal: bool
+                                   ) -> Tensor:
+    """``grad * dL/dz`` of one view (shape and dtype of ``z``) without autograd: the blocked pass's
+    gradient and, with ``normalize``, the normalisation Jacobian."""
+    zhat, norm = _rows(z, normalize)
+    _, g = _blocked_logmean(zhat, t, exclude_diagonal, default_block_size(zhat.shape[0], zhat.dtype), True,
+                            normalize)
+    g = g * grad.to(g.dtype)
+    return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
 
 
 def uniformity_pdist(x: Tensor, t: float = 2.0) -> Tensor:
@@ -339,34 +302,21 @@ def alignment_wang_isola(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     return (x - y).norm(p=2, dim=1).pow(alpha).mean()
 
 
-def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0, *, normalize: bool = True) -> Tensor:
-    """``mean_i ||zhat_a_i - zhat_b_i||^alpha`` (Wang & Isola's L_align), plain autograd.
+def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0, normalize: bool = True) -> Tensor:
+    """``mean_i ||zhat_a_i - zhat_b_i||^alpha`` (Wang & Isola's L_align), plain autograd, on rows
+    prescaled by the caller (:func:`kernelssl.functional.alignment` prescales once for both terms of
+    the loss).
 
     ``alpha = 2`` (the default) is the mean of the squared distances, ``sum((zhat_a - zhat_b)^2) / n``
-    (smooth everywhere; its gradient at equal rows is 0).  Other alphas use
-    ``||d||.pow(alpha)`` as their code does (at ``d = 0`` and ``alpha < 1`` its gradient is NaN,
-    theirs too).  Same dtypes as :func:`gaussian_gram_logmean`; mixed dtypes are promoted.
-    """
-    _check_z(z_a, "z_a")
-    _check_z(z_b, "z_b")
-    check_same_shape([z_a, z_b], ["z_a", "z_b"])
-    alpha = check_alpha(alpha)
-    check_bool(normalize, "normalize")
-    if normalize:
-        z_a, z_b = prescale_rows(_upcast(z_a)), prescale_rows(_upcast(z_b))
-    return _alignment(z_a, z_b, alpha, normalize)
-
-
-def _alignment(z_a: Tensor, z_b: Tensor, alpha: float, normalize: bool) -> Tensor:
-    """:func:`alignment` on checked arguments whose rows are already prescaled (``KF`` prescales once
-    for both terms of the loss)."""
-    za, zb = _upcast(z_a), _upcast(z_b)
+    (smooth everywhere; its gradient at equal rows is 0).  Other alphas use ``||d||.pow(alpha)`` as
+    their code does (at ``d = 0`` and ``alpha < 1`` its gradient is NaN, theirs too).  Mixed dtypes
+    are promoted."""
+    za, zb = upcast(z_a), upcast(z_b)
     if za.dtype != zb.dtype:
         dtype = torch.promote_types(za.dtype, zb.dtype)
         za, zb = za.to(dtype), zb.to(dtype)
     if normalize:
-        za = F.normalize(za, dim=-1, eps=_NORM_EPS)
-        zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
+        za, zb = unit_rows(za), unit_rows(zb)
     d = za - zb
     if alpha == 2.0:
         return d.square().sum() / float(d.shape[0])

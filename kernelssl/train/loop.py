@@ -1,64 +1,4 @@
-"""``python -m kernelssl.train``: self-supervised pretraining with one of the kernel losses, then a
-linear probe and a k-NN probe against a randomly initialised encoder of the same architecture.
-
-Offline by default: ``--dataset digits`` is scikit-learn's bundled 8x8 handwritten digits, so the
-default run needs no download and finishes in about a minute on two CPU cores.
-
-Losses and their recipes (:data:`RECIPES`; every entry can be overridden on the command line):
-
-* ``hsic``  -- SSL-HSIC with a BYOL-style EMA target network and K = 4 embedding sets: the online
-  predictions of views 1 and 2 and the target projections of views 2 and 1 (SPEC §1.1), L2-normalised,
-  kernel scale learned by the paper's side objective (its own Adam).
-* ``sfrik`` -- SFRIK on the projections of the two views, no target network (SPEC §2.3); ``sim_weight``
-  250 at q = 128 on digits (4x the paper's q = 8192 value scaled to q), ``4000 * q / 8192`` otherwise.
-* ``mec``   -- MEC with an EMA teacher, a predictor on the student and the reference lambda warm-up
-  (``1/lam`` from ``8/lam`` to ``1/lam`` over the first ``mec_warmup`` epochs; SPEC §3.2).
-* ``uniformity`` -- Wang & Isola's alignment + uniformity (SPEC §6.1): ``L_align(z1, z2) + lambda
-  (L_unif(z1) + L_unif(z2)) / 2`` on the L2-normalised projections of the two views, alpha = 2, t = 2,
-  lambda = 1, no target network and no predictor (as they train it).  Their STL-10 recipe (SGD,
-  batch 768, lr 0.12 per 256 images, weight decay 1e-4, feature dim 128) becomes this table's
-  digits recipe: batch 64 and AdamW lr 2e-3 like the other losses, weight decay 1e-4, q = 128.
-
-Evaluation (rank 0, frozen backbone features, no augmentation): a logistic-regression linear probe
-on standardised features and a cosine k-NN (k = 20, similarity-weighted votes), both trained on the
-probe-training split and scored on the held-out test split.  Every run also reports the uniformity
-(Wang & Isola, t = 2) of the L2-normalised test-split features, trained and random-init
-(``probe_uniformity``, ``baseline_probe_uniformity``: ``log(mean_{i != j} exp(-2 ||f_i - f_j||^2))`` on
-unit rows, in [-4 n/(n-1), 0]; lower is more uniform).  On digits the probe sees only
-``--probe-labels`` labelled images per class (default 5), drawn ``--probe-repeats`` times (default 5)
-with fixed seeds 0, 1, ... (independent of ``--seed``); the reported accuracies are means over the
-draws.  With all 1257 labels a random convolutional encoder already reaches ~93 % on digits (97-98 %
-at width 32) and a trained one 97-99 %: a full-label probe barely tells them apart (it is reported
-too, as ``*_all_labels``).  The baseline is the online backbone at its initialisation (same seed), never
-trained.
-
-Measured on digits with the defaults (2 CPU cores, 1 compute thread + 1 augmentation worker;
-seeds 0, 1, 2): linear probe 0.90-0.93 against 0.75-0.77 for the random-init encoder (raw pixels:
-0.82) -- margins hsic +15.7 points on average (min +13.4), sfrik +14.5 (min +13.3), mec +15.9
-(min +14.8); 61-77 s wall per run, 85-121 s CPU (user + sys, worker included).  uniformity (seeds 0, 1,
-2, measured later on the machine shared with other jobs): linear probe .906 / .903 / .909 against .750 /
-.756 / .766, k-NN .880 / .878 / .891 against .544 / .564 / .594; 97-110 s of user CPU per run.
-
-Outputs in ``--out``: ``checkpoint.pt`` (every epoch, written atomically; ``--resume`` continues to
-bit-identical results on CPU), ``log.csv`` (one row per epoch: the loss components), ``results.json``
-(``seconds`` is the pretraining wall time summed over resumed segments, ``cpu_seconds`` the CPU time
-of the main process in it -- data-loader workers not included).
-
-Data: ``--dataset digits`` (default), ``cifar10`` / ``stl10`` (their on-disk formats under
-``--data-dir``, read by :mod:`kernelssl.data`; ``--download`` fetches them) or ``imagefolder PATH``
-(``python -m kernelssl.train --dataset imagefolder PATH``; PATH is the same as ``--data-dir PATH``).
-``--arch smallcnn`` works on every dataset (width 32 on natural images unless ``--width``).  Loader
-workers default to the cores each process has left after one compute thread (at most 1 on digits,
-4 otherwise): 1 on a 2-core machine, 0 on one core.
-
-MEC's convergence: the estimated spectral radius of C is logged every epoch (``spectral_radius``, the
-epoch mean, and ``spectral_radius_max``); ``--mec-check warn|raise`` also checks it at every step
-(one host sync per step) and warns or stops when it reaches 1.
-
-Distributed: ``torchrun --nproc_per_node=N -m kernelssl.train ...`` runs DDP (gloo on CPU, NCCL on
-CUDA) with a DistributedSampler; ``--batch-size`` is the global batch and the loss is computed on the
-gathered global batch (``gather_distributed=True``).
-"""
+"""The training loop, its checkpoints and the whole run of ``python -m kernelssl.train``."""
 from __future__ import annotations
 
 import argparse
@@ -78,227 +18,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import __version__
-from .data import DATASETS, DatasetError, DataBundle, load_dataset
-from .functional import mec_lambda_warmup
-from .functional import uniformity as _uniformity
-from .losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss
-from .models import ARCHS, SSLNet, build_backbone, ema_momentum, ema_update, make_target, mlp
+from .. import __version__
+from ..functional import mec_lambda_warmup
+from ..losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss
+from .cli import _available_cores, _dist_env, _pick_device, machine_defaults, parse_args
+from .data import DataBundle, DatasetError, load_dataset
+from .models import SSLNet, build_backbone, ema_momentum, ema_update, make_target, mlp
+from .probes import PROBE_UNIFORMITY_T, _pixel_probe, evaluate
 
-__all__ = ["RECIPES", "main", "parse_args"]
+__all__ = ["CHECKPOINT_VERSION", "build_criterion", "build_model", "run", "main"]
 
-LOSSES = ("hsic", "sfrik", "mec", "uniformity")
 CHECKPOINT_VERSION = 1
-
-# --------------------------------------------------------------------------------------------------
-# Recipes
-# --------------------------------------------------------------------------------------------------
-
-#: Per-loss defaults for tiny images (digits, ``smallcnn`` width 16): 60 epochs of batch 64 (19
-#: steps/epoch), AdamW lr 2e-3 (3 warm-up epochs, cosine), EMA target from 0.99 (cosine to 1).
-#: Departures from the papers' large-scale values, measured on digits (seed 0, linear-probe margin
-#: over the random-init encoder, 5 labels/class): batch 256 -> 64 (hsic +13.7 -> +14.3 points,
-#: sfrik +13.4 -> +13.5, mec +10.8 -> +16.8); hsic gamma 3 -> 1 (+14.3 -> +16.6); sfrik sim_weight
-#: 62.5 (the paper's 4000 q / 8192 at q = 128) -> 250 (+13.5 -> +15.7); mec eps_sq stays 64
-#: (16 and 32 push the spectral radius of C past 1 and lose; 128 gives +15.1).
-RECIPES: dict[str, dict[str, Any]] = {
-    "hsic": dict(
-        epochs=60, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=3,
-        proj_hidden=256, proj_dim=64, pred_hidden=256, ema=0.99,
-        num_features=512, gamma=1.0, kernel_scale=1.0, learn_scale=True, scale_lr=3e-4,
-    ),
-    "sfrik": dict(
-        epochs=60, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=3,
-        proj_hidden=256, proj_dim=128, pred_hidden=0, ema=None,
-        coefficients=(1.0, 40.0, 40.0), sim_weight=250.0, mmd_weight=1.0,
-    ),
-    "mec": dict(
-        epochs=60, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=3,
-        proj_hidden=256, proj_dim=128, pred_hidden=256, ema=0.99,
-        eps_sq=64.0, order=4, mec_warmup=None,
-    ),
-    "uniformity": dict(
-        epochs=60, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=3,
-        proj_hidden=256, proj_dim=128, pred_hidden=0, ema=None,
-        align_alpha=2.0, unif_t=2.0, unif_weight=1.0,
-    ),
-}
-
-#: Per-dataset overrides of :data:`RECIPES` (natural images: ResNet-18, longer runs, batch 256, wider
-#: heads, the papers' gamma and q-scaled sim_weight).  Not tuned here (no dataset on the CI machine).
-#: ``width`` is used by ``--arch smallcnn`` only.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(arch="smallcnn", width=16, probe_labels=5, probe_repeats=5),
-    "cifar10": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
-                    warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
-    "stl10": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
-                  warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
-    "imagefolder": dict(arch="resnet18", width=32, epochs=200, batch_size=256, lr=1e-3, weight_decay=1e-5,
-                        warmup_epochs=10, proj_hidden=2048, probe_labels=0, probe_repeats=1),
-}
-#: Most data-loader workers by default (``--workers`` unset): digits are tensors already, natural
-#: images are decoded and augmented per item.  The default never exceeds the cores left to each
-#: process after one compute thread (:func:`machine_defaults`).
-MAX_WORKERS = {"digits": 1, "cifar10": 4, "stl10": 4, "imagefolder": 4}
-_NATURAL_DIMS = {"hsic": dict(proj_dim=256, pred_hidden=2048, gamma=3.0),
-                 "sfrik": dict(proj_dim=2048, sim_weight=None),
-                 "mec": dict(proj_dim=2048, pred_hidden=512),
-                 "uniformity": dict(proj_dim=128)}  # Wang & Isola's feature dim
-
-
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every ``None`` option from the recipe of ``args.loss`` and the defaults of ``args.dataset``."""
-    table = dict(RECIPES[args.loss])
-    table.update(DATASET_DEFAULTS[args.dataset])
-    if args.dataset != "digits":
-        table.update(_NATURAL_DIMS[args.loss])
-    for key, value in table.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.loss in ("sfrik", "uniformity"):
-        args.pred_hidden = 0  # the projections of both views: no predictor, no target
-        args.ema = None
-    if args.loss == "sfrik" and args.sim_weight is None:
-        args.sim_weight = 4000.0 * args.proj_dim / 8192.0
-    if args.loss == "mec" and args.mec_warmup is None:
-        # the reference warms up over 10 of its (>= 100) epochs; keep that fraction for short runs
-        args.mec_warmup = min(10.0, 0.1 * args.epochs)
-    args.coefficients = tuple(float(c) for c in args.coefficients) if args.coefficients is not None else None
-    return args
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m kernelssl.train",
-        description="Self-supervised pretraining with SSL-HSIC, SFRIK, MEC or alignment + uniformity, then "
-        "linear-probe and k-NN "
-        "evaluation against a random-init encoder.  Options left unset come from the per-loss recipe.",
-    )
-    a = p.add_argument
-    a("--loss", choices=LOSSES, default="hsic", help="the self-supervised loss (default hsic)")
-    a("--dataset", choices=DATASETS, default="digits", help="default digits (bundled with scikit-learn, offline)")
-    a("data", nargs="?", default=None, metavar="PATH",
-      help="dataset root (cifar10/stl10) or image folder (imagefolder): the same as --data-dir PATH")
-    a("--data-dir", default=None,
-      help="dataset root (cifar10/stl10) or image folder (imagefolder); default $KERNELSSL_DATA or ./data")
-    a("--download", action="store_true", help="download cifar10/stl10 into --data-dir if missing")
-    a("--subset", type=int, default=None, help="use only the first N images for pretraining and probe training")
-    a("--image-size", type=int, default=None, help="crop size (default: 8 digits, 32 cifar10, 64 stl10/imagefolder)")
-    a("--out", default="runs/kernelssl", help="output directory (checkpoint.pt, log.csv, results.json)")
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    a("--stop-after", type=int, default=None, metavar="N",
-      help="stop after N epochs in this invocation (checkpoint written; continue later with --resume)")
-    # optimisation
-    a("--arch", choices=ARCHS, default=None, help="backbone (default: smallcnn on digits, resnet18 otherwise)")
-    a("--width", type=int, default=None, help="smallcnn base width (features = 4 * width)")
-    a("--epochs", type=int, default=None)
-    a("--batch-size", type=int, default=None, help="global batch size (images per view)")
-    a("--lr", type=float, default=None, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    a("--weight-decay", type=float, default=None)
-    a("--warmup-epochs", type=float, default=None, help="learning-rate warm-up epochs")
-    a("--proj-hidden", type=int, default=None, help="projector hidden width")
-    a("--proj-dim", type=int, default=None, help="projector output dim (the embedding dim of the loss)")
-    a("--pred-hidden", type=int, default=None, help="predictor hidden width (hsic, mec)")
-    a("--ema", type=float, default=None, help="base EMA momentum of the target (cosine to 1; hsic, mec)")
-    # loss hyper-parameters
-    a("--num-features", type=int, default=None, help="hsic: random Fourier features D")
-    a("--gamma", type=float, default=None, help="hsic: weight of sqrt(HSIC(Z,Z))")
-    a("--hsic-kernel", choices=("imq", "gaussian", "laplace"), default="imq",
-      help="hsic: kernel family (default imq, the paper's)")
-    a("--hsic-exact", type=int, choices=(0, 1), default=0,
-      help="hsic: 1 = the exact kernel (N x N Gram of the batch) instead of random features (0, the paper's); "
-           "laplace needs it (its random-feature gradient has infinite variance)")
-    a("--kernel-scale", type=float, default=None, help="hsic: kernel scale c (initial value when learned)")
-    a("--learn-scale", type=int, choices=(0, 1), default=None, help="hsic: learn c (1) or keep it fixed (0)")
-    a("--scale-lr", type=float, default=None, help="hsic: Adam lr of the learned scale")
-    a("--coefficients", type=float, nargs="+", default=None, help="sfrik: Legendre coefficients b_1..b_L")
-    a("--sim-weight", type=float, default=None, help="sfrik: weight of the MSE term (default 4000 q / 8192)")
-    a("--mmd-weight", type=float, default=None, help="sfrik: weight of the uniformity term")
-    a("--eps-sq", type=float, default=None, help="mec: distortion epsilon^2")
-    a("--order", type=int, default=None, help="mec: Taylor order")
-    a("--mec-warmup", type=float, default=None, help="mec: lambda warm-up epochs (default min(10, epochs/10))")
-    a("--align-alpha", type=float, default=None, help="uniformity: alpha of the alignment term (default 2)")
-    a("--unif-t", type=float, default=None, help="uniformity: t of the uniformity term (default 2)")
-    a("--unif-weight", type=float, default=None, help="uniformity: weight lambda of the uniformity term (default 1)")
-    a("--mec-check", choices=("off", "warn", "raise"), default="off",
-      help="mec: warn or stop when the series diverges (spectral radius of C >= 1; one host sync per step). "
-           "The radius is logged either way (log.csv: spectral_radius, the epoch mean, and spectral_radius_max)")
-    # evaluation
-    a("--probe-labels", type=int, default=None,
-      help="labelled images per class for the probes (0 = all; default 5 on digits, else 0)")
-    a("--probe-repeats", type=int, default=None, help="draws of the labelled subset (fixed seeds 0..R-1)")
-    a("--probe-c", type=float, default=1.0, help="inverse L2 strength of the logistic-regression probe")
-    a("--knn-k", type=int, default=20)
-    # machinery
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    a("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype for the network")
-    a("--threads", type=int, default=None, help="torch intra-op threads (default: cores / processes - workers)")
-    a("--workers", type=int, default=None,
-      help="data-loader worker processes (default: cores per process - 1, at most 1 on digits and 4 otherwise)")
-    a("--backend", choices=("auto", "torch", "triton"), default="auto", help="kernelssl backend of the loss")
-    a("--no-progress", action="store_true", help="no tqdm bar (it is off anyway when stderr is not a tty)")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and resolve the command line (recipe defaults filled in)."""
-    args = _parser().parse_args(argv)
-    if args.data is not None and args.data_dir is not None and args.data != args.data_dir:
-        _parser().error(f"PATH {args.data!r} and --data-dir {args.data_dir!r} differ: give one of them")
-    args.data_dir = args.data or args.data_dir or os.environ.get("KERNELSSL_DATA", "data")
-    if args.workers is not None and args.workers < 0:
-        _parser().error(f"--workers must be >= 0, got {args.workers}")
-    for name in ("subset", "epochs", "batch_size", "stop_after", "width", "knn_k", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            _parser().error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    return resolve(args)
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _pick_device(spec: str, local_rank: int, world: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA device is available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def machine_defaults(args: argparse.Namespace, cores: int, local_world: int) -> tuple[int, int]:
-    """``(workers, threads)`` for this process: ``--workers`` if given, else
-    ``min(MAX_WORKERS[dataset], cores per process - 1)`` (so a 2-core machine gets 1 worker, a 1-core
-    machine none); ``--threads`` if given, else the cores per process left after the workers (>= 1)."""
-    per_process = max(1, cores // max(1, local_world))
-    workers = args.workers if args.workers is not None else min(MAX_WORKERS[args.dataset], per_process - 1)
-    threads = args.threads or max(1, per_process - workers)
-    return workers, threads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,109 +98,6 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 _RESUME_KEYS = ("loss", "dataset", "subset", "image_size", "arch", "width", "batch_size", "lr", "weight_decay",
                 "warmup_epochs", "proj_hidden", "proj_dim", "pred_hidden", "ema", "seed", "amp",
                 "hsic_kernel", "hsic_exact")
-# options added after checkpoints were first written: what an older checkpoint's run used
-_RESUME_DEFAULTS = {"hsic_kernel": "imq", "hsic_exact": 0}
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_size: int = 512,
-                     workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features (eval mode, fp32) and labels of every item of ``dataset``."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(backbone(x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    backbone.train(was_training)
-    return torch.cat(feats).numpy().astype(np.float64), torch.cat(labels).numpy()
-
-
-def _label_subsets(y: np.ndarray, per_class: int, repeats: int) -> list[np.ndarray]:
-    if per_class <= 0:
-        return [np.arange(len(y))]
-    out = []
-    for r in range(repeats):
-        rng = np.random.default_rng(r)
-        idx = []
-        for c in np.unique(y):
-            members = np.flatnonzero(y == c)
-            idx.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
-        out.append(np.sort(np.concatenate(idx)))
-    return out
-
-
-def linear_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, *, c: float = 1.0) -> float:
-    """Test accuracy of an L2-regularised logistic regression on standardised features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(ftr)
-    clf = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(ftr), ytr)
-    return float(clf.score(scaler.transform(fte), yte))
-
-
-def knn_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, *, k: int = 20,
-              temperature: float = 0.07) -> float:
-    """Test accuracy of a cosine k-NN classifier, votes weighted by ``exp(similarity / temperature)``."""
-    a = torch.nn.functional.normalize(torch.from_numpy(ftr), dim=1)
-    b = torch.nn.functional.normalize(torch.from_numpy(fte), dim=1)
-    k = min(k, len(a))
-    sim = b @ a.T
-    top, idx = sim.topk(k, dim=1)
-    ytr_t = torch.from_numpy(ytr).long()
-    n_cls = int(max(ytr.max(), yte.max())) + 1
-    votes = torch.zeros(len(b), n_cls, dtype=sim.dtype)
-    votes.scatter_add_(1, ytr_t[idx], (top / temperature).exp())
-    return float((votes.argmax(1).numpy() == yte).mean())
-
-
-#: t of the uniformity metric of the probe features (Wang & Isola's default).
-PROBE_UNIFORMITY_T = 2.0
-
-
-def feature_uniformity(features: np.ndarray, device: torch.device, t: float = PROBE_UNIFORMITY_T) -> float:
-    """Wang & Isola's uniformity ``log(mean_{i != j} exp(-t ||f_i - f_j||^2))`` of the L2-normalised rows
-    of ``features`` (fp32 on ``device``, no autograd: O(n q) memory, never the n x n Gram)."""
-    with torch.no_grad():
-        f = torch.from_numpy(features).to(device=device, dtype=torch.float32)
-        return float(_uniformity(f, t))
-
-
-def evaluate(backbone: nn.Module, data: DataBundle, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Linear-probe and k-NN accuracies (means over the labelled-subset draws) and the uniformity of
-    the test features (:func:`feature_uniformity`)."""
-    ftr, ytr = extract_features(backbone, data.probe_train, device)
-    fte, yte = extract_features(backbone, data.probe_test, device)
-    subsets = _label_subsets(ytr, args.probe_labels, args.probe_repeats)
-    lin = [linear_probe(ftr[s], ytr[s], fte, yte, c=args.probe_c) for s in subsets]
-    knn = [knn_probe(ftr[s], ytr[s], fte, yte, k=args.knn_k) for s in subsets]
-    out = {"linear_probe_acc": float(np.mean(lin)), "knn_acc": float(np.mean(knn)),
-           "linear_probe_acc_per_draw": lin, "knn_acc_per_draw": knn,
-           "probe_uniformity": feature_uniformity(fte, device)}
-    if args.probe_labels > 0:
-        out["linear_probe_acc_all_labels"] = linear_probe(ftr, ytr, fte, yte, c=args.probe_c)
-        out["knn_acc_all_labels"] = knn_probe(ftr, ytr, fte, yte, k=args.knn_k)
-    return out
-
-
-def _pixel_probe(data: DataBundle, args: argparse.Namespace, max_values: int = 2**22) -> float | None:
-    """The same linear probe on raw (standardised) pixels, a reference point for small datasets only
-    (None when the probe-training set holds more than ``max_values`` pixel values)."""
-    n, dims = len(data.probe_train), data.in_channels * data.image_size**2
-    if n * dims > max_values:
-        return None
-    flat = nn.Flatten()
-    ftr, ytr = extract_features(flat, data.probe_train, torch.device("cpu"))
-    fte, yte = extract_features(flat, data.probe_test, torch.device("cpu"))
-    subsets = _label_subsets(ytr, args.probe_labels, args.probe_repeats)
-    return float(np.mean([linear_probe(ftr[s], ytr[s], fte, yte, c=args.probe_c) for s in subsets]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,8 +245,8 @@ class _Trainer:
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise SystemExit(f"error: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
         saved = ckpt["args"]
-        diff = [f"{k}: checkpoint {saved.get(k, _RESUME_DEFAULTS.get(k))!r}, now {getattr(self.args, k)!r}"
-                for k in _RESUME_KEYS if saved.get(k, _RESUME_DEFAULTS.get(k)) != getattr(self.args, k)]
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.args, k)!r}"
+                for k in _RESUME_KEYS if saved.get(k) != getattr(self.args, k)]
         if diff:
             raise SystemExit("error: --resume with options that differ from the checkpoint's:\n  " + "\n  ".join(diff))
         self.online.load_state_dict(ckpt["online"])
@@ -893,6 +520,3 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,41 +16,33 @@ Conventions
   ``tr((A^ B^T)^k) = tr((B^T A^)^k)``, so the library path works with whichever of the ``m x m``
   matrix ``lam A^ B^T`` and the ``d x d`` matrix ``lam B^T A^`` is smaller.
 * ``lam``: a Python number > 0, or a floating tensor broadcastable to the batch shape ``a.shape[:-2]``
-  (its values are not checked: that would need a host sync).
+  (its values are never read on the host).
 * Numerics: float16/bfloat16 inputs are upcast to float32 at entry, float32 and float64 are kept
   (mixed inputs promote); results are float32 (float64 for float64 input) and autograd returns the
   gradients in each input's own dtype.  Nothing here reads tensor values on the host (no ``.item()``,
   no Python branch on a tensor), so every op is free of host syncs.
-* Non-finite inputs propagate: NaN/Inf in gives NaN/Inf out (the public wrappers in
-  :mod:`kernelssl.functional` offer ``check_finite=True`` to raise instead).
+* Non-finite inputs propagate: NaN/Inf in gives NaN/Inf out.
 
-Convergence (SPEC §3.3): the series converges iff every eigenvalue of C has modulus < 1.  At the
+Convergence: the series converges iff every eigenvalue of C has modulus < 1.  At the
 default ``eps_sq = 64`` a collapsed batch has ``rho(C) = lam m = d / eps_sq`` (32 at d = 2048), where
 ``T_n`` is a polynomial that no longer approximates ``log det`` -- silently (no NaN).  Use
 :func:`exact_logdet` to check and :func:`convergence_diagnostics` to monitor.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import (
-    check_choice,
-    check_int,
-    check_positive,
-    check_same_device,
-    check_same_shape,
-    check_tensor,
-    describe,
-)
+from .._checks import check_int, check_positive
+from ._common import compute_dtype, unit_rows_backward
 
 __all__ = [
     "taylor_logdet",
     "taylor_logdet_eager",
+    "taylor_logdet_backward",
     "exact_logdet",
     "convergence_diagnostics",
     "mec_loss",
@@ -61,7 +53,7 @@ Tensor = torch.Tensor
 
 # Start vector of the power iteration: cos(k * golden angle) + 1.5 -- strictly positive, not
 # periodic in k, so (generically) not orthogonal to the dominant eigenvector; no RNG involved.
-_GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,45 +61,13 @@ _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 # --------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (half/bfloat16 accumulate in float32)."""
-    dt = functools.reduce(torch.promote_types, (x.dtype for x in xs))
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _check_inputs(a, b, lam, *, min_rows: int = 1) -> None:
-    """Metadata-only validation of ``(a, b, lam)`` (SPEC §4); never reads tensor values."""
-    check_tensor(a, "a", min_ndim=2, min_rows=min_rows, min_cols=1)
-    check_tensor(b, "b", min_ndim=2, min_rows=min_rows, min_cols=1)
-    check_same_shape([a, b], ["a", "b"])
-    check_same_device([a, b], ["a", "b"])
-    batch = a.shape[:-2]
-    if isinstance(lam, Tensor):
-        if not lam.is_floating_point():
-            raise TypeError(f"lam: expected a floating-point tensor or a number, got {describe(lam)}")
-        if lam.device != a.device:
-            raise ValueError(f"lam: expected device {a.device} (the device of a), got {lam.device}")
-        try:
-            ok = torch.broadcast_shapes(lam.shape, batch) == batch
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"lam: expected a tensor broadcastable to the batch shape {tuple(batch)}, "
-                f"got shape {tuple(lam.shape)}"
-            )
-    else:
-        check_positive(lam, "lam")
-
-
-def _prepare(a, b, lam, normalize: bool, *, min_rows: int = 1):
-    """Validate (metadata only), upcast, normalise rows; return ``(a^, b^, lam_b, lam_m)``.
+def _prepare(a, b, lam, normalize: bool):
+    """Upcast and normalise rows; return ``(a^, b^, lam_b, lam_m)``.
 
     ``lam_b`` broadcasts against the batch shape, ``lam_m`` against ``(..., s, s)`` matrices; both
     are the same Python float when lam is a number.
     """
-    _check_inputs(a, b, lam, min_rows=min_rows)
-    dtype = _compute_dtype(a, b)
+    dtype = compute_dtype(a, b)
     if isinstance(lam, Tensor):
         lam_b = lam.to(dtype)
         lam_m = lam_b[..., None, None]
@@ -180,7 +140,6 @@ def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int, *, norm
     work per trace ``tr(C^k) = sum_ij (C^h)_ij (C^(k-h))_ji`` for k > h.  Order 1 needs no product:
     ``T_1 = lam sum_i <a^_i, b^_i>``.  Differentiable by plain autograd; no host sync.
     """
-    check_int(order, "order", minimum=1)
     a, b, lam_b, lam_m = _prepare(a, b, lam, normalize)
     if order == 1:
         return lam_b * (a * b).sum(dim=(-2, -1))
@@ -195,7 +154,6 @@ def taylor_logdet_eager(a: Tensor, b: Tensor, lam: float | Tensor, order: int, *
     at the end.  Batched over leading dims via ``matmul``.  Same arguments and result as
     :func:`taylor_logdet`.
     """
-    check_int(order, "order", minimum=1)
     a, b, _, lam_m = _prepare(a, b, lam, normalize)
     c = lam_m * (a @ b.mT)
     power = c
@@ -220,6 +178,44 @@ def exact_logdet(a: Tensor, b: Tensor, lam: float | Tensor, *, normalize: bool =
     eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
     sign, logabs = torch.linalg.slogdet(eye + c)
     return torch.where(sign > 0, logabs, torch.full_like(logabs, float("nan")))
+
+
+@torch.no_grad()
+def taylor_logdet_backward(g: Tensor, a: Tensor, b: Tensor, lam: Tensor, order: int, normalize: bool,
+                           need_a: bool = True, need_b: bool = True) -> tuple[Tensor, Tensor]:
+    """``(g dT/da, g dT/db)`` for ``a, b (P, m, d)``, ``lam, g (P,)``, without autograd; an unrequested
+    side is an empty ``(0,)`` tensor.  The CPU kernel of the fused op's backward
+    (:mod:`kernelssl.triton.taylor_logdet_op`).
+
+    With ``S_n = sum_{j<n} (-M)^j`` in min(m, d) space (``M = lam A^ B^T`` or ``lam B^T A^``)::
+
+        m-space:  dT/dA^ = lam S_n^T B^,   dT/dB^ = lam S_n A^
+        d-space:  dT/dA^ = lam B^ S_n^T,   dT/dB^ = lam A^ S_n
+
+    then the normalisation Jacobian (:func:`kernelssl.ops._common.unit_rows_backward`)."""
+    dtype = compute_dtype(a, b)
+    af, bf = a.to(dtype), b.to(dtype)
+    na, nb = (torch.linalg.vector_norm(x, dim=-1, keepdim=True) for x in (af, bf))
+    ah, bh = (af / na.clamp_min(1e-12), bf / nb.clamp_min(1e-12)) if normalize else (af, bf)
+    alpha = (g.to(dtype) * lam.to(dtype))[:, None, None]
+    m, d = a.shape[-2:]
+    if order == 1:
+        va, vb = alpha * bh, alpha * ah
+    else:
+        mat = _min_space_matrix(ah, bh, lam.to(dtype)[:, None, None])
+        s_mat = torch.eye(mat.shape[-1], dtype=dtype, device=mat.device).expand_as(mat)
+        power = s_mat
+        for j in range(1, order):
+            power = power @ mat
+            s_mat = s_mat + ((-1.0) ** j) * power
+        if m <= d:
+            va, vb = alpha * (s_mat.mT @ bh), alpha * (s_mat @ ah)
+        else:
+            va, vb = alpha * (bh @ s_mat.mT), alpha * (ah @ s_mat)
+    if normalize:
+        va, vb = unit_rows_backward(va, ah, na), unit_rows_backward(vb, bh, nb)
+    empty = a.new_empty((0,))
+    return (va.to(a.dtype) if need_a else empty), (vb.to(b.dtype) if need_b else empty)
 
 
 @torch.no_grad()
@@ -256,7 +252,6 @@ def convergence_diagnostics(
     autograd, about a third of a forward + backward -- call the diagnostics every few steps if that
     matters.
     """
-    check_int(order, "order", minimum=1)
     check_int(iters, "iters", minimum=1)
     a, b, _, lam_m = _prepare(a, b, lam, normalize)
     m, d = a.shape[-2], a.shape[-1]
@@ -272,7 +267,7 @@ def convergence_diagnostics(
             return lam_m * (b.mT @ (a @ v))
         s = d
 
-    v = torch.cos(torch.arange(s, dtype=dtype, device=device) * _GOLDEN_ANGLE) + 1.5
+    v = torch.cos(torch.arange(s, dtype=dtype, device=device) * GOLDEN_ANGLE) + 1.5
     v = (v / v.norm()).expand(*batch, s).unsqueeze(-1)
     tiny = torch.finfo(dtype).tiny
     burn = iters // 2
@@ -312,7 +307,7 @@ def mec_loss(
     exact: bool = False,
     logdet: Callable[[Tensor, Tensor, float | Tensor, int], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float | Tensor]:
-    """MEC loss, symmetrised over two views (SPEC §3.2)::
+    """MEC loss, symmetrised over two views::
 
         t_ab = T_n(P1, Z2),   t_ba = T_n(P2, Z1),   mu = (m + d) / 2,   lam = d / (m eps_sq)
         scale="reference" (default):  loss = -(1/lam) (t_ab + t_ba) / (2m)
@@ -348,28 +343,13 @@ def mec_loss(
                                                         teacher(x1).detach(), teacher(x2).detach())
         loss.backward()
     """
-    names = ("z_a", "z_b", "target_a", "target_b")
     target_a = z_a if target_a is None else target_a
     target_b = z_b if target_b is None else target_b
     tensors = (z_a, z_b, target_a, target_b)
-    for x, nm in zip(tensors, names):
-        check_tensor(x, nm, ndim=2, min_rows=2, min_cols=1)
-    check_same_shape(tensors, names)
-    check_same_device(tensors, names)
-    check_positive(eps_sq, "eps_sq")
-    check_int(order, "order", minimum=1)
-    check_choice(scale, "scale", ("reference", "paper"))
-    if eager and exact:
-        raise ValueError("eager, exact: expected at most one of them True, got both")
     m, d = z_a.shape
     if lam is None:
         lam = d / (m * eps_sq)
-    elif isinstance(lam, Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam: expected a number or a 0-dim tensor, got {describe(lam)}")
-    else:
-        lam = check_positive(lam, "lam")
-    dtype = _compute_dtype(*tensors)
+    dtype = compute_dtype(*tensors)
     a = torch.stack([target_a.to(dtype), target_b.to(dtype)])
     b = torch.stack([z_b.to(dtype), z_a.to(dtype)])
     if exact:

@@ -1,6 +1,8 @@
-"""SFRIK in PyTorch (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023; SPEC §2).
+"""``legendre_gram``, torch tier: SFRIK's Legendre-polynomial Gram mean (Zheng, Puy, Riccietti, Perez,
+Gribonval -- ICLR 2023; docs/legendre_gram.md) and the SFRIK loss on it.
 
-Differentiable, any device.  Two ways to compute the uniformity term
+Differentiable, any device; the inputs are checked by :mod:`kernelssl.functional`, which calls these.
+Two ways to compute the uniformity term
 
     M(Z) = (1/n^2) sum_{i=1..n} sum_{j=1..n} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
 
@@ -34,7 +36,7 @@ Differentiable, any device.  Two ways to compute the uniformity term
 
 (:func:`legendre_recurrence_constants` returns the ``(alpha_l, beta_l)``).
 
-The SFRIK loss (:func:`sfrik_loss`, SPEC §2.3) on two raw views ``(n, q)``::
+The SFRIK loss (:func:`sfrik_loss`) on two raw views ``(n, q)``::
 
     L = sim_weight * R + mmd_weight * (M(Zhat_a) + M(Zhat_b)) / 2,   R = mean((zhat_a - zhat_b)^2)
 
@@ -43,8 +45,7 @@ R is the mean over all ``n * q`` entries.  Defaults ``coefficients = (1, 40, 40)
 
 Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The
 scalars come back in float32 (float64 for float64 inputs); autograd returns gradients in the input
-dtype.  No host syncs anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs
-(``check_finite=True`` raises instead, at the cost of one host sync).  A zero row normalises to zero
+dtype.  No host syncs anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs.  A zero row normalises to zero
 (``F.normalize``), its Gram row is 0 and the loss stays finite; its gradient is ``g / 1e-12`` (the
 Jacobian of ``z / eps``), finite in float32/float64.
 
@@ -56,19 +57,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import (
-    check_coefficients,
-    check_finite as _check_finite_values,
-    check_int,
-    check_positive,
-    check_same_device,
-    check_same_shape,
-    check_tensor,
-)
+from .._checks import check_coefficients, check_int, check_tensor
+from ._common import NORM_EPS, buffer_view, default_block_size, unit_rows, unit_rows_backward, upcast
 
 __all__ = [
     "DEFAULT_TILE_ELEMENTS",
@@ -76,9 +70,9 @@ __all__ = [
     "legendre",
     "legendre_series",
     "default_chunk_size",
-    "default_block_size",
     "legendre_gram_mean",
     "legendre_gram_mean_eager",
+    "legendre_gram_mean_backward",
     "sfrik_loss",
 ]
 
@@ -86,47 +80,14 @@ __all__ = [
 #: float32; forward keeps ~4 tiles alive at once, backward ~6).
 DEFAULT_TILE_ELEMENTS = 1 << 23
 
-#: Target bytes of one ``(T, T)`` Gram block of the eager path: 16 MiB (T = 2048 in float32, 1440 in
-#: float64; two such buffers are live).  Measured on this project's 2-core EPYC (2 MiB L2, 32 MiB L3),
-#: fp32, n = 4096, q = 128, forward+backward of one view: on one thread T = 1024 and 2048 are within
-#: ~10% (0.7x and 0.75x of the two n x n x q GEMMs); with two threads on a loaded machine every op
-#: pays a parallel-region wake-up, so fewer, larger blocks win (T = 2048 1.7x faster than 1024).
-DEFAULT_BLOCK_BYTES = 1 << 24
-
 #: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
 POWER_BASIS_MAX_GROWTH = 16.0
-
-_NORM_EPS = 1e-12  # the F.normalize default
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_q(q: object) -> int:
-    return check_int(q, "q", minimum=2)
-
-
-def _check_z(z: object, name: str) -> Tensor:
-    check_tensor(z, name, ndim=2, min_rows=2)
-    if z.shape[1] < 2:  # type: ignore[union-attr]
-        raise ValueError(
-            f"{name}: expected q >= 2 columns (the sphere S^(q-1) needs q >= 2), got shape {tuple(z.shape)}"  # type: ignore[union-attr]
-        )
-    return z  # type: ignore[return-value]
-
 
 def _check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None
     return check_int(chunk_size, "chunk_size", minimum=1)
-
-
-def _upcast(z: Tensor) -> Tensor:
-    """fp16/bf16 -> fp32 (differentiable: the gradient comes back in the input dtype)."""
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +104,7 @@ def legendre_recurrence_constants(q: int, degree: int) -> tuple[tuple[float, flo
     ``P'_{l+1} = alpha_l (P_l + t P'_l) - beta_l P'_{l-1}``.  Entry ``l - 1`` is the step l -> l + 1.
     Plain Python floats (for kernels that bake them in as constants).
     """
-    q = _check_q(q)
+    q = check_int(q, "q", minimum=2)
     degree = check_int(degree, "degree", minimum=0)
     return tuple(((2 * l + q - 2) / (l + q - 2), l / (l + q - 2)) for l in range(1, degree))
 
@@ -172,7 +133,11 @@ def legendre_series(
     The value and derivative recurrences run together; differentiable (out-of-place ops only).
     """
     check_tensor(t, "t")
-    b = check_coefficients(coefficients)
+    return _series(t, q, check_coefficients(coefficients), derivative=derivative)
+
+
+def _series(t: Tensor, q: int, b: tuple[float, ...], *, derivative: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`legendre_series` on checked arguments."""
     consts = legendre_recurrence_constants(q, len(b))
     # P_{l-1}, P_l and P'_{l-1}, P'_l; P_0 = 1, P'_0 = 0, P'_1 = 1 are kept as Python scalars.
     p_prev: Tensor | float = 1.0
@@ -251,14 +216,6 @@ def default_chunk_size(n: int) -> int:
     return max(1, min(n, DEFAULT_TILE_ELEMENTS // max(n, 1)))
 
 
-def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
-    """Edge T of the ``(T, T)`` Gram blocks of the eager path when ``chunk_size=None``: the multiple of
-    32 nearest ``sqrt(DEFAULT_BLOCK_BYTES / itemsize)`` (2048 in float32, 1440 in float64), at most n."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    t = int(round((DEFAULT_BLOCK_BYTES / itemsize) ** 0.5 / 32.0)) * 32
-    return max(1, min(n, t))
-
-
 def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
     """``(c_0, ..., c_L)`` with ``phi(t) = sum_k c_k t^k`` (float64 arithmetic), or None where Horner's
     rule in that basis could be much less accurate than the recurrence.
@@ -301,11 +258,6 @@ def _horner(g: Tensor, h: list[Tensor], out: Tensor) -> Tensor:
     for hk in reversed(h[:-2]):
         torch.addcmul(hk, g, out, out=out)
     return out
-
-
-def _buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
-    """A contiguous ``(rows, cols)`` tensor on the first ``rows * cols`` elements of ``buf``."""
-    return buf[: rows * cols].view(rows, cols)
 
 
 def _block_gram_mean(
@@ -388,8 +340,8 @@ def _block_gram_mean(
             for s1_ in starts[bi:]:
                 zj = zhat[:, s1_ : s1_ + block]
                 r, cc = zi.shape[1], zj.shape[1]
-                g = torch.bmm(zi, zj.mT, out=_buffer_view(gbuf, V * r, cc).view(V, r, cc))
-                p = _buffer_view(pbuf, V * r, cc).view(V, r, cc)
+                g = torch.bmm(zi, zj.mT, out=buffer_view(gbuf, V * r, cc).view(V, r, cc))
+                p = buffer_view(pbuf, V * r, cc).view(V, r, cc)
                 weights.append(1.0 if s1_ == s0 else 2.0)
                 if block_value:
                     sums[k] = _horner(g, vcoef, p).mul_(g).sum(dim=(-2, -1))  # torch.sum: cascade
@@ -535,9 +487,8 @@ def legendre_gram_mean(
     *,
     normalize: bool = True,
     chunk_size: int | None = None,
-    check_finite: bool = False,
 ) -> Tensor:
-    """SFRIK's uniformity term (SPEC §2.2), blocked, O(n q + chunk^2) extra memory::
+    """SFRIK's uniformity term, blocked, O(n q + chunk^2) extra memory::
 
         M(Z) = (1/n^2) sum_{i,j} phi(zhat_i . zhat_j),   phi(t) = sum_{l=1..L} b_l P_l(q; t)
 
@@ -551,7 +502,6 @@ def legendre_gram_mean(
             tiles (under ``torch.compile``); ``None`` -> :func:`default_block_size` (eager, ~16 MiB
             blocks) or :func:`default_chunk_size` (compiled, ~8 Mi-element tiles).  Any value >= 1;
             values >= n mean one block.
-        check_finite: raise a ``ValueError`` on NaN/Inf input (one host sync) instead of propagating.
 
     Returns:
         0-dim tensor, float32 for float16/bfloat16/float32 inputs, float64 for float64.
@@ -563,13 +513,9 @@ def legendre_gram_mean(
     backward with ``create_graph=True`` raises a RuntimeError (use :func:`legendre_gram_mean_eager`
     for higher derivatives).  Deterministic: fixed block order, no atomics.
     """
-    _check_z(z, "z")
-    b = check_coefficients(coefficients)
+    b = tuple(coefficients)
     chunk = _check_chunk_size(chunk_size)
-    if check_finite:
-        _check_finite_values([z], ["z"])
-    zf = _upcast(z)
-    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    zhat = unit_rows(z) if normalize else upcast(z)
     n = zhat.shape[0]
     if torch.compiler.is_compiling():
         return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
@@ -589,12 +535,22 @@ def legendre_gram_mean_eager(
     (:func:`legendre_series`), take the mean.  Plain autograd: memory O(n^2 L).  Same arguments,
     dtypes and result as :func:`legendre_gram_mean`.
     """
-    _check_z(z, "z")
-    b = check_coefficients(coefficients)
-    zf = _upcast(z)
-    zhat = F.normalize(zf, dim=-1, eps=_NORM_EPS) if normalize else zf
+    zhat = unit_rows(z) if normalize else upcast(z)
     gram = zhat @ zhat.t()
-    return legendre_series(gram, zhat.shape[1], b).mean()  # type: ignore[union-attr]
+    return _series(gram, zhat.shape[1], tuple(coefficients)).mean()  # type: ignore[union-attr]
+
+
+def legendre_gram_mean_backward(grad: Tensor, z: Tensor, coefficients: Sequence[float], normalize: bool) -> Tensor:
+    """``grad * dM/dz`` (shape and dtype of ``z``) without autograd: the blocked pass's gradient
+    ``(2/n^2) phi'(G) Zhat`` and, with ``normalize``, the normalisation Jacobian.  The CPU kernel of
+    the fused op's backward (:mod:`kernelssl.triton.legendre_gram_op`)."""
+    zf = upcast(z.detach())
+    n = zf.shape[-2]
+    norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
+    zhat = zf / norm.clamp_min(NORM_EPS) if normalize else zf
+    _, r = _block_gram_mean(zhat, tuple(coefficients), default_block_size(n, zhat.dtype), True)
+    g = r * (grad.to(zhat.dtype) * (2.0 / float(n * n)))
+    return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,7 +576,7 @@ class _SFRIKLoss(torch.autograd.Function):
     def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b):  # type: ignore[override]
         z = torch.stack([za, zb])  # (2, n, q): both views through every op at once
         norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        y = z / norm.clamp_min(_NORM_EPS)
+        y = z / norm.clamp_min(NORM_EPS)
         # one view frozen: its R is formed too (rare; the batched ops stay batched)
         m, grad = _block_gram_mean(y, b, block, want_a or want_b)
         diff = y[0] - y[1]
@@ -642,9 +598,7 @@ class _SFRIKLoss(torch.autograd.Function):
         c_m = (torch.stack([g_a, g_b]) + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n))
         gy = grad * c_m.view(2, 1, 1)
         gy.addcmul_(diff, torch.stack([c_diff, -c_diff]).view(2, 1, 1))
-        r = torch.linalg.vecdot(y, gy, dim=-1).unsqueeze(-1)
-        r.masked_fill_(norm < _NORM_EPS, 0.0)  # clamp active: no gradient through the norm
-        dz = torch.addcmul(gy, y, r, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
+        dz = unit_rows_backward(gy, y, norm)
         want_a, want_b = ctx.wants
         return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None
 
@@ -658,10 +612,9 @@ def sfrik_loss(
     mmd_weight: float = 1.0,
     eager: bool = False,
     chunk_size: int | None = None,
-    check_finite: bool = False,
     gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SFRIK loss (SPEC §2.3) on two raw ``(n, q)`` views, normalised inside::
+    """SFRIK loss on two raw ``(n, q)`` views, normalised inside::
 
         loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2
         mse  = (1/(n q)) sum_i ||zhat_a_i - zhat_b_i||^2,   mmd_v = M(Zhat_v)   (V-statistic)
@@ -676,10 +629,10 @@ def sfrik_loss(
         mmd_weight: lambda_mmd >= 0 (default 1).
         eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
         chunk_size: Gram block edge of the library path (see :func:`legendre_gram_mean`).
-        check_finite: raise on NaN/Inf inputs (one host sync) instead of propagating them.
         gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
-            place of the chunked torch path.  The public API passes its backend-dispatched op here,
-            so that a fused kernel reads the rows in their own dtype (bf16/fp16 on tensor cores).
+            place of the blocked torch path: :func:`kernelssl.functional.sfrik_loss` passes the
+            implementation :mod:`kernelssl.dispatch` picked (the fused kernel reads the rows in their
+            own dtype, bf16/fp16 on tensor cores).
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
@@ -687,17 +640,9 @@ def sfrik_loss(
     Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
     Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
     """
-    _check_z(z_a, "z_a")
-    _check_z(z_b, "z_b")
-    check_same_shape([z_a, z_b], ["z_a", "z_b"])
-    check_same_device([z_a, z_b], ["z_a", "z_b"])
-    b = check_coefficients(coefficients)
-    sim_weight = check_positive(sim_weight, "sim_weight", allow_zero=True)
-    mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
+    b = tuple(coefficients)
     chunk = _check_chunk_size(chunk_size)
-    if check_finite:
-        _check_finite_values([z_a, z_b], ["z_a", "z_b"])
-    za, zb = _upcast(z_a), _upcast(z_b)
+    za, zb = upcast(z_a), upcast(z_b)
     if za.dtype != zb.dtype:
         dtype = torch.promote_types(za.dtype, zb.dtype)
         za, zb = za.to(dtype), zb.to(dtype)
@@ -708,8 +653,7 @@ def sfrik_loss(
             za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
             grad_on and za.requires_grad, grad_on and zb.requires_grad,
         )
-    za = F.normalize(za, dim=-1, eps=_NORM_EPS)
-    zb = F.normalize(zb, dim=-1, eps=_NORM_EPS)
+    za, zb = unit_rows(za), unit_rows(zb)
     mse = (za - zb).pow(2).mean()
     if gram_mean is not None:
         mmd_a, mmd_b = gram_mean(z_a, b), gram_mean(z_b, b)

@@ -23,7 +23,7 @@ scalar loss with the papers' default hyper-parameters:
 drawn once per case (from ``seed``) so that every implementation sees the same maps.
 
 Besides the three papers' losses, ``"uniformity"`` is Wang & Isola's uniformity of one set of
-embeddings (SPEC §6.1, t = 2): ``KF.uniformity(z)`` against their code's
+embeddings (t = 2): ``KF.uniformity(z)`` against their code's
 ``torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()`` on the L2-normalised rows, whose
 ``n(n-1)/2`` pdist vector sets its memory (:func:`predicted_oom` says when that cannot fit).
 """
@@ -33,16 +33,16 @@ from typing import Callable
 
 import torch
 
-from . import functional as KF
-from . import hsic as _hsic
-from . import mec as _mec
-from . import sfrik as _sfrik
-from . import uniformity as _unif
-from ._backend import TRITON_OPS
-from .rff import sample_imq_rff
+from .. import dispatch
+from .. import functional as KF
+from ..ops import gaussian_gram as _unif
+from ..ops import legendre_gram as _sfrik
+from ..ops import rff_hsic as _hsic
+from ..ops import taylor_logdet as _mec
+from ..ops.rff_hsic import sample_imq_rff
 
 LOSSES = ("hsic", "sfrik", "mec", "uniformity")
-UNIFORMITY_T = 2.0  # Wang & Isola's t (their default, SPEC §6.1)
+UNIFORMITY_T = 2.0  # Wang & Isola's t (their default)
 
 
 def make_inputs(
@@ -71,8 +71,8 @@ def make_inputs(
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-_OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram_mean", "mec": "taylor_logdet",
-        "uniformity": "gaussian_gram_logmean"}
+#: The op each loss runs on.
+OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram", "mec": "taylor_logdet", "uniformity": "gaussian_gram"}
 
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -87,7 +87,7 @@ def available(loss: str, device: str | torch.device, *, compile: bool = False) -
     names = ["eager", "eager-compiled", "torch"]
     if compile:
         names.append("compile")
-    if _OPS[loss] in TRITON_OPS and torch.device(device).type == "cuda":
+    if OPS[loss] in dispatch.TRITON_OPS and torch.device(device).type == "cuda":
         names.append("triton")
     return tuple(names)
 
@@ -239,10 +239,9 @@ def _size(b: int) -> str:
 
 
 def default_backend(loss: str, device: str | torch.device) -> str:
-    """What ``backend="auto"`` (the library's default call) runs for ``loss`` on ``device``."""
-    from ._backend import resolve_backend
-
-    return resolve_backend("auto", _OPS[loss], torch.device(device))
+    """What ``backend="auto"`` (the library's default call) runs for fp32 ``loss`` inputs on ``device``."""
+    impl = dispatch.implementation(OPS[loss], "auto", torch.empty(0, device=device))
+    return "triton" if impl == "triton" else "torch"
 
 
 def is_compiled(name: str) -> bool:
@@ -260,7 +259,7 @@ def precision_op(loss: str, precision: str) -> Callable[..., object]:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if loss == "uniformity":
         return lambda z, **k: KF.uniformity(z, UNIFORMITY_T, backend="triton", input_precision=precision, **k)
-    fn = getattr(KF, _OPS[loss])
+    fn = getattr(KF, {"sfrik": "legendre_gram_mean"}.get(loss, OPS[loss]))
     return lambda *a, **k: fn(*a, backend="triton", input_precision=precision, **k)
 
 

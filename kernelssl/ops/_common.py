@@ -1,0 +1,101 @@
+"""Helpers the torch tier's ops share: dtypes, the row prescale, unit rows and their Jacobian, Gram blocks."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "NORM_EPS",
+    "DEFAULT_BLOCK_BYTES",
+    "upcast",
+    "compute_dtype",
+    "promote",
+    "prescale_rows",
+    "unit_rows",
+    "unit_rows_backward",
+    "default_block_size",
+    "buffer_view",
+]
+
+NORM_EPS = 1e-12  #: the ``F.normalize`` default: ``z / max(||z||, NORM_EPS)``
+
+#: Target bytes of one ``(T, T)`` Gram block of the blocked torch paths: 16 MiB (T = 2048 in float32,
+#: 1440 in float64; two such buffers are live).  Measured on this project's 2-core EPYC (2 MiB L2,
+#: 32 MiB L3), fp32, n = 4096, q = 128, forward+backward of one view: on one thread T = 1024 and 2048
+#: are within ~10% (0.7x and 0.75x of the two n x n x q GEMMs); with two threads on a loaded machine
+#: every op pays a parallel-region wake-up, so fewer, larger blocks win (T = 2048 1.7x faster than 1024).
+DEFAULT_BLOCK_BYTES = 1 << 24
+
+
+def upcast(z: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (differentiable: the gradient comes back in the input dtype); others kept."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half and bfloat16 accumulate in float32)."""
+    dt = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def promote(*xs: Tensor) -> list[Tensor]:
+    """The tensors cast to their promoted dtype (no copy for those already in it)."""
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return [x.to(dtype) for x in xs]
+
+
+def prescale_rows(x: Tensor) -> Tensor:
+    """``x`` with every non-zero row multiplied by ``2^-floor(log2 max|x_i|)`` (its largest entry then
+    lies in [1, 2); the exponent is capped so the factor stays finite for subnormal rows); zero rows
+    unchanged.  For rows that are L2-normalised next: the sum of squares can neither overflow (huge
+    rows) nor underflow below the normalisation's eps (rows of norm < 1e-12, which ``F.normalize``
+    would leave un-normalised and the losses would read as nearly orthogonal to everything, a
+    silent wrong number at a collapse towards zero).  Since the factor is an exact power of two
+    (detached), the normalised row, and the gradient through it, are bitwise those of the unscaled
+    row whenever that one did not overflow or underflow.  NaN/Inf rows stay non-finite.  fp16 is
+    returned as is (every path squares it in fp32, which can neither overflow nor underflow at
+    fp16's range).  No host sync.
+    """
+    if x.dtype == torch.float16:
+        return x
+    with torch.no_grad():
+        amax = x.detach().abs().amax(dim=-1, keepdim=True)
+        # zero rows: log2(0) = -inf -> factor 1; subnormal rows: cap 2^(maxexp - 2), still exact
+        cap = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if x.is_floating_point() else 0.0
+        e = (-torch.floor(torch.log2(amax))).clamp_max(cap)
+        scale = torch.exp2(torch.where(amax > 0, e, torch.zeros_like(e)))
+    return x * scale
+
+
+def unit_rows(z: Tensor) -> Tensor:
+    """``F.normalize(z, dim=-1)`` in the compute dtype (fp16/bf16 upcast to fp32), differentiable."""
+    return F.normalize(upcast(z), dim=-1, eps=NORM_EPS)
+
+
+def unit_rows_backward(g: Tensor, zhat: Tensor, norm: Tensor) -> Tensor:
+    """The vector-Jacobian product of ``zhat = z / max(||z||, eps)`` with ``g = dL/dzhat``, row-wise::
+
+        dz = (g - zhat (zhat . g)) / ||z||       (||z|| >= eps)
+        dz = g / eps                              (||z|| < eps: the clamp is active, as in F.normalize)
+
+    ``norm``: the row norms ``||z||`` with a trailing dim of 1."""
+    r = torch.linalg.vecdot(zhat, g, dim=-1).unsqueeze(-1)
+    r = r.masked_fill(norm < NORM_EPS, 0.0)  # clamp active: no gradient through the norm
+    return torch.addcmul(g, zhat, r, value=-1.0).div_(norm.clamp_min(NORM_EPS))
+
+
+def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Edge T of the ``(T, T)`` Gram blocks: the multiple of 32 nearest ``sqrt(DEFAULT_BLOCK_BYTES /
+    itemsize)`` (2048 in float32, 1440 in float64), at most n."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    t = int(round((DEFAULT_BLOCK_BYTES / itemsize) ** 0.5 / 32.0)) * 32
+    return max(1, min(n, t))
+
+
+def buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous ``(rows, cols)`` tensor on the first ``rows * cols`` elements of ``buf``."""
+    return buf[: rows * cols].view(rows, cols)
