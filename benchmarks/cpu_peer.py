@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import peak_extra_bytes  # noqa: E402
-from kernelssl.bench.cases import forward_backward, hsic_maps, implementations, limit_products, make_inputs  # noqa: E402
-from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss  # noqa: E402
+from bench_util import peak_extra_bytes
+from kernelssl.bench.cases import forward_backward, hsic_maps, implementations, limit_products, make_inputs
+from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 
 def parse_shape(text: str) -> dict:

@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kernelssl.train.data import load_dataset
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
-from kernelssl.train.models import build_backbone
 from kernelssl.train import evaluate
+from kernelssl.train.data import load_dataset
+from kernelssl.train.models import build_backbone
 
 Q = 128  # projector output dim
 

@@ -760,31 +760,31 @@ def limit_time(op, s, dtype) -> float:
 def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
     import torch
 
+    from kernelssl.ops import legendre_gram as S
     from kernelssl.ops import rff_hsic as H
     from kernelssl.ops import taylor_logdet as M
-    from kernelssl.ops import legendre_gram as S
 
     meta = dict(device="meta", dtype=dtype)
     if op == "rff_hsic":
         x = torch.empty(s["K"], s["B"], s["d"], **meta, requires_grad=True)
         w, b = torch.empty(s["D"], s["d"], device="meta"), torch.empty(s["D"], device="meta")
         inputs = [x]
-        fn = lambda: sum(H.rff_hsic_eager(x, w, b, w, b, 1.0))  # noqa: E731
+        fn = lambda: sum(H.rff_hsic_eager(x, w, b, w, b, 1.0))
     elif op == "legendre_gram":
         zs = [torch.empty(s["n"], s["q"], **meta, requires_grad=True) for _ in range(s["views"])]
         inputs = zs
         coef = (1.0, 40.0, 40.0, 40.0, 40.0, 40.0)[: s["L"]]
-        fn = lambda: sum(S.legendre_gram_mean_eager(z, coef) for z in zs)  # noqa: E731
+        fn = lambda: sum(S.legendre_gram_mean_eager(z, coef) for z in zs)
     elif op == "gaussian_gram":  # Wang & Isola's code, per view
         zs = [torch.empty(s["n"], s["q"], **meta, requires_grad=True) for _ in range(s["views"])]
         inputs = zs
-        fn = lambda: sum(torch.pdist(torch.nn.functional.normalize(z, dim=1), p=2)  # noqa: E731
+        fn = lambda: sum(torch.pdist(torch.nn.functional.normalize(z, dim=1), p=2)
                          .pow(2).mul(-2.0).exp().mean().log() for z in zs)
     else:
         a = torch.empty(s["P"], s["m"], s["d"], **meta)
         bb = torch.empty(s["P"], s["m"], s["d"], **meta, requires_grad=True)
         inputs = [bb]
-        fn = lambda: M.taylor_logdet_eager(a, bb, s["d"] / (64.0 * s["m"]), s["order"]).sum()  # noqa: E731
+        fn = lambda: M.taylor_logdet_eager(a, bb, s["d"] / (64.0 * s["m"]), s["order"]).sum()
     rows: list = []
     with _dispatch_recorder(rows):
         loss = fn()

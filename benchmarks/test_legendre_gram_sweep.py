@@ -29,10 +29,18 @@ import math
 import pytest
 import torch
 
-from bench_util import (MODES, bench_device, bench_scale, device_name, free_gpu_memory, mode_step,
-                        parametrize_sweep, step_peak_bytes, sync)
+from bench_util import (
+    MODES,
+    bench_device,
+    bench_scale,
+    device_name,
+    free_gpu_memory,
+    mode_step,
+    parametrize_sweep,
+    step_peak_bytes,
+    sync,
+)
 from kernelssl.ops import legendre_gram as S
-
 
 B3 = (1.0, 40.0, 40.0)
 PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)

@@ -27,10 +27,17 @@ import math
 import pytest
 import torch
 
-from bench_util import (MODES, bench_device, bench_scale, free_gpu_memory, mode_step, parametrize_sweep,
-                        step_peak_bytes, sync)
+from bench_util import (
+    MODES,
+    bench_device,
+    bench_scale,
+    free_gpu_memory,
+    mode_step,
+    parametrize_sweep,
+    step_peak_bytes,
+    sync,
+)
 from kernelssl.ops import taylor_logdet as M
-
 
 PAPER = {"m": 1024, "d": 2048, "n": 4}
 SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
@@ -66,7 +73,7 @@ def _implementation(name: str, order: int, diagnostics: bool):
         return lambda a, b, lam: K.taylor_logdet(a, b, lam, order, input_precision=prec)
     base = {"eager": M.taylor_logdet_eager, "eager-compiled": M.taylor_logdet_eager,
             "torch": M.taylor_logdet}.get(name, M.taylor_logdet)
-    fn = lambda a, b, lam: base(a, b, lam, order)  # noqa: E731
+    fn = lambda a, b, lam: base(a, b, lam, order)
     if name in ("compile", "eager-compiled"):
         fn = torch.compile(fn)
     if diagnostics:

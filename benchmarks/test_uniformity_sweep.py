@@ -28,8 +28,8 @@ import math
 import torch
 
 from bench_util import bench_device, bench_scale, free_gpu_memory, mode_step, parametrize_sweep, step_peak_bytes, sync
-from kernelssl.bench import cases as C
 from kernelssl import functional as KF
+from kernelssl.bench import cases as C
 
 T = C.UNIFORMITY_T
 Q = 128

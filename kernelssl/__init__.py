@@ -10,8 +10,8 @@ never imports Triton.
 """
 __version__ = "0.1.0"
 
-from . import functional, losses  # noqa: E402
-from .losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss  # noqa: E402
+from . import functional, losses
+from .losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
 
 __all__ = [
     "functional", "losses", "HSICLoss", "SFRIKLoss", "MECLoss", "UniformityLoss", "AlignUniformLoss", "__version__",

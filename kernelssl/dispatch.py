@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -41,7 +41,7 @@ there; ``fullgraph=True`` therefore refuses it (compile the model, or the loss w
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -29,7 +29,7 @@ Jacobian is :func:`reference._common.normalize_backward`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

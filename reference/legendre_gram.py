@@ -28,7 +28,7 @@ autograd gives for ``F.normalize`` after the library's prescale).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -43,17 +43,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernelssl.triton import
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from kernelssl.numerics import assert_close, assert_error_within_torch  # noqa: E402
-
-from kernelssl.ops import rff_hsic as H  # noqa: E402
-from kernelssl.ops import taylor_logdet as MEC  # noqa: E402
-from kernelssl.ops import legendre_gram as S  # noqa: E402
-from kernelssl.ops.rff_hsic import sample_imq_rff  # noqa: E402
-from reference import rff_hsic as RH  # noqa: E402
-from reference import taylor_logdet as RM  # noqa: E402
-from reference import legendre_gram as RS  # noqa: E402
+from kernelssl.numerics import assert_close, assert_error_within_torch
+from kernelssl.ops import legendre_gram as S
+from kernelssl.ops import rff_hsic as H
+from kernelssl.ops import taylor_logdet as MEC
+from kernelssl.ops.rff_hsic import sample_imq_rff
+from reference import legendre_gram as RS
+from reference import rff_hsic as RH
+from reference import taylor_logdet as RM
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ("rff_hsic", "legendre_gram", "taylor_logdet")

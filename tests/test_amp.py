@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import kernelssl.functional as KF
+from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
+from kernelssl.ops import legendre_gram as _sfrik
 from kernelssl.ops import rff_hsic as _hsic
 from kernelssl.ops import taylor_logdet as _mec
-from kernelssl.ops import legendre_gram as _sfrik
-from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 F64 = torch.float64
 N, D_IN, D = 64, 16, 32

@@ -45,7 +45,7 @@ def test_modules_return_scalar_and_components(dtype):
     z = _views(dtype=dtype)
     for crit in (HSICLoss(num_features=64), SFRIKLoss(), MECLoss()):
         # HSIC redraws its features every call: give both calls the same generator state
-        kw = lambda: {"generator": torch.Generator().manual_seed(1)} if isinstance(crit, HSICLoss) else {}  # noqa: E731
+        kw = lambda: {"generator": torch.Generator().manual_seed(1)} if isinstance(crit, HSICLoss) else {}
         loss = crit(*z, **kw())
         assert isinstance(loss, torch.Tensor)
         assert loss.shape == () and loss.dtype == dtype and torch.isfinite(loss)
@@ -213,7 +213,7 @@ def test_input_precision_is_validated_on_every_entry_point():
         with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None, got 'fp32'"):
             call("fp32")
         # the torch path ignores it: the same result for every precision
-        first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+        first = lambda r: r[0] if isinstance(r, tuple) else r
         assert torch.equal(first(call("ieee")), first(call(None)))
 
 

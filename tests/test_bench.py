@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from kernelssl.bench import cases as C
 from kernelssl.bench import __main__ as cli
+from kernelssl.bench import cases as C
 from kernelssl.bench import report, runner
 
 

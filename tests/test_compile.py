@@ -19,9 +19,9 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
 
 import kernelssl.functional as KF
+from helpers import assert_close
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 F64 = torch.float64

@@ -29,10 +29,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernelssl.functional as KF
+from helpers import assert_close
 from kernelssl.losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
 
 F64 = torch.float64

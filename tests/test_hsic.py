@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, to_numpy
-import reference.rff_hsic as R
 import kernelssl.functional as KF
+import reference.rff_hsic as R
+from helpers import assert_close, to_numpy
 from kernelssl.ops import rff_hsic as H
 from kernelssl.ops.rff_hsic import KERNELS, sample_imq_rff, sample_rff
 

@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 import kernelssl.functional as KF
+from helpers import assert_close, to_numpy
 from kernelssl.ops import taylor_logdet as M
 from reference import taylor_logdet as R
 

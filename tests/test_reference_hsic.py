@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, central_difference
 import reference.rff_hsic as R
+from helpers import assert_close, central_difference
 
 # Central differences with h = 1e-6 on O(1) functions: truncation O(h^2 f''') ~ 1e-12, round-off
 # ~ 1e-16 * |f| / h ~ 1e-10; 1e-7 absolute + 1e-6 relative leaves a wide margin over both.

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_close, central_difference
 
+from helpers import assert_close, central_difference
 from reference import taylor_logdet as R
 
 SHAPES = [(5, 8), (8, 5)]  # m < d and m > d

@@ -182,10 +182,10 @@ def test_gram_mean_grad_vs_central_difference(n, q, b, normalize):
     rng = np.random.default_rng(10 * n + q)
     z = rng.standard_normal((n, q)) * rng.uniform(0.5, 2.0, (n, 1))
     if normalize:
-        f = lambda x: R.gram_mean(R.normalize(x), b)  # noqa: E731
+        f = lambda x: R.gram_mean(R.normalize(x), b)
     else:
         z = R.normalize(z) * 0.9  # keep the raw inner products in a moderate range
-        f = lambda x: R.gram_mean(x, b)  # noqa: E731
+        f = lambda x: R.gram_mean(x, b)
     g = R.gram_mean_grad(z, b, normalize=normalize)
     fd = central_difference(f, z)
     # h = 1e-6: truncation O(h^2 f''') ~ 1e-9 and rounding ~ 1e-16 |M| / h ~ 1e-8 (|M| <= 100)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, central_difference
-from reference import legendre_gram as RS
 from reference import gaussian_gram as R
+from reference import legendre_gram as RS
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 FD = dict(rtol=1e-7, atol=1e-7)

@@ -13,10 +13,17 @@ import torch
 from scipy import special
 from scipy.integrate import cumulative_trapezoid
 
-from helpers import assert_close
-import reference.rff_hsic as R
 import kernelssl.functional as KF
-from kernelssl.ops.rff_hsic import KERNELS, rff_features, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
+import reference.rff_hsic as R
+from helpers import assert_close
+from kernelssl.ops.rff_hsic import (
+    KERNELS,
+    rff_features,
+    sample_gaussian_rff,
+    sample_imq_rff,
+    sample_laplace_rff,
+    sample_rff,
+)
 
 DELTA = 1e-6
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close, to_numpy
 import kernelssl.functional as KF
+from helpers import assert_close, to_numpy
 from kernelssl.ops import legendre_gram as S
 from reference import legendre_gram as R
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import assert_close, assert_error_within_torch, to_numpy
 import kernelssl.functional as KF
+from helpers import assert_close, assert_error_within_torch, to_numpy
 from kernelssl import dispatch as _backend
 from kernelssl.ops import gaussian_gram as U
 from kernelssl.ops._common import prescale_rows

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import kernelssl.functional as KF
 from helpers import assert_close, assert_error_within_torch, to_numpy
 from kernelssl import dispatch as _backend
-from kernelssl.ops import legendre_gram as S
 from kernelssl.losses import SFRIKLoss
+from kernelssl.ops import legendre_gram as S
 from reference import legendre_gram as R
 
 LG = pytest.importorskip("kernelssl.triton.legendre_gram_op")

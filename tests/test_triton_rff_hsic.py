@@ -29,8 +29,8 @@ import kernelssl.functional as KF  # noqa: E402
 import reference.rff_hsic as R  # noqa: E402
 from helpers import assert_close, assert_error_within_torch, to_numpy  # noqa: E402
 from kernelssl import dispatch as _backend  # noqa: E402
-from kernelssl.ops import rff_hsic as H  # noqa: E402
 from kernelssl.losses import HSICLoss  # noqa: E402
+from kernelssl.ops import rff_hsic as H  # noqa: E402
 from kernelssl.ops.rff_hsic import sample_imq_rff, sample_rff  # noqa: E402
 
 CUDA = torch.cuda.is_available()

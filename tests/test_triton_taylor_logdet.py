@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 import kernelssl.functional as KF
 from helpers import assert_close, assert_error_within_torch, to_numpy
 from kernelssl import dispatch as _backend
-from kernelssl.ops import taylor_logdet as M
 from kernelssl.losses import MECLoss
+from kernelssl.ops import taylor_logdet as M
 from reference import taylor_logdet as R
 
 K = pytest.importorskip("kernelssl.triton.taylor_logdet_op")

@@ -34,11 +34,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernelssl
 import kernelssl.functional as KF
 from helpers import assert_close, to_numpy
+from kernelssl.losses import AlignUniformLoss, UniformityLoss
 from kernelssl.ops import gaussian_gram as U
 from kernelssl.ops._common import prescale_rows
-from kernelssl.losses import AlignUniformLoss, UniformityLoss
-from reference import legendre_gram as RS
 from reference import gaussian_gram as R
+from reference import legendre_gram as RS
 
 F64 = torch.float64
 WI = dict(rtol=1e-12, atol=1e-12)  # vs Wang & Isola's float64 code (module docstring)
@@ -49,7 +49,7 @@ SHAPES = [(2, 2), (2, 9), (3, 2), (5, 1), (17, 5), (64, 33)]
 BLOCKS = [None, 1, 3, 7]
 
 
-def FP32_ATOL(t: float) -> float:  # noqa: N802 - a constant in t
+def FP32_ATOL(t: float) -> float:
     return 64 * EPS32 * (1 + 2 * t)
 
 
@@ -386,7 +386,7 @@ def test_property_equals_wang_isola(shape, block, seed, t):
 def test_property_invariances(shape, block, seed, t, s):
     n, q = shape
     z = _z(n, q, seed)
-    f = lambda x: U.gaussian_gram_logmean(x, t, block_size=block)  # noqa: E731
+    f = lambda x: U.gaussian_gram_logmean(x, t, block_size=block)
     v, (g,) = _val_grad(f, z)
     scale = 1 + float(g.abs().max())
     tol = dict(rtol=1e-10, atol=1e-11 * (1 + 2 * t))
@@ -633,10 +633,10 @@ def test_compiled_step_matches_eager(which, backend):
     x1, x2 = torch.randn(10, 6, generator=g, dtype=F64), torch.randn(10, 6, generator=g, dtype=F64)
     if which == "uniformity":
         crit = UniformityLoss(t=3.0, backend="torch")
-        step = lambda a, b: 0.5 * (crit(model(a)) + crit(model(b)))  # noqa: E731
+        step = lambda a, b: 0.5 * (crit(model(a)) + crit(model(b)))
     else:
         crit = AlignUniformLoss(uniformity_weight=0.7, gather_distributed=which.endswith("noop"), backend="torch")
-        step = lambda a, b: crit(model(a), model(b))  # noqa: E731
+        step = lambda a, b: crit(model(a), model(b))
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     params = list(model.parameters())
     for i in range(2):
@@ -659,7 +659,7 @@ def test_compiled_op_large_t_and_small_blocks():
     # The compiled path (the blocked pass as one torch.library op) with several blocks and a large t.
     torch._dynamo.reset()
     z = _z(23, 4, seed=20)
-    f = lambda x: U.gaussian_gram_logmean(x, 500.0, block_size=5)  # noqa: E731
+    f = lambda x: U.gaussian_gram_logmean(x, 500.0, block_size=5)
     want, (gw,) = _val_grad(f, z)
     got, (g,) = _val_grad(torch.compile(f, fullgraph=True, backend="aot_eager"), z)
     assert_close(got, want, rtol=1e-12, atol=0, name="compiled value")

@@ -30,7 +30,7 @@ UPSTREAM = 0.37
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def FP32_ATOL(t: float) -> float:  # noqa: N802 - a constant in t
+def FP32_ATOL(t: float) -> float:
     return 64 * EPS32 * (1 + 2 * t)
 
 
@@ -56,7 +56,7 @@ def test_align_uniform_three_tiers(device, n, q, t):
     ga, gb = R.align_uniform_loss_grad(to_numpy(za), to_numpy(zb), t=t)
     want_g = [UPSTREAM * np.asarray(ga), UPSTREAM * np.asarray(gb)]
     for backend in ("torch", "triton"):
-        loss = lambda a, b: KF.align_uniform_loss(a, b, t=t, backend=backend)  # noqa: E731
+        loss = lambda a, b: KF.align_uniform_loss(a, b, t=t, backend=backend)
         v, gs = _run(loss, (za, zb), torch.float32, device)
         assert_close(v, want, rtol=0, atol=FP32_ATOL(t), name=f"{backend} fp32 loss")
         for got, ref, name in zip(gs, want_g, ("dz_a", "dz_b")):
@@ -74,7 +74,7 @@ def test_gaussian_gram_logmean_triton_equals_reference(device, exclude_diagonal)
     t = 3.0
     want = R.gaussian_gram_logmean(to_numpy(z), t, exclude_diagonal=exclude_diagonal)
     want_g = UPSTREAM * R.gaussian_gram_logmean_grad(to_numpy(z), t, exclude_diagonal=exclude_diagonal)
-    fn = lambda x: KF.gaussian_gram_logmean(x, t, exclude_diagonal=exclude_diagonal, backend="triton")  # noqa: E731
+    fn = lambda x: KF.gaussian_gram_logmean(x, t, exclude_diagonal=exclude_diagonal, backend="triton")
     v, (g,) = _run(fn, (z,), torch.float32, device)
     assert_close(v, want, rtol=0, atol=FP32_ATOL(t), name="value")
     assert_close(g, want_g, rtol=0, atol=FP32_ATOL(t) * float(np.abs(want_g).max()), name="gradient")

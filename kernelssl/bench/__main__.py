@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from . import report
-from .runner import DTYPES, IMPLS, Config, any_wrong, run
 from .cases import LOSSES
+from .runner import DTYPES, IMPLS, Config, any_wrong, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ embeddings (t = 2): ``KF.uniformity(z)`` against their code's
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

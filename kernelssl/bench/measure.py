@@ -19,7 +19,7 @@ import gc
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

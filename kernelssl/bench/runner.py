@@ -37,15 +37,15 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import __version__
-from . import cases as C
 from ..numerics import FP32_TOL, GRAD_FLOOR, LOSS_FLOOR_ULPS, VALUE_ATOL, VALUE_RTOL, bound_2x
+from . import cases as C
 from . import measure as Ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,7 +262,7 @@ def check_correctness(loss: str, dtype_name: str, names: tuple[str, ...], impls:
             first = time.perf_counter() - t0
         except _oom_types():
             status, message = "oom", "out of memory at the correctness case"
-        except Exception as exc:  # noqa: BLE001 -- any failure is a verdict, the run goes on
+        except Exception as exc:
             status = "compile-failed" if C.is_compiled(name) and _is_compile_error(exc) else "error"
             message = _short(exc)
         if res is None:
@@ -331,7 +331,7 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
             return action()
         except _oom_types():
             status, message = "oom", "out of memory"
-        except Exception as exc:  # noqa: BLE001 -- a failing row is a row; the run goes on
+        except Exception as exc:
             status = "compile-failed" if C.is_compiled(name) and _is_compile_error(exc) else "error"
             message = _short(exc)
         fail(name, status, message)
@@ -427,7 +427,7 @@ def environment(device: torch.device) -> dict:
         import triton
 
         env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001 -- triton is optional
+    except Exception:
         env["triton"] = None
     env["git_commit"] = _git_commit()
     return env

@@ -45,6 +45,16 @@ at entry); the scalar comes back in float32, gradients in the input dtype.
 Distributed: the losses take ``gather_distributed=True`` to compute every term on the batch gathered
 from all ranks (:mod:`kernelssl.distributed`).
 """
+from .align_uniform import (
+    AlignUniformComponents,
+    GaussianPotential,
+    LegendreSeries,
+    align_uniform_loss,
+    alignment,
+    gaussian_gram_logmean,
+    gram_mean,
+    uniformity,
+)
 from .hsic import (
     KERNELS,
     HSICComponents,
@@ -61,16 +71,6 @@ from .hsic import (
 )
 from .mec import MECComponents, exact_logdet, mec_lambda_warmup, mec_loss, min_lambda, taylor_logdet
 from .sfrik import SFRIKComponents, legendre_gram_mean, sfrik_loss
-from .align_uniform import (
-    AlignUniformComponents,
-    GaussianPotential,
-    LegendreSeries,
-    align_uniform_loss,
-    alignment,
-    gaussian_gram_logmean,
-    gram_mean,
-    uniformity,
-)
 
 __all__ = [
     "rff_hsic",

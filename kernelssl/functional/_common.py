@@ -3,7 +3,7 @@ tensor hyper-parameters that are never read on the host, and the finite-value ch
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

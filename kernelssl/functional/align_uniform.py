@@ -8,8 +8,8 @@ import torch
 
 from .. import dispatch
 from .. import distributed as _dist
-from .._checks import check_bool, check_coefficients, check_finite as assert_finite, check_positive
-from .._checks import check_same_device, check_same_shape, check_tensor
+from .._checks import check_bool, check_coefficients, check_positive, check_same_device, check_same_shape, check_tensor
+from .._checks import check_finite as assert_finite
 from ..ops import gaussian_gram as _ops
 from ..ops._common import prescale_rows
 from ._common import fp32_compute

@@ -2,14 +2,14 @@
 objective and the loss (docs/rff_hsic.md)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .. import dispatch
-from .._checks import check_bool, check_finite as assert_finite, check_int, check_positive, check_same_device
-from .._checks import check_tensor, describe
+from .._checks import check_bool, check_int, check_positive, check_same_device, check_tensor, describe
+from .._checks import check_finite as assert_finite
 from ..ops import rff_hsic as _ops
 from ..ops.rff_hsic import KERNELS, check_kernel, sample_gaussian_rff, sample_imq_rff, sample_laplace_rff, sample_rff
 from ._common import as_views, assert_finite_hyper, fp32_compute, gather_views, positive_or_nan

@@ -10,8 +10,17 @@ import torch
 
 from .. import dispatch
 from .. import distributed as _dist
-from .._checks import check_bool, check_choice, check_finite as assert_finite, check_int, check_positive
-from .._checks import check_same_device, check_same_shape, check_tensor, describe
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    describe,
+)
+from .._checks import check_finite as assert_finite
 from ..ops import taylor_logdet as _ops
 from ..ops._common import compute_dtype, prescale_rows, promote
 from ..ops.taylor_logdet import lambda_warmup as mec_lambda_warmup

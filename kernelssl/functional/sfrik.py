@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .. import dispatch
 from .. import distributed as _dist
-from .._checks import check_bool, check_coefficients, check_finite as assert_finite, check_positive
-from .._checks import check_same_device, check_same_shape, check_tensor
+from .._checks import check_bool, check_coefficients, check_positive, check_same_device, check_same_shape, check_tensor
+from .._checks import check_finite as assert_finite
 from ..ops import legendre_gram as _ops
 from ..ops._common import prescale_rows
 from ._common import fp32_compute

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .. import functional as KF
-from .._checks import check_bool, check_finite as assert_finite, check_int, check_positive
+from .._checks import check_bool, check_int, check_positive
+from .._checks import check_finite as assert_finite
 from ..functional._common import as_views, fp32_compute, gather_views, positive_or_nan
 from ..functional.hsic import check_generator, check_map, draw_maps, hsic_components
 from ..ops import rff_hsic as _ops

@@ -1,7 +1,7 @@
 """``SFRIKLoss`` (Zheng et al., ICLR 2023) on the ``legendre_gram`` op."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -54,10 +54,9 @@ accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 

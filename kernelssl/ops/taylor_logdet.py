@@ -31,7 +31,7 @@ default ``eps_sq = 64`` a collapsed batch has ``rho(C) = lam m = d / eps_sq`` (3
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

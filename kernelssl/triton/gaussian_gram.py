@@ -70,7 +70,6 @@ import triton.language as tl
 from ._jit import _gram_tile, _panel_dot, _round_bf16, _swizzle
 
 
-
 # Forward.  Views b = 0..P-1 stacked as rows b n .. b n + n - 1 of z (one launch for all views: grid
 # axis 0 = b * num_parts + p).  Program p of view b owns Gram tile (I, J), J <= I, p = I (I + 1)/2 + J;
 # over its valid entries (inside n x n, and i != j when EXCLUDE), x_ij = two_t (r_i r_j z_i . z_j - 1):

@@ -17,7 +17,16 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import gaussian_gram as _torch_tier
-from ._common import gram_config, gram_precision, interpreting, num_sms, panel_rows_for, register, row_scales, wrap_triton
+from ._common import (
+    gram_config,
+    gram_precision,
+    interpreting,
+    num_sms,
+    panel_rows_for,
+    register,
+    row_scales,
+    wrap_triton,
+)
 from ._jit import _panel_matmul_kernel
 from .gaussian_gram import (
     _gram_lse_kernel,

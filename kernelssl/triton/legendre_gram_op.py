@@ -10,7 +10,7 @@ kernels on CUDA.  :func:`legendre_gram_mean` is what :mod:`kernelssl.functional`
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -19,7 +19,16 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import legendre_gram as _torch_tier
-from ._common import gram_config, gram_precision, interpreting, num_sms, panel_rows_for, register, row_scales, wrap_triton
+from ._common import (
+    gram_config,
+    gram_precision,
+    interpreting,
+    num_sms,
+    panel_rows_for,
+    register,
+    row_scales,
+    wrap_triton,
+)
 from ._jit import _panel_matmul_kernel
 from .legendre_gram import _gram_dphi_kernel, _gram_phi_sum_kernel, _sum_partials_kernel
 

@@ -112,7 +112,7 @@ def compile_all(calls, ones_from: int | None = None) -> list[dict]:
                 f.write(ck.asm["ptx"])
             report = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
                                     capture_output=True, text=True, check=True).stderr
-        field = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+        field = lambda pattern: int(re.search(pattern, report).group(1))
         consts = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
         names = [p.name for p in kernel.params]
         out.append({

@@ -68,7 +68,6 @@ import triton.language as tl
 from ._jit import _round_bf16
 
 
-
 # The batch of pairs shares grid axis 0 with the tiles of one pair (pair-major: a pair's tiles run
 # together), since axes 1 and 2 are limited to 65535: program id -> (tile, pair), both int64.
 @triton.jit
