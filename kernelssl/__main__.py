@@ -1,4 +1,5 @@
-"""``python -m kernelssl``: each loss (and Wang & Isola's uniformity) on a real batch, torch path vs the papers' eager form.
+"""``python -m kernelssl``: each loss (and Wang & Isola's uniformity) on a real batch, the torch tier vs the
+papers' eager form.
 
 The batch is scikit-learn's bundled handwritten digits (8x8 images, no download): two augmented
 views of each image (random one-pixel shift + pixel noise) through a fixed random linear encoder to
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         "mec": ((za, True), (zb, True), (za, False), (zb, False)),
         "uniformity": ((za, True),),  # Wang & Isola's uniformity of one view (normalised inside)
     }
-    header = f"{'loss':10} {'torch path':>14} {'eager':>14} {'|diff|':>9} {'torch ms':>9} {'eager ms':>9} {'speed-up':>8}"
+    header = (f"{'loss':10} {'torch path':>14} {'eager':>14} {'|diff|':>9} {'torch ms':>9} {'eager ms':>9} "
+              f"{'speed-up':>8}")
     print(header)
     print("-" * len(header))
     for loss, shape in shapes.items():

@@ -1,4 +1,4 @@
-"""Input validation shared by every loss and op (SPEC §4, "Bad input").
+"""Input validation shared by every loss and op (docs/api.md, "Errors").
 
 Every check raises a ``ValueError`` or ``TypeError`` whose message names the argument, what was
 expected and what was given.  The checks look only at metadata (shape, dtype, device): none of them

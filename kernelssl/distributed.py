@@ -1,4 +1,4 @@
-"""Gathering the global batch across data-parallel ranks (SPEC §4, "Distributed").
+"""Gathering the global batch across data-parallel ranks (docs/api.md, "Distributed").
 
 With ``gather_distributed=True`` every loss computes **every term on the global batch**: each rank
 gathers the embeddings of all ranks (rank order, i.e. the concatenation ``[rank 0 rows, rank 1 rows,

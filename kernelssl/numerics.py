@@ -143,12 +143,13 @@ def assert_error_within_torch(actual, torch_actual, expected, *, floor: float, n
     err_t = float(np.abs(t - e).max())
     bound = bound_2x(err_t, floor, factor)
     if not err_k <= bound:
-        idx = tuple(int(i) for i in np.unravel_index(np.nanargmax(err), a.shape)) if a.ndim and not np.isnan(err).all() else ()
+        worst = a.ndim and not np.isnan(err).all()
+        idx = tuple(int(i) for i in np.unravel_index(np.nanargmax(err), a.shape)) if worst else ()
         stated = f", and beyond the stated rtol={rtol}, atol={atol}" if rtol is not None or atol is not None else ""
         raise AssertionError(
             f"{name}: kernel error {err_k:.3e} > max({factor:g} x torch error {err_t:.3e}, floor {floor:.3e}) "
-            f"(ratio {err_k / err_t if err_t else float('inf'):.2f}){stated}; worst at {idx}: kernel {float(a[idx])!r}, "
-            f"torch {float(t[idx])!r}, float64 {float(e[idx])!r}"
+            f"(ratio {err_k / err_t if err_t else float('inf'):.2f}){stated}; worst at {idx}: "
+            f"kernel {float(a[idx])!r}, torch {float(t[idx])!r}, float64 {float(e[idx])!r}"
         )
 
 

@@ -1,5 +1,5 @@
 """Uniformity and alignment reference (Wang & Isola, ICML 2020), and the dot-product-kernel Gram mean
-over a small family of phi (SPEC §6.1).
+over a small family of phi (docs/gaussian_gram.md).
 
 NumPy, float64, written to be obviously correct rather than fast.  No torch here.
 

@@ -1,4 +1,4 @@
-"""SFRIK reference (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023; SPEC §2).
+"""SFRIK reference (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023; docs/legendre_gram.md).
 
 NumPy, float64, written to be obviously correct rather than fast.  No torch here.
 

@@ -1,4 +1,4 @@
-"""SSL-HSIC reference (SPEC §1): NumPy, float64, obviously correct.  No torch.
+"""SSL-HSIC reference (docs/rff_hsic.md): NumPy, float64, obviously correct.  No torch.
 
 Conventions
 -----------
@@ -11,7 +11,7 @@ Kernel (inverse multiquadric) and random Fourier features (cos only, random phas
     k_c(x, y) = c / sqrt(||x - y||^2 + c^2)                   (k(x, x) = 1)
     phi(x)    = sqrt(2/D) * cos(W (x / c) + beta),  W (D, d), beta (D,),   E[phi(x).phi(y)] = k_c(x, y)
 
-Estimators (SPEC §1.3).  With ``S_i = sum_v phi_A(z_i^v)`` and ``mu = (1/N) sum_n phi_A(z_n)``::
+Estimators.  With ``S_i = sum_v phi_A(z_i^v)`` and ``mu = (1/N) sum_n phi_A(z_n)``::
 
     HSIC_ZY = (1/(B K (K-1))) sum_i ||S_i||^2 - ||mu||^2
     HSIC_ZZ = ||Phibar_B^T Phibar_A||_F^2 / N^2,     Phibar = Phi - 1 mu^T  (column-centred, N x D)
@@ -24,7 +24,7 @@ The exact-kernel estimators put the N x N kernel matrix ``Kmat`` in place of ``P
 
 (the v = w terms of the first sum contribute exactly ``B K / (B K (K-1)) = 1/(K-1)``, since k(x,x)=1).
 
-Other kernel families (SPEC §6.2), ``kernel=`` on the exact functions (the RFF functions take any maps)::
+Other kernel families, ``kernel=`` on the exact functions (the RFF functions take any maps)::
 
     "imq"       k_c(x, y) = c / sqrt(||x - y||^2 + c^2)      dk/dx = -(x - y) k^3 / c^2
     "gaussian"  k_c(x, y) = exp(-||x - y||^2 / (2 c^2))      dk/dx = -(x - y) k / c^2
@@ -45,7 +45,7 @@ HSIC_ZZ itself vanishes and the loss gradient stays finite (zero through that te
 round-off values of HSIC_ZZ are clamped to 0 by a relu (derivative 0 for x <= 0, 1 for x > 0, like
 ``torch.relu``): an exactly collapsed batch (HSIC_ZZ = 0) gets no gradient through the guard.
 
-Kernel-scale side objective (SPEC §1.2), in c alone: minus ``mean_ij 1/2 log (dk/drho)^2`` over
+Kernel-scale side objective, in c alone: minus ``mean_ij 1/2 log (dk/drho)^2`` over
 the distances rho (squared Euclidean for imq and gaussian, the l1 distance for laplace)::
 
     imq       objective(c) = -log(c/2) + (3/2) mean log(rho + c^2)    d/dc = -1/c + 3 c mean 1/(rho + c^2)
@@ -174,7 +174,7 @@ def _rff_parts(views, w_a, b_a, w_b, b_b, c):
 
 
 def rff_hsic(views, w_a, b_a, w_b, b_b, c: float) -> tuple[float, float]:
-    """RFF estimators (HSIC_ZY, HSIC_ZZ) of SPEC §1.3, map A for both terms and map B for HSIC_ZZ."""
+    """RFF estimators (HSIC_ZY, HSIC_ZZ) , map A for both terms and map B for HSIC_ZZ."""
     v, x, phi_a, phi_b, S, mu, pa, pb, C = _rff_parts(views, w_a, b_a, w_b, b_b, c)
     K, B, _ = v.shape
     N = K * B
@@ -216,7 +216,7 @@ def _features_backward(x, w, b, c, g_phi):
 
 
 def rff_hsic_grad(views, w_a, b_a, w_b, b_b, c: float, g_zy: float, g_zz: float) -> np.ndarray:
-    """Analytic ``d(g_zy * HSIC_ZY + g_zz * HSIC_ZZ)/d views`` for the RFF estimators (SPEC §1.4), (K, B, d).
+    """Analytic ``d(g_zy * HSIC_ZY + g_zz * HSIC_ZZ)/d views`` for the RFF estimators, (K, B, d).
 
     HSIC_ZY: row n of d/dPhi_A is ``2 S_img(n) / (B K (K-1)) - (2/N) mu``.
     HSIC_ZZ: ``d/dPhi_A = (2/N^2) Phibar_B C``, ``d/dPhi_B = (2/N^2) Phibar_A C^T``, ``C = Phibar_B^T Phibar_A``

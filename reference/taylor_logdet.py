@@ -1,5 +1,5 @@
 """MEC reference (Liu, Wang, Li, Wang -- "Self-Supervised Learning via Maximum Entropy Coding",
-NeurIPS 2022; SPEC §3).
+NeurIPS 2022; docs/taylor_logdet.md).
 
 NumPy, float64, written to be obviously correct rather than fast.  No torch here.
 
@@ -9,7 +9,8 @@ Conventions
   batch dims (the batched wrappers loop over them).  ``a`` is the FIRST argument: the teacher /
   target branch; ``b`` is the student (online) branch.
 * ``normalize(z)`` divides each non-zero row by its norm, however small (the library prescales rows by
-  an exact power of two before ``F.normalize``, so it agrees); a zero row stays zero.  ``A^ = normalize(a)``, ``B^ = normalize(b)``.
+  an exact power of two before ``F.normalize``, so it agrees); a zero row stays zero.
+  ``A^ = normalize(a)``, ``B^ = normalize(b)``.
 * ``C = lam * A^ B^T`` is ``(m, m)`` and NOT symmetric.
 * The truncated matrix-log series of order n >= 1::
 

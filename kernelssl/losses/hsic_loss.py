@@ -83,9 +83,9 @@ class HSICLoss(nn.Module):
         exact: use the exact kernel instead of random features (O(N^2) memory; for checking).
             Nothing random is drawn then.
         normalize: L2-normalise each embedding first (default True, as the paper's code does before
-            the loss).  The loss is not scale-invariant without it: on raw projector outputs
-            (||z|| ~ 10) the IMQ kernel with c = 1 sees nearly orthogonal far-apart points and the
-            loss did not learn (``benchmarks/lightly_style_digits.py``).  ``False`` takes the rows as given (for rows you
+            the loss).  The loss is not scale-invariant without it: on raw projector outputs (||z|| ~ 10) the
+            IMQ kernel with c = 1 sees nearly orthogonal far-apart points and the loss did not learn
+            (``benchmarks/lightly_style_digits.py``).  ``False`` takes the rows as given (for rows you
             normalised yourself; the functional ``ssl_hsic_loss`` never normalises).
         num_scale_pairs: pairs sampled per step for the scale objective (``learn_scale``).
         seed: seed of the module's own generators for the random features (an int in

@@ -19,6 +19,7 @@ __all__ = [
     "unit_rows_backward",
     "default_block_size",
     "buffer_view",
+    "gradient_in_forward",
 ]
 
 NORM_EPS = 1e-12  #: the ``F.normalize`` default: ``z / max(||z||, NORM_EPS)``
@@ -99,3 +100,35 @@ def default_block_size(n: int, dtype: torch.dtype = torch.float32) -> int:
 def buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
     """A contiguous ``(rows, cols)`` tensor on the first ``rows * cols`` elements of ``buf``."""
     return buf[: rows * cols].view(rows, cols)
+
+
+class _GradientInForward(torch.autograd.Function):
+    """A value whose gradient is formed in the same pass as the value (the blocked Gram ops: each Gram
+    block is read once, while it is in cache, for both); saves only that ``(n, q)`` gradient, and the
+    backward scales it by the upstream gradient.  Not twice differentiable: the saved gradient is a
+    constant to autograd, so ``create_graph=True`` raises instead of giving a wrong second derivative."""
+
+    @staticmethod
+    def forward(ctx, zhat: Tensor, one_pass, want_grad: bool, name: str) -> Tensor:  # type: ignore[override]
+        value, grad = one_pass(zhat, want_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.name = name
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.name}: double backward (create_graph=True) is not supported by the blocked torch tier; "
+                f"use kernelssl.ops's {ctx.name}_eager (plain autograd) for higher derivatives"
+            )
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None
+
+
+def gradient_in_forward(one_pass, zhat: Tensor, name: str) -> Tensor:
+    """``value`` of ``one_pass(zhat, want_grad) -> (value, dvalue/dzhat or None)``, differentiable in
+    ``zhat`` through the gradient the pass formed (:class:`_GradientInForward`); the gradient is formed
+    only when autograd will ask for it (grad mode on and ``zhat`` requires grad)."""
+    return _GradientInForward.apply(zhat, one_pass, torch.is_grad_enabled() and zhat.requires_grad, name)

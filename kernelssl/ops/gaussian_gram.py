@@ -2,9 +2,10 @@
 alignment on it (ICML 2020; docs/gaussian_gram.md).
 
 Differentiable, any device; the inputs are checked, and the rows prescaled
-(:func:`kernelssl.ops._common.prescale_rows`), by :mod:`kernelssl.functional`, which calls these.  On unit rows ``zhat_i`` (``z`` is ``(n, q)``) the Gaussian potential is a
-dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i - zhat_j||^2) = exp(2t (s - 1))`` with
-``s = zhat_i . zhat_j``, and Wang & Isola's uniformity is the log of its mean over the pairs i != j::
+(:func:`kernelssl.ops._common.prescale_rows`), by :mod:`kernelssl.functional`, which calls these.  On unit rows
+``zhat_i`` (``z`` is ``(n, q)``) the Gaussian potential is a dot-product kernel, ``phi_t(s) = exp(-t ||zhat_i -
+zhat_j||^2) = exp(2t (s - 1))`` with ``s = zhat_i . zhat_j``, and Wang & Isola's uniformity is the log of its
+mean over the pairs i != j::
 
     L_unif(Z; t) = log( S / (n (n - 1)) ),      S = sum_{i != j} exp(2t (s_ij - 1))
 
@@ -54,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from ._common import NORM_EPS, buffer_view, default_block_size, unit_rows, unit_rows_backward, upcast
+from ._common import NORM_EPS, buffer_view, default_block_size, gradient_in_forward, unit_rows, unit_rows_backward, upcast
 
 __all__ = [
     "gaussian_gram_logmean",
@@ -77,7 +78,8 @@ def _pairs(n: int, exclude_diagonal: bool) -> int:
 
 
 def _blocked_logmean(
-    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool, normalized: bool = False, stats: list | None = None
+    zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool, normalized: bool = False,
+    stats: list | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(L, dL/dzhat)`` (the gradient only when ``want_grad``) over ``(block, block)`` blocks of the
     upper triangle of the Gram, with an online maximum of the exponent.  No host sync.
@@ -130,36 +132,6 @@ def _blocked_logmean(
     return value, grad
 
 
-class _GaussianGramLogMean(torch.autograd.Function):
-    """``log(mean_{pairs} exp(2t (zhat_i . zhat_j - 1)))`` (eager path): value and gradient in one pass
-    over the upper-triangle blocks (:func:`_blocked_logmean`); saves only the ``(n, q)`` gradient,
-    and the backward scales it by the upstream gradient.  ``want_grad=False`` (no grad mode, or a
-    frozen input) skips the gradient.  Not twice differentiable: the backward raises under
-    ``create_graph=True``.
-    """
-
-    @staticmethod
-    def forward(ctx, zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want_grad: bool,  # type: ignore[override]
-                normalized: bool) -> Tensor:
-        value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, normalized)
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.has_grad = grad is not None
-        return value
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-                "blocked Gram; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
-            )
-        if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
-            raise RuntimeError("gaussian_gram_logmean: backward reached a forward run without gradient")
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None
-
-
 # --------------------------------------------------------------------------------------------------
 # Compiled path: the same blocked pass as one opaque torch.library op
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +143,7 @@ def _blocked_op(zhat: Tensor, t: float, exclude_diagonal: bool, block: int, want
     """:func:`_blocked_logmean` as one op that ``torch.compile`` does not trace into (its in-place
     block buffers and running maximum stay eager code): returns ``(L, dL/dzhat)``, the gradient an
     empty ``(0,)`` tensor unless ``want_grad``.  Autograd: ``register_autograd`` scales the saved
-    gradient, as :class:`_GaussianGramLogMean` does in eager mode."""
+    gradient, as :func:`kernelssl.ops._common.gradient_in_forward` does in eager mode."""
     value, grad = _blocked_logmean(zhat, t, exclude_diagonal, block, want_grad, normalized)
     return value, (grad if grad is not None else zhat.new_empty((0,)))
 
@@ -188,8 +160,9 @@ def _blocked_op_setup_context(ctx, inputs, output):
 def _blocked_op_backward(ctx, grad_value, grad_grad):
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the "
-            "blocked Gram; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) for higher derivatives"
+            "gaussian_gram_logmean: double backward (create_graph=True) is not supported by the blocked "
+            "Gram; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) for higher "
+            "derivatives"
         )
     (grad,) = ctx.saved_tensors
     return grad * grad_value, None, None, None, None, None
@@ -236,7 +209,8 @@ def gaussian_gram_logmean(
     block = min(block_size if block_size is not None else default_block_size(n, zhat.dtype), n)
     if torch.compiler.is_compiling():
         return _blocked_op(zhat, t, exclude_diagonal, block, want_grad, normalize)[0]
-    return _GaussianGramLogMean.apply(zhat, t, exclude_diagonal, block, want_grad, normalize)
+    return gradient_in_forward(
+        lambda x, want: _blocked_logmean(x, t, exclude_diagonal, block, want, normalize), zhat, "gaussian_gram_logmean")
 
 
 def gaussian_gram_logmean_eager(

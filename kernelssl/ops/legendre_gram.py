@@ -43,11 +43,11 @@ The SFRIK loss (:func:`sfrik_loss`) on two raw views ``(n, q)``::
 R is the mean over all ``n * q`` entries.  Defaults ``coefficients = (1, 40, 40)`` (L = 3),
 ``mmd_weight = 1``, ``sim_weight = 4000`` (the reference's q = 8192 setting; it uses 40000 at q = 32768).
 
-Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The
-scalars come back in float32 (float64 for float64 inputs); autograd returns gradients in the input
-dtype.  No host syncs anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs.  A zero row normalises to zero
-(``F.normalize``), its Gram row is 0 and the loss stays finite; its gradient is ``g / 1e-12`` (the
-Jacobian of ``z / eps``), finite in float32/float64.
+Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The scalars
+come back in float32 (float64 for float64 inputs); autograd returns gradients in the input dtype.  No host syncs
+anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs.  A zero row normalises to zero
+(``F.normalize``), its Gram row is 0 and the loss stays finite; its gradient is ``g / 1e-12`` (the Jacobian of
+``z / eps``), finite in float32/float64.
 
 Coefficients are Python numbers (no gradient with respect to them).  Any finite real ``b_l`` is
 accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_l >= 0``.
@@ -61,7 +61,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_coefficients, check_int, check_tensor
-from ._common import NORM_EPS, buffer_view, default_block_size, unit_rows, unit_rows_backward, upcast
+from ._common import NORM_EPS, buffer_view, default_block_size, gradient_in_forward, unit_rows, unit_rows_backward, upcast
 
 __all__ = [
     "DEFAULT_TILE_ELEMENTS",
@@ -405,35 +405,6 @@ def _block_gram_mean_recurrence(
     return total / float(n * n), grad
 
 
-class _BlockGramMean(torch.autograd.Function):
-    """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` (eager path): value and gradient in one pass over
-    the upper-triangle blocks (:func:`_block_gram_mean`); saves only the ``(n, q)`` gradient, and the
-    backward scales it by the upstream gradient.  ``want_grad=False`` (no grad mode, or a frozen
-    input) skips the gradient.  Not twice differentiable: the backward raises under
-    ``create_graph=True``.
-    """
-
-    @staticmethod
-    def forward(ctx, zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool) -> Tensor:  # type: ignore[override]
-        m, grad = _block_gram_mean(zhat, b, block, want_grad)
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.has_grad = grad is not None
-        return m
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "legendre_gram_mean: double backward (create_graph=True) is not supported by the "
-                "blocked Gram mean; use legendre_gram_mean_eager (plain autograd) for higher derivatives"
-            )
-        if not ctx.has_grad:  # pragma: no cover - autograd only calls backward when the input needs grad
-            raise RuntimeError("legendre_gram_mean: backward reached a forward run without gradient")
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_out * (2.0 / float(grad.shape[0] ** 2))), None, None, None
-
-
 class _LegendreGramMean(torch.autograd.Function):
     """``M = (1/n^2) sum_ij phi(zhat_i . zhat_j)`` on the rows as given, streamed over row chunks.
 
@@ -518,9 +489,13 @@ def legendre_gram_mean(
     n = zhat.shape[0]
     if torch.compiler.is_compiling():
         return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
-    want_grad = torch.is_grad_enabled() and zhat.requires_grad
-    block = chunk if chunk is not None else default_block_size(n, zhat.dtype)
-    return _BlockGramMean.apply(zhat, b, min(block, n), want_grad)
+    block = min(chunk if chunk is not None else default_block_size(n, zhat.dtype), n)
+
+    def one_pass(x, want_grad):  # R = phi'(G) Zhat is (n^2 / 2) dM/dzhat
+        m, r = _block_gram_mean(x, b, block, want_grad)
+        return m, (None if r is None else r * (2.0 / float(n * n)))
+
+    return gradient_in_forward(one_pass, zhat, "legendre_gram_mean")
 
 
 def legendre_gram_mean_eager(

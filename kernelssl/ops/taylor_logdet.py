@@ -1,7 +1,9 @@
-"""MEC -- Maximum Entropy Coding (Liu, Wang, Li, Wang, NeurIPS 2022; SPEC §3), torch tier.
+"""``taylor_logdet``, torch tier: MEC's truncated matrix-log series (Maximum Entropy Coding -- Liu, Wang,
+Li, Wang, NeurIPS 2022; docs/taylor_logdet.md) and the MEC loss on it.
 
-Differentiable PyTorch, any device.  The NumPy float64 reference is ``reference/taylor_logdet.py``; the tests
-hold the two (and the eager baseline below) to each other.
+Differentiable PyTorch, any device; the inputs are checked by :mod:`kernelssl.functional`, which calls
+these.  The NumPy float64 reference is ``reference/taylor_logdet.py``; the tests hold the two (and the
+eager baseline below) to each other.
 
 Conventions
 -----------
@@ -321,7 +323,7 @@ def mec_loss(
             stop-gradient target pass ``target_a=z_a.detach()`` (the reference's EMA teacher is run
             under no_grad).
         eps_sq: epsilon^2 of the coding length (default 64); ignored when ``lam`` is given.
-        order: n >= 1 of the series (default 4; even orders self-stabilise, SPEC §3.3).
+        order: n >= 1 of the series (default 4; even orders self-stabilise, docs/taylor_logdet.md).
         scale: "reference" or "paper" (see above).
         lam: override lambda (number > 0, or a 0-dim tensor), e.g. from :func:`lambda_warmup`.
         eager: use :func:`taylor_logdet_eager` (the benchmark baseline) instead of the library path.

@@ -489,7 +489,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 else "all labels")
         print(f"\n{args.loss} on {args.dataset}, {args.epochs} epochs, {trainer.train_seconds:.1f} s "
               f"(probe: {what})")
-        print(f"  linear probe: {trained['linear_probe_acc']:.4f}   random-init baseline: {base['linear_probe_acc']:.4f}")
+        print(f"  linear probe: {trained['linear_probe_acc']:.4f}   "
+              f"random-init baseline: {base['linear_probe_acc']:.4f}")
         print(f"  k-NN (k={args.knn_k}): {trained['knn_acc']:.4f}   random-init baseline: {base['knn_acc']:.4f}")
         print(f"  uniformity (t={PROBE_UNIFORMITY_T:g}) of the test features: {trained['probe_uniformity']:.4f}   "
               f"random-init baseline: {base['probe_uniformity']:.4f}")

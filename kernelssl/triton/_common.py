@@ -48,7 +48,7 @@ except ImportError:  # a triton without the interpreter: nothing is ever interpr
     _Interpreted = ()
 
 from ..dispatch import interpreting
-from ._jit import _row_scales_kernel
+from ._jit import _panel_matmul_kernel, _row_scales_kernel
 
 __all__ = [
     "DEFAULT_SMS",
@@ -63,6 +63,7 @@ __all__ = [
     "gram_precision",
     "panel_rows_for",
     "row_scales",
+    "panel_matmul",
 ]
 
 #: Streaming multiprocessors assumed off CUDA (the offline compile records the GPU launches on CPU
@@ -197,11 +198,11 @@ MIN_PANEL_ROWS = 1024
 
 def gram_config(dtype: torch.dtype, q: int, n: int = 0, sms: int = DEFAULT_SMS, precision: str = "tf32x3") -> dict:
     """Block sizes of the Gram ops' kernels (``legendre_gram``, ``gaussian_gram``).  GPU: starting points
-    for H100/H200, not tuned on a GPU (none was available); checked by compiling every kernel for sm_90
-    offline with the launch's own specialisation (``tests/sm90_compile.py``: no register spills in any
-    variant, and the wave count of the headline forward).  Backward: 128 x 64 phi' tiles (the joint value/derivative recurrence spills registers
-    at 128 x 128) and 128 x 128 GEMM tiles, 8 warps, 3 stages (wgmma for 16-bit and TF32 operands).
-    K-steps of 64 for 16-bit operands, 32 where the MMA takes fp32 operands.
+    for H100/H200, not tuned on a GPU (none was available); checked by compiling every kernel for sm_90 offline
+    with the launch's own specialisation (``tests/sm90_compile.py``: no register spills in any variant, and the
+    wave count of the headline forward).  Backward: 128 x 64 phi' tiles (the joint value/derivative recurrence
+    spills registers at 128 x 128) and 128 x 128 GEMM tiles, 8 warps, 3 stages (wgmma for 16-bit and TF32
+    operands). K-steps of 64 for 16-bit operands, 32 where the MMA takes fp32 operands.
 
     Forward tiles: 128 x 128 Gram tiles need ~235-255 registers x 256 threads,
     one program per SM, and at the SFRIK headline shape (n = 2048) the T(T+1)/2 = 136 triangle tiles
@@ -268,3 +269,24 @@ def row_scales(z: torch.Tensor, normalize: bool, cfg: dict) -> tuple[torch.Tenso
         num_warps=4,
     )
     return rinv, proj
+
+
+def panel_matmul(panel, z, rinv, proj, dpart, scale, out, row0: int, nrows: int, normalize: bool,
+                 scale_given: bool, cfg: dict, dot_f32: bool, precision: str) -> None:
+    """Stage 2 of the Gram ops' panel backward, ``_panel_matmul_kernel``: rows ``row0 .. row0 + nrows`` of
+    ``out = (scale) (r_k P_k Z - proj_k d_k z_k)`` (the normalisation Jacobian in the epilogue).
+    ``scale``: the 0-dim upstream gradient (legendre_gram: times ``2/n^2`` in the kernel) or, with
+    ``scale_given``, the whole factor (gaussian_gram's weights kernel writes it)."""
+    n, q = z.shape
+    mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
+    grid = (triton.cdiv(nrows, cfg["mm_m"]) * triton.cdiv(q, cfg["mm_q"]),)
+    wrap_triton(_panel_matmul_kernel)[grid](
+        panel, z, rinv, proj, dpart, scale, out,
+        panel.stride(0), panel.stride(1), z.stride(0), z.stride(1), dpart.stride(0), dpart.stride(1),
+        out.stride(0), out.stride(1),
+        n, q, row0, nrows, dpart.shape[1],
+        NORMALIZE=normalize, MODE=mode,
+        BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
+        DOT_F32=dot_f32, INPUT_PRECISION=precision, SCALE_GIVEN=scale_given,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )

@@ -73,6 +73,16 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return tm, tn
 
 
+# Program p of the lower triangle of T x T tiles owns tile (I, J), J <= I, p = I (I + 1)/2 + J: invert it,
+# I = floor((sqrt(8p + 1) - 1) / 2) (in fp64), then fix a possible off-by-one of the square root.
+@triton.jit
+def _triangle_tile(pid):
+    ti = ((tl.sqrt((8 * pid + 1).to(tl.float64)) - 1.0) * 0.5).to(tl.int64)
+    ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
+    ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
+    return ti, pid - ti * (ti + 1) // 2
+
+
 # Round fp32 to the nearest TF32 value (10 mantissa bits), exactly, with integer ops.
 @triton.jit
 def _round_tf32(x):

@@ -40,7 +40,8 @@ Backward (``gaussian_gram_backward``), with ``w_kj = exp(x_kj - m)`` (so ``exp(x
   (both roles of row k in the symmetric sum give the factor 2 of 4t = 2 * 2t), ``m`` and ``S'`` read
   from the forward's statistics on the device.  For normalised rows (``||z_k|| >= eps``) the diagonal
   weight is dropped also when the diagonal is included: its term lies along ``zhat_k`` and the Jacobian
-  removes it exactly (the reasoning of ``legendre_gram``'s ``_gram_dphi_kernel``).  Two paths, both recomputing the Gram tiles:
+  removes it exactly (the reasoning of ``legendre_gram``'s ``_gram_dphi_kernel``).  Two paths, both
+  recomputing the Gram tiles:
   * rows resident (default for q <= 128, and q <= 256 when q % 16 == 0: :func:`resident_ok`), the
     uniformity case: ``_resident_backward_kernel`` keeps a ``(64, q)`` fp32 accumulator of
     ``sum_j (w_kj r_j) z_j`` in registers while it runs over the column tiles (as flash-attention's dQ),
@@ -67,7 +68,7 @@ computation of this formula.  float64 inputs go to a float64 torch computation (
 import triton
 import triton.language as tl
 
-from ._jit import _gram_tile, _panel_dot, _round_bf16, _swizzle
+from ._jit import _gram_tile, _panel_dot, _round_bf16, _swizzle, _triangle_tile
 
 
 # Forward.  Views b = 0..P-1 stacked as rows b n .. b n + n - 1 of z (one launch for all views: grid
@@ -89,11 +90,7 @@ def _gram_lse_kernel(
     pid = gid % num_parts
     z_ptr += b * n * stride_zn  # this program's view: rows b n .. of z and rinv
     rinv_ptr += b * n
-    # invert p = I (I + 1)/2 + J: I = floor((sqrt(8p + 1) - 1) / 2), then fix a possible off-by-one
-    ti = ((tl.sqrt((8 * pid + 1).to(tl.float64)) - 1.0) * 0.5).to(tl.int64)
-    ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
-    ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
-    tj = pid - ti * (ti + 1) // 2
+    ti, tj = _triangle_tile(pid)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n

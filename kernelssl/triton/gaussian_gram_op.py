@@ -22,12 +22,12 @@ from ._common import (
     gram_precision,
     interpreting,
     num_sms,
+    panel_matmul,
     panel_rows_for,
     register,
     row_scales,
     wrap_triton,
 )
-from ._jit import _panel_matmul_kernel
 from .gaussian_gram import (
     _gram_lse_kernel,
     _gram_weights_kernel,
@@ -141,10 +141,10 @@ def gaussian_gram_backward(
     scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``grad * dL/dz`` (shape and dtype of ``z``) for the upstream gradient ``grad`` (0-dim, or ``(P,)``
-    for ``P`` views) and the forward's ``stats``, recomputing the Gram tiles: rows resident (the
-    default ``resident=None`` where :func:`resident_ok`; all views in one launch per stage), else panel
-    by panel (``panel_rows`` rows at a time, view by view; default
-    :func:`kernelssl.triton._common.panel_rows_for`).  ``scales``: the forward's row scales (``return_scales=True``); ``None``
+    for ``P`` views) and the forward's ``stats``, recomputing the Gram tiles: rows resident (the default
+    ``resident=None`` where :func:`resident_ok`; all views in one launch per stage), else panel by panel
+    (``panel_rows`` rows at a time, view by view; default :func:`kernelssl.triton._common.panel_rows_for`).
+    ``scales``: the forward's row scales (``return_scales=True``); ``None``
     recomputes them (one launch)."""
     zf, P, n, q = _flat(z)
     cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
@@ -214,17 +214,7 @@ def gaussian_gram_backward(
                 DOT_F32=dot_f32, INPUT_PRECISION=prec,
                 num_warps=cfg["warps"], num_stages=cfg["stages"],
             )
-            grid2 = (triton.cdiv(nrows, cfg["mm_m"]) * triton.cdiv(q, cfg["mm_q"]),)
-            wrap_triton(_panel_matmul_kernel)[grid2](
-                panel, zb, rb, pb, dpart, scale, ob,
-                panel.stride(0), panel.stride(1), zb.stride(0), zb.stride(1), dpart.stride(0), dpart.stride(1),
-                ob.stride(0), ob.stride(1),
-                n, q, row0, nrows, num_dparts,
-                NORMALIZE=normalize, MODE=mode,
-                BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
-                DOT_F32=dot_f32, INPUT_PRECISION=prec, SCALE_GIVEN=True,
-                num_warps=cfg["warps"], num_stages=cfg["stages"],
-            )
+            panel_matmul(panel, zb, rb, pb, dpart, scale, ob, row0, nrows, normalize, True, cfg, dot_f32, prec)
     return out.reshape(z.shape)
 
 
@@ -259,7 +249,8 @@ def _logmean_backward_op_body(grad: Tensor, z: Tensor, stats: Tensor, rinv: Tens
     return _backward_impl(grad, z, stats, rinv, proj, t, normalize, exclude_diagonal, input_precision)
 
 
-_logmean_backward_op = triton_op("kernelssl::gaussian_gram_logmean_backward", mutates_args=())(_logmean_backward_op_body)
+_logmean_backward_op = triton_op("kernelssl::gaussian_gram_logmean_backward",
+                                 mutates_args=())(_logmean_backward_op_body)
 
 
 def _torch_forward(z: Tensor, t: float, normalize: bool, exclude_diagonal: bool, input_precision: str):

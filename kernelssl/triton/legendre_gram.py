@@ -40,7 +40,7 @@ Backward (``legendre_gram_backward``), recomputing the Gram tiles (nothing but `
   n x n panel only while it is at most 128 MiB (n <= 5792), never beyond.  The phi' tile is 128 x 64
   (the joint value/derivative recurrence spills registers at 128 x 128); the GEMM tile 128 x 128.
 
-Precision (SPEC §4): Gram products of fp16/bf16 rows go to the tensor cores as they are (exact
+Precision (docs/numerics.md): Gram products of fp16/bf16 rows go to the tensor cores as they are (exact
 products, fp32 accumulation); fp32 rows use the op's ``input_precision``: ``"tf32x3"`` by default (three
 TF32 tensor-core products per fp32 product, fp32-level error: ``tests/test_triton_legendre_gram.py``
 emulates it at the paper shape), ``"ieee"`` (FMA units) or ``"tf32"`` (the default only when torch's
@@ -61,7 +61,7 @@ store round with integer ops (``_round_bf16``).  Block sizes are small (32, phi'
 import triton
 import triton.language as tl
 
-from ._jit import _gram_tile, _swizzle
+from ._jit import _gram_tile, _swizzle, _triangle_tile
 
 
 # Recurrence constants of P_{l+1} = alpha_l t P_l - beta_l P_{l-1} in dimension q (computed in fp64,
@@ -130,11 +130,7 @@ def _gram_phi_sum_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    # invert p = I (I + 1)/2 + J: I = floor((sqrt(8p + 1) - 1) / 2), then fix a possible off-by-one
-    ti = ((tl.sqrt((8 * pid + 1).to(tl.float64)) - 1.0) * 0.5).to(tl.int64)
-    ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
-    ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
-    tj = pid - ti * (ti + 1) // 2
+    ti, tj = _triangle_tile(pid)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n

@@ -24,12 +24,12 @@ from ._common import (
     gram_precision,
     interpreting,
     num_sms,
+    panel_matmul,
     panel_rows_for,
     register,
     row_scales,
     wrap_triton,
 )
-from ._jit import _panel_matmul_kernel
 from .legendre_gram import _gram_dphi_kernel, _gram_phi_sum_kernel, _sum_partials_kernel
 
 __all__ = ["legendre_gram_mean", "legendre_gram_forward", "legendre_gram_backward"]
@@ -84,7 +84,6 @@ def legendre_gram_backward(
     rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     dot_f32 = interpreting() and z.dtype != torch.float32
     prec = gram_precision(z.dtype, input_precision)
-    mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
     num_dparts = triton.cdiv(n, cfg["dphi_n"])
     panel = torch.empty((rows, n), device=z.device, dtype=torch.float32)
     dpart = torch.empty((rows, num_dparts), device=z.device, dtype=torch.float32)
@@ -102,17 +101,7 @@ def legendre_gram_backward(
             DOT_F32=dot_f32, INPUT_PRECISION=prec,
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
-        grid2 = (triton.cdiv(nrows, cfg["mm_m"]) * triton.cdiv(q, cfg["mm_q"]),)
-        wrap_triton(_panel_matmul_kernel)[grid2](
-            panel, z, rinv, proj, dpart, grad, out,
-            panel.stride(0), panel.stride(1), z.stride(0), z.stride(1), dpart.stride(0), dpart.stride(1),
-            out.stride(0), out.stride(1),
-            n, q, row0, nrows, num_dparts,
-            NORMALIZE=normalize, MODE=mode,
-            BLOCK_M=cfg["mm_m"], BLOCK_Q=cfg["mm_q"], BLOCK_K=cfg["mm_k"], BLOCK_T=32, GROUP_M=cfg["group"],
-            DOT_F32=dot_f32, INPUT_PRECISION=prec, SCALE_GIVEN=False,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
-        )
+        panel_matmul(panel, z, rinv, proj, dpart, grad, out, row0, nrows, normalize, False, cfg, dot_f32, prec)
     return out
 
 
@@ -134,7 +123,8 @@ def _gram_mean_backward_op_body(
     return legendre_gram_backward(grad, z, coefficients, normalize, input_precision)
 
 
-_gram_mean_backward_op = triton_op("kernelssl::legendre_gram_mean_backward", mutates_args=())(_gram_mean_backward_op_body)
+_gram_mean_backward_op = triton_op("kernelssl::legendre_gram_mean_backward",
+                                   mutates_args=())(_gram_mean_backward_op_body)
 
 
 def _torch_forward(z: Tensor, coefficients: list[float], normalize: bool, input_precision: str) -> Tensor:

@@ -100,7 +100,8 @@ def compile_all(calls, ones_from: int | None = None) -> list[dict]:
             binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
         kw = dict(kw)
         bound, spec, options = binders[kernel](*args, **kw)
-        key = (kernel.fn.__name__, repr(spec), repr(sorted(options.items())) if isinstance(options, dict) else repr(options))
+        opts_key = repr(sorted(options.items())) if isinstance(options, dict) else repr(options)
+        key = (kernel.fn.__name__, repr(spec), opts_key)
         if key in seen:
             continue
         seen.add(key)
@@ -117,7 +118,8 @@ def compile_all(calls, ones_from: int | None = None) -> list[dict]:
         names = [p.name for p in kernel.params]
         out.append({
             "kernel": kernel.fn.__name__,
-            "constexprs": {names[i]: v for i, v in consts.items() if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
+            "constexprs": {names[i]: v for i, v in consts.items()
+                           if isinstance(i, int) and isinstance(v, (int, float, str, bool))},
             "num_warps": opts.num_warps, "num_stages": opts.num_stages,
             "registers": field(r"Used (\d+) registers"), "stack": field(r"(\d+) bytes stack frame"),
             "spill_stores": field(r"(\d+) bytes spill stores"), "spill_loads": field(r"(\d+) bytes spill loads"),

@@ -303,10 +303,11 @@ _rff_hsic_fwd.register_autograd(_backward, setup_context=_setup_context)
 def rff_hsic(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, kernel_scale: float | Tensor, *,
              input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """``(HSIC_ZY, HSIC_ZZ)`` through the fused kernels, for checked inputs
-    (:func:`kernelssl.functional.rff_hsic`): 0-dim fp32 tensors, differentiable in ``views`` (the
-    maps take no gradient here: :mod:`kernelssl.dispatch` sends maps that require grad to the torch
-    tier).  ``kernel_scale`` (a float or a 1-element tensor) is detached and never read on the host;
-    ``input_precision`` (None resolves as :func:`kernelssl.dispatch.resolve_precision`) applies to every GEMM, half-precision views included (each has an
+    (:func:`kernelssl.functional.rff_hsic`): 0-dim fp32 tensors, differentiable in ``views`` (the maps take no
+    gradient here: :mod:`kernelssl.dispatch` sends maps that require grad to the torch tier).  ``kernel_scale``
+    (a float or a 1-element tensor) is detached and never read on the host; ``input_precision`` (None resolves
+    as :func:`kernelssl.dispatch.resolve_precision`) applies to every GEMM, half-precision views included (each
+    has an
     fp32 operand: the maps, Phi, C)."""
     if isinstance(kernel_scale, Tensor):
         scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)

@@ -41,26 +41,24 @@ the gradient is written in one pass; in d-space the row dot is reduced in-tile w
 one tile (d <= 128), else a row-owning ``_project_kernel`` finishes it (one extra read/write of
 the fp32 gradient).  ``dT/dlam = (1/lam) sum_k (-1)^(k+1) tr(C^k)`` comes from the forward.
 
-Numerics: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast to fp32 right after the load;
-every product accumulates in fp32; fp32 ``tl.dot`` (the Gram of fp32 inputs, every power, ``S_n`` and
-the gradient products, whose operands include an fp32 matrix whatever the input dtype) uses the op's
-``input_precision``: ``"tf32x3"`` by default (three TF32 tensor-core products, fp32-level
-error, emulated at the paper shape in ``tests/test_triton_taylor_logdet.py``), ``"ieee"`` (FMA units),
-or ``"tf32"`` (the default only under torch's ``torch.backends.cuda.matmul.allow_tf32``).  Exception:
-the on-chip series of step 3 (s <= 32) multiplies its tiny s x s matrices on the FMA units in full
-fp32 whatever the precision (latency-bound; tf32x3 there spilled registers under Triton 3.6).
-On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor
-cores as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same
-error level as upcasting first.  bf16 gradients: the products of the fp32 ``S_n`` with the raw bf16
-rows run as two bf16 tensor-core products, ``S`` split into ``bf16(S) + bf16(S - bf16(S))``
-(``_gemm_kernel``'s HILO; error <= 2^-18 of ``sum_k |S_ik| |x_kj|``, 2^-9 below the bf16 rounding of
-the gradient), the row weights ``1/|x_k|`` moved onto S's columns so the bf16 operand stays exact --
-whatever ``input_precision`` (it governs fp32 x fp32 products); fp16 keeps the fp32 products (its
-exponent range is too narrow for the split).  float64 inputs run on the torch tier
-(:func:`kernelssl.ops.taylor_logdet.taylor_logdet`, :mod:`kernelssl.dispatch`), which keeps float64 end to end (Triton's fp64 ``tl.dot``
-would give no speed-up).  Deterministic: fixed reduction orders, no atomics, so two runs are
-bitwise equal.  No host syncs.  Memory: the stored powers (``ceil(n/2)`` s x s fp32 matrices per
-pair; one, ``S_n``, on the small path) plus O(P m) vectors -- never an m x m matrix in d-space.
+Numerics: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast to fp32 right after the load; every
+product accumulates in fp32; fp32 ``tl.dot`` (the Gram of fp32 inputs, every power, ``S_n`` and the gradient
+products, whose operands include an fp32 matrix whatever the input dtype) uses the op's ``input_precision``:
+``"tf32x3"`` by default (three TF32 tensor-core products, fp32-level error, emulated at the paper shape in
+``tests/test_triton_taylor_logdet.py``), ``"ieee"`` (FMA units), or ``"tf32"`` (the default only under torch's
+``torch.backends.cuda.matmul.allow_tf32``).  Exception: the on-chip series of step 3 (s <= 32) multiplies its
+tiny s x s matrices on the FMA units in full fp32 whatever the precision (latency-bound; tf32x3 there spilled
+registers under Triton 3.6). On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor cores
+as they are (products of two half values are exact in fp32; accumulation is fp32) -- the same error level as
+upcasting first.  bf16 gradients: the products of the fp32 ``S_n`` with the raw bf16 rows run as two bf16
+tensor-core products, ``S`` split into ``bf16(S) + bf16(S - bf16(S))`` (``_gemm_kernel``'s HILO; error <= 2^-18
+of ``sum_k |S_ik| |x_kj|``, 2^-9 below the bf16 rounding of the gradient), the row weights ``1/|x_k|`` moved
+onto S's columns so the bf16 operand stays exact -- whatever ``input_precision`` (it governs fp32 x fp32
+products); fp16 keeps the fp32 products (its exponent range is too narrow for the split).  float64 inputs run on
+the torch tier (:func:`kernelssl.ops.taylor_logdet.taylor_logdet`, :mod:`kernelssl.dispatch`), which keeps
+float64 end to end (Triton's fp64 ``tl.dot`` would give no speed-up).  Deterministic: fixed reduction orders, no
+atomics, so two runs are bitwise equal.  No host syncs.  Memory: the stored powers (``ceil(n/2)`` s x s fp32
+matrices per pair; one, ``S_n``, on the small path) plus O(P m) vectors -- never an m x m matrix in d-space.
 """
 import triton
 import triton.language as tl

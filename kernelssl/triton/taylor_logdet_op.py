@@ -339,7 +339,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
 
 def _power_iteration(mat: Tensor) -> Tensor:
     """rho estimate of ``mat (P, s, s)``: POWER_ITERS launches of :func:`_power_step_kernel`; the
-    same iteration as :func:`kernelssl.mec.convergence_diagnostics` (geometric mean of the growth
+    same iteration as :func:`kernelssl.ops.taylor_logdet.convergence_diagnostics` (geometric mean of the growth
     over the second half)."""
     P, s, _ = mat.shape
     dev, f32 = mat.device, torch.float32
