@@ -55,7 +55,15 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from ._common import NORM_EPS, buffer_view, default_block_size, gradient_in_forward, unit_rows, unit_rows_backward, upcast
+from ._common import (
+    NORM_EPS,
+    buffer_view,
+    default_block_size,
+    gradient_in_forward,
+    unit_rows,
+    unit_rows_backward,
+    upcast,
+)
 
 __all__ = [
     "gaussian_gram_logmean",

@@ -61,7 +61,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_coefficients, check_int, check_tensor
-from ._common import NORM_EPS, buffer_view, default_block_size, gradient_in_forward, unit_rows, unit_rows_backward, upcast
+from ._common import (
+    NORM_EPS,
+    buffer_view,
+    default_block_size,
+    gradient_in_forward,
+    unit_rows,
+    unit_rows_backward,
+    upcast,
+)
 
 __all__ = [
     "DEFAULT_TILE_ELEMENTS",

@@ -110,130 +110,6 @@ KERNELS = ("imq", "gaussian", "laplace")
 # feature maps
 
 
-def sample_imq_rff(
-    dim: int,
-    num_features: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one IMQ random-feature map ``(w, b)``: ``w`` of shape ``(num_features, dim)``, ``b`` of shape
-    ``(num_features,)``, for :func:`rff_features`.
-
-    Draw order (fixed, part of the contract), all in float64 from the one generator::
-
-        g = randn(D, dim);  n = randn(D);  b = rand(D) * 2 pi;   w = |n|[:, None] * g
-
-    Determinism: the numbers are drawn in float64 **on the generator's device** (``generator.device``;
-    the CPU default generator, i.e. ``torch.manual_seed``, when ``generator`` is None) and only then
-    moved to ``device`` and cast to ``dtype``.  So a CPU generator with a given seed gives the same
-    features on every device and every rank whatever ``device`` is; a CUDA generator gives the same
-    features on every rank that seeds it alike (but not the same numbers as a CPU generator).  The
-    generator may live on a different device than ``device``.  ``device=None`` means the generator's
-    device (CPU without a generator).
-
-    After the cast the phases are reduced modulo 2 pi in ``dtype`` (float32(2 pi) exceeds 2 pi, so a
-    draw just below 2 pi could otherwise round up onto it); they lie in ``[0, 2 pi)``.
-    """
-    src, out = _sampler_devices(dim, num_features, generator, device, dtype)
-    D = num_features
-    if out.type == "meta":  # shape propagation: nothing to draw, and no generator state consumed
-        return _meta_map(D, dim, out, dtype)
-    g = torch.randn(D, dim, generator=generator, device=src, dtype=torch.float64)
-    n = torch.randn(D, generator=generator, device=src, dtype=torch.float64)
-    b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
-    w = n.abs().unsqueeze(1) * g
-    return _finish(w, b, out, dtype)
-
-
-def _sampler_devices(dim, num_features, generator, device, dtype) -> tuple[torch.device, torch.device]:
-    """Validate a sampler's arguments; return (device drawn on, device returned on)."""
-    check_int(dim, "dim", minimum=1)
-    check_int(num_features, "num_features", minimum=1)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {describe(dtype)}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
-    src = generator.device if generator is not None else torch.device("cpu")
-    out = torch.device(device) if device is not None else src
-    return src, out
-
-
-def _meta_map(D: int, dim: int, out: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty(D, dim, device=out, dtype=dtype), torch.empty(D, device=out, dtype=dtype)
-
-
-def _finish(w: torch.Tensor, b: torch.Tensor, out: torch.device, dtype: torch.dtype):
-    """float64 draws -> ``dtype`` on ``out``; phases reduced modulo 2 pi after the cast."""
-    w = w.to(device=out, dtype=dtype)
-    b = torch.remainder(b.to(device=out, dtype=dtype), 2.0 * math.pi)
-    return w, b
-
-
-def sample_gaussian_rff(
-    dim: int,
-    num_features: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one Gaussian-kernel random-feature map ``(w, b)`` (``k_c = exp(-||x - y||^2 / (2 c^2))``):
-    ``w`` of shape ``(num_features, dim)`` with iid N(0, 1) entries, ``b`` of shape ``(num_features,)``.
-
-    Draw order (fixed, part of the contract), in float64 from the one generator::
-
-        w = randn(D, dim);  b = rand(D) * 2 pi
-
-    Devices, dtypes and the phase reduction exactly as :func:`sample_imq_rff`.
-    """
-    src, out = _sampler_devices(dim, num_features, generator, device, dtype)
-    D = num_features
-    if out.type == "meta":
-        return _meta_map(D, dim, out, dtype)
-    w = torch.randn(D, dim, generator=generator, device=src, dtype=torch.float64)
-    b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
-    return _finish(w, b, out, dtype)
-
-
-def sample_laplace_rff(
-    dim: int,
-    num_features: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one Laplace (l1) kernel random-feature map ``(w, b)`` (``k_c = exp(-||x - y||_1 / c)``):
-    ``w`` of shape ``(num_features, dim)`` with iid standard Cauchy entries, ``b`` ``(num_features,)``.
-
-    Draw order (fixed, part of the contract), in float64 from the one generator, Cauchy by inversion::
-
-        u = rand(D, dim);  b = rand(D) * 2 pi;   w = tan(pi (u - 1/2))
-
-    (``u`` in [0, 1): ``pi (u - 1/2)`` in [-pi/2, pi/2), whose float64 tangent is finite -- at most
-    ~1.6e16 in magnitude, at u = 0).  Devices, dtypes and the phase reduction as :func:`sample_imq_rff`.
-    """
-    if dtype == torch.float16:  # before any draw: the generator's state stays untouched
-        raise ValueError(
-            "dtype: expected float32, float64 or bfloat16 for Laplace features, got float16 (standard "
-            "Cauchy draws exceed its maximum 65504 with probability ~1e-5 per entry: inf, then NaN "
-            "features); draw them in float32"
-        )
-    src, out = _sampler_devices(dim, num_features, generator, device, dtype)
-    D = num_features
-    if out.type == "meta":
-        return _meta_map(D, dim, out, dtype)
-    u = torch.rand(D, dim, generator=generator, device=src, dtype=torch.float64)
-    b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
-    w = torch.tan(math.pi * (u - 0.5))
-    return _finish(w, b, out, dtype)
-
-
-_SAMPLERS = {"imq": sample_imq_rff, "gaussian": sample_gaussian_rff, "laplace": sample_laplace_rff}
-
-
 def check_kernel(kernel: object, name: str = "kernel") -> str:
     """One of :data:`KERNELS` (a ``TypeError`` for a non-string, a ``ValueError`` for an unknown name)."""
     expected = ", ".join(repr(k) for k in KERNELS)
@@ -242,6 +118,32 @@ def check_kernel(kernel: object, name: str = "kernel") -> str:
     if kernel not in KERNELS:
         raise ValueError(f"{name}: expected one of {expected}, got {kernel!r}")
     return kernel
+
+
+def _draw_imq(D: int, dim: int, generator, src) -> tuple[torch.Tensor, torch.Tensor]:
+    # g = randn(D, dim);  n = randn(D);  b = rand(D) * 2 pi;   w = |n|[:, None] * g
+    g = torch.randn(D, dim, generator=generator, device=src, dtype=torch.float64)
+    n = torch.randn(D, generator=generator, device=src, dtype=torch.float64)
+    b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
+    return n.abs().unsqueeze(1) * g, b
+
+
+def _draw_gaussian(D: int, dim: int, generator, src) -> tuple[torch.Tensor, torch.Tensor]:
+    # w = randn(D, dim);  b = rand(D) * 2 pi
+    w = torch.randn(D, dim, generator=generator, device=src, dtype=torch.float64)
+    return w, torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
+
+
+def _draw_laplace(D: int, dim: int, generator, src) -> tuple[torch.Tensor, torch.Tensor]:
+    # u = rand(D, dim);  b = rand(D) * 2 pi;   w = tan(pi (u - 1/2)): standard Cauchy by inversion
+    # (u in [0, 1): pi (u - 1/2) in [-pi/2, pi/2), whose float64 tangent is finite -- at most ~1.6e16
+    # in magnitude, at u = 0)
+    u = torch.rand(D, dim, generator=generator, device=src, dtype=torch.float64)
+    b = torch.rand(D, generator=generator, device=src, dtype=torch.float64) * (2.0 * math.pi)
+    return torch.tan(math.pi * (u - 0.5)), b
+
+
+_DRAWS = {"imq": _draw_imq, "gaussian": _draw_gaussian, "laplace": _draw_laplace}
 
 
 def sample_rff(
@@ -253,10 +155,64 @@ def sample_rff(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random-feature map ``(w, b)`` for ``kernel`` in :data:`KERNELS` ("imq", "gaussian", "laplace"):
-    :func:`sample_imq_rff`, :func:`sample_gaussian_rff` or :func:`sample_laplace_rff` (same arguments,
-    same numbers: ``sample_rff("imq", ...)`` is ``sample_imq_rff(...)`` draw for draw)."""
-    return _SAMPLERS[check_kernel(kernel)](dim, num_features, generator=generator, device=device, dtype=dtype)
+    """Draw one random-feature map ``(w, b)`` of ``kernel`` in :data:`KERNELS`: ``w`` of shape
+    ``(num_features, dim)``, ``b`` of shape ``(num_features,)``, for :func:`rff_features`.  The law of
+    ``w`` is the kernel's (module docstring); the draw order is fixed and part of the contract:
+
+        "imq"       g = randn(D, dim);  n = randn(D);  b = rand(D) * 2 pi;   w = |n|[:, None] * g
+        "gaussian"  w = randn(D, dim);  b = rand(D) * 2 pi
+        "laplace"   u = rand(D, dim);   b = rand(D) * 2 pi;   w = tan(pi (u - 1/2))   (standard Cauchy)
+
+    Determinism: the numbers are drawn in float64 **on the generator's device** (``generator.device``;
+    the CPU default generator, i.e. ``torch.manual_seed``, when ``generator`` is None) and only then
+    moved to ``device`` and cast to ``dtype``.  So a CPU generator with a given seed gives the same
+    features on every device and every rank whatever ``device`` is; a CUDA generator gives the same
+    features on every rank that seeds it alike (but not the same numbers as a CPU generator).  The
+    generator may live on a different device than ``device``.  ``device=None`` means the generator's
+    device (CPU without a generator).  On a ``meta`` device nothing is drawn (and no generator state is
+    consumed).  After the cast the phases are reduced modulo 2 pi in ``dtype`` (float32(2 pi) exceeds
+    2 pi, so a draw just below 2 pi could otherwise round up onto it); they lie in ``[0, 2 pi)``.
+    Laplace features refuse float16 (standard Cauchy draws exceed its maximum 65504 with probability
+    ~1e-5 per entry), before any draw.
+    """
+    kernel = check_kernel(kernel)
+    if kernel == "laplace" and dtype == torch.float16:  # before any draw: the generator's state stays untouched
+        raise ValueError(
+            "dtype: expected float32, float64 or bfloat16 for Laplace features, got float16 (standard "
+            "Cauchy draws exceed its maximum 65504 with probability ~1e-5 per entry: inf, then NaN "
+            "features); draw them in float32"
+        )
+    check_int(dim, "dim", minimum=1)
+    check_int(num_features, "num_features", minimum=1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {describe(dtype)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
+    src = generator.device if generator is not None else torch.device("cpu")
+    out = torch.device(device) if device is not None else src
+    if out.type == "meta":  # shape propagation: nothing to draw
+        return (torch.empty(num_features, dim, device=out, dtype=dtype),
+                torch.empty(num_features, device=out, dtype=dtype))
+    w, b = _DRAWS[kernel](num_features, dim, generator, src)
+    return w.to(device=out, dtype=dtype), torch.remainder(b.to(device=out, dtype=dtype), 2.0 * math.pi)
+
+
+def sample_imq_rff(dim: int, num_features: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rff` for the inverse multiquadric kernel ``c / sqrt(||x - y||^2 + c^2)``
+    (SSL-HSIC's): ``W_j = |n_j| g_j``; keyword arguments ``generator``, ``device``, ``dtype``."""
+    return sample_rff("imq", dim, num_features, **kwargs)
+
+
+def sample_gaussian_rff(dim: int, num_features: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rff` for the Gaussian kernel ``exp(-||x - y||^2 / (2 c^2))``: iid N(0, 1) entries;
+    keyword arguments ``generator``, ``device``, ``dtype``."""
+    return sample_rff("gaussian", dim, num_features, **kwargs)
+
+
+def sample_laplace_rff(dim: int, num_features: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rff` for the Laplace (l1) kernel ``exp(-||x - y||_1 / c)``: iid standard Cauchy
+    entries; keyword arguments ``generator``, ``device``, ``dtype``."""
+    return sample_rff("laplace", dim, num_features, **kwargs)
 
 
 def rff_features(

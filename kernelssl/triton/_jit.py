@@ -73,6 +73,33 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return tm, tn
 
 
+# G_ij = r_i r_j (z_i . z_j) over the tile rows x cols (r = 1 / max(||z||, eps), or 1 for rows taken as
+# given), and r_j: the Gram tile of the unit rows, formed from the raw rows in their dtype.
+@triton.jit
+def _unit_gram_tile(
+    z_ptr, rinv_ptr, rows, cols, rmask, cmask,
+    stride_zn, stride_zq,
+    q,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    acc = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
+    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
+    r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
+    return acc * r_i[:, None] * r_j[None, :], r_j
+
+
+# The rows of a backward panel tile: program pid of the (panel_rows x n) panel grid, swizzled; panel rows
+# lrows, rows of z (row0 + lrows), columns, their masks, and the column tile's index.
+@triton.jit
+def _panel_tile(pid, row0, panel_rows, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    tm, tn = _swizzle(pid, tl.cdiv(panel_rows, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
+    lrows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    return lrows, row0 + lrows, cols, lrows < panel_rows, cols < n, tn
+
+
 # Program p of the lower triangle of T x T tiles owns tile (I, J), J <= I, p = I (I + 1)/2 + J: invert it,
 # I = floor((sqrt(8p + 1) - 1) / 2) (in fp64), then fix a possible off-by-one of the square root.
 @triton.jit
@@ -81,6 +108,15 @@ def _triangle_tile(pid):
     ti = tl.where(ti * (ti + 1) // 2 > pid, ti - 1, ti)
     ti = tl.where((ti + 1) * (ti + 2) // 2 <= pid, ti + 1, ti)
     return ti, pid - ti * (ti + 1) // 2
+
+
+# Tile (I, J) of program pid on the lower triangle: its row and column indices and their masks.
+@triton.jit
+def _triangle_rows(pid, n, BLOCK: tl.constexpr):
+    ti, tj = _triangle_tile(pid)
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    return ti, tj, rows, cols, rows < n, cols < n
 
 
 # Round fp32 to the nearest TF32 value (10 mantissa bits), exactly, with integer ops.

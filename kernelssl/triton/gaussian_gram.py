@@ -68,7 +68,7 @@ computation of this formula.  float64 inputs go to a float64 torch computation (
 import triton
 import triton.language as tl
 
-from ._jit import _gram_tile, _panel_dot, _round_bf16, _swizzle, _triangle_tile
+from ._jit import _gram_tile, _panel_dot, _panel_tile, _round_bf16, _triangle_rows, _unit_gram_tile
 
 
 # Forward.  Views b = 0..P-1 stacked as rows b n .. b n + n - 1 of z (one launch for all views: grid
@@ -90,16 +90,9 @@ def _gram_lse_kernel(
     pid = gid % num_parts
     z_ptr += b * n * stride_zn  # this program's view: rows b n .. of z and rinv
     rinv_ptr += b * n
-    ti, tj = _triangle_tile(pid)
-    rows = ti * BLOCK + tl.arange(0, BLOCK)
-    cols = tj * BLOCK + tl.arange(0, BLOCK)
-    rmask = rows < n
-    cmask = cols < n
-    acc = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
-                     BLOCK, BLOCK, BLOCK_K, DOT_F32, INPUT_PRECISION)
-    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
-    r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    g = acc * r_i[:, None] * r_j[None, :]
+    ti, tj, rows, cols, rmask, cmask = _triangle_rows(pid, n, BLOCK)
+    g, _ = _unit_gram_tile(z_ptr, rinv_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                           BLOCK, BLOCK, BLOCK_K, DOT_F32, INPUT_PRECISION)
     if NORMALIZE:  # s <= 1 on unit rows: a rounded 1 + ulp times a huge t must not make x > 0
         g = tl.where(g > 1.0, 1.0, g)  # not tl.minimum: that drops NaN (min.f32 returns the other operand)
     x = two_t * (g - 1.0)
@@ -172,17 +165,9 @@ def _gram_weights_kernel(
     m = tl.load(stats_ptr)
     if pid == 0:
         tl.store(scale_ptr, tl.load(grad_ptr).to(tl.float32) * (2.0 * two_t) / tl.load(stats_ptr + 1))
-    tm, tn = _swizzle(pid, tl.cdiv(panel_rows, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
-    lrows = tm * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the panel
-    rows = row0 + lrows  # rows of z
-    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = lrows < panel_rows
-    cmask = cols < n
-    acc = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
-                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
-    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
-    r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    g = acc * r_i[:, None] * r_j[None, :]
+    lrows, rows, cols, rmask, cmask, tn = _panel_tile(pid, row0, panel_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
+    g, r_j = _unit_gram_tile(z_ptr, rinv_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
     mask = rmask[:, None] & cmask[None, :]
     valid = mask
     diag = rows[:, None] == cols[None, :]

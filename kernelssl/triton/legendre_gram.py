@@ -61,7 +61,7 @@ store round with integer ops (``_round_bf16``).  Block sizes are small (32, phi'
 import triton
 import triton.language as tl
 
-from ._jit import _gram_tile, _swizzle, _triangle_tile
+from ._jit import _panel_tile, _triangle_rows, _unit_gram_tile
 
 
 # Recurrence constants of P_{l+1} = alpha_l t P_l - beta_l P_{l-1} in dimension q (computed in fp64,
@@ -130,16 +130,9 @@ def _gram_phi_sum_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    ti, tj = _triangle_tile(pid)
-    rows = ti * BLOCK + tl.arange(0, BLOCK)
-    cols = tj * BLOCK + tl.arange(0, BLOCK)
-    rmask = rows < n
-    cmask = cols < n
-    acc = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
-                     BLOCK, BLOCK, BLOCK_K, DOT_F32, INPUT_PRECISION)
-    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
-    r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    g = acc * r_i[:, None] * r_j[None, :]
+    ti, tj, rows, cols, rmask, cmask = _triangle_rows(pid, n, BLOCK)
+    g, _ = _unit_gram_tile(z_ptr, rinv_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                           BLOCK, BLOCK, BLOCK_K, DOT_F32, INPUT_PRECISION)
     val = _phi(g, q, COEF, L)
     val = tl.where(rmask[:, None] & cmask[None, :], val, 0.0)  # phi(0) != 0: mask the padding
     s = tl.sum(tl.sum(val, axis=1), axis=0)
@@ -175,17 +168,9 @@ def _gram_dphi_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tm, tn = _swizzle(pid, tl.cdiv(panel_rows, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
-    lrows = tm * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the panel
-    rows = row0 + lrows  # rows of z
-    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = lrows < panel_rows
-    cmask = cols < n
-    acc = _gram_tile(z_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
-                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
-    r_i = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
-    r_j = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    g = acc * r_i[:, None] * r_j[None, :]
+    lrows, rows, cols, rmask, cmask, tn = _panel_tile(pid, row0, panel_rows, n, BLOCK_M, BLOCK_N, GROUP_M)
+    g, r_j = _unit_gram_tile(z_ptr, rinv_ptr, rows, cols, rmask, cmask, stride_zn, stride_zq, q,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, INPUT_PRECISION)
     dphi = _phi_prime(g, q, COEF, L)
     if NORMALIZE:
         projected = tl.load(proj_ptr + rows, mask=rmask, other=0.0) != 0.0
