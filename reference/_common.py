@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["EPS", "row_norms", "normalize", "normalize_backward"]
+__all__ = ["EPS", "check_rows", "row_norms", "normalize", "normalize_backward"]
 
 EPS = 1e-12  #: the clamp of the row norm in ``F.normalize`` (reached by zero rows only)
+
+
+def check_rows(z, name: str, *, min_rows: int, min_cols: int) -> np.ndarray:
+    """``z`` as a float64 ``(n, q)`` array with ``n >= min_rows`` and ``q >= min_cols``, else a ``ValueError``."""
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < min_rows or z.shape[1] < min_cols:
+        need = f"q >= {min_cols}" if min_cols > 1 else f"n >= {min_rows}"
+        raise ValueError(f"{name}: expected an (n, q) array with {need}, got shape {z.shape}")
+    return z
 
 
 def row_norms(z: np.ndarray) -> np.ndarray:

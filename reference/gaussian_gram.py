@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import legendre_gram as _lg
-from ._common import EPS
+from ._common import EPS, check_rows
 from ._common import normalize as _normalize
 from ._common import normalize_backward as _normalize_vjp
 
@@ -59,10 +59,7 @@ Phi = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarra
 
 
 def _check_z(z: np.ndarray, name: str) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 1:
-        raise ValueError(f"{name}: expected an (n, q) array with n >= 2, got shape {z.shape}")
-    return z
+    return check_rows(z, name, min_rows=2, min_cols=1)
 
 
 def normalize(z: np.ndarray) -> np.ndarray:

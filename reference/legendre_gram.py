@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._common import EPS, row_norms  # noqa: F401  (row_norms: part of this module's API)
+from ._common import EPS, check_rows, row_norms  # noqa: F401  (row_norms: part of this module's API)
 from ._common import normalize as _normalize
 from ._common import normalize_backward as _normalize_vjp
 
@@ -65,10 +65,7 @@ def _check_coefficients(coefficients: Sequence[float]) -> np.ndarray:
 
 
 def _check_z(z: np.ndarray, name: str) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 2:
-        raise ValueError(f"{name}: expected an (n, q) array with q >= 2, got shape {z.shape}")
-    return z
+    return check_rows(z, name, min_rows=1, min_cols=2)
 
 
 def normalize(z: np.ndarray) -> np.ndarray:
@@ -107,24 +104,24 @@ def legendre_derivative(q: int, t: np.ndarray, degree: int) -> np.ndarray:
     return d
 
 
-def phi(t: np.ndarray, q: int, coefficients: Sequence[float]) -> np.ndarray:
-    """``phi(t) = sum_{l=1..L} b_l P_l(q; t)``, elementwise (shape of t)."""
+def _combine(basis, t: np.ndarray, q: int, coefficients: Sequence[float]) -> np.ndarray:
+    """``sum_{l=1..L} b_l basis_l(q; t)`` for ``basis`` :func:`legendre` or :func:`legendre_derivative`."""
     b = _check_coefficients(coefficients)
-    p = legendre(q, t, b.size)
+    p = basis(q, t, b.size)
     out = np.zeros(np.shape(t))
     for l in range(1, b.size + 1):
         out = out + b[l - 1] * p[l]
     return out
 
 
+def phi(t: np.ndarray, q: int, coefficients: Sequence[float]) -> np.ndarray:
+    """``phi(t) = sum_{l=1..L} b_l P_l(q; t)``, elementwise (shape of t)."""
+    return _combine(legendre, t, q, coefficients)
+
+
 def phi_prime(t: np.ndarray, q: int, coefficients: Sequence[float]) -> np.ndarray:
     """``phi'(t) = sum_{l=1..L} b_l P'_l(q; t)``, elementwise (shape of t)."""
-    b = _check_coefficients(coefficients)
-    d = legendre_derivative(q, t, b.size)
-    out = np.zeros(np.shape(t))
-    for l in range(1, b.size + 1):
-        out = out + b[l - 1] * d[l]
-    return out
+    return _combine(legendre_derivative, t, q, coefficients)
 
 
 def gram_mean(z_hat: np.ndarray, coefficients: Sequence[float]) -> float:

@@ -118,30 +118,20 @@ def taylor_logdet(a, b, lam, order: int, *, normalize: bool = True):
     ``a, b``: ``(..., m, d)``; ``lam``: scalar or array broadcastable to the batch shape.
     Returns a float (2-D input) or an array of shape ``a.shape[:-2]``.
     """
-    a, b = _check_pair(a, b)
-    order = _check_order(order)
-    do_norm = normalize
-
-    def one(a2, b2, lam_s):
-        ah, bh = _prep(a2, b2, do_norm)
-        c = lam_s * ah @ bh.T
-        return _series_trace(c, order)
-
-    return _batched(one, a, b, lam, 0)
+    return _series_of(lambda ah, bh: ah @ bh.T, a, b, lam, order, normalize)
 
 
 def taylor_logdet_dspace(a, b, lam, order: int, *, normalize: bool = True):
     """``T_n(a, b)`` evaluated with the ``(d, d)`` matrix ``lam B^T A^`` (same traces as C)."""
+    return _series_of(lambda ah, bh: bh.T @ ah, a, b, lam, order, normalize)
+
+
+def _series_of(product, a, b, lam, order: int, do_norm: bool):
+    """The truncated series of ``lam * product(A^, B^)``, batched over the leading dims."""
     a, b = _check_pair(a, b)
     order = _check_order(order)
-    do_norm = normalize
-
-    def one(a2, b2, lam_s):
-        ah, bh = _prep(a2, b2, do_norm)
-        cd = lam_s * bh.T @ ah
-        return _series_trace(cd, order)
-
-    return _batched(one, a, b, lam, 0)
+    return _batched(lambda a2, b2, lam_s: _series_trace(lam_s * product(*_prep(a2, b2, do_norm)), order),
+                    a, b, lam, 0)
 
 
 def exact_logdet(a, b, lam, *, normalize: bool = True):

@@ -585,17 +585,10 @@ class _SFRIKLoss(torch.autograd.Function):
         return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None
 
 
-def sfrik_loss(
-    z_a: Tensor,
-    z_b: Tensor,
-    *,
-    coefficients: Sequence[float] = (1.0, 40.0, 40.0),
-    sim_weight: float = 4000.0,
-    mmd_weight: float = 1.0,
-    eager: bool = False,
-    chunk_size: int | None = None,
-    gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+               sim_weight: float = 4000.0, mmd_weight: float = 1.0, eager: bool = False,
+               chunk_size: int | None = None, gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SFRIK loss on two raw ``(n, q)`` views, normalised inside::
 
         loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2

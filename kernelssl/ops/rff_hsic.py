@@ -102,6 +102,8 @@ __all__ = [
     "kernel_scale_objective",
 ]
 
+Tensor = torch.Tensor
+
 #: The shift-invariant kernel families with a sampler here and an exact path (:func:`exact_hsic`).
 KERNELS = ("imq", "gaussian", "laplace")
 
@@ -271,14 +273,8 @@ def _prepare(views, kernel_scale):
 # RFF estimators
 
 
-def rff_hsic(
-    views: torch.Tensor,
-    w_a: torch.Tensor,
-    b_a: torch.Tensor,
-    w_b: torch.Tensor,
-    b_b: torch.Tensor,
-    kernel_scale: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rff_hsic(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
+             kernel_scale: float | Tensor) -> tuple[Tensor, Tensor]:
     """RFF estimators ``(HSIC_ZY, HSIC_ZZ)`` (any kernel's maps) -- the library (torch) path.
 
     Shapes: ``views (K, B, d)``, ``w_a (D_A, d)``, ``b_a (D_A,)``, ``w_b (D_B, d)``, ``b_b (D_B,)``;
@@ -303,14 +299,8 @@ def rff_hsic(
     return _RFFHSIC.apply(v, *(t.to(v.dtype) for t in maps), c, K, B)
 
 
-def rff_hsic_autograd(
-    views: torch.Tensor,
-    w_a: torch.Tensor,
-    b_a: torch.Tensor,
-    w_b: torch.Tensor,
-    b_b: torch.Tensor,
-    kernel_scale: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rff_hsic_autograd(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
+                      kernel_scale: float | Tensor) -> tuple[Tensor, Tensor]:
     """:func:`rff_hsic` by plain autograd: for maps that require grad, under ``torch.compile`` (which fuses
     the elementwise work itself) and under ``torch.func`` transforms (which cannot see through a custom
     autograd Function).  Same numbers up to rounding."""
@@ -411,14 +401,8 @@ class _RFFHSIC(torch.autograd.Function):
         return _rff_backward(ctx.saved_tensors, *ctx.dims, grad_zy, grad_zz), None, None, None, None, None, None, None
 
 
-def rff_hsic_eager(
-    views: torch.Tensor,
-    w_a: torch.Tensor,
-    b_a: torch.Tensor,
-    w_b: torch.Tensor,
-    b_b: torch.Tensor,
-    kernel_scale: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rff_hsic_eager(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,
+                   kernel_scale: float | Tensor) -> tuple[Tensor, Tensor]:
     """The same estimators as :func:`rff_hsic`, written the way the paper's reference code computes
     them -- the benchmark baseline.
 

@@ -295,20 +295,11 @@ def convergence_diagnostics(
 # --------------------------------------------------------------------------------------------------
 
 
-def mec_loss(
-    z_a: Tensor,
-    z_b: Tensor,
-    target_a: Tensor | None = None,
-    target_b: Tensor | None = None,
-    *,
-    eps_sq: float = 64.0,
-    order: int = 4,
-    scale: str = "reference",
-    lam: float | Tensor | None = None,
-    eager: bool = False,
-    exact: bool = False,
-    logdet: Callable[[Tensor, Tensor, float | Tensor, int], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, float | Tensor]:
+def mec_loss(z_a: Tensor, z_b: Tensor, target_a: Tensor | None = None, target_b: Tensor | None = None, *,
+             eps_sq: float = 64.0, order: int = 4, scale: str = "reference", lam: float | Tensor | None = None,
+             eager: bool = False, exact: bool = False,
+             logdet: Callable[[Tensor, Tensor, float | Tensor, int], Tensor] | None = None,
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, float | Tensor]:
     """MEC loss, symmetrised over two views::
 
         t_ab = T_n(P1, Z2),   t_ba = T_n(P2, Z1),   mu = (m + d) / 2,   lam = d / (m eps_sq)
