@@ -100,10 +100,7 @@ def gaussian_gram_logmean(
     z: Tensor,
     t: float = 2.0,
     *,
-    normalize: bool = True,
-    exclude_diagonal: bool = True,
-    backend: str = "auto",
-    check_finite: bool = False,
+    normalize: bool = True, exclude_diagonal: bool = True, backend: str = "auto", check_finite: bool = False,
     input_precision: str | None = None,
 ) -> Tensor:
     """Log of the Gram mean of the Gaussian potential on the sphere::
@@ -151,10 +148,7 @@ def gram_mean(
     z: Tensor,
     phi: LegendreSeries | GaussianPotential,
     *,
-    normalize: bool = True,
-    backend: str = "auto",
-    check_finite: bool = False,
-    input_precision: str | None = None,
+    normalize: bool = True, backend: str = "auto", check_finite: bool = False, input_precision: str | None = None,
 ) -> Tensor:
     """The dot-product-kernel Gram mean ``(1/n^2) sum_{i,j} phi(z_i^ . z_j^)`` (diagonal included) for
     a member of a small family of ``phi``:
@@ -194,10 +188,7 @@ def uniformity(
     z: Tensor,
     t: float = 2.0,
     *,
-    normalize: bool = True,
-    gather_distributed: bool = False,
-    backend: str = "auto",
-    check_finite: bool = False,
+    normalize: bool = True, gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
     input_precision: str | None = None,
 ) -> Tensor:
     """Wang & Isola's uniformity loss / metric (ICML 2020)::
@@ -258,8 +249,7 @@ def alignment(
     z_b: Tensor,
     alpha: float = 2.0,
     *,
-    normalize: bool = True,
-    check_finite: bool = False,
+    normalize: bool = True, check_finite: bool = False,
 ) -> Tensor:
     """Wang & Isola's alignment (ICML 2020)::
 
@@ -295,12 +285,8 @@ def align_uniform_loss(
     alpha: float = 2.0,
     t: float = 2.0,
     uniformity_weight: float = 1.0,
-    normalize: bool = True,
-    gather_distributed: bool = False,
-    backend: str = "auto",
-    check_finite: bool = False,
-    return_components: bool = False,
-    input_precision: str | None = None,
+    normalize: bool = True, gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
+    return_components: bool = False, input_precision: str | None = None,
 ) -> Tensor | AlignUniformComponents:
     """Wang & Isola's training loss (ICML 2020) on two views ``(n, q)``::
 

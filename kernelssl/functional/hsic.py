@@ -105,9 +105,7 @@ def rff_hsic(
     b_b: Tensor,
     kernel_scale: float | Tensor,
     *,
-    backend: str = "auto",
-    check_finite: bool = False,
-    input_precision: str | None = None,
+    backend: str = "auto", check_finite: bool = False, input_precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SSL-HSIC's two estimators with random Fourier features.
 
@@ -247,11 +245,8 @@ def ssl_hsic_loss(
     kernel: str = "imq",
     exact: bool = False,
     generator: torch.Generator | None = None,
-    gather_distributed: bool = False,
-    backend: str = "auto",
-    check_finite: bool = False,
-    return_components: bool = False,
-    input_precision: str | None = None,
+    gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
+    return_components: bool = False, input_precision: str | None = None,
 ) -> Tensor | HSICComponents:
     """SSL-HSIC loss ``gamma * sqrt(HSIC(Z, Z)) - HSIC(Z, Y)`` (Li et al., NeurIPS 2021).
 

@@ -127,10 +127,7 @@ def taylor_logdet(
     lam: float | Tensor,
     order: int = 4,
     *,
-    normalize: bool = True,
-    backend: str = "auto",
-    check_finite: bool = False,
-    input_precision: str | None = None,
+    normalize: bool = True, backend: str = "auto", check_finite: bool = False, input_precision: str | None = None,
 ) -> Tensor:
     """MEC's truncated matrix-log series, batched over leading dims::
 
@@ -194,11 +191,8 @@ def mec_loss(
     scale: str = "reference",
     lam: float | Tensor | None = None,
     exact: bool = False,
-    gather_distributed: bool = False,
-    backend: str = "auto",
-    check_finite: bool = False,
-    return_components: bool = False,
-    input_precision: str | None = None,
+    gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
+    return_components: bool = False, input_precision: str | None = None,
     check_convergence: str = "off",
 ) -> Tensor | MECComponents:
     """MEC loss (Liu et al., NeurIPS 2022), symmetrised over the two views::

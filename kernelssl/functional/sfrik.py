@@ -59,10 +59,7 @@ def legendre_gram_mean(
     z: Tensor,
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
     *,
-    normalize: bool = True,
-    backend: str = "auto",
-    check_finite: bool = False,
-    input_precision: str | None = None,
+    normalize: bool = True, backend: str = "auto", check_finite: bool = False, input_precision: str | None = None,
 ) -> Tensor:
     """SFRIK's uniformity term, the V-statistic MMD^2 to the uniform law on the sphere::
 
@@ -111,11 +108,8 @@ def sfrik_loss(
     coefficients: Sequence[float] = (1.0, 40.0, 40.0),
     sim_weight: float = 4000.0,
     mmd_weight: float = 1.0,
-    gather_distributed: bool = False,
-    backend: str = "auto",
-    check_finite: bool = False,
-    return_components: bool = False,
-    input_precision: str | None = None,
+    gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
+    return_components: bool = False, input_precision: str | None = None,
 ) -> Tensor | SFRIKComponents:
     """SFRIK loss (Zheng et al., ICLR 2023) on raw projector outputs ``(n, q)``::
 

@@ -14,7 +14,7 @@ from ..functional.hsic import check_generator, check_map, draw_maps, hsic_compon
 from ..ops import rff_hsic as _ops
 from ..ops._common import prescale_rows
 from ..ops.rff_hsic import check_kernel
-from ._common import check_common
+from ._common import LossModule
 
 __all__ = ["HSICLoss"]
 
@@ -46,7 +46,7 @@ def _hsic_views(views: tuple, view_dim: int | None) -> Tensor:
     return as_views(views)
 
 
-class HSICLoss(nn.Module):
+class HSICLoss(LossModule):
     """SSL-HSIC (Li, Pogodin, Sutherland, Gretton -- NeurIPS 2021), linear in the batch size.
 
     ::
@@ -138,11 +138,9 @@ class HSICLoss(nn.Module):
         normalize: bool = True,
         num_scale_pairs: int = 1024,
         seed: int = 0,
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        check_finite: bool = False,
+        gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(gather_distributed, backend, check_finite)
         check_int(num_features, "num_features", minimum=1)
         check_positive(gamma, "gamma", allow_zero=True)
         check_positive(kernel_scale, "kernel_scale")
@@ -161,7 +159,6 @@ class HSICLoss(nn.Module):
         check_bool(normalize, "normalize")
         check_int(num_scale_pairs, "num_scale_pairs", minimum=1)
         check_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
-        check_common(gather_distributed, backend, check_finite)
         self.num_features = num_features
         self.gamma = float(gamma)
         self.learn_scale = learn_scale
@@ -170,9 +167,6 @@ class HSICLoss(nn.Module):
         self.normalize = normalize
         self.num_scale_pairs = num_scale_pairs
         self.seed = seed
-        self.gather_distributed = gather_distributed
-        self.backend = backend
-        self.check_finite = check_finite
         if learn_scale:
             self.kernel_scale = nn.Parameter(torch.tensor(float(kernel_scale)))
         else:

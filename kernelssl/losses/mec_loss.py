@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import functional as KF
 from .._checks import check_bool, check_choice, check_int, check_positive
 from ..functional._common import fp32_compute
-from ._common import check_common
+from ._common import LossModule
 
 __all__ = ["MECLoss"]
 
 Tensor = torch.Tensor
 
 
-class MECLoss(nn.Module):
+class MECLoss(LossModule):
     """Maximum Entropy Coding (Liu, Wang, Li, Wang -- NeurIPS 2022), truncated matrix-log series.
 
     ::
@@ -67,20 +66,14 @@ class MECLoss(nn.Module):
         scale: str = "reference",
         exact: bool = False,
         check_convergence: str = "off",
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        check_finite: bool = False,
+        gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(gather_distributed, backend, check_finite)
         self.eps_sq = check_positive(eps_sq, "eps_sq")
         self.order = check_int(order, "order", minimum=1)
         self.scale = check_choice(scale, "scale", ("reference", "paper"))
         self.exact = check_bool(exact, "exact")
         self.check_convergence = check_choice(check_convergence, "check_convergence", ("off", "warn", "raise"))
-        check_common(gather_distributed, backend, check_finite)
-        self.gather_distributed = gather_distributed
-        self.backend = backend
-        self.check_finite = check_finite
 
     def default_lambda(self, m: int, d: int) -> float:
         """``lam = d / (m * eps_sq)`` for batch size m and embedding dim d (with ``gather_distributed=True``
@@ -101,9 +94,7 @@ class MECLoss(nn.Module):
             scale=self.scale,
             lam=lam,
             exact=self.exact,
-            gather_distributed=self.gather_distributed,
-            backend=self.backend,
-            check_finite=self.check_finite,
+            **self._options(),
             return_components=True,
             check_convergence=self.check_convergence,
         )

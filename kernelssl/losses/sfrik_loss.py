@@ -4,19 +4,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from .. import functional as KF
 from .._checks import check_coefficients, check_positive
 from ..functional._common import fp32_compute
-from ._common import check_common
+from ._common import LossModule
 
 __all__ = ["SFRIKLoss"]
 
 Tensor = torch.Tensor
 
 
-class SFRIKLoss(nn.Module):
+class SFRIKLoss(LossModule):
     """SFRIK (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023): similarity + MMD to uniformity.
 
     ::
@@ -57,18 +56,12 @@ class SFRIKLoss(nn.Module):
         coefficients: Sequence[float] = (1.0, 40.0, 40.0),
         sim_weight: float = 4000.0,
         mmd_weight: float = 1.0,
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        check_finite: bool = False,
+        gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(gather_distributed, backend, check_finite)
         self.coefficients = check_coefficients(coefficients)
         self.sim_weight = check_positive(sim_weight, "sim_weight", allow_zero=True)
         self.mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
-        check_common(gather_distributed, backend, check_finite)
-        self.gather_distributed = gather_distributed
-        self.backend = backend
-        self.check_finite = check_finite
 
     @fp32_compute
     def _compute(self, z_a: Tensor, z_b: Tensor) -> KF.SFRIKComponents:
@@ -78,9 +71,7 @@ class SFRIKLoss(nn.Module):
             coefficients=self.coefficients,
             sim_weight=self.sim_weight,
             mmd_weight=self.mmd_weight,
-            gather_distributed=self.gather_distributed,
-            backend=self.backend,
-            check_finite=self.check_finite,
+            **self._options(),
             return_components=True,
         )
 

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import dispatch
 from .. import functional as KF
 from .._checks import check_bool, check_positive
 from ..functional.align_uniform import check_alpha, check_t
-from ._common import check_common
+from ._common import LossModule
 
 __all__ = ["UniformityLoss", "AlignUniformLoss"]
 
 Tensor = torch.Tensor
 
 
-class UniformityLoss(nn.Module):
+class UniformityLoss(LossModule):
     """Wang & Isola's uniformity (ICML 2020, "Understanding contrastive representation learning through
     alignment and uniformity on the hypersphere"; docs/gaussian_gram.md)::
 
@@ -54,20 +53,13 @@ class UniformityLoss(nn.Module):
         self,
         *,
         t: float = 2.0,
-        normalize: bool = True,
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        check_finite: bool = False,
+        normalize: bool = True, gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
         input_precision: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(gather_distributed, backend, check_finite)
         self.t = check_t(t)
         self.normalize = check_bool(normalize, "normalize")
-        check_common(gather_distributed, backend, check_finite)
         dispatch.resolve_precision(input_precision)
-        self.gather_distributed = gather_distributed
-        self.backend = backend
-        self.check_finite = check_finite
         self.input_precision = input_precision
 
     def forward(self, z: Tensor) -> Tensor:
@@ -94,9 +86,7 @@ class UniformityLoss(nn.Module):
             z,
             self.t,
             normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            backend=self.backend,
-            check_finite=self.check_finite,
+            **self._options(),
             input_precision=self.input_precision,
         )
 
@@ -104,7 +94,7 @@ class UniformityLoss(nn.Module):
         return f"t={self.t}, normalize={self.normalize}, backend={self.backend!r}"
 
 
-class AlignUniformLoss(nn.Module):
+class AlignUniformLoss(LossModule):
     """Wang & Isola's alignment + uniformity loss (ICML 2020; docs/gaussian_gram.md)::
 
         loss    = L_align(Z_a, Z_b) + uniformity_weight * (L_unif(Z_a) + L_unif(Z_b)) / 2
@@ -140,22 +130,15 @@ class AlignUniformLoss(nn.Module):
         alpha: float = 2.0,
         t: float = 2.0,
         uniformity_weight: float = 1.0,
-        normalize: bool = True,
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        check_finite: bool = False,
+        normalize: bool = True, gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
         input_precision: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(gather_distributed, backend, check_finite)
         self.alpha = check_alpha(alpha)
         self.t = check_t(t)
         self.uniformity_weight = check_positive(uniformity_weight, "uniformity_weight", allow_zero=True)
         self.normalize = check_bool(normalize, "normalize")
-        check_common(gather_distributed, backend, check_finite)
         dispatch.resolve_precision(input_precision)
-        self.gather_distributed = gather_distributed
-        self.backend = backend
-        self.check_finite = check_finite
         self.input_precision = input_precision
 
     def _compute(self, z_a: Tensor, z_b: Tensor) -> KF.AlignUniformComponents:
@@ -166,9 +149,7 @@ class AlignUniformLoss(nn.Module):
             t=self.t,
             uniformity_weight=self.uniformity_weight,
             normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            backend=self.backend,
-            check_finite=self.check_finite,
+            **self._options(),
             return_components=True,
             input_precision=self.input_precision,
         )
