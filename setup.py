@@ -35,6 +35,7 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "scipy>=1.10",
+            "ruff>=0.17,<0.18",  # .ci/run lints with it (ruff.toml); a minor release may add checks
         ],
         # python -m kernelssl.bench writes its plots with matplotlib (skipped with a note without it)
         "bench": ["matplotlib>=3.5"],
