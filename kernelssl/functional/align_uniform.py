@@ -228,12 +228,20 @@ def uniformity(
             feats = torch.cat([encoder(x) for x, _ in test_loader])     # (50000, q)
             u = KF.uniformity(feats, t=2.0).item()
     """
-    check_bool(gather_distributed, "gather_distributed")
     check_z(z, "z")
+    t = check_t(t)
+    dispatch.resolve_precision(input_precision)
+    for flag, name in ((normalize, "normalize"), (gather_distributed, "gather_distributed"),
+                       (check_finite, "check_finite")):
+        check_bool(flag, name)
     if gather_distributed:
         (z,) = _dist.gather_batch([z], names=["z"])
-    return gaussian_gram_logmean(z, t, normalize=normalize, exclude_diagonal=True, backend=backend,
-                                 check_finite=check_finite, input_precision=input_precision)
+    if check_finite:
+        assert_finite([z], ["z"])
+    if normalize:
+        z = prescale_rows(z)
+    return logmean_impl(z, t, normalize=normalize, exclude_diagonal=True, backend=backend,
+                        input_precision=input_precision)
 
 
 def _check_pair(z_a, z_b) -> None:
