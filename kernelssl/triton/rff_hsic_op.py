@@ -55,7 +55,7 @@ def _block(n, lo: int, hi: int) -> int:
 
 
 def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") -> dict:
-    if device.type != "cuda":  # interpreter: few, large programs (each op costs Python time)
+    if interpreting() and device.type != "cuda":  # interpreter: few, large programs (each op costs Python time)
         cap = _INTERP_MAX_BLOCK
         c = dict(BI=_block(B, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
                  BN=_block(N, 16, cap), BJB=_block(DB, 16, cap), BJA=_block(DA, 16, cap),
@@ -111,7 +111,7 @@ def _w_split(dtype: torch.dtype, precision: str) -> int:
 
 
 def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -> dict:
-    if device.type != "cuda":
+    if interpreting() and device.type != "cuda":
         cap = _INTERP_MAX_BLOCK
         return dict(BM=_block(N, 16, cap), BJ=_block(max(DA, DB), 16, cap), BK=_block(d, 16, cap),
                     BL=_block(max(DA, DB), 16, cap), BM2=_block(N, 16, cap), BN2=_block(d, 16, cap),
