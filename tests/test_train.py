@@ -204,13 +204,13 @@ def test_torchrun_two_processes(tmp_path):
     assert r["world_size"] == 2 and math.isfinite(r["linear_probe_acc"])
 
 
-def test_readme_cifar10_recipes_parse():
-    """The README's per-paper CIFAR-10 command lines are valid options of the script."""
+def test_documented_cifar10_recipes_parse():
+    """The per-paper CIFAR-10 command lines of docs/training.md are valid options of the script."""
     import re
     import shlex
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    commands = re.findall(r"`(python -m kernelssl\.train --loss \w+ --dataset cifar10[^`]*)`", readme)
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md"), encoding="utf-8").read()
+    commands = re.findall(r"`(python -m kernelssl\.train --loss \w+ --dataset cifar10[^`]*)`", page)
     assert len(commands) == 3, commands
     for cmd in commands:
         args = train.parse_args(shlex.split(cmd)[3:])
