@@ -27,7 +27,7 @@ def oom_factory(error):
     """Correct at the correctness case, out of memory at every timed shape."""
     def factory(loss, shape, device):
         fn = _torch_path(loss, shape, device)
-        check_batch = runner.SMOKE_CHECK_BATCH[loss]
+        check_batch = C.SMOKE_CHECK_BATCH[loss]
 
         def impl(*xs):
             batch = xs[0].shape[-2] if loss == "hsic" else xs[0].shape[0]
@@ -98,7 +98,7 @@ def test_out_of_memory_is_a_row_and_the_run_goes_on(smoke):
         assert rows and all(r["status"] == "oom" for r in rows)
     for loss in C.LOSSES:  # every shape after the first OOM was still timed for the others
         ok = [r for r in res["rows"] if r["loss"] == loss and r["impl"] == "kernelssl" and r["status"] == "ok"]
-        assert len(ok) == len(runner.SMOKE[loss][1]) + 1  # fp32 sweep + bf16 target
+        assert len(ok) == len(C.SMOKE_SHAPES[loss][1]) + 1  # fp32 sweep + bf16 target
         assert all(r["median_ms"] > 0 and r["value_rel_err"] < 1e-3 for r in ok)
     assert "OOM" in (out / "results.md").read_text()
 
