@@ -44,6 +44,7 @@ from ..ops import legendre_gram as _sfrik
 from ..ops import rff_hsic as _hsic
 from ..ops import taylor_logdet as _mec
 from ..ops.rff_hsic import sample_imq_rff
+from .measure import MODES
 
 LOSSES = ("hsic", "sfrik", "mec", "uniformity")
 #: The op each loss runs on.
@@ -177,6 +178,33 @@ def available(loss: str, device: str | torch.device, *, compile: bool = False) -
     if OPS[loss] in dispatch.TRITON_OPS and torch.device(device).type == "cuda":
         names.append("triton")
     return tuple(names)
+
+
+def case_id(shape: dict, dtype: torch.dtype) -> str:
+    """``"K4-B4096-d256-D512-float32"``: a shape and dtype in a ``pytest benchmarks`` test id."""
+    return "-".join(f"{k}{v}" for k, v in shape.items()) + f"-{str(dtype)[6:]}"
+
+
+def sweep_params(loss: str, op: str, cases, *, device: str | torch.device | None = None, variant: str | None = None,
+                 variant_shape: dict | None = None) -> dict:
+    """``metafunc.parametrize`` keywords (``argvalues``, ``ids``) of an op sweep of ``pytest benchmarks``:
+    ``(shape, dtype, mode, impl)`` for every ``(shape, dtype, mode)`` of ``cases`` and every
+    implementation of ``loss`` that runs on ``device`` (default: CUDA if available; :func:`available`,
+    with ``torch.compile`` of the torch path on a GPU).  Where the Triton kernel runs, the fp32 cases
+    at ``variant_shape`` in the :data:`~kernelssl.bench.measure.MODES` also get the implementation
+    ``variant`` (e.g. ``"triton-tf32x3"``: the kernel with its TF32 opt-in, timed beside the default,
+    so one GPU run tells whether the opt-in pays).
+    Ids: ``<op>-<mode>-<shape>-<dtype>-<impl>``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    params, ids = [], []
+    for shape, dtype, mode in cases:
+        impls = available(loss, device, compile=device.type == "cuda")
+        if variant and "triton" in impls and (shape, dtype) == (variant_shape, torch.float32) and mode in MODES:
+            impls += (variant,)
+        for impl in impls:
+            params.append((shape, dtype, mode, impl))
+            ids.append(f"{op}-{mode}-{case_id(shape, dtype)}-{impl}")
+    return {"argvalues": params, "ids": ids}
 
 
 def hsic_maps(shape: dict, *, device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
