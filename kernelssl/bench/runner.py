@@ -2,25 +2,27 @@
 
 :func:`run` is what ``python -m kernelssl.bench`` calls; it returns the results as a dict (the JSON
 written by :mod:`kernelssl.bench.report`).  Cases come from :mod:`kernelssl.bench.cases` (the same ones
-``pytest benchmarks/`` runs); the shapes per device are :func:`plan_shapes`.
+``pytest benchmarks/`` runs); the shapes per device are :func:`plan_shapes`, from that module's tables.
+How to read the results: docs/benchmarks.md.
 
 Per loss and dtype:
 
 1. **Correctness** at a small case: every implementation's loss and input gradients (upstream
-   gradient 0.73, not 1) against the float64 torch path, with SPEC §4's tolerances
-   (:data:`FP32_TOL`; for bf16/fp16 and TF32 the error must be at most 2x the torch path's error in
-   the same precision, or under a stated floor, :func:`_low_precision_verdict`).  An implementation
-   that fails is reported loudly and not timed.
+   gradient 0.73, not 1) against the float64 torch path, with the tolerances of
+   :mod:`kernelssl.numerics` (docs/numerics.md): :data:`FP32_TOL`; for bf16/fp16 and TF32 the error
+   must be at most 2x the torch path's error in the same precision, or under a stated floor
+   (:func:`_low_precision_verdict`).  An implementation that fails is reported loudly and not timed.
 2. **Timing** at each shape of the batch-size sweep (the target shape among them): the first call
    (compile, JIT, autotune; its time is kept as ``first_call_s``), warm-up, then forward+backward
-   repeats (median; CUDA events on a GPU), then the peak extra memory of one call
-   (:mod:`kernelssl.bench.measure`).  Each timed loss value is also checked against the float64
-   torch path on the same inputs (``value_rel_err``), so a compiled graph that goes wrong at a new
-   shape cannot hide.  Out of memory is a row with ``status="oom"`` and the run goes on; so is a
-   ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).  On the CPU,
-   where an out-of-memory kills the process instead of raising, a case whose predicted peak exceeds
-   a share of the available memory is not tried: ``status="predicted-oom"``, the prediction in its
-   message (:func:`kernelssl.bench.cases.predicted_oom`; the uniformity's pdist form).
+   repeats, interleaved across the implementations (median; CUDA events on a GPU), then the peak
+   extra memory of one call (:mod:`kernelssl.bench.measure`, the timing harness).  Each timed loss
+   value is also checked against the float64 torch path on the same inputs (``value_rel_err``), so
+   a compiled graph that goes wrong at a new shape cannot hide.  Out of memory is a row with
+   ``status="oom"`` and the run goes on; so is a ``torch.compile`` failure (``"compile-failed"``) or
+   any other error (``"error"``).  On the CPU, where an out-of-memory kills the process instead of
+   raising, a case whose predicted peak exceeds a share of the available memory is not tried:
+   ``status="predicted-oom"``, the prediction in its message
+   (:func:`kernelssl.bench.cases.predicted_oom`; the uniformity's pdist form).
 
 Each implementation is built once per loss, so a ``torch.compile`` row keeps its graphs from the
 correctness case through the sweep; it compiles with torch's defaults (a static graph for the first
