@@ -258,7 +258,7 @@ def _fused_calls(op: str, s: dict, dtype):
     else:
         P, m, d, order = s["P"], s["m"], s["d"], s["order"]
         a, b = torch.empty(P, m, d, dtype=dtype), torch.empty(P, m, d, dtype=dtype)
-        lam = torch.full((P,), d / (64.0 * m))
+        lam = torch.full((P,), C.mec_lambda(m, d))
         args = _capture_forward_args(lambda: mod.taylor_logdet(a, b, lam, order))
         # (a3, b3, lam, order, normalize, diagnostics, precision); the teacher argument a has no grad
 
@@ -318,7 +318,7 @@ def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
         a = torch.empty(s["P"], s["m"], s["d"], **meta)
         bb = torch.empty(s["P"], s["m"], s["d"], **meta, requires_grad=True)
         inputs = [bb]
-        fn = lambda: M.taylor_logdet_eager(a, bb, s["d"] / (64.0 * s["m"]), s["order"]).sum()
+        fn = lambda: M.taylor_logdet_eager(a, bb, C.mec_lambda(s["m"], s["d"]), s["order"]).sum()
     rows: list = []
     with _dispatch_recorder(rows):
         loss = fn()

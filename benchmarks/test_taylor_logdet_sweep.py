@@ -4,7 +4,7 @@ form: all n powers in m-space) vs ``torch.compile`` of the torch path, plus swee
 The generic harness (test_losses.py) covers the whole MEC loss forward+backward; the rows here time the
 op itself on the two symmetrised directions of one step stacked as a batch of 2 pairs, ``(2, m, d)``,
 as the loss calls it: the first argument the teacher outputs (no grad: an EMA teacher), the second
-the online outputs (grad), ``normalize=True``, ``lam = d / (64 m)``.
+the online outputs (grad), ``normalize=True``, ``lam = d / (64 m)`` (:func:`kernelssl.bench.cases.mec_lambda`).
 
 * CUDA (``paper`` scale, the default there): m = 1024, d = 2048, n = 4 in fp32 and bf16, all three
   modes, plus the forward with the convergence diagnostics (Triton: ``taylor_logdet_with_diagnostics``;
@@ -105,7 +105,7 @@ def test_taylor_logdet_modes(op_case, bench):
     shape, dtype, mode, impl = op_case
     device = bench_device()
     m, d, n = shape["m"], shape["d"], shape["n"]
-    lam = d / (64.0 * m)
+    lam = C.mec_lambda(m, d)
 
     def make():
         return _implementation(impl, n, mode == "diagnostics"), (*_inputs(shape, dtype, device), lam)

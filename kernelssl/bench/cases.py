@@ -132,6 +132,11 @@ OP_SWEEPS = {
 }
 
 
+def mec_lambda(m: int, d: int) -> float:
+    """``d / (64 m)``: the MEC op's lambda in the op benchmarks and the performance model."""
+    return d / (64.0 * m)
+
+
 def hsic_features(shape: dict) -> int:
     """D, the random features per map of an HSIC shape (the papers' 512 where the shape has none)."""
     return shape.get("D", PAPER_SHAPES["hsic"]["D"])
