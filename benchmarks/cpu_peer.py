@@ -1,19 +1,22 @@
 """Forward+backward of each loss's default call against ``torch.compile`` of the papers' form, side by
-side on the CPU (issue 13), with the GEMM-limit row and peak extra memory.
+side on the CPU, with the GEMM-limit row and peak extra memory (docs/benchmarks.md).
 
-Implementations, timed on the same inputs, interleaved (every repeat runs each once, in turn), medians:
+Implementations, timed on the same inputs, interleaved (every repeat runs each once, in turn:
+:func:`kernelssl.bench.measure.interleaved`), medians:
 
 * ``peer``    -- ``torch.compile`` (inductor) of the papers' form: the ``"eager"`` implementations of
-  :mod:`kernelssl._cases` (``_sfrik.sfrik_loss(eager=True)``, ``_hsic.rff_hsic_eager``,
-  ``_mec.mec_loss(eager=True)``), wrapped here.  Its compile time is reported separately.
+  :mod:`kernelssl.bench.cases` (``sfrik_loss(eager=True)``, ``rff_hsic_eager``,
+  ``mec_loss(eager=True)`` of :mod:`kernelssl.ops`), wrapped here.  Its compile time (the first
+  call's wall time) is reported separately.
 * ``default`` -- the library's default call: ``SFRIKLoss()(za, zb)``, ``HSICLoss()(views,
   features=maps)`` (the same maps as the peer), ``MECLoss()(za, zb, ta, tb)``.
 * ``compiled``-- ``torch.compile`` of that default call (``--compiled``).
 * ``gemm``    -- the essential matrix products alone, forward+backward: the ``limit`` row of
-  :func:`kernelssl._cases.limit_products` (shared with ``python -m kernelssl.bench``).
+  :func:`kernelssl.bench.cases.limit_products` (shared with ``python -m kernelssl.bench``).
 
 Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of one forward+backward
-(:func:`bench_util.peak_extra_bytes`), for ``default`` and the un-compiled papers' form (``eager``).
+(:func:`kernelssl.bench.measure.peak_extra_bytes`), for ``default`` and the un-compiled papers' form
+(``eager``).
 
 Run from the repository root::
 
@@ -24,17 +27,11 @@ The machine is shared: read ratios, not absolute times.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_util import peak_extra_bytes
-from kernelssl.bench.cases import forward_backward, hsic_maps, implementations, limit_products, make_inputs
+from kernelssl.bench import cases as C
+from kernelssl.bench import measure as Ms
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 
@@ -49,19 +46,14 @@ def default_call(loss: str, shape: dict, device):
     if loss == "mec":
         crit = MECLoss()
         return lambda za, zb, pa, pb: crit(za, zb, pa, pb)
-    crit = HSICLoss(num_features=shape.get("D", 512))
-    maps = hsic_maps(shape, device=device)
+    crit = HSICLoss(num_features=C.hsic_features(shape))
+    maps = C.hsic_maps(shape, device=device)
     return lambda views: crit(views, view_dim=0, features=maps)
 
 
-def time_once(fn, inputs, is_loss: bool = True) -> float:
+def step(fn, inputs, is_loss: bool = True):
     """One forward+backward of a loss (or one call of the limit's products, which are not a loss)."""
-    t0 = time.perf_counter()
-    if is_loss:
-        forward_backward(fn, inputs)
-    else:
-        fn(*inputs)
-    return time.perf_counter() - t0
+    return (lambda: C.forward_backward(fn, inputs)) if is_loss else (lambda: fn(*inputs))
 
 
 def main(argv=None) -> None:
@@ -79,32 +71,30 @@ def main(argv=None) -> None:
     dtype = getattr(torch, a.dtype)
     shape = parse_shape(a.shape)
     device = torch.device("cpu")
-    inputs = make_inputs(a.loss, shape, dtype=dtype)
+    inputs = C.make_inputs(a.loss, shape, dtype=dtype)
     if a.loss == "hsic":  # unit rows (the papers' code normalises before the loss; HSICLoss() does so
         # inside): both then compute the same loss, the default call including its normalisation
         inputs = (torch.nn.functional.normalize(inputs[0].detach(), dim=-1).requires_grad_(),)
-    impls = implementations(a.loss, shape, device=device)
+    impls = C.implementations(a.loss, shape, device=device)
     fns = {"default": default_call(a.loss, shape, device)}
-    compile_s = {}
     if not a.no_peer:
         fns["peer"] = torch.compile(impls["eager"])
     if a.compiled:
         fns["compiled"] = torch.compile(default_call(a.loss, shape, device))
-    fns["gemm"] = limit_products(a.loss, shape)
+    fns["gemm"] = C.limit_products(a.loss, shape)
+    steps = {name: step(fn, inputs, name != "gemm") for name, fn in fns.items()}
     # warm-up (compiles); the first call of a compiled function is its compile time
-    for name, fn in fns.items():
-        t = time_once(fn, inputs, name != "gemm")
+    compile_s = {}
+    for name, fn in steps.items():
+        t, _ = Ms.wall(fn, device)
         if name in ("peer", "compiled"):
             compile_s[name] = t
-        time_once(fn, inputs, name != "gemm")
+        Ms.warm_up(fn, device)
     # agreement with the papers' form (a fast wrong answer must not look good)
-    ref = forward_backward(impls["eager"], inputs).item()
-    got = forward_backward(fns["default"], inputs).item()
-    times = {name: [] for name in fns}
-    for _ in range(a.repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, inputs, name != "gemm"))
-    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    ref = C.forward_backward(impls["eager"], inputs).item()
+    got = C.forward_backward(fns["default"], inputs).item()
+    times = Ms.interleaved(steps, device, repeats=a.repeats)
+    med = {name: Ms.median(ts) * 1e3 for name, ts in times.items()}
     row = {"loss": a.loss, "shape": a.shape, "dtype": a.dtype, "threads": a.threads, "repeats": a.repeats}
     row.update({f"{k}_ms": round(v, 2) for k, v in med.items()})
     if "peer" in med:
@@ -118,7 +108,7 @@ def main(argv=None) -> None:
     if a.memory:
         fns_mem = {"default": fns["default"], "eager": impls["eager"]}
         for name, fn in fns_mem.items():
-            b = peak_extra_bytes(lambda: forward_backward(fn, inputs), device)
+            b = Ms.peak_extra_bytes(step(fn, inputs), device)
             row[f"mem_{name}_MiB"] = None if b is None else round(b / 2**20, 1)
     print(row, flush=True)
 

@@ -1,13 +1,14 @@
-"""Issue 14, finding 1: does each loss learn when dropped into a plain lightly-style two-view loop?
+"""Does each loss learn when dropped into a plain lightly-style two-view loop?
 
 No EMA target, no predictor, no recipe: a backbone, a lightly-style projection head
 (Linear -> BatchNorm -> ReLU -> Linear), two augmentations per image, ``loss = criterion(z0, z1)`` on
 the RAW projector outputs, Adam.  On scikit-learn's digits with kernelssl's own data and model code
 (lightly itself is not needed).  Reports the mean row norm of the projector outputs, then a cosine
 k-NN (k = 20, all 1257 training labels) and a logistic-regression linear probe (5 labels per class,
-5 draws) of the frozen backbone, against the same backbone at its random initialisation.
+5 draws) of the frozen backbone, against the same backbone at its random initialisation.  Run from the
+repository root::
 
-    python benchmarks/lightly_style_digits.py [--epochs 15] [--seed 0]
+    PYTHONPATH=. python benchmarks/lightly_style_digits.py [--epochs 15] [--seed 0]
 
 Configurations: ``HSICLoss(normalize=False)`` (the module's former default), ``HSICLoss()`` (the
 default now, ``normalize=True``), with the paper's learned scale, with gamma = 1 (normalised or not),
@@ -89,7 +90,8 @@ def main() -> None:
           f"{'lin5 init->trained':>19s} {'s':>5s}")
     for name, make in configs:
         r = run(name, make, data, a.epochs, a.seed)
-        print(f"{name:45s} {r['norm_first']:6.2f}/{r['norm_last']:<8.2f} {r['loss_first']:9.4g}/{r['loss_last']:<10.4g} "
+        print(f"{name:45s} {r['norm_first']:6.2f}/{r['norm_last']:<8.2f} "
+              f"{r['loss_first']:9.4g}/{r['loss_last']:<10.4g} "
               f"{r['init_knn_all_labels']:.3f} -> {r['trained_knn_all_labels']:.3f}    "
               f"{r['init_linear_5_labels']:.3f} -> {r['trained_linear_5_labels']:.3f} {r['seconds']:5.0f}",
               flush=True)

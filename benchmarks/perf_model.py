@@ -1,129 +1,95 @@
 """Static performance model of the fused kernels and of the eager form on an H200 -- PREDICTED, never
-measured.  Nothing here runs on a GPU; it is the tool to tune with until one is lent, and afterwards
-the column that measured times go next to.
+measured (docs/perf-model.md).  Nothing here runs on a GPU; it is the tool to tune with until one is
+lent, and afterwards the column that measured times go next to.
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/perf_model.py [--json PATH] [--headline]
+    PYTHONPATH=. python benchmarks/perf_model.py [--json PATH] [--headline] [--op OP ...]
 
 (run it with ``TRITON_INTERPRET`` unset or 0: the kernels are compiled for sm_90, not interpreted.)
 
-What it does, per op (rff_hsic = SSL-HSIC, legendre_gram_mean = SFRIK, taylor_logdet = MEC), shape,
-and input dtype (fp32, bf16), forward + backward:
+This file records which launches one forward + backward issues, per op (rff_hsic = SSL-HSIC,
+legendre_gram = SFRIK, taylor_logdet = MEC, gaussian_gram = Wang & Isola's uniformity), shape and
+input dtype (fp32, bf16); :mod:`kernelssl.bench.launch_costs` prices each launch (the H200 ceilings,
+the kernels' work, occupancy, waves, time) and the op's limit.
 
-1. **Launches of the fused path** -- recorded exactly as ``tests/sm90_compile.py`` records them (:mod:`kernelssl.triton.offline`) (its
-   ``_Recorder`` in place of the op module's ``wrap_triton``, the real GPU launchers called on empty
-   CPU tensors; nothing runs), with the arguments the public entry point passes: the forward op's
-   arguments are captured from a call of the public function (``rff_hsic``, ``legendre_gram_mean``,
-   ``taylor_logdet``) under a dispatch mode, so the precision is the public default, whatever it is
-   on this branch.  torch ops the launchers issue themselves (e.g. a split-K sum) are recorded too.
-2. **Per launch**: each Triton launch is compiled for sm_90 by :func:`kernelssl.triton.offline.compile_all` (Triton's
-   own specialisation of the launch, its compiler and bundled ptxas: registers, shared memory, warps;
-   one compile per distinct specialisation); its work comes from the kernel's math
-   (:data:`KERNELS`, one cost function per kernel, integrating the kernel's loops over its programs
-   with the launch's block sizes, padding included; the work is derived from the arguments, the
-   grid only gives the programs and waves):
+1. **Launches of the fused path** -- recorded as ``tests/sm90_compile.py`` records them
+   (:mod:`kernelssl.triton.offline`: a recorder in place of the op module's ``wrap_triton``, the
+   real GPU launchers called on empty CPU tensors; nothing runs), with the arguments the public entry
+   point passes: the forward op's arguments are captured from a call of the public function
+   (``rff_hsic``, ``legendre_gram_mean``, ``taylor_logdet``, ``gaussian_gram_logmean``) under a
+   dispatch mode, so the precision is the public default, whatever it is on this branch.  torch ops
+   the launchers issue themselves (e.g. a split-K sum) are recorded too.  Each Triton launch is
+   compiled for sm_90 by :func:`kernelssl.triton.offline.compile_all` (Triton's own specialisation of
+   the launch, its compiler and bundled ptxas: registers, shared memory, warps; one compile per
+   distinct specialisation).
+2. **Eager form** (the function :mod:`kernelssl.bench.cases` times as "eager": ``rff_hsic_eager``,
+   ``legendre_gram_mean_eager`` per view, ``taylor_logdet_eager``, Wang & Isola's pdist form per
+   view), run on ``meta`` tensors under a dispatch mode that records every aten op of forward and
+   autograd backward (one op ~ one launch): matmuls at the fp32 FMA rate (the eager form computes
+   half inputs in fp32, and torch's default keeps fp32 matmuls off TF32), everything else
+   bytes-bound; wave efficiency 1 (library kernels).
 
-   * product flops per ``tl.dot`` call, by unit: two fp16/bf16 operands -> tensor cores (bf16 rate);
-     fp32 operands -> by ``input_precision``: ``"ieee"`` FMA units, ``"tf32"`` tensor cores (TF32
-     rate), ``"tf32x3"`` three TF32 tensor-core products (a third of the TF32 rate per useful flop);
-     a product the kernel writes as two ``tl.dot`` calls (legendre's split backward) counts twice;
-   * auxiliary flops (epilogues: cos/sin ~20 flops an element -- libdevice's full-range code --, the
-     Legendre recurrence, centring, scalings) on the FMA pipe;
-   * HBM bytes, a LOWER BOUND: every tensor the launch reads is read once and every tensor it
-     writes is written once (compulsory traffic; re-reads of operand tiles by other programs are
-     assumed to hit L2 -- 50 MB on an H200 -- which holds each op's re-read operands at the papers'
-     shapes); torch ops: inputs read once, outputs written once;
-   * programs, occupancy (programs per SM from registers per thread -- allocated per warp in units
-     of 256 --, 64 K registers, 2048 threads, 228 KB shared memory with 1 KB reserved per block,
-     32 blocks), waves on 132 SMs (``programs / (132 * per SM)``) and wave efficiency
-     ``programs / (ceil(waves) * 132 * per SM)``;
-   * predicted time = ``overhead + max(compute / wave_efficiency, bytes / (bandwidth * sm_share))``
-     with ``compute = sum over units of flops / rate`` (no overlap between the tensor-core and FMA
-     pipes is assumed) and ``sm_share = programs / (132 * ceil(programs / 132))``: an SM is assumed
-     to need all its resident programs for its peak arithmetic rate, but not for streaming memory.
-
-3. **Limit** of the op: its essential products (:func:`essential`) at the best rate for their
-   operands, and a bytes floor (inputs read once, gradient written once): ``max`` of the two, no
-   overhead.  Rates by operand class: two fp16/bf16 operands -> bf16 tensor-core rate; one 16-bit
-   operand and one fp32 operand -> the fp32 operand split into 16-bit parts, one product each: two
-   parts (half the bf16 rate) where the result is rounded to 16 bits anyway (a 16-bit gradient, as
-   legendre's backward does), three (24 bits: a third of the bf16 rate) where it must be fp32-exact;
-   two fp32 operands -> a third of the TF32 rate (tf32x3, SPEC §4's fp32 policy).  "Essential":
-   what the math needs under the project's memory contract (no n x n matrix kept between forward
-   and backward): SSL-HSIC the projections, the cross-covariance,
-   the two ``Phibar C`` products and the back-projections (u = X W^T may be stored: no recompute);
-   SFRIK the symmetric Gram (n(n+1)q), its symmetric recompute in the backward and ``phi'(G) Zhat``
-   (2 n^2 q); MEC the Gram, the stored powers, the one ``S_n`` product (order >= 4) and the
-   gradient product per differentiated argument.
-4. **Eager form** (the function ``kernelssl._cases`` times as "eager": ``rff_hsic_eager``,
-   ``legendre_gram_mean_eager`` per view, ``taylor_logdet_eager``), run on ``meta`` tensors under a
-   dispatch mode that records every aten op of forward and autograd backward (one op ~ one launch):
-   matmuls at the fp32 FMA rate (the eager form computes half inputs in fp32, and torch's default
-   keeps fp32 matmuls off TF32), everything else bytes-bound; wave efficiency 1 (library kernels).
-
-Ceilings (:data:`H200`): bf16 dense 790 TFLOP/s and copy 4.3 TB/s counting read + write (measured on
-an H200), TF32 half of bf16, fp32 FMA 67 TFLOP/s (datasheet), 132 SMs, 3 us per launch (GPU-side
-gap and ramp; the host is assumed to keep ahead).
-
-Shapes (the papers' and the benchmark sweeps'): SSL-HSIC K = 4, B = 4096 (N = 16384), d = 256,
-D = 512; SFRIK n = 2048 per view, q = 8192, L = 3, two views (two calls); uniformity (gaussian_gram, SPEC
-§6.1) n = 4096 per view, q = 128, two views stacked in one op call (as the loss makes it), and n = 65536 in
-the sweep; MEC m = 1024, d = 2048,
-order 4, two directions stacked as a batch of 2 pairs, the first argument (teacher) without grad.
+Shapes (:data:`kernelssl.bench.cases.PAPER_SHAPES`, and points of the op benchmarks' sweeps,
+:data:`kernelssl.bench.cases.OP_SWEEPS`): SSL-HSIC K = 4, B = 4096 (N = 16384), d = 256, D = 512;
+SFRIK n = 2048 per view, q = 8192, L = 3, two views (two calls); uniformity n = 4096 per view,
+q = 128, two views stacked in one op call (as the loss makes it), and n = 65536 in the sweep; MEC
+m = 1024, d = 2048, order 4, two directions stacked as a batch of 2 pairs, the first argument
+(teacher) without grad.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-#: H200 ceilings (see the module doc): rates in flop/s, bandwidth in byte/s (read + write).
-H200 = {
-    "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "bandwidth": 4.3e12, "sms": 132, "overhead": 3e-6,
-    "regs_per_sm": 65536, "threads_per_sm": 2048, "smem_per_sm": 233472, "smem_reserved": 1024,
-    "blocks_per_sm": 32,
-}
+from kernelssl.bench import cases as C
+from kernelssl.bench import launch_costs as LC
 
-#: rate (flop/s) of a product by how it is executed
-RATES = {
-    "bf16": H200["bf16"], "fp16": H200["bf16"], "tf32": H200["tf32"], "tf32x3": H200["tf32"] / 3,
-    "ieee": H200["fma"],
-}
-TENSOR_CORE = ("bf16", "fp16", "tf32", "tf32x3")
-#: limit rates by operand class (module doc, point 3)
-LIMIT_RATES = {"half": H200["bf16"], "mixed16": H200["bf16"] / 2, "mixed32": H200["bf16"] / 3,
-               "fp32": H200["tf32"] / 3}
-
-OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
+OPS = tuple(C.OPS.values())  # rff_hsic, legendre_gram, taylor_logdet, gaussian_gram
+#: The papers' shapes per op, with what the op calls need beside them: SFRIK's L (the number of
+#: Legendre coefficients) and its two views (one call each), MEC's order and its P = 2 directions,
+#: the uniformity's two views (one call).
 PAPER = {
-    "rff_hsic": {"K": 4, "B": 4096, "d": 256, "D": 512},
-    "legendre_gram": {"n": 2048, "q": 8192, "L": 3, "views": 2},
-    "taylor_logdet": {"m": 1024, "d": 2048, "order": 4, "P": 2},
-    # Wang & Isola's uniformity (align + uniform loss: two views, one batched op call)
-    "gaussian_gram": {"n": 4096, "q": 128, "views": 2},
+    "rff_hsic": dict(C.PAPER_SHAPES["hsic"]),
+    "legendre_gram": {**C.PAPER_SHAPES["sfrik"], "L": len(C.SFRIK_COEFFICIENTS), "views": 2},
+    "taylor_logdet": {**C.PAPER_SHAPES["mec"], "order": C.MEC_ORDER, "P": 2},
+    "gaussian_gram": {**C.PAPER_SHAPES["uniformity"], "views": 2},
 }
 DTYPES = ("float32", "bfloat16")
+#: The sweep points priced besides the papers' shape, ``{op: {dimension: sizes}}``: points of the op
+#: benchmarks' sweeps (:data:`kernelssl.bench.cases.OP_SWEEPS`; rff_hsic's N = K B, taylor_logdet's
+#: n its order), a subset (each distinct launch compiles; SFRIK's largest n are left out: the
+#: recording allocates (empty) CPU tensors of the real size); besides them the uniformity at q = 512.
+MODEL_SWEEP = {
+    "rff_hsic": {"N": (1024, 4096, 65536), "D": (128, 1024, 2048)},
+    "legendre_gram": {"q": (16384, 32768), "n": (1024, 4096, 8192, 16384)},
+    "gaussian_gram": {"n": (16384, 65536)},
+    "taylor_logdet": {"m": (256, 512, 2048, 4096), "d": (128, 512, 4096), "n": (2, 3, 6, 8)},
+}
 
 
 def sweep(op: str) -> list[dict]:
-    """The papers' shape first, then the benchmark sweeps' points (largest SFRIK n left out: the
-    recording allocates (empty) CPU tensors of the real size)."""
-    p = PAPER[op]
+    """The papers' shape first, then :data:`MODEL_SWEEP`'s points, one dimension at a time."""
+    p, pts = PAPER[op], MODEL_SWEEP[op]
     if op == "rff_hsic":
-        pts = [{**p, "B": n // 4} for n in (1024, 4096, 65536)] + [{**p, "D": D} for D in (128, 1024, 2048)]
+        out = [{**p, "B": n // p["K"]} for n in pts["N"]] + [{**p, "D": D} for D in pts["D"]]
     elif op == "legendre_gram":
-        pts = [{**p, "q": q} for q in (16384, 32768)] + [{**p, "n": n} for n in (1024, 4096, 8192, 16384)]
-    elif op == "gaussian_gram":
-        pts = [{**p, "n": n, "views": 1} for n in (16384, 65536)] + [{**p, "q": 512}]
+        out = [{**p, "q": q} for q in pts["q"]] + [{**p, "n": n} for n in pts["n"]]
+    elif op == "gaussian_gram":  # one view per call
+        out = [{**p, "n": n, "views": 1} for n in pts["n"]] + [{**p, "q": 512}]
     else:
-        pts = ([{**p, "m": m} for m in (256, 512, 2048, 4096)] + [{**p, "d": d} for d in (128, 512, 4096)]
-               + [{**p, "order": n} for n in (2, 3, 6, 8)])
-    return [p] + pts
+        out = ([{**p, "m": m} for m in pts["m"]] + [{**p, "d": d} for d in pts["d"]]
+               + [{**p, "order": n} for n in pts["n"]])
+    return [p] + out
+
+
+def _coefficients(s: dict) -> tuple[float, ...]:
+    """SFRIK's Legendre coefficients b: the first ``s["L"]`` of the papers'
+    (:data:`kernelssl.bench.cases.SFRIK_COEFFICIENTS`)."""
+    return C.SFRIK_COEFFICIENTS[: s["L"]]
 
 
 def shape_label(op: str, s: dict) -> str:
@@ -137,366 +103,20 @@ def shape_label(op: str, s: dict) -> str:
 
 
 # ==================================================================================================
-# per-launch work
+# recording: torch ops under a dispatch mode, the public entry's arguments
 # ==================================================================================================
-
-
-@dataclass
-class Work:
-    dots: list = field(default_factory=list)  # [(unit, flops)]
-    aux: float = 0.0  # FMA-pipe flops of epilogues / elementwise work
-    reads: list = field(default_factory=list)  # tensors read (each once)
-    writes: list = field(default_factory=list)  # tensors written (each once)
-
-
-def _cdiv(a, b):
-    return -(-int(a) // int(b))
-
-
-def _pad(a, b):
-    return _cdiv(a, b) * int(b)
-
-
-def _half_name(dtype) -> str | None:
-    import torch
-
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
-
-
-def _unit(operand_dtype, precision) -> str:
-    """How a ``tl.dot`` executes: 16-bit operands as they are -> tensor cores; fp32 -> by precision."""
-    half = _half_name(operand_dtype)
-    if half is not None:
-        return half
-    if precision not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"unknown input_precision {precision!r}")
-    return precision
-
-
-def _f32():
-    import torch
-
-    return torch.float32
-
-
-# ---- rff_hsic ------------------------------------------------------------------------------------
-
-
-def _rff_features_kernel(a, grid):
-    bi, bj, bk = a["BLOCK_I"], a["BLOCK_J"], a["BLOCK_K"]
-    # (image block, feature block of either map) x views
-    tiles = _cdiv(a["B"], bi) * (_cdiv(a["D_A"], bj) + _cdiv(a["D_B"], bj)) * a["K"]
-    flops = 2.0 * tiles * bi * bj * _pad(a["d"], bk)
-    if a.get("W_SPLIT", 0):  # bf16 x, W split into three bf16 parts: three bf16 tl.dot calls
-        dots = [("bf16", 3.0 * flops)]
-    else:
-        dots = [(_unit(_f32(), a["PRECISION"]), flops)]  # operands upcast to fp32 before tl.dot
-    return Work(dots=dots, aux=25.0 * tiles * bi * bj,
-                reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr")],
-                writes=[a[k] for k in ("phia_ptr", "phib_ptr", "s_ptr", "colsum_a_ptr", "colsum_b_ptr", "m2_ptr")])
-
-
-def _rff_stats_kernel(a, grid):
-    return Work(aux=4.0 * (a["colsum_a_ptr"].numel() + a["colsum_b_ptr"].numel()),
-                reads=[a["colsum_a_ptr"], a["colsum_b_ptr"]], writes=[a["mu_a_ptr"], a["mu_b_ptr"], a["zy_part_ptr"]])
-
-
-def _rff_cross_cov_kernel(a, grid):
-    bn, bjb, bja = a["BLOCK_N"], a["BLOCK_JB"], a["BLOCK_JA"]
-    rows = _pad(a["N"], bn)  # the splits together cover the rows once (rows_per_split is a multiple of BN)
-    tiles = _cdiv(a["D_A"], bja) * _cdiv(a["D_B"], bjb)
-    unit = _unit(_f32(), a["PRECISION"])
-    return Work(dots=[(unit, 2.0 * tiles * bjb * bja * rows)], aux=2.0 * tiles * rows * (bja + bjb),
-                reads=[a["phia_ptr"], a["phib_ptr"], a["mu_a_ptr"], a["mu_b_ptr"]],
-                writes=[a["out_ptr"], a["sumsq_ptr"]])
-
-
-def _rff_cov_reduce_kernel(a, grid):
-    return Work(aux=float(a["part_ptr"].numel()), reads=[a["part_ptr"]], writes=[a["cov_ptr"], a["sumsq_ptr"]])
-
-
-def _rff_finalize_kernel(a, grid):
-    return Work(reads=[a["m2_ptr"], a["zy_part_ptr"], a["sumsq_ptr"]], writes=[a["zy_ptr"], a["zz_ptr"]])
-
-
-def _rff_feature_grad_kernel(a, grid):
-    # backward pass 1: T = dL/du for BM rows x BJ features of one map: u recomputed (GEMM over d),
-    # Phibar_other C (GEMM over D_other), stored to T (N x (D_A + D_B), fp32)
-    bm, bj, bk, bl = a["BLOCK_M"], a["BLOCK_J"], a["BLOCK_K"], a["BLOCK_L"]
-    rows = _cdiv(a["K"] * a["B"], bm)
-    unit = _unit(_f32(), a["PRECISION"])
-    flops = aux = 0.0
-    for D, D_other in ((a["D_A"], a["D_B"]), (a["D_B"], a["D_A"])):
-        programs = rows * _cdiv(D, bj)
-        flops += 2.0 * programs * bm * bj * (_pad(a["d"], bk) + _pad(D_other, bl))
-        aux += programs * bm * (30.0 * bj + 2.0 * _pad(D_other, bl))  # sin, scalings; centring
-    return Work(dots=[(unit, flops)], aux=aux,
-                reads=[a[k] for k in ("x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr", "phia_ptr", "phib_ptr", "s_ptr",
-                                      "mu_a_ptr", "mu_b_ptr", "cov_ptr")],
-                writes=[a["t_ptr"]])
-
-
-def _rff_dx_kernel(a, grid):
-    # backward pass 2: dL/dX = T [W_A; W_B] (GEMM over D_A + D_B)
-    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    programs = _cdiv(a["N"], bm) * _cdiv(a["d"], bn)
-    unit = _unit(_f32(), a["PRECISION"])
-    return Work(dots=[(unit, 2.0 * programs * bm * bn * (_pad(a["D_A"], bk) + _pad(a["D_B"], bk)))],
-                aux=2.0 * programs * bm * bn, reads=[a["t_ptr"], a["wa_ptr"], a["wb_ptr"]], writes=[a["grad_ptr"]])
-
-
-# ---- legendre_gram -------------------------------------------------------------------------------
-
-
-def _gram_unit(a):
-    z = a["z_ptr"]
-    return _unit(_f32() if a["DOT_F32"] else z.dtype, a["INPUT_PRECISION"])
-
-
-def _row_scales_kernel(a, grid):
-    z = a["z_ptr"]
-    return Work(aux=2.0 * z.numel() if a["NORMALIZE"] else 0.0, reads=[z] if a["NORMALIZE"] else [],
-                writes=[a["rinv_ptr"], a["proj_ptr"]])
-
-
-def _gram_phi_sum_kernel(a, grid):
-    blk, L = a["BLOCK"], a["L"]
-    t = _cdiv(a["n"], blk)
-    programs = t * (t + 1) // 2  # lower-triangular tiles
-    return Work(dots=[(_gram_unit(a), 2.0 * programs * blk * blk * _pad(a["q"], a["BLOCK_K"]))],
-                aux=programs * blk * blk * (4.0 + 5.0 * (L - 1)),
-                reads=[a["z_ptr"], a["rinv_ptr"]], writes=[a["part_ptr"]])
-
-
-def _sum_partials_kernel(a, grid):
-    return Work(reads=[a["part_ptr"]], writes=[a["out_ptr"]])
-
-
-def _gram_dphi_kernel(a, grid):
-    bm, bn, L = a["BLOCK_M"], a["BLOCK_N"], a["L"]
-    rows, n = a["panel_rows"], a["n"]
-    programs = _cdiv(rows, bm) * _cdiv(n, bn)
-    return Work(dots=[(_gram_unit(a), 2.0 * programs * bm * bn * _pad(a["q"], a["BLOCK_K"]))],
-                aux=programs * bm * bn * (5.0 + 8.0 * (L - 1)),
-                reads=[a["z_ptr"], a["rinv_ptr"]],
-                writes=[(rows * n * 4, "panel"), (rows * _cdiv(n, bn) * 4, "dpart") if a["NORMALIZE"] else (0, "")])
-
-
-def _panel_matmul_kernel(a, grid):
-    bm, bq, bk = a["BLOCK_M"], a["BLOCK_Q"], a["BLOCK_K"]
-    rows, n, q = a["panel_rows"], a["n"], a["q"]
-    programs = _cdiv(rows, bm) * _cdiv(q, bq)
-    one = 2.0 * programs * bm * bq * _pad(n, bk)
-    mode = a["MODE"]
-    if mode == 0:  # fp32 P @ fp32 Z
-        dots = [(_unit(_f32(), a["INPUT_PRECISION"]), one)]
-    elif mode == 1:  # bf16 Z, P split into two bf16 parts: two tl.dot calls
-        dots = [("bf16" if not a["DOT_F32"] else _unit(_f32(), a["INPUT_PRECISION"]), one)] * 2
-    else:  # fp16 Z, P split into two TF32 parts: two TF32 tl.dot calls
-        dots = [("tf32", one)] * 2
-    z = a["z_ptr"]
-    return Work(dots=dots, aux=(3.0 if mode else 0.0) * programs * bm * _pad(n, bk) + 6.0 * programs * bm * bq,
-                reads=[(rows * n * 4, "panel"), z, a["rinv_ptr"], a["proj_ptr"],
-                       (rows * a["num_dparts"] * 4, "dpart")],
-                writes=[(rows * q * z.element_size(), "out")])
-
-
-# ---- gaussian_gram (its row kernel and backward GEMM are legendre_gram's, priced above) -----------
-
-
-def _gram_lse_kernel(a, grid):
-    blk = a["BLOCK"]
-    programs = grid[0]  # the lower-triangular tiles of every view (views stacked on grid axis 0)
-    # epilogue per entry: scale, exponent, mask, max, exp, sum (exp ~ 4 FMA-pipe flops)
-    return Work(dots=[(_gram_unit(a), 2.0 * programs * blk * blk * _pad(a["q"], a["BLOCK_K"]))],
-                aux=programs * blk * blk * 10.0, reads=[a["z_ptr"], a["rinv_ptr"]],
-                writes=[a["mpart_ptr"], a["spart_ptr"]])
-
-
-def _lse_reduce_kernel(a, grid):
-    return Work(aux=6.0 * a["num_parts"] * grid[0], reads=[a["mpart_ptr"], a["spart_ptr"]],
-                writes=[a["out_ptr"], a["stats_ptr"]])
-
-
-def _resident_backward_kernel(a, grid):
-    bm, bn, bq, n = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_Q"], a["n"]
-    views = grid[0] // (_cdiv(n, bm) * _cdiv(_cdiv(n, bn), a["tiles_per_split"]))  # stacked on grid axis 0
-    tiles = views * _cdiv(n, bm) * _cdiv(n, bn)  # every (row tile, column tile) of each view once
-    gram = 2.0 * tiles * bm * bn * _pad(a["q"], a["BLOCK_K"])
-    one = 2.0 * tiles * bm * bn * bq  # (w r_j) @ Z_J, all q columns
-    mode = a["MODE"]
-    if mode == 0:
-        prods = [(_unit(_f32(), a["INPUT_PRECISION"]), one)]
-    elif mode == 1:  # the weights split into two bf16 parts: two tl.dot calls
-        prods = [("bf16" if not a["DOT_F32"] else _unit(_f32(), a["INPUT_PRECISION"]), one)] * 2
-    else:  # two TF32 parts
-        prods = [("tf32", one)] * 2
-    part, dpart = a["part_ptr"], a["dpart_ptr"]
-    aux = tiles * bm * bn * (10.0 + (3.0 if mode else 0.0))
-    if a["FUSED"]:  # one split: the Jacobian epilogue here (z re-read), dz written
-        return Work(dots=[(_gram_unit(a), gram)] + prods, aux=aux + 6.0 * a["out_ptr"].numel(),
-                    reads=[a["z_ptr"], a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
-                    writes=[a["out_ptr"]])
-    return Work(dots=[(_gram_unit(a), gram)] + prods, aux=aux,
-                reads=[a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
-                writes=[part, dpart] if a["NORMALIZE"] else [part])
-
-
-def _split_reduce_kernel(a, grid):
-    part = a["part_ptr"]
-    return Work(aux=float(part.numel()) + 6.0 * a["out_ptr"].numel(),
-                reads=[part, a["dpart_ptr"], a["z_ptr"], a["rinv_ptr"], a["proj_ptr"], a["stats_ptr"]],
-                writes=[a["out_ptr"]])
-
-
-def _gram_weights_kernel(a, grid):
-    bm, bn = a["BLOCK_M"], a["BLOCK_N"]
-    rows, n = a["panel_rows"], a["n"]
-    programs = _cdiv(rows, bm) * _cdiv(n, bn)
-    return Work(dots=[(_gram_unit(a), 2.0 * programs * bm * bn * _pad(a["q"], a["BLOCK_K"]))],
-                aux=programs * bm * bn * 10.0, reads=[a["z_ptr"], a["rinv_ptr"], a["stats_ptr"]],
-                writes=[(rows * n * 4, "panel"), (rows * _cdiv(n, bn) * 4, "dpart") if a["NORMALIZE"] else (0, "")])
-
-
-# ---- taylor_logdet -------------------------------------------------------------------------------
-
-
-def _rownorm_kernel(a, grid):
-    x = a["a_ptr"]
-    return Work(aux=6.0 * x.numel(), reads=[a["a_ptr"], a["b_ptr"]], writes=[a["nrm_ptr"], a["q_ptr"]])
-
-
-def _gemm_kernel(a, grid):
-    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    tiles = _cdiv(a["M"], bm) * _cdiv(a["N"], bn)
-    batch = grid[0] // tiles  # grid axis 0: tiles x pairs (alpha_ptr may be a dummy: HAS_ALPHA)
-    K, ks = a["K"], a["K_SPLIT"]
-    split = _cdiv(K, ks)
-    steps = sum(_pad(min(ks, K - s * ks), bk) for s in range(split))
-    flops = 2.0 * batch * tiles * bm * bn * steps
-    hilo = a.get("HILO", 0)
-    if hilo:  # fp32 operand split into bf16 hi + lo against a bf16 input: two bf16 tl.dot calls
-        dots = [(_unit(a["y_ptr" if hilo == 1 else "x_ptr"].dtype, a["PRECISION"]), flops)] * 2
-    else:
-        dots = [(_unit(a["x_ptr"].dtype if a["HALF_DOT"] else _f32(), a["PRECISION"]), flops)]
-    reads = [a["x_ptr"], a["y_ptr"]] + ([a["alpha_ptr"]] if a.get("HAS_ALPHA", True) else [])
-    reads += [a["z_ptr"]] if a["HAS_Z"] else []
-    reads += [a["own_ptr"], a["ownn_ptr"]] if a["PROJ"] else []
-    reads += [a[k] for k, on in (("rs_ptr", a["HAS_RS"]), ("cs_ptr", a["HAS_CS"]), ("ks_ptr", a["KS_COUNT"] >= 1),
-                                 ("ks2_ptr", a["KS_COUNT"] == 2)) if on]
-    # contraction weights scale Y's rows (X's columns under HILO = 1), per program and K-step
-    kw_edge = bm if hilo == 1 else bn
-    aux = batch * tiles * bm * bn * (4.0 + (6.0 if a["PROJ"] else 0.0)) + (
-        batch * tiles * kw_edge * steps * 2.0 * a["KS_COUNT"])
-    if hilo:  # the split of the fp32 operand (convert, subtract, convert) per program and K-step
-        aux += batch * tiles * (bm if hilo == 1 else bn) * steps * 3.0
-    if a.get("SERIES", 0):  # SERIES (X_ij - acc): one more tile of X read (from L2: X is an operand)
-        aux += batch * tiles * bm * bn * 2.0
-    return Work(dots=dots, aux=aux, reads=reads, writes=[a["out_ptr"]])
-
-
-def _small_series_kernel(a, grid):
-    bs, nt = a["BLOCK_S"], a["NT"]
-    P = a["t_ptr"].numel()
-    return Work(dots=[(_unit(_f32(), a["PRECISION"]), 2.0 * P * (nt - 1) * bs ** 3)], aux=4.0 * P * nt * bs * bs,
-                reads=[a["g_ptr"]], writes=[a["s_ptr"], a["r_ptr"], a["t_ptr"], a["u_ptr"]])
-
-
-def _pair_diag_kernel(a, grid):
-    P = a["pw_ptr"].shape[1]
-    return Work(aux=2.0 * a["NT"] * P * a["S"] ** 2, reads=[a["pw_ptr"]], writes=[a["out_ptr"]])
-
-
-def _series_reduce_kernel(a, grid):
-    return Work(aux=float(a["part_ptr"].numel()), reads=[a["part_ptr"]], writes=[a["r_ptr"], a["t_ptr"], a["u_ptr"]])
-
-
-def _power_step_kernel(a, grid):
-    return Work(aux=2.0 * a["m_ptr"].numel(), reads=[a["m_ptr"], a["vin_ptr"]], writes=[a["vout_ptr"]])
-
-
-def _project_kernel(a, grid):
-    elems = a["alpha_ptr"].numel() * a["M"] * a["N"]  # pairs x rows x columns
-    reads = [a["oth_ptr"]] if a["V_FROM_OTHER"] else [a["v_ptr"]]
-    if a["NORMALIZE"]:  # the row dot is taken from the same v in a first pass (lower bound: v read once)
-        reads.append(a["own_ptr"])
-    return Work(aux=6.0 * elems, reads=reads, writes=[a["out_ptr"]])
-
-
-KERNELS = {f.__name__: f for f in (
-    _rff_features_kernel, _rff_stats_kernel, _rff_cross_cov_kernel, _rff_cov_reduce_kernel, _rff_finalize_kernel,
-    _rff_feature_grad_kernel, _rff_dx_kernel,
-    _row_scales_kernel, _gram_phi_sum_kernel, _sum_partials_kernel, _gram_dphi_kernel, _panel_matmul_kernel,
-    _rownorm_kernel, _gemm_kernel, _small_series_kernel, _pair_diag_kernel, _series_reduce_kernel,
-    _power_step_kernel, _project_kernel, _gram_lse_kernel, _lse_reduce_kernel, _gram_weights_kernel,
-    _resident_backward_kernel, _split_reduce_kernel)}
-
-
-def _bytes(items) -> float:
-    """Bytes of the tensors (each distinct tensor once) and of explicit ``(bytes, name)`` entries."""
-    seen, total = set(), 0.0
-    for t in items:
-        if isinstance(t, tuple):
-            total += t[0]
-            continue
-        if not hasattr(t, "numel") or t.numel() == 0:
-            continue
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-# ==================================================================================================
-# torch ops (the fused path's own, and the eager form's): one aten op ~ one launch
-# ==================================================================================================
-
-_NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
-              "_to_copy_meta", "alias", "view", "_unsafe_view", "expand", "t", "transpose", "permute", "select",
-              "slice", "unsqueeze", "squeeze", "as_strided", "reshape", "unbind", "split", "split_with_sizes",
-              "diagonal", "_reshape_alias", "resize_", "set_", "is_same_size", "sym_size", "sym_stride", "size",
-              "stride", "numel", "dim", "lift_fresh_copy_meta")
-_MATMULS = ("mm", "bmm", "addmm", "baddbmm", "addbmm")
-#: pdist's flops per (pair, feature): forward a difference and an FMA; backward the difference, its
-#: scaling and the two accumulations into both rows
-_PDIST = {"_pdist_forward": 2.0, "_pdist_backward": 4.0}
-
-
-def _torch_launch(func, args, kwargs, out) -> dict | None:
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    name = func.overloadpacket.__name__
-    if func.is_view or name in _NO_LAUNCH:
-        return None
-    ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-    reads = _bytes(ins)
-    writes = _bytes(outs)
-    dots = []
-    if name in _MATMULS:
-        x, y = (args[1], args[2]) if name.startswith(("add", "badd")) else (args[0], args[1])
-        k = x.shape[-1]
-        flops = 2.0 * outs[0].numel() * k
-        unit = _half_name(x.dtype) or ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-        dots = [(unit, flops)]
-    elif name in _PDIST:  # Wang & Isola's pdist on the FMA units (_PDIST: flops per pair and feature)
-        x = args[1] if name == "_pdist_backward" else args[0]
-        dots = [("ieee", _PDIST[name] * x.shape[0] * (x.shape[0] - 1) / 2 * x.shape[1])]
-    aux = float(max([t.numel() for t in outs] + [0]))
-    return {"kernel": f"aten.{name}", "dots": dots, "aux": aux, "bytes": reads + writes}
 
 
 def _dispatch_recorder(sink: list):
+    """A dispatch mode that appends the row (:func:`kernelssl.bench.launch_costs.torch_op_row`) of every
+    aten op that launches work to ``sink``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            row = _torch_launch(func, args, kwargs, out)
+            row = LC.torch_op_row(func, args, kwargs, out)
             if row is not None:
                 sink.append(row)
             return out
@@ -548,8 +168,6 @@ def _spec_key(kernel, args, kw) -> tuple:
     """What Triton specialises a launch on (argument dtypes, 16-byte alignment of pointers, integers
     equal to 1 or divisible by 16, the keyword constexprs and options): launches with equal keys share
     one compile."""
-    import torch
-
     def one(v):
         if isinstance(v, torch.Tensor):
             return ("T", str(v.dtype), v.data_ptr() % 16 == 0)
@@ -573,8 +191,6 @@ def _compile(kernel, grid, args, kw) -> dict:
 def _fused_calls(op: str, s: dict, dtype):
     """``[(phase, launch)]``: recorded Triton launches ``("triton", kernel, grid, args, kw)`` and torch
     ops ``("torch", row)`` of one forward + backward at shape ``s``."""
-    import torch
-
     from kernelssl.triton import offline
 
     mod = __import__(f"kernelssl.triton.{op}_op", fromlist=["_"])
@@ -608,8 +224,7 @@ def _fused_calls(op: str, s: dict, dtype):
             mod.rff_hsic_backward(g, g, *args[:-1], *state["out"][2:], args[-1])
     elif op == "legendre_gram":
         z = torch.empty(s["n"], s["q"], dtype=dtype)
-        coef = (1.0, 40.0, 40.0, 40.0, 40.0, 40.0)[: s["L"]]
-        args = _capture_forward_args(lambda: mod.legendre_gram_mean(z, coef))
+        args = _capture_forward_args(lambda: mod.legendre_gram_mean(z, _coefficients(s)))
 
         def fwd():
             for _ in range(s["views"]):
@@ -627,7 +242,8 @@ def _fused_calls(op: str, s: dict, dtype):
         v = s["views"]
         zs = [torch.empty(s["n"], s["q"], dtype=dtype) for _ in range(v)]
         z = torch.empty(v, s["n"], s["q"], dtype=dtype) if v > 1 else zs[0]
-        args = _capture_forward_args(lambda: mod.gaussian_gram_logmean(z, 2.0))  # (z, t, normalize, exclude, prec)
+        # (z, t, normalize, exclude, prec)
+        args = _capture_forward_args(lambda: mod.gaussian_gram_logmean(z, C.UNIFORMITY_T))
 
         def fwd():
             if v > 1:
@@ -642,7 +258,7 @@ def _fused_calls(op: str, s: dict, dtype):
     else:
         P, m, d, order = s["P"], s["m"], s["d"], s["order"]
         a, b = torch.empty(P, m, d, dtype=dtype), torch.empty(P, m, d, dtype=dtype)
-        lam = torch.full((P,), d / (64.0 * m))
+        lam = torch.full((P,), C.mec_lambda(m, d))
         args = _capture_forward_args(lambda: mod.taylor_logdet(a, b, lam, order))
         # (a3, b3, lam, order, normalize, diagnostics, precision); the teacher argument a has no grad
 
@@ -660,96 +276,17 @@ def _fused_calls(op: str, s: dict, dtype):
     return out, args
 
 
-def _occupancy(regs: int, warps: int, shared: int) -> int:
-    per_warp = _cdiv(regs * 32, 256) * 256
-    by_regs = H200["regs_per_sm"] // (per_warp * warps)
-    by_threads = H200["threads_per_sm"] // (32 * warps)
-    by_smem = H200["smem_per_sm"] // (shared + H200["smem_reserved"])
-    return max(0, min(H200["blocks_per_sm"], by_regs, by_threads, by_smem))
-
-
-def _time(dots, aux, nbytes, eff, sm_eff) -> float:
-    """``overhead + max(compute / eff, bytes / (bandwidth * sm_eff))``: the compute term scaled by the
-    wave efficiency over the SMs' program slots, the bytes term by the share of SMs busy (streaming
-    needs SMs, not every warp slot, busy)."""
-    compute = sum(f / RATES[u] for u, f in dots) + aux / H200["fma"]
-    return H200["overhead"] + max(compute / eff, nbytes / (H200["bandwidth"] * sm_eff))
-
-
 def _launch_row(phase, launch) -> dict:
+    """The priced row (:mod:`kernelssl.bench.launch_costs`) of one recorded launch of :func:`_fused_calls`."""
     if launch[0] == "torch":
         row = dict(launch[1])
         row.update(phase=phase, source="torch", programs=None, per_sm=None, waves=None, wave_eff=1.0, sm_eff=1.0)
-    else:
-        _, kernel, grid, args, kw = launch
-        name = kernel.fn.__name__
-        if name not in KERNELS:
-            raise KeyError(f"no cost function for kernel {name}: add one to benchmarks/perf_model.py KERNELS")
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        bound = dict(zip(kernel.arg_names, args))
-        bound.update(kw)
-        work = KERNELS[name](bound, grid)
-        info = _compile(kernel, grid, args, kw)
-        programs = grid[0] * grid[1] * grid[2]
-        per_sm = _occupancy(info["registers"], info["num_warps"], info["shared"])
-        slots = per_sm * H200["sms"]
-        waves = programs / slots
-        sms = H200["sms"]
-        row = dict(phase=phase, source="triton", kernel=name, dots=work.dots, aux=work.aux,
-                   bytes=_bytes(work.reads) + _bytes(work.writes), programs=programs, per_sm=per_sm, waves=waves,
-                   wave_eff=programs / (math.ceil(waves) * slots),
-                   sm_eff=programs / (math.ceil(programs / sms) * sms), registers=info["registers"],
-                   warps=info["num_warps"], shared=info["shared"], mma=info["wgmma"] + info["mma_sync"],
-                   constexprs=info["constexprs"], spills=info["spill_stores"] + info["spill_loads"])
-    row["flops"] = sum(f for _, f in row["dots"])
-    row["tc_flops"] = sum(f for u, f in row["dots"] if u in TENSOR_CORE)
-    row["fma_dot_flops"] = sum(f for u, f in row["dots"] if u not in TENSOR_CORE)
-    row["time"] = _time(row["dots"], row["aux"], row["bytes"], row["wave_eff"], row["sm_eff"])
-    return row
-
-
-# ==================================================================================================
-# the limit: essential products at the best rate for their operands, bytes floor
-# ==================================================================================================
-
-
-def essential(op: str, s: dict, dtype) -> tuple[list, float]:
-    """``([(operand class, flops)], floor bytes)`` of one forward + backward (module doc, point 3)."""
-    import torch
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    es = torch.tensor([], dtype=dtype).element_size()
-    h_or_f = "half" if half else "fp32"
-    grad16 = "mixed16" if half else "fp32"  # 16-bit x fp32, result rounded to the 16-bit gradient
-    exact16 = "mixed32" if half else "fp32"  # 16-bit x fp32, result needed at fp32 accuracy
-    if op == "rff_hsic":
-        N, d, D = s["K"] * s["B"], s["d"], s["D"]
-        prods = [(exact16, 2.0 * N * d * 2 * D),  # projections X W^T, both maps (W is fp32; u feeds cos)
-                 ("fp32", 2.0 * N * D * D),  # C = Phibar_B^T Phibar_A
-                 ("fp32", 2 * 2.0 * N * D * D),  # Phibar_B C, Phibar_A C^T
-                 ("fp32", 2.0 * N * 2 * D * d)]  # back-projections T_M W_M
-        return prods, 2.0 * N * d * es + 2 * 4.0 * D * (d + 1)
-    if op in ("legendre_gram", "gaussian_gram"):
-        n, q, v = s["n"], s["q"], s["views"]
-        prods = [(h_or_f, v * 1.0 * n * (n + 1) * q),  # forward Gram, symmetric
-                 (h_or_f, v * 1.0 * n * (n + 1) * q),  # its recompute in the backward, symmetric
-                 (grad16, v * 2.0 * n * n * q)]  # phi'(G) Zhat -> the gradient
-        return prods, v * 2.0 * n * q * es
-    P, m, d, order = s["P"], s["m"], s["d"], s["order"]
-    sm, L = min(m, d), max(m, d)
-    h = (order + 1) // 2
-    if order == 1:  # T_1 = lam sum_i A^_i . B^_i: no product at all
-        return [], 3.0 * P * m * d * es
-    prods = [(h_or_f, 2.0 * P * sm * sm * L),  # the Gram M
-             ("fp32", (h - 1) * 2.0 * P * sm ** 3),  # powers M^2..M^h
-             ("fp32", (1 if order - h >= 2 else 0) * 2.0 * P * sm ** 3),  # S_n = Q_h + (-M)^h Q_(n-h)
-             (grad16, 2.0 * P * sm * m * d)]  # gradient of the differentiated argument
-    return prods, 3.0 * P * m * d * es
-
-
-def limit_time(op, s, dtype) -> float:
-    prods, nbytes = essential(op, s, dtype)
-    return max(sum(f / LIMIT_RATES[c] for c, f in prods), nbytes / H200["bandwidth"])
+        return LC.priced(row)
+    _, kernel, grid, args, kw = launch
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    bound = dict(zip(kernel.arg_names, args))
+    bound.update(kw)
+    return {"phase": phase, **LC.triton_launch_row(kernel.fn.__name__, bound, grid, _compile(kernel, grid, args, kw))}
 
 
 # ==================================================================================================
@@ -758,8 +295,6 @@ def limit_time(op, s, dtype) -> float:
 
 
 def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
-    import torch
-
     from kernelssl.ops import legendre_gram as S
     from kernelssl.ops import rff_hsic as H
     from kernelssl.ops import taylor_logdet as M
@@ -773,18 +308,17 @@ def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
     elif op == "legendre_gram":
         zs = [torch.empty(s["n"], s["q"], **meta, requires_grad=True) for _ in range(s["views"])]
         inputs = zs
-        coef = (1.0, 40.0, 40.0, 40.0, 40.0, 40.0)[: s["L"]]
-        fn = lambda: sum(S.legendre_gram_mean_eager(z, coef) for z in zs)
+        fn = lambda: sum(S.legendre_gram_mean_eager(z, _coefficients(s)) for z in zs)
     elif op == "gaussian_gram":  # Wang & Isola's code, per view
         zs = [torch.empty(s["n"], s["q"], **meta, requires_grad=True) for _ in range(s["views"])]
         inputs = zs
         fn = lambda: sum(torch.pdist(torch.nn.functional.normalize(z, dim=1), p=2)
-                         .pow(2).mul(-2.0).exp().mean().log() for z in zs)
+                         .pow(2).mul(-C.UNIFORMITY_T).exp().mean().log() for z in zs)
     else:
         a = torch.empty(s["P"], s["m"], s["d"], **meta)
         bb = torch.empty(s["P"], s["m"], s["d"], **meta, requires_grad=True)
         inputs = [bb]
-        fn = lambda: M.taylor_logdet_eager(a, bb, s["d"] / (64.0 * s["m"]), s["order"]).sum()
+        fn = lambda: M.taylor_logdet_eager(a, bb, C.mec_lambda(s["m"], s["d"]), s["order"]).sum()
     rows: list = []
     with _dispatch_recorder(rows):
         loss = fn()
@@ -792,15 +326,8 @@ def _eager_rows(op: str, s: dict, dtype) -> list[dict]:
     with _dispatch_recorder(rows):
         loss.backward()
     del inputs
-    out = []
-    for i, r in enumerate(rows):
-        r = dict(r, phase="fwd" if i < n_fwd else "bwd", source="eager", wave_eff=1.0, sm_eff=1.0)
-        r["flops"] = sum(f for _, f in r["dots"])
-        r["tc_flops"] = sum(f for u, f in r["dots"] if u in TENSOR_CORE)
-        r["fma_dot_flops"] = r["flops"] - r["tc_flops"]
-        r["time"] = _time(r["dots"], r["aux"], r["bytes"], 1.0, 1.0)
-        out.append(r)
-    return out
+    return [LC.priced(dict(r, phase="fwd" if i < n_fwd else "bwd", source="eager", wave_eff=1.0, sm_eff=1.0))
+            for i, r in enumerate(rows)]
 
 
 # ==================================================================================================
@@ -818,20 +345,18 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def model_case(op: str, s: dict, dtype_name: str) -> dict:
-    import torch
-
     dtype = getattr(torch, dtype_name)
     calls, args = _fused_calls(op, s, dtype)
     rows = [_launch_row(phase, launch) for phase, launch in calls]
     eager = _eager_rows(op, s, dtype)
-    lim = limit_time(op, s, dtype)
+    lim = LC.limit_time(op, s, dtype)
     fused = _summary(rows)
     calls = s.get("views", 1)  # SFRIK: one op call per view; the 10% is of one call's flops
     main = [r for r in rows if r["flops"] > 0.1 * fused["flops"] / calls]
     precision = next((x for x in reversed(args) if isinstance(x, (str, bool))), None)
     if isinstance(precision, bool):  # allow_tf32 flag: the fp32 products' mode
         precision = "tf32" if precision else "ieee"
-    prods, floor = essential(op, s, dtype)
+    prods, floor = LC.essential(op, s, dtype)
     return {
         "op": op, "shape": s, "label": shape_label(op, s), "dtype": dtype_name, "precision": precision,
         "predicted_ms": fused["time_ms"], "limit_ms": 1e3 * lim, "ratio": fused["time_ms"] / (1e3 * lim),
@@ -884,7 +409,7 @@ def main(argv=None) -> None:
     print(table(cases))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"predicted": True, "ceilings": H200, "rates": RATES, "limit_rates": LIMIT_RATES,
+            json.dump({"predicted": True, "ceilings": LC.H200, "rates": LC.RATES, "limit_rates": LC.LIMIT_RATES,
                        "cases": cases}, f, indent=1)
 
 

@@ -1,4 +1,4 @@
-"""SFRIK's Legendre Gram mean op (issue #4): forward, backward and forward+backward time, peak extra
+"""SFRIK's Legendre Gram mean op (docs/legendre_gram.md): forward, backward and forward+backward time, peak extra
 memory and achieved Gram TFLOP/s, Triton vs the torch (chunked) path vs eager (materialised Gram, the
 paper's form) vs ``torch.compile`` of the torch path, plus a sweep over n.  The generic harness
 (test_losses.py) covers the whole SFRIK loss forward+backward; the rows here time the op itself on raw
@@ -14,7 +14,7 @@ on tensor cores), per mode, and the sweep.
   (the Triton interpreter's timings mean nothing, so the kernel is not timed there).
 
 Rows go to the shared results file with ``loss = "legendre_gram:<mode>"``.  ``tflops`` is the Gram
-work of the un-symmetrised computation (SPEC §2.3: forward 2 n^2 q, backward 4 n^2 q) divided by the
+work of the un-symmetrised computation (forward 2 n^2 q, backward 4 n^2 q) divided by the
 time, ``pct_peak`` the same against the device's dense tensor-core peak for the dtype (bf16/fp16; TF32
 for fp32 is not used by default, so fp32 rows are against the fp32 FMA peak).  The Triton forward does
 half of that work (symmetric tiles), so its executed rate is tflops / 2 there.  Each row checks the
@@ -26,26 +26,17 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-from bench_util import (
-    MODES,
-    bench_device,
-    bench_scale,
-    device_name,
-    free_gpu_memory,
-    mode_step,
-    parametrize_sweep,
-    step_peak_bytes,
-    sync,
-)
+from kernelssl.bench import cases as C
+from kernelssl.bench.measure import MODES, bench_device, device_name
 from kernelssl.ops import legendre_gram as S
 
-B3 = (1.0, 40.0, 40.0)
-PAPER_N, PAPER_Q = 2048, (8192, 16384, 32768)
-SWEEP_N = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-SMOKE = {"n": 256, "q": 64}
+B3 = C.SFRIK_COEFFICIENTS  # L = 3
+PAPER_N = C.PAPER_SHAPES["sfrik"]["n"]
+PAPER_Q = C.PAPER_SHAPES["sfrik"]["q"]
+SIZES = C.OP_SWEEPS["legendre_gram"]
+SMOKE = C.SUITE_SMOKE_SHAPES["sfrik"]
 VALUE_RTOL = 1e-3  # fp32 sums of up to ~1e10 terms; half inputs are rounded identically for every impl
 
 # Dense peak TFLOP/s (vendor figures, SXM): {dtype: peak}; fp32 = non-tensor-core FMA peak.
@@ -72,11 +63,11 @@ def _cases(device: torch.device, scale: str):
         return [(SMOKE, torch.float32, mode) for mode in MODES]
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for q in PAPER_Q:
+        for q in SIZES["q"]:
             cases += [({"n": PAPER_N, "q": q}, dtype, mode) for mode in MODES]
-        cases.append(({"n": 2 * PAPER_N, "q": 8192}, dtype, "full"))
-    cases += [({"n": n, "q": 8192}, torch.bfloat16, "full") for n in SWEEP_N if n not in (PAPER_N, 2 * PAPER_N)]
-    cases.append(({"n": 8192, "q": 8192}, torch.bfloat16, "forward"))  # the roofline target
+        cases.append(({"n": 2 * PAPER_N, "q": PAPER_Q}, dtype, "full"))  # both views concatenated
+    cases += [({"n": n, "q": PAPER_Q}, torch.bfloat16, "full") for n in SIZES["n"] if n not in (PAPER_N, 2 * PAPER_N)]
+    cases.append(({"n": 8192, "q": PAPER_Q}, torch.bfloat16, "forward"))  # the roofline target
     return cases
 
 
@@ -95,11 +86,10 @@ def _implementation(name: str):
     return lambda z: LG.legendre_gram_mean(z, B3, input_precision=prec)
 
 
-def pytest_generate_tests(metafunc):
-    # fp32 at the target shape also times the kernel with input_precision="tf32" (torch's TF32 opt-in).
-    tf32 = [({"n": PAPER_N, "q": 8192}, torch.float32, mode) for mode in MODES]
-    parametrize_sweep(metafunc, "sfrik", "legendre_gram", _cases(bench_device(), bench_scale(metafunc.config)),
-                      tf32_variant="triton-tf32", tf32_cases=tf32)
+# op_case's parametrisation (conftest.py): fp32 at the target shape also times the kernel with
+# input_precision="tf32" (torch's TF32 opt-in).
+SWEEP = {"loss": "sfrik", "op": "legendre_gram", "cases": _cases,
+         "variant": "triton-tf32", "variant_shape": {"n": PAPER_N, "q": PAPER_Q}}
 
 
 def _expected(z: torch.Tensor, key) -> float:
@@ -110,49 +100,27 @@ def _expected(z: torch.Tensor, key) -> float:
     return _EXPECTED[key]
 
 
-def _row(shape, dtype, mode, impl, **kw):
-    return {"loss": f"legendre_gram:{mode}", "shape": f"n={shape['n']},q={shape['q']},L=3",
-            "dtype": str(dtype)[6:], "impl": impl, **kw}
-
-
-def test_legendre_gram_modes(op_case, benchmark, results_rows):
+def test_legendre_gram_modes(op_case, bench):
     shape, dtype, mode, impl = op_case
     device = bench_device()
     n, q = shape["n"], shape["q"]
-    g = torch.Generator().manual_seed(0)
-    oom = False
-    try:
-        x = torch.randn(n, q, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
-        fn = _implementation(impl)
-        expected = _expected(x.detach(), (n, q, dtype))
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return _implementation(impl), (torch.randn(n, q, generator=g).to(device=device, dtype=dtype).requires_grad_(),)
+
+    def check(fn, inputs):
+        expected = _expected(inputs[0].detach(), (n, q, dtype))
         with torch.no_grad():
-            value = float(fn(x))
+            value = float(fn(*inputs))
         assert math.isclose(value, expected, rel_tol=VALUE_RTOL), (value, expected)
-        for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
-            x.grad = None
-            fn(x).backward()
-        sync(device)
-        setup, target = mode_step(fn, (x,), mode, device)
-        peak = step_peak_bytes(setup, target, device)
-    except torch.cuda.OutOfMemoryError:
-        oom = True  # leave the except block first: the error's traceback holds its frames' tensors
-    if oom:
-        x = fn = setup = target = None
-        free_gpu_memory()
-        results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
-                                 rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
-        pytest.skip(f"{impl} ran out of GPU memory at n={n}, q={q}")
-    rounds = 3 if device.type == "cpu" or n > 8192 else 20
-    benchmark.group = f"legendre_gram {mode} n={n} q={q} {str(dtype)[6:]}"
-    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)
-    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    stats = benchmark.stats.stats
-    flops = {"forward": 2, "backward": 4, "full": 6}[mode] * n * n * q
-    tflops = flops / stats.median / 1e12
-    peak_tf = _peak(device, dtype)
-    results_rows.append(_row(
-        shape, dtype, mode, impl,
-        median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, rounds=rounds,
-        peak_extra_mb=None if peak is None else peak / 2**20, loss_value=value, status="ok",
-        tflops=tflops, pct_peak=None if peak_tf is None else 100.0 * tflops / peak_tf,
-    ))
+        return value
+
+    def rates(median_s):
+        tflops = {"forward": 2, "backward": 4, "full": 6}[mode] * n * n * q / median_s / 1e12
+        peak_tf = _peak(device, dtype)
+        return {"tflops": tflops, "pct_peak": None if peak_tf is None else 100.0 * tflops / peak_tf}
+
+    row = {"loss": f"legendre_gram:{mode}", "shape": f"n={n},q={q},L={len(B3)}", "dtype": str(dtype)[6:], "impl": impl}
+    bench.mode(make, mode, check=check, row=row, group=f"legendre_gram {mode} n={n} q={q} {str(dtype)[6:]}",
+               rounds=3 if device.type == "cpu" or n > 8192 else 20, rates=rates)

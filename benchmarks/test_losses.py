@@ -6,31 +6,22 @@ every device), vs Triton and ``torch.compile`` of the torch path on a GPU.  One 
 (loss, shape, dtype, implementation), grouped by case in pytest-benchmark's table; each also records
 peak extra memory and appends a row to the results file.  Speed targets are read off the results,
 never asserted here; what is asserted is that every implementation computes the eager form's loss
-(so a fast wrong implementation cannot look good).
+(so a fast wrong implementation cannot look good).  The shapes are :mod:`kernelssl.bench.cases`'s.
 """
 from __future__ import annotations
 
 import torch
 
-from bench_util import bench_device, bench_scale, peak_extra_bytes
-from kernelssl.bench.cases import available, forward_backward, implementations, make_inputs
+from kernelssl.bench import cases as C
+from kernelssl.bench.measure import bench_device, peak_extra_bytes, sync
 
+_THREE = ("hsic", "sfrik", "mec")
 SHAPES = {
-    "smoke": {
-        "hsic": [{"K": 2, "B": 256, "d": 64, "D": 256}],
-        "sfrik": [{"n": 256, "q": 64}],
-        "mec": [{"m": 256, "d": 64}],
-    },
-    "full": {
-        "hsic": [{"K": 4, "B": 1024, "d": 128, "D": 512}],
-        "sfrik": [{"n": 2048, "q": 256}, {"n": 16384, "q": 64}],
-        "mec": [{"m": 1024, "d": 256}],
-    },
-    "paper": {
-        "hsic": [{"K": 4, "B": 4096, "d": 256, "D": 512}],
-        "sfrik": [{"n": 2048, "q": 8192}],
-        "mec": [{"m": 1024, "d": 2048}],
-    },
+    "smoke": {loss: [C.SUITE_SMOKE_SHAPES[loss]] for loss in _THREE},
+    # the CPU targets of python -m kernelssl.bench, and SFRIK at a large n and small q
+    "full": {loss: [C.TARGET_SHAPES["cpu"][loss]] + ([{"n": 16384, "q": 64}] if loss == "sfrik" else [])
+             for loss in _THREE},
+    "paper": {loss: [C.PAPER_SHAPES[loss]] for loss in _THREE},
 }
 DTYPES = {"smoke": [torch.float32], "full": [torch.float32], "paper": [torch.float32, torch.bfloat16]}
 ROUNDS = {"smoke": 3, "full": 3, "paper": 20}
@@ -43,48 +34,34 @@ LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-5
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
-    scale = bench_scale(metafunc.config)
+    scale = metafunc.config.getoption("--bench-scale")
     device = bench_device()
     cases, ids = [], []
     for loss, shapes in SHAPES[scale].items():
         for shape in shapes:
             for dtype in DTYPES[scale]:
-                for impl in available(loss, device, compile=device.type == "cuda"):
+                for impl in C.available(loss, device, compile=device.type == "cuda"):
                     cases.append((loss, shape, dtype, impl))
-                    dims = "-".join(f"{k}{v}" for k, v in shape.items())
-                    ids.append(f"{loss}-{dims}-{str(dtype)[6:]}-{impl}")
+                    ids.append(f"{loss}-{C.case_id(shape, dtype)}-{impl}")
     metafunc.parametrize("case", cases, ids=ids)
 
 
-def _step(fn, inputs, device):
-    def run():
-        out = forward_backward(fn, inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def test_forward_backward(case, benchmark, results_rows, request):
+def test_forward_backward(case, bench, request):
     loss, shape, dtype, impl = case
     device = bench_device()
-    scale = bench_scale(request.config)
-    inputs = make_inputs(loss, shape, device=device, dtype=dtype)
-    impls = implementations(loss, shape, device=device, compile=impl == "compile")
-    value = forward_backward(impls[impl], inputs)
-    expected = value if impl == "eager" else forward_backward(impls["eager"], inputs)
+    scale = request.config.getoption("--bench-scale")
+    inputs = C.make_inputs(loss, shape, device=device, dtype=dtype)
+    impls = C.implementations(loss, shape, device=device, compile=impl == "compile")
+    value = C.forward_backward(impls[impl], inputs)
+    expected = value if impl == "eager" else C.forward_backward(impls["eager"], inputs)
     torch.testing.assert_close(value.float(), expected.float(), rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
-    step = _step(impls[impl], inputs, device)
-    peak = peak_extra_bytes(step, device)
+    def step():  # gradients cleared inside the step (forward_backward), as in a training step
+        out = C.forward_backward(impls[impl], inputs)
+        sync(device)
+        return out
+
     shape_s = ",".join(f"{k}={v}" for k, v in shape.items())
-    benchmark.group = f"{loss} {shape_s} {str(dtype)[6:]}"
-    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, loss=float(value))
-    benchmark.pedantic(step, rounds=ROUNDS[scale], warmup_rounds=1, iterations=1)
-    stats = benchmark.stats.stats
-    results_rows.append({
-        "loss": loss, "shape": shape_s, "dtype": str(dtype)[6:], "impl": impl,
-        "median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, "rounds": ROUNDS[scale],
-        "peak_extra_mb": None if peak is None else peak / 2**20, "loss_value": float(value),
-    })
+    row = {"loss": loss, "shape": shape_s, "dtype": str(dtype)[6:], "impl": impl}
+    bench.record(step, peak=peak_extra_bytes(step, device), row=row, group=f"{loss} {shape_s} {str(dtype)[6:]}",
+                 rounds=ROUNDS[scale], loss_value=float(value), extra_info={"loss": float(value)})

@@ -1,7 +1,7 @@
-"""RFF-HSIC op (issue #3): forward, backward and forward+backward time and peak extra memory, Triton vs
-the torch path vs eager (the paper's form) vs ``torch.compile`` of the torch path, plus sweeps over N
-and D.  The generic harness (test_losses.py) already covers forward+backward at the paper shape; the
-rows here add the per-mode split and the sweeps.
+"""The RFF-HSIC op (SSL-HSIC's core; docs/rff_hsic.md): forward, backward and forward+backward time and
+peak extra memory, Triton vs the torch path vs eager (the paper's form) vs ``torch.compile`` of the torch
+path, plus sweeps over N and D.  ``test_losses.py`` already covers forward+backward at the paper shape;
+the rows here add the per-mode split and the sweeps.
 
 * CUDA (``paper`` scale, the default there): the paper shape N = 16384 (K = 4, B = 4096), d = 256,
   D = 512 in all three modes, then forward+backward over N = 1024 ... 65536 (D = 512) and
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from bench_util import MODES, bench_device, bench_scale, mode_step, parametrize_sweep, step_peak_bytes, sync
-from kernelssl.bench.cases import hsic_maps, implementations, make_inputs
+from kernelssl.bench import cases as C
+from kernelssl.bench.measure import MODES, bench_device
 
-PAPER = {"K": 4, "B": 4096, "d": 256, "D": 512}
-SWEEP_N = [1024, 4096, 16384, 65536]  # N = K B with K = 4
-SWEEP_D = [128, 256, 512, 1024, 2048]
+PAPER = C.PAPER_SHAPES["hsic"]
+SIZES = C.OP_SWEEPS["rff_hsic"]  # N = K B with K = 4, and D
 SMOKE = {"K": 2, "B": 64, "d": 32, "D": 64}
 ROUNDS = {"cpu": 3, "cuda": 20}
 LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-5  # as in test_losses.py: same inputs, fp32 accumulation everywhere
@@ -37,58 +36,44 @@ def _cases(device: torch.device, scale: str):
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         cases += [(PAPER, dtype, mode) for mode in MODES]
-        for n in SWEEP_N:
-            if n != PAPER["K"] * PAPER["B"]:
-                cases.append(({**PAPER, "B": n // PAPER["K"]}, dtype, "full"))
-        for D in SWEEP_D:
-            if D != PAPER["D"]:
-                cases.append(({**PAPER, "D": D}, dtype, "full"))
+        cases += [({**PAPER, "B": n // PAPER["K"]}, dtype, "full") for n in SIZES["N"] if n != PAPER["K"] * PAPER["B"]]
+        cases += [({**PAPER, "D": D}, dtype, "full") for D in SIZES["D"] if D != PAPER["D"]]
     return cases
 
 
-def pytest_generate_tests(metafunc):
-    # The fp32 paper-shape rows also time the kernel with input_precision="tf32x3" (three TF32
-    # tensor-core products, ~fp32 accuracy), the SPEC's alternative to the IEEE default.
-    tf32 = [(PAPER, torch.float32, mode) for mode in MODES]
-    parametrize_sweep(metafunc, "hsic", "rff_hsic", _cases(bench_device(), bench_scale(metafunc.config)),
-                      tf32_variant="triton-tf32x3", tf32_cases=tf32)
+# op_case's parametrisation (conftest.py): the fp32 rows at the paper shape also time the kernel with
+# input_precision="tf32x3" (three TF32 tensor-core products, ~fp32 accuracy), beside the IEEE default
+# (docs/numerics.md).
+SWEEP = {"loss": "hsic", "op": "rff_hsic", "cases": _cases,
+         "variant": "triton-tf32x3", "variant_shape": PAPER}
 
 
 def _implementation(impl, shape, device):
     """``fn(views) -> loss`` of ``impl``; ``triton-tf32x3`` on the same random features as the rest."""
     if impl != "triton-tf32x3":
-        return implementations("hsic", shape, device=device, compile=impl == "compile")[impl]
+        return C.implementations("hsic", shape, device=device, compile=impl == "compile")[impl]
     from kernelssl.ops import rff_hsic as H
     from kernelssl.triton import rff_hsic_op as RK
 
-    maps = hsic_maps(shape, device=device)
+    maps = C.hsic_maps(shape, device=device)
     return lambda views: H.hsic_loss(*RK.rff_hsic(views, *maps, 1.0, input_precision="tf32x3"), gamma=3.0)
 
 
-def test_rff_hsic_modes(op_case, benchmark, results_rows):
+def test_rff_hsic_modes(op_case, bench):
     shape, dtype, mode, impl = op_case
     device = bench_device()
-    inputs = make_inputs("hsic", shape, device=device, dtype=dtype)
-    fn = _implementation(impl, shape, device)
-    with torch.no_grad():
-        value = fn(*inputs).detach()
-        expected = value if impl == "eager" else implementations("hsic", shape, device=device)["eager"](*inputs)
-    torch.testing.assert_close(value.float(), expected.float(), rtol=LOSS_RTOL, atol=LOSS_ATOL)
-    for _ in range(2):  # warm-up (compile, autotune caches, allocator)
-        inputs[0].grad = None
-        fn(*inputs).backward()
-    sync(device)
 
-    setup, target = mode_step(fn, inputs, mode, device)
-    peak = step_peak_bytes(setup, target, device)
+    def make():
+        return _implementation(impl, shape, device), C.make_inputs("hsic", shape, device=device, dtype=dtype)
+
+    def check(fn, inputs):
+        with torch.no_grad():
+            value = fn(*inputs).detach()
+            expected = value if impl == "eager" else C.implementations("hsic", shape, device=device)["eager"](*inputs)
+        torch.testing.assert_close(value.float(), expected.float(), rtol=LOSS_RTOL, atol=LOSS_ATOL)
+        return float(value)
+
     shape_s = ",".join(f"{k}={v}" for k, v in shape.items())
-    benchmark.group = f"rff_hsic {mode} {shape_s} {str(dtype)[6:]}"
-    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)
-    rounds = ROUNDS[device.type]
-    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    stats = benchmark.stats.stats
-    results_rows.append({
-        "loss": f"rff_hsic:{mode}", "shape": shape_s, "dtype": str(dtype)[6:], "impl": impl,
-        "median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, "rounds": rounds,
-        "peak_extra_mb": None if peak is None else peak / 2**20, "loss_value": float(value),
-    })
+    row = {"loss": f"rff_hsic:{mode}", "shape": shape_s, "dtype": str(dtype)[6:], "impl": impl}
+    bench.mode(make, mode, check=check, row=row, group=f"rff_hsic {mode} {shape_s} {str(dtype)[6:]}",
+               rounds=ROUNDS[device.type])

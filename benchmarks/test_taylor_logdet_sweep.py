@@ -1,14 +1,14 @@
-"""MEC's batched matrix-log Taylor expansion op (issue #5): forward, backward and forward+backward time
+"""MEC's batched matrix-log Taylor expansion op (docs/taylor_logdet.md): forward, backward and forward+backward time
 and peak extra memory, Triton vs the torch path (min-space + trace pairing) vs eager (the reference
 form: all n powers in m-space) vs ``torch.compile`` of the torch path, plus sweeps over m, d and n.
 The generic harness (test_losses.py) covers the whole MEC loss forward+backward; the rows here time the
 op itself on the two symmetrised directions of one step stacked as a batch of 2 pairs, ``(2, m, d)``,
 as the loss calls it: the first argument the teacher outputs (no grad: an EMA teacher), the second
-the online outputs (grad), ``normalize=True``, ``lam = d / (64 m)``.
+the online outputs (grad), ``normalize=True``, ``lam = d / (64 m)`` (:func:`kernelssl.bench.cases.mec_lambda`).
 
 * CUDA (``paper`` scale, the default there): m = 1024, d = 2048, n = 4 in fp32 and bf16, all three
   modes, plus the forward with the convergence diagnostics (Triton: ``taylor_logdet_with_diagnostics``;
-  the others: the op + :func:`kernelssl.mec.convergence_diagnostics`); then forward+backward in fp32
+  the others: the op + :func:`kernelssl.ops.taylor_logdet.convergence_diagnostics`); then forward+backward in fp32
   over m = 256 ... 8192 (d = 2048), d = 128 ... 8192 (m = 1024) and n = 2 ... 8.
 * CPU (any scale), or ``--bench-scale smoke`` on CUDA: only the smallest case, torch path and eager
   (the Triton interpreter's timings mean nothing, so the kernel is not timed there).
@@ -22,28 +22,15 @@ wrong kernel cannot look good).  Targets (GPU, read off the rows, not asserted):
 """
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
 
-from bench_util import (
-    MODES,
-    bench_device,
-    bench_scale,
-    free_gpu_memory,
-    mode_step,
-    parametrize_sweep,
-    step_peak_bytes,
-    sync,
-)
+from kernelssl.bench import cases as C
+from kernelssl.bench.measure import MODES, bench_device
 from kernelssl.ops import taylor_logdet as M
 
-PAPER = {"m": 1024, "d": 2048, "n": 4}
-SWEEP_M = [256, 512, 1024, 2048, 4096, 8192]
-SWEEP_D = [128, 256, 512, 1024, 2048, 4096, 8192]
-SWEEP_N = [2, 3, 4, 5, 6, 7, 8]
-SMOKE = {"m": 256, "d": 64, "n": 4}
+PAPER = {**C.PAPER_SHAPES["mec"], "n": C.MEC_ORDER}
+SIZES = C.OP_SWEEPS["taylor_logdet"]
+SMOKE = {**C.SUITE_SMOKE_SHAPES["mec"], "n": C.MEC_ORDER}
 # Value check against the torch path: fp32 traces of up to ~1e7-term sums, the terms of either sign
 # (relative 1e-3 of the term scale; the absolute floor covers a T that cancels to ~0).
 VALUE_RTOL, VALUE_ATOL = 1e-3, 1e-3
@@ -56,9 +43,8 @@ def _cases(device: torch.device, scale: str):
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         cases += [(PAPER, dtype, mode) for mode in MODES + ("diagnostics",)]
-    cases += [({"m": m, "d": 2048, "n": 4}, torch.float32, "full") for m in SWEEP_M if m != PAPER["m"]]
-    cases += [({"m": 1024, "d": d, "n": 4}, torch.float32, "full") for d in SWEEP_D if d != PAPER["d"]]
-    cases += [({"m": 1024, "d": 2048, "n": n}, torch.float32, "full") for n in SWEEP_N if n != PAPER["n"]]
+    for key in ("m", "d", "n"):  # one dimension at a time, the others at the paper's
+        cases += [({**PAPER, key: v}, torch.float32, "full") for v in SIZES[key] if v != PAPER[key]]
     return cases
 
 
@@ -81,11 +67,10 @@ def _implementation(name: str, order: int, diagnostics: bool):
     return fn
 
 
-def pytest_generate_tests(metafunc):
-    # fp32 at the target shape also times the kernel with input_precision="tf32" (torch's TF32 opt-in).
-    tf32 = [(PAPER, torch.float32, mode) for mode in MODES]
-    parametrize_sweep(metafunc, "mec", "taylor_logdet", _cases(bench_device(), bench_scale(metafunc.config)),
-                      tf32_variant="triton-tf32", tf32_cases=tf32)
+# op_case's parametrisation (conftest.py): fp32 at the target shape also times the kernel with
+# input_precision="tf32" (torch's TF32 opt-in).
+SWEEP = {"loss": "mec", "op": "taylor_logdet", "cases": _cases,
+         "variant": "triton-tf32", "variant_shape": PAPER}
 
 
 def _inputs(shape, dtype, device):
@@ -116,48 +101,26 @@ def _alg_flops(shape, mode) -> float:
     return {"forward": fwd, "diagnostics": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def _row(shape, dtype, mode, impl, **kw):
-    return {"loss": f"taylor_logdet:{mode}", "shape": f"m={shape['m']},d={shape['d']},n={shape['n']},P=2",
-            "dtype": str(dtype)[6:], "impl": impl, **kw}
-
-
-def test_taylor_logdet_modes(op_case, benchmark, results_rows):
+def test_taylor_logdet_modes(op_case, bench):
     shape, dtype, mode, impl = op_case
     device = bench_device()
     m, d, n = shape["m"], shape["d"], shape["n"]
-    lam = d / (64.0 * m)
-    oom = False
-    try:
-        a, b = _inputs(shape, dtype, device)
-        fn = _implementation(impl, n, mode == "diagnostics")
+    lam = C.mec_lambda(m, d)
+
+    def make():
+        return _implementation(impl, n, mode == "diagnostics"), (*_inputs(shape, dtype, device), lam)
+
+    def check(fn, inputs):
+        a, b, _ = inputs
         expected = _expected(a, b, lam, n, (m, d, n, dtype))
         with torch.no_grad():
-            value = _value(fn(a, b, lam)).float().cpu()
+            value = _value(fn(*inputs)).float().cpu()
         torch.testing.assert_close(value, expected, rtol=VALUE_RTOL, atol=VALUE_ATOL)
-        for _ in range(2):  # warm-up (compile, Triton JIT, allocator)
-            b.grad = None
-            _value(fn(a, b, lam)).sum().backward()
-        sync(device)
-        # "diagnostics" times the forward with the convergence diagnostic
-        setup, target = mode_step(fn, (a, b, lam), mode, device, scalar=lambda out: _value(out).sum())
-        peak = step_peak_bytes(setup, target, device)
-    except torch.cuda.OutOfMemoryError:
-        oom = True  # leave the except block first: the error's traceback holds its frames' tensors
-    if oom:
-        a = b = fn = setup = target = None
-        free_gpu_memory()
-        results_rows.append(_row(shape, dtype, mode, impl, median_ms=float("nan"), min_ms=float("nan"),
-                                 rounds=0, peak_extra_mb=None, loss_value=None, status="oom"))
-        pytest.skip(f"{impl} ran out of GPU memory at m={m}, d={d}")
-    rounds = 3 if device.type == "cpu" or max(m, d) > 4096 else 20
-    benchmark.group = f"taylor_logdet {mode} m={m} d={d} n={n} {str(dtype)[6:]}"
-    benchmark.extra_info.update(peak_extra_mb=None if peak is None else peak / 2**20, mode=mode)
-    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    stats = benchmark.stats.stats
-    results_rows.append(_row(
-        shape, dtype, mode, impl,
-        median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, rounds=rounds,
-        peak_extra_mb=None if peak is None else peak / 2**20, loss_value=float(value.sum()), status="ok",
-        alg_tflops=_alg_flops(shape, mode) * 2 / stats.median / 1e12,  # 2 pairs
-    ))
-    assert math.isfinite(stats.median)
+        return float(value.sum())
+
+    row = {"loss": f"taylor_logdet:{mode}", "shape": f"m={m},d={d},n={n},P=2", "dtype": str(dtype)[6:], "impl": impl}
+    # "diagnostics" times the forward with the convergence diagnostic
+    bench.mode(make, "forward" if mode == "diagnostics" else mode, label=mode, check=check, row=row,
+               group=f"taylor_logdet {mode} m={m} d={d} n={n} {str(dtype)[6:]}",
+               rounds=3 if device.type == "cpu" or max(m, d) > 4096 else 20, scalar=lambda out: _value(out).sum(),
+               rates=lambda median_s: {"alg_tflops": _alg_flops(shape, mode) * 2 / median_s / 1e12})  # 2 pairs

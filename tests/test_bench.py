@@ -1,6 +1,9 @@
 """``python -m kernelssl.bench`` at tiny shapes (its hidden ``--smoke`` mode): the outputs and their
 contents, a wrong implementation flagged and not timed, out of memory recorded as a row while the run
-goes on, and (once, on one loss) the ``torch.compile`` rows."""
+goes on, and (once, on one loss) the ``torch.compile`` rows; the timing harness's interleaved repeats.
+
+The whole-bench runs take seconds to tens of seconds each: they are the slow tier (``pytest tests -m
+slow``); the verdict rules, the OOM prediction and the harness are the fast one."""
 from __future__ import annotations
 
 import json
@@ -10,6 +13,7 @@ import torch
 
 from kernelssl.bench import __main__ as cli
 from kernelssl.bench import cases as C
+from kernelssl.bench import measure as Ms
 from kernelssl.bench import report, runner
 
 
@@ -27,7 +31,7 @@ def oom_factory(error):
     """Correct at the correctness case, out of memory at every timed shape."""
     def factory(loss, shape, device):
         fn = _torch_path(loss, shape, device)
-        check_batch = runner.SMOKE_CHECK_BATCH[loss]
+        check_batch = C.SMOKE_CHECK_BATCH[loss]
 
         def impl(*xs):
             batch = xs[0].shape[-2] if loss == "hsic" else xs[0].shape[0]
@@ -50,6 +54,7 @@ def smoke(tmp_path_factory):
     return rc, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_outputs_and_environment(smoke):
     rc, out, res = smoke
     assert rc == 2  # a wrong implementation makes the exit status non-zero
@@ -69,6 +74,7 @@ def test_outputs_and_environment(smoke):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_every_implementation_checked_and_the_real_ones_pass(smoke):
     _, _, res = smoke
     verdicts = {(c["loss"], c["dtype"], c["impl"]): c["verdict"] for c in res["checks"]}
@@ -80,6 +86,7 @@ def test_every_implementation_checked_and_the_real_ones_pass(smoke):
             assert verdicts[(loss, dtype, "oom-cuda")] == "pass"
 
 
+@pytest.mark.slow
 def test_wrong_implementation_is_flagged_and_not_timed(smoke):
     _, out, res = smoke
     wrong = [c for c in res["checks"] if c["impl"] == "wrong"]
@@ -91,6 +98,7 @@ def test_wrong_implementation_is_flagged_and_not_timed(smoke):
     assert "FAIL" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_a_row_and_the_run_goes_on(smoke):
     _, out, res = smoke
     for name in ("oom-cuda", "oom-host"):
@@ -98,11 +106,12 @@ def test_out_of_memory_is_a_row_and_the_run_goes_on(smoke):
         assert rows and all(r["status"] == "oom" for r in rows)
     for loss in C.LOSSES:  # every shape after the first OOM was still timed for the others
         ok = [r for r in res["rows"] if r["loss"] == loss and r["impl"] == "kernelssl" and r["status"] == "ok"]
-        assert len(ok) == len(runner.SMOKE[loss][1]) + 1  # fp32 sweep + bf16 target
+        assert len(ok) == len(C.SMOKE_SHAPES[loss][1]) + 1  # fp32 sweep + bf16 target
         assert all(r["median_ms"] > 0 and r["value_rel_err"] < 1e-3 for r in ok)
     assert "OOM" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_ratios(smoke):
     _, _, res = smoke
     for r in res["rows"]:
@@ -123,6 +132,7 @@ def test_low_precision_rule_flags_an_error_twice_the_torch_paths():
     assert (ok["verdict"], bad["verdict"], bad_g["verdict"]) == ("pass", "FAIL", "FAIL")
 
 
+@pytest.mark.slow
 def test_compiled_rows_once():
     """torch.compile of the papers' form and of kernelssl at a tiny shape (one loss: compiling is slow)."""
     res = runner.run(runner.Config(losses=("mec",), smoke=True, progress=False,
@@ -139,6 +149,7 @@ def test_compiled_rows_once():
     assert len([r for r in res["rows"] if not r["target"]]) == 3  # eager, kernelssl, limit at the other batch
 
 
+@pytest.mark.slow
 def test_triton_precision_rows():
     """Each input_precision row runs the kernel (the CPU interpreter here) and is checked."""
     names = tuple(f"triton-{p}" for p in C.PRECISIONS)
@@ -171,6 +182,7 @@ def test_predicted_oom_of_the_pdist_form():
     assert C.predicted_oom("uniformity", "eager", shape, cap=cap, grad=False).startswith("predicted OOM (24.0 GiB")
 
 
+@pytest.mark.slow
 def test_predicted_oom_is_a_row_and_the_sweep_goes_on(monkeypatch):
     # cap between the smoke sweep's two sizes: 8 x 24 x 23 / 2 x 4 B = 8832 B runs, n = 48 (36096 B) does not
     monkeypatch.setattr(C, "memory_cap_bytes", lambda device: 20000)
@@ -184,3 +196,37 @@ def test_predicted_oom_is_a_row_and_the_sweep_goes_on(monkeypatch):
     assert "median_ms" not in row and "first_call_s" not in row
     assert report._status_cell(row) == "skipped: predicted OOM (35 KiB)"
     assert "skipped: predicted OOM" in report.markdown(res)
+
+
+def test_interleaved_repeats_round_robin_and_drop_a_failed_step():
+    """:func:`kernelssl.bench.measure.interleaved`: one call of each step per round, in turn; a step whose
+    guarded call fails leaves the rounds; ``budget_s`` stops after ``min_repeats`` rounds."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+
+    def guard(name, call):
+        return None if name == "b" and calls.count("b") == 1 else call()
+
+    times = Ms.interleaved(steps, torch.device("cpu"), repeats=3, guard=guard)
+    assert calls == ["a", "b", "c", "a", "c", "a", "c"]  # b's second call failed (in the guard)
+    assert set(times) == {"a", "c"} and all(len(ts) == 3 and min(ts) >= 0 for ts in times.values())
+    few = Ms.interleaved(steps, torch.device("cpu"), repeats=50, min_repeats=2, budget_s=0.0)
+    assert [len(ts) for ts in few.values()] == [2, 2, 2]
+
+
+def test_mode_steps():
+    """The steps :func:`kernelssl.bench.measure.mode_step` times: gradients cleared in the setup, the
+    backward's forward in the setup, the metric under ``torch.no_grad()``."""
+    x = torch.ones(3, requires_grad=True)
+    fn = lambda x: (2 * x).sum()
+    for mode, grad in (("forward", None), ("full", 2.0), ("backward", 2.0), ("metric", None)):
+        x.grad = torch.zeros(3)
+        setup, target = Ms.mode_step(fn, (x,), mode, torch.device("cpu"))
+        args, kwargs = setup()
+        assert x.grad is None
+        out = target(*args, **kwargs)
+        assert (x.grad is None) if grad is None else bool((x.grad == grad).all()), mode
+        if mode == "metric":
+            assert not out.requires_grad
+    with pytest.raises(ValueError, match="mode"):
+        Ms.mode_step(fn, (x,), "sideways", torch.device("cpu"))

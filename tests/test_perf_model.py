@@ -1,8 +1,9 @@
-"""The static performance model (``benchmarks/perf_model.py``; PREDICTED times, never measured) at the
-papers' shapes, fp32 and bf16, forward + backward.
+"""The static performance model (``benchmarks/perf_model.py`` records the launches,
+:mod:`kernelssl.bench.launch_costs` prices them; PREDICTED times, never measured; docs/perf-model.md) at
+the papers' shapes, fp32 and bf16, forward + backward.
 
 The model records the launches the GPU path issues (as ``tests/sm90_compile.py`` does), compiles them
-for sm_90 and prices them against H200 ceilings (see its module doc).  These tests hold the kernels
+for sm_90 and prices them against H200 ceilings.  These tests hold the kernels
 to what the model says a fast design needs, and hold the model to the math:
 
 * every launch that carries > 10% of one op call's product flops fills its waves >= 80%;
@@ -13,7 +14,9 @@ to what the model says a fast design needs, and hold the model to the math:
   the eager form, and the model's tensor-core / FMA split agrees with the compiled PTX.
 
 Runs the model in a subprocess (the kernels must be compiled, not interpreted; pytest runs the
-interpreter).  Needs Triton's bundled ptxas, like the sm_90 compile tests.
+interpreter).  Needs Triton's bundled ptxas, like the sm_90 compile tests; those tests are the slow
+tier (``pytest tests -m slow``).  The model's arithmetic and its sweep points are checked in the fast
+tier, without a compile.
 """
 from __future__ import annotations
 
@@ -24,12 +27,26 @@ import sys
 
 import pytest
 
+from kernelssl.bench import cases as C
+from kernelssl.bench import launch_costs as LC
 from kernelssl.triton.offline import tools_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
-DTYPES = ("float32", "bfloat16")
-CASES = [(op, dt) for op in OPS for dt in DTYPES]
+PERF_MODEL = os.path.join(ROOT, "benchmarks", "perf_model.py")
+
+
+def _load_perf_model():
+    """``benchmarks/perf_model.py``, loaded from its file (benchmarks/ is not a package; no sys.path edit)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perf_model", PERF_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PM = _load_perf_model()
+CASES = [(op, dt) for op in PM.OPS for dt in PM.DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +56,8 @@ def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("perf_model") / "model.json"
     path = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "perf_model.py"), "--headline",
-                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    proc = subprocess.run([sys.executable, PERF_MODEL, "--headline", "--json", str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "PREDICTED" in proc.stdout
     data = json.loads(out.read_text())
@@ -54,6 +71,7 @@ def _calls(case) -> int:
     return case["shape"].get("views", 1)  # SFRIK: one op call per view
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_main_launches_fill_their_waves(model, op, dtype):
     """(a) No launch carrying > 10% of one op call's product flops has wave efficiency < 80% on 132 SMs
@@ -67,10 +85,11 @@ def test_main_launches_fill_their_waves(model, op, dtype):
     assert not bad, f"{op} {dtype}: (kernel, phase, programs, programs per SM, wave efficiency) {bad}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_no_default_fp32_product_on_fma_units(model, op, dtype):
     """(b) Under the public default precision, no product with fp32 operands runs on the FMA units
-    (input_precision "ieee"): SPEC §4's default is tf32x3 on the tensor cores."""
+    (input_precision "ieee"): the fp32 default is tf32x3 on the tensor cores (docs/numerics.md)."""
     case = model[(op, dtype)]
     fma = [(r["kernel"], r["phase"], r["flops"]) for r in case["launch_rows"] if r["fma_dot_flops"] > 0]
     assert not fma, f"{op} {dtype} (default precision {case['precision']!r}): FMA products {fma}"
@@ -85,6 +104,7 @@ def test_no_default_fp32_product_on_fma_units(model, op, dtype):
 KNOWN_GAPS = {("gaussian_gram", "bfloat16"): 2.02}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_predicted_within_limit(model, op, dtype):
     """(c) Predicted forward + backward within 1.5x of the op's limit (``KNOWN_GAPS``: within today's
@@ -145,6 +165,7 @@ def _analytic_eager(case) -> int:
     return P * (2 * m * m * d + (order - 1) * 2 * m ** 3 + (order - 1) * 2 * 2 * m ** 3 + 2 * m * m * d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_model_flops_match_the_math(model, op, dtype):
     """The model's product flops, summed over the recorded launches, equal an independent count from
@@ -156,6 +177,7 @@ def test_model_flops_match_the_math(model, op, dtype):
     assert case["eager"]["flops"] == pytest.approx(_analytic_eager(case), rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,dtype", CASES)
 def test_model_units_match_the_compiled_code(model, op, dtype):
     """A launch the model puts on the tensor cores has tensor-core instructions (wgmma / mma.sync) in
@@ -168,34 +190,22 @@ def test_model_units_match_the_compiled_code(model, op, dtype):
         assert r["spills"] == 0, (r["kernel"], r["constexprs"])
 
 
-def _perf_model():
-    """``benchmarks/perf_model.py``, loaded from its file (benchmarks/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("perf_model", os.path.join(ROOT, "benchmarks", "perf_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("perf_model", module)  # its dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["perf_model"])
-    return sys.modules["perf_model"]
-
-
 def test_occupancy_and_wave_arithmetic():
     """The model's occupancy and wave arithmetic on hand-checked cases (no compile needed)."""
-    pm = _perf_model()
     # 237 registers x 256 threads = 60672 of 65536 registers: one program per SM; SFRIK's 136 forward
     # programs then need 2 waves on 132 SMs, the second with 4 programs: 136 / 264 busy
-    assert pm._occupancy(237, 8, 98304) == 1
-    assert pm._occupancy(128, 8, 49152) == 2  # 32768 registers a program
-    assert pm._occupancy(32, 4, 64) == 16  # 128 threads: 2048 / 128
-    assert pm._occupancy(64, 4, 100 * 1024) == 2  # shared memory: 2 x (100 KiB + 1 KiB) <= 228 KiB
-    assert pm._occupancy(255, 8, 0) == 1 and pm._occupancy(255, 16, 0) == 0  # 256 x 512 > 64 K registers
+    assert LC.occupancy(237, 8, 98304) == 1
+    assert LC.occupancy(128, 8, 49152) == 2  # 32768 registers a program
+    assert LC.occupancy(32, 4, 64) == 16  # 128 threads: 2048 / 128
+    assert LC.occupancy(64, 4, 100 * 1024) == 2  # shared memory: 2 x (100 KiB + 1 KiB) <= 228 KiB
+    assert LC.occupancy(255, 8, 0) == 1 and LC.occupancy(255, 16, 0) == 0  # 256 x 512 > 64 K registers
     # a tensor-core launch of 790 GFLOP with full waves takes 1 ms + the launch overhead; with half its
     # slots idle, twice that; a bytes-bound one 4.3 GB -> 1 ms
-    assert pm._time([("bf16", 790e9)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
-    assert pm._time([("bf16", 790e9)], 0.0, 0.0, 0.5, 1.0) == pytest.approx(2e-3 + 3e-6)
-    assert pm._time([("tf32x3", 395e9 / 3)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
-    assert pm._time([("ieee", 67e9)], 0.0, 4.3e9, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
-    assert pm._time([], 0.0, 4.3e9, 0.1, 0.5) == pytest.approx(2e-3 + 3e-6)
+    assert LC.launch_time([("bf16", 790e9)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert LC.launch_time([("bf16", 790e9)], 0.0, 0.0, 0.5, 1.0) == pytest.approx(2e-3 + 3e-6)
+    assert LC.launch_time([("tf32x3", 395e9 / 3)], 0.0, 0.0, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert LC.launch_time([("ieee", 67e9)], 0.0, 4.3e9, 1.0, 1.0) == pytest.approx(1e-3 + 3e-6)
+    assert LC.launch_time([], 0.0, 4.3e9, 0.1, 0.5) == pytest.approx(2e-3 + 3e-6)
 
 
 def test_limit_rates_follow_the_precision_policy():
@@ -203,9 +213,21 @@ def test_limit_rates_follow_the_precision_policy():
     rounded to 16 bits) or three (fp32-exact) 16-bit products; fp32 x fp32 at tf32x3's (a third of
     TF32).  Plain TF32 is faster than the fp32 class, so a kernel using it silently would come out
     below the limit (test_predicted_within_limit asserts ratio >= 1)."""
-    pm = _perf_model()
-    assert pm.LIMIT_RATES["half"] == pm.RATES["bf16"]
-    assert pm.LIMIT_RATES["mixed16"] == pm.RATES["bf16"] / 2
-    assert pm.LIMIT_RATES["mixed32"] == pm.RATES["bf16"] / 3
-    assert pm.LIMIT_RATES["fp32"] == pm.RATES["tf32x3"] < pm.RATES["tf32"]
-    assert pm.RATES["ieee"] < pm.RATES["tf32x3"]
+    assert LC.LIMIT_RATES["half"] == LC.RATES["bf16"]
+    assert LC.LIMIT_RATES["mixed16"] == LC.RATES["bf16"] / 2
+    assert LC.LIMIT_RATES["mixed32"] == LC.RATES["bf16"] / 3
+    assert LC.LIMIT_RATES["fp32"] == LC.RATES["tf32x3"] < LC.RATES["tf32"]
+    assert LC.RATES["ieee"] < LC.RATES["tf32x3"]
+
+
+def test_model_sweep_points_are_benchmark_points():
+    """The model prices the papers' shapes (:data:`kernelssl.bench.cases.PAPER_SHAPES`) and points of the
+    op benchmarks' sweeps (:data:`kernelssl.bench.cases.OP_SWEEPS`), so that predicted and measured
+    times can stand side by side."""
+    assert PM.OPS == tuple(C.OPS.values())
+    loss_of = {op: loss for loss, op in C.OPS.items()}
+    for op in PM.OPS:
+        paper = PM.sweep(op)[0]
+        assert {k: paper[k] for k in C.PAPER_SHAPES[loss_of[op]]} == C.PAPER_SHAPES[loss_of[op]]
+        for dim, sizes in PM.MODEL_SWEEP[op].items():
+            assert set(sizes) <= set(C.OP_SWEEPS[op][dim]), (op, dim)

@@ -1,4 +1,5 @@
-"""``python -m kernelssl.bench [--quick] [--out DIR] [--loss hsic sfrik mec uniformity] [--dtype fp32 bf16] [--device D]``."""
+"""``python -m kernelssl.bench [--quick] [--out DIR] [--loss hsic sfrik mec uniformity] [--dtype fp32 bf16]
+[--device D]`` (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse

@@ -26,6 +26,10 @@ Besides the three papers' losses, ``"uniformity"`` is Wang & Isola's uniformity 
 embeddings (t = 2): ``KF.uniformity(z)`` against their code's
 ``torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()`` on the L2-normalised rows, whose
 ``n(n-1)/2`` pdist vector sets its memory (:func:`predicted_oom` says when that cannot fit).
+
+The shapes are defined here once (the section "shapes" below), for ``python -m kernelssl.bench``,
+``pytest benchmarks``, the performance model and the scripts in ``benchmarks/``; the recorded results
+in ``benchmarks/results/`` are at these shapes (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -40,9 +44,102 @@ from ..ops import legendre_gram as _sfrik
 from ..ops import rff_hsic as _hsic
 from ..ops import taylor_logdet as _mec
 from ..ops.rff_hsic import sample_imq_rff
+from .measure import MODES
 
 LOSSES = ("hsic", "sfrik", "mec", "uniformity")
-UNIFORMITY_T = 2.0  # Wang & Isola's t (their default)
+#: The op each loss runs on.
+OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram", "mec": "taylor_logdet", "uniformity": "gaussian_gram"}
+
+# --------------------------------------------------------------------------------------------------
+# shapes (the dicts are shared: copy one, {**shape, key: value}, never change it in place)
+
+#: The papers' headline shapes: SSL-HSIC K = 4 views of B = 4096 images (N = 16384), d = 256, D = 512
+#: random features per map; SFRIK n = 2048 per view, q = 8192; MEC m = 1024, d = 2048; Wang & Isola's
+#: uniformity n = 4096 per view, q = 128 (their feature dimension).
+PAPER_SHAPES = {
+    "hsic": {"K": 4, "B": 4096, "d": 256, "D": 512},
+    "sfrik": {"n": 2048, "q": 8192},
+    "mec": {"m": 1024, "d": 2048},
+    "uniformity": {"n": 4096, "q": 128},
+}
+#: The papers' hyper-parameters that the op-level benchmarks and the performance model pass beside the
+#: shapes: SFRIK's Legendre coefficients b (L = 3; the library's default), MEC's Taylor order, Wang &
+#: Isola's t (their default).
+SFRIK_COEFFICIENTS = (1.0, 40.0, 40.0)
+MEC_ORDER = 4
+UNIFORMITY_T = 2.0
+
+#: The dimension a batch-size sweep varies, per loss.
+BATCH_KEY = {"hsic": "B", "sfrik": "n", "mec": "m", "uniformity": "n"}
+#: ``python -m kernelssl.bench``'s target shape per device kind and loss.  GPU: the papers' shapes
+#: (uniformity at n = 16384).  CPU: smaller ones -- also ``pytest benchmarks --bench-scale full``'s.
+TARGET_SHAPES = {
+    "cuda": {**PAPER_SHAPES, "uniformity": {**PAPER_SHAPES["uniformity"], "n": 16384}},
+    "cpu": {
+        "hsic": {"K": 4, "B": 1024, "d": 128, "D": 512},
+        "sfrik": {"n": 2048, "q": 256},
+        "mec": {"m": 1024, "d": 256},
+        "uniformity": PAPER_SHAPES["uniformity"],
+    },
+}
+#: ``python -m kernelssl.bench``'s batch-size sweeps (of :data:`BATCH_KEY`'s dimension of the target
+#: shape), ``(full, --quick)`` per device kind and loss.  The uniformity's full sweeps are also ``pytest
+#: benchmarks``' sweeps over n (``test_gaussian_gram_sweep.py``); on a GPU they run the pdist form into
+#: its out-of-memory point.
+BATCH_SWEEPS = {
+    "cuda": {
+        "hsic": ([512, 1024, 2048, 4096, 8192], [1024, 4096]),
+        "sfrik": ([512, 1024, 2048, 4096, 8192, 16384], [1024, 2048, 4096]),
+        "mec": ([256, 512, 1024, 2048, 4096], [512, 1024]),
+        "uniformity": ([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], [4096, 16384]),
+    },
+    "cpu": {
+        "hsic": ([256, 512, 1024], [128, 512]),
+        "sfrik": ([512, 1024, 2048], [256, 1024]),
+        "mec": ([256, 512, 1024], [128, 512]),
+        "uniformity": ([1024, 2048, 4096, 8192, 16384], [512, 1024]),
+    },
+}
+#: ``python -m kernelssl.bench``'s small correctness case: the target shape with a small, odd batch
+#: (masks and tails).
+CHECK_BATCH = {"hsic": 37, "sfrik": 67, "mec": 45, "uniformity": 61}
+#: Its hidden ``--smoke`` mode (the test suite's: seconds, not minutes): ``(target, batches)`` and
+#: the correctness case's batch.
+SMOKE_SHAPES = {
+    "hsic": ({"K": 2, "B": 32, "d": 16, "D": 32}, [16, 32]),
+    "sfrik": ({"n": 48, "q": 16}, [24, 48]),
+    "mec": ({"m": 24, "d": 16}, [12, 24]),
+    "uniformity": ({"n": 48, "q": 16}, [24, 48]),
+}
+SMOKE_CHECK_BATCH = {"hsic": 9, "sfrik": 11, "mec": 10, "uniformity": 11}
+
+#: ``pytest benchmarks --bench-scale smoke`` (CI's; the default on a CPU): small shapes, so that the
+#: benchmarks never rot -- per loss, and for the op sweeps of SFRIK, MEC and the uniformity.
+SUITE_SMOKE_SHAPES = {
+    "hsic": {"K": 2, "B": 256, "d": 64, "D": 256},
+    "sfrik": {"n": 256, "q": 64},
+    "mec": {"m": 256, "d": 64},
+    "uniformity": {"n": 256, "q": 32},
+}
+#: The op sweeps of ``pytest benchmarks`` on a GPU (``benchmarks/test_<op>_sweep.py``), around the
+#: papers' shapes: ``{op: {dimension: sizes}}``.  The performance model prices some of their points.
+OP_SWEEPS = {
+    "rff_hsic": {"N": [1024, 4096, 16384, 65536], "D": [128, 256, 512, 1024, 2048]},  # N = K B, K = 4
+    "legendre_gram": {"q": [8192, 16384, 32768], "n": [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]},
+    "taylor_logdet": {"m": [256, 512, 1024, 2048, 4096, 8192], "d": [128, 256, 512, 1024, 2048, 4096, 8192],
+                      "n": [2, 3, 4, 5, 6, 7, 8]},  # n: the Taylor order
+    "gaussian_gram": {"n": BATCH_SWEEPS["cuda"]["uniformity"][0]},
+}
+
+
+def mec_lambda(m: int, d: int) -> float:
+    """``d / (64 m)``: the MEC op's lambda in the op benchmarks and the performance model."""
+    return d / (64.0 * m)
+
+
+def hsic_features(shape: dict) -> int:
+    """D, the random features per map of an HSIC shape (the papers' 512 where the shape has none)."""
+    return shape.get("D", PAPER_SHAPES["hsic"]["D"])
 
 
 def make_inputs(
@@ -71,10 +168,6 @@ def make_inputs(
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
 
 
-#: The op each loss runs on.
-OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram", "mec": "taylor_logdet", "uniformity": "gaussian_gram"}
-
-
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -92,10 +185,37 @@ def available(loss: str, device: str | torch.device, *, compile: bool = False) -
     return tuple(names)
 
 
+def case_id(shape: dict, dtype: torch.dtype) -> str:
+    """``"K4-B4096-d256-D512-float32"``: a shape and dtype in a ``pytest benchmarks`` test id."""
+    return "-".join(f"{k}{v}" for k, v in shape.items()) + f"-{str(dtype)[6:]}"
+
+
+def sweep_params(loss: str, op: str, cases, *, device: str | torch.device | None = None, variant: str | None = None,
+                 variant_shape: dict | None = None) -> dict:
+    """``metafunc.parametrize`` keywords (``argvalues``, ``ids``) of an op sweep of ``pytest benchmarks``:
+    ``(shape, dtype, mode, impl)`` for every ``(shape, dtype, mode)`` of ``cases`` and every
+    implementation of ``loss`` that runs on ``device`` (default: CUDA if available; :func:`available`,
+    with ``torch.compile`` of the torch path on a GPU).  Where the Triton kernel runs, the fp32 cases
+    at ``variant_shape`` in the :data:`~kernelssl.bench.measure.MODES` also get the implementation
+    ``variant`` (e.g. ``"triton-tf32x3"``: the kernel with its TF32 opt-in, timed beside the default,
+    so one GPU run tells whether the opt-in pays).
+    Ids: ``<op>-<mode>-<shape>-<dtype>-<impl>``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    params, ids = [], []
+    for shape, dtype, mode in cases:
+        impls = available(loss, device, compile=device.type == "cuda")
+        if variant and "triton" in impls and (shape, dtype) == (variant_shape, torch.float32) and mode in MODES:
+            impls += (variant,)
+        for impl in impls:
+            params.append((shape, dtype, mode, impl))
+            ids.append(f"{op}-{mode}-{case_id(shape, dtype)}-{impl}")
+    return {"argvalues": params, "ids": ids}
+
+
 def hsic_maps(shape: dict, *, device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """``(w_a, b_a, w_b, b_b)``: the two RFF maps (d = ``shape["d"]``, D = ``shape.get("D", 512)``) that
+    """``(w_a, b_a, w_b, b_b)``: the two RFF maps (d = ``shape["d"]``, D = :func:`hsic_features`) that
     every HSIC implementation of :func:`implementations` uses for ``seed``."""
-    d, D = shape["d"], shape.get("D", 512)
+    d, D = shape["d"], hsic_features(shape)
     g = torch.Generator().manual_seed(seed)
     w_a, b_a = sample_imq_rff(d, D, generator=g, device=device)
     w_b, b_b = sample_imq_rff(d, D, generator=g, device=device)
@@ -303,8 +423,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
             x = views.detach().reshape(K * B, d)
             key = (x.dtype, x.device)
             if key not in maps:  # the maps, made once (their values do not matter to the time)
-                maps[key] = (torch.rand(shape.get("D", 512), d, device=x.device).to(x.dtype),
-                             torch.rand(shape.get("D", 512), d, device=x.device).to(x.dtype))
+                D = hsic_features(shape)
+                maps[key] = tuple(torch.rand(D, d, device=x.device).to(x.dtype) for _ in range(2))
             w_a, w_b = maps[key]
             with torch.no_grad():
                 pa, pb = x @ w_a.T, x @ w_b.T

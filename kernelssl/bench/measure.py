@@ -1,16 +1,22 @@
-"""Measuring one call: the device, peak extra memory, time, and releasing memory after an OOM.
+"""Measuring calls: the device, the time of one call, interleaved repeats, peak extra memory, the
+steps a benchmark times (forward, backward, forward+backward, metric), releasing memory after an OOM.
 
-Shared by ``python -m kernelssl.bench`` and ``pytest benchmarks/`` (``benchmarks/bench_util.py``
-imports these).
+The one timing harness of the project: ``python -m kernelssl.bench`` (:mod:`.runner`), ``pytest
+benchmarks`` (its ``conftest.py``: the steps and peak memory; pytest-benchmark's ``pedantic`` repeats
+the step there) and the scripts in ``benchmarks/`` (``cpu_peer.py``, ``uniformity_memory.py``) all
+measure through these functions.  How the numbers are read: docs/benchmarks.md.
 
-Peak extra memory is the peak minus the pre-call baseline.
+Time: on a GPU between two CUDA events (the GPU time of the call's work, launch gaps included),
+synchronised after the call; on a CPU wall time (``time.perf_counter``).  Repeats of several
+implementations are **interleaved** (:func:`interleaved`: one call of each per round), so a change
+in the machine's load hits all of them alike.
 
-CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated
-before the call.  CPU: the process's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``) above the resident set before the call, after ``malloc_trim(0)`` has
-handed glibc's cached free memory back to the OS (without it, memory freed by an earlier call is
-reused unseen and the peak reads ~0).  Linux/glibc only; elsewhere ``None``.  Seen here: repeated
-CPU measurements of one call agree within ~10-20%.
+Peak extra memory is the peak minus the pre-call baseline.  CUDA: the caching allocator's peak
+(``torch.cuda.max_memory_allocated``) above what was allocated before the call.  CPU: the process's
+peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set
+before the call, after ``malloc_trim(0)`` has handed glibc's cached free memory back to the OS
+(without it, memory freed by an earlier call is reused unseen and the peak reads ~0).  Linux/glibc
+only; elsewhere ``None``.  Seen here: repeated CPU measurements of one call agree within ~10-20%.
 """
 from __future__ import annotations
 
@@ -19,9 +25,12 @@ import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+# --------------------------------------------------------------------------------------------------
+# the device
 
 
 def bench_device() -> torch.device:
@@ -32,6 +41,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_gpu_memory() -> None:
+    """Release what an out-of-memory case left behind (call it outside the ``except`` block, whose
+    traceback keeps the failed call's tensors alive), so the next case starts from an empty cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# peak extra memory
 
 
 def _status_kib(field: str) -> int:
@@ -56,9 +82,7 @@ def _can_reset_cpu_peak() -> bool:
             f.write("5")
         _status_kib("VmHWM")
         return True
-    except OSError:
-        return False
-    except RuntimeError:
+    except (OSError, RuntimeError):
         return False
 
 
@@ -81,17 +105,13 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     return max(0, (_status_kib("VmHWM") - base) * 1024)
 
 
-def free_gpu_memory() -> None:
-    """Release what an out-of-memory case left behind (call it outside the ``except`` block, whose
-    traceback keeps the failed call's tensors alive), so the next case starts from an empty cache."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def process_peak_bytes() -> int:
+    """The process's whole peak resident set (``VmHWM``: inputs and libraries included); Linux only."""
+    return _status_kib("VmHWM") * 1024
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# --------------------------------------------------------------------------------------------------
+# time
 
 
 def time_one(fn: Callable[[], object], device: torch.device) -> float:
@@ -109,27 +129,152 @@ def time_one(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
-               min_repeats: int = 3, budget_s: float | None = None) -> list[float]:
-    """Seconds per call of ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed ones (at
-    least ``min_repeats``; fewer than ``repeats`` once ``budget_s`` seconds of timed calls have passed).
+def wall(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """``(seconds, fn())``: the wall time of one call, synchronised after it -- for a first call,
+    whose compile, JIT or autotuning happens on the host."""
+    t0 = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - t0, value
 
-    CUDA: each call between two CUDA events (the GPU time of the call's work, launch gaps included),
-    synchronised after each call.  CPU: wall time (``time.perf_counter``).
-    """
-    for _ in range(warmup):
+
+def one_call(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None, object]:
+    """``(seconds, peak extra bytes, fn())`` of one call: its wall time (synchronised) measured inside
+    :func:`peak_extra_bytes`."""
+    out: dict = {}
+
+    def timed():
+        out["seconds"], out["value"] = wall(fn, device)
+
+    peak = peak_extra_bytes(timed, device)
+    return out["seconds"], peak, out["value"]
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, calls: int = 1) -> None:
+    """``calls`` untimed calls of ``fn()`` (compile, JIT, autotune caches, allocator), then a sync."""
+    for _ in range(calls):
         fn()
     sync(device)
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < repeats:
-        t = time_one(fn, device)
-        times.append(t)
-        spent += t
-        if budget_s is not None and len(times) >= min_repeats and spent >= budget_s:
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
+               min_repeats: int = 3, budget_s: float | None = None) -> list[float]:
+    """Seconds per call of ``fn()`` (:func:`time_one`): ``warmup`` untimed calls, then up to ``repeats``
+    timed ones (at least ``min_repeats``; fewer than ``repeats`` once ``budget_s`` seconds of timed
+    calls have passed)."""
+    warm_up(fn, device, warmup)
+    return interleaved({"": fn}, device, repeats=repeats, min_repeats=min_repeats, budget_s=budget_s)[""]
+
+
+def interleaved(steps: dict[str, Callable[[], object]], device: torch.device, *, repeats: int,
+                min_repeats: int = 3, budget_s: float | None = None,
+                guard: Callable[[str, Callable[[], float]], float | None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each step (:func:`time_one`), interleaved: each round calls every step once,
+    in turn, so a change in the machine's load hits all of them alike.  Up to ``repeats`` rounds;
+    with ``budget_s``, the rounds stop after ``min_repeats`` once every step has spent ``budget_s``
+    seconds.
+
+    ``guard(name, timed_call)``, where given, runs each timed call and returns its seconds, or None
+    when the call failed (an out-of-memory, say): that step then leaves the rounds and the result."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    spent = dict.fromkeys(steps, 0.0)
+    for rnd in range(repeats):
+        for name in list(times):
+            call = (lambda fn=steps[name]: time_one(fn, device))
+            t = call() if guard is None else guard(name, call)
+            if t is None:
+                del times[name], spent[name]
+                continue
+            times[name].append(t)
+            spent[name] += t
+        if budget_s is not None and rnd + 1 >= min_repeats and all(s >= budget_s for s in spent.values()):
             break
     return times
 
 
-def median(xs: list[float]) -> float:
+def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
+
+
+# --------------------------------------------------------------------------------------------------
+# the steps a benchmark times
+
+#: What a step of :func:`mode_step` runs: a training step's ``forward`` (autograd records what the
+#: backward needs), its ``backward`` alone, both (``full``), or ``metric``: the forward under
+#: ``torch.no_grad()`` (a loss used as an evaluation metric).
+MODES = ("forward", "backward", "full")
+
+
+def _leaves(inputs) -> list[torch.Tensor]:
+    return [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def mode_call(fn: Callable[..., object], inputs: Sequence, mode: str, *, scalar=lambda out: out) -> None:
+    """One untimed call of ``fn(*inputs)`` in ``mode`` (a warm-up): the forward under
+    ``torch.no_grad()`` for ``metric``, else forward and backward of ``scalar(out)``, gradients
+    cleared first."""
+    if mode == "metric":
+        with torch.no_grad():
+            fn(*inputs)
+        return
+    for x in _leaves(inputs):
+        x.grad = None
+    scalar(fn(*inputs)).backward()
+
+
+def mode_step(fn: Callable[..., object], inputs: Sequence, mode: str, device: torch.device, *,
+              scalar=lambda out: out) -> tuple[Callable[[], tuple], Callable[..., object]]:
+    """``(setup, target)`` timing one mode (:data:`MODES` or ``"metric"``) of ``fn(*inputs)``: ``setup()``
+    (untimed, returns ``(args, kwargs)`` for ``target``, pytest-benchmark's ``pedantic`` convention)
+    clears the inputs' gradients and, for ``backward``, runs the forward; ``target(*args)`` is the
+    timed part, synchronised at its end.  ``scalar(out)`` turns the output into the loss to
+    differentiate."""
+    leaves = _leaves(inputs)
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+        sync(device)
+        return (), {}
+
+    if mode == "backward":
+        def setup():
+            clear()
+            loss = scalar(fn(*inputs))
+            sync(device)
+            return (loss,), {}
+
+        def target(loss):
+            loss.backward()
+            sync(device)
+
+        return setup, target
+
+    if mode == "full":
+        def target():
+            loss = scalar(fn(*inputs))
+            loss.backward()
+            sync(device)
+            return loss
+
+        return clear, target
+
+    if mode not in ("forward", "metric"):
+        raise ValueError(f"mode: expected one of {MODES + ('metric',)}, got {mode!r}")
+
+    def target():
+        if mode == "metric":
+            with torch.no_grad():
+                out = fn(*inputs)
+        else:
+            out = fn(*inputs)
+        sync(device)
+        return out
+
+    return clear, target
+
+
+def step_peak_bytes(setup: Callable[[], tuple], target: Callable[..., object], device: torch.device) -> int | None:
+    """Peak extra memory (:func:`peak_extra_bytes`) of one call of :func:`mode_step`'s ``target``."""
+    args, kwargs = setup()
+    return peak_extra_bytes(lambda: target(*args, **kwargs), device)

@@ -131,7 +131,8 @@ def markdown(result: dict) -> str:
 
     sweeps = _sweeps(rows)
     if sweeps:
-        lines += ["", "## Batch-size sweep (median ms; OOM = out of memory; predicted OOM = not tried, see the JSON's message)", ""]
+        lines += ["", "## Batch-size sweep (median ms; OOM = out of memory; predicted OOM = not tried, "
+                  "see the JSON's message)", ""]
         for (loss, dtype, key), table in sweeps.items():
             batches = sorted({b for per in table.values() for b in per})
             lines += [f"**{loss}**, {dtype}, {key} = batch:", "",
@@ -150,7 +151,7 @@ def markdown(result: dict) -> str:
 
 def _sweeps(rows: list[dict]) -> dict:
     """``{(loss, dtype, batch key): {impl: {batch: row}}}`` for cases with more than one batch size."""
-    from .runner import BATCH_KEY
+    from .cases import BATCH_KEY
 
     out: dict = {}
     order = {name: i for i, name in enumerate(dict.fromkeys(r["impl"] for r in rows if r.get("target")))}

@@ -2,25 +2,27 @@
 
 :func:`run` is what ``python -m kernelssl.bench`` calls; it returns the results as a dict (the JSON
 written by :mod:`kernelssl.bench.report`).  Cases come from :mod:`kernelssl.bench.cases` (the same ones
-``pytest benchmarks/`` runs); the shapes per device are :func:`plan_shapes`.
+``pytest benchmarks/`` runs); the shapes per device are :func:`plan_shapes`, from that module's tables.
+How to read the results: docs/benchmarks.md.
 
 Per loss and dtype:
 
 1. **Correctness** at a small case: every implementation's loss and input gradients (upstream
-   gradient 0.73, not 1) against the float64 torch path, with SPEC §4's tolerances
-   (:data:`FP32_TOL`; for bf16/fp16 and TF32 the error must be at most 2x the torch path's error in
-   the same precision, or under a stated floor, :func:`_low_precision_verdict`).  An implementation
-   that fails is reported loudly and not timed.
+   gradient 0.73, not 1) against the float64 torch path, with the tolerances of
+   :mod:`kernelssl.numerics` (docs/numerics.md): :data:`FP32_TOL`; for bf16/fp16 and TF32 the error
+   must be at most 2x the torch path's error in the same precision, or under a stated floor
+   (:func:`_low_precision_verdict`).  An implementation that fails is reported loudly and not timed.
 2. **Timing** at each shape of the batch-size sweep (the target shape among them): the first call
    (compile, JIT, autotune; its time is kept as ``first_call_s``), warm-up, then forward+backward
-   repeats (median; CUDA events on a GPU), then the peak extra memory of one call
-   (:mod:`kernelssl.bench.measure`).  Each timed loss value is also checked against the float64
-   torch path on the same inputs (``value_rel_err``), so a compiled graph that goes wrong at a new
-   shape cannot hide.  Out of memory is a row with ``status="oom"`` and the run goes on; so is a
-   ``torch.compile`` failure (``"compile-failed"``) or any other error (``"error"``).  On the CPU,
-   where an out-of-memory kills the process instead of raising, a case whose predicted peak exceeds
-   a share of the available memory is not tried: ``status="predicted-oom"``, the prediction in its
-   message (:func:`kernelssl.bench.cases.predicted_oom`; the uniformity's pdist form).
+   repeats, interleaved across the implementations (median; CUDA events on a GPU), then the peak
+   extra memory of one call (:mod:`kernelssl.bench.measure`, the timing harness).  Each timed loss
+   value is also checked against the float64 torch path on the same inputs (``value_rel_err``), so
+   a compiled graph that goes wrong at a new shape cannot hide.  Out of memory is a row with
+   ``status="oom"`` and the run goes on; so is a ``torch.compile`` failure (``"compile-failed"``) or
+   any other error (``"error"``).  On the CPU, where an out-of-memory kills the process instead of
+   raising, a case whose predicted peak exceeds a share of the available memory is not tried:
+   ``status="predicted-oom"``, the prediction in its message
+   (:func:`kernelssl.bench.cases.predicted_oom`; the uniformity's pdist form).
 
 Each implementation is built once per loss, so a ``torch.compile`` row keeps its graphs from the
 correctness case through the sweep; it compiles with torch's defaults (a static graph for the first
@@ -52,37 +54,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Tolerances and the 2x rule: kernelssl.numerics (one definition for the tests, this bench, the long run).
 UPSTREAM = 0.73  # a non-unit upstream gradient
-
-# The small correctness case: the target shape with a small, odd batch (masks and tails).
-CHECK_BATCH = {"hsic": 37, "sfrik": 67, "mec": 45, "uniformity": 61}
-# Target shapes and batch-size sweeps.  GPU: the papers' shapes (SPEC §1.5, §2.3, §3.2).  CPU:
-# smaller ones (the foundation issue's CPU targets).  The swept dimension is the batch: B, n, m.
-BATCH_KEY = {"hsic": "B", "sfrik": "n", "mec": "m", "uniformity": "n"}
-SHAPES = {
-    "cuda": {
-        "hsic": ({"K": 4, "B": 4096, "d": 256, "D": 512}, [512, 1024, 2048, 4096, 8192], [1024, 4096]),
-        "sfrik": ({"n": 2048, "q": 8192}, [512, 1024, 2048, 4096, 8192, 16384], [1024, 2048, 4096]),
-        "mec": ({"m": 1024, "d": 2048}, [256, 512, 1024, 2048, 4096], [512, 1024]),
-        # Wang & Isola's q = 128; the sweep runs the pdist form into its out-of-memory point
-        "uniformity": ({"n": 16384, "q": 128}, [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
-                       [4096, 16384]),
-    },
-    "cpu": {
-        "hsic": ({"K": 4, "B": 1024, "d": 128, "D": 512}, [256, 512, 1024], [128, 512]),
-        "sfrik": ({"n": 2048, "q": 256}, [512, 1024, 2048], [256, 1024]),
-        "mec": ({"m": 1024, "d": 256}, [256, 512, 1024], [128, 512]),
-        "uniformity": ({"n": 4096, "q": 128}, [1024, 2048, 4096, 8192, 16384], [512, 1024]),
-    },
-}
-# Shapes of the hidden --smoke mode (the test suite): seconds, not minutes.
-SMOKE = {
-    "hsic": ({"K": 2, "B": 32, "d": 16, "D": 32}, [16, 32]),
-    "sfrik": ({"n": 48, "q": 16}, [24, 48]),
-    "mec": ({"m": 24, "d": 16}, [12, 24]),
-    "uniformity": ({"n": 48, "q": 16}, [24, 48]),
-}
-SMOKE_CHECK_BATCH = {"hsic": 9, "sfrik": 11, "mec": 10, "uniformity": 11}
-
 
 IMPLS = ("eager", "eager-compiled", "kernelssl", "kernelssl-compiled", "torch", "compile",
          *(f"triton-{p}" for p in C.PRECISIONS), "limit")
@@ -116,12 +87,15 @@ def default_impls(device: torch.device, *, quick: bool, compile: bool) -> tuple[
 
 
 def plan_shapes(loss: str, device: torch.device, *, quick: bool, smoke: bool) -> tuple[dict, dict, list[dict]]:
-    """``(check_shape, target_shape, sweep_shapes)``; the target is one of the sweep's shapes."""
-    key = BATCH_KEY[loss]
+    """``(check_shape, target_shape, sweep_shapes)`` (from :mod:`kernelssl.bench.cases`'s tables); the
+    target is one of the sweep's shapes."""
+    key = C.BATCH_KEY[loss]
     if smoke:
-        target, batches = SMOKE[loss]
+        target, batches = C.SMOKE_SHAPES[loss]
     else:
-        target, full, reduced = SHAPES["cuda" if device.type == "cuda" else "cpu"][loss]
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        target = C.TARGET_SHAPES[kind][loss]
+        full, reduced = C.BATCH_SWEEPS[kind][loss]
         batches = reduced if quick else full
         if quick and device.type != "cuda":  # CPU --quick: the largest reduced batch is the target
             target = {**target, key: max(batches)}
@@ -129,7 +103,7 @@ def plan_shapes(loss: str, device: torch.device, *, quick: bool, smoke: bool) ->
     if quick and not smoke:
         # --quick: the correctness case is the sweep's smallest shape (one shape less to run)
         return sweep[0], target, sweep
-    check = {**target, key: (SMOKE_CHECK_BATCH if smoke else CHECK_BATCH)[loss]}
+    check = {**target, key: (C.SMOKE_CHECK_BATCH if smoke else C.CHECK_BATCH)[loss]}
     return check, target, sweep
 
 
@@ -304,13 +278,23 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
     """One row per implementation at ``shape``: time, peak memory, value check, or why not.
 
     Each implementation's first call (compile, JIT) and value check, then warm-up; then the timed
-    repeats **interleaved** (one call of each implementation per round, so a change in the
-    machine's load hits all rows alike), until ``repeats`` rounds, or at least 3 rounds and
-    ``budget_s`` seconds per implementation; then each one's peak extra memory."""
+    repeats **interleaved** (:func:`kernelssl.bench.measure.interleaved`: one call of each
+    implementation per round, so a change in the machine's load hits all rows alike), until
+    ``repeats`` rounds, or at least 3 rounds and ``budget_s`` seconds per implementation; then each
+    one's peak extra memory.  The case's inputs are gone when the cache is emptied at the end."""
+    rows = _time_rows(loss, dtype_name, names, impls, shape, device, warmup=warmup, repeats=repeats,
+                      budget_s=budget_s, tick=tick)
+    Ms.free_gpu_memory()
+    return rows
+
+
+def _time_rows(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, shape: dict,
+               device: torch.device, *, warmup: int, repeats: int, budget_s: float,
+               tick: Callable[[str], None]) -> list[dict]:
     dtype = DTYPES[dtype_name]
     rows = []
     base = {"loss": loss, "dtype": dtype_name, "shape": dict(shape), "shape_str": shape_str(shape),
-            "batch": shape[BATCH_KEY[loss]]}
+            "batch": shape[C.BATCH_KEY[loss]]}
     inputs = C.make_inputs(loss, shape, device=device, dtype=dtype)
     ref = None
     steps: dict[str, Callable] = {}
@@ -325,7 +309,7 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
         by_name[name].update(status=exc_status, message=message)
 
     def guarded(name, action):
-        """``action()``; an OOM or error becomes the row's status (the run goes on)."""
+        """``action()``; an OOM or error becomes the row's status (the run goes on) and None."""
         status = message = None
         try:
             return action()
@@ -353,14 +337,7 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
         is_loss = name != "limit"
         step = (lambda fn=fn: C.forward_backward(fn, inputs)) if is_loss else (lambda fn=fn: fn(*inputs))
         steps[name] = step
-
-        def first(step=step):
-            t0 = time.perf_counter()
-            value = step()
-            Ms.sync(device)
-            return time.perf_counter() - t0, value
-
-        out = guarded(name, first)
+        out = guarded(name, lambda step=step: Ms.wall(step, device))
         if out is None:
             continue
         row["first_call_s"], value = out
@@ -376,21 +353,14 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
                 row.update(status="value-mismatch",
                            message=f"loss {v!r} vs float64 {ref!r} at this shape (rtol {rtol})")
                 continue
-        if guarded(name, lambda step=step: Ms.time_calls(step, device, warmup=warmup, repeats=0)) is None:
-            continue
 
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    spent = dict.fromkeys(steps, 0.0)
-    for rnd in range(repeats):  # interleaved rounds
-        for name in list(steps):
-            t = guarded(name, lambda: Ms.time_one(steps[name], device))
-            if t is None:
-                times.pop(name, None)
-                continue
-            times[name].append(t)
-            spent[name] += t
-        if rnd + 1 >= 3 and all(spent[n] >= budget_s for n in steps):
-            break
+        def warm(step=step):
+            Ms.warm_up(step, device, warmup)
+            return True
+
+        guarded(name, warm)
+
+    times = Ms.interleaved(steps, device, repeats=repeats, min_repeats=3, budget_s=budget_s, guard=guarded)
     for name in list(steps):
         ts = times[name]
         by_name[name].update(median_ms=Ms.median(ts) * 1e3, min_ms=min(ts) * 1e3, repeats=len(ts))
@@ -400,8 +370,6 @@ def time_case(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, s
     for row in rows:
         if row.get("message", "") is None:
             del row["message"]
-    del inputs
-    Ms.free_gpu_memory()
     return rows
 
 
