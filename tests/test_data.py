@@ -1,4 +1,4 @@
-"""The training script on real on-disk layouts (issue 14, group 9), on tiny generated files.
+"""The training script on real on-disk layouts, on tiny generated files.
 
 * CIFAR-10's python version: ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``, each a
   protocol-2 pickle written byte for byte the way the distributed files were (Python 2 ``cPickle``:
@@ -8,7 +8,7 @@
   each channel stored column by column) and ``{train,test}_y.bin`` (uint8 labels 1..10);
 * an image folder of PNG files (``train/`` and ``val/``, one folder per class).
 
-kernelssl reads the CIFAR/STL files itself (kernelssl.data.read_cifar10 / read_stl10); torchvision's
+kernelssl reads the CIFAR/STL files itself (kernelssl.train.data.read_cifar10 / read_stl10); torchvision's
 readers only accept files with the official MD5, so they cannot read generated files.  As a check
 that the generated files ARE the formats torchvision reads, each reader is compared with
 torchvision's on the same files with only torchvision's checksum test bypassed (monkeypatched); the
