@@ -203,7 +203,8 @@ def _results(out):
         return json.load(f)
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+# cifar10's run (~3 s: six batch files) in the slow tier; the same training path on stl10's files on the fast one
+@pytest.mark.parametrize("dataset", [pytest.param("cifar10", marks=pytest.mark.slow), "stl10"])
 def test_train_on_generated_dataset(tmp_path, dataset):
     root = tmp_path / "data"
     (make_cifar10 if dataset == "cifar10" else make_stl10)(root)
@@ -228,6 +229,7 @@ def test_train_imagefolder_positional_path(tmp_path, arch, loss):
     assert r["arch"] == arch and r["probe"]["train_images"] == 12 and r["probe"]["test_images"] == 6
 
 
+@pytest.mark.slow  # the real process (~5 s); test_train_imagefolder_positional_path runs the same in-process
 def test_train_imagefolder_command_line(tmp_path):
     """The real process, exactly as documented: python -m kernelssl.train --dataset imagefolder PATH."""
     make_imagefolder(tmp_path / "imgs")

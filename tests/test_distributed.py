@@ -41,6 +41,8 @@ F64 = torch.float64
 WORLD = 2
 TIMEOUT_S = 120
 RTOL, ATOL = 1e-9, 1e-11
+# A multi-process run (spawning the group costs ~8 s): the slow tier, `pytest tests -m slow`.
+pytestmark = pytest.mark.slow
 
 LOSSES = {
     # small sizes; HSIC with the reference's K = 4 views (2 online + 2 target) and a learned scale

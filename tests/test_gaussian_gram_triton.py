@@ -503,8 +503,11 @@ def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
     assert all(g == dev for _, g, dev in launches), launches
 
 
-@pytest.mark.parametrize("dtype,normalize,exclude", [(torch.float32, True, True), (torch.bfloat16, False, False)],
-                         ids=["fp32-normalize", "bf16-raw-diagonal"])
+# the same ops and schemas in both cases: the second (~2.5 s) in the slow tier
+@pytest.mark.parametrize(
+    "dtype,normalize,exclude",
+    [(torch.float32, True, True), pytest.param(torch.bfloat16, False, False, marks=pytest.mark.slow)],
+    ids=["fp32-normalize", "bf16-raw-diagonal"])
 def test_opcheck(dtype, normalize, exclude):
     z = _z(37, 19, 14, dtype, unit=not normalize).to(DEV).requires_grad_(True)
     args = (2.0, normalize, exclude, "tf32x3")
@@ -685,6 +688,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee():
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90():
     """Every kernel variant the GPU path issues (n = 4096 and 65536, q = 128, in bf16, fp16 and fp32 with
     each input_precision; unaligned rows q = 100 and 8200 in every dtype; the diagonal included, raw rows,

@@ -439,6 +439,7 @@ def _emulated_gram_mean(z, b, g, precision):
     return m, grad
 
 
+@pytest.mark.slow  # the CPU emulation at q = 8192 (~3 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     """With every kernel GEMM in emulated tf32x3, the error of M and of dL/dz
     against float64 is within 2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s).
@@ -474,6 +475,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90():
     """Every kernel variant the GPU path issues (n = 2048, q = 8192 in bf16, fp16 and fp32 with each
     input_precision; rows of q = 8200 and 300, not multiples of 16, in every dtype; L = 5 without

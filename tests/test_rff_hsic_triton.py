@@ -134,7 +134,8 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+# ieee's smaller image blocks (~3 s here) in the slow tier; the default tf32x3 blocks on the fast one
+@pytest.mark.parametrize("precision", [pytest.param("ieee", marks=pytest.mark.slow), "tf32x3"])
 def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
     """The GPU block sizes run through the interpreter (which computes every dot in fp32, whatever the
     precision: only the tiling differs): image blocks of 32 (ieee) or 64 (TF32), 32-row gradient
@@ -453,6 +454,7 @@ print("ok")
 
 
 @interpreter_only
+@pytest.mark.slow  # a subprocess importing the ops as on a GPU machine (~4 s)
 def test_triton_op_build_without_interpreter():
     # Import as on a GPU machine (no interpreter): the ops are real triton_ops whose kernels
     # torch.compile can see, and their fake implementation -- the launchers themselves, traced through
@@ -469,6 +471,7 @@ def test_triton_op_build_without_interpreter():
 
 
 @interpreter_only
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90_without_spills():
     """Every kernel variant the GPU path issues (paper shape in fp32 and bf16 with ``ieee``, fp32 with
     ``tf32x3``, fp16 with ``tf32``; odd K, B, d, D; d = 512, which splits the gradient columns, with a
@@ -640,6 +643,7 @@ def _emulated_hsic(x, maps, K, B, c, precision):
     return zy, zz, gx
 
 
+@pytest.mark.slow  # the CPU emulation at the paper shape (~10 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     """At the paper shape (K = 4, B = 4096, d = 256, D = 512, c = 1), the error
     against float64 of HSIC_ZY, HSIC_ZZ and dL/dX with every kernel GEMM in emulated tf32x3 is within

@@ -173,7 +173,11 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
 @pytest.mark.parametrize("order", [2, 4, 5])
 @pytest.mark.parametrize(
     "path,m,d,batch",
-    [("tiled", 33, 64, (2,)), ("tiled", 64, 47, (1,)), ("onchip", 30, 64, (3,)), ("tiled", 5, 7, (2, 3))],
+    # the larger shapes (1-2.5 s each under the interpreter) in the slow tier: test_values_and_gradients_vs_reference
+    # covers both paths in m- and d-space over several tiles on the fast one; the 2-D batch stays
+    [pytest.param("tiled", 33, 64, (2,), marks=pytest.mark.slow),
+     pytest.param("tiled", 64, 47, (1,), marks=pytest.mark.slow),
+     pytest.param("onchip", 30, 64, (3,), marks=pytest.mark.slow), ("tiled", 5, 7, (2, 3))],
     indirect=["path"], ids=lambda v: str(v))
 def test_larger_and_batched_shapes(path, m, d, batch, order):
     a, b = _pair(order + m + d, m, d, batch)
@@ -401,7 +405,8 @@ def test_diagnostics_rank_one_collapse_and_zero(path):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+# the tiled path (~2 s a case) in the slow tier; its kernels' values are checked on the fast one
+@pytest.mark.parametrize("path", ["onchip", pytest.param("tiled", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_deterministic(path, dtype):
     a, b = _pair(9, 20, 27)
@@ -533,7 +538,8 @@ def test_cpu_kernel_without_interpreter_is_the_same_math(path, monkeypatch):
         assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()), name=name)
 
 
-@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+# the same ops and schemas on both paths: the tiled one (1-4.5 s a case) in the slow tier
+@pytest.mark.parametrize("path", ["onchip", pytest.param("tiled", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("order,normalize,diagnostics", [(1, True, False), (4, True, True), (3, False, False)])
 def test_opcheck(path, order, normalize, diagnostics):
     a, b = (torch.tensor(x, dtype=torch.float32, device=DEV).requires_grad_() for x in _pair(1, 11, 18))
@@ -576,6 +582,7 @@ def test_compile_fullgraph(backend):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests run the real kernels")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_gpu_kernels_compile_for_sm90_without_spills():
     """Every kernel variant the GPU path issues (paper shape fp32 with diagnostics, bf16, fp32 with
     TF32; d-space, tiny s on-chip, order 1, an fp16 d-space case with unaligned rows) compiles with
@@ -641,6 +648,7 @@ for (m, d), order in [((12, 40), 4), ((300, 40), 5), ((40, 300), 1)]:
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_compile_inductor compiles and runs it")
+@pytest.mark.slow  # a subprocess tracing three compiles (~11 s)
 def test_compile_decomposes_into_the_kernels_as_on_a_gpu():
     """What torch.compile does with the ops on a GPU, traced on CPU: the triton_op is decomposed into
     its kernels under functionalisation (Triton's TTIR mutation analysis runs against an sm_90 target),
@@ -801,6 +809,7 @@ def _emulated_mec(a, b, lam, g, precision):
     return t, grads[0], grads[1]
 
 
+@pytest.mark.slow  # the CPU emulation at the paper shape (~3 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     """At MEC's paper shape (m = 1024, d = 2048, order 4, lam = d / (m eps^2) with
     eps^2 = 64), the error against float64 of T and both gradients with every kernel GEMM in emulated
