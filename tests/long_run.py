@@ -1,4 +1,4 @@
-"""Long property run of the three fused ops (issue #16): many generated inputs, one report.
+"""Long property run of three fused ops: many generated inputs, one report.
 
     PYTHONPATH=. python tests/long_run.py                  # the documented run (README, Numerics)
     PYTHONPATH=. python tests/long_run.py --torch-cases 200 --kernel-cases 20    # a quick look
@@ -16,14 +16,14 @@ Two tiers per op (``rff_hsic``, ``legendre_gram``, ``taylor_logdet``):
   cancels in the centring ``Phi - mu`` (tiny or duplicated rows, D = 1: the phase is then mostly the
   random offset), and there the scale is a first-order bound of the rounding itself (``_rff_ref``).
 * ``kernel`` (default 1 000 inputs per op): the Triton kernel (on a machine without CUDA through the
-  interpreter, ~0.1-1 s per input, hence tiny shapes and a lower count) against float64 with SPEC §4's
+  interpreter, ~0.1-1 s per input, hence tiny shapes and a lower count) against float64 with the 2x
   rule (:func:`kernelssl.numerics.assert_error_within_torch`): within the stated fp32 tolerances, or no
   worse than 2x the torch tier's error on the same input (or below a floor), for the loss and every gradient.
 
 Inputs (seeded: case i of op o in tier t is ``numpy.random.default_rng([seed, o, t, i])``, so a failure
 replays alone): odd and non-power-of-two shapes, n = 2 and q = 2 (Legendre), d = 1 (MEC, RFF),
 D = 1 (RFF), batches of pairs; row scales log-uniform over what fp32 holds for the op (normalised ops:
-1e-6 .. 1e16 times a spread, so that ||x||^2 stays finite in fp32 -- larger norms overflow the squared norm, issue #14;
+1e-6 .. 1e16 times a spread, so that ||x||^2 stays finite in fp32 -- larger norms overflow the squared norm;
 RFF: views of norm 1e-3 .. 10 (at most) over c in [0.5, 2], since beyond ~1e2 rad fp32 cannot carry the phase of
 cos); degenerate rows (zero rows, duplicated rows, antipodal rows, a collapsed batch, axis-aligned rows).
 
@@ -130,12 +130,12 @@ def _gen_taylor(rng, tiny):
         if kind in ("zero", "duplicate", "antipodal", "collapsed", "axis") and rng.random() < 0.5:
             b = a.copy()  # the degenerate rows on both sides
         # rho(C) <= lam ||A^||_F ||B^||_F = lam m < 0.9: the series' domain (diverging series are
-        # checked against the reference polynomial in tests/test_triton_taylor_logdet.py)
+        # checked against the reference polynomial in tests/test_taylor_logdet_triton.py)
         lam = float(rng.uniform(0.05, 0.9)) / m
     else:
         a, kind = _rows(rng, (*batch, m, d), 0, 0)
         b = a + 0.8 * rng.standard_normal(a.shape)
-        # raw rows: rho(C) <= lam ||A||_F ||B||_F < 0.9, the series' domain (tests/test_triton_taylor_logdet.py
+        # raw rows: rho(C) <= lam ||A||_F ||B||_F < 0.9, the series' domain (tests/test_taylor_logdet_triton.py
         # checks diverging series separately)
         fro = np.linalg.norm(a, axis=(-2, -1)) * np.linalg.norm(b, axis=(-2, -1))
         lam = float(rng.uniform(0.05, 0.9)) / float(fro.max())
@@ -214,7 +214,7 @@ def _taylor_ref(case):
     c = lam * an @ np.swapaxes(bn, -1, -2)
     terms, p = 0.0, np.broadcast_to(np.eye(c.shape[-1]), c.shape)
     for k in range(1, order + 1):  # sum_k sum_i |diag(C^k)_i| / k: the magnitude T's roundoff is
-        p = p @ c                  # measured against (tests/test_triton_taylor_logdet.py: _terms)
+        p = p @ c                  # measured against (tests/test_taylor_logdet_triton.py: _terms)
         terms = terms + np.abs(np.diagonal(p, axis1=-2, axis2=-1)).sum(-1) / k
     # the scale that does not cancel: dT/dA^ = lam S^T B^, dT/dB^ = lam S A^ with absolute values
     # (|S| <= sum_j |C|^j), before the Jacobian, over ||x||
@@ -271,14 +271,14 @@ def _rff_ref(case):
     return zy, zz, grad, gscale
 
 
-# Floor of the §4 rule for gradients through the normalisation: 2 ulps (2^-22, relative) of the
+# Floor of the 2x rule for gradients through the normalisation: 2 ulps (2^-22, relative) of the
 # non-cancelling scale (module doc) -- below it both paths sit at the rounding of a cancelled difference,
 # where the ratio of their errors is noise -- or the test files' floor on max|grad|, whichever is larger.
 GRAD_FLOOR = 2.0**-22
 
 
-# Stated fp32 tolerances: those of the test files (tests/test_triton_*.py, tests/test_sfrik.py,
-# tests/test_mec.py), gradients against the non-cancelling scale (module doc).
+# Stated fp32 tolerances: those of the test files (tests/test_<op>_triton.py, test_legendre_gram_torch.py,
+# test_taylor_logdet_torch.py), gradients against the non-cancelling scale (module doc).
 def _check_legendre(case, tier, kern):
     m64, g64, gscale, dphi = _legendre_ref(case)
     b = case["b"]
@@ -357,7 +357,7 @@ def run_case(op: str, tier: str, i: int, seed: int, kernels=None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--torch-cases", type=int, default=10_000, help="inputs per op, torch path vs float64")
-    p.add_argument("--kernel-cases", type=int, default=1_000, help="inputs per op, kernel (SPEC §4 rule)")
+    p.add_argument("--kernel-cases", type=int, default=1_000, help="inputs per op, kernel (the 2x rule)")
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replay", default=None, help="op:tier:index -- run one case and print it")

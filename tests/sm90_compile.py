@@ -5,9 +5,9 @@ or operand dtypes the MMA cannot take, a layout conversion that does not fit sha
 that spill registers show up only when the kernel is compiled for a real target.  This script
 
 1. imports the op's module with ``TRITON_INTERPRET=0`` (the kernels are then real ``JITFunction``\\ s),
-2. replaces the ``wrap_triton`` of the op's host module (and of ``_common``) with a recorder and calls the op's GPU launchers on CPU
-   tensors at the shapes of :data:`RECIPES` -- every launch the GPU path would issue is recorded, with
-   the GPU block configuration (nothing runs),
+2. replaces the ``wrap_triton`` of the op's host module (and of ``_common``) with a recorder and calls
+   the op's GPU launchers on CPU tensors at the shapes of :data:`RECIPES` -- every launch the GPU path
+   would issue is recorded, with the GPU block configuration (nothing runs),
 3. specialises each recorded launch exactly as ``JITFunction.run`` would on a GPU (Triton's own
    binder: argument types, 16-byte alignment of pointers, integers equal to 1 or divisible by 16,
    constexprs, options), compiles it with Triton's compiler and bundled ptxas for sm_90, and
@@ -15,8 +15,9 @@ that spill registers show up only when the kernel is compiled for a real target.
    spill stores and loads (``ptxas -v``), shared memory, and the counts of tensor-core instructions
    in the PTX: Hopper's ``wgmma`` (warp-group MMA, for tiles of >= 64 rows per warp group) and the
    older ``mma.sync``; ``ones`` marks the variants of the recipes with dimensions equal to 1 (the
-   tests require them to compile, but hold only the others to "no spills").  (A 32-byte stack frame without spills is the local array of
-   libdevice's slow-path range reduction behind ``tl.sin`` / ``tl.cos``, not a spill.)
+   tests require them to compile, but hold only the others to "no spills").  (A 32-byte stack frame
+   without spills is the local array of libdevice's slow-path range reduction behind ``tl.sin`` /
+   ``tl.cos``, not a spill.)
 
 Usage (the tests run it in a subprocess: the pytest process has the interpreter on)::
 
@@ -46,8 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(op: str, timeout: int = 900) -> list[dict]:
     """Run this script for ``op`` in a subprocess; the variants it compiled (see the module doc)."""
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([ROOT] + path))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), op], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
@@ -99,7 +100,7 @@ def _legendre_gram():
     b3 = (1.0, 40.0, 40.0)
     # The SFRIK headline shape (n = 2048, q = 8192) first in each dtype (its forward launch is the
     # recorded grid of its variant), fp32 in all three precisions (tf32x3 the default); rows whose
-    # length is not a multiple of 16 in every dtype (issue 11, finding 4); a shape with many waves.
+    # length is not a multiple of 16 in every dtype (16-byte alignment); a shape with many waves.
     for (n, q), dtype, prec in [((2048, 8192), torch.bfloat16, "tf32x3"), ((2048, 8192), torch.float16, "tf32x3"),
                                 ((2048, 8192), torch.float32, "tf32x3"), ((2048, 8192), torch.float32, "ieee"),
                                 ((2048, 8192), torch.float32, "tf32"), ((2048, 8200), torch.bfloat16, "tf32x3"),

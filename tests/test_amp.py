@@ -1,4 +1,4 @@
-"""Autocast (mixed precision) policy, for every loss (SPEC §4 "Numerics"; issue 7).
+"""Autocast (mixed precision) policy, for every loss (docs/numerics.md).
 
 Policy (module docstring of :mod:`kernelssl.losses`): a loss called inside ``torch.autocast`` switches
 autocast off for its inputs' device and computes in float32 on the low-precision embeddings upcast

@@ -1,4 +1,4 @@
-"""Public surface: modules, functional forms, backend selection, bad input (SPEC §4, §5)."""
+"""Public surface: modules, functional forms, backend selection, bad input (docs/api.md)."""
 import math
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 import kernelssl
 import kernelssl.functional as KF
-from kernelssl import dispatch as _backend
+from kernelssl import dispatch
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 
@@ -58,7 +58,8 @@ def test_hsic_module_matches_functional_with_same_generator():
     crit = HSICLoss(num_features=32, gamma=2.0, kernel_scale=0.7, normalize=True)
     got = crit(*z, generator=torch.Generator().manual_seed(5))
     zn = torch.nn.functional.normalize(torch.stack(z), dim=-1)
-    want = KF.ssl_hsic_loss(zn, num_features=32, gamma=2.0, kernel_scale=0.7, generator=torch.Generator().manual_seed(5))
+    want = KF.ssl_hsic_loss(zn, num_features=32, gamma=2.0, kernel_scale=0.7,
+                            generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -119,9 +120,9 @@ def test_mec_components_report_divergence_without_sync():
 
 
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    for op in _backend.TRITON_OPS:
-        assert _backend.implementation(op, "auto", torch.zeros(2, 2)) == "torch"
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    for op in dispatch.TRITON_OPS:
+        assert dispatch.implementation(op, "auto", torch.zeros(2, 2)) == "torch"
 
 
 def test_unknown_backend_is_rejected():
@@ -132,10 +133,10 @@ def test_unknown_backend_is_rejected():
 
 
 def test_env_var_backend(monkeypatch):
-    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="KERNELSSL_BACKEND"):
         KF.legendre_gram_mean(_views()[0])
-    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert torch.isfinite(KF.legendre_gram_mean(_views()[0]))
 
 
@@ -151,7 +152,7 @@ def test_env_var_backend(monkeypatch):
 def test_explicit_triton_raises_with_reason(call, monkeypatch):
     # Every op has a Triton kernel; on CPU tensors it can run only under the interpreter, so an
     # explicit request without TRITON_INTERPRET raises, naming the CUDA-tensor requirement.
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run .*: .*CUDA tensors"):
         call(_views())
@@ -159,7 +160,7 @@ def test_explicit_triton_raises_with_reason(call, monkeypatch):
 
 def test_explicit_triton_via_env_raises(monkeypatch):
     # SFRIK's Gram op has a Triton kernel; on CPU tensors without the interpreter it cannot run.
-    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run legendre_gram: .*CUDA tensors"):
         SFRIKLoss()(*_views())
@@ -168,9 +169,9 @@ def test_explicit_triton_via_env_raises(monkeypatch):
 @pytest.mark.parametrize("allow,explicit", [(False, None), (True, None), (True, "ieee"), (False, "tf32")],
                          ids=["default-tf32x3", "torch-tf32-flag", "explicit-ieee-wins", "explicit-tf32"])
 def test_kernels_take_the_precision_policy(allow, explicit):
-    # SPEC §4: every fused op gets its precision as one string; the default is "tf32x3", "tf32" only
-    # under torch's own TF32 flag (torch.set_float32_matmul_precision("high")), an explicit argument
-    # wins.  Read off the precision argument each registered op is called with.
+    # Every fused op gets its precision as one string (docs/architecture.md, "Precision"); the default
+    # is "tf32x3", "tf32" only under torch's own TF32 flag (torch.set_float32_matmul_precision("high")),
+    # an explicit argument wins.  Read off the precision argument each registered op is called with.
     pytest.importorskip("triton")
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -210,7 +211,8 @@ def test_input_precision_is_validated_on_every_entry_point():
              lambda p: KF.taylor_logdet(z[0], z[1], 0.1, input_precision=p),
              lambda p: KF.mec_loss(*z, input_precision=p)]
     for call in calls:
-        with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None, got 'fp32'"):
+        with pytest.raises(ValueError,
+                           match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None, got 'fp32'"):
             call("fp32")
         # the torch path ignores it: the same result for every precision
         first = lambda r: r[0] if isinstance(r, tuple) else r
@@ -230,7 +232,7 @@ def test_gather_distributed_without_process_group_is_a_no_op():
 
 
 # ------------------------------------------------------------------------------------------------
-# bad input: one test per case of SPEC §4 and issue 2
+# bad input: one test per case of the checks every entry point makes (kernelssl/_checks.py)
 # ------------------------------------------------------------------------------------------------
 
 LOSSES = {
@@ -249,7 +251,8 @@ def test_wrong_ndim(name):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_mismatched_view_shapes(name):
-    with pytest.raises(ValueError, match=r"(views\[1\]|z_b): expected the same shape as (views\[0\]|z_a) \(8, 5\), got \(8, 6\)"):
+    with pytest.raises(ValueError,
+                       match=r"(views\[1\]|z_b): expected the same shape as (views\[0\]|z_a) \(8, 5\), got \(8, 6\)"):
         LOSSES[name](torch.randn(8, 5), torch.randn(8, 6))
 
 
@@ -390,22 +393,22 @@ def test_no_grad_and_requires_grad_false(name):
 
 
 def test_env_default_does_not_leak():
-    assert os.environ.get(_backend.ENV_VAR) in (None, "", "auto", "torch")
+    assert os.environ.get(dispatch.ENV_VAR) in (None, "", "auto", "torch")
 
 
 def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.zeros(2, 2)
-    for op in _backend.TRITON_OPS:
-        assert _backend.implementation(op, "auto", x) == "torch"
-        if _backend.triton_import_error() is None:
-            assert _backend.implementation(op, "triton", x) == "triton"
+    for op in dispatch.TRITON_OPS:
+        assert dispatch.implementation(op, "auto", x) == "torch"
+        if dispatch.triton_import_error() is None:
+            assert dispatch.implementation(op, "triton", x) == "triton"
 
 
 def test_op_without_kernel_is_refused(monkeypatch):
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     x = torch.zeros(2, 2)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run some_new_op: there is no fused Triton kernel"):
-        _backend.implementation("some_new_op", "triton", x)
-    assert _backend.implementation("some_new_op", "auto", x) == "torch"
+        dispatch.implementation("some_new_op", "triton", x)
+    assert dispatch.implementation("some_new_op", "auto", x) == "torch"

@@ -1,4 +1,4 @@
-"""``torch.compile(fullgraph=True)`` of a full training step, for every loss (issue 7).
+"""``torch.compile(fullgraph=True)`` of a full training step, for every loss.
 
 The compiled function is model forward + loss; ``backward()`` runs AOT autograd's compiled backward.
 ``fullgraph=True`` raises on any graph break, so passing = no break in the torch path.  The numbers

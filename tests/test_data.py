@@ -1,4 +1,4 @@
-"""The training script on real on-disk layouts (issue 14, group 9), on tiny generated files.
+"""The training script on real on-disk layouts, on tiny generated files.
 
 * CIFAR-10's python version: ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``, each a
   protocol-2 pickle written byte for byte the way the distributed files were (Python 2 ``cPickle``:
@@ -8,7 +8,7 @@
   each channel stored column by column) and ``{train,test}_y.bin`` (uint8 labels 1..10);
 * an image folder of PNG files (``train/`` and ``val/``, one folder per class).
 
-kernelssl reads the CIFAR/STL files itself (kernelssl.data.read_cifar10 / read_stl10); torchvision's
+kernelssl reads the CIFAR/STL files itself (kernelssl.train.data.read_cifar10 / read_stl10); torchvision's
 readers only accept files with the official MD5, so they cannot read generated files.  As a check
 that the generated files ARE the formats torchvision reads, each reader is compared with
 torchvision's on the same files with only torchvision's checksum test bypassed (monkeypatched); the
@@ -203,7 +203,8 @@ def _results(out):
         return json.load(f)
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+# cifar10's run (~3 s: six batch files) in the slow tier; the same training path on stl10's files on the fast one
+@pytest.mark.parametrize("dataset", [pytest.param("cifar10", marks=pytest.mark.slow), "stl10"])
 def test_train_on_generated_dataset(tmp_path, dataset):
     root = tmp_path / "data"
     (make_cifar10 if dataset == "cifar10" else make_stl10)(root)
@@ -228,6 +229,7 @@ def test_train_imagefolder_positional_path(tmp_path, arch, loss):
     assert r["arch"] == arch and r["probe"]["train_images"] == 12 and r["probe"]["test_images"] == 6
 
 
+@pytest.mark.slow  # the real process (~5 s); test_train_imagefolder_positional_path runs the same in-process
 def test_train_imagefolder_command_line(tmp_path):
     """The real process, exactly as documented: python -m kernelssl.train --dataset imagefolder PATH."""
     make_imagefolder(tmp_path / "imgs")

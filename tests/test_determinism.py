@@ -1,4 +1,4 @@
-"""Determinism (SPEC §4 "Numerics"; issue 7): two identical runs give bitwise-equal loss and gradients.
+"""Determinism (docs/numerics.md): two identical runs give bitwise-equal loss and gradients.
 
 Each run builds everything from scratch (model from a seed, a fresh loss module -- HSIC's random
 features come from the module's own generator, seeded by ``seed``), does two training steps (so the
@@ -7,14 +7,14 @@ the embeddings.  float32, sizes large enough for multi-threaded CPU matmuls (n =
 ``torch.equal``: bitwise, no tolerance.
 
 Backends: the torch path on CPU here; on a GPU also the torch path on CUDA and the Triton kernels
-whose op has landed (``kernelssl._backend.TRITON_OPS``).
+of every registered op (``kernelssl.dispatch.TRITON_OPS``).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernelssl import dispatch as _backend
+from kernelssl import dispatch
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 
 N, D_IN, D = 256, 32, 64
@@ -60,7 +60,7 @@ def _run(name: str, device: str, backend: str):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_two_runs_are_bitwise_equal(name, device, backend):
     op = LOSSES[name][1]
-    assert backend != "triton" or op in _backend.TRITON_OPS, f"no Triton kernel registered for {op}"
+    assert backend != "triton" or op in dispatch.TRITON_OPS, f"no Triton kernel registered for {op}"
     first, second = _run(name, device, backend), _run(name, device, backend)
     labels = ["loss", "grad z1", "grad z2"] + [f"grad param[{i}]" for i in range(len(first[0]) - 3)]
     for step, (a, b) in enumerate(zip(first, second)):

@@ -1,4 +1,4 @@
-"""``gather_distributed=True`` under DistributedDataParallel (SPEC §4, "Distributed"; issue 7).
+"""``gather_distributed=True`` under DistributedDataParallel (kernelssl/distributed.py; docs/training.md).
 
 One 2-process CPU ``gloo`` group (spawned once, 127.0.0.1 only, bounded at 120 s) runs every case;
 each rank saves its loss and gradients, and the tests compare them here with ONE process holding the
@@ -10,11 +10,13 @@ concatenated global batch:
 
 Both even (5 + 5 rows) and uneven (6 + 3 rows: padded for the collective) local batches; and inputs
 that cannot be gathered (feature dims or dtypes differing across ranks, an HSIC generator seeded by
-rank) raise a ValueError naming every rank's value, on every rank.  Everything in float64.  Tolerance: rtol 1e-9, atol 1e-11.  The distributed computation is the same arithmetic on
-the same numbers except for summation order (DDP's average of two partial gradients vs one backward
-over all rows, and the gather backward's all-to-all sum), i.e. a few float64 roundings,
-~1e-15 relative; 1e-9 leaves six orders of margin and still catches any scaling bug (a missing
-factor W = 2 is an error of 0.5).
+rank) raise a ValueError naming every rank's value, on every rank.  Everything in float64.
+
+Tolerance: rtol 1e-9, atol 1e-11.  The distributed computation is the same arithmetic on the same
+numbers except for summation order (DDP's average of two partial gradients vs one backward over all
+rows, and the gather backward's all-to-all sum), i.e. a few float64 roundings, ~1e-15 relative; 1e-9
+leaves six orders of margin and still catches any scaling bug (a missing factor W = 2 is an error of
+0.5).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ F64 = torch.float64
 WORLD = 2
 TIMEOUT_S = 120
 RTOL, ATOL = 1e-9, 1e-11
+# A multi-process run (spawning the group costs ~8 s): the slow tier, `pytest tests -m slow`.
+pytestmark = pytest.mark.slow
 
 LOSSES = {
     # small sizes; HSIC with the reference's K = 4 views (2 online + 2 target) and a learned scale
@@ -179,7 +183,7 @@ def ranks(tmp_path_factory):
         except mp.ProcessExitedException as e:
             if attempt == 2:
                 raise
-            warnings.warn(f"the {WORLD}-process gloo group died ({e}); retrying once on a fresh port")
+            warnings.warn(f"the {WORLD}-process gloo group died ({e}); retrying once on a fresh port", stacklevel=2)
     return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,6 +1,6 @@
-"""Issue 14: drop-in use without surprises -- defaults that learn, views, docs and components, strict
-flags, no silent wrong numbers at the edges, torch.func and meta tensors, the HSIC generator in the
-state dict, MEC's opt-in convergence check.  Each test failed before its fix.
+"""Drop-in use without surprises -- defaults that learn, views, docs and components, strict flags, no
+silent wrong numbers at the edges, torch.func and meta tensors, the HSIC generator in the state dict,
+MEC's opt-in convergence check.
 
 Tolerances: fp32 results are compared with the float64 reference at rtol 1e-4 -- a handful of
 float32 roundings (eps 6e-8) on O(1) normalised quantities, summed over <= 64^2 Gram entries whose
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernelssl.functional as KF
-from helpers import assert_close
+from helpers import assert_close, check_torch_func
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
 from reference import legendre_gram as RS
 from reference import rff_hsic as RH
@@ -250,7 +250,7 @@ def test_exact_hsic_kernel_of_a_point_with_itself_is_one():
 
 @pytest.mark.parametrize("c", [1e20, 1e-25])
 def test_exact_hsic_extreme_scales_fp32(c):
-    # fp32 c^2 overflows at 1e20 (k was c / inf = 0) and underflows at 1e-25 (k(x, x) = c / 0 = inf)
+    # fp32 c^2 overflows at 1e20 (k = c / inf = 0) and underflows at 1e-25 (k(x, x) = c / 0 = inf)
     views = torch.stack([_z(seed=0), _z(seed=1)])
     want = RH.exact_hsic(views.numpy(), c)
     zy, zz = KF.exact_hsic(views.float(), c)
@@ -268,7 +268,7 @@ def test_scale_objective_extreme_scales_fp32():
 
 def test_mec_tiny_lambda_is_refused_in_fp32_and_fine_in_float64():
     za, zb = _z(64, 32, seed=0), _z(64, 32, seed=1)
-    # eps_sq = 1e45: lambda = 5e-46 underflows to 0 in fp32; the loss came back as 0.0
+    # eps_sq = 1e45: lambda = 5e-46 underflows to 0 in fp32, which would give a loss of 0.0
     with pytest.raises(ValueError, match=r"lam: expected lambda >= 9.86e-32 for torch.float32 .*eps_sq"):
         MECLoss(eps_sq=1e45)(za.float(), zb.float())
     with pytest.raises(ValueError, match="lam: expected lambda >= "):
@@ -323,19 +323,7 @@ FUNC_LOSSES = {
 
 @pytest.mark.parametrize("name", FUNC_LOSSES)
 def test_torch_func_grad_vmap_jvp(name):
-    from torch.func import grad, jvp, vmap
-
-    f = FUNC_LOSSES[name]
-    za, zb = _z(8, 5, seed=0), _z(8, 5, seed=1)
-    a = za.clone().requires_grad_()
-    f(a, zb).backward()
-    torch.testing.assert_close(grad(f)(za, zb), a.grad, rtol=1e-10, atol=1e-12)
-    stack_a = torch.stack([za, 2.0 * za + 0.1, za.flip(0)])
-    batched = vmap(f)(stack_a, zb.expand(3, 8, 5))
-    torch.testing.assert_close(batched, torch.stack([f(x, zb) for x in stack_a]), rtol=1e-10, atol=1e-12)
-    t = _z(8, 5, seed=2)
-    value, tangent = jvp(lambda x: f(x, zb), (za,), (t,))
-    torch.testing.assert_close(tangent, (a.grad * t).sum(), rtol=1e-9, atol=1e-12)
+    check_torch_func(FUNC_LOSSES[name], _z(8, 5, seed=0), _z(8, 5, seed=1), _z(8, 5, seed=2))
 
 
 @pytest.mark.parametrize("name", ["hsic", "hsic-exact", "sfrik", "mec"])

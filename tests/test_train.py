@@ -103,6 +103,7 @@ def _assert_state_equal(a, b, path="ckpt"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow  # three whole training runs per case (~3 s); test_smoke_one_epoch runs the command on the fast tier
 @pytest.mark.parametrize("loss,workers", [("hsic", "1"), ("mec", "0")])
 def test_resume_is_bit_identical(tmp_path, capsys, loss, workers):
     # hsic: EMA target, learned kernel scale (own optimiser), the random-feature generator and a
@@ -145,7 +146,8 @@ def test_mec_check_stops_a_diverging_run(tmp_path, capsys):
     assert train.main([*args, "--out", str(tmp_path / "off")]) == 0  # off: runs, and logs rho >= 1
     with open(os.path.join(tmp_path / "off", "log.csv")) as f:
         row = next(csv.DictReader(f))
-    assert float(row["spectral_radius_max"]) >= 1.0 and float(row["spectral_radius_max"]) >= float(row["spectral_radius"])
+    assert float(row["spectral_radius_max"]) >= 1.0
+    assert float(row["spectral_radius_max"]) >= float(row["spectral_radius"])
 
 
 def test_resume_rejects_other_options(tmp_path):
@@ -180,6 +182,7 @@ def test_missing_imagefolder_exits_2(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the real process (~4 s); the exit-2 tests above run the same in-process
 def test_command_line_exit_status(tmp_path):
     """The real process: status 2, one line on stderr, no traceback."""
     proc = subprocess.run(
@@ -191,6 +194,7 @@ def test_command_line_exit_status(tmp_path):
     assert "stl10 not found in" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # two training processes under torchrun (~18 s)
 def test_torchrun_two_processes(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

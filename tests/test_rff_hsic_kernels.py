@@ -1,11 +1,11 @@
-"""HSIC's kernel families at the public surface (SPEC §6.2): ``HSICLoss(kernel="imq" | "gaussian" |
+"""HSIC's kernel families at the public surface (docs/rff_hsic.md): ``HSICLoss(kernel="imq" | "gaussian" |
 "laplace", exact=...)``, ``KF.ssl_hsic_loss`` / ``KF.exact_hsic`` / ``KF.kernel_scale_objective`` with
 ``kernel=``, the legacy ``kernel="rff" | "exact"`` spelling (FutureWarning, same numbers), bad
 arguments, the learned scale for each family, and the training script's ``--hsic-kernel``.
 
 The tier-by-tier equivalences (samplers, exact kernels and their gradients, gradcheck, Hypothesis
-properties) are in test_rff.py, test_reference_hsic.py and test_hsic.py; the Triton op with Gaussian
-and Laplace maps in test_triton_rff_hsic.py.
+properties) are in test_rff_hsic_features.py, test_rff_hsic_reference.py and test_rff_hsic_torch.py; the
+Triton op with Gaussian and Laplace maps in test_rff_hsic_triton.py.
 """
 from __future__ import annotations
 

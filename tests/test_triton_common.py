@@ -1,10 +1,11 @@
-"""How the three fused ops launch their kernels (kernelssl/triton/_launch.py; issue 11 findings 2, 3, 7).
+"""How the fused ops launch their kernels (kernelssl/triton/_common.py: the guarded ``wrap_triton``).
 
 * The device guard: every kernel launch of every op runs inside ``torch.cuda.device`` of the
   tensors' device (Triton launches on the *current* device and stream; torch allocates on the
   tensors').  On CPU the guard is a no-op, so these tests record it: every interpreted launch must
   happen inside a guard entered with the device of the launch's tensors.  On a GPU, tensors on a
   device that is not the current one must give the values they give on the current one.
+  (gaussian_gram's launches are checked the same way in test_gaussian_gram_triton.py.)
 * Grid limits: MEC's batch of pairs is folded into grid axis 0 (limit 2^31 - 1), never on axes 1/2
   (limit 65535).  Checked on the launches the GPU path records for a batch of 65537 pairs
   (nothing runs).
@@ -19,23 +20,22 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 import kernelssl.functional as KF
-from helpers import assert_close
-from kernelssl import dispatch as _backend
+from helpers import CUDA, assert_close, needs_cuda
+from kernelssl import dispatch
 
 L = pytest.importorskip("kernelssl.triton._common")
 from kernelssl.triton import legendre_gram_op as LG  # noqa: E402
 from kernelssl.triton import rff_hsic_op as RH  # noqa: E402
 from kernelssl.triton import taylor_logdet_op as TL  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
 MODULES = (RH, LG, TL)
 
 
 def _run_all_ops(device):
-    """Forward + backward of the three ops (small shapes; several tiles under the interpreter), on
-    ``device``.  Returns the values and gradients, on the CPU, in float64."""
+    """Forward + backward of rff_hsic, legendre_gram and taylor_logdet (small shapes; several tiles under
+    the interpreter), on ``device``.  Returns the values and gradients, on the CPU, in float64."""
     g = torch.Generator().manual_seed(0)
     out = []
     views = torch.randn(2, 6, 5, generator=g).to(device).requires_grad_()
@@ -71,36 +71,13 @@ def test_device_guard_helper():
 
 @pytest.mark.skipif(CUDA, reason="the interpreter path (the GPU path is checked by the CUDA test below)")
 def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
-    """Every kernel launch of the three ops (forward and backward) happens inside the device guard,
+    """Every kernel launch of these three ops (forward and backward) happens inside the device guard,
     entered with the device of the launch's first tensor; the recorder stands in for the guard."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    assert _backend.interpreting()
-    inside: list = []
-    guards: list = []
-    launches: list = []
-
-    @contextlib.contextmanager
-    def recording_guard(device, fake=False):
-        guards.append((device, fake))
-        inside.append(device)
-        try:
-            yield
-        finally:
-            inside.pop()
-
-    run = InterpretedFunction.run
-
-    def checked_run(self, *args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        launches.append((self.fn.__name__, inside[-1] if inside else "no guard", tensors[0].device))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(L, "device_guard", recording_guard)
-    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    assert dispatch.interpreting()
+    guards, launches = helpers.record_guarded_launches(monkeypatch)
     _run_all_ops("cpu")
     names = {name for name, _, _ in launches}
-    # forward and backward kernels of all three ops were launched ...
+    # forward and backward kernels of the three ops were launched ...
     assert {"_rff_features_kernel", "_rff_dx_kernel", "_gram_phi_sum_kernel", "_panel_matmul_kernel",
             "_gemm_kernel", "_small_series_kernel"} <= names, names
     # ... each inside a guard for the device of its tensors
@@ -114,29 +91,11 @@ def test_gpu_tensors_on_a_device_that_is_not_the_current_one(monkeypatch):
     """Tensors on the last CUDA device while device 0 is current (with two or more GPUs: a device that
     is not the current one, as in a DDP script that never calls set_device): every launch is guarded
     with the tensors' device, and values and gradients equal those computed on the current device."""
-    target = torch.device("cuda", torch.cuda.device_count() - 1)
-    guards: list = []
-    real_guard = L.device_guard
-
-    def recording_guard(device, fake=False):
-        guards.append(device)
-        return real_guard(device, fake)
-
-    with torch.cuda.device(0):
-        expected = _run_all_ops(torch.device("cuda", 0))
-        monkeypatch.setattr(L, "device_guard", recording_guard)
-        got = _run_all_ops(target)
-        torch.cuda.synchronize(target)
-        assert torch.cuda.current_device() == 0
-    assert guards and all(d == target for d in guards)
-    # Same kernels and inputs: bitwise equal on two GPUs of one model; 1e-5 allows for a different
-    # model, whose SM count may split rff's cross-covariance differently (another fp32 summation order).
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()), name=f"output {i}")
+    helpers.check_on_a_device_that_is_not_the_current_one(monkeypatch, _run_all_ops)
 
 
 # ---------------------------------------------------------------------------------------------------
-# grid limits (finding 3)
+# grid limits
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -188,7 +147,7 @@ def test_taylor_grid_beyond_cuda_limits_raises():
 
 
 # ---------------------------------------------------------------------------------------------------
-# mec_loss diagnostics only on request (finding 7)
+# mec_loss diagnostics only on request
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -2,17 +2,17 @@
 path and the fused Triton op (the interpreter on a CPU, the real kernels on a GPU) agree on the loss
 and on the gradient of every input, with a non-unit upstream gradient.
 
-The op-level tests live beside each tier (``test_reference_uniformity.py``, ``test_uniformity.py``,
-``test_triton_gaussian_gram.py``); this file checks that ``KF.uniformity``, ``KF.align_uniform_loss``
+The op-level tests live beside each tier (``test_gaussian_gram_reference.py``, ``test_gaussian_gram_torch.py``,
+``test_gaussian_gram_triton.py``); this file checks that ``KF.uniformity``, ``KF.align_uniform_loss``
 and the two modules really dispatch to the kernel and that what comes back is the same loss.
 
 Tolerances (fp32 against the float64 reference): ``FP32_ATOL(t) = 64 eps32 (1 + 2t)`` on the value and
-that bound times ``max|grad|`` on each gradient, the bound derived in ``test_uniformity.py`` (a few
+that bound times ``max|grad|`` on each gradient, the bound derived in ``test_gaussian_gram_torch.py`` (a few
 ulps per Gram entry, amplified 2t by the exponent; log-sum-exp is 1-Lipschitz).  The alignment term adds
 ``||za_i - zb_i||^2 <= 4``, summed in fp32: far inside it.  float64 on the Triton backend runs the
-same algorithm in float64: 1e-10, as the reference tiers of the other ops.  bf16/fp16 (SPEC §4): the
-kernel's error against float64 at most 2x the torch path's in the same dtype, plus a floor of 4 fp32
-ulps of the quantity (both errors can be ~0 by chance).
+same algorithm in float64: 1e-10, as the reference tiers of the other ops.  bf16/fp16 (the 2x rule,
+kernelssl/numerics.py): the kernel's error against float64 at most 2x the torch path's in the same
+dtype, plus a floor of 4 fp32 ulps of the quantity (both errors can be ~0 by chance).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_triton_double_backward_refuses(device, dtype):
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_every_row_non_finite_gives_nan(device, backend, bad):
     """A batch whose every row is non-finite (e.g. an fp16 overflow of the whole batch) gives NaN on
-    both backends -- the Triton reduce used to return -inf (no tile had a comparable exponent)."""
+    both backends, not the -inf of a reduce that finds no tile with a comparable exponent."""
     z = torch.randn(6, 4, device=device)
     z[:, 0] = bad
     assert torch.isnan(KF.uniformity(z, backend=backend))
@@ -147,7 +147,7 @@ def test_every_row_non_finite_gives_nan(device, backend, bad):
 @pytest.mark.parametrize("n", [33, 65, 34])
 def test_nan_row_alone_in_the_last_row_block_reaches_the_value(device, n):
     """A tile whose valid entries are all NaN has max -inf (the max skips NaN) and sum NaN; the reduce
-    used to skip it as empty and return a finite value (n = 33 or 65 with the last row NaN: the last
+    must not skip it as empty and return a finite value (n = 33 or 65 with the last row NaN: the last
     row block of the interpreter's and the GPU's tiles holds that row alone)."""
     z = torch.randn(n, 4, device=device)
     z[n - 1] = float("nan")

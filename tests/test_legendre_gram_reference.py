@@ -105,7 +105,7 @@ def test_orthogonality_by_exact_quadrature(q):
     gram = np.einsum("i,li,ki->lk", w, p, p)
     expected = np.diag([1.0 / _n_harmonics(q, l) for l in range(deg + 1)])
     assert_close(gram, expected, rtol=1e-12, atol=1e-13, name=f"E[P_l P_k] (q={q})")
-    # the two closed forms named by the spec
+    # the two closed forms of N(q, 1) and N(q, 2)
     assert _n_harmonics(q, 1) == q
     assert math.isclose(_n_harmonics(q, 2), (q + 2) * (q - 1) / 2, rel_tol=1e-15)
 

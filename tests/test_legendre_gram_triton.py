@@ -1,8 +1,8 @@
 """Fused Triton kernels of SFRIK's Legendre Gram mean (kernelssl/triton/legendre_gram.py).
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
-shapes, against the float64 NumPy reference (reference/legendre_gram.py) and the torch path
-(kernelssl/sfrik.py); GPU tests at the paper's shapes are skipped without CUDA.
+shapes, against the float64 NumPy reference (reference/legendre_gram.py) and the torch tier
+(kernelssl/ops/legendre_gram.py); GPU tests at the paper's shapes are skipped without CUDA.
 
 Every gradient check uses a non-unit upstream gradient (``UPSTREAM * M``).
 """
@@ -16,26 +16,22 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import helpers
 import kernelssl.functional as KF
-from helpers import assert_close, assert_error_within_torch, to_numpy
-from kernelssl import dispatch as _backend
+from helpers import CUDA, DEV, assert_close, assert_error_within_torch, needs_cuda, to_numpy
+from helpers import random_rows as _z
+from kernelssl import dispatch
 from kernelssl.losses import SFRIKLoss
 from kernelssl.ops import legendre_gram as S
 from reference import legendre_gram as R
 
 LG = pytest.importorskip("kernelssl.triton.legendre_gram_op")
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
-DEV = "cuda" if CUDA else "cpu"
-if not CUDA:
-    # CPU: the kernels run only under the interpreter (conftest.py sets it before kernelssl.triton loads).
-    assert _backend.interpreting(), "TRITON_INTERPRET must be set on a machine without CUDA"
+helpers.assert_kernels_can_run()
 
 UPSTREAM = 2.5
 B3 = (1.0, 40.0, 40.0)
 HALF_ULP = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# fp32 vs float64, as in tests/test_sfrik.py: M is an fp32 sum of n^2 polynomial values (relative
+# fp32 vs float64, as in test_legendre_gram_torch.py: M is an fp32 sum of n^2 polynomial values (relative
 # 2e-6); gradients relative 1e-5 of max|grad| (fp32 Gram entries through phi' and an n-term sum).
 FP32_RTOL_M = 2e-6
 FP32_RTOL_G = 1e-5
@@ -46,15 +42,6 @@ def _coeffs(L: int, seed: int) -> tuple[float, ...]:
     return tuple(float(x) for x in rng.uniform(-2.0, 5.0, L))
 
 
-def _z(n: int, q: int, seed: int, dtype=torch.float64, unit: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 + 0.25  # rows of various norms
-    z = torch.randn(n, q, generator=g, dtype=torch.float64) * scale
-    if unit:
-        z = torch.nn.functional.normalize(z, dim=1)
-    return z.to(dtype)
-
-
 def _m_floor(b) -> float:
     # Absolute floor for |M error|: 4 fp32 ulps (2^-22, relative) of sum|b_l| >= max|phi| on unit rows,
     # i.e. of one term of the mean -- no fp32 computation of M can promise less.
@@ -62,19 +49,19 @@ def _m_floor(b) -> float:
 
 
 def _rule_floor_m(m64: float, b, n: int) -> float:
-    # Floor of the §4 rule for M: 8 fp32 ulps (2^-21, relative) of M's natural scale -- its value, or
+    # Floor of the 2x rule for M: 8 fp32 ulps (2^-21, relative) of M's natural scale -- its value, or
     # the diagonal's share sum|b|/n when mixed-sign terms cancel.  Both paths sit at this level in
     # fp32 (a sum of n^2 rounded terms), where a ratio of their errors is noise.
     return 2.0**-21 * max(abs(m64), sum(abs(x) for x in b) / n)
 
 
 def _grad_floor(g64) -> float:
-    # Floor of the §4 rule for gradients: 4 fp32 ulps (2^-22, relative) of max |grad|.
+    # Floor of the 2x rule for gradients: 4 fp32 ulps (2^-22, relative) of max |grad|.
     return 2.0**-22 * float(np.abs(g64).max())
 
 
 def _check_rule(kern, torch_, m64, g64, b, n, what="", stated_dtype=None):
-    """SPEC §4 (tests/helpers.py): the kernel's error vs float64 at most 2x the torch path's in the same
+    """The 2x rule (kernelssl/numerics.py): the kernel's error vs float64 at most 2x the torch path's in the same
     dtype on the same input, plus the floors, for M and the gradient.  ``stated_dtype``: accept also
     everything within the fp32 tier's stated tolerances (_check_vs_reference) -- the rule then governs
     only where those are beyond fp32 on the input (cancellation points)."""
@@ -138,16 +125,7 @@ def test_gpu_block_configuration_under_interpreter(n, q, monkeypatch):
     """The GPU block sizes (128-wide tiles; 64-wide Gram and 128 x 64 GEMM tiles for fp32 rows that are
     not 16-byte aligned) run through the interpreter: ragged edges and both fp32 layouts of gram_config
     give the reference values, so a GPU session starts from block sizes whose indexing is tested."""
-    from kernelssl.triton import _common
-
-    config = _common.gram_config
-
-    def gpu_config(dtype, q, *args):
-        with monkeypatch.context() as m:
-            m.setattr(_common, "interpreting", lambda: False)
-            return config(dtype, q, *args)
-
-    monkeypatch.setattr(LG, "gram_config", gpu_config)
+    gpu_config = helpers.use_gpu_gram_config(monkeypatch, LG)
     assert gpu_config(torch.float32, q)["block"] == (64 if q % 16 else 128)
     z = _z(n, q, 11, torch.float32).to(DEV)
     m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
@@ -158,9 +136,10 @@ def test_gpu_block_configuration_under_interpreter(n, q, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("n,q,L", [(37, 19, 3), (128, 64, 6), (96, 48, 2)])
 def test_low_precision_rule(n, q, L, dtype):
-    """SPEC §4: error of the kernel vs float64 <= 2x the torch path's error in the same dtype, for M and
-    the gradient.  Floors where both are at fp32 rounding level: _rule_floor_m for M; for the gradient
-    2^-22 max|grad| (4 fp32 ulps of the largest entry), far below a half-precision gradient's rounding."""
+    """The 2x rule (kernelssl/numerics.py): error of the kernel vs float64 <= 2x the torch path's error
+    in the same dtype, for M and the gradient.  Floors where both are at fp32 rounding level:
+    _rule_floor_m for M; for the gradient 2^-22 max|grad| (4 fp32 ulps of the largest entry), far below
+    a half-precision gradient's rounding."""
     b = B3 if L == 3 else _coeffs(L, n * q)
     z = _z(n, q, 3 * n + q, dtype).to(DEV)
     mk, gk = _run(LG.legendre_gram_mean, z, coefficients=b)
@@ -178,10 +157,10 @@ def test_low_precision_rule(n, q, L, dtype):
     normalize=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-@example(n=2, q=2, L=2, normalize=True, seed=30)  # issue #16 (test_normalisation_jacobian_q2_regression)
+@example(n=2, q=2, L=2, normalize=True, seed=30)  # a cancellation point: test_normalisation_jacobian_q2_regression
 def test_random_tiny_shapes(n, q, L, normalize, seed):
     """fp32 kernel vs float64 within the stated fp32 tolerances, or, where those are beyond fp32 on the
-    input (torch misses them too), within SPEC §4's 2x of the torch path's error."""
+    input (torch misses them too), within the 2x rule's bound: 2x the torch path's error."""
     b = _coeffs(L, seed)
     z = _z(n, q, seed, torch.float32, unit=not normalize).to(DEV)
     m, g = _run(LG.legendre_gram_mean, z, coefficients=b, normalize=normalize)
@@ -192,16 +171,16 @@ def test_random_tiny_shapes(n, q, L, normalize, seed):
 
 
 def test_normalisation_jacobian_q2_regression():
-    """Issue #16: n = 2, q = 2, nearly antipodal rows -- the Jacobian (I - zhat zhat^T) g / ||z|| cancels
-    most of g.  The kernel's dM/dz[0, 0] was off by 3.1e-6 (torch fp32: 7.4e-7 worst) because the
-    diagonal term phi'(G_kk) zhat_k, which the Jacobian removes exactly, was carried through in fp32
-    with G_kk = 1 +- ulps; it is now dropped for normalised rows.  Strict rule, no stated tolerance."""
+    """n = 2, q = 2, nearly antipodal rows -- the Jacobian (I - zhat zhat^T) g / ||z|| cancels most of
+    g.  The diagonal term phi'(G_kk) zhat_k, which the Jacobian removes exactly, is dropped for
+    normalised rows: carried through in fp32 with G_kk = 1 +- ulps it would put dM/dz[0, 0] 3.1e-6 off
+    (torch fp32: 7.4e-7 worst).  Strict rule, no stated tolerance."""
     n, q, L, seed = 2, 2, 2, 30
     b = _coeffs(L, seed)
     z = _z(n, q, seed, torch.float32).to(DEV)
     m64, g64 = _reference(z.cpu(), b, True)
     _check_rule(_run(LG.legendre_gram_mean, z, coefficients=b), _run(S.legendre_gram_mean, z, coefficients=b),
-                m64, g64, b, n, "issue 16 case")
+                m64, g64, b, n, "n = 2, q = 2")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
@@ -258,7 +237,7 @@ def test_zero_row_and_non_finite():
     assert torch.isfinite(m) and torch.isfinite(g).all()
     assert_close(m, mt, rtol=1e-6, atol=0, name="M with a zero row")
     assert_close(g, gt, rtol=1e-5, atol=1e-5 * float(gt.abs().max()), name="grad with a zero row")
-    z[5, 2] = math.nan  # NaN propagates (SPEC §4), never a silent finite number
+    z[5, 2] = math.nan  # NaN propagates, never a silent finite number
     m, g = _run(LG.legendre_gram_mean, z, coefficients=B3)
     assert torch.isnan(m) and torch.isnan(g).any()
 
@@ -299,18 +278,15 @@ def test_double_backward_raises():
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 def test_cpu_runs_the_kernels_under_the_interpreter(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("the torch math ran instead of the interpreted kernels")
-
-    monkeypatch.setattr(S, "legendre_gram_mean", fail)  # the torch tier, the CPU kernels' math
-    monkeypatch.setattr(S, "legendre_gram_mean_backward", fail)
+    # the torch tier: the CPU kernels' math
+    helpers.forbid_torch_tier(monkeypatch, S, "legendre_gram_mean", "legendre_gram_mean_backward")
     _run(LG.legendre_gram_mean, _z(20, 6, 10, torch.float32), coefficients=B3)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_cpu_kernel_without_interpreter_is_the_torch_math(monkeypatch, dtype):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # _backend.interpreting() reads it at call time
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # dispatch.interpreting() reads it at call time
     z = _z(40, 11, 11, dtype)
     z[7] = 0.0
     for normalize in (True, False):
@@ -322,7 +298,7 @@ def test_cpu_kernel_without_interpreter_is_the_torch_math(monkeypatch, dtype):
 
 
 def test_public_api_dispatches_to_the_kernel(monkeypatch):
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     za, zb = _z(48, 16, 12, torch.float32).to(DEV), _z(48, 16, 13, torch.float32).to(DEV)
     m = KF.legendre_gram_mean(za, B3, backend="triton")
     assert torch.equal(m, LG.legendre_gram_mean(za, B3))
@@ -430,7 +406,7 @@ def test_gpu_precisions():
 
 
 # --------------------------------------------------------------------------------------------------
-# precision policy (SPEC §4): the default tf32x3, emulated on the CPU
+# precision policy (docs/numerics.md): the default tf32x3, emulated on the CPU
 # --------------------------------------------------------------------------------------------------
 
 
@@ -449,7 +425,7 @@ def _legendre_terms(t, q, b):
 def _emulated_gram_mean(z, b, g, precision):
     """(M, dL/dz) for L = g M(z) (normalize=True), in the kernels' own decomposition (module
     docstring): Gram tiles of the raw rows scaled by r_i r_j, the panel P = phi'(G) r_j, the backward
-    GEMM P Z and its normalisation epilogue; every GEMM by tf32_emulation.mm at ``precision``."""
+    GEMM P Z and its normalisation epilogue; every GEMM by kernelssl.numerics.mm at ``precision``."""
     from kernelssl.numerics import mm
 
     n, q = z.shape
@@ -463,8 +439,9 @@ def _emulated_gram_mean(z, b, g, precision):
     return m, grad
 
 
+@pytest.mark.slow  # the CPU emulation at q = 8192 (~3 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated():
-    """SPEC §4 / issue 11: with every kernel GEMM in emulated tf32x3, the error of M and of dL/dz
+    """With every kernel GEMM in emulated tf32x3, the error of M and of dL/dz
     against float64 is within 2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s).
     SFRIK's rows are q = 8192 long as in the paper; n = 512 rows instead of the paper's 2048 keeps the
     CPU emulation to a few seconds (the Gram's error is per entry, set by q, not by n)."""
@@ -483,17 +460,13 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
     (tf32x3) error of M and dL/dz against float64 is within 2x of "ieee"'s."""
     z = _z(2048, 8192, 16, torch.float32).to("cuda")
     m64, g64 = _run(S.legendre_gram_mean, z.double(), coefficients=B3)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with helpers.tf32_flag_off():
         md, gd = _run(LG.legendre_gram_mean, z, coefficients=B3)  # default: tf32x3
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
     mi, gi = _run(LG.legendre_gram_mean, z, coefficients=B3, input_precision="ieee")
     err_md, err_mi = float((md.double() - m64).abs()), float((mi.double() - m64).abs())
     assert err_md <= 2 * max(err_mi, _rule_floor_m(float(m64), B3, 2048)), (err_md, err_mi)
     err_gd, err_gi = float((gd.double() - g64).abs().max()), float((gi.double() - g64).abs().max())
-    assert err_gd <= 2 * max(err_gi, 2.0**-22 * float(g64.abs().max())), (err_gd, err_gi)  # floor: tf32_emulation
+    assert err_gd <= 2 * max(err_gi, 2.0**-22 * float(g64.abs().max())), (err_gd, err_gi)  # floor: kernelssl.numerics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,6 +475,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90():
     """Every kernel variant the GPU path issues (n = 2048, q = 8192 in bf16, fp16 and fp32 with each
     input_precision; rows of q = 8200 and 300, not multiples of 16, in every dtype; L = 5 without
@@ -510,24 +484,18 @@ def test_kernels_compile_for_sm90():
     GEMMs use Hopper tensor cores (wgmma) for 16-bit operands and for fp32 with the default tf32x3 (and
     tf32), and only the FMA units with "ieee".  Catches GPU-only compile errors the interpreter cannot.
 
-    Issue 11, finding 5: the forward at the SFRIK headline shape (n = 2048 per view, q = 8192) fills the
-    132 SMs of an H100/H200 in whole waves (programs per SM from ptxas' registers and the shared
-    memory): wave efficiency >= 80% in every dtype (it was 136 programs at one per SM: 52%)."""
+    The forward at the SFRIK headline shape (n = 2048 per view, q = 8192) fills the 132 SMs of an
+    H100/H200 in whole waves (programs per SM from ptxas' registers and the shared memory): wave
+    efficiency >= 80% in every dtype (136 programs at one per SM would be 52%)."""
     import sm90_compile
 
-    if not sm90_compile.tools_available():
-        pytest.skip("Triton's bundled ptxas is not available")
-    variants = sm90_compile.run("legendre_gram")
+    variants = helpers.sm90_variants("legendre_gram")
     assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_phi_sum_kernel", "_sum_partials_kernel",
                                                "_gram_dphi_kernel", "_panel_matmul_kernel"}
-    assert any(v["ones"] for v in variants)  # the recipes with dimensions equal to 1 compiled too
-    spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
-    assert not spills, spills
-    assert all(v["shared"] <= 227 * 1024 for v in variants)
     gemms = [v for v in variants if "INPUT_PRECISION" in v["constexprs"]]
-    assert {v["constexprs"]["INPUT_PRECISION"] for v in gemms} == {"ieee", "tf32", "tf32x3"}
-    for v in gemms:  # "tf32" is also what 16-bit operands carry (ignored by their MMA)
-        assert (v["wgmma"] > 0) == (v["constexprs"]["INPUT_PRECISION"] != "ieee"), v
+    # "tf32" is also what 16-bit operands carry (ignored by their MMA)
+    helpers.assert_tensor_cores_unless_ieee(gemms, "INPUT_PRECISION", mma_sync=False)
+    for v in gemms:
         assert v["mma_sync"] == 0 or v["constexprs"]["INPUT_PRECISION"] != "ieee", v
     assert sum(v["constexprs"]["INPUT_PRECISION"] == "tf32x3" for v in gemms) >= 6
     headline = [v for v in variants if v["kernel"] == "_gram_phi_sum_kernel"

@@ -1,5 +1,5 @@
 """Fused Triton kernels of the Gaussian-potential Gram log-mean, Wang & Isola's uniformity
-(kernelssl/triton/gaussian_gram.py; SPEC §6.1).
+(kernelssl/triton/gaussian_gram.py; docs/gaussian_gram.md).
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
 shapes (32-wide blocks: a few tiles, every mask exercised), against float64 formulas computed here
@@ -20,19 +20,16 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import helpers
 import kernelssl.functional as KF
-from helpers import assert_close, assert_error_within_torch, to_numpy
-from kernelssl import dispatch as _backend
+from helpers import CUDA, DEV, assert_close, assert_error_within_torch, needs_cuda, to_numpy
+from helpers import random_rows as _z
+from kernelssl import dispatch
 from kernelssl.ops import gaussian_gram as U
 from kernelssl.ops._common import prescale_rows
 
 GG = pytest.importorskip("kernelssl.triton.gaussian_gram_op")
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
-DEV = "cuda" if CUDA else "cpu"
-if not CUDA:
-    assert _backend.interpreting(), "TRITON_INTERPRET must be set on a machine without CUDA"
+helpers.assert_kernels_can_run()
 
 UPSTREAM = 2.5
 HALF_ULP = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -40,7 +37,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------------------------------
-# tolerances (fp32 tier, SPEC §4), stated once
+# tolerances (fp32 tier; the 2x rule of kernelssl/numerics.py below them), stated once
 # --------------------------------------------------------------------------------------------------
 # A Gram entry of unit rows computed in fp32 (fp32 products and accumulation, row scales r_i r_j in
 # fp32) is within 2^-20 (8 ulps of 1) of its float64 value at the test shapes (q <= 64: ~sqrt(q) ulps
@@ -60,7 +57,7 @@ def _tol_grad(t: float, gmax: float, dtype=torch.float32) -> dict:
 
 
 def _floor_value(t: float, value: float) -> float:
-    # floor of the §4 rule for the value: both paths sit at the fp32 level of _tol_value / 4 there
+    # floor of the 2x rule for the value: both paths sit at the fp32 level of _tol_value / 4 there
     return 2 * t * 2.0**-22 + 2.0**-22 * max(1.0, abs(value))
 
 
@@ -76,17 +73,8 @@ def _floor_grad(z: torch.Tensor, t: float, normalize=True, exclude_diagonal=True
 
 
 # --------------------------------------------------------------------------------------------------
-# inputs and float64 formulas
+# float64 formulas (inputs: helpers.random_rows)
 # --------------------------------------------------------------------------------------------------
-
-
-def _z(n: int, q: int, seed: int, dtype=torch.float64, unit: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 + 0.25  # rows of various norms
-    z = torch.randn(n, q, generator=g, dtype=torch.float64) * scale
-    if unit:
-        z = F.normalize(z, dim=1)
-    return z.to(dtype)
 
 
 def _formula(z: torch.Tensor, t: float, normalize: bool = True, exclude_diagonal: bool = True,
@@ -124,7 +112,7 @@ def _torch_fp32(z: torch.Tensor, t: float, normalize=True, exclude_diagonal=True
 def _check(kern, z, t, normalize=True, exclude_diagonal=True, what=""):
     """Kernel vs float64 within the stated fp32-tier tolerances (+ the half rounding of the gradient),
     or, where these are beyond fp32 on the input (cancellation in the normalisation Jacobian: n = 2,
-    q = 2), within SPEC §4's 2x of the torch path's error in the same dtype."""
+    q = 2), within the 2x rule (kernelssl/numerics.py): 2x the torch path's error in the same dtype."""
     m, g = kern
     assert m.dtype == torch.float32 and m.dim() == 0 and g.dtype == z.dtype
     m64, g64 = _reference(z, t, normalize, exclude_diagonal)
@@ -159,9 +147,10 @@ def test_values_and_gradients_vs_float64(n, q, t, normalize, exclude):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("n,q,exclude", [(37, 19, True), (96, 48, True), (50, 24, False)])
 def test_low_precision_rule(n, q, exclude, dtype):
-    """SPEC §4: the kernel's error against float64 (on the rounded input) is at most 2x the torch path's
-    in the same dtype (fp32 arithmetic on the upcast input, gradient rounded to the input dtype), for
-    the value and the gradient, plus the floors of fp32 rounding (_floor_value, _floor_grad)."""
+    """The 2x rule (kernelssl/numerics.py): the kernel's error against float64 (on the rounded input)
+    is at most 2x the torch path's in the same dtype (fp32 arithmetic on the upcast input, gradient
+    rounded to the input dtype), for the value and the gradient, plus the floors of fp32 rounding
+    (_floor_value, _floor_grad)."""
     t = 2.0
     z = _z(n, q, 5 * n + q, dtype).to(DEV)
     mk, gk = _run(GG.gaussian_gram_logmean, z, t, exclude_diagonal=exclude)
@@ -235,7 +224,7 @@ def test_duplicate_rows(exclude):
 @example(n=33, q=3, t=50.0, normalize=True, exclude=True, seed=1)
 def test_random_shapes_and_scales(n, q, t, normalize, exclude, seed):
     """fp32 kernel vs float64 within the stated tolerances, or, where those are beyond fp32 on the input,
-    within SPEC §4's 2x of the torch path's error."""
+    within the 2x rule's bound: 2x the torch path's error."""
     z = _z(n, q, seed, torch.float32, unit=not normalize).to(DEV)
     kern = _run(GG.gaussian_gram_logmean, z, t, normalize=normalize, exclude_diagonal=exclude)
     _check(kern, z, t, normalize, exclude, f"n={n} q={q} t={t}")
@@ -277,19 +266,10 @@ def test_views_batched_in_one_launch_per_stage(dtype, normalize, exclude, monkey
     the backward takes the saved ones), Gram tiles over both views, one reduce program per view, the
     rows-resident backward over both views, one split reduce -- with the grids recorded; the panel
     backward (view by view) and a non-contiguous stack give the same bits."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     n, q, t = 45, 24, 2.0
     za, zb = (_z(n, q, s, dtype, unit=not normalize).to(DEV) for s in (21, 22))
     up = torch.tensor([UPSTREAM, -0.75], device=DEV)
-    launches = []
-    run = InterpretedFunction.run
-
-    def recording_run(self, *args, **kwargs):
-        launches.append((self.fn.__name__, tuple(kwargs["grid"])))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    launches = helpers.record_interpreted_launches(monkeypatch)
     zz = torch.stack([za, zb]).requires_grad_(True)
     values = GG.gaussian_gram_logmean(zz, t, normalize=normalize, exclude_diagonal=exclude)
     (values * up).sum().backward()
@@ -328,21 +308,11 @@ def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
     prescale for both) and computes both views' uniformity in one fused call (one Gram-tile launch for
     both) with the value and components bitwise those of the
     per-view composition ``align + w * 0.5 * (u_a + u_b)``, the gradients to a few fp32 ulps."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from kernelssl import functional as KF
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     za, zb = (_z(40, 20, s, torch.float32).to(DEV) for s in (31, 32))
     kw = dict(alpha=2.0, t=2.0, uniformity_weight=0.7)
-    names = []
-    run = InterpretedFunction.run
-
-    def recording_run(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
-    from torch.utils._python_dispatch import TorchDispatchMode
+    launches = helpers.record_interpreted_launches(monkeypatch)
 
     class Ops(TorchDispatchMode):
         seen: list = []
@@ -356,6 +326,7 @@ def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
         comp = KF.align_uniform_loss(a, b, **kw, backend="triton", return_components=True)
     assert Ops.seen.count("stack") == 1 and Ops.seen.count("exp2") == 1, Ops.seen  # one prescale for both
     (UPSTREAM * comp.loss).backward()
+    names = [name for name, _ in launches]
     assert names.count("_gram_lse_kernel") == 1 and names.count("_resident_backward_kernel") == 1, names
     a2, b2 = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
     pa, pb = prescale_rows(a2), prescale_rows(b2)  # the loss's own steps, per view
@@ -365,7 +336,7 @@ def test_align_uniform_loss_makes_one_batched_call(monkeypatch):
     assert torch.equal(comp.uniformity_a, u_a) and torch.equal(comp.uniformity_b, u_b)
     assert torch.equal(comp.loss, loss), (comp.loss, loss)
     # the gradients: equal up to the order in which autograd adds the three contributions at the
-    # prescaled rows (alignment's two and the uniformity's, which now arrives through the stack): a few
+    # prescaled rows (alignment's two and the uniformity's, which arrives through the stack): a few
     # fp32 ulps of the largest entry
     for got, want, name in ((a.grad, a2.grad, "dL/dz_a"), (b.grad, b2.grad, "dL/dz_b")):
         assert_close(got, want, rtol=0.0, atol=2.0**-22 * float(want.abs().max()), name=name)
@@ -397,16 +368,7 @@ def test_resident_split_policy():
 @pytest.mark.parametrize("n,q", [(150, 45), (140, 48)], ids=["q45-unaligned", "q48-aligned"])
 def test_gpu_block_configuration_under_interpreter(n, q, monkeypatch):
     """The GPU block sizes (_common.gram_config: 64/128-wide tiles) run through the interpreter."""
-    from kernelssl.triton import _common
-
-    config = _common.gram_config
-
-    def gpu_config(dtype, q, *args):
-        with monkeypatch.context() as m:
-            m.setattr(_common, "interpreting", lambda: False)
-            return config(dtype, q, *args)
-
-    monkeypatch.setattr(GG, "gram_config", gpu_config)
+    gpu_config = helpers.use_gpu_gram_config(monkeypatch, GG)
     assert gpu_config(torch.float32, q)["block"] == (64 if q % 16 else 128)
     z = _z(n, q, 11, torch.float32).to(DEV)
     _check(_run(GG.gaussian_gram_logmean, z, 2.0), z, 2.0, what=f"GPU blocks n={n} q={q}")
@@ -437,7 +399,7 @@ def test_zero_row_and_non_finite():
     assert torch.isfinite(m) and torch.isfinite(g).all()
     assert_close(m, mt, rtol=1e-6, atol=0, name="L with a zero row")
     assert_close(g, gt, rtol=1e-5, atol=1e-5 * float(gt.abs().max()), name="grad with a zero row")
-    z[5, 2] = math.nan  # NaN propagates (SPEC §4), never a silent finite number
+    z[5, 2] = math.nan  # NaN propagates, never a silent finite number
     m, g = _run(GG.gaussian_gram_logmean, z, 2.0)
     assert torch.isnan(m) and torch.isnan(g).any()
 
@@ -508,18 +470,15 @@ def test_double_backward_raises():
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 def test_cpu_runs_the_kernels_under_the_interpreter(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("the torch math ran instead of the interpreted kernels")
-
-    monkeypatch.setattr(U, "gaussian_gram_logmean_stats", fail)  # the torch tier, the CPU kernels' math
-    monkeypatch.setattr(U, "gaussian_gram_logmean_backward", fail)
+    # the torch tier: the CPU kernels' math
+    helpers.forbid_torch_tier(monkeypatch, U, "gaussian_gram_logmean_stats", "gaussian_gram_logmean_backward")
     _run(GG.gaussian_gram_logmean, _z(20, 6, 10, torch.float32), 2.0)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_cpu_kernel_without_interpreter_is_the_torch_math(monkeypatch, dtype):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # _backend.interpreting() reads it at call time
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # dispatch.interpreting() reads it at call time
     z = _z(40, 11, 11, dtype)
     for normalize, exclude in ((True, True), (False, False)):
         zz = z if normalize else F.normalize(z.double(), dim=1).to(dtype)
@@ -528,36 +487,14 @@ def test_cpu_kernel_without_interpreter_is_the_torch_math(monkeypatch, dtype):
 
 
 def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
-    """As tests/test_triton_launch.py for the three original ops: the module launches through the
-    guarded wrapper, and (interpreter) every launch is inside a guard entered with its tensors' device."""
-    import contextlib
-
+    """As test_triton_common.py for the other three ops: the module launches through the guarded
+    wrapper, and (interpreter) every launch is inside a guard entered with its tensors' device."""
     from kernelssl.triton import _common as L
 
     assert GG.wrap_triton is L.wrap_triton
     if CUDA:
         return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    inside, launches = [], []
-
-    @contextlib.contextmanager
-    def recording_guard(device, fake=False):
-        inside.append(device)
-        try:
-            yield
-        finally:
-            inside.pop()
-
-    run = InterpretedFunction.run
-
-    def checked_run(self, *args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        launches.append((self.fn.__name__, inside[-1] if inside else "no guard", tensors[0].device))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(L, "device_guard", recording_guard)
-    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    _, launches = helpers.record_guarded_launches(monkeypatch)
     z = _z(40, 9, 0, torch.float32)
     _run(GG.gaussian_gram_logmean, z, 2.0)
     GG.gaussian_gram_backward(torch.ones(()), z, GG.gaussian_gram_forward(z, 2.0)[1], 2.0, resident=False)
@@ -566,8 +503,11 @@ def test_every_launch_runs_inside_a_guard_for_its_tensors_device(monkeypatch):
     assert all(g == dev for _, g, dev in launches), launches
 
 
-@pytest.mark.parametrize("dtype,normalize,exclude", [(torch.float32, True, True), (torch.bfloat16, False, False)],
-                         ids=["fp32-normalize", "bf16-raw-diagonal"])
+# the same ops and schemas in both cases: the second (~2.5 s) in the slow tier
+@pytest.mark.parametrize(
+    "dtype,normalize,exclude",
+    [(torch.float32, True, True), pytest.param(torch.bfloat16, False, False, marks=pytest.mark.slow)],
+    ids=["fp32-normalize", "bf16-raw-diagonal"])
 def test_opcheck(dtype, normalize, exclude):
     z = _z(37, 19, 14, dtype, unit=not normalize).to(DEV).requires_grad_(True)
     args = (2.0, normalize, exclude, "tf32x3")
@@ -606,11 +546,11 @@ def test_compile_fullgraph(backend):
 
 
 def test_registered_in_the_backend_table():
-    assert "gaussian_gram" in _backend.TRITON_OPS
+    assert "gaussian_gram" in dispatch.TRITON_OPS
 
 
 # --------------------------------------------------------------------------------------------------
-# precision policy (SPEC §4): the default tf32x3, emulated on the CPU
+# precision policy (docs/numerics.md): the default tf32x3, emulated on the CPU
 # --------------------------------------------------------------------------------------------------
 
 
@@ -618,7 +558,7 @@ def _emulated_logmean(z, t, g, precision):
     """(L, dL/dz) for L = g L(z) (normalize=True, diagonal excluded), in the kernels' own decomposition
     (module docstring): Gram of the raw rows scaled by r_i r_j, the online log-sum-exp, the panel
     P = exp(x - m) r_j and the backward GEMM P Z with its Jacobian epilogue; every GEMM by
-    tf32_emulation.mm at ``precision``."""
+    kernelssl.numerics.mm at ``precision``."""
     from kernelssl.numerics import mm
 
     n = z.shape[0]
@@ -637,7 +577,7 @@ def _emulated_logmean(z, t, g, precision):
 
 
 def test_tf32x3_default_is_within_2x_of_ieee_emulated():
-    """SPEC §4 / issue 11: with every kernel GEMM in emulated tf32x3, the error of L and of dL/dz against
+    """With every kernel GEMM in emulated tf32x3, the error of L and of dL/dz against
     float64 is within 2x of full fp32's ("ieee"); plain tf32 is far worse.  Uniformity's rows are q = 128
     long (a typical projector width); n = 2048 rows instead of the benchmark's 4096 keeps the CPU
     emulation to a few seconds (a Gram entry's error is set by q, not by n)."""
@@ -710,18 +650,9 @@ def test_gpu_compile_inductor():
 
 @needs_cuda
 def test_gpu_tensors_on_a_device_that_is_not_the_current_one(monkeypatch):
-    """As tests/test_triton_launch.py for the original ops: tensors on the last CUDA device while device 0
-    is current -- every launch guarded with the tensors' device, and the same value and gradient as on
+    """As test_triton_common.py for the other ops: tensors on the last CUDA device while device 0 is
+    current -- every launch guarded with the tensors' device, and the same value and gradient as on
     the current device (both backward paths)."""
-    from kernelssl.triton import _common as L
-
-    target = torch.device("cuda", torch.cuda.device_count() - 1)
-    guards: list = []
-    real_guard = L.device_guard
-
-    def recording_guard(device, fake=False):
-        guards.append(device)
-        return real_guard(device, fake)
 
     def both(device):
         out = []
@@ -730,15 +661,7 @@ def test_gpu_tensors_on_a_device_that_is_not_the_current_one(monkeypatch):
             out += [t.cpu().double() for t in _run(GG.gaussian_gram_logmean, z, 2.0)]
         return out
 
-    with torch.cuda.device(0):
-        expected = both(torch.device("cuda", 0))
-        monkeypatch.setattr(L, "device_guard", recording_guard)
-        got = both(target)
-        torch.cuda.synchronize(target)
-        assert torch.cuda.current_device() == 0
-    assert guards and all(d == target for d in guards)
-    for i, (g, e) in enumerate(zip(got, expected)):
-        assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()), name=f"output {i}")
+    helpers.check_on_a_device_that_is_not_the_current_one(monkeypatch, both)
 
 
 @needs_cuda
@@ -748,12 +671,8 @@ def test_gpu_tf32x3_default_within_2x_of_ieee():
     t = 2.0
     z = _z(4096, 128, 19, torch.float32).to("cuda")
     m64, g64 = _run(_formula, z.double(), t)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with helpers.tf32_flag_off():
         md, gd = _run(GG.gaussian_gram_logmean, z, t)  # default: tf32x3
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
     mi, gi = _run(GG.gaussian_gram_logmean, z, t, input_precision="ieee")
     m3, _ = _run(GG.gaussian_gram_logmean, z, t, input_precision="tf32")
     err_md, err_mi = float((md.double() - m64).abs()), float((mi.double() - m64).abs())
@@ -769,6 +688,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee():
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90():
     """Every kernel variant the GPU path issues (n = 4096 and 65536, q = 128, in bf16, fp16 and fp32 with
     each input_precision; unaligned rows q = 100 and 8200 in every dtype; the diagonal included, raw rows,
@@ -777,20 +697,10 @@ def test_kernels_compile_for_sm90():
     wgmma for 16-bit operands and for fp32 with tf32x3 / tf32, the FMA units only with "ieee".  The
     recipes with dimensions equal to 1 (n = 1 with the diagonal, q = 1, a last panel of one row)
     compile too."""
-    import sm90_compile
-
-    if not sm90_compile.tools_available():
-        pytest.skip("Triton's bundled ptxas is not available")
-    variants = sm90_compile.run("gaussian_gram")
+    variants = helpers.sm90_variants("gaussian_gram")
     assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_lse_kernel", "_lse_reduce_kernel",
                                                "_resident_backward_kernel", "_split_reduce_kernel",
                                                "_gram_weights_kernel", "_panel_matmul_kernel"}
-    assert any(v["ones"] for v in variants)
-    spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
-    assert not spills, spills
-    assert all(v["shared"] <= 227 * 1024 for v in variants)
     gemms = [v for v in variants if "INPUT_PRECISION" in v["constexprs"]]
-    assert {v["constexprs"]["INPUT_PRECISION"] for v in gemms} == {"ieee", "tf32", "tf32x3"}
-    for v in gemms:
-        assert (v["wgmma"] > 0) == (v["constexprs"]["INPUT_PRECISION"] != "ieee"), v
+    helpers.assert_tensor_cores_unless_ieee(gemms, "INPUT_PRECISION", mma_sync=False)
     assert all(v["constexprs"]["SCALE_GIVEN"] for v in variants if v["kernel"] == "_panel_matmul_kernel")

@@ -1,4 +1,4 @@
-"""SFRIK torch tier (kernelssl/sfrik.py) against the NumPy reference, gradcheck, dtypes, invariances,
+"""SFRIK torch tier (kernelssl/ops/legendre_gram.py) against the NumPy reference, gradcheck, dtypes, invariances,
 degenerate inputs and the memory contract of the chunked Gram mean."""
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernelssl.functional as KF
-from helpers import assert_close, to_numpy
+from helpers import LargestTensor, assert_close, to_numpy
 from kernelssl.ops import legendre_gram as S
 from reference import legendre_gram as R
 
@@ -435,21 +434,6 @@ def _saved_numel(fn, z):
     return out, sum(total)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 def test_saved_tensors_are_linear_in_n():
     n, q = 512, 8
     z = _z(n, q, 19, torch.float32).requires_grad_(True)
@@ -466,12 +450,12 @@ def test_saved_tensors_are_linear_in_n():
 def test_no_tensor_larger_than_a_tile():
     n, q, chunk = 512, 8, 16
     z = _z(n, q, 20, torch.float32).requires_grad_(True)
-    mode = _LargestTensor()
+    mode = LargestTensor()
     with mode:
         m = S.legendre_gram_mean(z, B3, chunk_size=chunk)
         (2.5 * m).backward()
     assert mode.largest <= max(chunk * n, n * q), mode.largest  # tiles are (chunk, n)
-    eager = _LargestTensor()
+    eager = LargestTensor()
     z.grad = None
     with eager:
         (2.5 * S.legendre_gram_mean_eager(z, B3)).backward()

@@ -55,7 +55,7 @@ def test_n2_closed_form():
 
 @pytest.mark.parametrize("n,q", SHAPES)
 def test_diagonal_identity(n, q):
-    # SPEC §6.1: L_unif = log((n^2 gram_mean - n) / (n (n - 1))) -- the diagonal terms are phi_t(1) = 1.
+    # docs/gaussian_gram.md: L_unif = log((n^2 gram_mean - n) / (n (n - 1))) -- the diagonal terms are phi_t(1) = 1.
     z, t = _z(n, q, seed=3), 1.5
     g = R.gram_mean(R.normalize(z), R.gaussian_phi(t))
     assert_close(R.gaussian_gram_logmean(z, t), math.log((n * n * g - n) / (n * (n - 1))), **TIGHT, name="identity")
@@ -109,8 +109,10 @@ def test_wang_isola_gradients_vs_finite_differences(n, q):
     assert_close(R.uniformity_wang_isola_grad(x, t), fd, **FD, name="d L_unif / dx")
     for alpha in (1.0, 2.0, 3.0):
         gx, gy = R.alignment_wang_isola_grad(x, y, alpha)
-        assert_close(gx, central_difference(lambda v: R.alignment_wang_isola(v, y, alpha), x), **FD, name="d L_align / dx")
-        assert_close(gy, central_difference(lambda v: R.alignment_wang_isola(x, v, alpha), y), **FD, name="d L_align / dy")
+        assert_close(gx, central_difference(lambda v: R.alignment_wang_isola(v, y, alpha), x), **FD,
+                     name="d L_align / dx")
+        assert_close(gy, central_difference(lambda v: R.alignment_wang_isola(x, v, alpha), y), **FD,
+                     name="d L_align / dy")
 
 
 @pytest.mark.parametrize("n,q", SHAPES)

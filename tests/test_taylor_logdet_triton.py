@@ -1,8 +1,8 @@
 """Fused Triton kernels of MEC's batched matrix-log Taylor expansion (kernelssl/triton/taylor_logdet.py).
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
-shapes, against the float64 NumPy reference (reference/taylor_logdet.py) and the torch path (kernelssl/mec.py);
-GPU tests at the paper's shapes are skipped without CUDA.
+shapes, against the float64 NumPy reference (reference/taylor_logdet.py) and the torch tier
+(kernelssl/ops/taylor_logdet.py); GPU tests at the paper's shapes are skipped without CUDA.
 
 Both kernel paths are exercised: ``onchip`` (s = min(m, d) <= ONCHIP_MAX: one program per pair holds
 the s x s matrix) and ``tiled`` (ONCHIP_MAX forced to 0: tiled GEMMs, trace pairing, deterministic
@@ -20,30 +20,25 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import helpers
 import kernelssl.functional as KF
-from helpers import assert_close, assert_error_within_torch, to_numpy
-from kernelssl import dispatch as _backend
+from helpers import CUDA, DEV, assert_close, assert_error_within_torch, needs_cuda, to_numpy
 from kernelssl.losses import MECLoss
 from kernelssl.ops import taylor_logdet as M
 from reference import taylor_logdet as R
 
 K = pytest.importorskip("kernelssl.triton.taylor_logdet_op")
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
-DEV = "cuda" if CUDA else "cpu"
-if not CUDA:
-    assert _backend.interpreting(), "TRITON_INTERPRET must be set on a machine without CUDA"
+helpers.assert_kernels_can_run()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# fp32 vs float64 (the torch tier's own fp32 tolerances, tests/test_mec.py): fp32 unit roundoff 6e-8
+# fp32 vs float64 (the torch tier's own fp32 tolerances, test_taylor_logdet_torch.py): fp32 unit roundoff 6e-8
 # times accumulations of length O(s): 1e-6 of the summed term magnitudes sum_k |tr C^k| / k for T;
 # gradients add the S_n sum and the normalisation Jacobian: 5e-6 of the largest entry.
 FP32_VALUE = 1e-6
 FP32_GRAD = 5e-6
-# Floor of the SPEC §4 low-precision rule: 8 fp32 ulps (2^-21, relative) of the quantity's scale
+# Floor of the 2x rule (kernelssl/numerics.py): 8 fp32 ulps (2^-21, relative) of the quantity's scale
 # (the term magnitudes for T, max |grad| for gradients).  Both paths accumulate in fp32 and sit at this
 # level whatever the input dtype; below it the ratio of two roundoff errors is noise.
 RULE_FLOOR = 2.0**-21
@@ -80,8 +75,8 @@ def _upstream(batch, seed=0):
 def _terms(a, b, lam, order, normalize=True):
     """sum_k sum_i |diag(C^k)_i| / k per pair: the magnitude against which roundoff of T is measured
     (the summands of the traces, not the traces: at d = 1 with rows of opposite signs tr(C) = 0
-    exactly while each diag(C)_i = +-lam is rounded -- issue #16; elsewhere the diagonals share a
-    sign and this is sum_k |tr(C^k)| / k)."""
+    exactly while each diag(C)_i = +-lam is rounded; elsewhere the diagonals share a sign and this is
+    sum_k |tr(C^k)| / k)."""
     an, bn = (R.normalize(a), R.normalize(b)) if normalize else (a, b)
     c = np.asarray(lam)[..., None, None] * an @ np.swapaxes(bn, -1, -2)
     out, p = 0.0, np.broadcast_to(np.eye(c.shape[-1]), c.shape)
@@ -108,7 +103,7 @@ def _run(fn, a, b, lam, order, up, dtype=torch.float32, **kw):
 
 
 def _check_rule(kern, torch_, ref, terms, name="", stated=False):
-    """SPEC §4 (tests/helpers.py): the kernel's error vs float64 at most 2x the torch path's in the same
+    """The 2x rule (kernelssl/numerics.py): the kernel's error vs float64 at most 2x the torch path's in the same
     dtype on the same input, plus RULE_FLOOR of the scale, for T and both gradients.  ``stated``: accept
     also everything within the fp32 tolerances of _check_fp32 -- the rule then governs only where those
     are beyond fp32 on the input (cancellation points, e.g. a gradient that is exactly 0)."""
@@ -159,7 +154,7 @@ def test_values_and_gradients_vs_reference(path, m, d, batch, order):
 @pytest.mark.parametrize("sms", [132, 108, 114])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
 def test_gram_split_fills_the_waves(sms, half, monkeypatch):
-    """Issue 11: the Gram's split-K is chosen from the SM count and the kernel's occupancy (1 program
+    """The Gram's split-K is chosen from the SM count and the kernel's occupancy (1 program
     per SM) so that its programs fill >= 90% of their waves, with no split where the output alone does
     (MEC's paper Gram on 132 SMs: fp32 256 programs, bf16 128 of 128 x 128; a split only adds the
     partials' sum)."""
@@ -178,7 +173,11 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
 @pytest.mark.parametrize("order", [2, 4, 5])
 @pytest.mark.parametrize(
     "path,m,d,batch",
-    [("tiled", 33, 64, (2,)), ("tiled", 64, 47, (1,)), ("onchip", 30, 64, (3,)), ("tiled", 5, 7, (2, 3))],
+    # the larger shapes (1-2.5 s each under the interpreter) in the slow tier: test_values_and_gradients_vs_reference
+    # covers both paths in m- and d-space over several tiles on the fast one; the 2-D batch stays
+    [pytest.param("tiled", 33, 64, (2,), marks=pytest.mark.slow),
+     pytest.param("tiled", 64, 47, (1,), marks=pytest.mark.slow),
+     pytest.param("onchip", 30, 64, (3,), marks=pytest.mark.slow), ("tiled", 5, 7, (2, 3))],
     indirect=["path"], ids=lambda v: str(v))
 def test_larger_and_batched_shapes(path, m, d, batch, order):
     a, b = _pair(order + m + d, m, d, batch)
@@ -236,12 +235,12 @@ def test_d_space_rows_wider_than_a_tile(path, dtype, monkeypatch):
 
 @given(m=st.integers(2, 18), d=st.integers(1, 18), order=st.integers(1, 6), tiled=st.booleans(),
        normalize=st.booleans(), seed=st.integers(0, 2**16))
-@example(m=2, d=1, order=1, tiled=False, normalize=True, seed=0)  # issue #16 (test_d1_gradient_is_zero_regression)
-@example(m=2, d=1, order=2, tiled=False, normalize=True, seed=0)  # the thorough profile's, after order 1 was fixed
+@example(m=2, d=1, order=1, tiled=False, normalize=True, seed=0)  # cancellation: test_d1_gradient_is_zero_regression
+@example(m=2, d=1, order=2, tiled=False, normalize=True, seed=0)  # the same at order 2 (the thorough profile's)
 @example(m=2, d=1, order=1, tiled=False, normalize=True, seed=27426)  # tr(C) = 0 exactly: see _terms
 def test_random_tiny_shapes(m, d, order, tiled, normalize, seed):
     """fp32 kernel vs float64 within the stated fp32 tolerances, or, where those are beyond fp32 on the
-    input (torch misses them too), within SPEC §4's 2x of the torch path's error."""
+    input (torch misses them too), within the 2x rule's bound: 2x the torch path's error."""
     old = K.ONCHIP_MAX
     K.ONCHIP_MAX = 0 if tiled else old
     try:
@@ -260,12 +259,12 @@ def test_random_tiny_shapes(m, d, order, tiled, normalize, seed):
 @pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
 @pytest.mark.parametrize("m,order", [(2, 1), (2, 2), (3, 4)])
 def test_d1_gradient_is_zero_regression(path, m, order):
-    """Issue #16: d = 1, so every normalised row is +-1, T is constant and dT/da = dT/db = 0 exactly.
-    The kernel returned 6.7e-7 (m = 2, order 1; torch fp32: 1.2e-7): it projected v with
-    x^ = x * (1/|x|) (and, at order 1, the forward's q_i = <a, b> (1/|a|)(1/|b|)), differently rounded
-    +-1s; orders >= 2 (d-space GEMM epilogue) likewise (m = 3, order 4: 1.3e-6, torch 0).  It now divides
-    (x / |x|, as F.normalize) and reduces x^ . v from the v it subtracts from: 0 exactly where the row
-    norm is exact (|x| = sqrt(x^2), IEEE sqrt: the interpreter), and within SPEC §4's rule everywhere."""
+    """d = 1, so every normalised row is +-1, T is constant and dT/da = dT/db = 0 exactly.  The kernels
+    divide (x^ = x / |x|, as F.normalize) and reduce x^ . v from the v they subtract from: 0 exactly
+    where the row norm is exact (|x| = sqrt(x^2), IEEE sqrt: the interpreter), and within the 2x rule
+    everywhere.  Projecting v with x^ = x * (1/|x|) instead (and, at order 1, the forward's
+    q_i = <a, b> (1/|a|)(1/|b|)), differently rounded +-1s, gives 6.7e-7 (m = 2, order 1; torch fp32:
+    1.2e-7), and in the d-space GEMM epilogue of orders >= 2 likewise (m = 3, order 4: 1.3e-6, torch 0)."""
     d, seed = 1, 0
     a, b = _pair(seed, m, d, (2,))
     lam, up = 0.5, _upstream((2,), seed)
@@ -278,7 +277,7 @@ def test_d1_gradient_is_zero_regression(path, m, order):
 
 
 # ---------------------------------------------------------------------------------------------------
-# SPEC §4 low-precision rule: kernel error <= 2x torch-path error, loss and every gradient
+# the 2x rule (kernelssl/numerics.py): kernel error <= 2x torch-path error, loss and every gradient
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -287,7 +286,7 @@ def test_d1_gradient_is_zero_regression(path, m, order):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_low_precision_rule(path, m, d, dtype):
     a, b = _pair(m + d, m, d)
-    # reference: float64 on the SAME rounded inputs (the error left is the arithmetic's, SPEC §4)
+    # reference: float64 on the SAME rounded inputs (the error left is the arithmetic's)
     a = torch.tensor(a).to(dtype).double().numpy()
     b = torch.tensor(b).to(dtype).double().numpy()
     lam, up, order = _lam(m, d), _upstream((2,)), 4
@@ -406,7 +405,8 @@ def test_diagnostics_rank_one_collapse_and_zero(path):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+# the tiled path (~2 s a case) in the slow tier; its kernels' values are checked on the fast one
+@pytest.mark.parametrize("path", ["onchip", pytest.param("tiled", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_deterministic(path, dtype):
     a, b = _pair(9, 20, 27)
@@ -538,7 +538,8 @@ def test_cpu_kernel_without_interpreter_is_the_same_math(path, monkeypatch):
         assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()), name=name)
 
 
-@pytest.mark.parametrize("path", ["onchip", "tiled"], indirect=True)
+# the same ops and schemas on both paths: the tiled one (1-4.5 s a case) in the slow tier
+@pytest.mark.parametrize("path", ["onchip", pytest.param("tiled", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("order,normalize,diagnostics", [(1, True, False), (4, True, True), (3, False, False)])
 def test_opcheck(path, order, normalize, diagnostics):
     a, b = (torch.tensor(x, dtype=torch.float32, device=DEV).requires_grad_() for x in _pair(1, 11, 18))
@@ -581,6 +582,7 @@ def test_compile_fullgraph(backend):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests run the real kernels")
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_gpu_kernels_compile_for_sm90_without_spills():
     """Every kernel variant the GPU path issues (paper shape fp32 with diagnostics, bf16, fp32 with
     TF32; d-space, tiny s on-chip, order 1, an fp16 d-space case with unaligned rows) compiles with
@@ -588,18 +590,10 @@ def test_gpu_kernels_compile_for_sm90_without_spills():
     interpreter cannot check (tl.dot shapes and dtypes, layouts, constexpr branches) -- with no
     register spills, within the 227 KiB of shared memory, the bf16 Gram and every TF32 GEMM on the
     tensor cores (wgmma), and no IEEE-fp32 GEMM on them (no silent TF32)."""
-    import sm90_compile
-
-    if not sm90_compile.tools_available():
-        pytest.skip("triton's bundled ptxas is not installed")
-    variants = sm90_compile.run("taylor_logdet")
+    variants = helpers.sm90_variants("taylor_logdet")
     assert {v["kernel"] for v in variants} >= {"_rownorm_kernel", "_gemm_kernel", "_small_series_kernel",
                                                 "_pair_diag_kernel", "_series_reduce_kernel",
                                                 "_power_step_kernel", "_project_kernel"}
-    assert any(v["ones"] for v in variants)  # the recipes with dimensions equal to 1 compiled too
-    spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
-    assert not spills, spills
-    assert all(v["shared"] <= 227 * 1024 for v in variants)
     assert any(v["kernel"] == "_gemm_kernel" and v["constexprs"].get("HALF_DOT") and v["wgmma"] > 0 for v in variants)
     gemms = [v for v in variants if v["kernel"] in ("_gemm_kernel", "_small_series_kernel")
              and not v["constexprs"].get("HALF_DOT") and not v["constexprs"].get("HILO")]
@@ -607,9 +601,8 @@ def test_gpu_kernels_compile_for_sm90_without_spills():
     # 1, d-space: 2), whatever the precision of the fp32 products
     assert {v["constexprs"]["HILO"] for v in variants if v["kernel"] == "_gemm_kernel" and v["wgmma"] > 0
             and not v["ones"]} >= {1, 2}
-    assert {v["constexprs"]["PRECISION"] for v in gemms} == {"ieee", "tf32", "tf32x3"}
-    for v in gemms:  # the default tf32x3 (and tf32) on the tensor cores, "ieee" never
-        assert (v["wgmma"] + v["mma_sync"] > 0) == (v["constexprs"]["PRECISION"] != "ieee"), v
+    # the default tf32x3 (and tf32) on the tensor cores, "ieee" never
+    helpers.assert_tensor_cores_unless_ieee(gemms, "PRECISION")
     # every fp32 GEMM of the paper shape's default (fp32 and bf16 inputs: powers, S_n, gradients) on wgmma
     assert sum(v["kernel"] == "_gemm_kernel" and v["constexprs"]["PRECISION"] == "tf32x3" and v["wgmma"] > 0
                for v in gemms) >= 4
@@ -655,6 +648,7 @@ for (m, d), order in [((12, 40), 4), ((300, 40), 5), ((40, 300), 1)]:
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_compile_inductor compiles and runs it")
+@pytest.mark.slow  # a subprocess tracing three compiles (~11 s)
 def test_compile_decomposes_into_the_kernels_as_on_a_gpu():
     """What torch.compile does with the ops on a GPU, traced on CPU: the triton_op is decomposed into
     its kernels under functionalisation (Triton's TTIR mutation analysis runs against an sm_90 target),
@@ -693,7 +687,7 @@ def _gpu_pair(m, d, seed=0, batch=2):
 @pytest.mark.parametrize("m,d", [(1024, 2048), (2048, 1024), (1024, 200), (4096, 64), (24, 4096)])
 def test_gpu_paper_shapes_precision_rule(m, d, dtype):
     """MEC's paper shape (m = 1024, d = 2048, n = 4, both directions as a batch of 2) and the other
-    regimes (d-space, wide d-space rows, tiny s on-chip): SPEC §4's rule against float64."""
+    regimes (d-space, wide d-space rows, tiny s on-chip): the 2x rule against float64."""
     a, b = _gpu_pair(m, d)
     a, b = a.to(dtype), b.to(dtype)
     lam, order = d / (m * 64.0), 4
@@ -789,13 +783,13 @@ def test_mec_components_take_the_kernels_diagnostics():
 
 
 # ---------------------------------------------------------------------------------------------------
-# precision policy (SPEC §4): the default tf32x3, emulated on the CPU at the paper shape
+# precision policy (docs/numerics.md): the default tf32x3, emulated on the CPU at the paper shape
 # ---------------------------------------------------------------------------------------------------
 
 
 def _emulated_mec(a, b, lam, g, precision):
     """(T_4, dL/da, dL/db) for L = g T_4(a, b), m <= d, in the kernels' own decomposition (module
-    docstring; m-space, h = 2), every GEMM by tf32_emulation.mm at ``precision``."""
+    docstring; m-space, h = 2), every GEMM by kernelssl.numerics.mm at ``precision``."""
     from kernelssl.numerics import mm
 
     na, nb = a.norm(dim=1), b.norm(dim=1)  # _rownorm_kernel
@@ -815,8 +809,9 @@ def _emulated_mec(a, b, lam, g, precision):
     return t, grads[0], grads[1]
 
 
+@pytest.mark.slow  # the CPU emulation at the paper shape (~3 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
-    """SPEC §4 / issue 11: at MEC's paper shape (m = 1024, d = 2048, order 4, lam = d / (m eps^2) with
+    """At MEC's paper shape (m = 1024, d = 2048, order 4, lam = d / (m eps^2) with
     eps^2 = 64), the error against float64 of T and both gradients with every kernel GEMM in emulated
     tf32x3 is within 2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
     from kernelssl.numerics import check_within_2x_of_ieee
@@ -845,12 +840,8 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
         return t.detach().double(), x.grad.double(), y.grad.double()
 
     ref = run(a, b, F64)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with helpers.tf32_flag_off():
         default = run(a, b, torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
     ieee = run(a, b, torch.float32, input_precision="ieee")
     for name, x, y, r in zip(("T", "dL/da", "dL/db"), default, ieee, ref):
         e_x, e_i = float((x - r).abs().max()), float((y - r).abs().max())

@@ -25,22 +25,21 @@ triton = pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import helpers  # noqa: E402
 import kernelssl.functional as KF  # noqa: E402
 import reference.rff_hsic as R  # noqa: E402
-from helpers import assert_close, assert_error_within_torch, to_numpy  # noqa: E402
-from kernelssl import dispatch as _backend  # noqa: E402
+from helpers import CUDA, assert_close, assert_error_within_torch, needs_cuda, to_numpy  # noqa: E402
+from kernelssl import dispatch  # noqa: E402
 from kernelssl.losses import HSICLoss  # noqa: E402
 from kernelssl.ops import rff_hsic as H  # noqa: E402
 from kernelssl.ops.rff_hsic import sample_imq_rff, sample_rff  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-if not CUDA and not _backend.interpreting():
+if not CUDA and not dispatch.interpreting():
     pytest.skip("no CUDA and TRITON_INTERPRET is not set: the kernels cannot run here", allow_module_level=True)
 
 import kernelssl.triton.rff_hsic_op as M  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
-needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none on this machine")
 interpreter_only = pytest.mark.skipif(CUDA, reason="interpreter-specific check (CPU tensors)")
 
 VAL_RTOL, VAL_ATOL = 2e-5, 1e-7
@@ -121,9 +120,9 @@ def test_fp32_matches_reference_multiblock(shape, small_blocks):
 
 @pytest.mark.parametrize("sms", [132, 108, 114, 144, 78])
 def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
-    """Issue 11: the cross-covariance's row split is chosen from the SM count so that its programs
+    """The cross-covariance's row split is chosen from the SM count so that its programs
     (tiles x split, 2 resident per SM) fill >= 90% of their waves -- at the paper shape (64 tiles of
-    C) split 5 gave 320 programs on 132 x 2 slots, 61%."""
+    C) a split of 5 would give 320 programs on 132 x 2 slots, 61%."""
     import sm90_compile
 
     sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
@@ -135,7 +134,8 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+# ieee's smaller image blocks (~3 s here) in the slow tier; the default tf32x3 blocks on the fast one
+@pytest.mark.parametrize("precision", [pytest.param("ieee", marks=pytest.mark.slow), "tf32x3"])
 def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
     """The GPU block sizes run through the interpreter (which computes every dot in fp32, whatever the
     precision: only the tiling differs): image blocks of 32 (ieee) or 64 (TF32), 32-row gradient
@@ -153,7 +153,7 @@ def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
 
 
 def _check_rule(ours, theirs, ref, dtype, stated=False):
-    """SPEC §4 (tests/helpers.py): the kernel's error vs float64 at most 2x the torch path's in the same
+    """The 2x rule (kernelssl/numerics.py): the kernel's error vs float64 at most 2x the torch path's in the same
     dtype on the same input, plus a floor (see HALF_ULP), for both values and the gradient.  ``stated``
     (fp32): accept also everything within this file's stated fp32 tolerances -- the rule then governs
     only where those are beyond fp32 on the input (torch misses them too)."""
@@ -171,7 +171,7 @@ def _check_rule(ours, theirs, ref, dtype, stated=False):
                  st.integers(0, 2**31 - 1)))
 def test_fp32_matches_reference_property(shape):
     """fp32 kernel vs float64 within the stated tolerances, or, where those are beyond fp32 on the input
-    (the torch path misses them too), within SPEC §4's 2x of the torch path's error."""
+    (the torch path misses them too), within the 2x rule's bound: 2x the torch path's error."""
     *dims, seed = shape
     v, maps, c = _case(seed, *dims)
     ours = _run(M.rff_hsic, v, maps, c)
@@ -194,8 +194,8 @@ def _gen1():
 
 @pytest.mark.parametrize("kernel", ["gaussian", "laplace"])
 def test_gaussian_and_laplace_maps_match_reference_and_torch_path(kernel):
-    """SPEC §6.2: the op takes any maps; with Gaussian (N(0, 1) entries) and Laplace (Cauchy entries)
-    maps it equals the float64 reference (the stated fp32 tolerances, or SPEC §4's 2x-of-torch rule)
+    """The op takes any maps (docs/rff_hsic.md); with Gaussian (N(0, 1) entries) and Laplace (Cauchy
+    entries) maps it equals the float64 reference (the stated fp32 tolerances, or the 2x-of-torch rule)
     and the torch path in fp32, values and gradients (non-unit upstream on both outputs), and
     HSICLoss(kernel=...) gives the same loss on both backends.  Cauchy entries make phases larger
     than the IMQ maps' (|u| <~ 10 rad, the premise of this file's tolerances); fp32 phase round-off
@@ -230,7 +230,7 @@ def test_upstream_gradient_on_one_output_only():
 
 
 # ------------------------------------------------------------------------------------------------
-# low precision: SPEC §4 (kernel error vs float64 <= 2x the torch path's error in the same dtype)
+# low precision: the 2x rule (kernel error vs float64 <= 2x the torch path's error in the same dtype)
 
 # Floors, when both errors are ~0: values are fp32 and both implementations read the same rounded
 # inputs, so they may differ by fp32 summation order: 64 fp32 ulps of the value.  Gradients are
@@ -269,7 +269,7 @@ def test_kernel_scale_tensor_is_detached_and_equals_float():
     ct = torch.tensor([c], dtype=torch.float32, device=DEV, requires_grad=True)
     zy, zz = M.rff_hsic(x, *maps, ct)
     (G_ZY * zy + G_ZZ * zz).backward()
-    assert ct.grad is None  # stop-gradient on c (SPEC §1.2)
+    assert ct.grad is None  # stop-gradient on c (docs/rff_hsic.md)
     ref = _run(M.rff_hsic, v, maps, float(np.float32(c)))
     assert torch.equal(zy, ref[0]) and torch.equal(zz, ref[1]) and torch.equal(x.grad, ref[2])
 
@@ -314,7 +314,7 @@ def test_float64_and_trainable_maps_take_the_torch_path():
 
 
 def test_collapsed_batch_and_nan_policy():
-    # All embeddings equal: HSIC_ZZ = 0 up to round-off, every gradient finite (SPEC §1.3 guard).
+    # All embeddings equal: HSIC_ZZ = 0 up to round-off, every gradient finite (the guard of docs/rff_hsic.md).
     v = np.tile(np.linspace(-0.5, 0.5, 6), (3, 7, 1))
     _, maps, c = _case(11, 3, 7, 6, 12, 9)
     zy, zz, grad = _run(M.rff_hsic, v, maps, c)
@@ -331,12 +331,12 @@ def test_input_precision_argument():
         KF.rff_hsic(x, *maps, c, backend="triton", input_precision="bf16")
     with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None"):
         KF.rff_hsic(x.double(), *maps, c, backend="triton", input_precision=True)  # checked on the float64 path too
-    # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (tests/test_api.py checks the
+    # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (test_api.py checks the
     # op receives it); an explicit one wins
-    assert _backend.resolve_precision() == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
-    assert [_backend.resolve_precision(p) for p in _backend.PRECISIONS] == list(_backend.PRECISIONS)
+    assert dispatch.resolve_precision() == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
+    assert [dispatch.resolve_precision(p) for p in dispatch.PRECISIONS] == list(dispatch.PRECISIONS)
     rzy, rzz, _ = _reference(v, maps, c)
-    for prec in _backend.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    for prec in dispatch.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
         zy, zz = M.rff_hsic(x, *maps, c, input_precision=prec)
         tol = 5e-3 if (prec == "tf32" and CUDA) else VAL_RTOL
         assert_close(zy, rzy, rtol=tol, atol=VAL_ATOL, name=f"HSIC_ZY {prec}")
@@ -348,7 +348,7 @@ def test_input_precision_argument():
 
 
 def test_public_api_dispatches_to_the_kernel(monkeypatch):
-    assert "rff_hsic" in _backend.TRITON_OPS
+    assert "rff_hsic" in dispatch.TRITON_OPS
     v, maps, c = _case(13, 2, 6, 5, 12, 9)
     calls = []
     real = M._rff_hsic_fwd
@@ -454,6 +454,7 @@ print("ok")
 
 
 @interpreter_only
+@pytest.mark.slow  # a subprocess importing the ops as on a GPU machine (~4 s)
 def test_triton_op_build_without_interpreter():
     # Import as on a GPU machine (no interpreter): the ops are real triton_ops whose kernels
     # torch.compile can see, and their fake implementation -- the launchers themselves, traced through
@@ -470,6 +471,7 @@ def test_triton_op_build_without_interpreter():
 
 
 @interpreter_only
+@pytest.mark.slow  # a subprocess compiling every variant for sm_90 (~10 s)
 def test_kernels_compile_for_sm90_without_spills():
     """Every kernel variant the GPU path issues (paper shape in fp32 and bf16 with ``ieee``, fp32 with
     ``tf32x3``, fp16 with ``tf32``; odd K, B, d, D; d = 512, which splits the gradient columns, with a
@@ -477,22 +479,12 @@ def test_kernels_compile_for_sm90_without_spills():
     and ptxas, specialised as a real launch would be, with no register spills and within the 227 KiB of
     shared memory; the TF32 variants use tensor cores (wgmma or mma.sync), the ``ieee`` ones do not (no
     silent TF32), and the forward GEMMs of the TF32 paper shape use Hopper's wgmma."""
-    import sm90_compile
-
-    if not sm90_compile.tools_available():
-        pytest.skip("triton's bundled ptxas is not installed")
-    variants = sm90_compile.run("rff_hsic")
+    variants = helpers.sm90_variants("rff_hsic")
     assert {v["kernel"] for v in variants} == {"_rff_features_kernel", "_rff_stats_kernel", "_rff_cross_cov_kernel",
                                                "_rff_cov_reduce_kernel", "_rff_finalize_kernel",
                                                "_rff_feature_grad_kernel", "_rff_dx_kernel"}
-    assert any(v["ones"] for v in variants)  # the recipes with dimensions equal to 1 compiled too
-    spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
-    assert not spills, spills
-    assert all(v["shared"] <= 227 * 1024 for v in variants)
     dots = [v for v in variants if "PRECISION" in v["constexprs"]]
-    assert {v["constexprs"]["PRECISION"] for v in dots} == {"ieee", "tf32", "tf32x3"}
-    for v in dots:
-        assert (v["wgmma"] + v["mma_sync"] > 0) == (v["constexprs"]["PRECISION"] != "ieee"), v
+    helpers.assert_tensor_cores_unless_ieee(dots, "PRECISION")
     # the default (tf32x3) GEMMs of forward and backward use Hopper's wgmma
     default = [v for v in dots if v["constexprs"]["PRECISION"] == "tf32x3"]
     assert {v["kernel"] for v in default} == {"_rff_features_kernel", "_rff_cross_cov_kernel",
@@ -521,10 +513,10 @@ def _record_gpu_launches(monkeypatch, fn):
 
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 def test_backward_computes_each_feature_gradient_once(precision, monkeypatch):
-    """Issue 11, finding 6: the backward used to recompute ``u`` (N d D) and ``Phibar_other C`` (N D^2)
-    for every 256-wide column block of dL/dX -- 8x at d = 2048.  Counted from the launches the GPU path
-    issues (recorded): the GEMM flops of the backward are the essential ones, each (row block, feature
-    block) of T = dL/du computed once, then one GEMM T [W_A; W_B]."""
+    """The backward computes ``u`` (N d D) and ``Phibar_other C`` (N D^2) once, not for every 256-wide
+    column block of dL/dX (8x at d = 2048).  Counted from the launches the GPU path issues (recorded):
+    the GEMM flops of the backward are the essential ones, each (row block, feature block) of T = dL/du
+    computed once, then one GEMM T [W_A; W_B]."""
     K, B, d, DA, DB = 4, 1024, 2048, 512, 384
     N = K * B
     views = torch.empty(K, B, d)
@@ -568,11 +560,11 @@ def _gpu_run(fn, x64, maps, dtype, c=1.0):
     return zy.detach().double(), zz.detach().double(), x.grad.double()
 
 
-@needs_gpu
+@needs_cuda
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 def test_gpu_paper_shape_fp32_vs_float64(precision):
-    # tf32x3 (three TF32 products per fp32 product, the SPEC's alternative default) is held to the
-    # same fp32 tolerance: passing here is the condition for making it the default.
+    # tf32x3 (three TF32 products per fp32 product, the default) is held to the same fp32 tolerance
+    # as "ieee": passing here is the condition for it being the default.
     x64, maps = _paper_inputs()
     ref = _gpu_run(H.rff_hsic, x64, [t.double() for t in maps], torch.float64)  # torch path, float64
     ours = _gpu_run(lambda *a: M.rff_hsic(*a, input_precision=precision), x64, maps, torch.float32)
@@ -581,7 +573,7 @@ def test_gpu_paper_shape_fp32_vs_float64(precision):
         assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), name=name)
 
 
-@needs_gpu
+@needs_cuda
 def test_gpu_paper_shape_bf16_rule_and_determinism():
     x64, maps = _paper_inputs()
     ref = _gpu_run(H.rff_hsic, x64, [t.double() for t in maps], torch.float64)
@@ -592,7 +584,7 @@ def test_gpu_paper_shape_bf16_rule_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
 
 
-@needs_gpu
+@needs_cuda
 def test_gpu_opcheck_and_inductor_sees_the_kernels():
     x, maps, sc = _op_args(shape=(4, 300, 64, 130, 96))
     torch.library.opcheck(torch.ops.kernelssl.rff_hsic_fwd.default, (x, *maps, sc, "ieee"))
@@ -604,7 +596,7 @@ def test_gpu_opcheck_and_inductor_sees_the_kernels():
     assert len(torch._library.triton.get_triton_kernels_for_op("kernelssl::rff_hsic_bwd")) >= 1
 
 
-@needs_gpu
+@needs_cuda
 def test_gpu_uses_no_n_by_n_memory():
     # Peak extra memory of forward+backward at the paper shape: O(N D + D^2).
     x64, maps = _paper_inputs()
@@ -622,12 +614,12 @@ def test_gpu_uses_no_n_by_n_memory():
 
 
 # ------------------------------------------------------------------------------------------------
-# precision policy (SPEC §4): the default tf32x3, emulated on the CPU at the paper shape
+# precision policy (docs/numerics.md): the default tf32x3, emulated on the CPU at the paper shape
 
 
 def _emulated_hsic(x, maps, K, B, c, precision):
     """(HSIC_ZY, HSIC_ZZ, dL/dX) for L = G_ZY HSIC_ZY + G_ZZ HSIC_ZZ, in the kernels' own GEMM
-    decomposition (module docstring), every GEMM by tf32_emulation.mm at ``precision``."""
+    decomposition (module docstring), every GEMM by kernelssl.numerics.mm at ``precision``."""
     from kernelssl.numerics import mm
 
     N = K * B
@@ -651,8 +643,9 @@ def _emulated_hsic(x, maps, K, B, c, precision):
     return zy, zz, gx
 
 
+@pytest.mark.slow  # the CPU emulation at the paper shape (~10 s)
 def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
-    """SPEC §4 / issue 11: at the paper shape (K = 4, B = 4096, d = 256, D = 512, c = 1), the error
+    """At the paper shape (K = 4, B = 4096, d = 256, D = 512, c = 1), the error
     against float64 of HSIC_ZY, HSIC_ZZ and dL/dX with every kernel GEMM in emulated tf32x3 is within
     2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
     from kernelssl.numerics import check_within_2x_of_ieee
@@ -667,18 +660,14 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
                             ("HSIC_ZY", "HSIC_ZZ", "dL/dX"))
 
 
-@needs_gpu
+@needs_cuda
 def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
     """The same bound on a GPU: at the paper shape the default (tf32x3, torch's TF32 flag off) error of
     HSIC_ZY, HSIC_ZZ and dL/dX against float64 is within 2x of "ieee"'s."""
     x64, maps = _paper_inputs()
     ref = _gpu_run(H.rff_hsic, x64, [t.double() for t in maps], torch.float64)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with helpers.tf32_flag_off():
         default = _gpu_run(M.rff_hsic, x64, maps, torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
     ieee = _gpu_run(lambda *a: M.rff_hsic(*a, input_precision="ieee"), x64, maps, torch.float32)
     for a, b, r, name in zip(default, ieee, ref, ("HSIC_ZY", "HSIC_ZZ", "d/dviews")):
         e_d, e_i = float((a - r).abs().max()), float((b - r).abs().max())

@@ -1,4 +1,5 @@
-"""SSL-HSIC torch tier (kernelssl/hsic.py) against the NumPy reference, and its invariants.
+"""SSL-HSIC torch tier (kernelssl/ops/rff_hsic.py, kernelssl/functional/hsic.py) against the NumPy
+reference, and its invariants.
 
 reference <-> rff_hsic <-> rff_hsic_eager in float64 (values and gradients with non-unit upstream
 gradients), gradcheck, fp32 / fp16 / bf16, the stop-gradient on the kernel scale, the kernel-scale
@@ -449,7 +450,7 @@ def test_rff_terms_converge_to_exact_terms(kernel):
     the iid summands (T_j, and a_j^T M a_j for L_A, L_B) within 6 standard errors of its expectation
     (CLT; the seeds are fixed), and the error shrinks with D (expected ratio sqrt(4096/256) = 4; at
     least 2 asserted, on the mean over the seeds).  Nothing above depends on the kernel family beyond
-    ``0 <= k <= 1`` and a uniform phase: the same bounds hold for each sampler (SPEC §6.2).
+    ``0 <= k <= 1`` and a uniform phase: the same bounds hold for each sampler (docs/rff_hsic.md).
     """
     K, B, d = 2, 4, 3
     N = K * B

@@ -1,4 +1,4 @@
-"""MEC torch tier (kernelssl/mec.py) against the NumPy reference (reference/taylor_logdet.py), the eager
+"""MEC torch tier (kernelssl/ops/taylor_logdet.py) against the NumPy reference (reference/taylor_logdet.py), the eager
 baseline, first principles and its own invariances."""
 import math
 

@@ -40,6 +40,32 @@ def _case(seed, K, B, d, D):
     return views, w_a, b_a, w_b, b_b, c
 
 
+def _rows(views):
+    """``(N, x)``: the number of rows and the views' rows as one ``(N, d)`` array, view after view."""
+    K, B, d = views.shape
+    return K * B, views.reshape(K * B, d)
+
+
+def _within_image_sum(pair, K, B, *, same_view=True):
+    """``sum_i sum_{v, w} pair(v B + i, w B + i)`` over images i and views v, w (``v != w`` unless
+    ``same_view``): the positive pairs, in the rows of :func:`_rows`."""
+    total = 0.0
+    for i in range(B):
+        for v in range(K):
+            for w in range(K):
+                if same_view or v != w:
+                    total += pair(v * B + i, w * B + i)
+    return total
+
+
+def _imq_gram(shape):
+    """The views of :func:`_case` for a drawn ``shape`` (no maps), their scale c and their IMQ Gram."""
+    K, B, d, _, seed = shape
+    views, *_, c = _case(seed, K, B, d, 1)
+    _, x = _rows(views)
+    return views, c, R.imq_kernel(x, x, c)
+
+
 shapes = st.tuples(
     st.integers(2, 4),  # K
     st.integers(2, 5),  # B
@@ -178,14 +204,9 @@ def test_rff_hsic_zy_equals_pairwise_feature_kernel_form(shape):
     """HSIC_ZY with k(x, y) = phi_A(x).phi_A(y), summed pair by pair."""
     K, B, d, D, seed = shape
     views, w_a, b_a, w_b, b_b, c = _case(seed, K, B, d, D)
-    N = K * B
-    x = views.reshape(N, d)
+    N, x = _rows(views)
     phi = R.rff_features(x, w_a, b_a, c)
-    pos = 0.0
-    for i in range(B):
-        for v in range(K):
-            for w in range(K):
-                pos += float(phi[v * B + i] @ phi[w * B + i])
+    pos = _within_image_sum(lambda n, m: float(phi[n] @ phi[m]), K, B)
     allpairs = 0.0
     for n in range(N):
         for m in range(N):
@@ -198,11 +219,10 @@ def test_rff_hsic_zy_equals_pairwise_feature_kernel_form(shape):
 @settings(deadline=None)
 @given(shapes)
 def test_rff_hsic_zz_equals_trace_form(shape):
-    """SPEC 1.3: ||Phibar_B^T Phibar_A||^2 / N^2 = tr(K_A H K_B H) / N^2, K_A = Phi_A Phi_A^T."""
-    K, B, d, D, seed = shape
-    views, w_a, b_a, w_b, b_b, c = _case(seed, K, B, d, D)
-    N = K * B
-    x = views.reshape(N, d)
+    """||Phibar_B^T Phibar_A||^2 / N^2 = tr(K_A H K_B H) / N^2, K_A = Phi_A Phi_A^T."""
+    *dims, seed = shape
+    views, w_a, b_a, w_b, b_b, c = _case(seed, *dims)
+    N, x = _rows(views)
     ka = R.rff_features(x, w_a, b_a, c) @ R.rff_features(x, w_a, b_a, c).T
     kb = R.rff_features(x, w_b, b_b, c) @ R.rff_features(x, w_b, b_b, c).T
     H = np.eye(N) - np.ones((N, N)) / N
@@ -214,12 +234,9 @@ def test_rff_hsic_zz_equals_trace_form(shape):
 @settings(deadline=None)
 @given(shapes)
 def test_exact_hsic_zz_equals_streamed_identity(shape):
-    """||HKH||^2 = ||K||^2 - (2/N)||K1||^2 + (1^T K 1)^2 / N^2 (SPEC 1.3), over N^2."""
-    K, B, d, _, seed = shape
-    views, *_, c = _case(seed, K, B, d, 1)
-    N = K * B
-    x = views.reshape(N, d)
-    km = R.imq_kernel(x, x, c)
+    """||HKH||^2 = ||K||^2 - (2/N)||K1||^2 + (1^T K 1)^2 / N^2 (docs/rff_hsic.md), over N^2."""
+    views, c, km = _imq_gram(shape)
+    N = km.shape[0]
     one = np.ones(N)
     streamed = (np.sum(km * km) - (2.0 / N) * np.sum((km @ one) ** 2) + (one @ km @ one) ** 2 / N**2) / N**2
     _, zz = R.exact_hsic(views, c)
@@ -230,17 +247,10 @@ def test_exact_hsic_zz_equals_streamed_identity(shape):
 @given(shapes)
 def test_exact_positive_term_includes_one_over_k_minus_one(shape):
     """The v = w terms of the positive sum contribute exactly 1/(K-1) (k(x, x) = 1)."""
-    K, B, d, _, seed = shape
-    views, *_, c = _case(seed, K, B, d, 1)
-    N = K * B
-    x = views.reshape(N, d)
-    km = R.imq_kernel(x, x, c)
-    off = 0.0  # within-image pairs of two different views only
-    for i in range(B):
-        for v in range(K):
-            for w in range(K):
-                if v != w:
-                    off += km[v * B + i, w * B + i]
+    K, B = shape[:2]
+    views, c, km = _imq_gram(shape)
+    N = km.shape[0]
+    off = _within_image_sum(lambda n, m: km[n, m], K, B, same_view=False)  # two different views only
     zy_off = off / (B * K * (K - 1)) - km.sum() / N**2
     zy, _ = R.exact_hsic(views, c)
     assert_close(zy - zy_off, 1.0 / (K - 1), rtol=EQ_RTOL, atol=EQ_ATOL, name="diagonal part")

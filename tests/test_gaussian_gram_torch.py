@@ -1,11 +1,11 @@
-"""Uniformity / alignment torch tier (kernelssl/uniformity.py and its public API) against Wang & Isola's
+"""Uniformity / alignment torch tier (kernelssl/ops/gaussian_gram.py and its public API) against Wang & Isola's
 own formulas (their ``torch.pdist`` code, float64), the NumPy reference, gradcheck, fp32 vs float64,
 large t, degenerate inputs, Hypothesis properties, bad input, torch.compile, meta tensors, torch.func,
 and the memory contract of the blocked Gram.
 
 Tolerances:
 
-* float64 vs Wang & Isola's float64 code: 1e-12 (the issue's bar).  Both are the same sums; ours reads
+* float64 vs Wang & Isola's float64 code: 1e-12.  Both are the same sums; ours reads
   ``||x_i - x_j||^2`` as ``2 - 2 x_i . x_j`` (an absolute error of a few ulps per entry, O(1) entries)
   and sums in another order: observed ~1e-15.
 * float64 vs the NumPy reference: rtol/atol 1e-10 (reference tiers of the other ops: sums of up to
@@ -20,6 +20,7 @@ Tolerances:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -33,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernelssl
 import kernelssl.functional as KF
-from helpers import assert_close, to_numpy
+from helpers import LargestTensor, assert_close, check_torch_func, to_numpy
 from kernelssl.losses import AlignUniformLoss, UniformityLoss
 from kernelssl.ops import gaussian_gram as U
 from kernelssl.ops._common import prescale_rows
@@ -169,7 +170,7 @@ def test_gram_mean_family(q):
     phi = R.gaussian_phi(t)
     assert_close(gau, R.gram_mean(R.normalize(zn), phi), **REF, name="Gaussian member vs reference")
     assert_close(gg, UPSTREAM * R.gram_mean_grad(zn, phi), **REF, name="Gaussian member gradient vs reference")
-    # SPEC §6.1: L_unif = log((n^2 gram_mean - n) / (n (n - 1)))
+    # docs/gaussian_gram.md: L_unif = log((n^2 gram_mean - n) / (n (n - 1)))
     n = z.shape[0]
     assert_close(KF.uniformity(z, t), torch.log((n * n * gau - n) / (n * (n - 1))), **REF, name="identity")
 
@@ -182,7 +183,7 @@ def test_gram_mean_phi_spec_is_checked():
         KF.GaussianPotential(t=0.0)
     with pytest.raises(TypeError, match="coefficients"):
         KF.LegendreSeries(coefficients="abc")
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):  # frozen
         KF.GaussianPotential(2.0).t = 3.0  # type: ignore[misc]
     assert KF.LegendreSeries([1, 2]).coefficients == (1.0, 2.0)
 
@@ -555,21 +556,6 @@ def test_autocast_computes_in_fp32():
 # --------------------------------------------------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 class _Ops(TorchDispatchMode):
     """Records the name of every aten op that runs (forward and backward)."""
 
@@ -599,7 +585,7 @@ def test_no_host_sync_in_forward_or_backward():
 def test_no_tensor_larger_than_a_block_and_saved_is_linear():
     n, q, block = 600, 8, 64
     z = _z(n, q, seed=19, dtype=torch.float32).requires_grad_(True)
-    mode = _LargestTensor()
+    mode = LargestTensor()
     with mode:
         (UPSTREAM * U.gaussian_gram_logmean(z, block_size=block)).backward()
     assert mode.largest <= max(block * block, n * q), mode.largest
@@ -607,10 +593,10 @@ def test_no_tensor_larger_than_a_block_and_saved_is_linear():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         KF.align_uniform_loss(z, z.detach().flip(0))
     assert sum(saved) <= 16 * n * q, sum(saved)  # a handful of (n, q) tensors, n^2 = 360000
-    with torch.no_grad(), _LargestTensor() as m2:
+    with torch.no_grad(), LargestTensor() as m2:
         KF.uniformity(z)
     assert m2.largest <= max(min(n, 2048) ** 2, n * q)
-    eager = _LargestTensor()
+    eager = LargestTensor()
     with eager:
         _wi_uniformity(z.detach(), 2.0)
     assert eager.largest >= n * (n - 1) // 2  # the pdist form stores every distance
@@ -668,19 +654,8 @@ def test_compiled_op_large_t_and_small_blocks():
 
 @pytest.mark.parametrize("which", ["uniformity", "align_uniform"])
 def test_torch_func_grad_vmap_jvp(which):
-    from torch.func import grad, jvp, vmap
-
     f = (lambda a, b: UniformityLoss()(a)) if which == "uniformity" else (lambda a, b: AlignUniformLoss()(a, b))
-    za, zb = _z(8, 5, seed=21), _z(8, 5, seed=22)
-    a = za.clone().requires_grad_()
-    f(a, zb).backward()
-    torch.testing.assert_close(grad(f)(za, zb), a.grad, rtol=1e-10, atol=1e-12)
-    stack_a = torch.stack([za, 2.0 * za + 0.1, za.flip(0)])
-    batched = vmap(f)(stack_a, zb.expand(3, 8, 5))
-    torch.testing.assert_close(batched, torch.stack([f(x, zb) for x in stack_a]), rtol=1e-10, atol=1e-12)
-    t = _z(8, 5, seed=23)
-    _, tangent = jvp(lambda x: f(x, zb), (za,), (t,))
-    torch.testing.assert_close(tangent, (a.grad * t).sum(), rtol=1e-9, atol=1e-12)
+    check_torch_func(f, _z(8, 5, seed=21), _z(8, 5, seed=22), _z(8, 5, seed=23))
 
 
 def test_meta_tensors_propagate_shapes():
@@ -695,22 +670,22 @@ def test_meta_tensors_propagate_shapes():
 
 
 # --------------------------------------------------------------------------------------------------
-# Findings of a hostile-user probe (each failed before its fix)
+# Edge cases of the public API (rows near 0, large t, numpy scalars) and of the torch tier forms
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("scale", [1e-13, 1e-20, 1e-200])
 def test_tiny_rows_normalise_like_any_other(scale):
-    """Rows of norm < 1e-12 (a batch collapsing towards zero) used to stay un-normalised under
+    """Rows of norm < 1e-12 (a batch collapsing towards zero) would stay un-normalised under
     F.normalize's eps and score as perfectly uniform (-4t: the loss's global minimum at collapse);
-    the exact power-of-two prescale now scales them up too, so every finite non-zero row gives the
+    the exact power-of-two prescale scales them up too, so every finite non-zero row gives the
     value and gradient of its direction, bitwise-level (the scaling is exact)."""
     z = _z(9, 4, seed=21)
     want, (g_want,) = _val_grad(lambda x: KF.uniformity(x), z)
     got, (g_got,) = _val_grad(lambda x: KF.uniformity(x), z * scale)
     assert_close(got, want, **WI, name="uniformity of tiny rows")
     assert_close(g_got * scale, g_want, rtol=1e-12, atol=1e-12 * float(g_want.abs().max()), name="its gradient")
-    # the other losses share the prescale: SFRIK's Gram mean (was -20 instead of ~5 at 1e-14)
+    # the other losses share the prescale: SFRIK's Gram mean (-20 instead of ~5 at 1e-14 without it)
     assert_close(KF.legendre_gram_mean(z * scale), KF.legendre_gram_mean(z), **WI, name="legendre")
     aligned = KF.align_uniform_loss(z * scale, z * scale)
     assert_close(aligned, want, **WI, name="align + uniform of tiny, identical views")
@@ -721,8 +696,8 @@ def test_tiny_rows_normalise_like_any_other(scale):
 
 def test_diagonal_included_fp32_gradient_at_large_t():
     """exclude_diagonal=False keeps the pairs (k, k); their gradient is radial and the normalisation
-    Jacobian removes it.  The torch path used to add it and rely on the Jacobian's cancellation: at
-    t = 10 the fp32 gradient was 4e-2 off (relative), at t = 40 garbage.  Now within the fp32 bound."""
+    Jacobian removes it.  Adding it and relying on the Jacobian's cancellation would put the fp32
+    gradient 4e-2 off (relative) at t = 10, and give garbage at t = 40: it is within the fp32 bound."""
     for n, q, t in [(40, 64, 10.0), (40, 64, 40.0), (129, 17, 40.0)]:
         z = _z(n, q, seed=n + q)
         _, (g64,) = _val_grad(lambda x: KF.gaussian_gram_logmean(x, t, exclude_diagonal=False), z)
@@ -731,7 +706,7 @@ def test_diagonal_included_fp32_gradient_at_large_t():
 
 
 def test_huge_t_with_duplicate_rows_stays_a_log_of_a_fraction():
-    """On unit rows s <= 1, so the log-mean is <= 0; a rounded s = 1 + ulp times t = 1e30 gave +2e23.
+    """On unit rows s <= 1, so the log-mean is <= 0; a rounded s = 1 + ulp times t = 1e30 would give +2e23.
     With duplicates the exact value is log(#duplicate pairs / n(n-1))."""
     z = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))  # fp32: row 0 . row 0 = 1 + 2^-23
     z[1] = z[0]
@@ -755,7 +730,7 @@ def test_numpy_scalars_and_return_components():
             cls(return_components=True)
 
 
-def test_torch_tier_forms_review_findings():
+def test_torch_tier_forms_at_the_edges():
     """The torch tier's blocked and plain-autograd forms, on the rows the functional API prescales: a
     row of norm < 1e-12 keeps its diagonal gradient right (prescaled, it is a unit row like the others);
     the plain-autograd form clamps s <= 1 like the blocked pass; alignment names mismatched shapes."""

@@ -1,5 +1,5 @@
-"""Random Fourier features (kernelssl/rff.py): the exact IMQ sampler, the Gaussian and Laplace samplers
-(SPEC §6.2), the dispatcher, and the feature map.
+"""Random Fourier features (kernelssl/ops/rff_hsic.py): the exact IMQ sampler, the Gaussian and Laplace
+samplers (docs/rff_hsic.md), the dispatcher, and the feature map.
 
 Statistical tests use fixed seeds (so they are deterministic) and assert bounds that a correct
 sampler violates with probability <= delta = 1e-6 (union-bounded over every tested quantity), except
@@ -101,15 +101,19 @@ def test_sampler_same_features_on_every_device(kernel):  # pragma: no cover - GP
     assert w.device.type == "cpu"
 
 
-def test_sampler_rejects_bad_arguments():
+def _check_rejects_bad_arguments(sampler):
     with pytest.raises(ValueError, match="num_features"):
-        sample_imq_rff(3, 0)
+        sampler(3, 0)
     with pytest.raises(TypeError, match="dim"):
-        sample_imq_rff(3.0, 4)
+        sampler(3.0, 4)
     with pytest.raises(TypeError, match="dtype"):
-        sample_imq_rff(3, 4, dtype=torch.int64)
+        sampler(3, 4, dtype=torch.int64)
     with pytest.raises(TypeError, match="generator"):
-        sample_imq_rff(3, 4, generator=0)
+        sampler(3, 4, generator=0)
+
+
+def test_sampler_rejects_bad_arguments():
+    _check_rejects_bad_arguments(sample_imq_rff)
 
 
 def test_gaussian_and_laplace_documented_draw_order():
@@ -164,14 +168,7 @@ def test_sample_rff_rejects_bad_arguments():
     with pytest.raises(TypeError, match=r"kernel: expected a str, one of 'imq', 'gaussian', 'laplace', got int 3"):
         sample_rff(3, 3, 4)
     for fn in (sample_gaussian_rff, sample_laplace_rff):
-        with pytest.raises(ValueError, match="num_features"):
-            fn(3, 0)
-        with pytest.raises(TypeError, match="dim"):
-            fn(3.0, 4)
-        with pytest.raises(TypeError, match="dtype"):
-            fn(3, 4, dtype=torch.int64)
-        with pytest.raises(TypeError, match="generator"):
-            fn(3, 4, generator=0)
+        _check_rejects_bad_arguments(fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +193,7 @@ def test_mean_squared_norm_and_second_moment():
 
 @pytest.mark.parametrize("dim", [2, 3, 7])
 def test_radial_law_matches_bessel_density(dim):
-    """||W_j|| has density proportional to r^nu K_nu(r), nu = (dim-1)/2 (SPEC 1.2).
+    """||W_j|| has density proportional to r^nu K_nu(r), nu = (dim-1)/2 (docs/rff_hsic.md).
 
     Dvoretzky-Kiefer-Wolfowitz: P(sup_r |F_D(r) - F(r)| > eps) <= 2 exp(-2 D eps^2), so with
     eps = sqrt(ln(2 / delta') / (2D)) (delta' = delta/3 for the three dims) the KS statistic is below eps.
