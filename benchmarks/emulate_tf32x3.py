@@ -4,7 +4,7 @@
 MMA, fp32 accumulation) or in TF32, against float64 -- emulated on the CPU (:func:`kernelssl.numerics.mm`):
 the case for ``input_precision="tf32x3"`` as the kernel's fp32 default (docs/numerics.md).  The tensor
 cores' own accumulation order and rounding are not modelled: the GPU test
-``tests/test_triton_rff_hsic.py::test_gpu_paper_shape_fp32_vs_float64[tf32x3]`` is the real check.
+``tests/test_rff_hsic_triton.py::test_gpu_paper_shape_fp32_vs_float64[tf32x3]`` is the real check.
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/emulate_tf32x3.py      # ~15 s on 2 cores

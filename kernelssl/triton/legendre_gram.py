@@ -42,7 +42,7 @@ Backward (``legendre_gram_backward``), recomputing the Gram tiles (nothing but `
 
 Precision (docs/numerics.md): Gram products of fp16/bf16 rows go to the tensor cores as they are (exact
 products, fp32 accumulation); fp32 rows use the op's ``input_precision``: ``"tf32x3"`` by default (three
-TF32 tensor-core products per fp32 product, fp32-level error: ``tests/test_triton_legendre_gram.py``
+TF32 tensor-core products per fp32 product, fp32-level error: ``tests/test_legendre_gram_triton.py``
 emulates it at the paper shape), ``"ieee"`` (FMA units) or ``"tf32"`` (the default only when torch's
 ``torch.backends.cuda.matmul.allow_tf32`` is on).  The backward GEMM ``P @ Z`` keeps
 ``P`` at (near) fp32 precision on tensor cores: bf16 inputs split ``P = P_hi + P_lo`` into two bf16

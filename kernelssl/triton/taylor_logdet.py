@@ -45,7 +45,7 @@ Numerics: inputs are loaded in their dtype (fp32/fp16/bf16) and upcast to fp32 r
 product accumulates in fp32; fp32 ``tl.dot`` (the Gram of fp32 inputs, every power, ``S_n`` and the gradient
 products, whose operands include an fp32 matrix whatever the input dtype) uses the op's ``input_precision``:
 ``"tf32x3"`` by default (three TF32 tensor-core products, fp32-level error, emulated at the paper shape in
-``tests/test_triton_taylor_logdet.py``), ``"ieee"`` (FMA units), or ``"tf32"`` (the default only under torch's
+``tests/test_taylor_logdet_triton.py``), ``"ieee"`` (FMA units), or ``"tf32"`` (the default only under torch's
 ``torch.backends.cuda.matmul.allow_tf32``).  Exception: the on-chip series of step 3 (s <= 32) multiplies its
 tiny s x s matrices on the FMA units in full fp32 whatever the precision (latency-bound; tf32x3 there spilled
 registers under Triton 3.6). On a GPU, fp16/bf16 Gram tiles without a contraction weight go to the tensor cores
