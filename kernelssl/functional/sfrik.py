@@ -42,10 +42,10 @@ def check_z(z: object, name: str) -> Tensor:
 
 
 def gram_mean_impl(z: Tensor, b: tuple[float, ...], *, normalize: bool, backend: str,
-                   input_precision: str | None) -> Tensor:
+                   input_precision: str | None, impl: str | None = None) -> Tensor:
     """:func:`legendre_gram_mean` on checked (and, with ``normalize``, prescaled) rows: the
-    implementation :mod:`kernelssl.dispatch` picks."""
-    impl = dispatch.implementation("legendre_gram", backend, z)
+    implementation :mod:`kernelssl.dispatch` picks (``impl``: already picked)."""
+    impl = impl or dispatch.implementation("legendre_gram", backend, z)
     if impl == "triton":
         return dispatch.triton_op("legendre_gram").legendre_gram_mean(
             z, b, normalize=normalize, input_precision=dispatch.resolve_precision(input_precision))
@@ -136,10 +136,9 @@ def sfrik_loss(
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     # the torch tier outside torch.func transforms: its fused loss (one autograd Function for the
     # normalisation, R and both M's); otherwise the loss formula with M from the picked implementation
-    if dispatch.implementation("legendre_gram", backend, z_a) == "torch":
-        gram_mean = None
-    else:
-        gram_mean = functools.partial(gram_mean_impl, normalize=True, backend=backend, input_precision=input_precision)
+    impl = dispatch.implementation("legendre_gram", backend, z_a)
+    gram_mean = None if impl == "torch" else functools.partial(
+        gram_mean_impl, normalize=True, backend=backend, input_precision=input_precision, impl=impl)
     loss, mse, mmd_a, mmd_b = _ops.sfrik_loss(z_a, z_b, coefficients=b, sim_weight=sim_weight,
                                               mmd_weight=mmd_weight, gram_mean=gram_mean)
     if return_components:
