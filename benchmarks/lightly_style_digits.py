@@ -10,8 +10,8 @@ repository root::
 
     PYTHONPATH=. python benchmarks/lightly_style_digits.py [--epochs 15] [--seed 0]
 
-Configurations: ``HSICLoss(normalize=False)`` (the module's former default), ``HSICLoss()`` (the
-default now, ``normalize=True``), with the paper's learned scale, with gamma = 1 (normalised or not),
+Configurations: ``HSICLoss(normalize=False)`` (raw embeddings), ``HSICLoss()`` (the default,
+``normalize=True``), with the paper's learned scale, with gamma = 1 (normalised or not),
 ``SFRIKLoss(sim_weight=4000 q / 8192)``, ``MECLoss()``.  About 10 minutes on 2 busy CPU cores.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_dataset("digits")
     configs = [
-        ("HSICLoss(normalize=False) [former default]", lambda: HSICLoss(normalize=False)),
+        ("HSICLoss(normalize=False) [raw embeddings]", lambda: HSICLoss(normalize=False)),
         ("HSICLoss() [default: normalize=True]", lambda: HSICLoss()),
         ("HSICLoss(learn_scale=True)", lambda: HSICLoss(learn_scale=True)),
         ("HSICLoss(gamma=1)", lambda: HSICLoss(gamma=1.0)),

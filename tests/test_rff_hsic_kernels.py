@@ -1,7 +1,7 @@
 """HSIC's kernel families at the public surface (docs/rff_hsic.md): ``HSICLoss(kernel="imq" | "gaussian" |
 "laplace", exact=...)``, ``KF.ssl_hsic_loss`` / ``KF.exact_hsic`` / ``KF.kernel_scale_objective`` with
-``kernel=``, the legacy ``kernel="rff" | "exact"`` spelling (FutureWarning, same numbers), bad
-arguments, the learned scale for each family, and the training script's ``--hsic-kernel``.
+``kernel=`` (the family only: ``"rff"`` / ``"exact"`` are refused), bad arguments, the learned scale for
+each family, and the training script's ``--hsic-kernel``.
 
 The tier-by-tier equivalences (samplers, exact kernels and their gradients, gradcheck, Hypothesis
 properties) are in test_rff_hsic_features.py, test_rff_hsic_reference.py and test_rff_hsic_torch.py; the
@@ -102,14 +102,14 @@ def test_default_kernel_draws_exactly_the_imq_stream():
 
 @pytest.mark.parametrize("old", ["rff", "exact"])
 def test_kernel_names_only_the_family(old):
-    # kernel= is the family; exact= picks the exact path: the spellings of an unreleased version are refused
+    # kernel= is the family; exact= picks the exact path, so a method name as kernel= is refused
     with pytest.raises(ValueError, match="kernel: expected one of 'imq', 'gaussian', 'laplace'"):
         HSICLoss(kernel=old)
     with pytest.raises(ValueError, match="kernel: expected one of 'imq', 'gaussian', 'laplace'"):
         KF.ssl_hsic_loss(torch.stack(_views(4)), kernel=old)
 
 
-def test_new_spelling_does_not_warn():
+def test_kernel_and_exact_do_not_warn():
     views = _views(5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -158,7 +158,7 @@ def test_hsic_loss_grad_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="kernel"):
         R.hsic_loss_grad(views, 1.0, kernel="gauss")
     with pytest.raises(ValueError, match="kernel"):
-        R.hsic_loss_grad(views, 1.0, kernel="rff")  # the reference has no legacy spelling
+        R.hsic_loss_grad(views, 1.0, kernel="rff")  # a method name is not a kernel family
     with pytest.raises(TypeError, match="exact"):
         R.hsic_loss_grad(views, 1.0, exact="yes")
     with pytest.raises(ValueError, match="kernel"):

@@ -524,4 +524,4 @@ def test_bad_input_raises_with_the_argument_name():
     with pytest.raises(TypeError, match="kernel: expected a str"):
         KF.exact_hsic(views, c, kernel=None)
     with pytest.raises(ValueError, match="kernel"):
-        KF.kernel_scale_objective(views, c, kernel="rff")  # no legacy spelling
+        KF.kernel_scale_objective(views, c, kernel="rff")  # a method name is not a kernel family
