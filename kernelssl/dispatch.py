@@ -20,8 +20,9 @@ The decision, in order:
    tensors are on the CPU without ``TRITON_INTERPRET=1``) raises with the reason; ``"auto"`` picks
    Triton only for CUDA tensors when nothing stands in the way (the CPU interpreter is for tests,
    never picked silently).
-5. What the kernels do not take goes to the torch tier whatever was asked: float64 inputs (a float64
-   caller asked for float64 accuracy; the torch tier keeps float64 end to end) and, for
+5. What the kernels do not take goes to the torch tier whatever was asked: float64 inputs, any of
+   them (a float64 caller asked for float64 accuracy; the torch tier computes in the promoted dtype,
+   float64 end to end) and, for
    ``rff_hsic``, random-feature maps that require grad (the fused backward gives the views' gradient
    only).
 
@@ -115,10 +116,14 @@ def _triton_problem(op: str, device: torch.device) -> str | None:
     return None
 
 
-def implementation(op: str, backend: str, x: torch.Tensor, *, frozen: Iterable[torch.Tensor] = ()) -> str:
-    """``"triton"``, ``"torch"`` or ``"autograd"`` for this call of ``op`` on inputs like ``x`` (module
-    docstring); raises with the reason when an explicit ``backend="triton"`` cannot be honoured.
-    ``frozen``: inputs the fused op does not differentiate (the torch tier does, when they require grad)."""
+def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor,
+                   frozen: Iterable[torch.Tensor] = ()) -> str:
+    """``"triton"``, ``"torch"`` or ``"autograd"`` for this call of ``op`` on the inputs ``x, *others``
+    (module docstring); raises with the reason when an explicit ``backend="triton"`` cannot be honoured.
+    The device is ``x``'s; a float64 tensor among ``x, *others`` sends the call to the torch tier, which
+    computes in the promoted dtype.  ``frozen``: inputs the fused op does not differentiate (the torch
+    tier does, when they require grad); the kernels take them in any float dtype."""
+    frozen = tuple(frozen)
     requested = _requested(backend)
     if torch._C._are_functorch_transforms_active():
         if requested == "triton":
@@ -134,7 +139,9 @@ def implementation(op: str, backend: str, x: torch.Tensor, *, frozen: Iterable[t
         raise RuntimeError(f"backend='triton' cannot run {op}: {problem}. Use backend='torch' (or 'auto').")
     if problem is not None or (requested == "auto" and x.device.type != "cuda"):
         return "torch"
-    if x.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in frozen)):
+    if any(t.dtype == torch.float64 for t in (x, *others)):
+        return "torch"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in frozen):
         return "torch"
     return "triton"
 

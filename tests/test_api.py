@@ -406,6 +406,22 @@ def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
             assert dispatch.implementation(op, "triton", x) == "triton"
 
 
+def test_float64_among_the_inputs_takes_the_torch_tier(monkeypatch):
+    """Any float64 input (not only the first) sends the call to the torch tier, which computes in the
+    promoted dtype; maps the kernel does not differentiate (``frozen``) are taken in any dtype."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if dispatch.triton_import_error() is not None:
+        pytest.skip("needs triton (the decision under test is the one that would pick the kernels)")
+    f32, f64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    for op in dispatch.TRITON_OPS:
+        assert dispatch.implementation(op, "triton", f32, f32) == "triton"
+        assert dispatch.implementation(op, "triton", f32, f64) == "torch"
+        assert dispatch.implementation(op, "triton", f64, f32) == "torch"
+    assert dispatch.implementation("rff_hsic", "triton", f32, frozen=(f64,)) == "triton"
+    assert dispatch.implementation("rff_hsic", "triton", f32, frozen=(f64.requires_grad_(),)) == "torch"
+
+
 def test_op_without_kernel_is_refused(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     x = torch.zeros(2, 2)

@@ -294,6 +294,13 @@ def test_tensor_hyper_parameters_out_of_range_give_nan_without_sync():
     assert torch.isfinite(KF.mec_loss(za, zb, lam=good))
     with pytest.raises(ValueError, match=r"kernel_scale: expected finite values > 0 \(check_finite=True\)"):
         KF.ssl_hsic_loss(views, kernel_scale=torch.tensor(-1.0), check_finite=True)
+    crit = HSICLoss(learn_scale=True, num_features=8, check_finite=True)
+    with torch.no_grad():
+        crit.kernel_scale.fill_(-1.0)  # a learned scale driven out of range by a bad step
+    with pytest.raises(ValueError, match=r"kernel_scale: expected finite values > 0 \(check_finite=True\)"):
+        crit(za, zb, generator=_gen())
+    crit.check_finite = False  # without the check: NaN, no host sync
+    assert torch.isnan(crit(za, zb, generator=_gen()))
     with pytest.raises(ValueError, match=r"lam: expected finite values > 0 \(check_finite=True\)"):
         KF.mec_loss(za, zb, lam=torch.tensor(0.0, dtype=torch.float64), check_finite=True)
 

@@ -11,6 +11,9 @@
   (nothing runs).
 * ``mec_loss`` without components launches no convergence diagnostics (16 power-iteration launches
   per call for s > ONCHIP_MAX); with components it does, and the loss is the same.
+* Mixed float32 / float64 pairs with ``backend="triton"``: the ops of two inputs (MEC's log det,
+  SFRIK, alignment + uniformity) give exactly the torch tier's numbers, whichever input is the
+  float64 one: the loss in float64, never through the fp32 kernels.
 """
 from __future__ import annotations
 
@@ -176,3 +179,38 @@ def test_mec_loss_without_components_launches_no_diagnostics(monkeypatch):
     assert "_gemm_kernel" in plain
     assert calls.count("_power_step_kernel") == TL.POWER_ITERS
     assert_close(loss, comp.loss, rtol=0, atol=0, name="loss")
+
+
+def _pair_ops():
+    def mec(a, b, backend):
+        return (KF.taylor_logdet(a, b, 0.1, 4, backend=backend),)
+
+    def sfrik(a, b, backend):
+        c = KF.sfrik_loss(a, b, backend=backend, return_components=True)
+        return c.loss, c.mse, c.mmd_a, c.mmd_b
+
+    def align_uniform(a, b, backend):
+        c = KF.align_uniform_loss(a, b, backend=backend, return_components=True)
+        return c.loss, c.alignment, c.uniformity_a, c.uniformity_b
+
+    return {"taylor_logdet": mec, "legendre_gram": sfrik, "gaussian_gram": align_uniform}
+
+
+@pytest.mark.parametrize("op", ["taylor_logdet", "legendre_gram", "gaussian_gram"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_mixed_float32_float64_pairs_are_computed_in_float64(op, which):
+    fn = _pair_ops()[op]
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(12, 9, generator=g, dtype=torch.float64) for _ in range(2)]
+    rows[1 - which] = rows[1 - which].float()  # the other input is the float64 one
+    outs = {}
+    for backend in ("triton", "torch"):
+        inputs = [r.to(helpers.DEV).requires_grad_() for r in rows]
+        vals = fn(*inputs, backend)
+        grads = torch.autograd.grad(vals[0] * 0.7, inputs)  # the loss's gradient, non-unit upstream
+        outs[backend] = (vals, grads)
+    assert outs["triton"][0][0].dtype == torch.float64, op
+    for v, vt in zip(outs["triton"][0], outs["torch"][0]):
+        assert v.dtype == vt.dtype and torch.equal(v, vt), op
+    for gr, gt in zip(outs["triton"][1], outs["torch"][1]):
+        assert torch.equal(gr, gt), op

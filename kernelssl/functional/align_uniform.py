@@ -317,7 +317,7 @@ def align_uniform_loss(
     uniformity_weight = check_positive(uniformity_weight, "uniformity_weight", allow_zero=True)
     if check_finite:  # before the scaling below, which would spread a NaN over its row
         assert_finite([z_a, z_b], ["z_a", "z_b"])
-    impl = dispatch.implementation("gaussian_gram", backend, z_a)
+    impl = dispatch.implementation("gaussian_gram", backend, z_a, z_b)
     fused = impl == "triton"
     zz = None
     if fused and not gather_distributed:  # the views stacked first: one prescale for both (row-wise: same bits)

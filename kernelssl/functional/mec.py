@@ -109,7 +109,7 @@ def logdet_impl(a, b, lam, order, *, normalize: bool = True, backend: str, input
     :mod:`kernelssl.dispatch` picks.  When it is the fused kernel and ``diagnostics`` is a list, the
     kernel's diagnostics ``[rho, term_ratio]`` are kept there (``None``: not asked for, so not
     computed -- above ``ONCHIP_MAX`` they cost 16 power-iteration launches)."""
-    if dispatch.implementation("taylor_logdet", backend, a) == "triton":
+    if dispatch.implementation("taylor_logdet", backend, a, b) == "triton":
         k = dispatch.triton_op("taylor_logdet")
         prec = dispatch.resolve_precision(input_precision)
         if diagnostics is None:

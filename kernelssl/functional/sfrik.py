@@ -136,7 +136,7 @@ def sfrik_loss(
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     # the torch tier outside torch.func transforms: its fused loss (one autograd Function for the
     # normalisation, R and both M's); otherwise the loss formula with M from the picked implementation
-    impl = dispatch.implementation("legendre_gram", backend, z_a)
+    impl = dispatch.implementation("legendre_gram", backend, z_a, z_b)
     gram_mean = None if impl == "torch" else functools.partial(
         gram_mean_impl, normalize=True, backend=backend, input_precision=input_precision, impl=impl)
     loss, mse, mmd_a, mmd_b = _ops.sfrik_loss(z_a, z_b, coefficients=b, sim_weight=sim_weight,

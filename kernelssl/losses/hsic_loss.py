@@ -9,7 +9,7 @@ from torch import nn
 from .. import functional as KF
 from .._checks import check_bool, check_int, check_positive
 from .._checks import check_finite as assert_finite
-from ..functional._common import as_views, fp32_compute, gather_views, positive_or_nan
+from ..functional._common import as_views, assert_finite_hyper, fp32_compute, gather_views, positive_or_nan
 from ..functional.hsic import check_generator, check_map, draw_maps, hsic_components
 from ..ops import rff_hsic as _ops
 from ..ops._common import prescale_rows
@@ -248,6 +248,7 @@ class HSICLoss(LossModule):
         if self.check_finite:  # before normalising (the row scaling would spread a NaN over its row)
             given = [stacked, *(features or ())]
             assert_finite(given, ["views", *(f"features[{i}]" for i in range(len(given) - 1))])
+            assert_finite_hyper(self.kernel_scale, "kernel_scale")  # a learned scale can leave (0, inf)
         if self.normalize:
             stacked = torch.nn.functional.normalize(prescale_rows(stacked), dim=-1)
         if self.gather_distributed:
