@@ -11,8 +11,8 @@ are noise and their ratio means nothing::
 
 for the loss and for every gradient (max-abs errors).  The floor is stated by each check: a few fp32
 ulps of the quantity's scale, or half an ulp of the output dtype (which no implementation can beat).
-(An additive form, ``2 err_torch + floor``, once stood in the tests beside this one in the bench: it
-allows up to ``2 err_torch`` more than the rule says whenever ``err_torch`` is near the floor.)
+(Not the additive ``2 err_torch + floor``: that allows up to ``2 err_torch`` more than the rule says
+whenever ``err_torch`` is near the floor.)
 
 **TF32 emulation.**  Under the Triton interpreter every ``tl.dot`` is full fp32 whatever its
 ``input_precision``, so the accuracy of the GPU's ``"tf32x3"`` and ``"tf32"`` cannot be seen by running

@@ -4,7 +4,7 @@ Hypothesis profiles: ``ci`` (default; few examples, derandomised so CI is reprod
 ``ci-mid`` (derandomised, enough examples to reach the cancellation points of the normalisation
 Jacobian -- q = 2, d = 1, n = 2 -- in a few minutes: CI runs it on the property tests alone,
 ``-m hypothesis``) and ``thorough`` (many examples, random).  Select with
-``HYPOTHESIS_PROFILE=thorough pytest tests``.  The long run (``tests/long_run.py``, README "Numerics")
+``HYPOTHESIS_PROFILE=thorough pytest tests``.  The long run (``tests/long_run.py``, docs/numerics.md, "The long run")
 drives rff_hsic, legendre_gram and taylor_logdet far beyond these.
 
 The slow tiers (offline sm_90 compiles, whole-command and multi-process runs, the CPU emulation of the

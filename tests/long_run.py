@@ -1,6 +1,6 @@
 """Long property run of three fused ops: many generated inputs, one report.
 
-    PYTHONPATH=. python tests/long_run.py                  # the documented run (README, Numerics)
+    PYTHONPATH=. python tests/long_run.py                  # the documented run (docs/numerics.md)
     PYTHONPATH=. python tests/long_run.py --torch-cases 200 --kernel-cases 20    # a quick look
     PYTHONPATH=. python tests/long_run.py --replay legendre_gram:kernel:123      # one case again
 

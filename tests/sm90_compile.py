@@ -33,6 +33,7 @@ import subprocess
 import sys
 
 from kernelssl.triton.offline import (  # noqa: F401  (re-exported for the tests)
+    SM90,
     Recorder,
     compile_all,
     programs_per_sm,

@@ -193,11 +193,12 @@ def test_kernels_take_the_precision_policy(allow, explicit):
             KF.rff_hsic(z, *maps, 1.0, backend="triton", input_precision=explicit)
             KF.legendre_gram_mean(z[0], backend="triton", input_precision=explicit)
             KF.taylor_logdet(z[0], z[1], 0.1, backend="triton", input_precision=explicit)
+            KF.uniformity(z[0], backend="triton", input_precision=explicit)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     want = [explicit or ("tf32" if allow else "tf32x3")]
     assert seen == {"kernelssl::rff_hsic_fwd": want, "kernelssl::legendre_gram_mean": want,
-                    "kernelssl::taylor_logdet_fwd": want}
+                    "kernelssl::taylor_logdet_fwd": want, "kernelssl::gaussian_gram_logmean": want}
 
 
 def test_input_precision_is_validated_on_every_entry_point():

@@ -130,7 +130,7 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
     cfg = M._fwd_config(DEV, 16384, 4096, 256, 512, 512, "tf32x3")
     tiles = (512 // cfg["BJA"]) * (512 // cfg["BJB"])
     assert cfg["split"] > 1 and 16384 // cfg["split"] >= 8 * cfg["BN"]
-    assert sm90_compile.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM, sms) >= 0.9, cfg["split"]
+    assert sm90_compile.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM * sms) >= 0.9, cfg["split"]
 
 
 @interpreter_only

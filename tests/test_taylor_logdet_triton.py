@@ -165,7 +165,7 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
     tiles = (1024 // cfg["BLOCK_M"]) * (1024 // cfg["BLOCK_N"])  # MEC's paper shape, m = 1024
     per_sm = K._gemm_per_sm(half, "tf32x3")
     split = K._split_k(tiles, 2, 2048, cfg["BLOCK_K"], sms * per_sm)
-    assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm, sms) >= 0.9, split
+    assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm * sms) >= 0.9, split
     if sms == 132:
         assert split == 1
 

@@ -39,6 +39,7 @@ import torch
 
 from .. import dispatch
 from .. import functional as KF
+from ..losses import LOSSES
 from ..ops import gaussian_gram as _unif
 from ..ops import legendre_gram as _sfrik
 from ..ops import rff_hsic as _hsic
@@ -46,7 +47,6 @@ from ..ops import taylor_logdet as _mec
 from ..ops.rff_hsic import sample_imq_rff
 from .measure import MODES
 
-LOSSES = ("hsic", "sfrik", "mec", "uniformity")
 #: The op each loss runs on.
 OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram", "mec": "taylor_logdet", "uniformity": "gaussian_gram"}
 

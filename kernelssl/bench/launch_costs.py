@@ -57,16 +57,17 @@ count and the units against the compiled PTX).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-#: H200 ceilings (see the module doc): rates in flop/s, bandwidth in byte/s (read + write).
+from ..triton.offline import SM90, occupancy, wave_efficiency
+
+#: H200 ceilings (see the module doc): rates in flop/s, bandwidth in byte/s (read + write); the limits on
+#: resident programs are sm_90's (:data:`kernelssl.triton.offline.SM90`).
 H200 = {
-    "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "bandwidth": 4.3e12, "sms": 132, "overhead": 3e-6,
-    "regs_per_sm": 65536, "threads_per_sm": 2048, "smem_per_sm": 233472, "smem_reserved": 1024,
-    "blocks_per_sm": 32,
+    "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "bandwidth": 4.3e12, "sms": SM90["sms"], "overhead": 3e-6,
+    **{k: v for k, v in SM90.items() if k != "sms"},
 }
 
 #: rate (flop/s) of a product by how it is executed
@@ -436,16 +437,6 @@ def torch_op_row(func, args, kwargs, out) -> dict | None:
 # ==================================================================================================
 
 
-def occupancy(regs: int, warps: int, shared: int) -> int:
-    """Programs per SM of a variant with ``regs`` registers per thread, ``warps`` warps and ``shared`` bytes
-    of shared memory (module doc)."""
-    per_warp = _cdiv(regs * 32, 256) * 256
-    by_regs = H200["regs_per_sm"] // (per_warp * warps)
-    by_threads = H200["threads_per_sm"] // (32 * warps)
-    by_smem = H200["smem_per_sm"] // (shared + H200["smem_reserved"])
-    return max(0, min(H200["blocks_per_sm"], by_regs, by_threads, by_smem))
-
-
 def launch_time(dots, aux, nbytes, eff, sm_eff) -> float:
     """``overhead + max(compute / eff, bytes / (bandwidth * sm_eff))``: the compute term scaled by the
     wave efficiency over the SMs' program slots, the bytes term by the share of SMs busy (streaming
@@ -468,8 +459,8 @@ def triton_launch_row(name: str, bound: dict, grid: tuple, info: dict) -> dict:
     sms = H200["sms"]
     row = dict(source="triton", kernel=name, dots=work.dots, aux=work.aux,
                bytes=tensor_bytes(work.reads) + tensor_bytes(work.writes), programs=programs, per_sm=per_sm,
-               waves=waves, wave_eff=programs / (math.ceil(waves) * slots),
-               sm_eff=programs / (math.ceil(programs / sms) * sms), registers=info["registers"],
+               waves=waves, wave_eff=wave_efficiency(programs, slots), sm_eff=wave_efficiency(programs, sms),
+               registers=info["registers"],
                warps=info["num_warps"], shared=info["shared"], mma=info["wgmma"] + info["mma_sync"],
                constexprs=info["constexprs"], spills=info["spill_stores"] + info["spill_loads"])
     return priced(row)

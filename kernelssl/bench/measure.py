@@ -157,15 +157,6 @@ def warm_up(fn: Callable[[], object], device: torch.device, calls: int = 1) -> N
     sync(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
-               min_repeats: int = 3, budget_s: float | None = None) -> list[float]:
-    """Seconds per call of ``fn()`` (:func:`time_one`): ``warmup`` untimed calls, then up to ``repeats``
-    timed ones (at least ``min_repeats``; fewer than ``repeats`` once ``budget_s`` seconds of timed
-    calls have passed)."""
-    warm_up(fn, device, warmup)
-    return interleaved({"": fn}, device, repeats=repeats, min_repeats=min_repeats, budget_s=budget_s)[""]
-
-
 def interleaved(steps: dict[str, Callable[[], object]], device: torch.device, *, repeats: int,
                 min_repeats: int = 3, budget_s: float | None = None,
                 guard: Callable[[str, Callable[[], float]], float | None] | None = None) -> dict[str, list[float]]:

@@ -44,4 +44,7 @@ from .mec_loss import MECLoss
 from .sfrik_loss import SFRIKLoss
 from .uniformity_loss import AlignUniformLoss, UniformityLoss
 
-__all__ = ["HSICLoss", "SFRIKLoss", "MECLoss", "UniformityLoss", "AlignUniformLoss"]
+__all__ = ["HSICLoss", "SFRIKLoss", "MECLoss", "UniformityLoss", "AlignUniformLoss", "LOSSES"]
+
+#: The short names of the four losses, as the training script (``--loss``) and the bench spell them.
+LOSSES = ("hsic", "sfrik", "mec", "uniformity")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, check_positive
-from ._common import compute_dtype, unit_rows_backward
+from ._common import NORM_EPS, compute_dtype, unit_rows_backward
 
 __all__ = [
     "taylor_logdet",
@@ -198,7 +198,7 @@ def taylor_logdet_backward(g: Tensor, a: Tensor, b: Tensor, lam: Tensor, order: 
     dtype = compute_dtype(a, b)
     af, bf = a.to(dtype), b.to(dtype)
     na, nb = (torch.linalg.vector_norm(x, dim=-1, keepdim=True) for x in (af, bf))
-    ah, bh = (af / na.clamp_min(1e-12), bf / nb.clamp_min(1e-12)) if normalize else (af, bf)
+    ah, bh = (af / na.clamp_min(NORM_EPS), bf / nb.clamp_min(NORM_EPS)) if normalize else (af, bf)
     alpha = (g.to(dtype) * lam.to(dtype))[:, None, None]
     m, d = a.shape[-2:]
     if order == 1:

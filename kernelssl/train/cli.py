@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 
+from ..losses import LOSSES
 from .data import DATASETS
 from .models import ARCHS
 
 __all__ = ["LOSSES", "RECIPES", "DATASET_DEFAULTS", "MAX_WORKERS", "resolve", "parse_args", "machine_defaults"]
 
-LOSSES = ("hsic", "sfrik", "mec", "uniformity")
-CHECKPOINT_VERSION = 1
 
 # --------------------------------------------------------------------------------------------------
 # Recipes

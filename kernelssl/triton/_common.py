@@ -48,6 +48,7 @@ except ImportError:  # a triton without the interpreter: nothing is ever interpr
     _Interpreted = ()
 
 from ..dispatch import interpreting
+from ..ops._common import NORM_EPS
 from ._jit import _panel_matmul_kernel, _row_scales_kernel
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "wrap_triton",
     "device_guard",
     "register",
-    "supported",
     "gram_config",
     "gram_precision",
     "panel_rows_for",
@@ -73,11 +73,6 @@ DEFAULT_SMS = 132
 #: Device types on which ``torch.compile`` decomposes the ops into their kernels (a test traces the
 #: rule on the CPU by adding "cpu").
 DECOMPOSE_DEVICES = ["cuda"]
-
-
-def supported(t: torch.Tensor) -> bool:
-    """Whether the kernels take ``t``'s dtype (fp32, fp16, bf16; float64 runs on the torch tier)."""
-    return t.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -187,8 +182,6 @@ def register(op, launcher: Callable, cpu: Callable, tensor_index: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Gram tiles: host side shared by legendre_gram and gaussian_gram
 # --------------------------------------------------------------------------------------------------
-
-NORM_EPS = 1e-12  #: ``F.normalize``'s clamp of the row norm
 
 #: Backward panel: all rows when n^2 <= PANEL_ELEMENTS, else max(MIN_PANEL_ROWS, PANEL_ELEMENTS // n)
 #: rows (a multiple of 128), so the fp32 panel of phi'(G) is 128 MiB, or 4 KiB per row of z at most.

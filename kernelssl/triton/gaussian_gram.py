@@ -63,7 +63,8 @@ Gram tiles at ``input_precision``, ``"tf32x3"`` by default; 16-bit rows on the t
 the backward GEMM's bf16 / TF32 splits of ``P``; fp32 accumulation, half operands upcast right after the
 load under the interpreter).  The exponent's error is ``2t`` times the Gram entry's (a few fp32 ulps of
 1), so the value's absolute error and the gradient's relative error grow with t as in any fp32
-computation of this formula.  float64 inputs go to a float64 torch computation (same algorithm).
+computation of this formula.  float64 inputs are not handled here: :mod:`kernelssl.dispatch` sends
+them to the torch tier (float64 end to end).
 """
 import triton
 import triton.language as tl

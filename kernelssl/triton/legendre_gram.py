@@ -49,8 +49,8 @@ emulates it at the paper shape), ``"ieee"`` (FMA units) or ``"tf32"`` (the defau
 parts (2 bf16 MMAs, ``|P - P_hi - P_lo| <~ 2^-17 |P|``); fp16 inputs, whose exponent range is too narrow
 for the split, round ``P`` to two TF32 parts and multiply the fp16 rows converted to fp32, exact in TF32
 (2 TF32 MMAs, ``<~ 2^-22 |P|``).  Both are far below the final rounding of the gradient to the input
-dtype (2^-9 / 2^-12).  float64 inputs are not handled here: :func:`legendre_gram_mean` sends them to the
-torch path (float64 end to end).
+dtype (2^-9 / 2^-12).  float64 inputs are not handled here: :mod:`kernelssl.dispatch` sends them to the
+torch tier (float64 end to end).
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tests): its ``tl.dot`` on bf16 operands is wrong, so the
 operands of every dot are converted to fp32 first when interpreting (``DOT_F32``); half-precision

@@ -7,6 +7,10 @@ or operand dtypes the MMA cannot take, a layout conversion that does not fit sha
 that spill registers show up only when a kernel is compiled for a real target.  Used by
 ``tests/sm90_compile.py`` (the recipes per op, run by the tests) and ``benchmarks/perf_model.py`` (the
 static performance model).  Needs ``TRITON_INTERPRET=0``: the kernels must be ``JITFunction`` s.
+
+Also the sm_90 occupancy arithmetic (:data:`SM90`, :func:`occupancy`, :func:`wave_efficiency`), written
+once for the ops' launch configurations, the tests and the performance model.  Importing this module
+needs neither Triton nor a GPU.
 """
 from __future__ import annotations
 
@@ -17,8 +21,13 @@ import re
 import subprocess
 import tempfile
 
-__all__ = ["tools_available", "Recorder", "recording", "rff_hsic_gpu_config", "compile_all", "programs_per_sm",
-           "wave_efficiency"]
+__all__ = ["SM90", "tools_available", "Recorder", "recording", "rff_hsic_gpu_config", "compile_all", "occupancy",
+           "programs_per_sm", "wave_efficiency"]
+
+#: What sets an sm_90 GPU's (H100/H200 SXM) resident programs: SMs, 64 K registers, 2048 threads,
+#: 228 KiB of shared memory with 1 KiB reserved per program, 32 programs per SM.
+SM90 = {"sms": 132, "regs_per_sm": 65536, "threads_per_sm": 2048, "smem_per_sm": 233472, "smem_reserved": 1024,
+        "blocks_per_sm": 32}
 
 
 def tools_available() -> bool:
@@ -36,7 +45,7 @@ class Recorder:
     """Stands in for ``torch.library.wrap_triton``: ``kernel[grid](*args, **kw)`` records the launch."""
 
     calls: list = []
-    #: index in ``calls`` where the recipes with dimensions equal to 1 start (see ``_compile_all``)
+    #: index in ``calls`` where the recipes with dimensions equal to 1 start (see :func:`compile_all`)
     ones_from: int | None = None
     tag: str | None = None  # set by a recipe: the case each recorded launch belongs to
     tags: list = []  # parallel to calls
@@ -59,7 +68,7 @@ def rff_hsic_gpu_config(R, setattr=setattr) -> None:
 
     cuda = torch.device("cuda", 0)
     fwd_config, bwd_config = R._fwd_config, R._bwd_config
-    setattr(R, "num_sms", lambda device: 132)
+    setattr(R, "num_sms", lambda device: SM90["sms"])
     setattr(R, "_fwd_config", lambda device, *a: fwd_config(cuda, *a))
     setattr(R, "_bwd_config", lambda device, *a: bwd_config(cuda, *a))
 
@@ -132,18 +141,23 @@ def compile_all(calls, ones_from: int | None = None) -> list[dict]:
     return out
 
 
+def occupancy(regs: int, warps: int, shared: int) -> int:
+    """Resident programs per SM of an sm_90 variant with ``regs`` registers per thread (allocated per
+    warp in units of 256), ``warps`` warps and ``shared`` bytes of shared memory (:data:`SM90`)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = SM90["regs_per_sm"] // (per_warp * warps)
+    by_threads = SM90["threads_per_sm"] // (32 * warps)
+    by_smem = SM90["smem_per_sm"] // (shared + SM90["smem_reserved"])
+    return max(0, min(SM90["blocks_per_sm"], by_regs, by_threads, by_smem))
+
+
 def programs_per_sm(row: dict) -> int:
-    """Resident programs per SM of an sm_90 variant (H100/H200: 64 K registers, 228 KiB of shared
-    memory with 1 KiB reserved per program, 2048 threads, 32 programs), from ptxas' registers (allocated
-    per warp in units of 256) and Triton's shared memory."""
-    warps = row["num_warps"]
-    regs_per_warp = -(-max(row["registers"], 1) * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * warps)
-    by_smem = (228 * 1024) // (row["shared"] + 1024)
-    return max(0, min(by_regs, by_smem, 2048 // (32 * warps), 32))
+    """:func:`occupancy` of a compiled variant (a :func:`compile_all` row: ptxas' registers, Triton's
+    shared memory)."""
+    return occupancy(row["registers"], row["num_warps"], row["shared"])
 
 
-def wave_efficiency(programs: int, per_sm: int, sms: int = 132) -> float:
-    """programs / (waves x slots): the busy fraction of the GPU's program slots, waves rounded up."""
-    slots = per_sm * sms
+def wave_efficiency(programs: int, slots: int) -> float:
+    """``programs / (waves x slots)``: the busy fraction of ``slots`` program slots (SMs x programs per
+    SM) over the waves a launch of ``programs`` programs takes, waves rounded up."""
     return programs / (-(-programs // slots) * slots)

@@ -17,6 +17,7 @@ from torch.library import triton_op
 from ..dispatch import resolve_precision
 from ..ops import rff_hsic as _torch_tier
 from ._common import interpreting, num_sms, register, wrap_triton
+from .offline import wave_efficiency
 from .rff_hsic import (
     _rff_cov_reduce_kernel,
     _rff_cross_cov_kernel,
@@ -92,8 +93,7 @@ def _wave_split(tiles: int, slots: int, max_split: int) -> int:
     hi = max(1, min(max_split, (4 * slots) // max(tiles, 1)))
 
     def eff(s: int) -> float:
-        p = tiles * s
-        return p / (triton.cdiv(p, slots) * slots)
+        return wave_efficiency(tiles * s, slots)
 
     target = min(0.9, max(eff(s) for s in range(1, hi + 1)))
     return next(s for s in range(1, hi + 1) if eff(s) >= target)

@@ -18,6 +18,7 @@ from torch.library import triton_op
 from ..dispatch import resolve_precision
 from ..ops import taylor_logdet as _torch_tier
 from ._common import interpreting, num_sms, register, wrap_triton
+from .offline import wave_efficiency
 from .taylor_logdet import (
     _gemm_kernel,
     _pair_diag_kernel,
@@ -106,8 +107,7 @@ def _split_k(tiles: int, batch: int, k: int, block_k: int, slots: int = 264) -> 
     base = max(1, tiles * batch)
 
     def eff(sp: int) -> float:
-        p = base * sp
-        return p / (triton.cdiv(p, slots) * slots)
+        return wave_efficiency(base * sp, slots)
 
     target = min(0.9, max(eff(sp) for sp in range(1, hi + 1)))
     return next(sp for sp in range(1, hi + 1) if eff(sp) >= target)
