@@ -5,19 +5,19 @@ The batch is scikit-learn's bundled handwritten digits (8x8 images, no download)
 views of each image (random one-pixel shift + pixel noise) through a fixed random linear encoder to
 d dimensions.  For each loss it prints the value from the library's torch path and from the eager
 form (the way the papers' code computes it), their difference, and the median forward+backward time
-of each.  CPU timings compare two torch programs on this machine; they say nothing of kernel speed.
+of each (:func:`kernelssl.bench.measure.interleaved`: the two forms timed in alternating rounds).
+CPU timings compare two torch programs on this machine; they say nothing of kernel speed.
 """
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 
 from . import __version__
+from .bench import measure
 from .bench.cases import forward_backward, implementations
 
 
@@ -76,19 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     for loss, shape in shapes.items():
         leaves = tuple(x.detach().clone().requires_grad_(grad) for x, grad in inputs[loss])
         impls = implementations(loss, shape, device=device, names=("torch", "eager"))
-        values, times = {}, {}
-        for name in ("torch", "eager"):
-            values[name] = forward_backward(impls[name], leaves)
-            runs = []
-            for _ in range(args.repeats):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                forward_backward(impls[name], leaves)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                runs.append(time.perf_counter() - t0)
-            times[name] = statistics.median(runs) * 1e3
+        values = {name: forward_backward(impls[name], leaves) for name in impls}  # also the warm-up call
+        steps = {name: (lambda fn=impls[name]: forward_backward(fn, leaves)) for name in impls}
+        runs = measure.interleaved(steps, torch.device(device), repeats=args.repeats)
+        times = {name: measure.median(r) * 1e3 for name, r in runs.items()}
         diff = abs(float(values["torch"]) - float(values["eager"]))
         print(
             f"{loss:10} {float(values['torch']):14.6g} {float(values['eager']):14.6g} {diff:9.2e} "
