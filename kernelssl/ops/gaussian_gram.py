@@ -60,6 +60,7 @@ from ._common import (
     buffer_view,
     default_block_size,
     gradient_in_forward,
+    promote,
     unit_rows,
     unit_rows_backward,
     upcast,
@@ -293,10 +294,7 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0, normalize: bool = Tr
     (smooth everywhere; its gradient at equal rows is 0).  Other alphas use ``||d||.pow(alpha)`` as
     their code does (at ``d = 0`` and ``alpha < 1`` its gradient is NaN, theirs too).  Mixed dtypes
     are promoted."""
-    za, zb = upcast(z_a), upcast(z_b)
-    if za.dtype != zb.dtype:
-        dtype = torch.promote_types(za.dtype, zb.dtype)
-        za, zb = za.to(dtype), zb.to(dtype)
+    za, zb = promote(upcast(z_a), upcast(z_b))
     if normalize:
         za, zb = unit_rows(za), unit_rows(zb)
     d = za - zb

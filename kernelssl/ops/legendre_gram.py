@@ -66,6 +66,7 @@ from ._common import (
     buffer_view,
     default_block_size,
     gradient_in_forward,
+    promote,
     unit_rows,
     unit_rows_backward,
     upcast,
@@ -617,10 +618,7 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
     """
     b = tuple(coefficients)
     chunk = _check_chunk_size(chunk_size)
-    za, zb = upcast(z_a), upcast(z_b)
-    if za.dtype != zb.dtype:
-        dtype = torch.promote_types(za.dtype, zb.dtype)
-        za, zb = za.to(dtype), zb.to(dtype)
+    za, zb = promote(upcast(z_a), upcast(z_b))
     if gram_mean is None and not eager and not torch.compiler.is_compiling():
         grad_on = torch.is_grad_enabled()
         block = chunk if chunk is not None else default_block_size(za.shape[0], za.dtype)

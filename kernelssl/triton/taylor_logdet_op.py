@@ -17,6 +17,7 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import taylor_logdet as _torch_tier
+from ..ops._common import promote
 from ._common import interpreting, num_sms, register, wrap_triton
 from .offline import wave_efficiency
 from .taylor_logdet import (
@@ -550,11 +551,7 @@ def _prepare(a: Tensor, b: Tensor, lam):
     batch = a.shape[:-2]
     m, d = a.shape[-2:]
     P = math.prod(batch)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    if a.dtype != dtype:
-        a = a.to(dtype)
-    if b.dtype != dtype:
-        b = b.to(dtype)
+    a, b = promote(a, b)
     if isinstance(lam, Tensor):
         lam_t = lam.to(torch.float32).broadcast_to(batch).reshape(P).contiguous()
     else:
