@@ -43,6 +43,7 @@ __all__ = [
     "GRAD_FLOOR",
     "VALUE_RTOL",
     "VALUE_ATOL",
+    "SECOND_DERIVATIVE_FD",
     "to_numpy",
     "max_abs_error",
     "bound_2x",
@@ -75,6 +76,11 @@ GRAD_FLOOR = {"bf16": 2.0**-9, "fp16": 2.0**-12, "tf32": 2.0**-11}
 #: terms stay well under 1e-3 relative; TF32 products (10-bit mantissa) under 1e-2.
 VALUE_RTOL = {"default": 1e-3, "tf32": 1e-2}
 VALUE_ATOL = 1e-5
+#: Second derivatives (``create_graph=True``) against a central difference of the first gradient in
+#: float64: step ``h`` on inputs of unit scale, ``|autograd - fd| <= rtol max(|fd|, |autograd|) + atol``.
+#: The difference's own error is ~h^2 |f'''| (1e-10 relative) plus rounding ~1e-16 / h (1e-11); 1e-6
+#: leaves room for curvature, while a piece of the gradient taken as a constant errs at O(1) relative.
+SECOND_DERIVATIVE_FD = {"h": 1e-5, "rtol": 1e-6, "atol": 1e-12}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -242,3 +242,30 @@ def check_torch_func(f, za: torch.Tensor, zb: torch.Tensor, tangent: torch.Tenso
     torch.testing.assert_close(batched, torch.stack([f(x, zb) for x in stack_a]), rtol=1e-10, atol=1e-12)
     _, jvp_out = jvp(lambda x: f(x, zb), (za,), (tangent,))
     torch.testing.assert_close(jvp_out, (a.grad * tangent).sum(), rtol=1e-9, atol=1e-12)
+
+
+def check_second_derivative(f, *inputs: torch.Tensor, seed: int = 0) -> None:
+    """A gradient penalty's gradient through ``f`` (float64 ``inputs``): the derivative, along a random
+    direction ``E``, of ``P(x) = sum_i <R_i, df/dx_i>`` (random weights ``R``, so the upstream gradient is
+    not one), taken by autograd through ``create_graph=True``, against a central difference of ``P``
+    computed from first gradients only (:data:`kernelssl.numerics.SECOND_DERIVATIVE_FD`)."""
+    from kernelssl.numerics import SECOND_DERIVATIVE_FD as TOL
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs]
+    direction = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs]
+
+    def penalty(xs, create_graph):
+        xs = [x.detach().clone().requires_grad_(True) for x in xs]
+        grads = torch.autograd.grad(f(*xs), xs, create_graph=create_graph)
+        return xs, sum((w * g).sum() for w, g in zip(weights, grads))
+
+    xs, p = penalty(inputs, True)
+    assert p.requires_grad, "the first gradient is not differentiable (taken as a constant)"
+    second = torch.autograd.grad(p, xs)
+    auto = float(sum((e * g).sum() for e, g in zip(direction, second)))
+    h = TOL["h"]
+    plus = penalty([x + h * e for x, e in zip(inputs, direction)], False)[1]
+    minus = penalty([x - h * e for x, e in zip(inputs, direction)], False)[1]
+    fd = float(plus - minus) / (2.0 * h)
+    assert abs(auto - fd) <= TOL["rtol"] * max(abs(fd), abs(auto)) + TOL["atol"], (auto, fd)

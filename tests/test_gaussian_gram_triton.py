@@ -459,15 +459,6 @@ def test_bad_input():
     assert abs(one) <= _tol_value(2.0, 0.0), one
 
 
-def test_double_backward_raises():
-    """create_graph=True is refused with the reason in the first backward (fp32 kernels and the float64
-    torch math alike: both treat the forward's (m, S') as constants)."""
-    for dtype in (torch.float32, torch.float64):
-        z = _z(10, 5, 9, dtype).to(DEV).requires_grad_(True)
-        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
-            torch.autograd.grad(GG.gaussian_gram_logmean(z, 2.0), z, create_graph=True)
-
-
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
 def test_cpu_runs_the_kernels_under_the_interpreter(monkeypatch):
     # the torch tier: the CPU kernels' math

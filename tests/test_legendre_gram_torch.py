@@ -139,15 +139,6 @@ def test_gram_mean_gradcheck(normalize):
     assert torch.autograd.gradcheck(lambda x: S.legendre_gram_mean_eager(x, b, normalize=normalize), (z,))
 
 
-def test_gram_mean_double_backward_raises():
-    z = _z(6, 4, 2).requires_grad_(True)
-    for normalize in (True, False):
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(S.legendre_gram_mean(z, B3, normalize=normalize), z, create_graph=True)
-    # the eager form is plain autograd and is twice differentiable
-    assert torch.autograd.gradgradcheck(lambda x: S.legendre_gram_mean_eager(x, (1.0, 2.0)), (z,))
-
-
 def test_gram_mean_deterministic():
     z = _z(33, 8, 3, torch.float32)
     a = _m_and_grad(S.legendre_gram_mean, z, coefficients=B3, chunk_size=7)

@@ -20,6 +20,7 @@ __all__ = [
     "default_block_size",
     "buffer_view",
     "gradient_in_forward",
+    "recorded_backward",
 ]
 
 NORM_EPS = 1e-12  #: the ``F.normalize`` default: ``z / max(||z||, NORM_EPS)``
@@ -102,33 +103,52 @@ def buffer_view(buf: Tensor, rows: int, cols: int) -> Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
+def recorded_backward(fn, inputs: tuple, needs: tuple, grads_out: tuple) -> tuple:
+    """The backward of a custom autograd Function under ``create_graph=True`` (grad mode is on inside
+    the backward exactly then): ``fn(*inputs)``, the op in plain autograd, is recomputed from the saved
+    inputs and differentiated with its graph recorded, so the gradient is itself differentiable -- a
+    correct second derivative (at the plain-autograd form's memory) where a hand-written backward would
+    hand autograd a constant.  ``needs``: ``ctx.needs_input_grad`` (one flag per input; non-tensor inputs
+    are passed as they are); ``grads_out``: the upstream gradients, one per output of ``fn`` (``None``
+    for an output nothing depends on).  Returns one gradient (or ``None``) per input."""
+    wrt = [x for x, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        outs = fn(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None and o.requires_grad]
+    if not wrt or not pairs:
+        return tuple(None for _ in inputs)
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 class _GradientInForward(torch.autograd.Function):
     """A value whose gradient is formed in the same pass as the value (the blocked Gram ops: each Gram
-    block is read once, while it is in cache, for both); saves only that ``(n, q)`` gradient, and the
-    backward scales it by the upstream gradient.  Not twice differentiable: the saved gradient is a
-    constant to autograd, so ``create_graph=True`` raises instead of giving a wrong second derivative."""
+    block is read once, while it is in cache, for both); saves that ``(n, q)`` gradient, and the
+    backward scales it by the upstream gradient.  Under ``create_graph=True`` the backward is
+    :func:`recorded_backward` of ``eager`` (the op's plain-autograd form, which materialises the Gram),
+    so second derivatives are correct."""
 
     @staticmethod
-    def forward(ctx, zhat: Tensor, one_pass, want_grad: bool, name: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, zhat: Tensor, one_pass, want_grad: bool, eager) -> Tensor:  # type: ignore[override]
         value, grad = one_pass(zhat, want_grad)
         if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.name = name
+            ctx.save_for_backward(grad, zhat)
+        ctx.eager = eager
         return value
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        grad, zhat = ctx.saved_tensors
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.name}: double backward (create_graph=True) is not supported by the blocked torch tier; "
-                f"use kernelssl.ops's {ctx.name}_eager (plain autograd) for higher derivatives"
-            )
-        (grad,) = ctx.saved_tensors
+            return (*recorded_backward(ctx.eager, (zhat,), (True,), (grad_out,)), None, None, None)
         return grad * grad_out, None, None, None
 
 
-def gradient_in_forward(one_pass, zhat: Tensor, name: str) -> Tensor:
+def gradient_in_forward(one_pass, zhat: Tensor, eager) -> Tensor:
     """``value`` of ``one_pass(zhat, want_grad) -> (value, dvalue/dzhat or None)``, differentiable in
     ``zhat`` through the gradient the pass formed (:class:`_GradientInForward`); the gradient is formed
-    only when autograd will ask for it (grad mode on and ``zhat`` requires grad)."""
-    return _GradientInForward.apply(zhat, one_pass, torch.is_grad_enabled() and zhat.requires_grad, name)
+    only when autograd will ask for it (grad mode on and ``zhat`` requires grad).  ``eager(zhat)``: the
+    same value in plain autograd, for higher derivatives."""
+    return _GradientInForward.apply(zhat, one_pass, torch.is_grad_enabled() and zhat.requires_grad, eager)

@@ -219,7 +219,8 @@ def gaussian_gram_logmean(
     if torch.compiler.is_compiling():
         return _blocked_op(zhat, t, exclude_diagonal, block, want_grad, normalize)[0]
     return gradient_in_forward(
-        lambda x, want: _blocked_logmean(x, t, exclude_diagonal, block, want, normalize), zhat, "gaussian_gram_logmean")
+        lambda x, want: _blocked_logmean(x, t, exclude_diagonal, block, want, normalize), zhat,
+        lambda x: gaussian_gram_logmean_eager(x, t, normalize=False, exclude_diagonal=exclude_diagonal))
 
 
 def gaussian_gram_logmean_eager(

@@ -58,7 +58,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._checks import check_coefficients, check_int, check_tensor
 from ._common import (
@@ -67,6 +66,7 @@ from ._common import (
     default_block_size,
     gradient_in_forward,
     promote,
+    recorded_backward,
     unit_rows,
     unit_rows_backward,
     upcast,
@@ -488,9 +488,10 @@ def legendre_gram_mean(
     Eager: when a gradient is wanted (grad mode on and ``z`` requires grad) the forward also forms
     ``dM/dzhat = (2/n^2) phi'(G) Zhat`` block by block and saves that ``(n, q)`` tensor; the backward
     only scales it (no block is computed twice).  Under ``torch.compile`` the backward recomputes the
-    tiles instead.  No ``n x n`` tensor is ever kept alive.  Double backward is not supported: a
-    backward with ``create_graph=True`` raises a RuntimeError (use :func:`legendre_gram_mean_eager`
-    for higher derivatives).  Deterministic: fixed block order, no atomics.
+    tiles instead.  No ``n x n`` tensor is ever kept alive.  A backward with ``create_graph=True``
+    recomputes the value with :func:`legendre_gram_mean_eager` (materialised Gram) and differentiates
+    that, so second derivatives are correct (under ``torch.compile`` it raises instead).
+    Deterministic: fixed block order, no atomics.
     """
     b = tuple(coefficients)
     chunk = _check_chunk_size(chunk_size)
@@ -504,7 +505,7 @@ def legendre_gram_mean(
         m, r = _block_gram_mean(x, b, block, want_grad)
         return m, (None if r is None else r * (2.0 / float(n * n)))
 
-    return gradient_in_forward(one_pass, zhat, "legendre_gram_mean")
+    return gradient_in_forward(one_pass, zhat, lambda x: legendre_gram_mean_eager(x, b, normalize=False))
 
 
 def legendre_gram_mean_eager(
@@ -552,7 +553,10 @@ class _SFRIKLoss(torch.autograd.Function):
         dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
 
     The two views are stacked and go through every op together (half the op count).  Saves ``y``,
-    ``y_a - y_b``, the row norms and the ``(2, n, q)`` Gram-mean gradients.  Once differentiable.
+    ``y_a - y_b``, the row norms and the ``(2, n, q)`` Gram-mean gradients.  Under
+    ``create_graph=True`` the backward is :func:`~kernelssl.ops._common.recorded_backward` of the
+    plain-autograd loss (``sfrik_loss(..., eager=True)``, which materialises the Gram), so second
+    derivatives are correct.
     """
 
     @staticmethod
@@ -566,15 +570,26 @@ class _SFRIKLoss(torch.autograd.Function):
         mse = diff.square().mean()
         loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
         if grad is not None:
-            ctx.save_for_backward(y, diff, norm, grad)
+            ctx.save_for_backward(y, diff, norm, grad, za, zb)
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
+        ctx.b = b
         return loss, mse, m[0], m[1]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
-        y, diff, norm, grad = ctx.saved_tensors
+        y, diff, norm, grad, za, zb = ctx.saved_tensors
+        sim_weight, mmd_weight = ctx.weights
+        if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
+            def eager(a, b):
+                return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
+            grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
+            return *grads, None, None, None, None, None, None
+        with torch.no_grad():
+            return _SFRIKLoss._backward(ctx, y, diff, norm, grad, g_loss, g_mse, g_a, g_b)
+
+    @staticmethod
+    def _backward(ctx, y, diff, norm, grad, g_loss, g_mse, g_a, g_b):
         sim_weight, mmd_weight = ctx.weights
         _, n, q = y.shape
         c_diff = (g_mse + g_loss * sim_weight) * (2.0 / float(n * q))  # upstream of R, times dR/d(diff)

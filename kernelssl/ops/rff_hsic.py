@@ -78,10 +78,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._checks import check_int, describe
-from ._common import compute_dtype
+from ._common import compute_dtype, recorded_backward
 
 __all__ = [
     "KERNELS",
@@ -385,20 +384,30 @@ class _RFFHSIC(torch.autograd.Function):
     projections are ``addmm`` with the phases as bias; the upstream gradients and every constant go into
     the small ``(B, D)`` and ``(D, D)`` factors, so each ``N x D`` array is touched a few times only:
     forward cos, mean and centring per map; backward one product, sin and a multiply per map.  Saves
-    ``Ua, Ub, Pa, Pb`` (``N x D`` each) and ``G``.  Once differentiable.
+    ``Ua, Ub, Pa, Pb`` (``N x D`` each) and ``G``.  Under ``create_graph=True`` the backward is
+    :func:`~kernelssl.ops._common.recorded_backward` of :func:`rff_hsic_autograd` (still O(N D)), so
+    second derivatives are correct.
     """
 
     @staticmethod
     def forward(ctx, v, w_a, b_a, w_b, b_b, c, K: int, B: int):  # type: ignore[override]
         zy, zz, saved = _rff_forward(v, w_a, b_a, w_b, b_b, c, K, B)
-        ctx.save_for_backward(*saved)
+        scale = (c,) if isinstance(c, Tensor) else ()
+        ctx.save_for_backward(*saved, v, w_a, b_a, w_b, b_b, *scale)
         ctx.dims = (K, B)
+        ctx.scale = None if scale else c
         return zy, zz
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_zy, grad_zz):  # type: ignore[override]
-        return _rff_backward(ctx.saved_tensors, *ctx.dims, grad_zy, grad_zz), None, None, None, None, None, None, None
+        saved, inputs = ctx.saved_tensors[:9], ctx.saved_tensors[9:]
+        nones = (None,) * 7
+        if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
+            v, maps, c = inputs[0], inputs[1:5], (inputs[5] if ctx.scale is None else ctx.scale)
+            (dv,) = recorded_backward(lambda x: rff_hsic_autograd(x, *maps, c), (v,), (True,), (grad_zy, grad_zz))
+            return dv, *nones
+        with torch.no_grad():
+            return _rff_backward(saved, *ctx.dims, grad_zy, grad_zz), *nones
 
 
 def rff_hsic_eager(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor,

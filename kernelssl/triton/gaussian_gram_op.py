@@ -17,6 +17,7 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import gaussian_gram as _torch_tier
+from ..ops._common import recorded_backward
 from ._common import (
     gram_config,
     gram_precision,
@@ -286,19 +287,17 @@ def _setup_context(ctx, inputs, output):
     ctx.t, ctx.normalize, ctx.exclude_diagonal, ctx.input_precision = t, normalize, exclude_diagonal, input_precision
 
 
-_NO_DOUBLE_BACKWARD = (
-    "gaussian_gram_logmean (backend='triton'): double backward (create_graph=True) is not supported by "
-    "the fused kernels; use kernelssl.ops.gaussian_gram.gaussian_gram_logmean_eager (plain autograd) "
-    "for higher derivatives"
-)
-
-
 def _backward(ctx, grad, _grad_stats, _grad_rinv, _grad_proj):
-    if torch.is_grad_enabled():
-        raise RuntimeError(_NO_DOUBLE_BACKWARD)
     if not ctx.needs_input_grad[0] or grad is None:
         return None, None, None, None, None
     z, stats, rinv, proj = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
+        def eager(x):  # one view (n, q) or P stacked views (P, n, q)
+            views = x.unbind(0) if x.dim() == 3 else (x,)
+            out = [_torch_tier.gaussian_gram_logmean_eager(v, ctx.t, normalize=ctx.normalize,
+                                                           exclude_diagonal=ctx.exclude_diagonal) for v in views]
+            return torch.stack(out) if x.dim() == 3 else out[0]
+        return *recorded_backward(eager, (z,), (True,), (grad,)), None, None, None, None
     dz = _logmean_backward_op(grad, z, stats, rinv, proj, ctx.t, ctx.normalize, ctx.exclude_diagonal,
                               ctx.input_precision)
     return dz, None, None, None, None
@@ -322,5 +321,6 @@ def gaussian_gram_logmean(z: Tensor, t: float = 2.0, *, normalize: bool = True, 
     ``TRITON_INTERPRET=1``); ``input_precision`` None resolves as
     :func:`kernelssl.dispatch.resolve_precision`.  Returns a 0-dim (or ``(P,)``) float32
     tensor, differentiable in ``z``, deterministic, finite for any t > 0 (log-sum-exp); NaN in ``z``
-    reaches the value and the gradient.  Double backward raises."""
+    reaches the value and the gradient.  Twice differentiable (the second derivative through the torch
+    tier's plain autograd form, :func:`kernelssl.ops._common.recorded_backward`)."""
     return _logmean_op(z, float(t), normalize, exclude_diagonal, resolve_precision(input_precision))[0]

@@ -19,6 +19,7 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import legendre_gram as _torch_tier
+from ..ops._common import recorded_backward
 from ._common import (
     gram_config,
     gram_precision,
@@ -150,6 +151,10 @@ def _backward(ctx, grad):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     (z,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
+        def eager(x):
+            return _torch_tier.legendre_gram_mean_eager(x, tuple(ctx.coefficients), normalize=ctx.normalize)
+        return *recorded_backward(eager, (z,), (True,), (grad,)), None, None, None
     dz = _gram_mean_backward_op(grad, z, ctx.coefficients, ctx.normalize, ctx.input_precision)
     return dz, None, None, None
 
@@ -169,5 +174,6 @@ def legendre_gram_mean(z: Tensor, coefficients: Sequence[float] = (1.0, 40.0, 40
     CPU under ``TRITON_INTERPRET=1``), ``coefficients`` ``(b_1, ..., b_L)`` (each distinct tuple
     compiles once); ``input_precision`` None resolves as
     :func:`kernelssl.dispatch.resolve_precision`.  Returns a 0-dim float32 tensor, differentiable in
-    ``z`` (gradient in z's dtype), deterministic.  Double backward raises."""
+    ``z`` (gradient in z's dtype), deterministic.  Twice differentiable (the second derivative through
+    the torch tier's plain autograd form, :func:`kernelssl.ops._common.recorded_backward`)."""
     return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), resolve_precision(input_precision))

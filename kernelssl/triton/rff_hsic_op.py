@@ -16,6 +16,7 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import rff_hsic as _torch_tier
+from ..ops._common import recorded_backward
 from ._common import interpreting, num_sms, register, wrap_triton
 from .offline import wave_efficiency
 from .rff_hsic import (
@@ -284,6 +285,10 @@ def _backward(ctx, g_zy, g_zz, *_intermediates):
     if not ctx.needs_input_grad[0] or (g_zy is None and g_zz is None):
         return None, None, None, None, None, None, None
     views, w_a, b_a, w_b, b_b, scale, phi_a, phi_b, s, mu_a, mu_b, cov = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
+        def eager(v):
+            return _torch_tier.rff_hsic_autograd(v, w_a, b_a, w_b, b_b, scale.reshape(()))
+        return *recorded_backward(eager, (views,), (True,), (g_zy, g_zz)), None, None, None, None, None, None
     zero = torch.zeros((), device=views.device, dtype=torch.float32)
     g_zy = zero if g_zy is None else g_zy
     g_zz = zero if g_zz is None else g_zz

@@ -17,7 +17,7 @@ from torch.library import triton_op
 
 from ..dispatch import resolve_precision
 from ..ops import taylor_logdet as _torch_tier
-from ..ops._common import promote
+from ..ops._common import promote, recorded_backward
 from ._common import interpreting, num_sms, register, wrap_triton
 from .offline import wave_efficiency
 from .taylor_logdet import (
@@ -529,6 +529,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_t, *_unused):
     a3, b3, lam, u, nrm, q, r, mats = ctx.saved_tensors
     need_a, need_b, need_lam = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
+        def eager(a, b, lam_):
+            return _torch_tier.taylor_logdet(a, b, lam_, ctx.order, normalize=ctx.normalize)
+        return *recorded_backward(eager, (a3, b3, lam), (need_a, need_b, need_lam), (g_t,)), None, None, None, None
     ga = gb = glam = None
     if need_a or need_b:
         ga, gb = torch.ops.kernelssl.taylor_logdet_bwd(
@@ -576,8 +580,9 @@ def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int = 4, *, 
     ``lam`` a number or a tensor broadcastable to the batch shape (never read on the host),
     ``order >= 1``.  Returns ``a.shape[:-2]`` in float32, differentiable in a, b and lam (``dT/dlam`` is
     ``(1/lam) sum_k (-1)^(k+1) tr(C^k)``: lam must be nonzero).  ``input_precision``: the fp32 GEMMs'
-    precision, ``None`` resolved by :func:`kernelssl.dispatch.resolve_precision`.  Double backward is
-    not supported."""
+    precision, ``None`` resolved by :func:`kernelssl.dispatch.resolve_precision`.  Twice differentiable
+    (the second derivative through the torch tier's plain autograd form,
+    :func:`kernelssl.ops._common.recorded_backward`)."""
     return _forward(a, b, lam, order, normalize, False, input_precision)[0]
 
 
