@@ -160,6 +160,41 @@ def test_draw_features_are_the_maps_forward_draws():
         HSICLoss(exact=True)(*z, features=f32)
 
 
+def _learned_scale_run(recipe: bool, steps: int = 4):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, D_OUT).double()
+    crit = HSICLoss(num_features=16, learn_scale=True, seed=3, num_scale_pairs=9, backend="torch")
+    opt = torch.optim.SGD(list(model.parameters()) + list(crit.parameters()), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    trace = []
+    for _ in range(steps):
+        z1, z2 = (model(torch.randn(6, 5, generator=gen, dtype=F64)) for _ in range(2))
+        loss = crit(z1, z2, features=crit.draw_features(D_OUT, dtype=F64)) if recipe else crit(z1, z2)
+        opt.zero_grad()
+        loss.backward()
+        trace.append((loss.detach().clone(), crit.kernel_scale.grad.clone(), model.weight.grad.clone()))
+        opt.step()
+    return trace, crit.kernel_scale.detach().clone(), crit.get_extra_state()["generators"]["cpu"]
+
+
+def test_learned_scale_recipe_is_the_eager_loss_step_for_step():
+    # forward(features=draw_features(d)) with learn_scale=True: the same scale-objective pairs and the
+    # same generator advancement as forward(), so every step's loss, c and gradients are the same numbers.
+    eager, c_eager, state_eager = _learned_scale_run(False)
+    recipe, c_recipe, state_recipe = _learned_scale_run(True)
+    for i, (e, r) in enumerate(zip(eager, recipe)):
+        for name, a, b in zip(("loss", "dc", "dW"), e, r):
+            assert torch.equal(a, b), f"step {i}: {name} differs ({a} vs {b})"
+    assert torch.equal(c_eager, c_recipe)
+    assert torch.equal(state_eager, state_recipe), "the module's generator advanced differently"
+    crit = HSICLoss(num_features=8, learn_scale=True)
+    z = [torch.randn(6, D_OUT, dtype=F64) for _ in range(2)]
+    with pytest.raises(TypeError, match=r"features: expected a tuple \(w_a, b_a, w_b, b_b, pairs\)"):
+        crit(*z, features=crit.draw_features(D_OUT, dtype=F64)[:4])
+    with pytest.raises(ValueError, match="generator: expected None when features= is given"):
+        crit(*z, features=crit.draw_features(D_OUT, dtype=F64), generator=torch.Generator())
+
+
 def test_hsic_module_with_its_generator_is_refused_by_fullgraph():
     # Documented limitation (dynamo cannot trace an explicit torch.Generator): fullgraph raises
     # instead of silently breaking the graph; draw_features + features= is the compiled path.

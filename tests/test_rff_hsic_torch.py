@@ -283,9 +283,8 @@ def test_kernel_scale_objective_with_generator():
     views, *_ = _case(8, 2, 16, 4, 1)
     N = 32
     m = 6  # round(sqrt(37))
-    g = _gen(42)
-    i = torch.randint(N, (m,), generator=g)
-    j = torch.randint(N, (m,), generator=g)
+    u = torch.rand((2, m), generator=_gen(42), dtype=torch.float64)  # the documented draw: i, j = floor(u N)
+    i, j = (u * N).long()
     x = views.reshape(N, 4)
     rho = ((x[i][:, None] - x[j][None]) ** 2).sum(-1).numpy()
     c = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
@@ -296,6 +295,8 @@ def test_kernel_scale_objective_with_generator():
     again = H.kernel_scale_objective(views, 1.4, num_pairs=37, generator=_gen(42))
     assert torch.equal(again, obj.detach())  # reproducible; a float c gives a constant
     assert not again.requires_grad
+    drawn = H.draw_scale_pairs(37, _gen(42), "cpu")  # drawn beforehand: the same pairs
+    assert torch.equal(H.kernel_scale_objective(views, 1.4, num_pairs=37, pairs=drawn), again)
 
 
 def test_kernel_scale_objective_dtypes():

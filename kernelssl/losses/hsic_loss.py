@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from .. import functional as KF
-from .._checks import check_bool, check_int, check_positive
+from .._checks import check_bool, check_int, check_positive, check_tensor
 from .._checks import check_finite as assert_finite
 from ..functional._common import as_views, assert_finite_hyper, fp32_compute, gather_views, positive_or_nan
-from ..functional.hsic import check_generator, check_map, draw_maps, hsic_components
+from ..functional.hsic import check_generator, check_map, hsic_components
 from ..ops import rff_hsic as _ops
 from ..ops._common import prescale_rows
 from ..ops.rff_hsic import check_kernel
@@ -206,12 +206,14 @@ class HSICLoss(LossModule):
 
     def draw_features(
         self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The two maps ``(w_a, b_a, w_b, b_b)`` that ``forward`` would draw next for ``(K, B, dim)``
-        views of ``dtype`` on ``device`` -- from the module's generator for that device, in the same
-        order and dtype (float64 for float64 views, else float32), advancing it the same way.  Pass
-        them as ``forward(..., features=...)``: eager and compiled steps then see the same numbers.
-        ``dtype`` is the views' floating dtype (float16, bfloat16, float32 or float64).
+    ) -> tuple[Tensor, ...]:
+        """Everything random that ``forward`` would draw next for ``(K, B, dim)`` views of ``dtype`` on
+        ``device``, from the module's generator for that device, in the same order, advancing it the
+        same way: the two maps ``(w_a, b_a, w_b, b_b)`` (float64 for float64 views, else float32) and,
+        with ``learn_scale=True``, then the scale objective's pairs (a ``(2, m)`` float64 tensor of
+        uniforms, :func:`kernelssl.ops.rff_hsic.draw_scale_pairs`) as a fifth entry.  Pass the tuple
+        as ``forward(..., features=...)``: eager and compiled steps then compute the same numbers, step
+        after step.  ``dtype`` is the views' floating dtype (float16, bfloat16, float32 or float64).
         """
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(
@@ -219,11 +221,18 @@ class HSICLoss(LossModule):
                 f"torch.float64), got {dtype!r}"
             )
         device = torch.device(device)
-        gen = self._generator(device)
+        return self._draw(dim, device, dtype, self._generator(device))
+
+    def _draw(self, dim: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator | None) -> tuple:
         dt = torch.float64 if dtype == torch.float64 else torch.float32
         w_a, b_a = KF.sample_rff(self.kernel, dim, self.num_features, generator=gen, device=device, dtype=dt)
         w_b, b_b = KF.sample_rff(self.kernel, dim, self.num_features, generator=gen, device=device, dtype=dt)
-        return w_a, b_a, w_b, b_b
+        if not self.learn_scale:
+            return w_a, b_a, w_b, b_b
+        if gen is None:  # meta tensors: nothing is drawn
+            m = max(1, int(round(self.num_scale_pairs ** 0.5)))
+            return w_a, b_a, w_b, b_b, torch.empty((2, m), device=device, dtype=torch.float64)
+        return w_a, b_a, w_b, b_b, _ops.draw_scale_pairs(self.num_scale_pairs, gen, device)
 
     @fp32_compute
     def _compute(self, views: tuple, view_dim, generator, features) -> KF.HSICComponents:
@@ -235,18 +244,31 @@ class HSICLoss(LossModule):
                     "features: expected None with exact=True (maps are for the random-feature path, "
                     "exact=False), got maps"
                 )
-            if not isinstance(features, (tuple, list)) or len(features) != 4:
+            if generator is not None:
+                raise ValueError(
+                    "generator: expected None when features= is given (everything random was drawn with "
+                    "the features), got a torch.Generator"
+                )
+            want = 5 if self.learn_scale else 4
+            names = "(w_a, b_a, w_b, b_b, pairs)" if self.learn_scale else "(w_a, b_a, w_b, b_b)"
+            if not isinstance(features, (tuple, list)) or len(features) != want:
+                got = f"{len(features)} entries" if isinstance(features, (tuple, list)) else type(features).__name__
                 raise TypeError(
-                    "features: expected a tuple (w_a, b_a, w_b, b_b) as returned by draw_features, "
-                    f"got {type(features).__name__}"
+                    f"features: expected a tuple {names} as returned by draw_features "
+                    f"(learn_scale={self.learn_scale}), got {got}"
                 )
             d = stacked.shape[-1]
             check_map(features[0], features[1], d, stacked.device, "features[0]", "features[1]")
             check_map(features[2], features[3], d, stacked.device, "features[2]", "features[3]")
+            if self.learn_scale:
+                check_tensor(features[4], "features[4]", ndim=2)
+                if features[4].shape[0] != 2:
+                    raise ValueError(f"features[4]: expected the (2, m) scale pairs of draw_features, "
+                                     f"got shape {tuple(features[4].shape)}")
         elif generator is None and not self.exact:
             generator = self._generator(stacked.device)
         if self.check_finite:  # before normalising (the row scaling would spread a NaN over its row)
-            given = [stacked, *(features or ())]
+            given = [stacked, *(features or ())[:4]]
             assert_finite(given, ["views", *(f"features[{i}]" for i in range(len(given) - 1))])
             assert_finite_hyper(self.kernel_scale, "kernel_scale")  # a learned scale can leave (0, inf)
         if self.normalize:
@@ -256,13 +278,15 @@ class HSICLoss(LossModule):
             stacked = gather_views(stacked, generator if generator is not None else False)
         c = self.kernel_scale
         maps = features
-        if maps is None and not self.exact:
-            maps = draw_maps(self.kernel, stacked, self.num_features, generator)
+        if maps is None and not self.exact:  # what draw_features gives, from this call's generator
+            maps = self._draw(stacked.shape[-1], stacked.device, stacked.dtype, generator)
+        pairs = maps[4] if self.learn_scale and maps is not None else None
+        maps = None if maps is None else maps[:4]
         out = hsic_components(stacked, maps, gamma=self.gamma, kernel_scale=positive_or_nan(c), kernel=self.kernel,
                               exact=self.exact, backend=self.backend, input_precision=None)
         if self.learn_scale:
             out.scale_objective = _ops.kernel_scale_objective(
-                stacked, c, num_pairs=self.num_scale_pairs, generator=generator, kernel=self.kernel
+                stacked, c, num_pairs=self.num_scale_pairs, generator=generator, kernel=self.kernel, pairs=pairs
             )
             out.loss = out.loss + out.scale_objective
         return out

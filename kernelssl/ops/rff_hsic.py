@@ -99,6 +99,7 @@ __all__ = [
     "exact_hsic",
     "hsic_loss",
     "kernel_scale_objective",
+    "draw_scale_pairs",
 ]
 
 Tensor = torch.Tensor
@@ -515,22 +516,32 @@ def hsic_loss(hsic_zy: torch.Tensor, hsic_zz: torch.Tensor, *, gamma: float = 3.
     return gamma * sqrt_guard(hsic_zz) - hsic_zy
 
 
-def _pair_indices(n: int, m: int, generator: torch.Generator | None, device: torch.device):
+def draw_scale_pairs(num_pairs: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """The random part of :func:`kernel_scale_objective`'s pairs: a ``(2, m)`` float64 tensor of
+    uniforms in ``[0, 1)`` (``m = max(1, round(sqrt(num_pairs)))``), drawn on the generator's device
+    and moved to ``device``.  It does not depend on the number of embeddings, so it can be drawn before
+    the views exist (outside a ``torch.compile`` region, or before a gather)."""
+    m = max(1, int(round(math.sqrt(num_pairs))))
+    return torch.rand((2, m), generator=generator, device=generator.device, dtype=torch.float64).to(device)
+
+
+def _pair_indices(n: int, m: int, generator: torch.Generator | None, device: torch.device,
+                  pairs: torch.Tensor | None = None):
     """Row indices ``(i, j)``, each of length m, into the n flattened embeddings.
 
-    With a generator: ``i = randint(n, (m,))`` then ``j = randint(n, (m,))`` (with replacement), drawn
-    on the generator's device and moved to ``device``.  Without one: deterministic, evenly strided --
+    From uniforms ``u`` (``pairs``, or :func:`draw_scale_pairs` from ``generator``): ``i = floor(u_0 n)``,
+    ``j = floor(u_1 n)`` (uniform with replacement).  With neither: deterministic, evenly strided --
     the 2m indices ``t * n // (2m)``, t = 0..2m-1, even t to ``i`` and odd t to ``j`` (disjoint sets
     whenever 2m <= n, so no zero self-distances).
     """
-    if generator is None:
+    if pairs is None and generator is None:
         t = torch.arange(2 * m, device=device)
         idx = (t * n) // (2 * m)
         return idx[0::2], idx[1::2]
-    gdev = generator.device
-    i = torch.randint(n, (m,), generator=generator, device=gdev).to(device)
-    j = torch.randint(n, (m,), generator=generator, device=gdev).to(device)
-    return i, j
+    if pairs is None:
+        pairs = draw_scale_pairs(m * m, generator, device)
+    idx = (pairs.to(device) * n).long().clamp_(max=n - 1)
+    return idx[0], idx[1]
 
 
 def kernel_scale_objective(
@@ -540,6 +551,7 @@ def kernel_scale_objective(
     num_pairs: int = 1024,
     generator: torch.Generator | None = None,
     kernel: str = "imq",
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Side objective that learns the kernel scale c, to minimise in c alone.
 
@@ -555,8 +567,9 @@ def kernel_scale_objective(
 
     (IMQ: minimum where ``mean c^2 / (rho + c^2) = 1/3``.)  Distances over the m x m grid of
     ``m = max(1, round(sqrt(num_pairs)))`` row indices i and m indices j into the N flattened
-    embeddings (m^2 ~ num_pairs pairs): drawn with ``generator`` (i then j, ``randint`` with
-    replacement), or, when ``generator`` is None, a deterministic evenly strided choice (even / odd
+    embeddings (m^2 ~ num_pairs pairs): ``floor(u n)`` for the ``(2, m)`` uniforms ``pairs`` (drawn
+    beforehand by :func:`draw_scale_pairs`) or, without them, drawn from ``generator`` the same way
+    (uniform with replacement), or, when both are None, a deterministic evenly strided choice (even / odd
     points of ``t * N // (2m)``, t < 2m) -- the same pairs whatever the kernel.  The distances (direct
     differences, O(m^2 + m d) memory) are computed under ``torch.no_grad()`` from detached views: no
     gradient reaches the embeddings, only ``kernel_scale`` (when it is a tensor that requires grad; its
@@ -569,7 +582,7 @@ def kernel_scale_objective(
     m = max(1, int(round(math.sqrt(num_pairs))))
     with torch.no_grad():
         x = views.detach().to(cdt).reshape(N, d)
-        i, j = _pair_indices(N, m, generator, views.device)
+        i, j = _pair_indices(N, m, generator, views.device, pairs)
         xi, xj = x[i], x[j]
         # direct differences (the Gram form cancels: a sampled pair i = j got rho ~ 1e-7 ||x||^2, not 0)
         diff = xi[:, None, :] - xj[None, :, :]
