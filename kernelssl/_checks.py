@@ -10,8 +10,10 @@ never a silent finite number.  ``check_finite=True`` raises a ``ValueError`` ins
 """
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +29,17 @@ __all__ = [
     "check_choice",
     "check_coefficients",
     "describe",
+    "OneLineArgumentParser",
 ]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """The command lines' parser: a usage error is one ``error: ...`` line on stderr and exit status 2
+    (argparse's status), never a traceback."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def describe(x: object) -> str:

@@ -7,13 +7,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from .._checks import OneLineArgumentParser
 from . import report
 from .cases import LOSSES
-from .runner import DTYPES, IMPLS, Config, any_wrong, run
+from .runner import DTYPES, IMPLS, Config, any_wrong, default_impls, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m kernelssl.bench",
         description="Correctness, then forward+backward time and peak memory of SSL-HSIC, SFRIK, MEC and Wang & "
         "Isola's uniformity: kernelssl vs the papers' form (eager and torch.compile), on this machine.")
@@ -29,7 +32,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only these rows (default: all that run on the device): " + " ".join(IMPLS))
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, for the tests
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            p.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type not in ("cpu", "cuda"):
+            p.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    runnable = default_impls(device, quick=False, compile=True)
+    cannot = [n for n in args.impl or () if n not in runnable]
+    if cannot:
+        p.error(f"--impl {' '.join(cannot)} cannot run on {device.type} (there: {' '.join(runnable)})")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out!r} is a file, not a directory")
+    return args
 
 
 def main(argv=None, *, extra=None) -> int:

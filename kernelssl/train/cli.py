@@ -2,16 +2,56 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
 import torch
 
+from .._checks import OneLineArgumentParser
 from ..losses import LOSSES
 from .data import DATASETS
 from .models import ARCHS
 
-__all__ = ["LOSSES", "RECIPES", "DATASET_DEFAULTS", "MAX_WORKERS", "resolve", "parse_args", "machine_defaults"]
+__all__ = ["LOSSES", "RECIPES", "DATASET_DEFAULTS", "MAX_WORKERS", "LOSS_FLAGS", "UsageError", "resolve",
+           "parse_args", "machine_defaults"]
+
+
+class UsageError(Exception):
+    """A user error found after parsing (a device, a path, a checkpoint): ``main`` prints it as one
+    ``error:`` line and exits with status 2, as argparse does."""
+
+
+#: The loss hyper-parameters of each loss (options whose default is None, filled from the recipe):
+#: given for another loss they are refused; a resumed run must match the checkpoint's.
+LOSS_FLAGS: dict[str, tuple[str, ...]] = {
+    "hsic": ("num_features", "gamma", "kernel_scale", "learn_scale", "scale_lr"),
+    "sfrik": ("coefficients", "sim_weight", "mmd_weight"),
+    "mec": ("eps_sq", "order", "mec_warmup"),
+    "uniformity": ("align_alpha", "unif_t", "unif_weight"),
+}
+
+# Range of every numeric option: (minimum, maximum, minimum included); values must be finite.
+_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "subset": (1, None, True), "image_size": (1, None, True), "epochs": (1, None, True),
+    "batch_size": (2, None, True), "stop_after": (1, None, True), "width": (1, None, True),
+    "knn_k": (1, None, True), "threads": (1, None, True), "workers": (0, None, True),
+    "lr": (0, None, False), "weight_decay": (0, None, True), "warmup_epochs": (0, None, True),
+    "proj_hidden": (1, None, True), "proj_dim": (2, None, True), "pred_hidden": (0, None, True),
+    "ema": (0, 1, True), "num_features": (1, None, True), "gamma": (0, None, True),
+    "kernel_scale": (0, None, False), "scale_lr": (0, None, False), "sim_weight": (0, None, True),
+    "mmd_weight": (0, None, True), "eps_sq": (0, None, False), "order": (1, None, True),
+    "mec_warmup": (0, None, True), "align_alpha": (0, None, False), "unif_t": (0, None, False),
+    "unif_weight": (0, None, True), "probe_labels": (0, None, True), "probe_repeats": (1, None, True),
+    "probe_c": (0, None, False),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option's attribute name."""
+    return "--" + name.replace("_", "-")
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +137,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m kernelssl.train",
         description="Self-supervised pretraining with SSL-HSIC, SFRIK, MEC or alignment + uniformity, then "
         "linear-probe and k-NN "
@@ -172,16 +212,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and resolve the command line (recipe defaults filled in)."""
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
     if args.data is not None and args.data_dir is not None and args.data != args.data_dir:
-        _parser().error(f"PATH {args.data!r} and --data-dir {args.data_dir!r} differ: give one of them")
+        p.error(f"PATH {args.data!r} and --data-dir {args.data_dir!r} differ: give one of them")
     args.data_dir = args.data or args.data_dir or os.environ.get("KERNELSSL_DATA", "data")
-    if args.workers is not None and args.workers < 0:
-        _parser().error(f"--workers must be >= 0, got {args.workers}")
-    for name in ("subset", "epochs", "batch_size", "stop_after", "width", "knn_k", "threads"):
+    for name, (lo, hi, closed) in _RANGES.items():
         v = getattr(args, name)
-        if v is not None and v < 1:
-            _parser().error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (v >= lo if closed else v > lo) and (hi is None or v <= hi)
+        if not ok:
+            span = f"in [{lo}, {hi}]" if hi is not None else f"{'>=' if closed else '>'} {lo}"
+            p.error(f"{flag(name)} must be a finite number {span}, got {v}")
+    if args.coefficients is not None and not all(math.isfinite(c) for c in args.coefficients):
+        p.error(f"--coefficients must be finite numbers, got {' '.join(map(str, args.coefficients))}")
+    other = [flag(n) for loss, names in LOSS_FLAGS.items() if loss != args.loss for n in names
+             if getattr(args, n) is not None]
+    if other:
+        p.error(f"{', '.join(other)} do(es) not apply to --loss {args.loss} (it would be ignored)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file, not a directory")
+    if args.dataset != "digits" and os.path.isfile(args.data_dir):
+        p.error(f"--data-dir {args.data_dir!r} is a file, not a directory")
     return resolve(args)
 
 
@@ -198,10 +251,17 @@ def _dist_env() -> tuple[int, int, int]:
 def _pick_device(spec: str, local_rank: int, world: int) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {spec!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA device is available")
+            raise UsageError("--device cuda requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)

@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..functional import mec_lambda_warmup
 from ..losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss
-from .cli import _available_cores, _dist_env, _pick_device, machine_defaults, parse_args
+from .cli import LOSS_FLAGS, UsageError, _available_cores, _dist_env, _pick_device, flag, machine_defaults, parse_args
 from .data import DataBundle, DatasetError, load_dataset
 from .models import SSLNet, build_backbone, ema_momentum, ema_update, make_target, mlp
 from .probes import PROBE_UNIFORMITY_T, _pixel_probe, evaluate
@@ -97,7 +98,7 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 #: the schedules: the result is then no longer the one a single run would give).
 _RESUME_KEYS = ("loss", "dataset", "subset", "image_size", "arch", "width", "batch_size", "lr", "weight_decay",
                 "warmup_epochs", "proj_hidden", "proj_dim", "pred_hidden", "ema", "seed", "amp",
-                "hsic_kernel", "hsic_exact")
+                "hsic_kernel", "hsic_exact", *(name for names in LOSS_FLAGS.values() for name in names))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,10 +189,10 @@ class _Trainer:
 
         per_rank = args.batch_size // world
         if per_rank * world != args.batch_size:
-            raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the world size {world}")
+            raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
         n = len(data.pretrain)
         if n < args.batch_size:
-            raise SystemExit(f"error: the pretraining set has {n} images, fewer than --batch-size "
+            raise UsageError(f"the pretraining set has {n} images, fewer than --batch-size "
                              f"{args.batch_size}; lower --batch-size or raise --subset")
         self.sampler = None
         if world > 1:
@@ -243,12 +244,12 @@ class _Trainer:
 
     def load(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise SystemExit(f"error: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+            raise UsageError(f"--resume: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
         saved = ckpt["args"]
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.args, k)!r}"
+        diff = [f"{flag(k)} {saved.get(k)!r} in the checkpoint, {getattr(self.args, k)!r} now"
                 for k in _RESUME_KEYS if saved.get(k) != getattr(self.args, k)]
         if diff:
-            raise SystemExit("error: --resume with options that differ from the checkpoint's:\n  " + "\n  ".join(diff))
+            raise UsageError("--resume with options that differ from the checkpoint's: " + "; ".join(diff))
         self.online.load_state_dict(ckpt["online"])
         if self.target is not None:
             self.target.load_state_dict(ckpt["target"])
@@ -287,7 +288,12 @@ class _Trainer:
             return self.criterion.forward_components(p[:b], p[b:], zt[b:], zt[:b], generator=self.loss_gen)
         if args.loss in ("sfrik", "uniformity"):
             return self.criterion.forward_components(z[:b], z[b:])
-        return self.criterion.forward_components(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
+        try:
+            return self.criterion.forward_components(p[:b], p[b:], zt[:b], zt[b:], lam=lam)
+        except ValueError as e:  # --mec-check raise: the series diverged
+            if args.mec_check != "raise":
+                raise
+            raise UsageError(f"--mec-check raise stopped the run at step {self.step}: {e}") from None
 
     def train_epoch(self, bar) -> dict[str, Any]:
         args = self.args
@@ -382,11 +388,36 @@ def _summary_line(row: dict[str, Any], loss: str) -> str:
             f"{row['images_per_s']:.0f} img/s")
 
 
+_CKPT_KEYS = ("version", "args", "online", "criterion", "optimizer", "epoch", "step", "rng", "history")
+
+
+def _read_checkpoint(path: str, device: torch.device) -> dict[str, Any]:
+    """``torch.load`` of ``path``, refused with one line when it is not a kernelssl checkpoint."""
+    try:
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # random bytes, a truncated file, a directory, a pickle of other objects
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--resume: {path} is not a kernelssl checkpoint "
+                         f"({type(e).__name__}: {reason[:200]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CKPT_KEYS):
+        raise UsageError(f"--resume: {path} is not a kernelssl checkpoint (a {type(ckpt).__name__} without "
+                         f"the keys {', '.join(_CKPT_KEYS)})")
+    return ckpt
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train and evaluate as ``args`` says; returns the results dict on rank 0 (None elsewhere, or when
     ``--stop-after`` stopped the run early)."""
     rank, world, local_rank = _dist_env()
     device = _pick_device(args.device, local_rank, world)
+    if args.backend == "triton":
+        from .. import dispatch
+
+        problem = dispatch._triton_problem("rff_hsic", device)
+        if problem is not None:
+            raise UsageError(f"--backend triton cannot run: {problem}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
@@ -400,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     trainer = _Trainer(args, data, device, rank, world)
     if args.resume and os.path.exists(ckpt_path):
-        trainer.load(torch.load(ckpt_path, map_location=device, weights_only=True))
+        trainer.load(_read_checkpoint(ckpt_path, device))
         if rank == 0:
             print(f"resumed from {ckpt_path} at epoch {trainer.epoch}/{args.epochs}", file=sys.stderr)
     elif args.resume and rank == 0:
@@ -506,13 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m kernelssl.train`` (and the ``kernelssl-train`` console script).
 
     Returns the exit status: 0 on success, 2 when the dataset is missing or unreadable (the message
-    says what to do).  Bad options exit through argparse (status 2) or ``SystemExit`` with a message.
+    says what to do).  Every user error (an option out of range, a device, a path, a checkpoint that is not one or
+    was trained with other settings) exits with status 2 and one ``error:`` line on stderr.
     """
     args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
         run(args)
-    except DatasetError as e:
+    except (DatasetError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
