@@ -42,6 +42,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+#: The tensor dtypes every loss and op takes.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_bool(x: object) -> bool:
+    return isinstance(x, bool) or type(x).__name__ == "bool_"  # Python's and NumPy's
+
+
 def describe(x: object) -> str:
     """Short description of a value for error messages."""
     if isinstance(x, torch.Tensor):
@@ -61,7 +69,7 @@ def check_tensor(
     """A floating-point tensor with the given number of dims; ``rows``/``cols`` are dims -2/-1."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {describe(x)}")
-    if not x.is_floating_point():
+    if x.dtype not in FLOAT_DTYPES:  # float8 and other floating types have no matmul/reductions here
         raise TypeError(
             f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {x.dtype}"
@@ -118,23 +126,31 @@ def check_bool(x: object, name: str) -> bool:
 
 
 def check_int(x: object, name: str, *, minimum: int, maximum: int | None = None) -> int:
-    """A Python int (not bool) >= minimum (and <= maximum when given)."""
+    """An integer (``numbers.Integral``: Python's and NumPy's, never a bool) >= minimum (and <= maximum
+    when given), returned as a Python int."""
     span = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    if isinstance(x, bool) or not isinstance(x, int):
+    if _is_bool(x) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name}: expected an int {span}, got {describe(x)}")
+    x = int(x)
     if x < minimum or (maximum is not None and x > maximum):
         raise ValueError(f"{name}: expected an int {span}, got {x}")
     return x
 
 
-def check_positive(x: object, name: str, *, allow_zero: bool = False) -> float:
-    """A finite real number > 0 (or >= 0).  Python numbers only (never reads a tensor)."""
+def check_positive(x: object, name: str, *, allow_zero: bool = False, minimum: float | None = None,
+                   maximum: float | None = None, why: str = "") -> float:
+    """A finite real number > 0 (or >= 0), and within ``[minimum, maximum]`` when given (``why``: the
+    reason for those bounds, for the message).  Python numbers only (never reads a tensor)."""
     # numbers.Real: Python int/float and NumPy's scalars (np.float32(2.0), np.int64(2)); never bool
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or type(x).__name__ == "bool_":
+    if _is_bool(x) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}: expected a positive number, got {describe(x)}")
     ok = x >= 0 if allow_zero else x > 0
     if not ok or x != x or x in (float("inf"),):
         raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {x}")
+    if (minimum is not None and x < minimum) or (maximum is not None and x > maximum):
+        span = " and ".join(s for s in (minimum is not None and f">= {minimum:g}",
+                                        maximum is not None and f"<= {maximum:g}") if s)
+        raise ValueError(f"{name}: expected a number {span}{f' ({why})' if why else ''}, got {x!r}")
     return float(x)
 
 
@@ -153,7 +169,7 @@ def check_coefficients(coefficients: object, name: str = "coefficients") -> tupl
         raise ValueError(f"{name}: expected at least one coefficient (degree L >= 1), got an empty sequence")
     out = []
     for i, c in enumerate(coefficients):
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        if _is_bool(c) or not isinstance(c, numbers.Real) or not math.isfinite(c):
             raise TypeError(f"{name}[{i}]: expected a finite Python float, got {describe(c)}")
         out.append(float(c))
     return tuple(out)

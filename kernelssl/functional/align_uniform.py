@@ -30,8 +30,9 @@ Tensor = torch.Tensor
 
 
 def check_t(t: object, name: str = "t") -> float:
-    """t: a finite Python number > 0 (the Gaussian potential's inverse squared length scale)."""
-    return check_positive(t, name)
+    """t: a finite Python number > 0 (the Gaussian potential's inverse squared length scale), at most
+    float32's largest (the kernels and the fp32 torch tier take t in float32)."""
+    return check_positive(t, name, maximum=torch.finfo(torch.float32).max, why="float32's largest: t is taken in fp32")
 
 
 def check_alpha(alpha: object) -> float:

@@ -71,7 +71,8 @@ def check_scale(kernel_scale: object) -> None:
                 f"got {describe(kernel_scale)}"
             )
     else:
-        check_positive(kernel_scale, "kernel_scale")
+        check_positive(kernel_scale, "kernel_scale", minimum=_ops.MIN_KERNEL_SCALE,
+                       why="below it x / c and W / c overflow float32")
 
 
 def check_generator(generator: object) -> None:
@@ -201,7 +202,7 @@ def kernel_scale_objective(
     See :func:`kernelssl.ops.rff_hsic.kernel_scale_objective`.
     """
     views = as_views(views)
-    check_int(num_pairs, "num_pairs", minimum=1)
+    num_pairs = check_int(num_pairs, "num_pairs", minimum=1)
     check_scale(kernel_scale)
     check_kernel(kernel)
     check_generator(generator)
@@ -264,7 +265,7 @@ def ssl_hsic_loss(
     :mod:`kernelssl.distributed`).
     """
     views = as_views(views)
-    check_int(num_features, "num_features", minimum=1)
+    num_features = check_int(num_features, "num_features", minimum=1)
     check_positive(gamma, "gamma", allow_zero=True)
     check_kernel(kernel)
     check_scale(kernel_scale)

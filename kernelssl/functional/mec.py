@@ -150,7 +150,7 @@ def taylor_logdet(
     Returns a tensor of shape ``a.shape[:-2]``, float32 (float64 for float64 input).
     """
     check_pair(a, b, lam)
-    check_int(order, "order", minimum=1)
+    order = check_int(order, "order", minimum=1)
     dispatch.resolve_precision(input_precision)
     check_bool(normalize, "normalize")
     check_bool(check_finite, "check_finite")
@@ -223,7 +223,7 @@ def mec_loss(
     check_choice(check_convergence, "check_convergence", ("off", "warn", "raise"))
     check_choice(scale, "scale", ("reference", "paper"))
     check_positive(eps_sq, "eps_sq")
-    check_int(order, "order", minimum=1)
+    order = check_int(order, "order", minimum=1)
     given = [(t, n) for t, n in zip((z_a, z_b, target_a, target_b), ("z_a", "z_b", "target_a", "target_b"))
              if t is not None]
     for t, n in given:

@@ -10,7 +10,7 @@ from .. import functional as KF
 from .._checks import check_bool, check_int, check_positive, check_tensor
 from .._checks import check_finite as assert_finite
 from ..functional._common import as_views, assert_finite_hyper, fp32_compute, gather_views, positive_or_nan
-from ..functional.hsic import check_generator, check_map, hsic_components
+from ..functional.hsic import check_generator, check_map, check_scale, hsic_components
 from ..ops import rff_hsic as _ops
 from ..ops._common import prescale_rows
 from ..ops.rff_hsic import check_kernel
@@ -141,9 +141,9 @@ class HSICLoss(LossModule):
         gather_distributed: bool = False, backend: str = "auto", check_finite: bool = False,
     ) -> None:
         super().__init__(gather_distributed, backend, check_finite)
-        check_int(num_features, "num_features", minimum=1)
+        num_features = check_int(num_features, "num_features", minimum=1)
         check_positive(gamma, "gamma", allow_zero=True)
-        check_positive(kernel_scale, "kernel_scale")
+        check_scale(kernel_scale)
         check_bool(learn_scale, "learn_scale")
         check_kernel(kernel)
         check_bool(exact, "exact")
@@ -157,8 +157,8 @@ class HSICLoss(LossModule):
                 stacklevel=2,
             )
         check_bool(normalize, "normalize")
-        check_int(num_scale_pairs, "num_scale_pairs", minimum=1)
-        check_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
+        num_scale_pairs = check_int(num_scale_pairs, "num_scale_pairs", minimum=1)
+        seed = check_int(seed, "seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
         self.num_features = num_features
         self.gamma = float(gamma)
         self.learn_scale = learn_scale

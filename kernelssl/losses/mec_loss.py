@@ -78,8 +78,8 @@ class MECLoss(LossModule):
     def default_lambda(self, m: int, d: int) -> float:
         """``lam = d / (m * eps_sq)`` for batch size m and embedding dim d (with ``gather_distributed=True``
         m is the global batch size, summed over the ranks)."""
-        check_int(m, "m", minimum=1)
-        check_int(d, "d", minimum=1)
+        m = check_int(m, "m", minimum=1)
+        d = check_int(d, "d", minimum=1)
         return d / (m * self.eps_sq)
 
     @fp32_compute

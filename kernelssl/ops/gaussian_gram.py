@@ -211,7 +211,7 @@ def gaussian_gram_logmean(
     # F.normalize's eps), so the radial diagonal term the blocked pass drops is exactly what the
     # Jacobian removes
     if block_size is not None:
-        check_int(block_size, "block_size", minimum=1)  # the torch tier's own argument
+        block_size = check_int(block_size, "block_size", minimum=1)  # the torch tier's own argument
     zhat = unit_rows(z) if normalize else upcast(z)
     n = zhat.shape[0]
     want_grad = torch.is_grad_enabled() and zhat.requires_grad

@@ -184,8 +184,8 @@ def sample_rff(
             "Cauchy draws exceed its maximum 65504 with probability ~1e-5 per entry: inf, then NaN "
             "features); draw them in float32"
         )
-    check_int(dim, "dim", minimum=1)
-    check_int(num_features, "num_features", minimum=1)
+    dim = check_int(dim, "dim", minimum=1)
+    num_features = check_int(num_features, "num_features", minimum=1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {describe(dtype)}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -248,6 +248,10 @@ def rff_features(
 
 
 SQRT_EPS = 1e-12
+#: The smallest Python-number kernel scale the losses take: ``2^-100`` keeps ``x / c`` (unit rows) and
+#: ``W / c`` finite in float32 (a subnormal c made them inf, and the loss NaN); the kernel at such a
+#: scale is already ~0 between distinct points.  A tensor scale is not read (NaN policy instead).
+MIN_KERNEL_SCALE = 2.0**-100
 
 
 def sqrt_guard(x: torch.Tensor) -> torch.Tensor:

@@ -254,7 +254,7 @@ def convergence_diagnostics(
     autograd, about a third of a forward + backward -- call the diagnostics every few steps if that
     matters.
     """
-    check_int(iters, "iters", minimum=1)
+    iters = check_int(iters, "iters", minimum=1)
     a, b, _, lam_m = _prepare(a, b, lam, normalize)
     m, d = a.shape[-2], a.shape[-1]
     dtype, device = a.dtype, a.device

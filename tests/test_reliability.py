@@ -1,0 +1,69 @@
+"""Hostile-but-realistic inputs: torch.func through the random-feature HSIC paths, dtypes the ops do not
+take, hyper-parameters out of a dtype's range, NumPy scalars as hyper-parameters."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernelssl.functional as KF
+from helpers import check_torch_func
+from helpers import random_rows as _z
+from kernelssl import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
+
+_CRIT = HSICLoss(num_features=16, gamma=2.0)
+_FEATURES = _CRIT.draw_features(5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["HSICLoss", "rff_hsic", "ssl_hsic_loss"])
+def test_torch_func_through_random_features(name):
+    f = {
+        "HSICLoss": lambda a, b: _CRIT(a, b, features=_FEATURES),
+        "rff_hsic": lambda a, b: KF.rff_hsic(torch.stack([a, b]), *_FEATURES, 1.3)[0],
+        # drawn inside: torch.func.vmap refuses random draws, so grad and jvp only (below)
+        "ssl_hsic_loss": None,
+    }[name]
+    if f is not None:
+        check_torch_func(f, _z(8, 5, seed=0), _z(8, 5, seed=1), _z(8, 5, seed=2))
+        return
+    a, b, t = _z(8, 5, seed=0), _z(8, 5, seed=1), _z(8, 5, seed=2)
+
+    def loss(x):
+        return KF.ssl_hsic_loss(torch.stack([x, b]), num_features=16, generator=torch.Generator().manual_seed(4))
+    x = a.clone().requires_grad_()
+    loss(x).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(a), x.grad, rtol=1e-10, atol=1e-12)
+    _, tangent_out = torch.func.jvp(loss, (a,), (t,))
+    torch.testing.assert_close(tangent_out, (x.grad * t).sum(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("crit", [SFRIKLoss(), MECLoss(), HSICLoss(), AlignUniformLoss()], ids=type)
+def test_float8_inputs_are_refused_with_the_accepted_dtypes(crit):
+    z = torch.randn(8, 4).to(torch.float8_e4m3fn)
+    msg = r"(z_a|views\[0\]): expected a floating-point tensor \(float16, bfloat16, float32 or float64\), got dtype "
+    with pytest.raises(TypeError, match=msg + "torch.float8_e4m3fn"):
+        crit(z, z)
+
+
+def test_hyper_parameters_out_of_a_dtypes_range_are_named():
+    with pytest.raises(ValueError, match=r"t: expected a number <= 3.40282e\+38"):
+        UniformityLoss(t=1e39)
+    for exact in (False, True):
+        with pytest.raises(ValueError, match="kernel_scale: expected a number >= 7.88861e-31"):
+            HSICLoss(kernel_scale=1e-39, exact=exact)
+    with pytest.raises(ValueError, match="kernel_scale: expected a number >= 7.88861e-31"):
+        KF.ssl_hsic_loss(torch.randn(2, 8, 4), kernel_scale=1e-39)
+    a, b = _z(8, 4, seed=0).float(), _z(8, 4, seed=1).float()
+    assert torch.isfinite(HSICLoss(kernel_scale=2.0**-100)(a, b))  # the floor itself computes
+
+
+def test_numpy_integers_and_floats_are_hyper_parameters():
+    a, b = _z(8, 4, seed=0), _z(8, 4, seed=1)
+    assert torch.equal(MECLoss(order=np.int64(4))(a, b), MECLoss(order=4)(a, b))
+    assert torch.equal(HSICLoss(num_features=np.int32(8), seed=np.uint8(3))(a, b),
+                       HSICLoss(num_features=8, seed=3)(a, b))
+    assert torch.equal(SFRIKLoss(coefficients=(np.float32(1.0), 40, np.float64(40.0)))(a, b), SFRIKLoss()(a, b))
+    with pytest.raises(TypeError, match="order: expected an int"):
+        MECLoss(order=np.bool_(True))
+    with pytest.raises(TypeError, match="order: expected an int"):
+        MECLoss(order=4.0)
