@@ -45,6 +45,16 @@ PARSE_ERRORS = [
     (["--loss", "hsic", "--coefficients", "1", "2"], "--coefficients"),
     (["--loss", "sfrik", "--gamma", "2"], "--gamma"), (["--loss", "sfrik", "--coefficients", "1", "inf"], "finite"),
     (["--lr", "inf"], "--lr"),
+    (["--loss", "sfrik", "--probe-c", "0"], "--probe-c"), (["--scale-lr", "-1"], "--scale-lr"),
+    (["--loss", "uniformity", "--align-alpha", "0"], "--align-alpha"),
+    (["--loss", "uniformity", "--unif-weight", "-1"], "--unif-weight"),
+    (["--loss", "sfrik", "--sim-weight", "-5"], "--sim-weight"), (["--loss", "sfrik", "--mmd-weight", "-1"], "--mmd"),
+    (["--seed", "-1"], "--seed"), (["--loss", "sfrik", "--seed", "18446744073709551616"], "--seed"),
+    (["--loss", "sfrik", "--ema", "0.5"], "--ema"), (["--loss", "uniformity", "--pred-hidden", "128"], "--pred-hidden"),
+    (["--loss", "mec", "--gamma", "7", "--num-features", "3"], "--num-features, --gamma"),
+    (["--loss", "hsic", "--eps-sq", "1"], "--eps-sq"), (["--loss", "sfrik", "--mec-check", "raise"], "--mec-check"),
+    (["--loss", "sfrik", "--hsic-kernel", "laplace"], "--hsic-kernel"),
+    (["--loss", "hsic", "--learn-scale", "0", "--scale-lr", "5"], "--scale-lr"),
 ]
 
 
@@ -104,11 +114,31 @@ def test_bench_refuses_bad_options(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [(["--device", "foo"], "--device"), (["--device", "meta"], "--device"),
-             (["--out", str(a_file)], "--out")]
+             (["--out", str(a_file)], "--out"), (["--impl", "eager-compiled", "--no-compile"], "--no-compile")]
     if not torch.cuda.is_available():
         cases += [(["--device", "cuda"], "--device cuda"), (["--impl", "triton-ieee"], "--impl triton-ieee")]
     for argv, flag in cases:
         _fails(bench.main, [*argv, "--smoke"], capsys, flag)
+
+
+def test_hsic_normalises_half_views_in_fp32():
+    # fp16 rows of norm 7e4 are finite; a norm taken in fp16 overflowed and zeroed every row
+    from kernelssl import HSICLoss
+    g = torch.Generator().manual_seed(1)
+    za, zb = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1) * 7e4 for _ in range(2))
+    a, b = za.half(), zb.half()
+    for exact in (True, False):
+        crit = HSICLoss(exact=exact, num_features=64)
+        feats = None if exact else crit.draw_features(16)
+        kw = {} if exact else {"features": feats}
+        torch.testing.assert_close(crit(a, b, **kw), crit(a.float(), b.float(), **kw), rtol=1e-6, atol=1e-7)
+    crit = HSICLoss(num_features=64)
+    feats = crit.draw_features(5)
+    za, zb = torch.randn(8, 5, generator=g) * 3, torch.randn(8, 5, generator=g) * 3
+    for dt in (torch.bfloat16, torch.float16):  # the fp32 result of the same values
+        a, b = za.to(dt), zb.to(dt)
+        torch.testing.assert_close(crit(a, b, features=feats), crit(a.float(), b.float(), features=feats),
+                                   rtol=1e-6, atol=1e-7)
 
 
 def _process(module: str, *argv: str, env=None):

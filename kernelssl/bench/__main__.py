@@ -11,7 +11,7 @@ import torch
 
 from .._checks import OneLineArgumentParser
 from . import report
-from .cases import LOSSES
+from .cases import LOSSES, is_compiled
 from .runner import DTYPES, IMPLS, Config, any_wrong, default_impls, run
 
 
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cannot = [n for n in args.impl or () if n not in runnable]
     if cannot:
         p.error(f"--impl {' '.join(cannot)} cannot run on {device.type} (there: {' '.join(runnable)})")
+    compiled = [n for n in args.impl or () if is_compiled(n)]
+    if compiled and args.no_compile:
+        p.error(f"--impl {' '.join(compiled)} contradicts --no-compile")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out!r} is a file, not a directory")
     return args

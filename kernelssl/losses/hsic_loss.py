@@ -12,7 +12,7 @@ from .._checks import check_finite as assert_finite
 from ..functional._common import as_views, assert_finite_hyper, fp32_compute, gather_views, positive_or_nan
 from ..functional.hsic import check_generator, check_map, check_scale, hsic_components
 from ..ops import rff_hsic as _ops
-from ..ops._common import prescale_rows
+from ..ops._common import prescale_rows, upcast
 from ..ops.rff_hsic import check_kernel
 from ._common import LossModule
 
@@ -271,8 +271,8 @@ class HSICLoss(LossModule):
             given = [stacked, *(features or ())[:4]]
             assert_finite(given, ["views", *(f"features[{i}]" for i in range(len(given) - 1))])
             assert_finite_hyper(self.kernel_scale, "kernel_scale")  # a learned scale can leave (0, inf)
-        if self.normalize:
-            stacked = torch.nn.functional.normalize(prescale_rows(stacked), dim=-1)
+        if self.normalize:  # in fp32 for fp16/bf16 views: a half norm overflows (> 65504) and rounds
+            stacked = torch.nn.functional.normalize(prescale_rows(upcast(stacked)), dim=-1)
         if self.gather_distributed:
             # Everything random is drawn after the gather from `generator`: check it agrees on all ranks.
             stacked = gather_views(stacked, generator if generator is not None else False)

@@ -43,7 +43,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "mmd_weight": (0, None, True), "eps_sq": (0, None, False), "order": (1, None, True),
     "mec_warmup": (0, None, True), "align_alpha": (0, None, False), "unif_t": (0, None, False),
     "unif_weight": (0, None, True), "probe_labels": (0, None, True), "probe_repeats": (1, None, True),
-    "probe_c": (0, None, False),
+    "probe_c": (0, None, False), "seed": (0, 2**63 - 1, True),
 }
 
 
@@ -229,6 +229,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--coefficients must be finite numbers, got {' '.join(map(str, args.coefficients))}")
     other = [flag(n) for loss, names in LOSS_FLAGS.items() if loss != args.loss for n in names
              if getattr(args, n) is not None]
+    if args.loss in ("sfrik", "uniformity"):  # no predictor, no target
+        other += [flag(n) for n in ("ema", "pred_hidden") if getattr(args, n) is not None]
+    defaults = {"hsic": (("hsic_kernel", "imq"), ("hsic_exact", 0)), "mec": (("mec_check", "off"),)}
+    other += [flag(n) for loss, pairs in defaults.items() if loss != args.loss for n, d in pairs
+              if getattr(args, n) != d]
+    if args.loss == "hsic" and args.learn_scale == 0 and args.scale_lr is not None:
+        other.append("--scale-lr (with --learn-scale 0)")
     if other:
         p.error(f"{', '.join(other)} do(es) not apply to --loss {args.loss} (it would be ignored)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
