@@ -64,7 +64,6 @@ from .._checks import check_coefficients, check_int, check_tensor
 from ._common import (
     NORM_EPS,
     buffer_view,
-    default_block_size,
     gradient_in_forward,
     promote,
     unit_rows,
@@ -91,6 +90,13 @@ DEFAULT_TILE_ELEMENTS = 1 << 23
 #: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
 POWER_BASIS_MAX_GROWTH = 16.0
+
+#: :func:`use_qspace`'s crossover: the degree-2 term goes through ``q x q`` space at ``n >= 8 q``
+#: (measured on the CPU, docs/benchmarks.md).
+QSPACE_MIN_ROWS_PER_COLUMN = 8
+#: :func:`sfrik_block_size`: one block (the whole Gram) up to this n, blocks of ``SFRIK_BLOCK_ROWS`` above.
+SINGLE_BLOCK_MAX_ROWS = 512
+SFRIK_BLOCK_ROWS = 512
 
 def _check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
@@ -257,19 +263,33 @@ def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
     return tuple(coeffs)
 
 
-def _horner(g: Tensor, h: list[Tensor], out: Tensor) -> Tensor:
-    """``sum_k h[k] g^k`` elementwise into ``out`` (``h`` 0-dim tensors), one fused multiply-add pass
-    per degree."""
-    if len(h) == 1:
-        return out.copy_(h[0])
-    torch.addcmul(h[-2], g, h[-1], out=out)
-    for hk in reversed(h[:-2]):
-        torch.addcmul(hk, g, out, out=out)
+def _t_poly(g: Tensor, coeffs: Sequence[float], out: Tensor) -> Tensor:
+    """``g * sum_k coeffs[k] g^k`` elementwise into ``out`` (Python-float coefficients), by Horner's rule:
+    two in-place passes per degree (a multiply by a Python scalar and an add are faster on the CPU than
+    ``addcmul`` with 0-dim tensors)."""
+    torch.mul(g, coeffs[-1], out=out)
+    for ck in reversed(coeffs[:-1]):
+        out.add_(ck).mul_(g)
     return out
 
 
+def use_qspace(n: int, q: int) -> bool:
+    """Whether :func:`_block_gram_mean` carries the terms of degree <= 2 in ``q x q`` space (two extra
+    ``n q^2`` GEMMs, one elementwise pass per block) rather than in the blocks (no extra GEMM, about four
+    more elementwise passes per block entry): at ``n >= QSPACE_MIN_ROWS_PER_COLUMN * q``."""
+    return n >= QSPACE_MIN_ROWS_PER_COLUMN * q
+
+
+def sfrik_block_size(n: int, q: int, dtype: torch.dtype = torch.float32) -> int:
+    """Edge T of the ``(T, T)`` Gram blocks of the eager torch path: the whole Gram (one block) up to
+    ``n = SINGLE_BLOCK_MAX_ROWS``; above, :data:`SFRIK_BLOCK_ROWS` rows (a block pair of both views
+    stays in the CPU's cache for its elementwise passes, and the upper triangle halves the Gram GEMM).
+    float64 uses the same edges."""
+    return n if n <= SINGLE_BLOCK_MAX_ROWS else SFRIK_BLOCK_ROWS
+
+
 def _block_gram_mean(
-    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool, qspace: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
     callers fold ``2 / n^2`` into their upstream scalar), for ``zhat`` of shape ``(n, q)`` or ``(V, n, q)``
@@ -278,23 +298,25 @@ def _block_gram_mean(
     (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
     block order, no atomics: deterministic.
 
-    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it), the terms of
-    degree <= 2 never need the ``n x n`` Gram: with ``s = Zhat^T 1`` and ``Q = Zhat^T Zhat`` (``q x q``)::
+    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it) the degree-1 term
+    never needs a block: with ``s = Zhat^T 1``, ``sum_ij G_ij = ||s||^2`` and ``sum_j c_1 zhat_j = c_1 s``.
+    The degree-2 term goes one of two ways (``qspace``; None: :func:`use_qspace`):
 
-        sum_ij G_ij = ||s||^2 = S_1,   sum_ij G_ij^2 = ||Q||_F^2 = S_2,
-        sum_j (c_1 + 2 c_2 G_kj) zhat_j = c_1 s + 2 c_2 Q zhat_k
+    * in the blocks (small n per q): each block forms ``d = phi'(G) - c_1`` by Horner's rule and adds
+      ``d Zhat_J`` to R; for L <= 3 with a gradient the value comes from ``d`` once it is spent,
+      ``sum_{k>=2} c_k S_k = sum(G o (d + c_2 G)) / 3`` (``S_k = sum_ij G_ij^k``): three more passes.
+    * in ``q x q`` space (large n per q): with ``Q = Zhat^T Zhat``, ``S_2 = ||Q||_F^2`` and
+      ``sum_j 2 c_2 G_kj zhat_j = 2 c_2 Q zhat_k``, so the blocks carry only
+      ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's degree 3: one elementwise
+      pass per block); with a gradient and degree 3, ``S_3 = <Zhat, (G o G) Zhat>``.  ``S_2`` is split as
+      ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
+      ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).
 
-    so the blocks carry only ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's
-    degree 3: one elementwise pass per block) and, where needed, ``sum_{k>=3} c_k G^k``.  With a
-    gradient and degree 3 the value needs no block pass either: ``R_3 = (G o G) Zhat`` gives
-    ``S_3 = sum_ij G_ij^3 = <Zhat, R_3>``.  Degree <= 2 costs O(n q^2) in all.  ``S_2`` is split as
-    ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
-    ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).  Otherwise
-    (ill-conditioned power basis) every block evaluates the recurrence (:func:`_tile_phi_sum`,
-    :func:`_tile_phi_prime`).
+    Otherwise (ill-conditioned power basis) every block evaluates the recurrence
+    (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).
     """
     if zhat.dim() == 2:
-        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad)
+        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad, qspace)
         return m[0], (None if grad is None else grad[0])
     V, n, q = zhat.shape  # V views, batched through every op
     dt, dev = zhat.dtype, zhat.device
@@ -305,38 +327,39 @@ def _block_gram_mean(
         ms = torch.stack([o[0] for o in outs])
         return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
     c = power
-
-    def scalars(xs):
-        return [torch.tensor(x, dtype=dt, device=dev) for x in xs]
+    qspace = (use_qspace(n, q) if qspace is None else qspace) and L >= 2
 
     def diag(x):
         return x.diagonal(dim1=-2, dim2=-1)
 
-    # Degree <= 2 through s = Zhat^T 1 and Q = Zhat^T Zhat.  S_2 = ||Q||_F^2 is ~n^2/q and cancels
-    # against c_0 n^2 (M is an MMD, ~0 for a uniform batch), so it is split exactly as
-    # S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and (c_0 + c_2/q) n^2 is formed in
-    # float64 on the host: in fp32 the aggregate form would lose the ~1e-8 accuracy of per-entry sums.
     s = zhat.sum(dim=-2)  # (V, q)
     low = s.square().sum(dim=-1) * c[1]
     const = c[0]
-    if L >= 2:
+    if qspace:
+        # S_2 = ||Q||_F^2 is ~n^2/q and cancels against c_0 n^2 (M is an MMD, ~0 for a uniform batch),
+        # so it is split exactly as S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and
+        # (c_0 + c_2/q) n^2 is formed in float64 on the host.
         gq = torch.bmm(zhat.mT, zhat)  # (V, q, q)
         e = gq.clone()
         diag(e).sub_(n / q)
         low = low + (e.square().sum(dim=(-2, -1)) + diag(e).sum(dim=-1) * (2.0 * n / q)) * c[2]
         const = c[0] + c[2] / q
-    grad = None  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j (L >= 3)
+        first = 3  # the blocks carry the degrees >= 3
+    else:
+        first = 2
+    grad = None
     written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
-    value_from_grad = want_grad and L == 3
-    block_value = L >= 3 and not value_from_grad
     total = None
-    if L >= 3:
-        # phi'_3 = t^2 (3 c_3 + 4 c_4 t + ...); sum_{k>=3} c_k G^k = <G, t (0 + c_3 t + c_4 t^2 ...)>
-        dcoef = scalars([0.0, 0.0] + [k * c[k] for k in range(3, L + 1)])
-        vcoef = scalars([0.0, 0.0] + [c[k] for k in range(3, L + 1)])
+    if L >= first:
+        # d = sum_{k>=first} k c_k t^(k-1) = t^(first-1) poly(dcoef);  sum_{k>=first} c_k t^k = t^first poly(vcoef)
+        dcoef = [k * c[k] for k in range(first, L + 1)]
+        vcoef = [c[k] for k in range(first, L + 1)]
+        value_from_dots = want_grad and not qspace and L <= 3
+        value_from_grad = want_grad and qspace and L == 3
+        block_value = not (value_from_dots or value_from_grad)
         starts = list(range(0, n, block))
         nb = len(starts)
-        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if block_value else None
+        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if not value_from_grad else None
         weights = []
         # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
         # page faults each time).
@@ -352,36 +375,46 @@ def _block_gram_mean(
                 p = buffer_view(pbuf, V * r, cc).view(V, r, cc)
                 weights.append(1.0 if s1_ == s0 else 2.0)
                 if block_value:
-                    sums[k] = _horner(g, vcoef, p).mul_(g).sum(dim=(-2, -1))  # torch.sum: cascade
-                k += 1
+                    # sum_{k>=first} c_k G^k = sum(G^first poly(vcoef)); torch.sum's cascade keeps fp32
+                    # sums of ~1e5 terms accurate (a GEMV-style dot loses ~1e-4 here)
+                    _t_poly(g, vcoef, p)
+                    for _ in range(first - 1):
+                        p.mul_(g)
+                    sums[k] = p.sum(dim=(-2, -1))
                 if want_grad:
                     if grad is None:
                         grad = torch.empty_like(zhat)
-                    d = torch.mul(g, g, out=p) if L == 3 else _horner(g, dcoef, p)
+                    if qspace:
+                        d = torch.mul(g, g, out=p) if L == 3 else _t_poly(g, dcoef, p).mul_(g)
+                    else:
+                        d = _t_poly(g, dcoef, p)
                     grad[:, s0 : s0 + block].baddbmm_(d, zj, beta=1.0 if s0 in written else 0.0)
                     written.add(s0)
                     if s1_ != s0:
                         grad[:, s1_ : s1_ + block].baddbmm_(d.mT, zi, beta=1.0 if s1_ in written else 0.0)
                         written.add(s1_)
-        if block_value:
-            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
-        elif value_from_grad:
+                    if value_from_dots:  # d is spent: sum_{k=2..3} c_k S_k = sum(G o (d + c_2 G)) / 3
+                        sums[k] = d.add_(g, alpha=c[2]).mul_(g).sum(dim=(-2, -1)).div_(3.0)
+                k += 1
+        if value_from_grad:
             # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
             total = (zhat * grad).sum(dim=(-2, -1)) * c[3]
+        else:
+            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
     if want_grad:
-        # R = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
-        if grad is None:  # L <= 2: no blocks
-            if L >= 2:
+        # R = block part (scaled by 3 c_3 in q-space at L = 3) [+ 2 c_2 Zhat Q in q-space] + c_1 s
+        if grad is None:  # no blocks: L <= 1, or L = 2 in q-space
+            if qspace:
                 grad = torch.baddbmm(s.mul(c[1]).unsqueeze(-2).expand(V, n, q), zhat, gq, alpha=2.0 * c[2])
             else:
                 grad = s.mul(c[1]).unsqueeze(-2).expand(V, n, q).clone()
         else:
-            grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
+            if qspace:
+                grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
             grad.add_(s.unsqueeze(-2), alpha=c[1])
     total = low if total is None else total + low
     m = total / float(n * n) + const
     return m, grad
-
 
 def _block_gram_mean_recurrence(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
@@ -498,7 +531,7 @@ def legendre_gram_mean(
     n = zhat.shape[0]
     if torch.compiler.is_compiling():
         return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
-    block = min(chunk if chunk is not None else default_block_size(n, zhat.dtype), n)
+    block = min(chunk if chunk is not None else sfrik_block_size(n, zhat.shape[1], zhat.dtype), n)
 
     def one_pass(x, want_grad):  # R = phi'(G) Zhat is (n^2 / 2) dM/dzhat
         m, r = _block_gram_mean(x, b, block, want_grad)
@@ -531,7 +564,7 @@ def legendre_gram_mean_backward(grad: Tensor, z: Tensor, coefficients: Sequence[
     n = zf.shape[-2]
     norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
     zhat = zf / norm.clamp_min(NORM_EPS) if normalize else zf
-    _, r = _block_gram_mean(zhat, tuple(coefficients), default_block_size(n, zhat.dtype), True)
+    _, r = _block_gram_mean(zhat, tuple(coefficients), sfrik_block_size(n, zhat.shape[-1], zhat.dtype), True)
     g = r * (grad.to(zhat.dtype) * (2.0 / float(n * n)))
     return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
 
@@ -621,7 +654,7 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
     za, zb = promote(upcast(z_a), upcast(z_b))
     if gram_mean is None and not eager and not torch.compiler.is_compiling():
         grad_on = torch.is_grad_enabled()
-        block = chunk if chunk is not None else default_block_size(za.shape[0], za.dtype)
+        block = chunk if chunk is not None else sfrik_block_size(*za.shape, za.dtype)
         return _SFRIKLoss.apply(
             za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
             grad_on and za.requires_grad, grad_on and zb.requires_grad,
