@@ -134,8 +134,8 @@ OP_SWEEPS = {
 
 #: The CPU sweep (``benchmarks/cpu_peer.py --sweep``, ``pytest benchmarks --bench-scale full`` on a CPU):
 #: the default call against ``torch.compile`` of the papers' form from small batches up, per loss.  SFRIK's
-#: n x q grid crosses both of the torch tier's size crossovers (one Gram block up to n = 512, the degree-2
-#: term in q x q space from n = 8 q: :mod:`kernelssl.ops.legendre_gram`).
+#: n x q grid crosses both of the torch tier's size crossovers (one Gram block up to n = 256, the degree-2
+#: term in q x q space from n = 16 q: :mod:`kernelssl.ops.legendre_gram`).
 CPU_SWEEP = {
     "sfrik": [{"n": n, "q": q} for n in (256, 512, 1024, 2048, 4096, 16384) for q in (128, 256, 512)],
     "hsic": [{"K": K, "B": B, "d": d, "D": 512} for K in (2, 4) for B in (256, 1024) for d in (128, 256)],
@@ -143,7 +143,7 @@ CPU_SWEEP = {
 }
 #: ``pytest benchmarks --bench-scale smoke``'s SFRIK shapes on each side of those crossovers, small enough for CI:
 #: one block, blocks with the degree-2 term in the blocks, blocks with it in q x q space.
-SFRIK_CROSSOVER_SMOKE = [{"n": 512, "q": 128}, {"n": 520, "q": 128}, {"n": 520, "q": 32}]
+SFRIK_CROSSOVER_SMOKE = [{"n": 256, "q": 128}, {"n": 264, "q": 128}, {"n": 264, "q": 16}]
 
 
 def mec_lambda(m: int, d: int) -> float:

@@ -10,17 +10,18 @@ Two ways to compute the uniformity term
 
 * :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
   Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
-  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks of ~16 MiB (:func:`default_block_size`;
-  G is symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and
-  half the elementwise work).  Each block is read once, while it is in cache, for both the value and
-  -- when a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is
-  accumulated in the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved
-  (``(n, q)``) and scaled by the upstream gradient in the backward: no tile is computed twice.  The
-  polynomial runs in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
-  (:func:`_power_basis`): the terms of degree <= 2 go through ``Zhat^T Zhat`` (``q x q``, no block
-  needed), so a block of the paper's degree 3 costs one elementwise pass (``G o G``) besides its GEMMs;
+  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks (:func:`sfrik_block_size`: the whole Gram up to n = 256,
+  256-row blocks above, so that a block of both views stays in cache for its elementwise passes; G is
+  symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and half
+  the elementwise work).  Each block is read once, while it is in cache, for both the value and -- when
+  a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is accumulated in
+  the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved (``(n, q)``)
+  and scaled by the upstream gradient in the backward: no tile is computed twice.  The polynomial runs
+  in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
+  (:func:`_power_basis`); its degree-2 term goes into ``q x q`` space (``Zhat^T Zhat``) from n = 16 q on
+  (:func:`use_qspace`), where two ``n q^2`` GEMMs cost less than three elementwise passes per block;
   otherwise each block runs the three-term recurrence.  The SFRIK loss (:func:`sfrik_loss`) wraps the
-  normalisation, the MSE and both M's in one Function with a hand-written backward.
+  row prescaling, the normalisation, the MSE and both M's in one Function with a hand-written backward.
   Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
   graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
@@ -94,12 +95,17 @@ DEFAULT_TILE_ELEMENTS = 1 << 23
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
 POWER_BASIS_MAX_GROWTH = 16.0
 
-#: :func:`use_qspace`'s crossover: the degree-2 term goes through ``q x q`` space at ``n >= 8 q``
-#: (measured on the CPU, docs/benchmarks.md).
-QSPACE_MIN_ROWS_PER_COLUMN = 8
+#: :func:`use_qspace`'s crossover: the degree-2 term goes through ``q x q`` space at ``n >= 16 q``.  Measured on
+#: the 2-core CPU (1 thread, fp32, both views, forward+backward of the blocked pass; docs/benchmarks.md): in
+#: the blocks is faster at n = 2048, q = 128 (40.3 against 41.3 ms) and every larger q; q x q space at n = 1024,
+#: q = 64 (5.7 against 6.0 ms); the two are within 1% at n = 4096 and 8192, q = 128.
+QSPACE_MIN_ROWS_PER_COLUMN = 16
 #: :func:`sfrik_block_size`: one block (the whole Gram) up to this n, blocks of ``SFRIK_BLOCK_ROWS`` above.
-SINGLE_BLOCK_MAX_ROWS = 512
-SFRIK_BLOCK_ROWS = 512
+#: Measured as above: 256-row blocks beat 512 and larger ones at every n from 512 to 8192 (n = 512, q = 64:
+#: 1.5 against 3.4 ms; n = 2048, q = 256: 75 against 77 (512) and 131 ms (one block)), except n = 2048,
+#: q = 512 (151 against 146 ms for 512).
+SINGLE_BLOCK_MAX_ROWS = 256
+SFRIK_BLOCK_ROWS = 256
 
 def _check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
