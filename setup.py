@@ -36,8 +36,9 @@ setup(
             "hypothesis>=6.100",
             "scipy>=1.10",
             "ruff>=0.17,<0.18",  # .ci/run lints with it (ruff.toml); a minor release may add checks
+            "matplotlib>=3.5",  # the plots of python -m kernelssl.bench (README's install gives them)
         ],
-        # python -m kernelssl.bench writes its plots with matplotlib (skipped with a note without it)
+        # python -m kernelssl.bench alone (a user who needs no tests): its plots
         "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["kernelssl-train = kernelssl.train:main",

@@ -7,8 +7,8 @@ on the same inputs, and measures peak extra memory.  Scales (``--bench-scale``; 
 :mod:`kernelssl.bench.cases`'s):
 
 * ``smoke`` (the default on a CPU; CI): small shapes, so the benchmarks never rot.
-* ``full`` (CPU): the CPU target shapes of ``python -m kernelssl.bench`` (MEC m=1024, d=256, order 4;
-  SFRIK n=2048, q=256, and n=16384, q=64; HSIC N=4096).
+* ``full`` (CPU): the CPU sweep of :data:`kernelssl.bench.cases.CPU_SWEEP` (SFRIK n from 256 to 16384 x
+  q in {128, 256, 512}, across the torch tier's size crossovers; SSL-HSIC K x B x d; MEC m x d).
 * ``paper`` (the default on CUDA): the papers' shapes and the op sweeps; adds ``torch.compile`` of
   the torch path.
 

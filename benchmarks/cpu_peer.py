@@ -8,11 +8,14 @@ Implementations, timed on the same inputs, interleaved (every repeat runs each o
   :mod:`kernelssl.bench.cases` (``sfrik_loss(eager=True)``, ``rff_hsic_eager``,
   ``mec_loss(eager=True)`` of :mod:`kernelssl.ops`), wrapped here.  Its compile time (the first
   call's wall time) is reported separately.
-* ``default`` -- the library's default call: ``SFRIKLoss()(za, zb)``, ``HSICLoss()(views,
-  features=maps)`` (the same maps as the peer), ``MECLoss()(za, zb, ta, tb)``.
+* ``default`` -- the library's default call: ``SFRIKLoss()(za, zb)``, ``HSICLoss()(views)`` (drawing
+  its own features, as in a training step; the agreement check uses the peer's maps),
+  ``MECLoss()(za, zb, ta, tb)``.
 * ``compiled``-- ``torch.compile`` of that default call (``--compiled``).
 * ``gemm``    -- the essential matrix products alone, forward+backward: the ``limit`` row of
-  :func:`kernelssl.bench.cases.limit_products` (shared with ``python -m kernelssl.bench``).
+  :func:`kernelssl.bench.cases.limit_products` (shared with ``python -m kernelssl.bench``): the fastest
+  of aten, compiled and (symmetric Grams) triangle products; ``limit_fault`` marks a row where another
+  implementation ran faster than it.
 
 Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of one forward+backward
 (:func:`kernelssl.bench.measure.peak_extra_bytes`), for ``default`` and the un-compiled papers' form
@@ -21,12 +24,14 @@ Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of 
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/cpu_peer.py --loss sfrik --shape n=4096,q=128 --dtype float32 --repeats 11
+    PYTHONPATH=. python benchmarks/cpu_peer.py --loss sfrik --sweep --threads 2 1 --json sweep.jsonl   # the docs' table
 
 The machine is shared: read ratios, not absolute times.
 """
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -39,7 +44,10 @@ def parse_shape(text: str) -> dict:
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
 
-def default_call(loss: str, shape: dict, device):
+def default_call(loss: str, shape: dict, device, *, draw: bool = True):
+    """The library's default call.  HSIC: ``HSICLoss()`` drawing its own features (``draw``; what a user's
+    training step runs), or with the peer's maps (``draw=False``: the same loss value, for the agreement
+    check)."""
     if loss == "sfrik":
         crit = SFRIKLoss()
         return lambda za, zb: crit(za, zb)
@@ -47,6 +55,8 @@ def default_call(loss: str, shape: dict, device):
         crit = MECLoss()
         return lambda za, zb, pa, pb: crit(za, zb, pa, pb)
     crit = HSICLoss(num_features=C.hsic_features(shape))
+    if draw:
+        return lambda views: crit(views, view_dim=0)
     maps = C.hsic_maps(shape, device=device)
     return lambda views: crit(views, view_dim=0, features=maps)
 
@@ -56,32 +66,23 @@ def step(fn, inputs, is_loss: bool = True):
     return (lambda: C.forward_backward(fn, inputs)) if is_loss else (lambda: fn(*inputs))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--loss", choices=("sfrik", "hsic", "mec"), required=True)
-    p.add_argument("--shape", required=True, help="e.g. n=4096,q=128 | K=4,B=1024,d=256,D=512 | m=1024,d=256")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--repeats", type=int, default=11)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-peer", action="store_true", help="skip the compiled papers' form")
-    p.add_argument("--compiled", action="store_true", help="also time torch.compile of the default call")
-    p.add_argument("--memory", action="store_true", help="peak extra memory of default and eager (one call each)")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype)
-    shape = parse_shape(a.shape)
+def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, threads: int = 2,
+             peer: bool = True, compiled: bool = False, memory: bool = False) -> dict:
+    """One row: median (and min) ms of the default call, the compiled papers' form (``peer``) and the
+    limit (``gemm``), their ratios, the limit's chosen products and both loss values."""
+    torch.set_num_threads(threads)
     device = torch.device("cpu")
-    inputs = C.make_inputs(a.loss, shape, dtype=dtype)
-    if a.loss == "hsic":  # unit rows (the papers' code normalises before the loss; HSICLoss() does so
+    inputs = C.make_inputs(loss, shape, dtype=dtype)
+    if loss == "hsic":  # unit rows (the papers' code normalises before the loss; HSICLoss() does so
         # inside): both then compute the same loss, the default call including its normalisation
         inputs = (torch.nn.functional.normalize(inputs[0].detach(), dim=-1).requires_grad_(),)
-    impls = C.implementations(a.loss, shape, device=device)
-    fns = {"default": default_call(a.loss, shape, device)}
-    if not a.no_peer:
+    impls = C.implementations(loss, shape, device=device)
+    fns = {"default": default_call(loss, shape, device)}
+    if peer:
         fns["peer"] = torch.compile(impls["eager"])
-    if a.compiled:
-        fns["compiled"] = torch.compile(default_call(a.loss, shape, device))
-    fns["gemm"] = C.limit_products(a.loss, shape)
+    if compiled:
+        fns["compiled"] = torch.compile(default_call(loss, shape, device))
+    fns["gemm"] = C.limit_products(loss, shape)
     steps = {name: step(fn, inputs, name != "gemm") for name, fn in fns.items()}
     # warm-up (compiles); the first call of a compiled function is its compile time
     compile_s = {}
@@ -90,27 +91,76 @@ def main(argv=None) -> None:
         if name in ("peer", "compiled"):
             compile_s[name] = t
         Ms.warm_up(fn, device)
-    # agreement with the papers' form (a fast wrong answer must not look good)
+    # agreement with the papers' form on the same maps (a fast wrong answer must not look good)
     ref = C.forward_backward(impls["eager"], inputs).item()
-    got = C.forward_backward(fns["default"], inputs).item()
-    times = Ms.interleaved(steps, device, repeats=a.repeats)
+    got = C.forward_backward(default_call(loss, shape, device, draw=False), inputs).item()
+    times = Ms.interleaved(steps, device, repeats=repeats)
     med = {name: Ms.median(ts) * 1e3 for name, ts in times.items()}
-    row = {"loss": a.loss, "shape": a.shape, "dtype": a.dtype, "threads": a.threads, "repeats": a.repeats}
-    row.update({f"{k}_ms": round(v, 2) for k, v in med.items()})
+    row = {"loss": loss, "shape": ",".join(f"{k}={v}" for k, v in shape.items()), "dtype": str(dtype)[6:],
+           "threads": threads, "repeats": repeats}
+    row.update({f"{k}_ms": round(v, 3) for k, v in med.items()})
+    row.update({f"{k}_min_ms": round(min(ts) * 1e3, 3) for k, ts in times.items()})
     if "peer" in med:
         row["peer/default"] = round(med["peer"] / med["default"], 2)
     if "compiled" in med and "peer" in med:
         row["peer/compiled"] = round(med["peer"] / med["compiled"], 2)
     if "gemm" in med:
         row["default/gemm"] = round(med["default"] / med["gemm"], 2)
+        row["limit_impl"] = fns["gemm"].chosen
+        row["limit_fault"] = any(med[k] < med["gemm"] for k in med if k != "gemm")
     row.update({f"compile_{k}_s": round(v, 1) for k, v in compile_s.items()})
     row["loss_default"], row["loss_eager"] = got, ref
-    if a.memory:
+    if memory:
         fns_mem = {"default": fns["default"], "eager": impls["eager"]}
         for name, fn in fns_mem.items():
             b = Ms.peak_extra_bytes(step(fn, inputs), device)
             row[f"mem_{name}_MiB"] = None if b is None else round(b / 2**20, 1)
-    print(row, flush=True)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The docs' CPU table: one line per (loss, shape, threads)."""
+    out = ["| loss | shape | threads | default ms | compiled papers' form ms | limit ms (products) "
+           "| compiled / default |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ratio = r.get("peer/default")
+        flag = " **limit fault**" if r.get("limit_fault") else ""
+        peer = r.get("peer_ms", float("nan"))
+        out.append(f"| {r['loss']} | {r['shape']} | {r['threads']} | {r['default_ms']:.2f} | {peer:.2f} "
+                   f"| {r['gemm_ms']:.2f} ({r.get('limit_impl')}){flag} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loss", choices=("sfrik", "hsic", "mec"), required=True)
+    p.add_argument("--shape", help="e.g. n=4096,q=128 | K=4,B=1024,d=256,D=512 | m=1024,d=256")
+    p.add_argument("--sweep", action="store_true", help="every shape of kernelssl.bench.cases.CPU_SWEEP[loss]")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="one or more thread counts")
+    p.add_argument("--no-peer", action="store_true", help="skip the compiled papers' form")
+    p.add_argument("--compiled", action="store_true", help="also time torch.compile of the default call")
+    p.add_argument("--memory", action="store_true", help="peak extra memory of default and eager (one call each)")
+    p.add_argument("--json", help="append each row to this JSON-lines file")
+    a = p.parse_args(argv)
+    if a.sweep == bool(a.shape):
+        p.error("give exactly one of --shape and --sweep")
+    if a.repeats < 1 or min(a.threads) < 1:
+        p.error("--repeats and --threads must be >= 1")
+    shapes = C.CPU_SWEEP[a.loss] if a.sweep else [parse_shape(a.shape)]
+    rows = []
+    for shape in shapes:
+        for threads in a.threads:
+            row = run_case(a.loss, shape, dtype=getattr(torch, a.dtype), repeats=a.repeats, threads=threads,
+                           peer=not a.no_peer, compiled=a.compiled, memory=a.memory)
+            rows.append(row)
+            print(row, flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    if len(rows) > 1 and not a.no_peer:
+        print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from kernelssl.bench.measure import bench_device, peak_extra_bytes, sync
 
 _THREE = ("hsic", "sfrik", "mec")
 SHAPES = {
-    "smoke": {loss: [C.SUITE_SMOKE_SHAPES[loss]] for loss in _THREE},
-    # the CPU targets of python -m kernelssl.bench, and SFRIK at a large n and small q
-    "full": {loss: [C.TARGET_SHAPES["cpu"][loss]] + ([{"n": 16384, "q": 64}] if loss == "sfrik" else [])
-             for loss in _THREE},
+    # small shapes, and SFRIK on each side of the torch tier's size crossovers
+    "smoke": {loss: [C.SUITE_SMOKE_SHAPES[loss]] + (C.SFRIK_CROSSOVER_SMOKE if loss == "sfrik" else [])
+              for loss in _THREE},
+    # the CPU sweep (docs/benchmarks.md's CPU table): from small batches up, across the crossovers
+    "full": {loss: C.CPU_SWEEP[loss] for loss in _THREE},
     "paper": {loss: [C.PAPER_SHAPES[loss]] for loss in _THREE},
 }
 DTYPES = {"smoke": [torch.float32], "full": [torch.float32], "paper": [torch.float32, torch.bfloat16]}

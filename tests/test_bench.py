@@ -230,3 +230,87 @@ def test_mode_steps():
             assert not out.requires_grad
     with pytest.raises(ValueError, match="mode"):
         Ms.mode_step(fn, (x,), "sideways", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the limit row: the fastest of several implementations of the essential products
+
+
+def test_limit_picks_the_fastest_candidate_per_shape_and_drops_a_failing_one():
+    import time
+
+    calls = []
+
+    def slow(x):
+        calls.append(("slow", x.shape[0]))
+        time.sleep(0.002 if x.shape[0] == 4 else 0.0)
+        return x
+
+    def fast_at_4(x):
+        calls.append(("fast", x.shape[0]))
+        time.sleep(0.0 if x.shape[0] == 4 else 0.002)
+        return x
+
+    def broken(x):
+        raise RuntimeError("simulated compile failure")
+
+    lim = C.FastestOf({"slow": slow, "fast": fast_at_4, "broken": broken})
+    lim(torch.zeros(4))
+    assert lim.chosen == "fast" and set(lim.trial_ms) == {"slow", "fast"}
+    lim(torch.zeros(8))  # a new shape: chosen again
+    assert lim.chosen == "slow"
+    calls.clear()
+    lim(torch.zeros(4))  # a known shape: the winner only, no trials
+    assert calls == [("fast", 4)] and lim.chosen == "fast"
+    with pytest.raises(RuntimeError, match="simulated"):
+        C.FastestOf({"broken": broken})(torch.zeros(2))
+
+
+@pytest.mark.parametrize("n,block", [(7, 3), (8, 4), (5, 16)])
+def test_symmetric_gram_products_equal_the_full_ones(n, block):
+    z = torch.randn(n, 3, dtype=torch.float64)
+    torch.testing.assert_close(C.symmetric_gram_products(z, block), (z @ z.T) @ z, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["sfrik", "uniformity", "mec", "hsic"])
+def test_limit_candidates_compute_the_same_products(loss):
+    shape = C.SMOKE_SHAPES[loss][0]
+    lim = C.limit_products(loss, shape)
+    inputs = C.make_inputs(loss, shape, dtype=torch.float64)
+    outs = {name: fn(*inputs) for name, fn in lim.candidates.items()}
+    assert set(outs) == ({"aten", "compiled", "symmetric"} if loss in ("sfrik", "uniformity") else {"aten", "compiled"})
+    ref = outs.pop("aten")
+    for name, out in outs.items():
+        for a, b in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=f"{loss} {name}")
+
+
+def test_a_row_faster_than_its_limit_is_a_fault_of_the_limit():
+    def row(impl, ms):
+        return {"loss": "sfrik", "dtype": "fp32", "shape_str": "n=8,q=4", "impl": impl, "status": "ok",
+                "median_ms": ms, "min_ms": ms, "peak_extra_mb": None, "target": True, "shape": {"n": 8, "q": 4},
+                "batch": 8}
+
+    rows = [row("eager", 4.0), row("kernelssl", 1.0), row("eager-compiled", 3.0), row("limit", 2.0)]
+    report.add_ratios(rows)
+    faults = {r["impl"]: r["limit_fault"] for r in rows}
+    assert faults == {"eager": False, "kernelssl": True, "eager-compiled": False, "limit": False}
+    result = {"env": {"device": "cpu", "device_type": "cpu", "cpu_count": 2, "torch_threads": 2, "torch": "x",
+                      "triton": None, "kernelssl": "x", "date": "d"},
+              "rows": rows, "checks": [], "wall_s": 1.0, "config": {"quick": True}}
+    assert "LIMIT FAULT: sfrik fp32 n=8,q=4 kernelssl" in report.summary(result)
+    assert "**limit fault**" in report.markdown(result)
+
+
+def test_readme_install_gives_the_bench_its_plots():
+    """README's install command names extras of setup.py that include matplotlib (python -m kernelssl.bench's
+    plots)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', (root / "README.md").read_text()).group(1).split(",")
+    setup = (root / "setup.py").read_text()
+    block = setup[setup.index("extras_require"):]
+    named = {m.group(1): m.group(2) for m in re.finditer(r'"(\w+)": \[(.*?)\]', block, re.S)}
+    assert any("matplotlib" in named[e] for e in extras), (extras, named)

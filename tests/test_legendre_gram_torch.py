@@ -187,6 +187,54 @@ def test_sfrik_loss_gradcheck(eager):
     )
 
 
+# Every path of the eager blocked pass: the degree-2 term in the blocks or in q x q space, one block or
+# several (n = 19 is no multiple of 5), every degree, with and without the gradient formed in the forward.
+@pytest.mark.parametrize("qspace", [False, True])
+@pytest.mark.parametrize("block", [19, 5])
+@pytest.mark.parametrize("L", [1, 2, 3, 5])
+@pytest.mark.parametrize("want_grad", [False, True])
+def test_block_gram_mean_every_path(qspace, block, L, want_grad):
+    b = _coeffs(L, L)
+    z = torch.nn.functional.normalize(_z(19, 6, L), dim=-1)
+    m, r = S._block_gram_mean(torch.stack([z, z.flip(0) * -1.0]), b, block, want_grad, qspace)
+    for v, zv in enumerate((z, z.flip(0) * -1.0)):
+        zn = to_numpy(zv)
+        assert_close(m[v], R.gram_mean(zn, b), **F64, name=f"M view {v}")
+        if want_grad:  # R = (n^2 / 2) dM/dzhat
+            g_ref = R.gram_mean_grad(zn, b, normalize=False) * (19**2 / 2)
+            assert_close(r[v], g_ref, **F64, name=f"R view {v}")
+        else:
+            assert r is None
+
+
+@pytest.mark.parametrize("n,q", [(S.SINGLE_BLOCK_MAX_ROWS, 96), (S.SINGLE_BLOCK_MAX_ROWS + 1, 96),
+                                 (S.SINGLE_BLOCK_MAX_ROWS + 1, 32), (S.SINGLE_BLOCK_MAX_ROWS, 32)])
+def test_default_call_either_side_of_the_crossovers(n, q):
+    """The sizes where the default call changes path (one block -> blocks at n = SINGLE_BLOCK_MAX_ROWS + 1,
+    the degree-2 term into q x q space at n >= QSPACE_MIN_ROWS_PER_COLUMN q): the same results, fp32 and
+    float64, on both sides."""
+    assert S.use_qspace(n, q) == (n >= S.QSPACE_MIN_ROWS_PER_COLUMN * q)
+    assert S.sfrik_block_size(n, q) == (n if n <= S.SINGLE_BLOCK_MAX_ROWS else S.SFRIK_BLOCK_ROWS)
+    za, zb = _z(n, q, 1), _z(n, q, 2)
+    m64, g64 = _m_and_grad(S.legendre_gram_mean, za, coefficients=B3)
+    m_ref, g_ref = R.gram_mean(R.normalize(to_numpy(za)), B3), 2.5 * R.gram_mean_grad(to_numpy(za), B3)
+    assert_close(m64, m_ref, **F64, name="M float64")
+    assert_close(g64, g_ref, **F64, name="dM/dz float64")
+    m32, g32 = _m_and_grad(S.legendre_gram_mean, za.float(), coefficients=B3)
+    assert_close(m32, m64, rtol=FP32_RTOL_M, atol=0, name="M fp32")
+    gmax = float(g64.abs().max())
+    assert_close(g32, g64, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name="dM/dz fp32")
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    fa, fb = za.float().requires_grad_(True), zb.float().requires_grad_(True)
+    (2.5 * S.sfrik_loss(ta, tb)[0]).backward()
+    loss32 = S.sfrik_loss(fa, fb)[0]
+    (2.5 * loss32).backward()
+    assert_close(loss32, S.sfrik_loss(za, zb)[0], rtol=FP32_RTOL_M, atol=0, name="loss fp32")
+    for name, g32_, g64_ in (("dz_a", fa.grad, ta.grad), ("dz_b", fb.grad, tb.grad)):
+        gmax = float(g64_.abs().max())
+        assert_close(g32_, g64_, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"{name} fp32")
+
+
 def test_fp32_vs_float64():
     n, q = 64, 32
     za, zb = _z(n, q, 8), _z(n, q, 9)

@@ -132,6 +132,20 @@ OP_SWEEPS = {
 }
 
 
+#: The CPU sweep (``benchmarks/cpu_peer.py --sweep``, ``pytest benchmarks --bench-scale full`` on a CPU):
+#: the default call against ``torch.compile`` of the papers' form from small batches up, per loss.  SFRIK's
+#: n x q grid crosses both of the torch tier's size crossovers (one Gram block up to n = 256, the degree-2
+#: term in q x q space from n = 16 q: :mod:`kernelssl.ops.legendre_gram`).
+CPU_SWEEP = {
+    "sfrik": [{"n": n, "q": q} for n in (256, 512, 1024, 2048, 4096, 16384) for q in (128, 256, 512)],
+    "hsic": [{"K": K, "B": B, "d": d, "D": 512} for K in (2, 4) for B in (256, 1024) for d in (128, 256)],
+    "mec": [{"m": m, "d": d} for m in (256, 1024, 2048) for d in (128, 512)],
+}
+#: ``pytest benchmarks --bench-scale smoke``'s SFRIK shapes on each side of those crossovers, small enough for CI:
+#: one block, blocks with the degree-2 term in the blocks, blocks with it in q x q space.
+SFRIK_CROSSOVER_SMOKE = [{"n": 256, "q": 128}, {"n": 264, "q": 128}, {"n": 264, "q": 16}]
+
+
 def mec_lambda(m: int, d: int) -> float:
     """``d / (64 m)``: the MEC op's lambda in the op benchmarks and the performance model."""
     return d / (64.0 * m)
@@ -400,69 +414,153 @@ def precision_loss(loss: str, precision: str, shape: dict, *, device="cpu", seed
 # the limit: the op's essential matrix products alone
 
 
+class FastestOf:
+    """``fn(*inputs)`` that runs the fastest of several implementations of the same products: on the first
+    call with inputs of a new shape and dtype each candidate is timed on them (one warm-up call -- a
+    compiled candidate compiles there --, then the best of :data:`LIMIT_TRIALS` calls, interleaved) and
+    every call with such inputs runs the winner.  :attr:`chosen` names the last winner, :attr:`trial_ms`
+    holds each candidate's best time there.  A candidate that raises (a compile failure, an out of memory)
+    drops out; if all do, the last error propagates."""
+
+    def __init__(self, candidates: dict[str, Callable[..., object]]):
+        self.candidates = candidates
+        self.chosen: str | None = None
+        self.trial_ms: dict[str, float] = {}
+        self._by_key: dict[tuple, str] = {}
+
+    def __call__(self, *inputs):
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs if isinstance(x, torch.Tensor))
+        if key not in self._by_key:
+            self._by_key[key] = self._choose(inputs)
+        self.chosen = self._by_key[key]
+        return self.candidates[self.chosen](*inputs)
+
+    def _choose(self, inputs) -> str:
+        import time
+
+        from .measure import free_gpu_memory, sync
+
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        live, error = {}, None
+        for name, fn in self.candidates.items():
+            try:
+                fn(*inputs)
+                live[name] = fn
+            except (RuntimeError, MemoryError) as exc:  # compile failures and OOMs are RuntimeErrors
+                error = exc
+        if not live:
+            free_gpu_memory()
+            raise error  # type: ignore[misc]
+        best = {name: float("inf") for name in live}
+        for _ in range(LIMIT_TRIALS):
+            for name, fn in live.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn(*inputs)
+                sync(device)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        self.trial_ms = {name: t * 1e3 for name, t in best.items()}
+        return min(best, key=best.get)  # type: ignore[arg-type]
+
+
+#: Timed calls per candidate when :class:`FastestOf` chooses the limit's implementation.
+LIMIT_TRIALS = 3
+#: Block edge of the symmetric Gram product of the limit (:func:`symmetric_gram_products`).
+LIMIT_BLOCK = 512
+
+
+def symmetric_gram_products(z: torch.Tensor, block: int = LIMIT_BLOCK) -> torch.Tensor:
+    """``G = Z Z^T`` over its upper triangle of ``(block, block)`` blocks and ``R = G' Z`` for a dense
+    symmetric ``G'`` (G itself stands in for it): ``R_I += G_IJ Z_J``, ``R_J += G_IJ^T Z_I``.  Half the
+    Gram GEMM of the full products, all of the gradient's; returns R."""
+    n = z.shape[0]
+    r = torch.zeros_like(z)
+    for i in range(0, n, block):
+        zi = z[i : i + block]
+        for j in range(i, n, block):
+            zj = z[j : j + block]
+            g = zi @ zj.T
+            r[i : i + block].addmm_(g, zj)
+            if j != i:
+                r[j : j + block].addmm_(g.T, zi)
+    return r
+
+
 def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     """``fn(*inputs)``: the matrix products the loss's forward+backward cannot avoid, on the same
     inputs in their dtype, without autograd -- the time a fused implementation would approach if
-    everything else were free.  (Not a loss: ``fn`` returns the last product.)
+    everything else were free.  (Not a loss: ``fn`` returns the last product.)  A :class:`FastestOf`
+    the products through aten (``"aten"``), under ``torch.compile`` (``"compiled"``) and, where the
+    Gram matrix is symmetric (SFRIK, uniformity), over its upper triangle (``"symmetric"``,
+    :func:`symmetric_gram_products`): the fastest way this device does them, so that the row is a
+    lower bound.  The bench reports any row faster than its limit as a fault of the limit.
 
     * hsic: the two projections ``X W_A^T``, ``X W_B^T`` (N x d x D each), the cross-covariance
       ``Phi_B^T Phi_A`` (D x N x D); backward ``Phi_B C``, ``Phi_A C^T`` (N x D x D) and
       ``dU_A W_A + dU_B W_B`` (N x D x d, two).
-    * sfrik: per view, ``G = Z Z^T`` (n x q x n) and the backward ``G' Z`` (n x n x q).
+    * sfrik: per view, ``G = Z Z^T`` (n x q x n; symmetric: half of it is needed) and the backward
+      ``G' Z`` (n x n x q).
     * mec (order 4, both directions; in min(m, d) space like the library, s = min(m, d)):
       ``C = A B^T`` (s x max x s), ``C^2`` (one s^3, the forward's only power), ``C^3`` (the
       backward's series), and the two gradient products ``S^T B``, ``S A`` (s x s x max).
-    * uniformity: ``G = Z Z^T`` (n x q x n) and the backward ``G' Z`` (n x n x q), one set of
-      embeddings (the full products; an implementation that uses the Gram's symmetry can go below).
+    * uniformity: ``G = Z Z^T`` (n x q x n; symmetric) and the backward ``G' Z`` (n x n x q), one set of
+      embeddings.
     """
     if loss == "hsic":
         maps: dict = {}
 
-        def hsic_limit(views):
-            K, B, d = views.shape
-            x = views.detach().reshape(K * B, d)
-            key = (x.dtype, x.device)
-            if key not in maps:  # the maps, made once (their values do not matter to the time)
-                D = hsic_features(shape)
-                maps[key] = tuple(torch.rand(D, d, device=x.device).to(x.dtype) for _ in range(2))
-            w_a, w_b = maps[key]
-            with torch.no_grad():
-                pa, pb = x @ w_a.T, x @ w_b.T
-                c = pb.T @ pa
-                ga, gb = pb @ c, pa @ c.T
-                return ga @ w_a + gb @ w_b
+        def hsic_limit(products):
+            def fn(views):
+                K, B, d = views.shape
+                x = views.detach().reshape(K * B, d)
+                key = (x.dtype, x.device)
+                if key not in maps:  # the maps, made once (their values do not matter to the time)
+                    D = hsic_features(shape)
+                    maps[key] = tuple(torch.rand(D, d, device=x.device).to(x.dtype) for _ in range(2))
+                return products(x, *maps[key])
 
-        return hsic_limit
-    if loss == "sfrik":
-        def sfrik_limit(za, zb):
-            with torch.no_grad():
-                out = None
-                for z in (za.detach(), zb.detach()):
-                    g = z @ z.T
-                    out = g @ z
-                return out
+            return fn
 
-        return sfrik_limit
-    if loss == "uniformity":
-        def uniformity_limit(z):
-            with torch.no_grad():
+        return FastestOf({"aten": torch.no_grad()(hsic_limit(_hsic_products)),
+                          "compiled": torch.no_grad()(hsic_limit(torch.compile(_hsic_products, dynamic=False)))})
+    if loss in ("sfrik", "uniformity"):
+        def gram_products(*views):
+            out = None
+            for z in views:
                 z = z.detach()
-                return (z @ z.T) @ z
+                out = (z @ z.T) @ z
+            return out
 
-        return uniformity_limit
+        def symmetric(*views):
+            out = None
+            for z in views:
+                out = symmetric_gram_products(z.detach())
+            return out
 
-    def mec_limit(za, zb, pa, pb):
-        out = None
-        with torch.no_grad():
+        aten = gram_products
+    else:
+        def mec_limit(za, zb, pa, pb):
+            out = None
             for a, b in ((pa.detach(), zb.detach()), (pb.detach(), za.detach())):  # both directions
                 if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
                     a, b = a.mT, b.mT
                 c = a @ b.mT
                 c3 = (c @ c) @ c  # C^2 (forward) and C^3 (the backward's series)
                 out = (c3.mT @ b, c3 @ a)  # the two gradient products
-        return out
+            return out
 
-    return mec_limit
+        aten = mec_limit
+    candidates = {"aten": aten, "compiled": torch.compile(aten, dynamic=False)}
+    if loss in ("sfrik", "uniformity"):
+        candidates["symmetric"] = symmetric
+    return FastestOf({name: torch.no_grad()(fn) for name, fn in candidates.items()})
+
+
+def _hsic_products(x: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    pa, pb = x @ w_a.T, x @ w_b.T
+    c = pb.T @ pa
+    ga, gb = pb @ c, pa @ c.T
+    return ga @ w_a + gb @ w_b
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -364,6 +364,8 @@ def _time_rows(loss: str, dtype_name: str, names: tuple[str, ...], impls: dict, 
     for name in list(steps):
         ts = times[name]
         by_name[name].update(median_ms=Ms.median(ts) * 1e3, min_ms=min(ts) * 1e3, repeats=len(ts))
+        if name == "limit" and getattr(impls[name], "chosen", None):  # which products were the fastest
+            by_name[name]["limit_impl"] = impls[name].chosen
         peak = guarded(name, lambda: Ms.peak_extra_bytes(steps[name], device))
         if name in steps:
             by_name[name]["peak_extra_mb"] = None if peak is None else peak / 2**20

@@ -131,16 +131,18 @@ def sfrik_loss(
     mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
     if check_finite:  # before the scaling below, which would spread a NaN over its row
         assert_finite([z_a, z_b], ["z_a", "z_b"])
-    z_a, z_b = prescale_rows(z_a), prescale_rows(z_b)  # both terms normalise the rows
+    # the torch tier outside torch.func transforms: its fused loss (one autograd Function for the
+    # prescaling and normalisation, R and both M's); otherwise the loss formula with M from the picked
+    # implementation, on rows prescaled here (both terms normalise the rows)
+    impl = dispatch.implementation("legendre_gram", backend, z_a, z_b)
+    if impl != "torch":
+        z_a, z_b = prescale_rows(z_a), prescale_rows(z_b)
     if gather_distributed:
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
-    # the torch tier outside torch.func transforms: its fused loss (one autograd Function for the
-    # normalisation, R and both M's); otherwise the loss formula with M from the picked implementation
-    impl = dispatch.implementation("legendre_gram", backend, z_a, z_b)
     gram_mean = None if impl == "torch" else functools.partial(
         gram_mean_impl, normalize=True, backend=backend, input_precision=input_precision, impl=impl)
     loss, mse, mmd_a, mmd_b = _ops.sfrik_loss(z_a, z_b, coefficients=b, sim_weight=sim_weight,
-                                              mmd_weight=mmd_weight, gram_mean=gram_mean)
+                                              mmd_weight=mmd_weight, gram_mean=gram_mean, prescale=impl == "torch")
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)
     return loss

@@ -15,6 +15,7 @@ __all__ = [
     "compute_dtype",
     "promote",
     "prescale_rows",
+    "row_prescale",
     "unit_rows",
     "unit_rows_backward",
     "default_block_size",
@@ -64,13 +65,17 @@ def prescale_rows(x: Tensor) -> Tensor:
     """
     if x.dtype == torch.float16:
         return x
+    return x * row_prescale(x)
+
+
+def row_prescale(x: Tensor) -> Tensor:
+    """The detached factors of :func:`prescale_rows`: ``(..., 1)``, exact powers of two."""
     with torch.no_grad():
         amax = x.detach().abs().amax(dim=-1, keepdim=True)
         # zero rows: log2(0) = -inf -> factor 1; subnormal rows: cap 2^(maxexp - 2), still exact
         cap = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if x.is_floating_point() else 0.0
         e = (-torch.floor(torch.log2(amax))).clamp_max(cap)
-        scale = torch.exp2(torch.where(amax > 0, e, torch.zeros_like(e)))
-    return x * scale
+        return torch.exp2(e.masked_fill_(amax == 0, 0.0))
 
 
 def unit_rows(z: Tensor) -> Tensor:

@@ -10,17 +10,18 @@ Two ways to compute the uniformity term
 
 * :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
   Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
-  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks of ~16 MiB (:func:`default_block_size`;
-  G is symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and
-  half the elementwise work).  Each block is read once, while it is in cache, for both the value and
-  -- when a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is
-  accumulated in the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved
-  (``(n, q)``) and scaled by the upstream gradient in the backward: no tile is computed twice.  The
-  polynomial runs in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
-  (:func:`_power_basis`): the terms of degree <= 2 go through ``Zhat^T Zhat`` (``q x q``, no block
-  needed), so a block of the paper's degree 3 costs one elementwise pass (``G o G``) besides its GEMMs;
+  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks (:func:`sfrik_block_size`: the whole Gram up to n = 256,
+  256-row blocks above, so that a block of both views stays in cache for its elementwise passes; G is
+  symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and half
+  the elementwise work).  Each block is read once, while it is in cache, for both the value and -- when
+  a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is accumulated in
+  the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved (``(n, q)``)
+  and scaled by the upstream gradient in the backward: no tile is computed twice.  The polynomial runs
+  in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
+  (:func:`_power_basis`); its degree-2 term goes into ``q x q`` space (``Zhat^T Zhat``) from n = 16 q on
+  (:func:`use_qspace`), where two ``n q^2`` GEMMs cost less than three elementwise passes per block;
   otherwise each block runs the three-term recurrence.  The SFRIK loss (:func:`sfrik_loss`) wraps the
-  normalisation, the MSE and both M's in one Function with a hand-written backward.
+  row prescaling, the normalisation, the MSE and both M's in one Function with a hand-written backward.
   Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
   graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
@@ -54,6 +55,7 @@ accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -63,10 +65,11 @@ from .._checks import check_coefficients, check_int, check_tensor
 from ._common import (
     NORM_EPS,
     buffer_view,
-    default_block_size,
     gradient_in_forward,
+    prescale_rows,
     promote,
     recorded_backward,
+    row_prescale,
     unit_rows,
     unit_rows_backward,
     upcast,
@@ -91,6 +94,18 @@ DEFAULT_TILE_ELEMENTS = 1 << 23
 #: Largest growth of the rounding error of Horner's rule in the power basis over the recurrence's
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
 POWER_BASIS_MAX_GROWTH = 16.0
+
+#: :func:`use_qspace`'s crossover: the degree-2 term goes through ``q x q`` space at ``n >= 16 q``.  Measured on
+#: the 2-core CPU (1 thread, fp32, both views, forward+backward of the blocked pass; docs/benchmarks.md): in
+#: the blocks is faster at n = 2048, q = 128 (40.3 against 41.3 ms) and every larger q; q x q space at n = 1024,
+#: q = 64 (5.7 against 6.0 ms); the two are within 1% at n = 4096 and 8192, q = 128.
+QSPACE_MIN_ROWS_PER_COLUMN = 16
+#: :func:`sfrik_block_size`: one block (the whole Gram) up to this n, blocks of ``SFRIK_BLOCK_ROWS`` above.
+#: Measured as above: 256-row blocks beat 512 and larger ones at every n from 512 to 8192 (n = 512, q = 64:
+#: 1.5 against 3.4 ms; n = 2048, q = 256: 75 against 77 (512) and 131 ms (one block)), except n = 2048,
+#: q = 512 (151 against 146 ms for 512).
+SINGLE_BLOCK_MAX_ROWS = 256
+SFRIK_BLOCK_ROWS = 256
 
 def _check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
@@ -224,6 +239,7 @@ def default_chunk_size(n: int) -> int:
     return max(1, min(n, DEFAULT_TILE_ELEMENTS // max(n, 1)))
 
 
+@functools.lru_cache(maxsize=64)  # pure Python, per call otherwise: ~20 us of a 0.6 ms small-batch step
 def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
     """``(c_0, ..., c_L)`` with ``phi(t) = sum_k c_k t^k`` (float64 arithmetic), or None where Horner's
     rule in that basis could be much less accurate than the recurrence.
@@ -257,19 +273,33 @@ def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
     return tuple(coeffs)
 
 
-def _horner(g: Tensor, h: list[Tensor], out: Tensor) -> Tensor:
-    """``sum_k h[k] g^k`` elementwise into ``out`` (``h`` 0-dim tensors), one fused multiply-add pass
-    per degree."""
-    if len(h) == 1:
-        return out.copy_(h[0])
-    torch.addcmul(h[-2], g, h[-1], out=out)
-    for hk in reversed(h[:-2]):
-        torch.addcmul(hk, g, out, out=out)
+def _t_poly(g: Tensor, coeffs: Sequence[float], out: Tensor) -> Tensor:
+    """``g * sum_k coeffs[k] g^k`` elementwise into ``out`` (Python-float coefficients), by Horner's rule:
+    two in-place passes per degree (a multiply by a Python scalar and an add are faster on the CPU than
+    ``addcmul`` with 0-dim tensors)."""
+    torch.mul(g, coeffs[-1], out=out)
+    for ck in reversed(coeffs[:-1]):
+        out.add_(ck).mul_(g)
     return out
 
 
+def use_qspace(n: int, q: int) -> bool:
+    """Whether :func:`_block_gram_mean` carries the terms of degree <= 2 in ``q x q`` space (two extra
+    ``n q^2`` GEMMs, one elementwise pass per block) rather than in the blocks (no extra GEMM, about four
+    more elementwise passes per block entry): at ``n >= QSPACE_MIN_ROWS_PER_COLUMN * q``."""
+    return n >= QSPACE_MIN_ROWS_PER_COLUMN * q
+
+
+def sfrik_block_size(n: int, q: int, dtype: torch.dtype = torch.float32) -> int:
+    """Edge T of the ``(T, T)`` Gram blocks of the eager torch path: the whole Gram (one block) up to
+    ``n = SINGLE_BLOCK_MAX_ROWS``; above, :data:`SFRIK_BLOCK_ROWS` rows (a block pair of both views
+    stays in the CPU's cache for its elementwise passes, and the upper triangle halves the Gram GEMM).
+    float64 uses the same edges."""
+    return n if n <= SINGLE_BLOCK_MAX_ROWS else SFRIK_BLOCK_ROWS
+
+
 def _block_gram_mean(
-    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
+    zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool, qspace: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
     callers fold ``2 / n^2`` into their upstream scalar), for ``zhat`` of shape ``(n, q)`` or ``(V, n, q)``
@@ -278,23 +308,25 @@ def _block_gram_mean(
     (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
     block order, no atomics: deterministic.
 
-    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it), the terms of
-    degree <= 2 never need the ``n x n`` Gram: with ``s = Zhat^T 1`` and ``Q = Zhat^T Zhat`` (``q x q``)::
+    In the power basis ``phi(t) = sum_k c_k t^k`` (when :func:`_power_basis` allows it) the degree-1 term
+    never needs a block: with ``s = Zhat^T 1``, ``sum_ij G_ij = ||s||^2`` and ``sum_j c_1 zhat_j = c_1 s``.
+    The degree-2 term goes one of two ways (``qspace``; None: :func:`use_qspace`):
 
-        sum_ij G_ij = ||s||^2 = S_1,   sum_ij G_ij^2 = ||Q||_F^2 = S_2,
-        sum_j (c_1 + 2 c_2 G_kj) zhat_j = c_1 s + 2 c_2 Q zhat_k
+    * in the blocks (small n per q): each block forms ``d = phi'(G) - c_1`` by Horner's rule and adds
+      ``d Zhat_J`` to R; for L <= 3 with a gradient the value comes from ``d`` once it is spent,
+      ``sum_{k>=2} c_k S_k = sum(G o (d + c_2 G)) / 3`` (``S_k = sum_ij G_ij^k``): three more passes.
+    * in ``q x q`` space (large n per q): with ``Q = Zhat^T Zhat``, ``S_2 = ||Q||_F^2`` and
+      ``sum_j 2 c_2 G_kj zhat_j = 2 c_2 Q zhat_k``, so the blocks carry only
+      ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's degree 3: one elementwise
+      pass per block); with a gradient and degree 3, ``S_3 = <Zhat, (G o G) Zhat>``.  ``S_2`` is split as
+      ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
+      ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).
 
-    so the blocks carry only ``phi'_3(t) = sum_{k>=3} k c_k t^(k-1)`` (``3 c_3 G o G`` for the paper's
-    degree 3: one elementwise pass per block) and, where needed, ``sum_{k>=3} c_k G^k``.  With a
-    gradient and degree 3 the value needs no block pass either: ``R_3 = (G o G) Zhat`` gives
-    ``S_3 = sum_ij G_ij^3 = <Zhat, R_3>``.  Degree <= 2 costs O(n q^2) in all.  ``S_2`` is split as
-    ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
-    ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).  Otherwise
-    (ill-conditioned power basis) every block evaluates the recurrence (:func:`_tile_phi_sum`,
-    :func:`_tile_phi_prime`).
+    Otherwise (ill-conditioned power basis) every block evaluates the recurrence
+    (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).
     """
     if zhat.dim() == 2:
-        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad)
+        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad, qspace)
         return m[0], (None if grad is None else grad[0])
     V, n, q = zhat.shape  # V views, batched through every op
     dt, dev = zhat.dtype, zhat.device
@@ -305,38 +337,39 @@ def _block_gram_mean(
         ms = torch.stack([o[0] for o in outs])
         return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
     c = power
-
-    def scalars(xs):
-        return [torch.tensor(x, dtype=dt, device=dev) for x in xs]
+    qspace = (use_qspace(n, q) if qspace is None else qspace) and L >= 2
 
     def diag(x):
         return x.diagonal(dim1=-2, dim2=-1)
 
-    # Degree <= 2 through s = Zhat^T 1 and Q = Zhat^T Zhat.  S_2 = ||Q||_F^2 is ~n^2/q and cancels
-    # against c_0 n^2 (M is an MMD, ~0 for a uniform batch), so it is split exactly as
-    # S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and (c_0 + c_2/q) n^2 is formed in
-    # float64 on the host: in fp32 the aggregate form would lose the ~1e-8 accuracy of per-entry sums.
     s = zhat.sum(dim=-2)  # (V, q)
     low = s.square().sum(dim=-1) * c[1]
     const = c[0]
-    if L >= 2:
+    if qspace:
+        # S_2 = ||Q||_F^2 is ~n^2/q and cancels against c_0 n^2 (M is an MMD, ~0 for a uniform batch),
+        # so it is split exactly as S_2 = n^2/q + ||E||_F^2 + 2 (n/q) tr E with E = Q - (n/q) I, and
+        # (c_0 + c_2/q) n^2 is formed in float64 on the host.
         gq = torch.bmm(zhat.mT, zhat)  # (V, q, q)
         e = gq.clone()
         diag(e).sub_(n / q)
         low = low + (e.square().sum(dim=(-2, -1)) + diag(e).sum(dim=-1) * (2.0 * n / q)) * c[2]
         const = c[0] + c[2] / q
-    grad = None  # first the block part R_3 = sum_j phi'_3(G_kj) zhat_j (L >= 3)
+        first = 3  # the blocks carry the degrees >= 3
+    else:
+        first = 2
+    grad = None
     written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
-    value_from_grad = want_grad and L == 3
-    block_value = L >= 3 and not value_from_grad
     total = None
-    if L >= 3:
-        # phi'_3 = t^2 (3 c_3 + 4 c_4 t + ...); sum_{k>=3} c_k G^k = <G, t (0 + c_3 t + c_4 t^2 ...)>
-        dcoef = scalars([0.0, 0.0] + [k * c[k] for k in range(3, L + 1)])
-        vcoef = scalars([0.0, 0.0] + [c[k] for k in range(3, L + 1)])
+    if L >= first:
+        # d = sum_{k>=first} k c_k t^(k-1) = t^(first-1) poly(dcoef);  sum_{k>=first} c_k t^k = t^first poly(vcoef)
+        dcoef = [k * c[k] for k in range(first, L + 1)]
+        vcoef = [c[k] for k in range(first, L + 1)]
+        value_from_dots = want_grad and not qspace and L <= 3
+        value_from_grad = want_grad and qspace and L == 3
+        block_value = not (value_from_dots or value_from_grad)
         starts = list(range(0, n, block))
         nb = len(starts)
-        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if block_value else None
+        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if not value_from_grad else None
         weights = []
         # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
         # page faults each time).
@@ -352,36 +385,48 @@ def _block_gram_mean(
                 p = buffer_view(pbuf, V * r, cc).view(V, r, cc)
                 weights.append(1.0 if s1_ == s0 else 2.0)
                 if block_value:
-                    sums[k] = _horner(g, vcoef, p).mul_(g).sum(dim=(-2, -1))  # torch.sum: cascade
-                k += 1
+                    # sum_{k>=first} c_k G^k = sum(G^first poly(vcoef)); torch.sum's cascade keeps fp32
+                    # sums of ~1e5 terms accurate (a GEMV-style dot loses ~1e-4 here)
+                    _t_poly(g, vcoef, p)
+                    for _ in range(first - 1):
+                        p.mul_(g)
+                    sums[k] = p.sum(dim=(-2, -1))
                 if want_grad:
                     if grad is None:
                         grad = torch.empty_like(zhat)
-                    d = torch.mul(g, g, out=p) if L == 3 else _horner(g, dcoef, p)
+                    if qspace:
+                        d = torch.mul(g, g, out=p) if L == 3 else _t_poly(g, dcoef, p).mul_(g)
+                    else:
+                        d = _t_poly(g, dcoef, p)
                     grad[:, s0 : s0 + block].baddbmm_(d, zj, beta=1.0 if s0 in written else 0.0)
                     written.add(s0)
                     if s1_ != s0:
                         grad[:, s1_ : s1_ + block].baddbmm_(d.mT, zi, beta=1.0 if s1_ in written else 0.0)
                         written.add(s1_)
-        if block_value:
-            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
-        elif value_from_grad:
+                    if value_from_dots:  # d is spent: sum_{k=2..3} c_k S_k = sum(G o (d + c_2 G)) / 3
+                        sums[k] = d.add_(g, alpha=c[2]).mul_(g).sum(dim=(-2, -1)).div_(3.0)
+                k += 1
+        if value_from_grad:
             # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
             total = (zhat * grad).sum(dim=(-2, -1)) * c[3]
+        elif nb == 1:
+            total = sums[0]
+        else:
+            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
     if want_grad:
-        # R = phi'_3-part (scaled by 3 c_3 when L = 3) + 2 c_2 Zhat Q + c_1 s
-        if grad is None:  # L <= 2: no blocks
-            if L >= 2:
+        # R = block part (scaled by 3 c_3 in q-space at L = 3) [+ 2 c_2 Zhat Q in q-space] + c_1 s
+        if grad is None:  # no blocks: L <= 1, or L = 2 in q-space
+            if qspace:
                 grad = torch.baddbmm(s.mul(c[1]).unsqueeze(-2).expand(V, n, q), zhat, gq, alpha=2.0 * c[2])
             else:
                 grad = s.mul(c[1]).unsqueeze(-2).expand(V, n, q).clone()
         else:
-            grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
+            if qspace:
+                grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
             grad.add_(s.unsqueeze(-2), alpha=c[1])
     total = low if total is None else total + low
     m = total / float(n * n) + const
     return m, grad
-
 
 def _block_gram_mean_recurrence(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
@@ -499,7 +544,7 @@ def legendre_gram_mean(
     n = zhat.shape[0]
     if torch.compiler.is_compiling():
         return _LegendreGramMean.apply(zhat, b, chunk if chunk is not None else default_chunk_size(n))
-    block = min(chunk if chunk is not None else default_block_size(n, zhat.dtype), n)
+    block = min(chunk if chunk is not None else sfrik_block_size(n, zhat.shape[1], zhat.dtype), n)
 
     def one_pass(x, want_grad):  # R = phi'(G) Zhat is (n^2 / 2) dM/dzhat
         m, r = _block_gram_mean(x, b, block, want_grad)
@@ -532,7 +577,7 @@ def legendre_gram_mean_backward(grad: Tensor, z: Tensor, coefficients: Sequence[
     n = zf.shape[-2]
     norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
     zhat = zf / norm.clamp_min(NORM_EPS) if normalize else zf
-    _, r = _block_gram_mean(zhat, tuple(coefficients), default_block_size(n, zhat.dtype), True)
+    _, r = _block_gram_mean(zhat, tuple(coefficients), sfrik_block_size(n, zhat.shape[-1], zhat.dtype), True)
     g = r * (grad.to(zhat.dtype) * (2.0 / float(n * n)))
     return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
 
@@ -560,51 +605,68 @@ class _SFRIKLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b):  # type: ignore[override]
+    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b, prescale):  # type: ignore[override]
         z = torch.stack([za, zb])  # (2, n, q): both views through every op at once
+        scale = row_prescale(z) if prescale else None  # exact powers of two (prescale_rows)
+        if scale is not None:
+            z.mul_(scale)
         norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        y = z / norm.clamp_min(NORM_EPS)
+        y = z.div_(norm.clamp_min(NORM_EPS))
         # one view frozen: its R is formed too (rare; the batched ops stay batched)
         m, grad = _block_gram_mean(y, b, block, want_a or want_b)
         diff = y[0] - y[1]
         mse = diff.square().mean()
         loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
         if grad is not None:
-            ctx.save_for_backward(y, diff, norm, grad, za, zb)
+            ctx.save_for_backward(y, diff, norm, grad, scale, za, zb)
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
         ctx.b = b
+        ctx.set_materialize_grads(False)  # outputs nothing depends on (mse, mmd_a, mmd_b) cost no op
         return loss, mse, m[0], m[1]
 
     @staticmethod
     def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
-        y, diff, norm, grad, za, zb = ctx.saved_tensors
+        y, diff, norm, grad, scale, za, zb = ctx.saved_tensors
         sim_weight, mmd_weight = ctx.weights
         if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
             def eager(a, b):
                 return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
             grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
-            return *grads, None, None, None, None, None, None
+            return *grads, None, None, None, None, None, None, None
         with torch.no_grad():
-            return _SFRIKLoss._backward(ctx, y, diff, norm, grad, g_loss, g_mse, g_a, g_b)
+            return _SFRIKLoss._backward(ctx, y, diff, norm, grad, scale, g_loss, g_mse, g_a, g_b)
 
     @staticmethod
-    def _backward(ctx, y, diff, norm, grad, g_loss, g_mse, g_a, g_b):
+    def _backward(ctx, y, diff, norm, grad, scale, g_loss, g_mse, g_a, g_b):
         sim_weight, mmd_weight = ctx.weights
         _, n, q = y.shape
-        c_diff = (g_mse + g_loss * sim_weight) * (2.0 / float(n * q))  # upstream of R, times dR/d(diff)
-        c_m = (torch.stack([g_a, g_b]) + g_loss * (mmd_weight * 0.5)) * (2.0 / float(n * n))
-        gy = grad * c_m.view(2, 1, 1)
-        gy.addcmul_(diff, torch.stack([c_diff, -c_diff]).view(2, 1, 1))
+        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dR/d(diff) and dM/dy per unit of R
+        c_diff = None if g_loss is None else g_loss * (sim_weight * k_r)  # upstream of R, times dR/d(diff)
+        if g_mse is not None:
+            c_diff = g_mse * k_r if c_diff is None else c_diff + g_mse * k_r
+        if g_a is None and g_b is None:  # the usual case: only the loss is used
+            gy = torch.zeros_like(grad) if g_loss is None else grad * (g_loss * (mmd_weight * 0.5 * k_m))
+        else:
+            zero = (g_a if g_a is not None else g_b).new_zeros(())
+            c_m = torch.stack([g_a if g_a is not None else zero, g_b if g_b is not None else zero])
+            if g_loss is not None:
+                c_m = c_m + g_loss * (mmd_weight * 0.5)
+            gy = grad * (c_m * k_m).view(2, 1, 1)
+        if c_diff is not None:
+            gy[0].addcmul_(diff, c_diff)
+            gy[1].addcmul_(diff, c_diff, value=-1.0)
         dz = unit_rows_backward(gy, y, norm)
+        if scale is not None:
+            dz.mul_(scale)
         want_a, want_b = ctx.wants
-        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None
+        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
 
 
 def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
                sim_weight: float = 4000.0, mmd_weight: float = 1.0, eager: bool = False,
                chunk_size: int | None = None, gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               prescale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SFRIK loss on two raw ``(n, q)`` views, normalised inside::
 
         loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2
@@ -624,6 +686,9 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
             place of the blocked torch path: :func:`kernelssl.functional.sfrik_loss` passes the
             implementation :mod:`kernelssl.dispatch` picked (the fused kernel reads the rows in their
             own dtype, bf16/fp16 on tensor cores).
+        prescale: first multiply every row by an exact power of two
+            (:func:`~kernelssl.ops._common.prescale_rows`: no overflow or underflow in the norms; the
+            result is otherwise bitwise the same), inside the fused Function on both views at once.
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
@@ -636,11 +701,14 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
     za, zb = promote(upcast(z_a), upcast(z_b))
     if gram_mean is None and not eager and not torch.compiler.is_compiling():
         grad_on = torch.is_grad_enabled()
-        block = chunk if chunk is not None else default_block_size(za.shape[0], za.dtype)
+        block = chunk if chunk is not None else sfrik_block_size(*za.shape, za.dtype)
         return _SFRIKLoss.apply(
             za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
-            grad_on and za.requires_grad, grad_on and zb.requires_grad,
+            grad_on and za.requires_grad, grad_on and zb.requires_grad, prescale,
         )
+    if prescale:
+        za, zb = prescale_rows(za), prescale_rows(zb)
+        z_a, z_b = za, zb
     za, zb = unit_rows(za), unit_rows(zb)
     mse = (za - zb).pow(2).mean()
     if gram_mean is not None:
