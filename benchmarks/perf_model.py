@@ -396,17 +396,40 @@ def run(headline: bool = False, ops=OPS) -> list[dict]:
     return cases
 
 
+def run_cases(wanted: list[dict]) -> list[dict]:
+    """:func:`model_case` of each ``{op, shape, dtype}`` (``shape`` completed from :data:`PAPER`); a case
+    that raises is ``{op, shape, dtype, error}`` and the others go on."""
+    cases = []
+    for w in wanted:
+        s = {**PAPER[w["op"]], **w["shape"]}
+        try:
+            cases.append(model_case(w["op"], s, w["dtype"]))
+        except Exception as exc:  # one shape the model cannot price must not cost the others
+            cases.append({"op": w["op"], "shape": s, "dtype": w["dtype"], "error": f"{type(exc).__name__}: {exc}"})
+    return cases
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write every case (with its launches) to this JSON file")
     p.add_argument("--headline", action="store_true", help="the papers' shapes only")
     p.add_argument("--op", action="append", choices=OPS, help="only these ops (repeatable)")
+    p.add_argument("--cases", default=None,
+                   help="a JSON file [{op, shape, dtype}]: model these cases instead (shape: the op's keys, "
+                   "as in the JSON this writes; a case that fails is a row with its error)")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=0: the kernels are compiled for sm_90, not interpreted")
-    cases = run(a.headline, tuple(a.op) if a.op else OPS)
+    if a.cases:
+        with open(a.cases) as f:
+            cases = run_cases(json.load(f))
+    else:
+        cases = run(a.headline, tuple(a.op) if a.op else OPS)
     print("PREDICTED (static model, H200 ceilings; not measured)")
-    print(table(cases))
+    print(table([c for c in cases if "error" not in c]))
+    for c in cases:
+        if "error" in c:
+            print(f"{c['op']} {c['shape']} {c['dtype']}: not modelled: {c['error']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"predicted": True, "ceilings": LC.H200, "rates": LC.RATES, "limit_rates": LC.LIMIT_RATES,
