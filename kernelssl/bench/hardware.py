@@ -31,7 +31,6 @@ Sources (dense rates, no structured sparsity; bandwidth the datasheet's peak, ex
 from __future__ import annotations
 
 from ..triton.offline import SM90
-from ..triton.offline import occupancy as _nvidia_occupancy
 
 _NVIDIA_SM = {"regs_per_sm": 65536, "threads_per_sm": 2048, "smem_reserved": 1024, "blocks_per_sm": 32,
               "warp_size": 32}
@@ -41,8 +40,10 @@ _NVIDIA_SM = {"regs_per_sm": 65536, "threads_per_sm": 2048, "smem_reserved": 102
 #: ``fp32_matrix`` the fp32 x fp32 matrix-unit rate where there is one, else None: "ieee" products then
 #: run on the FMA units), ``bandwidth`` (byte/s), ``sms`` (SMs or CUs) and the limits on resident
 #: programs; ``fp32_precisions``: the ``input_precision`` s the model prices fp32 products at, the
-#: target's default first (MI300X: candidates, the default not yet fixed by the precision policy; the
-#: RTX 4090 also at ``"ieee"``: its TF32 rate is its FP32 rate, so three TF32 products cost 3x).
+#: target's default first (that of :mod:`kernelssl.triton.targets`' precision policy: ``"tf32x3"`` on
+#: sm_80+, ``"ieee"`` on CDNA, whose matrix cores take fp32; MI300X also at ``"bf16x6"``, faster there
+#: but not within 2x of fp32's error on every op; the RTX 4090 also at ``"ieee"``: its TF32 rate is its
+#: FP32 rate, so three TF32 products cost 3x).
 TARGETS = {
     "h200": {"name": "H200 SXM", "arch": "sm_90", "source": "measured bf16 and copy; datasheet FMA",
              "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "fp32_matrix": None, "bandwidth": 4.3e12,
@@ -60,7 +61,7 @@ TARGETS = {
                 "blocks_per_sm": 24, "smem_per_sm": 102400, "smem_per_block": 101376},
     "mi300x": {"name": "Instinct MI300X", "arch": "gfx942", "source": "datasheet",
                "bf16": 1307.4e12, "tf32": 653.7e12, "fma": 81.7e12, "fp32_matrix": 163.4e12, "bandwidth": 5.3e12,
-               "fp32_precisions": ("bf16x3", "bf16x6", "ieee"), "sms": 304, "warp_size": 64, "simds": 4,
+               "fp32_precisions": ("ieee", "bf16x6"), "sms": 304, "warp_size": 64, "simds": 4,
                "vgprs_per_lane": 512, "vgpr_unit": 8, "waves_per_simd": 8, "smem_per_sm": 65536,
                "smem_per_block": 65536, "smem_reserved": 0},
 }
@@ -87,15 +88,21 @@ def rates(t: dict, fp32_precision: str) -> dict:
 def occupancy(t: dict, regs: int, warps: int, shared: int) -> int:
     """Resident programs per SM (CU) of a variant with ``regs`` registers per thread, ``warps`` warps
     of 32 threads (as compiled for sm_90) and ``shared`` bytes of shared memory; 0 where it exceeds the
-    target's per-block shared memory.  NVIDIA: :func:`kernelssl.triton.offline.occupancy` with the
-    target's limits.  AMD (wave64): the program's ``warps`` waves of 64 threads hold the same tiles,
-    so about half the registers per thread (``regs / 2`` taken, rounded up to the allocation unit; a
-    proxy until the variant is compiled for the target); ``floor(simds x waves per SIMD / warps)``
-    programs, waves per SIMD ``min(8, 512 / registers)``, and the LDS."""
-    if t["warp_size"] == 32:
-        return _nvidia_occupancy(regs, warps, shared, t)
-    if shared > t["smem_per_block"]:
+    target's per-block shared memory.  NVIDIA: the arithmetic of :func:`kernelssl.triton.offline.occupancy`
+    (registers allocated per warp in units of 256, threads, shared memory with 1 KiB reserved per
+    program, programs per SM) under the target's limits.  AMD (wave64): the program's ``warps`` waves
+    of 64 threads hold the same tiles, so about half the registers per thread (``regs / 2`` taken,
+    rounded up to the allocation unit; a proxy until the variant is compiled for the target);
+    ``floor(simds x waves per SIMD / warps)`` programs, waves per SIMD ``min(8, 512 / registers)``,
+    and the LDS."""
+    if shared > t.get("smem_per_block", t["smem_per_sm"] - t["smem_reserved"]):
         return 0
+    if t["warp_size"] == 32:
+        per_warp = -(-max(regs, 1) * 32 // 256) * 256
+        by_regs = t["regs_per_sm"] // (per_warp * warps)
+        by_threads = t["threads_per_sm"] // (32 * warps)
+        by_smem = t["smem_per_sm"] // (shared + t["smem_reserved"])
+        return max(0, min(t["blocks_per_sm"], by_regs, by_threads, by_smem))
     unit = t["vgpr_unit"]
     vgprs = -(-max(-(-regs // 2), 1) // unit) * unit
     waves = min(t["waves_per_simd"], t["vgprs_per_lane"] // vgprs)

@@ -141,17 +141,14 @@ def compile_all(calls, ones_from: int | None = None) -> list[dict]:
     return out
 
 
-def occupancy(regs: int, warps: int, shared: int, limits: dict = SM90) -> int:
+def occupancy(regs: int, warps: int, shared: int) -> int:
     """Resident programs per SM of an sm_90 variant with ``regs`` registers per thread (allocated per
-    warp in units of 256), ``warps`` warps and ``shared`` bytes of shared memory (:data:`SM90`; another
-    NVIDIA target's ``limits``, with the same keys and ``smem_per_block``, for the performance model)."""
+    warp in units of 256), ``warps`` warps and ``shared`` bytes of shared memory (:data:`SM90`)."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    if shared > limits.get("smem_per_block", limits["smem_per_sm"] - limits["smem_reserved"]):
-        return 0
-    by_regs = limits["regs_per_sm"] // (per_warp * warps)
-    by_threads = limits["threads_per_sm"] // (32 * warps)
-    by_smem = limits["smem_per_sm"] // (shared + limits["smem_reserved"])
-    return max(0, min(limits["blocks_per_sm"], by_regs, by_threads, by_smem))
+    by_regs = SM90["regs_per_sm"] // (per_warp * warps)
+    by_threads = SM90["threads_per_sm"] // (32 * warps)
+    by_smem = SM90["smem_per_sm"] // (shared + SM90["smem_reserved"])
+    return max(0, min(SM90["blocks_per_sm"], by_regs, by_threads, by_smem))
 
 
 def programs_per_sm(row: dict) -> int:
