@@ -75,6 +75,7 @@ DRY_BIG_SFRIK = {"n": 24, "q": 4}
 DRY_MODEL_LOSS = "uniformity"
 DRY_CKA_SHAPE = {"n": 96, "dx": 8, "dy": 4}
 RESERVE_S = 10.0  # kept for writing the files at the end
+MODEL_WAIT_S = 120.0  # the most the rows wait for the model after the tests (its big SFRIK case: ~15 s)
 FILES = ("session.json", "session.md", "tests.log", "model.json", "speedup.png")
 
 
@@ -187,11 +188,11 @@ def finish_model(s: Session, started, tmp: Path) -> dict:
     """Wait for the model (within the budget) and read its predictions: ``{(loss, shape key, dtype): case}``."""
     proc, log = started
     try:
-        rc = proc.wait(timeout=max(1.0, s.left() - RESERVE_S))
+        rc = proc.wait(timeout=max(1.0, min(MODEL_WAIT_S, s.left() - RESERVE_S)))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise RuntimeError("the model did not finish within the budget") from None
+        raise RuntimeError("the model did not finish in time: no predictions") from None
     finally:
         log.close()
     if rc != 0:
@@ -458,7 +459,7 @@ def main(argv=None) -> int:
         s.data["steps"]["device"] = {"status": "error", "error": "no CUDA device (use --dry-run on a CPU)"}
         s.write()
         return 1
-    device = torch.device("cpu" if a.dry_run else "cuda")
+    device = torch.device("cpu") if a.dry_run else torch.device("cuda", torch.cuda.current_device())
     if a.dry_run:
         shapes = {loss: dict(DRY_SHAPES[loss]) for loss in C.LOSSES}
         big, cka_shape, tests = DRY_BIG_SFRIK, DRY_CKA_SHAPE, DRY_TESTS

@@ -51,6 +51,10 @@ Ceilings (:data:`H200`): bf16 dense 790 TFLOP/s and copy 4.3 TB/s counting read 
 an H200), TF32 half of bf16, fp32 FMA 67 TFLOP/s (datasheet), 132 SMs, 3 us per launch (GPU-side
 gap and ramp; the host is assumed to keep ahead).
 
+Other GPUs (:func:`on_target`, :func:`limit_rates`): a priced row moved to a target of
+:data:`kernelssl.bench.hardware.TARGETS` (datasheet ceilings), its products at the target's rates and
+fp32 precision, its programs per SM from its sm_90 resources under the target's limits.
+
 The cost functions follow the kernels in :mod:`kernelssl.triton`: a kernel change that changes its
 work changes its function here (``tests/test_perf_model.py`` checks the flops against an independent
 count and the units against the compiled PTX).
