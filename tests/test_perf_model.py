@@ -287,6 +287,18 @@ def test_target_occupancy():
     assert HW.occupancy(mi, 64, 4, 65 * 1024) == 0
 
 
+def test_target_occupancy_on_sm90_is_the_kernels_own():
+    """On the sm_90 targets the model's occupancy is the one the launch configurations use
+    (:func:`kernelssl.triton.offline.occupancy`), over registers, warps and shared memory up to past
+    the per-block limit (the arithmetic is written in both places; this holds them together)."""
+    for key in ("h200", "h100"):
+        for regs in (1, 32, 64, 96, 128, 168, 200, 255):
+            for warps in (1, 2, 4, 8, 16):
+                for shared in (0, 1024, 49152, 98304, 116736, 232448, 232449, 240000):
+                    assert HW.occupancy(HW.TARGETS[key], regs, warps, shared) == LC.occupancy(regs, warps, shared), (
+                        key, regs, warps, shared)
+
+
 def test_target_rates_and_limits():
     """Per target: tf32x3 a third of TF32, bf16x3 / bf16x6 a third / a sixth of bf16, "ieee" on the fp32
     matrix units where there are some (MI300X), else the FMA units; a precision the target lacks raises
