@@ -46,6 +46,7 @@ import os
 import torch
 
 from kernelssl.bench import cases as C
+from kernelssl.bench import hardware as HW
 from kernelssl.bench import launch_costs as LC
 
 OPS = tuple(C.OPS.values())  # rff_hsic, legendre_gram, taylor_logdet, gaussian_gram
@@ -372,6 +373,46 @@ def model_case(op: str, s: dict, dtype_name: str) -> dict:
     }
 
 
+def target_case(case: dict, key: str, fp32_precision: str) -> dict:
+    """A modelled case (:func:`model_case`: its launches as recorded and compiled for sm_90) priced on
+    target ``key`` of :data:`kernelssl.bench.hardware.TARGETS`, fp32 products at ``fp32_precision``
+    (:func:`kernelssl.bench.launch_costs.on_target`): predicted, limit and eager ms, the main launches'
+    worst wave efficiency, and the launches whose shared memory does not fit the target."""
+    t = HW.TARGETS[key]
+    rows = [LC.on_target(r, t, fp32_precision, case["precision"]) for r in case["launch_rows"]]
+    eager = [LC.on_target(r, t, fp32_precision, None) for r in case["eager_rows"]]
+    lim = 1e3 * LC.limit_time(case["op"], case["shape"], getattr(torch, case["dtype"]), t, fp32_precision)
+    calls = case["shape"].get("views", 1)
+    main = [o for o, r in zip(rows, case["launch_rows"]) if r["flops"] > 0.1 * case["flops"] / calls]
+    predicted = 1e3 * sum(o["time"] for o in rows)
+    return {"target": key, "name": t["name"], "arch": t["arch"], "precision": fp32_precision,
+            "predicted_ms": predicted, "limit_ms": lim, "ratio": predicted / lim,
+            "eager_ms": 1e3 * sum(o["time"] for o in eager),
+            "min_wave_eff_main": min((o["wave_eff"] for o in main), default=1.0),
+            "fits": all(o["fits"] for o in rows),
+            "unfit": sorted({o["kernel"] for o in rows if not o["fits"]})}
+
+
+def add_targets(cases: list[dict], targets) -> None:
+    """``case["targets"]``: :func:`target_case` on each of ``targets`` at each of its fp32 precisions."""
+    for c in cases:
+        if "error" not in c:
+            c["targets"] = [target_case(c, k, p) for k in targets for p in HW.TARGETS[k]["fp32_precisions"]]
+
+
+def target_table(cases: list[dict]) -> str:
+    head = ("| GPU | op | shape | dtype | fp32 products | predicted ms | limit ms | ratio | eager ms (predicted) | "
+            "wave eff. (main, min) | launches fit |")
+    lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
+    for c in cases:
+        for t in c.get("targets", ()):
+            fit = "yes" if t["fits"] else "NO: " + ", ".join(t["unfit"])
+            lines.append(f"| {t['name']} ({t['arch']}) | {c['op']} | {c['label']} | {c['dtype']} | {t['precision']} | "
+                         f"{t['predicted_ms']:.3f} | {t['limit_ms']:.3f} | {t['ratio']:.2f} | {t['eager_ms']:.3f} | "
+                         f"{100 * t['min_wave_eff_main']:.0f}% | {fit} |")
+    return "\n".join(lines)
+
+
 def _clean(r: dict) -> dict:
     return {k: (list(map(list, v)) if k == "dots" else v) for k, v in r.items()}
 
@@ -396,21 +437,52 @@ def run(headline: bool = False, ops=OPS) -> list[dict]:
     return cases
 
 
+def run_cases(wanted: list[dict]) -> list[dict]:
+    """:func:`model_case` of each ``{op, shape, dtype}`` (``shape`` completed from :data:`PAPER`); a case
+    that raises is ``{op, shape, dtype, error}`` and the others go on."""
+    cases = []
+    for w in wanted:
+        s = {**PAPER[w["op"]], **w["shape"]}
+        try:
+            cases.append(model_case(w["op"], s, w["dtype"]))
+        except Exception as exc:  # one shape the model cannot price must not cost the others
+            cases.append({"op": w["op"], "shape": s, "dtype": w["dtype"], "error": f"{type(exc).__name__}: {exc}"})
+    return cases
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write every case (with its launches) to this JSON file")
     p.add_argument("--headline", action="store_true", help="the papers' shapes only")
     p.add_argument("--op", action="append", choices=OPS, help="only these ops (repeatable)")
+    p.add_argument("--target", action="append", choices=tuple(HW.TARGETS) + ("all",),
+                   help="also price the cases on these GPUs (repeatable; 'all': every one of "
+                   "kernelssl.bench.hardware.TARGETS), datasheet ceilings, predicted")
+    p.add_argument("--cases", default=None,
+                   help="a JSON file [{op, shape, dtype}]: model these cases instead (shape: the op's keys, "
+                   "as in the JSON this writes; a case that fails is a row with its error)")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=0: the kernels are compiled for sm_90, not interpreted")
-    cases = run(a.headline, tuple(a.op) if a.op else OPS)
+    if a.cases:
+        with open(a.cases) as f:
+            cases = run_cases(json.load(f))
+    else:
+        cases = run(a.headline, tuple(a.op) if a.op else OPS)
     print("PREDICTED (static model, H200 ceilings; not measured)")
-    print(table(cases))
+    print(table([c for c in cases if "error" not in c]))
+    targets = tuple(HW.TARGETS) if a.target and "all" in a.target else tuple(a.target or ())
+    if targets:
+        add_targets(cases, targets)
+        print("\nPREDICTED on other GPUs (the same launches, compiled for sm_90; datasheet ceilings; not measured)")
+        print(target_table([c for c in cases if "error" not in c]))
+    for c in cases:
+        if "error" in c:
+            print(f"{c['op']} {c['shape']} {c['dtype']}: not modelled: {c['error']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"predicted": True, "ceilings": LC.H200, "rates": LC.RATES, "limit_rates": LC.LIMIT_RATES,
-                       "cases": cases}, f, indent=1)
+                       "targets": {k: HW.TARGETS[k] for k in targets}, "cases": cases}, f, indent=1)
 
 
 if __name__ == "__main__":

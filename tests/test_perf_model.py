@@ -26,8 +26,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kernelssl.bench import cases as C
+from kernelssl.bench import hardware as HW
 from kernelssl.bench import launch_costs as LC
 from kernelssl.triton.offline import tools_available
 
@@ -56,8 +58,8 @@ def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("perf_model") / "model.json"
     path = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, PERF_MODEL, "--headline", "--json", str(out)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=1800)
+    proc = subprocess.run([sys.executable, PERF_MODEL, "--headline", "--target", "all", "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "PREDICTED" in proc.stdout
     data = json.loads(out.read_text())
@@ -231,3 +233,112 @@ def test_model_sweep_points_are_benchmark_points():
         assert {k: paper[k] for k in C.PAPER_SHAPES[loss_of[op]]} == C.PAPER_SHAPES[loss_of[op]]
         for dim, sizes in PM.MODEL_SWEEP[op].items():
             assert set(sizes) <= set(C.OP_SWEEPS[op][dim]), (op, dim)
+
+
+# ==================================================================================================
+# other GPUs (kernelssl.bench.hardware.TARGETS): the same launches priced on each target
+# ==================================================================================================
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op,dtype", CASES)
+def test_every_target_is_priced(model, op, dtype):
+    """Each case is priced on every target at each of its fp32 precisions; on the H200 the per-target
+    pricing reproduces the model's own numbers (one arithmetic, not two); everywhere the limit stays a
+    lower bound; on both sm_90 targets every launch fits."""
+    case = model[(op, dtype)]
+    got = {(t["target"], t["precision"]): t for t in case["targets"]}
+    assert set(got) == {(k, p) for k, t in HW.TARGETS.items() for p in t["fp32_precisions"]}
+    h200 = got[("h200", "tf32x3")]
+    for field in ("predicted_ms", "limit_ms", "eager_ms", "min_wave_eff_main"):
+        assert h200[field] == pytest.approx(case[field], rel=1e-12), field
+    for (key, prec), t in got.items():
+        assert t["ratio"] >= 1.0 - 1e-9, (key, prec, t)
+        if HW.TARGETS[key]["arch"] == "sm_90":
+            assert t["fits"], (key, t["unfit"])
+
+
+def test_target_table_is_complete():
+    """Every target names its architecture and source and has the ceilings and limits the model reads."""
+    need = {"name", "arch", "source", "bf16", "tf32", "fma", "fp32_matrix", "bandwidth", "sms", "overhead",
+            "smem_per_sm", "warp_size", "fp32_precisions"}
+    assert {"h200", "h100", "a100", "rtx4090", "mi300x"} <= set(HW.TARGETS)
+    for key, t in HW.TARGETS.items():
+        assert need <= set(t), (key, need - set(t))
+        assert t["bf16"] > 0 and t["fma"] > 0 and t["bandwidth"] > 0 and t["sms"] > 0, key
+        for p in t["fp32_precisions"]:  # every precision the model prices exists there
+            assert HW.rates(t, p)["fp32"] > 0, (key, p)
+    assert {t["arch"] for t in HW.TARGETS.values()} == {"sm_90", "sm_80", "sm_89", "gfx942"}
+
+
+def test_target_occupancy():
+    """Programs per SM / CU on hand-checked cases: per-block shared memory (sm_89: 99 KB, gfx942: 64 KB),
+    threads (sm_89: 1536), and AMD's wave64 registers."""
+    a100, ada, mi = HW.TARGETS["a100"], HW.TARGETS["rtx4090"], HW.TARGETS["mi300x"]
+    assert HW.occupancy(HW.TARGETS["h200"], 237, 8, 98304) == LC.occupancy(237, 8, 98304) == 1
+    assert HW.occupancy(a100, 64, 4, 100 * 1024) == 1  # 2 x (100 KiB + 1 KiB) > 164 KiB
+    assert HW.occupancy(a100, 64, 4, 64 * 1024) == 2
+    assert HW.occupancy(ada, 64, 4, 100 * 1024) == 0  # over the 99 KiB a block may have
+    assert HW.occupancy(ada, 64, 4, 98 * 1024) == 1
+    assert HW.occupancy(ada, 32, 4, 0) == 12  # 1536 threads / 128
+    assert HW.occupancy(mi, 128, 8, 0) == 4  # 64 VGPRs a lane: 8 waves a SIMD, 4 SIMDs, 8 waves a program
+    assert HW.occupancy(mi, 255, 4, 0) == 4  # 128 VGPRs: 4 waves a SIMD
+    assert HW.occupancy(mi, 64, 4, 40 * 1024) == 1  # the LDS: 64 KiB a CU
+    assert HW.occupancy(mi, 64, 4, 65 * 1024) == 0
+
+
+def test_target_occupancy_on_sm90_is_the_kernels_own():
+    """On the sm_90 targets the model's occupancy is the one the launch configurations use
+    (:func:`kernelssl.triton.offline.occupancy`), over registers, warps and shared memory up to past
+    the per-block limit (the arithmetic is written in both places; this holds them together)."""
+    for key in ("h200", "h100"):
+        for regs in (1, 32, 64, 96, 128, 168, 200, 255):
+            for warps in (1, 2, 4, 8, 16):
+                for shared in (0, 1024, 49152, 98304, 116736, 232448, 232449, 240000):
+                    assert HW.occupancy(HW.TARGETS[key], regs, warps, shared) == LC.occupancy(regs, warps, shared), (
+                        key, regs, warps, shared)
+
+
+def test_target_rates_and_limits():
+    """Per target: tf32x3 a third of TF32, bf16x3 / bf16x6 a third / a sixth of bf16, "ieee" on the fp32
+    matrix units where there are some (MI300X), else the FMA units; a precision the target lacks raises
+    naming the target; the limit on the H200 target is the model's own limit, and on another target it
+    moves with its rates."""
+    h200, mi = HW.TARGETS["h200"], HW.TARGETS["mi300x"]
+    r = HW.rates(h200, "tf32x3")
+    assert r["fp32"] == r["tf32x3"] == h200["tf32"] / 3 == LC.RATES["tf32x3"] and r["ieee"] == h200["fma"]
+    r = HW.rates(mi, "bf16x6")
+    assert r["fp32"] == mi["bf16"] / 6 and r["bf16x3"] == mi["bf16"] / 3 and r["ieee"] == mi["fp32_matrix"]
+    with pytest.raises(ValueError, match="no-tf32-card"):
+        HW.rates({**h200, "tf32": None, "name": "no-tf32-card"}, "tf32x3")
+    for op in PM.OPS:
+        s = PM.PAPER[op]
+        for dt in (torch.float32, torch.bfloat16):
+            assert LC.limit_time(op, s, dt, h200, "tf32x3") == LC.limit_time(op, s, dt)
+    # SFRIK in fp32 is product-bound: its limit scales with the fp32 class's rate
+    s = PM.PAPER["legendre_gram"]
+    ratio = LC.limit_time("legendre_gram", s, torch.float32, mi, "ieee") / LC.limit_time(
+        "legendre_gram", s, torch.float32)
+    assert ratio == pytest.approx((h200["tf32"] / 3) / mi["fp32_matrix"])
+
+
+def test_on_target_prices_a_launch():
+    """One Triton launch moved to another target: its fp32 products at the target's precision, its
+    programs per SM under the target's limits, its waves on the target's SMs; it does not fit where its
+    shared memory exceeds the target's per block."""
+    row = {"source": "triton", "kernel": "k", "dots": [("tf32x3", 3e9), ("bf16", 1e9)], "aux": 1e6, "bytes": 1e6,
+           "programs": 432, "registers": 128, "warps": 8, "shared": 64 * 1024, "wave_eff": 1.0, "sm_eff": 1.0}
+    h200, a100, ada, mi = (HW.TARGETS[k] for k in ("h200", "a100", "rtx4090", "mi300x"))
+    on = LC.on_target(row, h200, "tf32x3", "tf32x3")
+    per_sm = LC.occupancy(128, 8, 64 * 1024)
+    eff = LC.wave_efficiency(432, per_sm * 132)
+    assert on["per_sm"] == per_sm and on["fits"] and on["wave_eff"] == eff
+    assert on["time"] == pytest.approx(LC.launch_time(row["dots"], 1e6, 1e6, eff, LC.wave_efficiency(432, 132)))
+    on = LC.on_target(row, a100, "tf32x3", "tf32x3")  # 2 programs an SM (registers), 216 slots: 2 waves
+    assert on["per_sm"] == 2 and on["wave_eff"] == 1.0
+    compute = 3e9 / (a100["tf32"] / 3) + 1e9 / a100["bf16"] + 1e6 / a100["fma"]
+    assert on["time"] == pytest.approx(3e-6 + compute)
+    on = LC.on_target(row, mi, "bf16x3", "tf32x3")  # the recorded tf32x3 products become bf16x3
+    compute = 3e9 / (mi["bf16"] / 3) + 1e9 / mi["bf16"] + 1e6 / mi["fma"]
+    assert on["fits"] and on["time"] == pytest.approx(3e-6 + compute / on["wave_eff"])
+    assert not LC.on_target({**row, "shared": 100 * 1024}, ada, "tf32x3", "tf32x3")["fits"]

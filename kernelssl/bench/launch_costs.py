@@ -51,6 +51,10 @@ Ceilings (:data:`H200`): bf16 dense 790 TFLOP/s and copy 4.3 TB/s counting read 
 an H200), TF32 half of bf16, fp32 FMA 67 TFLOP/s (datasheet), 132 SMs, 3 us per launch (GPU-side
 gap and ramp; the host is assumed to keep ahead).
 
+Other GPUs (:func:`on_target`, :func:`limit_rates`): a priced row moved to a target of
+:data:`kernelssl.bench.hardware.TARGETS` (datasheet ceilings), its products at the target's rates and
+fp32 precision, its programs per SM from its sm_90 resources under the target's limits.
+
 The cost functions follow the kernels in :mod:`kernelssl.triton`: a kernel change that changes its
 work changes its function here (``tests/test_perf_model.py`` checks the flops against an independent
 count and the units against the compiled PTX).
@@ -62,13 +66,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..triton.offline import SM90, occupancy, wave_efficiency
+from . import hardware
 
-#: H200 ceilings (see the module doc): rates in flop/s, bandwidth in byte/s (read + write); the limits on
-#: resident programs are sm_90's (:data:`kernelssl.triton.offline.SM90`).
-H200 = {
-    "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "bandwidth": 4.3e12, "sms": SM90["sms"], "overhead": 3e-6,
-    **{k: v for k, v in SM90.items() if k != "sms"},
-}
+#: H200 ceilings (see the module doc; :data:`kernelssl.bench.hardware.TARGETS`' ``"h200"``): rates in
+#: flop/s, bandwidth in byte/s (read + write); the limits on resident programs are sm_90's
+#: (:data:`kernelssl.triton.offline.SM90`).
+H200 = {k: hardware.TARGETS["h200"][k] for k in ("bf16", "tf32", "fma", "bandwidth", "sms", "overhead", *SM90)}
 
 #: rate (flop/s) of a product by how it is executed
 RATES = {
@@ -514,7 +517,44 @@ def essential(op: str, s: dict, dtype) -> tuple[list, float]:
     return prods, 3.0 * P * m * d * es
 
 
-def limit_time(op, s, dtype) -> float:
-    """Seconds of the op's limit: its essential products at their best rates, or its bytes floor."""
+def limit_rates(t: dict, fp32_precision: str) -> dict:
+    """:data:`LIMIT_RATES` on target ``t`` (:data:`kernelssl.bench.hardware.TARGETS`), the fp32 class at
+    ``fp32_precision``'s rate."""
+    return {"half": t["bf16"], "mixed16": t["bf16"] / 2, "mixed32": t["bf16"] / 3,
+            "fp32": hardware.rates(t, fp32_precision)["fp32"]}
+
+
+def limit_time(op, s, dtype, t: dict | None = None, fp32_precision: str = "tf32x3") -> float:
+    """Seconds of the op's limit: its essential products at their best rates, or its bytes floor (on the
+    H200 of :data:`LIMIT_RATES`, or on target ``t`` with fp32 products at ``fp32_precision``)."""
     prods, nbytes = essential(op, s, dtype)
-    return max(sum(f / LIMIT_RATES[c] for c, f in prods), nbytes / H200["bandwidth"])
+    lim, bandwidth = (LIMIT_RATES, H200["bandwidth"]) if t is None else (limit_rates(t, fp32_precision),
+                                                                         t["bandwidth"])
+    return max(sum(f / lim[c] for c, f in prods), nbytes / bandwidth)
+
+
+# ==================================================================================================
+# other GPUs: a priced row moved to another target (its launches and compiled resources kept)
+# ==================================================================================================
+
+
+def on_target(row: dict, t: dict, fp32_precision: str, recorded: str | None) -> dict:
+    """``row`` (a priced launch: :func:`triton_launch_row` or a torch op) priced on target ``t``: its
+    products executed as ``t`` executes them, the ones recorded at the default fp32 precision
+    ``recorded`` at ``fp32_precision`` instead (None: none moved -- the eager form's fp32 matmuls stay
+    "ieee"); a Triton launch's programs per SM from its sm_90 registers, warps and shared memory under
+    ``t``'s limits (:func:`kernelssl.bench.hardware.occupancy`), ``fits`` False where its shared memory
+    exceeds ``t``'s per block (then priced at one program per SM: the launch as recorded cannot run
+    there).  Returns ``{time, wave_eff, per_sm, fits, kernel}``."""
+    unit_rates = hardware.rates(t, fp32_precision)
+    dots = [(fp32_precision if u == recorded else u, f) for u, f in row["dots"]]
+    out = {"kernel": row["kernel"], "fits": True, "per_sm": None, "wave_eff": row["wave_eff"],
+           "sm_eff": row["sm_eff"]}
+    if row["source"] == "triton":
+        per_sm = hardware.occupancy(t, row["registers"], row["warps"], row["shared"])
+        slots = max(per_sm, 1) * t["sms"]
+        out.update(fits=per_sm > 0, per_sm=per_sm, wave_eff=wave_efficiency(row["programs"], slots),
+                   sm_eff=wave_efficiency(row["programs"], t["sms"]))
+    compute = sum(f / unit_rates[u] for u, f in dots) + row["aux"] / t["fma"]
+    out["time"] = t["overhead"] + max(compute / out["wave_eff"], row["bytes"] / (t["bandwidth"] * out["sm_eff"]))
+    return out

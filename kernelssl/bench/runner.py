@@ -427,6 +427,8 @@ def run(cfg: Config) -> dict:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device: expected cpu (no CUDA device is available here), got {cfg.device!r}")
+        if device.index is None:  # set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # CUDA events and peak memory are per current device
     dtypes = cfg.dtypes or (("fp32", "bf16") if device.type == "cuda" else ("fp32",))
     for d in dtypes:
