@@ -30,7 +30,7 @@ from kernelssl import train
 from kernelssl.train import data as D
 
 TINY_RUN = ["--epochs", "1", "--batch-size", "8", "--width", "4", "--proj-hidden", "16", "--proj-dim", "8",
-            "--pred-hidden", "16", "--num-features", "16", "--workers", "0", "--threads", "1", "--no-progress",
+            "--workers", "0", "--threads", "1", "--no-progress",
             "--knn-k", "3"]
 
 
