@@ -489,7 +489,8 @@ def symmetric_gram_products(z: torch.Tensor, block: int = LIMIT_BLOCK) -> torch.
 def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     """``fn(*inputs)``: the matrix products the loss's forward+backward cannot avoid, on the same
     inputs in their dtype, without autograd -- the time a fused implementation would approach if
-    everything else were free.  (Not a loss: ``fn`` returns the last product.)  A :class:`FastestOf`
+    everything else were free.  (Not a loss: ``fn`` returns the products, every one, so that no compiled
+    candidate can drop one as dead code.)  A :class:`FastestOf`
     the products through aten (``"aten"``), under ``torch.compile`` (``"compiled"``) and, where the
     Gram matrix is symmetric (SFRIK, uniformity), over its upper triangle (``"symmetric"``,
     :func:`symmetric_gram_products`): the fastest way this device does them, so that the row is a
@@ -524,30 +525,25 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
         return FastestOf({"aten": torch.no_grad()(hsic_limit(_hsic_products)),
                           "compiled": torch.no_grad()(hsic_limit(torch.compile(_hsic_products, dynamic=False)))})
     if loss in ("sfrik", "uniformity"):
+        # every product is returned: a compiled candidate must not drop one as dead code
         def gram_products(*views):
-            out = None
-            for z in views:
-                z = z.detach()
-                out = (z @ z.T) @ z
-            return out
+            return tuple((z @ z.T) @ z for z in (v.detach() for v in views))
 
         def symmetric(*views):
-            out = None
-            for z in views:
-                out = symmetric_gram_products(z.detach())
-            return out
+            return tuple(symmetric_gram_products(v.detach()) for v in views)
 
         aten = gram_products
     else:
         def mec_limit(za, zb, pa, pb):
-            out = None
+            out = []
             for a, b in ((pa.detach(), zb.detach()), (pb.detach(), za.detach())):  # both directions
                 if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
                     a, b = a.mT, b.mT
                 c = a @ b.mT
-                c3 = (c @ c) @ c  # C^2 (forward) and C^3 (the backward's series)
-                out = (c3.mT @ b, c3 @ a)  # the two gradient products
-            return out
+                c2 = c @ c  # the forward's power
+                c3 = c2 @ c  # the backward's series
+                out += [c2, c3.mT @ b, c3 @ a]  # and the two gradient products (all returned: no dead code)
+            return tuple(out)
 
         aten = mec_limit
     candidates = {"aten": aten, "compiled": torch.compile(aten, dynamic=False)}
