@@ -6,7 +6,7 @@
 unbiased estimators, exact (streamed, no ``n x n`` matrix) or random features.  ``MinibatchCKA``
 accumulates unbiased HSICs over minibatches for the CKA matrix between two lists of layers.
 """
-from .hsic import KERNELS, cka, hsic, median_sigma
 from .minibatch import MinibatchCKA
+from .similarity import KERNELS, cka, hsic, median_sigma
 
 __all__ = ["hsic", "cka", "median_sigma", "MinibatchCKA", "KERNELS"]

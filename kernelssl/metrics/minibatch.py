@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._checks import check_int, describe
 from ..ops._common import compute_dtype
-from .hsic import DEFAULT_NUM_FEATURES, _estimate, _prepare, _statistics
+from .similarity import DEFAULT_NUM_FEATURES, _estimate, _prepare, _statistics
 
 __all__ = ["MinibatchCKA"]
 

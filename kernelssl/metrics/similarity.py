@@ -85,8 +85,9 @@ def _check_sigma(sigma, kernel: str) -> tuple:
     pair = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
     if len(pair) != 2:
         raise ValueError(f"sigma: expected a number, 'median' or a pair (sigma_x, sigma_y), got {describe(sigma)}")
+    names = ("sigma[0]", "sigma[1]") if isinstance(sigma, (tuple, list)) else ("sigma", "sigma")
     out = []
-    for s, nm in zip(pair, ("sigma[0]" if pair is not sigma else "sigma", "sigma[1]")):
+    for s, nm in zip(pair, names):
         if isinstance(s, str):
             check_choice(s, nm, ("median",))
             out.append(s)
@@ -103,7 +104,13 @@ def _check_sigma(sigma, kernel: str) -> tuple:
 
 def _sq_dist(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
     # ||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i.b_j, clamped at 0 (rounding)
-    return (sa[:, None] + sb[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
+    return (sa[:, None] + sb[None, :] - 2.0 * (a @ b.T)).clamp_min(0.0)
+
+
+def _zero_diagonal(d2: Tensor) -> Tensor:
+    # out of place (autograd): the exact 0 of ||a_i - a_i||^2 in place of its rounding
+    eye = torch.eye(d2.shape[0], dtype=torch.bool, device=d2.device)
+    return torch.where(eye, torch.zeros((), dtype=d2.dtype, device=d2.device), d2)
 
 
 def median_sigma(x: Tensor) -> Tensor:
@@ -117,9 +124,7 @@ def median_sigma(x: Tensor) -> Tensor:
         x = x[idx]
     x = x - x.mean(0)
     sq = (x * x).sum(1)
-    d2 = _sq_dist(x, x, sq, sq)
-    d2.fill_diagonal_(0.0)
-    flat = d2.reshape(-1)
+    flat = _zero_diagonal(_sq_dist(x, x, sq, sq)).reshape(-1)
     N = flat.numel()
     lo = torch.kthvalue(flat, (N + 1) // 2).values
     hi = torch.kthvalue(flat, N // 2 + 1).values
@@ -159,7 +164,7 @@ def _stats_streamed(xs: list[Tensor], kernel: str, sigmas: list[Tensor]) -> dict
     zero = xs[0].new_zeros(())
     tr = {(a, b): zero.clone() for a in range(m) for b in range(a, m)}
     rows = [xs[0].new_zeros(n) for _ in range(m)]
-    diag = [_kernel_tile(torch.zeros_like(sq), kernel, s) for sq, s in zip(sqs, sigmas)]
+    diag = [_kernel_tile(torch.zeros_like(sq), kernel, s) for sq, s in zip(sqs, sigmas)]  # k(a, a)
     for i0 in range(0, n, TILE):
         i1 = min(i0 + TILE, n)
         for j0 in range(i0, n, TILE):
@@ -167,10 +172,8 @@ def _stats_streamed(xs: list[Tensor], kernel: str, sigmas: list[Tensor]) -> dict
             w = 1.0 if i0 == j0 else 2.0  # a tile above the diagonal stands for its transpose too
             tiles = []
             for a in range(m):
-                g = _kernel_tile(_sq_dist(xs[a][i0:i1], xs[a][j0:j1], sqs[a][i0:i1], sqs[a][j0:j1]),
-                                 kernel, sigmas[a])
-                if i0 == j0:
-                    g.diagonal().copy_(diag[a][i0:i1])
+                d2 = _sq_dist(xs[a][i0:i1], xs[a][j0:j1], sqs[a][i0:i1], sqs[a][j0:j1])
+                g = _kernel_tile(_zero_diagonal(d2) if i0 == j0 else d2, kernel, sigmas[a])
                 tiles.append(g)
                 rows[a][i0:i1] += g.sum(1)
                 if i0 != j0:
