@@ -176,6 +176,16 @@ def test_errors_name_the_argument():
         cka(x, y, unbiased=1)
 
 
+def test_import_does_not_load_triton():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, kernelssl, kernelssl.metrics; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
 def _batches(seed=0, nb=3, n=12):
     rng = np.random.default_rng(seed)
     xs, ys = [], []
