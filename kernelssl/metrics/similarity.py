@@ -140,7 +140,7 @@ def _kernel_tile(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
 def _sigma_value(sig, x: Tensor) -> Tensor:
     if isinstance(sig, str):
         return median_sigma(x)
-    return torch.tensor(sig, dtype=x.dtype, device=x.device)
+    return torch.full((), sig, dtype=x.dtype, device=x.device)  # a fill: no host-to-device copy
 
 
 def _stats_features(fs: list[Tensor]) -> dict:
