@@ -284,3 +284,28 @@ def test_minibatch_matches_ckatorch():
     for a, b in zip(x, y):
         m.update(torch.tensor(a), torch.tensor(b))
     assert_close(float(m.compute()[0, 0]), float(cka_batch(torch.tensor(x), torch.tensor(y))), **METRICS_TOL[F64])
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory: the exact kernels never hold an n x n matrix
+
+
+@pytest.mark.slow
+def test_streamed_memory_stays_below_one_gram():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    n = 8000  # one float64 Gram: 488 MiB; the streamed tiles need ~16 MiB each
+    code = (
+        "import torch; from kernelssl.bench.measure import peak_extra_bytes; from kernelssl.metrics import cka\n"
+        f"x = torch.randn({n}, 16, dtype=torch.float64); y = torch.randn({n}, 8, dtype=torch.float64)\n"
+        "cka(x[:300], y[:300], kernel='gaussian')\n"
+        "p = peak_extra_bytes(lambda: cka(x, y, kernel='gaussian', unbiased=True), torch.device('cpu'))\n"
+        "print(-1 if p is None else p)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, capture_output=True, text=True)
+    peak = int(out.stdout.split()[-1])
+    assert peak >= 0, "peak memory not measurable (needs Linux /proc/self/clear_refs and glibc malloc_trim)"
+    assert peak < n * n * 8 / 2, f"peak extra {peak / 2**20:.0f} MiB: half of one n x n float64 Gram or more"
