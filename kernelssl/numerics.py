@@ -44,6 +44,8 @@ __all__ = [
     "VALUE_RTOL",
     "VALUE_ATOL",
     "SECOND_DERIVATIVE_FD",
+    "METRICS_TOL",
+    "RFF_CKA_MC_CONST",
     "to_numpy",
     "max_abs_error",
     "bound_2x",
@@ -81,6 +83,20 @@ VALUE_ATOL = 1e-5
 #: The difference's own error is ~h^2 |f'''| (1e-10 relative) plus rounding ~1e-16 / h (1e-11); 1e-6
 #: leaves room for curvature, while a piece of the gradient taken as a constant errs at O(1) relative.
 SECOND_DERIVATIVE_FD = {"h": 1e-5, "rtol": 1e-6, "atol": 1e-12}
+#: HSIC/CKA metrics (kernelssl.metrics) against the float64 reference, ``|err| <= rtol |ref| + atol``, with
+#: HSIC errors measured relative to ``sqrt(HSIC(x, x) HSIC(y, y))`` (its natural scale; CKA is already in
+#: [-1, 1]).  float64: the torch tier forms the same sums in another order (Gram-form distances, tiles,
+#: feature-space traces), ~1e-15 relative; 1e-9 leaves six orders of margin.  float32: the traces sum
+#: ~n^2 products of O(1) kernel values (pairwise in torch.sum), the unbiased estimator subtracts terms of
+#: size ~n^2 to leave ~n (a factor ~n of cancellation); at the test sizes (30 <= n <= 300) the measured error
+#: stays below ~1e-5, so 1e-4 with a 1e-5 floor.  (At n = 4 an unbiased HSIC of
+#: near-1 kernel values is ~1e-4 of its terms: fp32 rounding of K alone moves it ~1e-4; checked in float64.)
+#: A wrong term or scale errs by >= 1e-2.
+METRICS_TOL = {torch.float64: {"rtol": 1e-9, "atol": 1e-12}, torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
+#: Random-feature CKA against the exact kernel: a Monte-Carlo error ``|err| <= RFF_CKA_MC_CONST / sqrt(D)``
+#: for D features (each Gram entry errs by ~1/sqrt(D); measured max over 20 seeds at n = 200, Gaussian
+#: and IMQ, biased and unbiased: ~1.8 / sqrt(D); 4 is a 2x margin).
+RFF_CKA_MC_CONST = 4.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,263 @@
+"""HSIC and CKA between two representations, torch tier (docs/metrics.md), without an ``n x n`` matrix.
+
+For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I - 11^T/n``, row sums
+``k = K 1``, ``l = L 1`` and diagonals ``dK``, ``dL``, both estimators need only ``tr(KL)``, ``k``, ``l``,
+``dK``, ``dL``::
+
+    HSIC_b = [tr(KL) - (2/n) k.l + (1^T k)(1^T l)/n^2] / (n-1)^2                      (= tr(KHLH)/(n-1)^2)
+    HSIC_u = [tr(Kt Lt) + (1^T kt)(1^T lt)/((n-1)(n-2)) - (2/(n-2)) kt.lt] / (n(n-3))
+             tr(Kt Lt) = tr(KL) - dK.dL,  kt = k - dK,  lt = l - dL                (Kt: K, zeroed diagonal)
+    CKA    = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+
+* ``"linear"`` (and random features, ``exact=False``): from the column-centred features x~, y~
+  (HSIC is unchanged by centring the columns; it removes cancellation): ``tr(KL) = ||y~^T x~||_F^2``,
+  ``k = x~ (x~^T 1) = 0``, ``dK_i = ||x~_i||^2``.  Memory ``O((dx + dy)^2 + n (dx + dy))``.
+* ``"gaussian"`` ``exp(-||a-b||^2/(2 s^2))`` and ``"imq"`` ``s/sqrt(||a-b||^2 + s^2)``, ``exact=True``:
+  streamed over ``(TILE, TILE)`` Gram tiles (upper triangle of tiles; off-diagonal tiles count twice in
+  the traces and add to both row blocks' sums).  Memory ``O(TILE^2 + n (dx + dy))``; no ``n x n``.
+* ``exact=False`` with ``"gaussian"``/``"imq"``: the random features of :mod:`kernelssl.ops.rff_hsic`
+  (``phi(x) = sqrt(2/D) cos(W x / s + b)``, ``E phi(a).phi(b) = k(a, b)``), then the linear identities.
+
+Bandwidth ``sigma="median"`` (Kornblith et al.'s convention): ``s^2`` = the median of all squared
+distances ``||x_i - x_j||^2`` over ``i, j`` (``n^2`` values, diagonal zeros included; the mean of the
+two middle values when their count is even, like ``numpy.median``).  Exact for ``n <= MEDIAN_ROWS``;
+for larger ``n`` the same rule over the ``MEDIAN_ROWS`` rows ``i_k = (k (n - 1)) // (MEDIAN_ROWS - 1)``,
+``k = 0 .. MEDIAN_ROWS - 1`` (evenly spaced, first and last included): deterministic, ``O(MEDIAN_ROWS^2)``
+memory.
+
+Degenerate input (never a silent finite number): a constant representation (every row equal) has
+HSIC exactly 0 -- returned as 0, not rounding noise -- and CKA 0/0, returned as NaN.  An unbiased HSIC of
+a representation with itself can be negative on tiny or badly scaled samples; CKA is then NaN (the square
+root of a negative number).  The unbiased estimator needs ``n >= 4`` (ValueError naming ``x``).  NaN/Inf
+inputs propagate.  No host sync: all checks read shapes and dtypes only.
+
+Precision: float16/bfloat16/float32 inputs are computed (and returned) in float32, float64 in float64.
+Every device runs this torch tier (there is no fused kernel for the metrics).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .._checks import check_bool, check_choice, check_int, check_positive, check_same_device, check_tensor, describe
+from ..ops._common import compute_dtype
+from ..ops.rff_hsic import rff_features, sample_rff
+
+__all__ = ["hsic", "cka", "median_sigma", "KERNELS", "TILE", "MEDIAN_ROWS", "DEFAULT_NUM_FEATURES"]
+
+KERNELS = ("linear", "gaussian", "imq")
+#: Gram tile edge of the streamed exact kernels (two fp64 tiles: 16 MiB).
+TILE = 1024
+#: Rows the median bandwidth looks at, at most (module docstring).
+MEDIAN_ROWS = 2048
+DEFAULT_NUM_FEATURES = 2048
+
+
+# --------------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_pair(x, y, unbiased: bool) -> tuple[Tensor, Tensor]:
+    check_tensor(x, "x", ndim=2, min_rows=2)
+    check_tensor(y, "y", ndim=2)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} rows (the rows of x), got shape {tuple(y.shape)}")
+    check_same_device([x, y], ["x", "y"])
+    if unbiased and x.shape[0] < 4:
+        raise ValueError(
+            f"x: the unbiased estimator needs at least 4 rows (samples), got shape {tuple(x.shape)}"
+        )
+    cdt = compute_dtype(x, y)
+    return x.to(cdt), y.to(cdt)
+
+
+def _check_sigma(sigma, kernel: str) -> tuple:
+    """``(sx, sy)``: each None (linear), ``"median"`` or a positive float."""
+    if kernel == "linear":
+        if sigma is not None:
+            raise ValueError(f"sigma: expected None for kernel='linear', got {describe(sigma)}")
+        return None, None
+    if sigma is None:
+        sigma = "median"
+    pair = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
+    if len(pair) != 2:
+        raise ValueError(f"sigma: expected a number, 'median' or a pair (sigma_x, sigma_y), got {describe(sigma)}")
+    names = ("sigma[0]", "sigma[1]") if isinstance(sigma, (tuple, list)) else ("sigma", "sigma")
+    out = []
+    for s, nm in zip(pair, names):
+        if isinstance(s, str):
+            check_choice(s, nm, ("median",))
+            out.append(s)
+        elif isinstance(s, numbers.Real) and not isinstance(s, bool):
+            out.append(check_positive(s, nm))
+        else:
+            raise TypeError(f"{nm}: expected a positive number or 'median', got {describe(s)}")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _sq_dist(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
+    # ||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i.b_j, clamped at 0 (rounding)
+    return (sa[:, None] + sb[None, :] - 2.0 * (a @ b.T)).clamp_min(0.0)
+
+
+def _zero_diagonal(d2: Tensor) -> Tensor:
+    # out of place (autograd): the exact 0 of ||a_i - a_i||^2 in place of its rounding
+    eye = torch.eye(d2.shape[0], dtype=torch.bool, device=d2.device)
+    return torch.where(eye, torch.zeros((), dtype=d2.dtype, device=d2.device), d2)
+
+
+def median_sigma(x: Tensor) -> Tensor:
+    """The median bandwidth ``s`` of ``x (n, d)`` (module docstring: exact up to :data:`MEDIAN_ROWS`
+    rows, then the evenly spaced rows), a 0-d tensor in the compute dtype (no host sync)."""
+    check_tensor(x, "x", ndim=2, min_rows=1)
+    x = x.to(compute_dtype(x))
+    n = x.shape[0]
+    if n > MEDIAN_ROWS:
+        idx = (torch.arange(MEDIAN_ROWS, device=x.device) * (n - 1)) // (MEDIAN_ROWS - 1)
+        x = x[idx]
+    x = x - x.mean(0)
+    sq = (x * x).sum(1)
+    flat = _zero_diagonal(_sq_dist(x, x, sq, sq)).reshape(-1)
+    N = flat.numel()
+    lo = torch.kthvalue(flat, (N + 1) // 2).values
+    hi = torch.kthvalue(flat, N // 2 + 1).values
+    return torch.sqrt(0.5 * (lo + hi))
+
+
+def _kernel_tile(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
+    if kernel == "gaussian":
+        return torch.exp(d2 / (-2.0 * s * s))
+    return s * torch.rsqrt(d2 + s * s)  # imq
+
+
+def _sigma_value(sig, x: Tensor) -> Tensor:
+    if isinstance(sig, str):
+        return median_sigma(x)
+    return torch.full((), sig, dtype=x.dtype, device=x.device)  # a fill: no host-to-device copy
+
+
+def _stats_features(fs: list[Tensor]) -> dict:
+    """Sufficient statistics from feature maps (K_a = f_a f_a^T), columns centred: traces ``tr(K_a K_b)``
+    for a <= b, row sums (zero) and diagonals."""
+    fs = [f - f.mean(0) for f in fs]
+    tr = {}
+    for a in range(len(fs)):
+        for b in range(a, len(fs)):
+            tr[a, b] = torch.linalg.matrix_norm(fs[b].T @ fs[a]) ** 2
+    return {"tr": tr, "row": [None] * len(fs), "diag": [(f * f).sum(1) for f in fs]}
+
+
+def _stats_streamed(xs: list[Tensor], kernel: str, sigmas: list[Tensor]) -> dict:
+    """The same statistics for exact ``"gaussian"``/``"imq"`` Grams, over (TILE, TILE) tiles of the
+    upper block triangle: O(TILE^2 + n d) memory."""
+    xs = [x - x.mean(0) for x in xs]
+    sqs = [(x * x).sum(1) for x in xs]
+    n = xs[0].shape[0]
+    m = len(xs)
+    zero = xs[0].new_zeros(())
+    tr = {(a, b): zero.clone() for a in range(m) for b in range(a, m)}
+    rows = [xs[0].new_zeros(n) for _ in range(m)]
+    diag = [_kernel_tile(torch.zeros_like(sq), kernel, s) for sq, s in zip(sqs, sigmas)]  # k(a, a)
+    for i0 in range(0, n, TILE):
+        i1 = min(i0 + TILE, n)
+        for j0 in range(i0, n, TILE):
+            j1 = min(j0 + TILE, n)
+            w = 1.0 if i0 == j0 else 2.0  # a tile above the diagonal stands for its transpose too
+            tiles = []
+            for a in range(m):
+                d2 = _sq_dist(xs[a][i0:i1], xs[a][j0:j1], sqs[a][i0:i1], sqs[a][j0:j1])
+                g = _kernel_tile(_zero_diagonal(d2) if i0 == j0 else d2, kernel, sigmas[a])
+                tiles.append(g)
+                rows[a][i0:i1] += g.sum(1)
+                if i0 != j0:
+                    rows[a][j0:j1] += g.sum(0)
+            for (a, b), acc in tr.items():
+                acc += w * (tiles[a] * tiles[b]).sum()
+    return {"tr": tr, "row": rows, "diag": diag}
+
+
+def _estimate(st: dict, a: int, b: int, n: int, unbiased: bool) -> Tensor:
+    """HSIC_b or HSIC_u of Grams a and b from the statistics (module docstring)."""
+    t = st["tr"][min(a, b), max(a, b)]
+    ka, kb = st["row"][a], st["row"][b]
+    da, db = st["diag"][a], st["diag"][b]
+    if not unbiased:
+        if ka is None:  # centred features: k = 0
+            return t / (n - 1) ** 2
+        return (t - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
+    kta = -da if ka is None else ka - da
+    ktb = -db if kb is None else kb - db
+    tt = t - da @ db
+    return (tt + kta.sum() * ktb.sum() / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (kta @ ktb)) / (n * (n - 3))
+
+
+def _constant(x: Tensor) -> Tensor:
+    """0-d bool: every row of ``x`` equal (a tensor, no host sync)."""
+    return (x == x[:1]).all()
+
+
+def _statistics(reps: list[Tensor], kernel: str, sigmas: tuple, exact: bool, num_features: int,
+                generator) -> dict:
+    if kernel == "linear":
+        return _stats_features(reps)
+    svals = [_sigma_value(s, r) for s, r in zip(sigmas, reps)]
+    if exact:
+        return _stats_streamed(reps, kernel, svals)
+    feats = []
+    for r, s in zip(reps, svals):
+        w, b = sample_rff(kernel, r.shape[1], num_features, generator=generator, device=r.device, dtype=r.dtype)
+        feats.append(rff_features(r, w, b, s))
+    return _stats_features(feats)
+
+
+def _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator):
+    check_choice(kernel, "kernel", KERNELS)
+    check_bool(unbiased, "unbiased")
+    check_bool(exact, "exact")
+    check_int(num_features, "num_features", minimum=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
+    sigmas = _check_sigma(sigma, kernel)
+    x, y = _check_pair(x, y, unbiased)
+    return x, y, sigmas
+
+
+# --------------------------------------------------------------------------------------------------
+# public
+
+
+def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: bool = False, exact: bool = True,
+         num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None) -> Tensor:
+    """HSIC between ``x (n, dx)`` and ``y (n, dy)`` (rows are paired samples), a 0-d tensor.
+
+    ``kernel``: ``"linear"``, ``"gaussian"`` or ``"imq"``; ``sigma`` (not for linear): a positive number,
+    a pair ``(sigma_x, sigma_y)`` or ``"median"`` (the default; module docstring); ``unbiased``: Song et
+    al.'s estimator (``n >= 4``) instead of Gretton et al.'s biased ``tr(KHLH)/(n-1)^2``; ``exact=False``:
+    ``num_features`` random Fourier features (drawn from ``generator``) instead of the exact kernel.
+    A constant ``x`` or ``y`` gives exactly 0.  Differentiable (torch autograd)."""
+    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator)
+    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator)
+    val = _estimate(st, 0, 1, x.shape[0], unbiased)
+    return torch.where(_constant(x) | _constant(y), torch.zeros_like(val), val)
+
+
+def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: bool = False, exact: bool = True,
+        num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None) -> Tensor:
+    """CKA ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with the estimator and kernel of :func:`hsic`
+    (same arguments), a 0-d tensor; one pass over the data for the three HSICs.  NaN when ``x`` or
+    ``y`` is constant (0/0) or when an unbiased self-HSIC comes out negative."""
+    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator)
+    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator)
+    n = x.shape[0]
+    xy = _estimate(st, 0, 1, n, unbiased)
+    xx = _estimate(st, 0, 0, n, unbiased)
+    yy = _estimate(st, 1, 1, n, unbiased)
+    val = xy / torch.sqrt(xx * yy)
+    return torch.where(_constant(x) | _constant(y), torch.full_like(val, math.nan), val)
