@@ -35,6 +35,7 @@ from .gaussian_gram import (
     _resident_backward_kernel,
     _split_reduce_kernel,
 )
+from .targets import target_of
 
 __all__ = ["gaussian_gram_logmean", "gaussian_gram_forward", "gaussian_gram_backward", "resident_ok"]
 
@@ -105,7 +106,7 @@ def gaussian_gram_forward(
     ``(r, proj)``, each ``(P n,)`` fp32, which :func:`gaussian_gram_backward` takes as ``scales``
     instead of recomputing them.  No autograd (see :func:`gaussian_gram_logmean`)."""
     zf, P, n, q = _flat(z)
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, proj = row_scales(zf, normalize, cfg)
     tiles = triton.cdiv(n, cfg["fwd_block"])
     num_parts = tiles * (tiles + 1) // 2
@@ -117,7 +118,7 @@ def gaussian_gram_forward(
         n, q, 2.0 * float(t), num_parts,
         EXCLUDE=exclude_diagonal, NORMALIZE=normalize, BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
-        INPUT_PRECISION=gram_precision(z.dtype, input_precision),
+        INPUT_PRECISION=gram_precision(z.dtype, input_precision, target_of(z.device)),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     out = torch.empty(z.shape[:-2], device=z.device, dtype=torch.float32)
@@ -147,10 +148,10 @@ def gaussian_gram_backward(
     ``scales``: the forward's row scales (``return_scales=True``); ``None``
     recomputes them (one launch)."""
     zf, P, n, q = _flat(z)
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, proj = row_scales(zf, normalize, cfg) if scales is None else scales
     dot_f32 = interpreting() and z.dtype != torch.float32
-    prec = gram_precision(z.dtype, input_precision)
+    prec = gram_precision(z.dtype, input_precision, target_of(z.device))
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
     grad = grad.reshape(P)
     stats = stats.reshape(P, 2).contiguous()
@@ -323,4 +324,4 @@ def gaussian_gram_logmean(z: Tensor, t: float = 2.0, *, normalize: bool = True, 
     :func:`kernelssl.dispatch.resolve_precision`.  Returns a 0-dim (or ``(P,)``) float32
     tensor, differentiable in ``z``, deterministic, finite for any t > 0 (log-sum-exp); NaN in ``z``
     reaches the value and the gradient.  Double backward raises."""
-    return _logmean_op(z, float(t), normalize, exclude_diagonal, resolve_precision(input_precision))[0]
+    return _logmean_op(z, float(t), normalize, exclude_diagonal, resolve_precision(input_precision, z.device))[0]

@@ -313,5 +313,5 @@ def rff_hsic(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, 
         scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)
     else:
         scale = torch.full((1,), float(kernel_scale), device=views.device, dtype=torch.float32)
-    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, resolve_precision(input_precision))
+    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, resolve_precision(input_precision, views.device))
     return out[0], out[1]

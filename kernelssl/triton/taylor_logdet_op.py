@@ -565,7 +565,7 @@ def _forward(a, b, lam, order, normalize, diagnostics, input_precision):
         zero = torch.zeros(batch, device=a.device, dtype=torch.float32)
         return zero + 0.0 * (a.sum() + b.sum()), zero.clone(), zero.clone()
     out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, diagnostics,
-                                                resolve_precision(input_precision))
+                                                resolve_precision(input_precision, a.device))
     return out[0].reshape(batch), out[6].detach().reshape(batch), out[7].detach().reshape(batch)
 
 
