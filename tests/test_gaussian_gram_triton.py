@@ -683,7 +683,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee():
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU code generation without a GPU (tests/sm90_compile.py)
+# GPU code generation without a GPU (tests/compile_targets.py)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -123,14 +123,14 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
     """The cross-covariance's row split is chosen from the SM count so that its programs
     (tiles x split, 2 resident per SM) fill >= 90% of their waves -- at the paper shape (64 tiles of
     C) a split of 5 would give 320 programs on 132 x 2 slots, 61%."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     monkeypatch.setattr(M, "num_sms", lambda device: sms)
     cfg = M._fwd_config(DEV, 16384, 4096, 256, 512, 512, "tf32x3")
     tiles = (512 // cfg["BJA"]) * (512 // cfg["BJB"])
     assert cfg["split"] > 1 and 16384 // cfg["split"] >= 8 * cfg["BN"]
-    assert sm90_compile.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM * sms) >= 0.9, cfg["split"]
+    assert compile_targets.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM * sms) >= 0.9, cfg["split"]
 
 
 @interpreter_only
@@ -142,9 +142,9 @@ def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
     blocks, d = 270 > 256 split over two gradient column blocks, ragged feature tiles (D = 80, 65) and
     the cross-covariance split over N = 300 rows -- the reference values, so a GPU session starts
     from block sizes whose indexing is tested."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     shape = (3, 100, 270, 80, 65)
     cfg = M._fwd_config(DEV, 300, 100, 270, 80, 65, precision)
     assert cfg["split"] == 2 and cfg["BI"] == (32 if precision == "ieee" else 64)
@@ -494,9 +494,9 @@ def test_kernels_compile_for_sm90_without_spills():
 
 def _record_gpu_launches(monkeypatch, fn):
     """The launches ``fn`` issues with the GPU block sizes (H100, 132 SMs), recorded, not run."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     calls = []
 
     class Recorder:

@@ -158,14 +158,14 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
     per SM) so that its programs fill >= 90% of their waves, with no split where the output alone does
     (MEC's paper Gram on 132 SMs: fp32 256 programs, bf16 128 of 128 x 128; a split only adds the
     partials' sum)."""
-    import sm90_compile
+    import compile_targets
 
     monkeypatch.setattr(K, "interpreting", lambda: False)
     cfg = K._gemm_config(half, "tf32x3")
     tiles = (1024 // cfg["BLOCK_M"]) * (1024 // cfg["BLOCK_N"])  # MEC's paper shape, m = 1024
     per_sm = K._gemm_per_sm(half, "tf32x3")
     split = K._split_k(tiles, 2, 2048, cfg["BLOCK_K"], sms * per_sm)
-    assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm * sms) >= 0.9, split
+    assert compile_targets.wave_efficiency(tiles * 2 * split, per_sm * sms) >= 0.9, split
     if sms == 132:
         assert split == 1
 

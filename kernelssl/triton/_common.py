@@ -186,7 +186,7 @@ MIN_PANEL_ROWS = 1024
 def gram_config(dtype: torch.dtype, q: int, n: int = 0, target: Target = DEFAULT, precision: str = "tf32x3") -> dict:
     """Block sizes of the Gram ops' kernels (``legendre_gram``, ``gaussian_gram``).  GPU: starting points
     for H100/H200, not tuned on a GPU (none was available); checked by compiling every kernel for sm_90 offline
-    with the launch's own specialisation (``tests/sm90_compile.py``: no register spills in any variant, and the
+    with the launch's own specialisation (``tests/compile_targets.py``: no register spills in any variant, and the
     wave count of the headline forward).  Backward: 128 x 64 phi' tiles (the joint value/derivative recurrence
     spills registers at 128 x 128) and 128 x 128 GEMM tiles, 8 warps, 3 stages (wgmma for 16-bit and TF32
     operands). K-steps of 64 for 16-bit operands, 32 where the MMA takes fp32 operands.

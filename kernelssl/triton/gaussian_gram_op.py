@@ -45,7 +45,7 @@ __all__ = ["gaussian_gram_logmean", "gaussian_gram_forward", "gaussian_gram_back
 # ==================================================================================================
 
 #: Widest rows for the rows-resident backward (a (BLOCK_M, q) fp32 accumulator per program): 256 when q
-#: is a multiple of 16, else 128 (unaligned rows of 129..255 spill registers: sm90_compile); wider rows
+#: is a multiple of 16, else 128 (unaligned rows of 129..255 spill registers on sm_90); wider rows
 #: take the panel backward (its GEMM tiles q, at the price of an (R, n) fp32 panel in HBM).
 MAX_RESIDENT_Q = 256
 
@@ -59,7 +59,7 @@ _RESIDENT_TARGET_PROGRAMS = 4 * 132
 
 
 def _resident_config(dtype: torch.dtype, q: int) -> dict:
-    """Blocks of the rows-resident backward (sm_90 compiles, tests/sm90_compile.py: spill-free under
+    """Blocks of the rows-resident backward (sm_90 compiles, tests/compile_targets.py: spill-free under
     Triton 3.6 and 3.8, one program of 8 warps per SM): 64-row tiles, the (64, q) fp32 accumulator over
     8 warps; 64-wide column tiles up to q = 128, 16-wide at q = 256 (wider ones spill); K-steps over q
     of 64 for 16-bit rows (32 at q = 256), 16 for fp32 (tf32x3 spills at 32).  Interpreter: 32-wide, so test shapes

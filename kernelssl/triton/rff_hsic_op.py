@@ -66,7 +66,7 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
     # GPU (untuned, see the module docstring): 64 features per program, 8 warps; 32 images for the
     # FMA ("ieee") dots, 64 for the TF32 ones (Hopper's warp-group MMA takes >= 64 rows).  No register
     # spills in any variant (fp32/bf16/fp16, ieee/tf32/tf32x3, aligned or odd d; compiled for sm_90 by
-    # tests/sm90_compile.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
+    # tests/compile_targets.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
     # per thread.  The FMA dots take 32 x 32 x 16 tiles: with 32 x 64 x 32 Triton 3.6's build spills.
     ieee = precision == "ieee"
     c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if ieee else 32, BN=32, BJB=64, BJA=64, BP=32,
