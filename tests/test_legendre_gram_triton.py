@@ -447,11 +447,16 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     CPU emulation to a few seconds (the Gram's error is per entry, set by q, not by n)."""
     from kernelssl.numerics import check_within_2x_of_ieee
 
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def emulated_paper_case():
+    """``(run, ref, names)`` of the emulation above (also used by test_targets)."""
     n, q = 512, 8192
     z = _z(n, q, 21)
     ref = _emulated_gram_mean(z, B3, UPSTREAM, "ieee")  # float64 throughout
     z32 = z.float()
-    check_within_2x_of_ieee(lambda p: _emulated_gram_mean(z32, B3, UPSTREAM, p), ref, ("M", "dL/dz"))
+    return (lambda p: _emulated_gram_mean(z32, B3, UPSTREAM, p)), ref, ("M", "dL/dz")
 
 
 @needs_cuda

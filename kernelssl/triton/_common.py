@@ -215,6 +215,8 @@ def gram_config(dtype: torch.dtype, q: int, n: int = 0, target: Target = DEFAULT
     t128 = triton.cdiv(n, 128)
     many_waves = t128 * (t128 + 1) // 2 >= 8 * target.sms
     fwd_block = 128 if (many_waves and not unaligned) else 64
+    if not _hopper(target):
+        return _compact_gram_config(target, half, bk, mm_k, unaligned)
     # 64-wide forward tiles: 528 programs at n = 2048 make whole waves with 1, 2 or 4 programs per SM,
     # not 3; the K-step pins it at 2 (ptxas, sm_90, Triton 3.6 and 3.8): 16-bit rows 128-wide steps
     # (96 KiB of shared memory), fp32 "tf32" 64-wide (96 KiB), "ieee" 64-wide (104 registers; 80 with
@@ -225,6 +227,26 @@ def gram_config(dtype: torch.dtype, q: int, n: int = 0, target: Target = DEFAULT
                 dphi_k=bk if half else 16,
                 mm_m=128, mm_q=64 if unaligned else 128, mm_k=mm_k, group=8, warps=8, stages=3, row_block=16,
                 row_q=256)
+
+
+def _hopper(target: Target) -> bool:
+    """Whether ``target`` is an sm_90 part, the one the Gram ops' wide tiles (warp-group MMAs) are for."""
+    return target.vendor == "nvidia" and target.arch >= 90
+
+
+def _compact_gram_config(target: Target, half: bool, bk: int, mm_k: int, unaligned: bool) -> dict:
+    """Gram blocks off sm_90 (compiled for every target by ``tests/compile_targets.py``): 64-wide Gram and
+    phi' tiles and 128 x 64 panel-GEMM tiles (at 128 x 128 the register-resident MMA accumulators of
+    sm_80/86/89 spill and 3 stages of 64-deep bf16 slices need 112 KiB, more than sm_86/89's 99 KiB);
+    2 stages where shared memory per block is under 160 KiB (sm_86/89, sm_75, AMD's 64 KiB); targets
+    whose dots Triton lowers to FMAs (sm_75) take 16-deep K-steps in every dtype (a thread holds its
+    whole K slice in registers)."""
+    fma = not target.triton_mma
+    k = 16 if fma else bk
+    return dict(block=64, block_k=k, fwd_block=64, fwd_k=k, dphi_n=64 if not fma else 32,
+                dphi_k=16 if (fma or not half) else bk, mm_m=128 if not fma else 64, mm_q=64,
+                mm_k=16 if fma else mm_k, group=8, warps=8,
+                stages=3 if target.smem_per_block >= 160 * 1024 else 2, row_block=16, row_q=256)
 
 
 def gram_precision(dtype: torch.dtype, input_precision: str, target: Target = DEFAULT) -> str:

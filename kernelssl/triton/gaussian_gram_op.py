@@ -58,7 +58,7 @@ def resident_ok(q: int) -> bool:
 _RESIDENT_TARGET_PROGRAMS = 4 * 132
 
 
-def _resident_config(dtype: torch.dtype, q: int) -> dict:
+def _resident_config(dtype: torch.dtype, q: int, device: torch.device | None = None) -> dict:
     """Blocks of the rows-resident backward (sm_90 compiles, tests/compile_targets.py: spill-free under
     Triton 3.6 and 3.8, one program of 8 warps per SM): 64-row tiles, the (64, q) fp32 accumulator over
     8 warps; 64-wide column tiles up to q = 128, 16-wide at q = 256 (wider ones spill); K-steps over q
@@ -68,6 +68,13 @@ def _resident_config(dtype: torch.dtype, q: int) -> dict:
     if interpreting():
         return dict(bm=32, bn=32, bk=32, bq=bq, warps=4, stages=1, red_r=32, red_q=min(bq, 64))
     half = dtype in (torch.float16, torch.bfloat16)
+    target = target_of(device)
+    if not (target.vendor == "nvidia" and target.arch >= 90):
+        # off sm_90 (register-resident MMA accumulators; FMA dots on sm_75): 32-wide column tiles,
+        # 16-deep K-steps where the dots are FMAs or the precision splits fp32 operands
+        fma = not target.triton_mma
+        return dict(bm=64, bn=32 if bq <= 128 else 16, bk=16 if (fma or not half) else (64 if bq <= 128 else 32),
+                    bq=bq, warps=8 if bq > 64 else 4, stages=2, red_r=32, red_q=min(bq, 128))
     return dict(bm=64, bn=64 if bq <= 128 else 16, bk=(64 if bq <= 128 else 32) if half else 16, bq=bq,
                 warps=8 if bq > 64 else 4,
                 stages=2, red_r=32, red_q=min(bq, 128))
@@ -160,7 +167,7 @@ def gaussian_gram_backward(
     if resident:
         if q > MAX_RESIDENT_Q:
             raise ValueError(f"resident: rows of q <= {MAX_RESIDENT_Q} only, got q = {q}")
-        rc = _resident_config(z.dtype, q)
+        rc = _resident_config(z.dtype, q, z.device)
         slots = num_sms(z.device) if rc["warps"] == 8 else 0  # 8 warps: one program per SM
         splits, per = resident_splits(n, rc["bm"], rc["bn"], P, slots)
         fused = splits == 1

@@ -85,6 +85,7 @@ def rff_hsic_gpu_config(R, setattr=setattr) -> None:
     cuda = torch.device("cuda", 0)
     fwd_config, bwd_config = R._fwd_config, R._bwd_config
     setattr(R, "num_sms", lambda device: target_of(None).sms)
+    setattr(R, "target_of", lambda device: target_of(None))
     setattr(R, "_fwd_config", lambda device, *a: fwd_config(cuda, *a))
     setattr(R, "_bwd_config", lambda device, *a: bwd_config(cuda, *a))
 

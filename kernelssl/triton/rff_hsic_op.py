@@ -27,6 +27,7 @@ from .rff_hsic import (
     _rff_finalize_kernel,
     _rff_stats_kernel,
 )
+from .targets import target_of
 
 __all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
 
@@ -69,8 +70,12 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
     # tests/compile_targets.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
     # per thread.  The FMA dots take 32 x 32 x 16 tiles: with 32 x 64 x 32 Triton 3.6's build spills.
     ieee = precision == "ieee"
-    c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if ieee else 32, BN=32, BJB=64, BJA=64, BP=32,
-             BJS=128, warps=8, stages=3)
+    target = target_of(device)
+    # off sm_90 (register-resident MMA accumulators, FMA dots on sm_75): 16-deep K-steps for the
+    # projection (64 x 64 x 32 tf32x3 tiles spilled on sm_80/86/89); 2 stages under 160 KiB of shared memory
+    narrow = not (target.vendor == "nvidia" and target.arch >= 90)
+    c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if (ieee or narrow) else 32, BN=32, BJB=64, BJA=64,
+             BP=32, BJS=128, warps=8, stages=3 if target.smem_per_block >= 160 * 1024 else 2)
     tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
     sms = num_sms(device)
     max_split = max(1, triton.cdiv(N, 8 * c["BN"]))  # >= 8 row blocks per split
@@ -119,8 +124,11 @@ def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -
     # Pass 1: 64 x 64 tiles of T (the two GEMMs over d and over D_other read X and the Phi panel once
     # per 64 features instead of once per 32), K-steps of 32; pass 2: a plain GEMM, 64 x 64 tiles.
     # FMA ("ieee") dots hold a thread's whole K slice in registers: K-steps of 16 there.
-    bk = 16 if precision == "ieee" else 32
-    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2, stages2=3)
+    target = target_of(device)
+    narrow = not (target.vendor == "nvidia" and target.arch >= 90)  # off sm_90: 16-deep K-steps (spilled at 32)
+    bk = 16 if (precision == "ieee" or narrow) else 32
+    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2,
+                stages2=3 if target.smem_per_block >= 160 * 1024 else 2)
 
 
 # ==================================================================================================
