@@ -189,7 +189,6 @@ def target_variants(op: str, target: str = "sm_90") -> list[dict]:
     those, every variant within the target's shared memory per block, and matrix-unit instructions in
     some variant where Triton emits them for the target."""
     import compile_targets
-
     from kernelssl.triton.targets import lookup
 
     if not compile_targets.tools_available():

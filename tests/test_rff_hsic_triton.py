@@ -329,7 +329,8 @@ def test_input_precision_argument():
     x = torch.as_tensor(v, dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="input_precision"):
         KF.rff_hsic(x, *maps, c, backend="triton", input_precision="bf16")
-    with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None"):
+    with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32', 'bf16x3', "
+                                               "'bf16x6' or None"):
         KF.rff_hsic(x.double(), *maps, c, backend="triton", input_precision=True)  # checked on the float64 path too
     # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (test_api.py checks the
     # op receives it); an explicit one wins
