@@ -70,6 +70,8 @@ TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
 #: The precisions of the fused kernels' fp32 x fp32 products (docs/architecture.md, "Precision"); which
 #: of them a GPU has, and its default, depend on its target (:mod:`kernelssl.triton.targets`).
 PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3", "bf16x6")
+#: Those the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``) takes.
+INTERPRETER_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 # Whether triton is installed, and the vendors its compilers serve, found without importing it.
 # Module constants, so ``torch.compile`` reads them as such (an import inside the dispatch would break
@@ -124,6 +126,10 @@ def resolve_precision(input_precision: str | None = None, device: torch.device |
     if not isinstance(input_precision, str) or input_precision not in PRECISIONS:
         raise ValueError(f"input_precision: expected one of {', '.join(map(repr, PRECISIONS))} or None, "
                          f"got {input_precision!r}")
+    if interpreting() and (device is None or torch.device(device).type != "cuda") \
+            and input_precision not in INTERPRETER_PRECISIONS:
+        raise ValueError(f"input_precision: {input_precision!r} is not available in the Triton interpreter "
+                         f"(TRITON_INTERPRET=1); it has {', '.join(map(repr, INTERPRETER_PRECISIONS))}")
     return target.check_precision(input_precision)
 
 

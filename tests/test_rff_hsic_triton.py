@@ -335,9 +335,13 @@ def test_input_precision_argument():
     # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (test_api.py checks the
     # op receives it); an explicit one wins
     assert dispatch.resolve_precision() == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
-    assert [dispatch.resolve_precision(p) for p in dispatch.PRECISIONS] == list(dispatch.PRECISIONS)
+    assert [dispatch.resolve_precision(p) for p in dispatch.INTERPRETER_PRECISIONS] == list(
+        dispatch.INTERPRETER_PRECISIONS)
+    with pytest.raises(ValueError, match="'bf16x6' is not available in the Triton interpreter"):
+        dispatch.resolve_precision("bf16x6", x.device)
     rzy, rzz, _ = _reference(v, maps, c)
-    for prec in dispatch.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    for prec in dispatch.INTERPRETER_PRECISIONS:
         zy, zz = M.rff_hsic(x, *maps, c, input_precision=prec)
         tol = 5e-3 if (prec == "tf32" and CUDA) else VAL_RTOL
         assert_close(zy, rzy, rtol=tol, atol=VAL_ATOL, name=f"HSIC_ZY {prec}")
