@@ -72,8 +72,13 @@ def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0, hilo: int 
     if hilo:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     if input_precision != "ieee":
-        bm = 64 if proj else 128
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+        # off sm_90 the MMA accumulators are register-resident: tf32x3's three products spilled 4-16 B a thread
+        # with 128 x 64 x 32 tiles on sm_80/86 (and 8 B with 64 x 64 x 32 on sm_86): 64 x 64 x 16 there
+        target = target_of(device)
+        hopper = target.vendor == "nvidia" and target.arch >= 90
+        split3 = input_precision == "tf32x3" and not hopper
+        bm = 64 if (proj or split3) else 128
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=16 if split3 else 32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
 
 
