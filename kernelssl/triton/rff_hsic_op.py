@@ -73,9 +73,12 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
     target = target_of(device)
     # off sm_90 (register-resident MMA accumulators, FMA dots on sm_75): 16-deep K-steps for the
     # projection (64 x 64 x 32 tf32x3 tiles spilled on sm_80/86/89); 2 stages under 160 KiB of shared memory;
-    # 4 warps where Triton's dots are FMAs (sm_75: the 32 x 32 ieee features tile spilled 28 B with 8)
+    # 4 warps where Triton's dots are FMAs (sm_75: the 32 x 32 ieee features tile spilled 28 B with 8);
+    # 32-image feature tiles (bf16 views' three-part W split spilled 24-32 B at 64 on sm_80/86/89) and
+    # 64 x 32 ieee cross-covariance tiles with MMAs (64 x 64 spilled 8-12 B on sm_80/86)
     narrow = not (target.vendor == "nvidia" and target.arch >= 90)
-    c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if (ieee or narrow) else 32, BN=32, BJB=64, BJA=64,
+    c = dict(BI=32 if (ieee or narrow) else 64, BJ=32 if ieee else 64, BK=16 if (ieee or narrow) else 32,
+             BN=32, BJB=64, BJA=32 if (ieee and narrow and target.triton_mma) else 64,
              BP=32, BJS=128, warps=8 if target.triton_mma else 4,
              stages=3 if target.smem_per_block >= 160 * 1024 else 2)
     tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
