@@ -71,10 +71,12 @@ def _resident_config(dtype: torch.dtype, q: int, device: torch.device | None = N
     target = target_of(device)
     if not (target.vendor == "nvidia" and target.arch >= 90):
         # off sm_90 (register-resident MMA accumulators; FMA dots on sm_75): 32-wide column tiles,
-        # 16-deep K-steps where the dots are FMAs or the precision splits fp32 operands
+        # 16-deep K-steps where the dots are FMAs or the precision splits fp32 operands; 32-row tiles
+        # where the dots are FMAs (64 rows spilled 16 B a thread at q = 128 on sm_75)
         fma = not target.triton_mma
-        return dict(bm=64, bn=32 if bq <= 128 else 16, bk=16 if (fma or not half) else (64 if bq <= 128 else 32),
-                    bq=bq, warps=8 if bq > 64 else 4, stages=2, red_r=32, red_q=min(bq, 128))
+        return dict(bm=32 if fma else 64, bn=32 if bq <= 128 else 16,
+                    bk=16 if (fma or not half) else (64 if bq <= 128 else 32), bq=bq, warps=8 if bq > 64 else 4,
+                    stages=2, red_r=32, red_q=min(bq, 128))
     return dict(bm=64, bn=64 if bq <= 128 else 16, bk=(64 if bq <= 128 else 32) if half else 16, bq=bq,
                 warps=8 if bq > 64 else 4,
                 stages=2, red_r=32, red_q=min(bq, 128))
