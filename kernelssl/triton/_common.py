@@ -241,12 +241,12 @@ def _compact_gram_config(target: Target, half: bool, bk: int, mm_k: int, unalign
     sm_80/86/89 spill and 3 stages of 64-deep bf16 slices need 112 KiB, more than sm_86/89's 99 KiB);
     2 stages where shared memory per block is under 160 KiB (sm_86/89, sm_75, AMD's 64 KiB); targets
     whose dots Triton lowers to FMAs (sm_75) take 16-deep K-steps in every dtype (a thread holds its
-    whole K slice in registers)."""
+    whole K slice in registers) and 4 warps (with 8, Triton 3.6's fp32 Gram tile spilled 4 B)."""
     fma = not target.triton_mma
     k = 16 if fma else bk
     return dict(block=64, block_k=k, fwd_block=64, fwd_k=k, dphi_n=64 if not fma else 32,
                 dphi_k=16 if (fma or not half) else bk, mm_m=128 if not fma else 64, mm_q=64,
-                mm_k=16 if fma else mm_k, group=8, warps=8,
+                mm_k=16 if fma else mm_k, group=8, warps=4 if fma else 8,
                 stages=3 if target.smem_per_block >= 160 * 1024 else 2, row_block=16, row_q=256)
 
 
