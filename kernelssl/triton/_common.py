@@ -217,7 +217,9 @@ def gram_config(dtype: torch.dtype, q: int, n: int = 0, target: Target = DEFAULT
     fwd_block = 128 if (many_waves and not unaligned) else 64
     if not _hopper(target):
         fma_ieee = not half and precision == "ieee"  # fp32 "ieee": FMA dots, a thread's whole K slice in registers
-        return _compact_gram_config(target, half, 16 if fma_ieee else bk, 16 if fma_ieee else mm_k, unaligned)
+        # fp32 panel GEMMs: 16-deep K-steps for ieee and tf32x3 (Triton 3.6 spilled 92 B at 32 with tf32x3, sm_86)
+        panel_k = 16 if (not half and precision != "tf32") else mm_k
+        return _compact_gram_config(target, half, 16 if fma_ieee else bk, panel_k, unaligned)
     # 64-wide forward tiles: 528 programs at n = 2048 make whole waves with 1, 2 or 4 programs per SM,
     # not 3; the K-step pins it at 2 (ptxas, sm_90, Triton 3.6 and 3.8): 16-bit rows 128-wide steps
     # (96 KiB of shared memory), fp32 "tf32" 64-wide (96 KiB), "ieee" 64-wide (104 registers; 80 with
