@@ -13,7 +13,7 @@ legendre_gram = SFRIK, taylor_logdet = MEC, gaussian_gram = Wang & Isola's unifo
 input dtype (fp32, bf16); :mod:`kernelssl.bench.launch_costs` prices each launch (the H200 ceilings,
 the kernels' work, occupancy, waves, time) and the op's limit.
 
-1. **Launches of the fused path** -- recorded as ``tests/sm90_compile.py`` records them
+1. **Launches of the fused path** -- recorded as ``tests/compile_targets.py`` records them
    (:mod:`kernelssl.triton.offline`: a recorder in place of the op module's ``wrap_triton``, the
    real GPU launchers called on empty CPU tensors; nothing runs), with the arguments the public entry
    point passes: the forward op's arguments are captured from a call of the public function

@@ -16,15 +16,22 @@ The decision, in order:
 2. Under a ``torch.func`` transform: ``"autograd"``; an explicit ``"triton"`` raises (the fused ops
    have no vmap/jvp rule).
 3. ``"torch"``: the torch tier.
-4. An explicit ``"triton"`` that cannot run (the op has no kernel, Triton does not import, or the
-   tensors are on the CPU without ``TRITON_INTERPRET=1``) raises with the reason; ``"auto"`` picks
+4. An explicit ``"triton"`` that cannot run (the op has no kernel, Triton does not import, the
+   tensors are on the CPU without ``TRITON_INTERPRET=1``, or the kernels cannot serve the device:
+   its target, :func:`kernelssl.triton.targets.target_of`, is outside the checked
+   :data:`~kernelssl.triton.targets.MATRIX`, the installed Triton has no compiler for it, or the
+   inputs' dtype has no matrix unit there, bf16 on sm_75) raises with the reason; ``"auto"`` picks
    Triton only for CUDA tensors when nothing stands in the way (the CPU interpreter is for tests,
-   never picked silently).
+   never picked silently).  Where the device is what stands in the way, ``"auto"`` runs the torch
+   tier with one ``RuntimeWarning`` per device and reason (a process warns once), naming both: never
+   a crash in the first training step.
 5. What the kernels do not take goes to the torch tier whatever was asked: float64 inputs, any of
    them (a float64 caller asked for float64 accuracy; the torch tier computes in the promoted dtype,
    float64 end to end) and, for
    ``rff_hsic``, random-feature maps that require grad (the fused backward gives the views' gradient
    only).
+
+The kernels' ``input_precision`` is resolved here too, per target (:func:`resolve_precision`).
 
 Nothing here imports Triton: ``import kernelssl`` works with no GPU and no Triton.
 """
@@ -33,11 +40,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
 
 from ._checks import check_choice
+from .triton import targets as _targets
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +56,7 @@ __all__ = [
     "interpreting",
     "triton_import_error",
     "resolve_precision",
+    "device_problem",
     "implementation",
     "triton_op",
 ]
@@ -57,13 +67,32 @@ ENV_VAR = "KERNELSSL_BACKEND"
 #: The ops with fused Triton kernels (``kernelssl/triton/<op>.py`` and ``<op>_op.py``).
 TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
 
-#: The precisions of the fused kernels' fp32 x fp32 products (docs/architecture.md, "Precision").
-PRECISIONS = ("tf32x3", "ieee", "tf32")
+#: The precisions of the fused kernels' fp32 x fp32 products (docs/architecture.md, "Precision"); which
+#: of them a GPU has, and its default, depend on its target (:mod:`kernelssl.triton.targets`).
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3", "bf16x6")
+#: Those the Triton interpreter (CPU tensors under ``TRITON_INTERPRET=1``) takes.
+INTERPRETER_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
-# Whether triton is installed, found without importing it.  A module constant, so ``torch.compile``
-# reads it as one (an import inside the dispatch would break the graph).  A broken install is found
-# when the kernel module is imported, and raises.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+# Whether triton is installed, and the vendors its compilers serve, found without importing it.
+# Module constants, so ``torch.compile`` reads them as such (an import inside the dispatch would break
+# the graph).  A broken install is found when the kernel module is imported, and raises.
+_TRITON_SPEC = importlib.util.find_spec("triton")
+_TRITON_FOUND = _TRITON_SPEC is not None
+
+
+def _triton_backends() -> frozenset:
+    if _TRITON_SPEC is None or not _TRITON_SPEC.submodule_search_locations:
+        return frozenset()
+    found = set()
+    for root in _TRITON_SPEC.submodule_search_locations:
+        for name, vendor in (("nvidia", "nvidia"), ("amd", "amd")):
+            if os.path.isfile(os.path.join(root, "backends", name, "compiler.py")):
+                found.add(vendor)
+    return frozenset(found)
+
+
+_TRITON_VENDORS = _triton_backends()
+_WARNED: set = set()
 
 
 def interpreting() -> bool:
@@ -76,21 +105,32 @@ def triton_import_error() -> str | None:
     return None if _TRITON_FOUND else "triton is not installed (pip install triton, on Linux x86_64)"
 
 
-def resolve_precision(input_precision: str | None = None) -> str:
-    """The kernels' ``input_precision`` for their fp32 x fp32 products.
+def resolve_precision(input_precision: str | None = None, device: torch.device | None = None) -> str:
+    """The kernels' ``input_precision`` for their fp32 x fp32 products on ``device``'s target
+    (:func:`kernelssl.triton.targets.target_of`; off CUDA, and for ``device=None``, the default target,
+    an H100).
 
-    An explicit ``"tf32x3"`` (three TF32 tensor-core products, fp32-level error), ``"ieee"`` (full fp32
-    on the FMA units) or ``"tf32"`` (one TF32 product, ~1e-3 relative error per product) wins.  ``None``
+    An explicit precision wins if the target has it: ``"tf32x3"`` (three TF32 tensor-core products,
+    fp32-level error), ``"ieee"`` (full fp32), ``"tf32"`` (one TF32 product, ~1e-3 relative error per
+    product), ``"bf16x6"`` / ``"bf16x3"`` (six / three bf16 products of a split); one it lacks (TF32 on
+    a T4 or an MI250) raises a ``ValueError`` naming the target and the precisions it has.  ``None``
     resolves to ``"tf32"`` only when torch's own TF32 opt-in is on
     (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision("high")``,
-    the flag the torch tier's matmuls obey), else to ``"tf32x3"``: never a silent plain TF32.
-    Products of two fp16/bf16 operands ignore it (exact on the tensor cores, fp32 accumulation)."""
+    the flag the torch tier's matmuls obey) and the target has TF32, else to the target's default:
+    fp32-level error by its fastest path (``"tf32x3"`` on NVIDIA sm_80+, ``"ieee"`` on sm_75 and
+    gfx90a, ``"bf16x6"`` on gfx942): never a silent plain TF32.  Products of two fp16/bf16 operands
+    ignore it (exact on the matrix units, fp32 accumulation)."""
+    target = _targets.target_of(device)
     if input_precision is None:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and target.tf32 else target.default_precision
     if not isinstance(input_precision, str) or input_precision not in PRECISIONS:
         raise ValueError(f"input_precision: expected one of {', '.join(map(repr, PRECISIONS))} or None, "
                          f"got {input_precision!r}")
-    return input_precision
+    if interpreting() and (device is None or torch.device(device).type != "cuda") \
+            and input_precision not in INTERPRETER_PRECISIONS:
+        raise ValueError(f"input_precision: {input_precision!r} is not available in the Triton interpreter "
+                         f"(TRITON_INTERPRET=1); it has {', '.join(map(repr, INTERPRETER_PRECISIONS))}")
+    return target.check_precision(input_precision)
 
 
 def _requested(backend: str) -> str:
@@ -114,6 +154,34 @@ def _triton_problem(op: str, device: torch.device) -> str | None:
             "(or TRITON_INTERPRET=1 set before kernelssl is imported, to run them on the CPU interpreter)"
         )
     return None
+
+
+def device_problem(device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> str | None:
+    """``None`` when the fused kernels serve ``device`` (for inputs of ``dtypes``), else the reason: its
+    target outside the targets the kernels are checked for (:data:`kernelssl.triton.targets.MATRIX`),
+    no compiler for its vendor in the installed Triton, or a dtype without a matrix unit there."""
+    if device.type != "cuda":
+        return None
+    target = _targets.target_of(device)
+    if target.name not in _targets.MATRIX:
+        return (f"{device} is {target.name} ({target.label}), not one of the targets the kernels are compiled "
+                f"and checked for ({', '.join(_targets.MATRIX)})")
+    if target.vendor not in _TRITON_VENDORS:
+        return f"{device} is {target.name} ({target.label}), and the installed Triton has no {target.vendor} compiler"
+    for dtype in dtypes:
+        reason = target.serves(dtype)
+        if reason is not None:
+            return f"{device}: {reason} ({dtype} inputs)"
+    return None
+
+
+def _fall_back(op: str, device: torch.device, reason: str) -> str:
+    key = (str(device), reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"kernelssl: the fused kernels cannot serve {device} ({reason}); {op} and the other ops "
+                      "run the torch tier there (backend='auto')", RuntimeWarning, stacklevel=4)
+    return "torch"
 
 
 def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor,
@@ -141,6 +209,11 @@ def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor
         return "torch"
     if any(t.dtype == torch.float64 for t in (x, *others)):
         return "torch"
+    problem = device_problem(x.device, {t.dtype for t in (x, *others)})
+    if problem is not None:
+        if requested == "triton":
+            raise RuntimeError(f"backend='triton' cannot run {op}: {problem}. Use backend='torch' (or 'auto').")
+        return _fall_back(op, x.device, problem)
     if torch.is_grad_enabled() and any(t.requires_grad for t in frozen):
         return "torch"
     return "triton"

@@ -27,6 +27,10 @@ against float64:
   to nearest, ties away) and ``small = x - big`` (exact in fp32, *not* rounded: the MMA truncates it);
   ``a b ~ small_a big_b + big_a small_b + big_a big_b`` (the ``small_a small_b`` term, ~2^-22 relative,
   is dropped), fp32 accumulation.
+* ``"bf16x3"`` / ``"bf16x6"`` (AMD's matrix cores; NVIDIA's too): Triton's ``BF16DotTC`` split,
+  ``x = hi + mid + lo`` with each part the fp32 remainder rounded to bf16 (nearest even);
+  ``bf16x3``: ``mid_a hi_b + hi_a mid_b + hi_a hi_b``; ``bf16x6`` adds ``mid_a mid_b + lo_a hi_b +
+  hi_a lo_b`` first.  Products of bf16 values are exact in fp32; fp32 accumulation.
 The tensor cores' own accumulation order is not modelled (fp32 either way); the GPU tests check the
 real thing.
 """
@@ -55,6 +59,8 @@ __all__ = [
     "trunc_tf32",
     "mm",
     "rel_err",
+    "errors_by_precision",
+    "within_2x_of_ieee",
     "check_within_2x_of_ieee",
 ]
 
@@ -191,14 +197,30 @@ def trunc_tf32(x: torch.Tensor) -> torch.Tensor:
     return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
 
 
+def _split_bf16(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """``x`` (fp32) as ``parts`` bf16 values (as fp32), each the remainder so far rounded to nearest even."""
+    out, rest = [], x
+    for _ in range(parts):
+        p = rest.to(torch.bfloat16).float()
+        out.append(p)
+        rest = rest - p
+    return out
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """``a @ b`` as one fp32 ``tl.dot`` at ``precision`` computes it (float64 operands: exact float64)."""
     if a.dtype == torch.float64 or precision == "ieee":
         return a @ b
     if precision == "tf32":
         return trunc_tf32(a) @ trunc_tf32(b)
+    if precision in ("bf16x3", "bf16x6"):
+        (ah, am, al), (bh, bm, bl) = _split_bf16(a, 3), _split_bf16(b, 3)
+        acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
+        if precision == "bf16x6":
+            acc = acc + am @ bm + al @ bh + ah @ bl
+        return ((acc + am @ bh) + ah @ bm) + ah @ bh
     if precision != "tf32x3":
-        raise ValueError(f"precision: expected 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+        raise ValueError(f"precision: expected 'ieee', 'tf32', 'tf32x3', 'bf16x3' or 'bf16x6', got {precision!r}")
     a_big, b_big = round_tf32(a), round_tf32(b)
     a_small, b_small = trunc_tf32(a - a_big), trunc_tf32(b - b_big)
     return (a_small @ b_big + a_big @ b_small) + a_big @ b_big
@@ -209,15 +231,32 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).abs().max() / ref.abs().max())
 
 
+def errors_by_precision(run, ref, precisions) -> dict:
+    """``{precision: [relative error of each result of run(precision) against ref]}``."""
+    return {p: [rel_err(x, r) for x, r in zip(run(p), ref)] for p in precisions}
+
+
+def within_2x_of_ieee(errs: dict, floor: float = 2.0**-22) -> set:
+    """The precisions of ``errs`` (:func:`errors_by_precision`, ``"ieee"`` among them) whose every
+    result's error is within 2x of ieee's, or below ``floor`` (see :func:`check_within_2x_of_ieee`)."""
+    return {p for p, e in errs.items()
+            if all(e_p <= bound_2x(e_i, 2.0 * floor) for e_p, e_i in zip(e, errs["ieee"]))}
+
+
 def check_within_2x_of_ieee(run, ref, names, floor: float = 2.0**-22) -> dict:
-    """Run ``run(precision)`` (a tuple of fp32 results) for the three precisions; every result's error
-    against ``ref`` (float64) with tf32x3 is within 2x of ieee's, or below ``floor`` (relative errors
-    below two fp32 epsilons, 2^-22, are equal -- the ieee path's own error on a scalar result moves by
-    about one epsilon with the summation order alone: HSIC_ZY at the paper shape measured 1.22e-7 with
-    one CPU thread and 3.45e-8 with two, SFRIK's M 9.3e-8 and 9.3e-10).  tf32 must be clearly worse on
-    at least one result, else the emulation is not doing anything.  Returns the table of errors."""
-    errs = {p: [rel_err(x, r) for x, r in zip(run(p), ref)] for p in ("ieee", "tf32x3", "tf32")}
-    for name, e_ieee, e_x3 in zip(names, errs["ieee"], errs["tf32x3"]):
-        assert e_x3 <= bound_2x(e_ieee, 2.0 * floor), f"{name}: tf32x3 error {e_x3:.3g} > 2 x ieee {e_ieee:.3g}"
+    """Run ``run(precision)`` (a tuple of fp32 results) for ieee, tf32 and each precision of
+    :data:`kernelssl.triton.targets.ACCURATE` (tf32x3: the targets' defaults are among them); every
+    result's error against ``ref`` (float64) with each of ACCURATE is within 2x of ieee's, or below
+    ``floor`` (relative errors below two fp32 epsilons, 2^-22, are equal -- the ieee path's own error
+    on a scalar result moves by about one epsilon with the summation order alone: HSIC_ZY at the paper
+    shape measured 1.22e-7 with one CPU thread and 3.45e-8 with two, SFRIK's M 9.3e-8 and 9.3e-10).
+    tf32 must be clearly worse on at least one result, else the emulation is not doing anything.
+    Returns the table of errors."""
+    from .triton.targets import ACCURATE
+
+    errs = errors_by_precision(run, ref, dict.fromkeys(("ieee", *ACCURATE, "tf32")))
+    for p in ACCURATE:
+        for name, e_ieee, e_p in zip(names, errs["ieee"], errs[p]):
+            assert e_p <= bound_2x(e_ieee, 2.0 * floor), f"{name}: {p} error {e_p:.3g} > 2 x ieee {e_ieee:.3g}"
     assert max(t / max(i, floor) for t, i in zip(errs["tf32"], errs["ieee"])) > 10, errs
     return errs

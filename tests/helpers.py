@@ -2,7 +2,7 @@
 the 2x rule and the TF32 emulation are the library's own :mod:`kernelssl.numerics`; here are the finite
 difference and the pieces several test files share: the device setup of the Triton tiers, random rows,
 the recorders of the kernels' launches and of the tensors an op creates, the checks of the offline
-sm_90 compile (tests/sm90_compile.py) and of the torch.func transforms."""
+sm_90 compile (tests/compile_targets.py) and of the torch.func transforms."""
 from __future__ import annotations
 
 import contextlib
@@ -178,25 +178,34 @@ def tf32_flag_off():
 
 
 # --------------------------------------------------------------------------------------------------
-# the GPU path compiled for sm_90 without a GPU (tests/sm90_compile.py)
+# the GPU path compiled for a target without a GPU (tests/compile_targets.py)
 # --------------------------------------------------------------------------------------------------
 
 
-def sm90_variants(op: str) -> list[dict]:
-    """Every kernel variant the GPU path of ``op`` issues, compiled for sm_90 by tests/sm90_compile.py
-    (skipped without Triton's bundled ptxas), after the checks every op shares: the recipes with
-    dimensions equal to 1 compiled too, no register spills outside those, and every variant within the
-    227 KiB of shared memory of an H100/H200."""
-    import sm90_compile
+def target_variants(op: str, target: str = "sm_90") -> list[dict]:
+    """Every kernel variant the GPU path of ``op`` issues on ``target``, compiled for it by
+    tests/compile_targets.py (skipped without Triton's bundled ptxas), after the checks every op and
+    target share: the recipes with dimensions equal to 1 compiled too, no register spills outside
+    those, every variant within the target's shared memory per block, and matrix-unit instructions in
+    some variant where Triton emits them for the target."""
+    import compile_targets
+    from kernelssl.triton.targets import lookup
 
-    if not sm90_compile.tools_available():
+    if not compile_targets.tools_available():
         pytest.skip("Triton's bundled ptxas is not available")
-    variants = sm90_compile.run(op)
+    variants = compile_targets.run(op, target)
     assert any(v["ones"] for v in variants)  # the recipes with dimensions equal to 1 compiled too
     spills = [v for v in variants if (v["spill_stores"] or v["spill_loads"]) and not v["ones"]]
     assert not spills, spills
-    assert all(v["shared"] <= 227 * 1024 for v in variants)
+    over = [v for v in variants if v["shared"] > lookup(target).smem_per_block]
+    assert not over, over
+    assert any(v["tensor_core"] for v in variants) == lookup(target).triton_mma
     return variants
+
+
+def sm90_variants(op: str) -> list[dict]:
+    """:func:`target_variants` for sm_90 (H100/H200)."""
+    return target_variants(op, "sm_90")
 
 
 def assert_tensor_cores_unless_ieee(gemms: list[dict], key: str, *, mma_sync: bool = True) -> None:

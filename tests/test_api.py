@@ -213,7 +213,8 @@ def test_input_precision_is_validated_on_every_entry_point():
              lambda p: KF.mec_loss(*z, input_precision=p)]
     for call in calls:
         with pytest.raises(ValueError,
-                           match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None, got 'fp32'"):
+                           match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32', 'bf16x3', 'bf16x6' "
+                                 "or None, got 'fp32'"):
             call("fp32")
         # the torch path ignores it: the same result for every precision
         first = lambda r: r[0] if isinstance(r, tuple) else r

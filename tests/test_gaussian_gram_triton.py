@@ -574,11 +574,16 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     emulation to a few seconds (a Gram entry's error is set by q, not by n)."""
     from kernelssl.numerics import check_within_2x_of_ieee
 
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def emulated_paper_case():
+    """``(run, ref, names)`` of the emulation above (also used by test_targets)."""
     n, q, t = 2048, 128, 2.0
     z = _z(n, q, 21)
     ref = _emulated_logmean(z, t, UPSTREAM, "ieee")  # float64 throughout
     z32 = z.float()
-    check_within_2x_of_ieee(lambda p: _emulated_logmean(z32, t, UPSTREAM, p), ref, ("L", "dL/dz"))
+    return (lambda p: _emulated_logmean(z32, t, UPSTREAM, p)), ref, ("L", "dL/dz")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,7 +679,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee():
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU code generation without a GPU (tests/sm90_compile.py)
+# GPU code generation without a GPU (tests/compile_targets.py)
 # --------------------------------------------------------------------------------------------------
 
 

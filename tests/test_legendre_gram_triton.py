@@ -440,11 +440,16 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     CPU emulation to a few seconds (the Gram's error is per entry, set by q, not by n)."""
     from kernelssl.numerics import check_within_2x_of_ieee
 
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def emulated_paper_case():
+    """``(run, ref, names)`` of the emulation above (also used by test_targets)."""
     n, q = 512, 8192
     z = _z(n, q, 21)
     ref = _emulated_gram_mean(z, B3, UPSTREAM, "ieee")  # float64 throughout
     z32 = z.float()
-    check_within_2x_of_ieee(lambda p: _emulated_gram_mean(z32, B3, UPSTREAM, p), ref, ("M", "dL/dz"))
+    return (lambda p: _emulated_gram_mean(z32, B3, UPSTREAM, p)), ref, ("M", "dL/dz")
 
 
 @needs_cuda
@@ -464,7 +469,7 @@ def test_gpu_tf32x3_default_within_2x_of_ieee_at_paper_shape():
 
 # --------------------------------------------------------------------------------------------------
 # GPU code generation without a GPU: compile every kernel for sm_90 (H100/H200) with Triton's bundled
-# ptxas, specialised as a real launch would be (tests/sm90_compile.py).
+# ptxas, specialised as a real launch would be (tests/compile_targets.py).
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests run the kernels themselves")
@@ -480,7 +485,7 @@ def test_kernels_compile_for_sm90():
     The forward at the SFRIK headline shape (n = 2048 per view, q = 8192) fills the 132 SMs of an
     H100/H200 in whole waves (programs per SM from ptxas' registers and the shared memory): wave
     efficiency >= 80% in every dtype (136 programs at one per SM would be 52%)."""
-    import sm90_compile
+    import compile_targets
 
     variants = helpers.sm90_variants("legendre_gram")
     assert {v["kernel"] for v in variants} == {"_row_scales_kernel", "_gram_phi_sum_kernel", "_sum_partials_kernel",
@@ -495,5 +500,5 @@ def test_kernels_compile_for_sm90():
                 and (v["case"] or "").startswith("n2048-q8192-")]
     assert len(headline) == 5, [(v["case"], v["grid"]) for v in variants if v["kernel"] == "_gram_phi_sum_kernel"]
     for v in headline:
-        per_sm = sm90_compile.programs_per_sm(v)
-        assert sm90_compile.wave_efficiency(v["grid"][0], per_sm * sm90_compile.SM90["sms"]) >= 0.8, (per_sm, v)
+        per_sm = compile_targets.programs_per_sm(v)
+        assert compile_targets.wave_efficiency(v["grid"][0], per_sm * compile_targets.SM90["sms"]) >= 0.8, (per_sm, v)

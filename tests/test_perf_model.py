@@ -2,7 +2,7 @@
 :mod:`kernelssl.bench.launch_costs` prices them; PREDICTED times, never measured; docs/perf-model.md) at
 the papers' shapes, fp32 and bf16, forward + backward.
 
-The model records the launches the GPU path issues (as ``tests/sm90_compile.py`` does), compiles them
+The model records the launches the GPU path issues (as ``tests/compile_targets.py`` does), compiles them
 for sm_90 and prices them against H200 ceilings.  These tests hold the kernels
 to what the model says a fast design needs, and hold the model to the math:
 

@@ -123,14 +123,14 @@ def test_cross_cov_split_fills_the_waves(sms, monkeypatch):
     """The cross-covariance's row split is chosen from the SM count so that its programs
     (tiles x split, 2 resident per SM) fill >= 90% of their waves -- at the paper shape (64 tiles of
     C) a split of 5 would give 320 programs on 132 x 2 slots, 61%."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     monkeypatch.setattr(M, "num_sms", lambda device: sms)
     cfg = M._fwd_config(DEV, 16384, 4096, 256, 512, 512, "tf32x3")
     tiles = (512 // cfg["BJA"]) * (512 // cfg["BJB"])
     assert cfg["split"] > 1 and 16384 // cfg["split"] >= 8 * cfg["BN"]
-    assert sm90_compile.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM * sms) >= 0.9, cfg["split"]
+    assert compile_targets.wave_efficiency(tiles * cfg["split"], M._CROSS_COV_PER_SM * sms) >= 0.9, cfg["split"]
 
 
 @interpreter_only
@@ -142,9 +142,9 @@ def test_gpu_block_configuration_under_interpreter(precision, monkeypatch):
     blocks, d = 270 > 256 split over two gradient column blocks, ragged feature tiles (D = 80, 65) and
     the cross-covariance split over N = 300 rows -- the reference values, so a GPU session starts
     from block sizes whose indexing is tested."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     shape = (3, 100, 270, 80, 65)
     cfg = M._fwd_config(DEV, 300, 100, 270, 80, 65, precision)
     assert cfg["split"] == 2 and cfg["BI"] == (32 if precision == "ieee" else 64)
@@ -329,14 +329,19 @@ def test_input_precision_argument():
     x = torch.as_tensor(v, dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="input_precision"):
         KF.rff_hsic(x, *maps, c, backend="triton", input_precision="bf16")
-    with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32' or None"):
+    with pytest.raises(ValueError, match="input_precision: expected one of 'tf32x3', 'ieee', 'tf32', 'bf16x3', "
+                                               "'bf16x6' or None"):
         KF.rff_hsic(x.double(), *maps, c, backend="triton", input_precision=True)  # checked on the float64 path too
     # no input_precision: "tf32x3", or "tf32" when torch's TF32 flag is on (test_api.py checks the
     # op receives it); an explicit one wins
     assert dispatch.resolve_precision() == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
-    assert [dispatch.resolve_precision(p) for p in dispatch.PRECISIONS] == list(dispatch.PRECISIONS)
+    assert [dispatch.resolve_precision(p) for p in dispatch.INTERPRETER_PRECISIONS] == list(
+        dispatch.INTERPRETER_PRECISIONS)
+    with pytest.raises(ValueError, match="'bf16x6' is not available in the Triton interpreter"):
+        dispatch.resolve_precision("bf16x6", x.device)
     rzy, rzz, _ = _reference(v, maps, c)
-    for prec in dispatch.PRECISIONS:  # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    # tf32 (not emulated by the interpreter) gets a tf32-sized tolerance on GPU
+    for prec in dispatch.INTERPRETER_PRECISIONS:
         zy, zz = M.rff_hsic(x, *maps, c, input_precision=prec)
         tol = 5e-3 if (prec == "tf32" and CUDA) else VAL_RTOL
         assert_close(zy, rzy, rtol=tol, atol=VAL_ATOL, name=f"HSIC_ZY {prec}")
@@ -494,9 +499,9 @@ def test_kernels_compile_for_sm90_without_spills():
 
 def _record_gpu_launches(monkeypatch, fn):
     """The launches ``fn`` issues with the GPU block sizes (H100, 132 SMs), recorded, not run."""
-    import sm90_compile
+    import compile_targets
 
-    sm90_compile.rff_hsic_gpu_config(M, monkeypatch.setattr)
+    compile_targets.rff_hsic_gpu_config(M, monkeypatch.setattr)
     calls = []
 
     class Recorder:
@@ -650,14 +655,19 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
     from kernelssl.numerics import check_within_2x_of_ieee
 
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def emulated_paper_case():
+    """``(run, ref, names)`` of the emulation at the paper shape: ``run(precision)`` the fp32 results with
+    every kernel GEMM emulated at ``precision``, ``ref`` the float64 ones (also used by test_targets)."""
     K, B, d, D = PAPER["K"], PAPER["B"], PAPER["d"], PAPER["D"]
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(K * B, d, generator=g, dtype=torch.float64), dim=-1)
     maps = [t.double() for t in (*sample_imq_rff(d, D, generator=g), *sample_imq_rff(d, D, generator=g))]
     ref = _emulated_hsic(x, maps, K, B, 1.0, "ieee")  # float64 throughout
     x32, maps32 = x.float(), [t.float() for t in maps]
-    check_within_2x_of_ieee(lambda p: _emulated_hsic(x32, maps32, K, B, 1.0, p), ref,
-                            ("HSIC_ZY", "HSIC_ZZ", "dL/dX"))
+    return (lambda p: _emulated_hsic(x32, maps32, K, B, 1.0, p)), ref, ("HSIC_ZY", "HSIC_ZZ", "dL/dX")
 
 
 @needs_cuda

@@ -158,14 +158,14 @@ def test_gram_split_fills_the_waves(sms, half, monkeypatch):
     per SM) so that its programs fill >= 90% of their waves, with no split where the output alone does
     (MEC's paper Gram on 132 SMs: fp32 256 programs, bf16 128 of 128 x 128; a split only adds the
     partials' sum)."""
-    import sm90_compile
+    import compile_targets
 
     monkeypatch.setattr(K, "interpreting", lambda: False)
     cfg = K._gemm_config(half, "tf32x3")
     tiles = (1024 // cfg["BLOCK_M"]) * (1024 // cfg["BLOCK_N"])  # MEC's paper shape, m = 1024
     per_sm = K._gemm_per_sm(half, "tf32x3")
     split = K._split_k(tiles, 2, 2048, cfg["BLOCK_K"], sms * per_sm)
-    assert sm90_compile.wave_efficiency(tiles * 2 * split, per_sm * sms) >= 0.9, split
+    assert compile_targets.wave_efficiency(tiles * 2 * split, per_sm * sms) >= 0.9, split
     if sms == 132:
         assert split == 1
 
@@ -809,6 +809,11 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     tf32x3 is within 2x of full fp32's ("ieee"); plain tf32 is far worse (printed with -s)."""
     from kernelssl.numerics import check_within_2x_of_ieee
 
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def emulated_paper_case():
+    """``(run, ref, names)`` of the emulation above (also used by test_targets)."""
     m, d = 1024, 2048
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, d, generator=gen, dtype=F64) + 0.1 * torch.randn(1, d, generator=gen, dtype=F64)
@@ -816,7 +821,7 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated_at_paper_shape():
     lam, g = d / (m * 64.0), 1.7
     ref = _emulated_mec(a, b, lam, g, "ieee")  # float64 throughout
     a32, b32 = a.float(), b.float()
-    check_within_2x_of_ieee(lambda p: _emulated_mec(a32, b32, lam, g, p), ref, ("T", "dL/da", "dL/db"))
+    return (lambda p: _emulated_mec(a32, b32, lam, g, p)), ref, ("T", "dL/da", "dL/db")
 
 
 @needs_cuda

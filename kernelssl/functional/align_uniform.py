@@ -90,7 +90,7 @@ def logmean_impl(z: Tensor, t: float, *, normalize: bool, exclude_diagonal: bool
     if impl == "triton":
         return dispatch.triton_op("gaussian_gram").gaussian_gram_logmean(
             z, t, normalize=normalize, exclude_diagonal=exclude_diagonal,
-            input_precision=dispatch.resolve_precision(input_precision))
+            input_precision=dispatch.resolve_precision(input_precision, z.device))
     if impl == "autograd":
         return _ops.gaussian_gram_logmean_eager(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)
     return _ops.gaussian_gram_logmean(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)

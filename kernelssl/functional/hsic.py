@@ -91,7 +91,8 @@ def rff_hsic_impl(views: Tensor, w_a, b_a, w_b, b_b, kernel_scale, backend: str,
     impl = dispatch.implementation("rff_hsic", backend, views, frozen=(w_a, b_a, w_b, b_b))
     if impl == "triton":
         return dispatch.triton_op("rff_hsic").rff_hsic(
-            views, w_a, b_a, w_b, b_b, kernel_scale, input_precision=dispatch.resolve_precision(input_precision))
+            views, w_a, b_a, w_b, b_b, kernel_scale,
+            input_precision=dispatch.resolve_precision(input_precision, views.device))
     if impl == "autograd":
         return _ops.rff_hsic_autograd(views, w_a, b_a, w_b, b_b, kernel_scale)
     return _ops.rff_hsic(views, w_a, b_a, w_b, b_b, kernel_scale)

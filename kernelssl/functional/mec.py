@@ -111,7 +111,7 @@ def logdet_impl(a, b, lam, order, *, normalize: bool = True, backend: str, input
     computed -- above ``ONCHIP_MAX`` they cost 16 power-iteration launches)."""
     if dispatch.implementation("taylor_logdet", backend, a, b) == "triton":
         k = dispatch.triton_op("taylor_logdet")
-        prec = dispatch.resolve_precision(input_precision)
+        prec = dispatch.resolve_precision(input_precision, a.device)
         if diagnostics is None:
             return k.taylor_logdet(a, b, lam, order, normalize=normalize, input_precision=prec)
         t, rho, ratio = k.taylor_logdet_with_diagnostics(a, b, lam, order, normalize=normalize, input_precision=prec)

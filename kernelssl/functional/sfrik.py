@@ -48,7 +48,7 @@ def gram_mean_impl(z: Tensor, b: tuple[float, ...], *, normalize: bool, backend:
     impl = impl or dispatch.implementation("legendre_gram", backend, z)
     if impl == "triton":
         return dispatch.triton_op("legendre_gram").legendre_gram_mean(
-            z, b, normalize=normalize, input_precision=dispatch.resolve_precision(input_precision))
+            z, b, normalize=normalize, input_precision=dispatch.resolve_precision(input_precision, z.device))
     if impl == "autograd":
         return _ops.legendre_gram_mean_eager(z, b, normalize=normalize)
     return _ops.legendre_gram_mean(z, b, normalize=normalize)

@@ -33,7 +33,6 @@ The tests' launch recorders replace a module's ``wrap_triton``; the guard is loo
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 
 import torch
@@ -50,6 +49,7 @@ except ImportError:  # a triton without the interpreter: nothing is ever interpr
 from ..dispatch import interpreting
 from ..ops._common import NORM_EPS
 from ._jit import _panel_matmul_kernel, _row_scales_kernel
+from .targets import DEFAULT, Target, target_of
 
 __all__ = [
     "DEFAULT_SMS",
@@ -67,24 +67,18 @@ __all__ = [
 ]
 
 #: Streaming multiprocessors assumed off CUDA (the offline compile records the GPU launches on CPU
-#: tensors): an H100/H200 SXM.
-DEFAULT_SMS = 132
+#: tensors): those of the default target (:data:`kernelssl.triton.targets.DEFAULT`, an H100/H200 SXM).
+DEFAULT_SMS = DEFAULT.sms
 
 #: Device types on which ``torch.compile`` decomposes the ops into their kernels (a test traces the
 #: rule on the CPU by adding "cpu").
 DECOMPOSE_DEVICES = ["cuda"]
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
-    """SM count of a CUDA ``device`` (cached per device); :data:`DEFAULT_SMS` elsewhere."""
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    """SM (CU) count of ``device``'s target (:func:`kernelssl.triton.targets.target_of`: the device's own
+    for CUDA, cached per device; the assumed target's elsewhere, :data:`DEFAULT_SMS` by default)."""
+    return target_of(device).sms
 
 
 def _fix_interpreter_index() -> None:
@@ -189,10 +183,10 @@ PANEL_ELEMENTS = 1 << 25
 MIN_PANEL_ROWS = 1024
 
 
-def gram_config(dtype: torch.dtype, q: int, n: int = 0, sms: int = DEFAULT_SMS, precision: str = "tf32x3") -> dict:
+def gram_config(dtype: torch.dtype, q: int, n: int = 0, target: Target = DEFAULT, precision: str = "tf32x3") -> dict:
     """Block sizes of the Gram ops' kernels (``legendre_gram``, ``gaussian_gram``).  GPU: starting points
     for H100/H200, not tuned on a GPU (none was available); checked by compiling every kernel for sm_90 offline
-    with the launch's own specialisation (``tests/sm90_compile.py``: no register spills in any variant, and the
+    with the launch's own specialisation (``tests/compile_targets.py``: no register spills in any variant, and the
     wave count of the headline forward).  Backward: 128 x 64 phi' tiles (the joint value/derivative recurrence
     spills registers at 128 x 128) and 128 x 128 GEMM tiles, 8 warps, 3 stages (wgmma for 16-bit and TF32
     operands). K-steps of 64 for 16-bit operands, 32 where the MMA takes fp32 operands.
@@ -219,8 +213,13 @@ def gram_config(dtype: torch.dtype, q: int, n: int = 0, sms: int = DEFAULT_SMS, 
     mm_k = 64 if dtype == torch.bfloat16 else 32  # fp16 / fp32 feed fp32 operands to the MMA
     unaligned = q % 16 != 0
     t128 = triton.cdiv(n, 128)
-    many_waves = t128 * (t128 + 1) // 2 >= 8 * sms
+    many_waves = t128 * (t128 + 1) // 2 >= 8 * target.sms
     fwd_block = 128 if (many_waves and not unaligned) else 64
+    if not _hopper(target):
+        fma_ieee = not half and precision == "ieee"  # fp32 "ieee": FMA dots, a thread's whole K slice in registers
+        # fp32 panel GEMMs: 16-deep K-steps for ieee and tf32x3 (Triton 3.6 spilled 92 B at 32 with tf32x3, sm_86)
+        panel_k = 16 if (not half and precision != "tf32") else mm_k
+        return _compact_gram_config(target, half, 16 if fma_ieee else bk, panel_k, unaligned)
     # 64-wide forward tiles: 528 programs at n = 2048 make whole waves with 1, 2 or 4 programs per SM,
     # not 3; the K-step pins it at 2 (ptxas, sm_90, Triton 3.6 and 3.8): 16-bit rows 128-wide steps
     # (96 KiB of shared memory), fp32 "tf32" 64-wide (96 KiB), "ieee" 64-wide (104 registers; 80 with
@@ -233,10 +232,36 @@ def gram_config(dtype: torch.dtype, q: int, n: int = 0, sms: int = DEFAULT_SMS, 
                 row_q=256)
 
 
-def gram_precision(dtype: torch.dtype, input_precision: str) -> str:
-    # fp32 operands: the op's precision; half operands go to the tensor cores as they are
-    # ("tf32", Triton's default, is ignored for them).
-    return input_precision if dtype == torch.float32 else "tf32"
+def _hopper(target: Target) -> bool:
+    """Whether ``target`` is an sm_90 part, the one the Gram ops' wide tiles (warp-group MMAs) are for."""
+    return target.vendor == "nvidia" and target.arch >= 90
+
+
+def _compact_gram_config(target: Target, half: bool, bk: int, mm_k: int, unaligned: bool) -> dict:
+    """Gram blocks off sm_90 (compiled for every target by ``tests/compile_targets.py``): 64-wide Gram and
+    phi' tiles and 128 x 64 panel-GEMM tiles (at 128 x 128 the register-resident MMA accumulators of
+    sm_80/86/89 spill and 3 stages of 64-deep bf16 slices need 112 KiB, more than sm_86/89's 99 KiB);
+    2 stages where shared memory per block is under 160 KiB (sm_86/89, sm_75, AMD's 64 KiB); targets
+    whose dots Triton lowers to FMAs (sm_75) take 16-deep K-steps in every dtype (a thread holds its
+    whole K slice in registers) and 4 warps (with 8, Triton 3.6's fp32 Gram tile spilled 4 B)."""
+    fma = not target.triton_mma
+    k = 16 if fma else bk
+    return dict(block=64, block_k=k, fwd_block=64, fwd_k=k, dphi_n=64 if not fma else 32,
+                dphi_k=16 if (fma or not half) else bk, mm_m=128 if not fma else 64, mm_q=64,
+                mm_k=16 if fma else mm_k, group=8, warps=4 if fma else 8,
+                stages=3 if target.smem_per_block >= 160 * 1024 else 2, row_block=16, row_q=256)
+
+
+def gram_precision(dtype: torch.dtype, input_precision: str, target: Target = DEFAULT) -> str:
+    """The Gram kernels' ``INPUT_PRECISION``: fp32 rows, the op's precision; bf16 rows go to the matrix
+    units as they are (the target's neutral precision, ignored by their dots); fp16 rows the same, and
+    the panel GEMM's fp32 weights times the (TF32-exact) fp16 rows as two TF32 products where the target
+    has TF32, else one product at the target's default fp32 precision (``_jit._panel_dot``)."""
+    if dtype == torch.float32:
+        return input_precision
+    if dtype == torch.float16:
+        return "tf32" if target.tf32 else target.default_precision
+    return target.neutral_precision
 
 
 def panel_rows_for(n: int, align: int = 128) -> int:

@@ -137,7 +137,8 @@ def _round_bf16(x):
 
 # acc + p @ zt for an fp32 weight tile p and a tile zt of the rows in their dtype, P at (near) fp32
 # precision on tensor cores -- MODE 0: fp32 zt, one dot at INPUT_PRECISION; 1: bf16 zt, p = p_hi + p_lo
-# in bf16 (2 MMAs); 2: fp16 zt (exact in TF32), p = p_hi + p_lo rounded to TF32 (2 TF32 MMAs).
+# in bf16 (2 MMAs); 2: fp16 zt (exact in TF32), p = p_hi + p_lo rounded to TF32 (2 TF32 MMAs) when
+# INPUT_PRECISION is "tf32", else one fp32 product at INPUT_PRECISION (targets without TF32).
 @triton.jit
 def _panel_dot(p, zt, acc, MODE: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if MODE == 0:
@@ -152,6 +153,8 @@ def _panel_dot(p, zt, acc, MODE: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PREC
             p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
         acc = tl.dot(p_lo, zt, acc, input_precision=INPUT_PRECISION)
         acc = tl.dot(p_hi, zt, acc, input_precision=INPUT_PRECISION)
+    elif INPUT_PRECISION != "tf32":
+        acc = tl.dot(p, zt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
     else:
         zf = zt.to(tl.float32)
         p_hi = _round_tf32(p)

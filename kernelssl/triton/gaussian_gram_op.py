@@ -36,6 +36,7 @@ from .gaussian_gram import (
     _resident_backward_kernel,
     _split_reduce_kernel,
 )
+from .targets import target_of
 
 __all__ = ["gaussian_gram_logmean", "gaussian_gram_forward", "gaussian_gram_backward", "resident_ok"]
 
@@ -45,7 +46,7 @@ __all__ = ["gaussian_gram_logmean", "gaussian_gram_forward", "gaussian_gram_back
 # ==================================================================================================
 
 #: Widest rows for the rows-resident backward (a (BLOCK_M, q) fp32 accumulator per program): 256 when q
-#: is a multiple of 16, else 128 (unaligned rows of 129..255 spill registers: sm90_compile); wider rows
+#: is a multiple of 16, else 128 (unaligned rows of 129..255 spill registers on sm_90); wider rows
 #: take the panel backward (its GEMM tiles q, at the price of an (R, n) fp32 panel in HBM).
 MAX_RESIDENT_Q = 256
 
@@ -58,8 +59,8 @@ def resident_ok(q: int) -> bool:
 _RESIDENT_TARGET_PROGRAMS = 4 * 132
 
 
-def _resident_config(dtype: torch.dtype, q: int) -> dict:
-    """Blocks of the rows-resident backward (sm_90 compiles, tests/sm90_compile.py: spill-free under
+def _resident_config(dtype: torch.dtype, q: int, device: torch.device | None = None) -> dict:
+    """Blocks of the rows-resident backward (sm_90 compiles, tests/compile_targets.py: spill-free under
     Triton 3.6 and 3.8, one program of 8 warps per SM): 64-row tiles, the (64, q) fp32 accumulator over
     8 warps; 64-wide column tiles up to q = 128, 16-wide at q = 256 (wider ones spill); K-steps over q
     of 64 for 16-bit rows (32 at q = 256), 16 for fp32 (tf32x3 spills at 32).  Interpreter: 32-wide, so test shapes
@@ -68,6 +69,15 @@ def _resident_config(dtype: torch.dtype, q: int) -> dict:
     if interpreting():
         return dict(bm=32, bn=32, bk=32, bq=bq, warps=4, stages=1, red_r=32, red_q=min(bq, 64))
     half = dtype in (torch.float16, torch.bfloat16)
+    target = target_of(device)
+    if not (target.vendor == "nvidia" and target.arch >= 90):
+        # off sm_90 (register-resident MMA accumulators; FMA dots on sm_75): 32-wide column tiles,
+        # 16-deep K-steps where the dots are FMAs or the precision splits fp32 operands; 32-row tiles
+        # where the dots are FMAs (64 rows spilled 16 B a thread at q = 128 on sm_75)
+        fma = not target.triton_mma
+        return dict(bm=32 if fma else 64, bn=32 if bq <= 128 else 16,
+                    bk=16 if (fma or not half) else (64 if bq <= 128 else 32), bq=bq, warps=8 if bq > 64 else 4,
+                    stages=2, red_r=32, red_q=min(bq, 128))
     return dict(bm=64, bn=64 if bq <= 128 else 16, bk=(64 if bq <= 128 else 32) if half else 16, bq=bq,
                 warps=8 if bq > 64 else 4,
                 stages=2, red_r=32, red_q=min(bq, 128))
@@ -106,7 +116,7 @@ def gaussian_gram_forward(
     ``(r, proj)``, each ``(P n,)`` fp32, which :func:`gaussian_gram_backward` takes as ``scales``
     instead of recomputing them.  No autograd (see :func:`gaussian_gram_logmean`)."""
     zf, P, n, q = _flat(z)
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, proj = row_scales(zf, normalize, cfg)
     tiles = triton.cdiv(n, cfg["fwd_block"])
     num_parts = tiles * (tiles + 1) // 2
@@ -118,7 +128,7 @@ def gaussian_gram_forward(
         n, q, 2.0 * float(t), num_parts,
         EXCLUDE=exclude_diagonal, NORMALIZE=normalize, BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
-        INPUT_PRECISION=gram_precision(z.dtype, input_precision),
+        INPUT_PRECISION=gram_precision(z.dtype, input_precision, target_of(z.device)),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     out = torch.empty(z.shape[:-2], device=z.device, dtype=torch.float32)
@@ -148,10 +158,10 @@ def gaussian_gram_backward(
     ``scales``: the forward's row scales (``return_scales=True``); ``None``
     recomputes them (one launch)."""
     zf, P, n, q = _flat(z)
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, proj = row_scales(zf, normalize, cfg) if scales is None else scales
     dot_f32 = interpreting() and z.dtype != torch.float32
-    prec = gram_precision(z.dtype, input_precision)
+    prec = gram_precision(z.dtype, input_precision, target_of(z.device))
     mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[z.dtype]
     grad = grad.reshape(P)
     stats = stats.reshape(P, 2).contiguous()
@@ -160,7 +170,7 @@ def gaussian_gram_backward(
     if resident:
         if q > MAX_RESIDENT_Q:
             raise ValueError(f"resident: rows of q <= {MAX_RESIDENT_Q} only, got q = {q}")
-        rc = _resident_config(z.dtype, q)
+        rc = _resident_config(z.dtype, q, z.device)
         slots = num_sms(z.device) if rc["warps"] == 8 else 0  # 8 warps: one program per SM
         splits, per = resident_splits(n, rc["bm"], rc["bn"], P, slots)
         fused = splits == 1
@@ -323,4 +333,4 @@ def gaussian_gram_logmean(z: Tensor, t: float = 2.0, *, normalize: bool = True, 
     tensor, differentiable in ``z``, deterministic, finite for any t > 0 (log-sum-exp); NaN in ``z``
     reaches the value and the gradient.  Twice differentiable (the second derivative through the torch
     tier's plain autograd form, :func:`kernelssl.ops._common.recorded_backward`)."""
-    return _logmean_op(z, float(t), normalize, exclude_diagonal, resolve_precision(input_precision))[0]
+    return _logmean_op(z, float(t), normalize, exclude_diagonal, resolve_precision(input_precision, z.device))[0]

@@ -24,7 +24,6 @@ from ._common import (
     gram_config,
     gram_precision,
     interpreting,
-    num_sms,
     panel_matmul,
     panel_rows_for,
     register,
@@ -32,6 +31,7 @@ from ._common import (
     wrap_triton,
 )
 from .legendre_gram import _gram_dphi_kernel, _gram_phi_sum_kernel, _sum_partials_kernel
+from .targets import target_of
 
 __all__ = ["legendre_gram_mean", "legendre_gram_forward", "legendre_gram_backward"]
 
@@ -47,7 +47,7 @@ def legendre_gram_forward(
     """``M(Z)`` as a 0-dim fp32 tensor (no autograd; see :func:`legendre_gram_mean`)."""
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, _ = row_scales(z, normalize, cfg)
     tiles = triton.cdiv(n, cfg["fwd_block"])
     num_parts = tiles * (tiles + 1) // 2
@@ -59,7 +59,7 @@ def legendre_gram_forward(
         COEF=coef, L=len(coef),
         BLOCK=cfg["fwd_block"], BLOCK_K=cfg["fwd_k"],
         DOT_F32=interpreting() and z.dtype != torch.float32,
-        INPUT_PRECISION=gram_precision(z.dtype, input_precision),
+        INPUT_PRECISION=gram_precision(z.dtype, input_precision, target_of(z.device)),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     out = torch.empty((), device=z.device, dtype=torch.float32)
@@ -80,11 +80,11 @@ def legendre_gram_backward(
     the Gram tiles panel by panel (``panel_rows`` rows at a time; default :func:`panel_rows_for`)."""
     coef = tuple(float(b) for b in coefficients)
     n, q = z.shape
-    cfg = gram_config(z.dtype, q, n, num_sms(z.device), input_precision)
+    cfg = gram_config(z.dtype, q, n, target_of(z.device), input_precision)
     rinv, proj = row_scales(z, normalize, cfg)
     rows = panel_rows_for(n, cfg["mm_m"]) if panel_rows is None else min(n, int(panel_rows))
     dot_f32 = interpreting() and z.dtype != torch.float32
-    prec = gram_precision(z.dtype, input_precision)
+    prec = gram_precision(z.dtype, input_precision, target_of(z.device))
     num_dparts = triton.cdiv(n, cfg["dphi_n"])
     panel = torch.empty((rows, n), device=z.device, dtype=torch.float32)
     dpart = torch.empty((rows, num_dparts), device=z.device, dtype=torch.float32)
@@ -176,4 +176,5 @@ def legendre_gram_mean(z: Tensor, coefficients: Sequence[float] = (1.0, 40.0, 40
     :func:`kernelssl.dispatch.resolve_precision`.  Returns a 0-dim float32 tensor, differentiable in
     ``z`` (gradient in z's dtype), deterministic.  Twice differentiable (the second derivative through
     the torch tier's plain autograd form, :func:`kernelssl.ops._common.recorded_backward`)."""
-    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize), resolve_precision(input_precision))
+    return _gram_mean_op(z, [float(b) for b in coefficients], bool(normalize),
+                         resolve_precision(input_precision, z.device))

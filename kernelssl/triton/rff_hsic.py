@@ -104,7 +104,7 @@ Numerics and contracts
   no range reduction of its own.  Still GPU-only unknowns: TF32 rounding (the interpreter computes
   every ``tl.dot`` in full fp32); the GPU tests compare against float64 at the paper shape.
 * Block sizes were chosen offline: every launch the GPU path issues is compiled for sm_90 with the
-  launch's own specialisation and checked for register spills (``tests/sm90_compile.py``), and the
+  launch's own specialisation and checked for register spills (``tests/compile_targets.py``), and the
   GPU block sizes run through the interpreter at a small shape against the reference.
 """
 import triton

@@ -28,6 +28,7 @@ from .rff_hsic import (
     _rff_finalize_kernel,
     _rff_stats_kernel,
 )
+from .targets import target_of
 
 __all__ = ["rff_hsic", "rff_hsic_forward", "rff_hsic_backward"]
 
@@ -67,11 +68,20 @@ def _fwd_config(device: torch.device, N, B, d, DA, DB, precision: str = "ieee") 
     # GPU (untuned, see the module docstring): 64 features per program, 8 warps; 32 images for the
     # FMA ("ieee") dots, 64 for the TF32 ones (Hopper's warp-group MMA takes >= 64 rows).  No register
     # spills in any variant (fp32/bf16/fp16, ieee/tf32/tf32x3, aligned or odd d; compiled for sm_90 by
-    # tests/sm90_compile.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
+    # tests/compile_targets.py, under Triton 3.6 and 3.8), where 64 x 64 with 4 warps spilled up to ~0.5 KB
     # per thread.  The FMA dots take 32 x 32 x 16 tiles: with 32 x 64 x 32 Triton 3.6's build spills.
     ieee = precision == "ieee"
-    c = dict(BI=32 if ieee else 64, BJ=32 if ieee else 64, BK=16 if ieee else 32, BN=32, BJB=64, BJA=64, BP=32,
-             BJS=128, warps=8, stages=3)
+    target = target_of(device)
+    # off sm_90 (register-resident MMA accumulators, FMA dots on sm_75): 16-deep K-steps for the
+    # projection (64 x 64 x 32 tf32x3 tiles spilled on sm_80/86/89); 2 stages under 160 KiB of shared memory;
+    # 4 warps where Triton's dots are FMAs (sm_75: the 32 x 32 ieee features tile spilled 28 B with 8);
+    # 32-image feature tiles (bf16 views' three-part W split spilled 24-32 B at 64 on sm_80/86/89) and
+    # 64 x 32 ieee cross-covariance tiles with MMAs (64 x 64 spilled 8-12 B on sm_80/86)
+    narrow = not (target.vendor == "nvidia" and target.arch >= 90)
+    c = dict(BI=32 if (ieee or narrow) else 64, BJ=32 if ieee else 64, BK=16 if (ieee or narrow) else 32,
+             BN=32, BJB=64, BJA=32 if (ieee and narrow and target.triton_mma) else 64,
+             BP=32, BJS=128, warps=8 if target.triton_mma else 4,
+             stages=3 if target.smem_per_block >= 160 * 1024 else 2)
     tiles = triton.cdiv(DA, c["BJA"]) * triton.cdiv(DB, c["BJB"])
     sms = num_sms(device)
     max_split = max(1, triton.cdiv(N, 8 * c["BN"]))  # >= 8 row blocks per split
@@ -120,8 +130,11 @@ def _bwd_config(device: torch.device, N, d, DA, DB, precision: str = "tf32x3") -
     # Pass 1: 64 x 64 tiles of T (the two GEMMs over d and over D_other read X and the Phi panel once
     # per 64 features instead of once per 32), K-steps of 32; pass 2: a plain GEMM, 64 x 64 tiles.
     # FMA ("ieee") dots hold a thread's whole K slice in registers: K-steps of 16 there.
-    bk = 16 if precision == "ieee" else 32
-    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2, stages2=3)
+    target = target_of(device)
+    narrow = not (target.vendor == "nvidia" and target.arch >= 90)  # off sm_90: 16-deep K-steps (spilled at 32)
+    bk = 16 if (precision == "ieee" or narrow) else 32
+    return dict(BM=64, BJ=64, BK=bk, BL=bk, BM2=64, BN2=64, BK2=bk, warps=8, stages=2,
+                stages2=3 if target.smem_per_block >= 160 * 1024 else 2)
 
 
 # ==================================================================================================
@@ -318,5 +331,5 @@ def rff_hsic(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b: Tensor, 
         scale = kernel_scale.detach().to(device=views.device, dtype=torch.float32).reshape(1)
     else:
         scale = torch.full((1,), float(kernel_scale), device=views.device, dtype=torch.float32)
-    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, resolve_precision(input_precision))
+    out = _rff_hsic_fwd(views, w_a, b_a, w_b, b_b, scale, resolve_precision(input_precision, views.device))
     return out[0], out[1]

@@ -20,6 +20,7 @@ from ..ops import taylor_logdet as _torch_tier
 from ..ops._common import promote, recorded_backward
 from ._common import interpreting, num_sms, register, wrap_triton
 from .offline import wave_efficiency
+from .targets import target_of
 from .taylor_logdet import (
     _gemm_kernel,
     _pair_diag_kernel,
@@ -53,7 +54,7 @@ _INTERP_BLOCK = 16  # tile edge under the interpreter: small shapes still span s
 # ==================================================================================================
 
 
-def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0, hilo: int = 0) -> dict:
+def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0, hilo: int = 0, device=None) -> dict:
     """Tile sizes of :func:`_gemm_kernel`, chosen so that ptxas (sm_90) reports no register spills
     for any variant the launchers issue.  fp32 "ieee" dots run on the FMA units, whose operand
     layout holds a thread's whole K slice in registers: BLOCK_K = 16.  fp32 tensor-core dots (tf32x3 /
@@ -65,12 +66,19 @@ def _gemm_config(half_dot: bool, input_precision: str, proj: int = 0, hilo: int 
         b = _INTERP_BLOCK
         return dict(BLOCK_M=b, BLOCK_N=b, BLOCK_K=b, GROUP_M=4, num_warps=4, num_stages=1)
     if half_dot:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        # 4 stages of 128 x 64 x 2 bytes x 2 = 128 KiB: 2 stages (64 KiB) where a block has less shared memory
+        stages = 4 if target_of(device).smem_per_block >= 160 * 1024 else 2
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
     if hilo:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     if input_precision != "ieee":
-        bm = 64 if proj else 128
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+        # off sm_90 the MMA accumulators are register-resident: tf32x3's three products spilled 4-16 B a thread
+        # with 128 x 64 x 32 tiles on sm_80/86 (and 8 B with 64 x 64 x 32 on sm_86): 64 x 64 x 16 there
+        target = target_of(device)
+        hopper = target.vendor == "nvidia" and target.arch >= 90
+        split3 = input_precision == "tf32x3" and not hopper
+        bm = 64 if (proj or split3) else 128
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=16 if split3 else 32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -151,7 +159,7 @@ def _gemm(x, y, out, alpha, *, sx, sy, so, m, n, k, z=None, sz=(0, 0, 0), rs=Non
     """Launch :func:`_gemm_kernel`; ``sx, sy, sz`` are (batch, row, col) strides of the operands as
     used (transposes are stride swaps), ``so`` the (split, batch, row, col) strides of ``out``.
     ``alpha`` (P,) is also the batch size when ``has_alpha`` is False (then not read)."""
-    cfg = _gemm_config(half_dot, input_precision, proj, hilo)
+    cfg = _gemm_config(half_dot, input_precision, proj, hilo, x.device)
     if series and not interpreting():
         # the S_n epilogue reads a tile of X too: 128-row tf32x3 tiles spilled (unaligned s, sm_90)
         cfg["BLOCK_M"] = 64
@@ -262,7 +270,7 @@ def taylor_logdet_forward(a3: Tensor, b3: Tensor, lam: Tensor, order: int, norma
     if series:
         h = (nt + 1) // 2
         half_dot = (not interpreting()) and _half(a3) and (mspace or not normalize)
-        cfg = _gemm_config(half_dot, input_precision)
+        cfg = _gemm_config(half_dot, input_precision, device=dev)
         L = d if mspace else m
         tiles = triton.cdiv(s, cfg["BLOCK_M"]) * triton.cdiv(s, cfg["BLOCK_N"])
         split = _split_k(tiles, P, L, cfg["BLOCK_K"], num_sms(dev) * _gemm_per_sm(half_dot, input_precision))
@@ -569,7 +577,7 @@ def _forward(a, b, lam, order, normalize, diagnostics, input_precision):
         zero = torch.zeros(batch, device=a.device, dtype=torch.float32)
         return zero + 0.0 * (a.sum() + b.sum()), zero.clone(), zero.clone()
     out = torch.ops.kernelssl.taylor_logdet_fwd(a3, b3, lam_t, order, normalize, diagnostics,
-                                                resolve_precision(input_precision))
+                                                resolve_precision(input_precision, a.device))
     return out[0].reshape(batch), out[6].detach().reshape(batch), out[7].detach().reshape(batch)
 
 
