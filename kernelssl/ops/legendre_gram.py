@@ -37,12 +37,7 @@ Two ways to compute the uniformity term
 
 (:func:`legendre_recurrence_constants` returns the ``(alpha_l, beta_l)``).
 
-The SFRIK loss (:func:`sfrik_loss`) on two raw views ``(n, q)``::
-
-    L = sim_weight * R + mmd_weight * (M(Zhat_a) + M(Zhat_b)) / 2,   R = mean((zhat_a - zhat_b)^2)
-
-R is the mean over all ``n * q`` entries.  Defaults ``coefficients = (1, 40, 40)`` (L = 3),
-``mmd_weight = 1``, ``sim_weight = 4000`` (the reference's q = 8192 setting; it uses 40000 at q = 32768).
+The SFRIK loss on two raw views: :func:`sfrik_loss` (formula and the reference's defaults there).
 
 Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The scalars
 come back in float32 (float64 for float64 inputs); autograd returns gradients in the input dtype.  No host syncs
@@ -95,15 +90,9 @@ DEFAULT_TILE_ELEMENTS = 1 << 23
 #: that the eager path accepts (see :func:`_power_basis`); beyond it, it uses the recurrence.
 POWER_BASIS_MAX_GROWTH = 16.0
 
-#: :func:`use_qspace`'s crossover: the degree-2 term goes through ``q x q`` space at ``n >= 16 q``.  Measured on
-#: the 2-core CPU (1 thread, fp32, both views, forward+backward of the blocked pass; docs/benchmarks.md): in
-#: the blocks is faster at n = 2048, q = 128 (40.3 against 41.3 ms) and every larger q; q x q space at n = 1024,
-#: q = 64 (5.7 against 6.0 ms); the two are within 1% at n = 4096 and 8192, q = 128.
+#: The torch tier's size crossovers, measured on the CPU (docs/benchmarks.md): the degree-2 term goes into
+#: ``q x q`` space at ``n >= 16 q`` (:func:`use_qspace`); the Gram is one block up to n = 256, 256-row blocks above.
 QSPACE_MIN_ROWS_PER_COLUMN = 16
-#: :func:`sfrik_block_size`: one block (the whole Gram) up to this n, blocks of ``SFRIK_BLOCK_ROWS`` above.
-#: Measured as above: 256-row blocks beat 512 and larger ones at every n from 512 to 8192 (n = 512, q = 64:
-#: 1.5 against 3.4 ms; n = 2048, q = 256: 75 against 77 (512) and 131 ms (one block)), except n = 2048,
-#: q = 512 (151 against 146 ms for 512).
 SINGLE_BLOCK_MAX_ROWS = 256
 SFRIK_BLOCK_ROWS = 256
 
@@ -113,19 +102,15 @@ def _check_chunk_size(chunk_size: object) -> int | None:
     return check_int(chunk_size, "chunk_size", minimum=1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Polynomials
-# --------------------------------------------------------------------------------------------------
+# -------------------- Polynomials ----------------------------------------------------------------
 
 
 def legendre_recurrence_constants(q: int, degree: int) -> tuple[tuple[float, float], ...]:
     """Scalar constants of the three-term recurrence in dimension ``q`` up to degree ``degree``.
 
     Returns ``((alpha_1, beta_1), ..., (alpha_{degree-1}, beta_{degree-1}))`` (empty for degree <= 1)
-    with ``alpha_l = (2l + q - 2)/(l + q - 2)``, ``beta_l = l/(l + q - 2)``, so that
-    ``P_{l+1} = alpha_l t P_l - beta_l P_{l-1}`` and
-    ``P'_{l+1} = alpha_l (P_l + t P'_l) - beta_l P'_{l-1}``.  Entry ``l - 1`` is the step l -> l + 1.
-    Plain Python floats (for kernels that bake them in as constants).
+    (the recurrences of the module docstring); entry ``l - 1`` is the step l -> l + 1.  Plain Python floats
+    (for kernels that bake them in as constants).
     """
     q = check_int(q, "q", minimum=2)
     degree = check_int(degree, "degree", minimum=0)
@@ -228,9 +213,7 @@ def _tile_phi_prime(g: Tensor, b: tuple[float, ...], consts) -> Tensor:
     return dphi
 
 
-# --------------------------------------------------------------------------------------------------
-# M(Z): chunked autograd Function (library path) and the eager baseline
-# --------------------------------------------------------------------------------------------------
+# -------------------- M(Z): chunked autograd Function (library path) and the eager baseline ------
 
 
 def default_chunk_size(n: int) -> int:
@@ -284,17 +267,14 @@ def _t_poly(g: Tensor, coeffs: Sequence[float], out: Tensor) -> Tensor:
 
 
 def use_qspace(n: int, q: int) -> bool:
-    """Whether :func:`_block_gram_mean` carries the terms of degree <= 2 in ``q x q`` space (two extra
-    ``n q^2`` GEMMs, one elementwise pass per block) rather than in the blocks (no extra GEMM, about four
-    more elementwise passes per block entry): at ``n >= QSPACE_MIN_ROWS_PER_COLUMN * q``."""
+    """Whether :func:`_block_gram_mean` carries the degree-2 term in ``q x q`` space (two ``n q^2`` GEMMs)
+    rather than in the blocks (more elementwise passes): at ``n >= QSPACE_MIN_ROWS_PER_COLUMN * q``."""
     return n >= QSPACE_MIN_ROWS_PER_COLUMN * q
 
 
 def sfrik_block_size(n: int, q: int, dtype: torch.dtype = torch.float32) -> int:
-    """Edge T of the ``(T, T)`` Gram blocks of the eager torch path: the whole Gram (one block) up to
-    ``n = SINGLE_BLOCK_MAX_ROWS``; above, :data:`SFRIK_BLOCK_ROWS` rows (a block pair of both views
-    stays in the CPU's cache for its elementwise passes, and the upper triangle halves the Gram GEMM).
-    float64 uses the same edges."""
+    """Edge T of the eager path's ``(T, T)`` Gram blocks: n up to ``SINGLE_BLOCK_MAX_ROWS``, else
+    ``SFRIK_BLOCK_ROWS`` (a block of both views stays in cache for its elementwise passes)."""
     return n if n <= SINGLE_BLOCK_MAX_ROWS else SFRIK_BLOCK_ROWS
 
 
@@ -582,9 +562,7 @@ def legendre_gram_mean_backward(grad: Tensor, z: Tensor, coefficients: Sequence[
     return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss
-# --------------------------------------------------------------------------------------------------
+# -------------------- Loss -----------------------------------------------------------------------
 
 
 class _SFRIKLoss(torch.autograd.Function):
