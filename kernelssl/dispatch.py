@@ -117,8 +117,9 @@ def resolve_precision(input_precision: str | None = None, device: torch.device |
     resolves to ``"tf32"`` only when torch's own TF32 opt-in is on
     (``torch.backends.cuda.matmul.allow_tf32``, set by ``torch.set_float32_matmul_precision("high")``,
     the flag the torch tier's matmuls obey) and the target has TF32, else to the target's default:
-    fp32-level error by its fastest path (``"tf32x3"`` on NVIDIA sm_80+, ``"ieee"`` on sm_75 and
-    gfx90a, ``"bf16x6"`` on gfx942): never a silent plain TF32.  Products of two fp16/bf16 operands
+    fp32-level error by its fastest path (``"tf32x3"`` on NVIDIA sm_80+, ``"ieee"`` on sm_75 and AMD,
+    where ``bf16x6`` is not within 2x of ``ieee``'s error on every op: :data:`kernelssl.triton.targets.ACCURATE`):
+    never a silent plain TF32.  Products of two fp16/bf16 operands
     ignore it (exact on the matrix units, fp32 accumulation)."""
     target = _targets.target_of(device)
     if input_precision is None:

@@ -122,23 +122,29 @@ def test_bench_refuses_bad_options(tmp_path, capsys):
 
 
 def test_hsic_normalises_half_views_in_fp32():
-    # fp16 rows of norm 7e4 are finite; a norm taken in fp16 overflowed and zeroed every row
+    """The norm is taken in fp32 and the unit rows rounded once to the views' dtype: fp16 rows of norm 7e4
+    (finite; a norm taken in fp16 overflowed and zeroed every row) give the loss of those rounded unit rows,
+    and every 16-bit input the loss of its fp32-normalised rows rounded to its dtype."""
     from kernelssl import HSICLoss
     g = torch.Generator().manual_seed(1)
     za, zb = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1) * 7e4 for _ in range(2))
-    a, b = za.half(), zb.half()
     for exact in (True, False):
         crit = HSICLoss(exact=exact, num_features=64)
+        plain = HSICLoss(exact=exact, num_features=64, normalize=False)
         feats = None if exact else crit.draw_features(16)
         kw = {} if exact else {"features": feats}
-        torch.testing.assert_close(crit(a, b, **kw), crit(a.float(), b.float(), **kw), rtol=1e-6, atol=1e-7)
+        a, b = za.half(), zb.half()
+        ua, ub = (torch.nn.functional.normalize(v.float(), dim=1).half() for v in (a, b))
+        assert ua.abs().max() > 0  # the overflow zeroed these rows
+        torch.testing.assert_close(crit(a, b, **kw), plain(ua, ub, **kw), rtol=1e-6, atol=1e-7)
     crit = HSICLoss(num_features=64)
+    plain = HSICLoss(num_features=64, normalize=False)
     feats = crit.draw_features(5)
     za, zb = torch.randn(8, 5, generator=g) * 3, torch.randn(8, 5, generator=g) * 3
-    for dt in (torch.bfloat16, torch.float16):  # the fp32 result of the same values
+    for dt in (torch.bfloat16, torch.float16):
         a, b = za.to(dt), zb.to(dt)
-        torch.testing.assert_close(crit(a, b, features=feats), crit(a.float(), b.float(), features=feats),
-                                   rtol=1e-6, atol=1e-7)
+        ua, ub = (torch.nn.functional.normalize(v.float(), dim=1).to(dt) for v in (a, b))
+        torch.testing.assert_close(crit(a, b, features=feats), plain(ua, ub, features=feats), rtol=1e-6, atol=1e-7)
 
 
 def _process(module: str, *argv: str, env=None):

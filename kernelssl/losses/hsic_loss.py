@@ -271,8 +271,9 @@ class HSICLoss(LossModule):
             given = [stacked, *(features or ())[:4]]
             assert_finite(given, ["views", *(f"features[{i}]" for i in range(len(given) - 1))])
             assert_finite_hyper(self.kernel_scale, "kernel_scale")  # a learned scale can leave (0, inf)
-        if self.normalize:  # in fp32 for fp16/bf16 views: a half norm overflows (> 65504) and rounds
-            stacked = torch.nn.functional.normalize(prescale_rows(upcast(stacked)), dim=-1)
+        if self.normalize:  # the norm in fp32 (a half norm overflows above 65504 and rounds); the unit rows
+            # go back to the views' dtype, so that 16-bit views stay on the fused kernel's 16-bit products
+            stacked = torch.nn.functional.normalize(prescale_rows(upcast(stacked)), dim=-1).to(stacked.dtype)
         if self.gather_distributed:
             # Everything random is drawn after the gather from `generator`: check it agrees on all ranks.
             stacked = gather_views(stacked, generator if generator is not None else False)
