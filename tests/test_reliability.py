@@ -67,3 +67,38 @@ def test_numpy_integers_and_floats_are_hyper_parameters():
         MECLoss(order=np.bool_(True))
     with pytest.raises(TypeError, match="order: expected an int"):
         MECLoss(order=4.0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5, 3.0])
+def test_alignment_at_a_perfect_match_has_the_zero_subgradient(alpha):
+    """One duplicated pair (row 0 of both views equal) gave a NaN gradient row for alpha < 1; now its
+    gradient is 0 there and every other row's is the one of Wang & Isola's formula."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    other = torch.cat([z[:1].detach(), torch.randn(4, 4, generator=g, dtype=torch.float64)])
+    loss = KF.alignment(z, other, alpha=alpha)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.isfinite(grad).all()
+    zr = z.detach()[1:].clone().requires_grad_()
+    un = torch.nn.functional.normalize
+    naive = (un(zr, dim=1) - un(other[1:], dim=1)).norm(dim=1).pow(alpha).sum() / 5
+    (grad_ref,) = torch.autograd.grad(naive, zr)
+    torch.testing.assert_close(loss, naive.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad[1:], grad_ref, rtol=1e-10, atol=1e-12)
+    assert (grad[0] == 0).all()
+
+
+def test_mec_lam_tensor_keeps_the_inputs_dtype_and_is_checked_for_device():
+    """A float64 lam tensor (what a scheduler's torch.tensor(0.1, dtype=float64) gives) made the loss
+    float64 for fp32/fp16 inputs; a lam on another device failed inside torch, naming neither."""
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    lam64 = torch.tensor(0.1, dtype=torch.float64)
+    for a, b in ((za, zb), (za.half(), zb.half())):
+        out = MECLoss()(a, b, lam=lam64)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, MECLoss()(a, b, lam=0.1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"lam: expected device cpu .* got meta"):
+        KF.mec_loss(za, zb, lam=torch.tensor(0.1, device="meta"))
+    with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
+        KF.min_lambda(torch.int32)

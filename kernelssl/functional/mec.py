@@ -81,6 +81,8 @@ def min_lambda(dtype: torch.dtype) -> float:
     subnormal or zero and the loss silently loses its digits (in fp32, eps_sq = 1e45 returned 0).
     The reference-scaled loss hardly depends on lambda there (it tends to minus the mean cosine
     similarity): use a larger lambda, or float64 embeddings."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     fi = torch.finfo(dtype)
     return fi.tiny / fi.eps
 
@@ -230,8 +232,11 @@ def mec_loss(
         check_tensor(t, n, ndim=2, min_rows=2, min_cols=1)
     check_same_shape([t for t, _ in given], [n for _, n in given])
     check_same_device([t for t, _ in given], [n for _, n in given])
-    if isinstance(lam, Tensor) and lam.dim() != 0:
-        raise ValueError(f"lam: expected a number or a 0-dim tensor, got {describe(lam)}")
+    if isinstance(lam, Tensor):
+        if lam.dim() != 0 or not lam.is_floating_point():
+            raise ValueError(f"lam: expected a number or a 0-dim floating-point tensor, got {describe(lam)}")
+        if lam.device != z_a.device:
+            raise ValueError(f"lam: expected device {z_a.device} (the device of z_a), got {lam.device}")
     if gather_distributed:
         gathered = iter(_dist.gather_batch([t for t, _ in given], names=[n for _, n in given]))
         z_a, z_b = next(gathered), next(gathered)
@@ -251,6 +256,8 @@ def mec_loss(
     else:
         check_lambda_range(lam, dtype)
         lam = positive_or_nan(lam)
+        if isinstance(lam, Tensor):  # the loss in the inputs' compute dtype, whatever lam's
+            lam = lam.to(dtype)
     # all four are row-normalised inside: scale huge rows first (exact)
     z_a, z_b = prescale_rows(z_a), prescale_rows(z_b)
     target_a = None if target_a is None else prescale_rows(target_a)

@@ -292,13 +292,15 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0, normalize: bool = Tr
     the loss).
 
     ``alpha = 2`` (the default) is the mean of the squared distances, ``sum((zhat_a - zhat_b)^2) / n``
-    (smooth everywhere; its gradient at equal rows is 0).  Other alphas use ``||d||.pow(alpha)`` as
-    their code does (at ``d = 0`` and ``alpha < 1`` its gradient is NaN, theirs too).  Mixed dtypes
-    are promoted."""
+    (smooth everywhere; its gradient at equal rows is 0).  Other alphas take ``(||d||^2)^(alpha/2)``, with
+    the subgradient 0 at a perfect match ``d = 0`` (their ``||d||.pow(alpha)`` gives a NaN gradient row
+    there for ``alpha < 1``: one duplicated image would poison the step).  Mixed dtypes are promoted."""
     za, zb = promote(upcast(z_a), upcast(z_b))
     if normalize:
         za, zb = unit_rows(za), unit_rows(zb)
     d = za - zb
     if alpha == 2.0:
         return d.square().sum() / float(d.shape[0])
-    return torch.linalg.vector_norm(d, dim=1).pow(alpha).mean()
+    r2 = d.square().sum(dim=1)
+    hit = r2 > 0  # the double where: no inf * 0 in the backward at d = 0
+    return torch.where(hit, torch.where(hit, r2, 1.0).pow(alpha / 2.0), 0.0).mean()
