@@ -165,3 +165,11 @@ def test_real_processes_exit_2_with_one_line(tmp_path):
         assert "--backend triton" in line
     assert "--ema" in _process("kernelssl.train", "--ema", "5", "--out", str(tmp_path / "o"))
     assert "--device" in _process("kernelssl.bench", "--device", "foo", "--smoke")
+
+
+def test_bench_repeated_list_flags_add_up():
+    """A repeated --loss (or --dtype, --impl) kept only the last one given."""
+    args = bench.parse_args(["--loss", "hsic", "--loss", "mec", "hsic", "--dtype", "fp32", "--dtype", "fp32",
+                             "--impl", "eager", "--impl", "limit", "--device", "cpu"])
+    assert (args.loss, args.dtype, args.impl) == (["hsic", "mec"], ["fp32"], ["eager", "limit"])
+    assert bench.parse_args(["--device", "cpu"]).loss == list(bench.LOSSES)

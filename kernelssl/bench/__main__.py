@@ -23,16 +23,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a reduced set: two or three batch sizes per loss (CPU: under 3 minutes on 2 cores)")
     p.add_argument("--out", default=None, help="output folder (default: kernelssl-bench-<time>)")
-    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES), help="losses (default: all)")
-    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
+    # action="extend": a repeated flag adds to the list (--loss hsic --loss mec runs both)
+    p.add_argument("--loss", nargs="+", action="extend", choices=LOSSES, default=None, help="losses (default: all)")
+    p.add_argument("--dtype", nargs="+", action="extend", choices=tuple(DTYPES), default=None,
                    help="input dtypes (default: fp32 on CPU, fp32 bf16 on a GPU; the sweep runs in the first)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--no-compile", action="store_true", help="drop the torch.compile rows")
-    p.add_argument("--impl", nargs="+", default=None, choices=IMPLS, metavar="IMPL",
+    p.add_argument("--impl", nargs="+", action="extend", default=None, choices=IMPLS, metavar="IMPL",
                    help="only these rows (default: all that run on the device): " + " ".join(IMPLS))
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, for the tests
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    for name in ("loss", "dtype", "impl"):  # each named once, in the order given
+        if getattr(args, name) is not None:
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    if args.loss is None:
+        args.loss = list(LOSSES)
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
