@@ -102,3 +102,18 @@ def test_mec_lam_tensor_keeps_the_inputs_dtype_and_is_checked_for_device():
         KF.mec_loss(za, zb, lam=torch.tensor(0.1, device="meta"))
     with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
         KF.min_lambda(torch.int32)
+
+
+@pytest.mark.parametrize("seed", [45, 50])
+def test_mec_check_convergence_trips_where_the_estimate_runs_low(seed):
+    """True spectral radius 1.05 where the power iteration read 0.97: check_convergence must raise."""
+    g = torch.Generator().manual_seed(seed)
+    za = torch.randn(10, 3, generator=g)
+    zb = za + torch.randn(10, 3, generator=g)
+    a, b = (torch.nn.functional.normalize(x.double(), dim=1) for x in (za, zb))
+    lam = 1.05 / torch.linalg.eigvals(a @ b.T).abs().max().item()
+    est = MECLoss().forward_components(za, zb, lam=lam).spectral_radius
+    assert float(est) < 1.0  # the case this test is about: the estimate alone would let it through
+    with pytest.raises(ValueError, match="check_convergence: .*diverges"):
+        MECLoss(check_convergence="raise")(za, zb, lam=lam)
+    MECLoss(check_convergence="raise")(za, zb, lam=0.8 * lam)  # a converging series passes (rho 0.84)
