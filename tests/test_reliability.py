@@ -117,3 +117,21 @@ def test_mec_check_convergence_trips_where_the_estimate_runs_low(seed):
     with pytest.raises(ValueError, match="check_convergence: .*diverges"):
         MECLoss(check_convergence="raise")(za, zb, lam=lam)
     MECLoss(check_convergence="raise")(za, zb, lam=0.8 * lam)  # a converging series passes (rho 0.84)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_uniformity_normalize_false_off_the_sphere_is_nan_not_another_number(backend):
+    """normalize=False uses ||a - b||^2 = 2 - 2 a.b, true for unit rows only: rows off the sphere gave a
+    silently different number (-1.01 where their pdist code gives -0.13); now NaN.  Unit rows (also ones
+    normalised in bf16) give the normalize=True value."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 3, generator=g) * 0.3
+    for value in (KF.uniformity(z, t=0.5, normalize=False, backend=backend),
+                  UniformityLoss(t=0.5, normalize=False, backend=backend)(z),
+                  AlignUniformLoss(normalize=False, backend=backend)(z, z.flip(0))):
+        assert torch.isnan(value)
+    unit = torch.nn.functional.normalize(z, dim=1)
+    torch.testing.assert_close(KF.uniformity(unit, t=0.5, normalize=False, backend=backend),
+                               KF.uniformity(z, t=0.5, backend=backend), rtol=1e-5, atol=1e-6)
+    half = torch.nn.functional.normalize(z.bfloat16(), dim=1)
+    assert torch.isfinite(KF.uniformity(half, t=0.5, normalize=False, backend=backend))

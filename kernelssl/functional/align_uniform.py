@@ -88,12 +88,25 @@ def logmean_impl(z: Tensor, t: float, *, normalize: bool, exclude_diagonal: bool
     implementation :mod:`kernelssl.dispatch` picks (``impl``: already picked)."""
     impl = impl or dispatch.implementation("gaussian_gram", backend, z)
     if impl == "triton":
-        return dispatch.triton_op("gaussian_gram").gaussian_gram_logmean(
+        out = dispatch.triton_op("gaussian_gram").gaussian_gram_logmean(
             z, t, normalize=normalize, exclude_diagonal=exclude_diagonal,
             input_precision=dispatch.resolve_precision(input_precision, z.device))
-    if impl == "autograd":
-        return _ops.gaussian_gram_logmean_eager(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)
-    return _ops.gaussian_gram_logmean(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)
+    elif impl == "autograd":
+        out = _ops.gaussian_gram_logmean_eager(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)
+    else:
+        out = _ops.gaussian_gram_logmean(z, t, normalize=normalize, exclude_diagonal=exclude_diagonal)
+    if not normalize:
+        # ||z_i - z_j||^2 = 2 - 2 z_i . z_j holds on the sphere only: rows given off it make the value NaN
+        # (a tensor test, no host sync), never a silently different number
+        norm2 = z.detach().float().square().sum(dim=-1)
+        off = (norm2 - 1.0).abs().amax(dim=-1) > UNIT_ROW_TOL
+        out = torch.where(off, torch.full_like(out, float("nan")), out)
+    return out
+
+
+#: ``normalize=False`` takes the rows as unit rows: ``| ||z_i||^2 - 1 | <= UNIT_ROW_TOL`` for every row (rows
+#: normalised in bf16 are within ~4e-3), else the Gaussian potential's value is NaN.
+UNIT_ROW_TOL = 1e-2
 
 
 @fp32_compute
@@ -116,7 +129,8 @@ def gaussian_gram_logmean(
 
     Args:
         z: ``(n, q)``, n >= 2, q >= 1, floating point (fp16/bf16 upcast to fp32).  Rows are
-            L2-normalised first unless ``normalize=False`` (then they must be unit rows already).
+            L2-normalised first unless ``normalize=False`` (then they must be unit rows already: a row with
+            ``| ||z_i||^2 - 1 | > UNIT_ROW_TOL`` (1e-2) makes the value NaN).
         t: t > 0, a Python number (default 2, Wang & Isola's).
         exclude_diagonal: leave out the n pairs (i, i) (default) or include them.
         backend: ``"auto" | "triton" | "torch"`` (and ``KERNELSSL_BACKEND``; :mod:`kernelssl.dispatch`).

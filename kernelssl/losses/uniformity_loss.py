@@ -30,7 +30,8 @@ class UniformityLoss(LossModule):
 
     Args (keyword-only):
         t: t > 0 (paper: 2).
-        normalize: L2-normalise the rows first (default); ``False`` takes them as given (unit rows).
+        normalize: L2-normalise the rows first (default); ``False`` takes them as given: unit rows (rows off the
+            sphere by more than ``kernelssl.functional.align_uniform.UNIT_ROW_TOL`` make the uniformity NaN).
         gather_distributed: compute it on the batch gathered from all ranks (n global).
         backend, check_finite: see the module docstring.
         input_precision: the fused kernel's fp32 GEMM precision (``"tf32x3"`` default, ``"ieee"``,
@@ -110,7 +111,8 @@ class AlignUniformLoss(LossModule):
         alpha: alpha > 0, the alignment's exponent (paper: 2).
         t: t > 0, the uniformity's scale (paper: 2).
         uniformity_weight: lambda >= 0, weight of the mean of the two uniformity terms (paper: 1).
-        normalize: L2-normalise the rows first (default, as their encoder's output layer does).
+        normalize: L2-normalise the rows first (default, as their encoder's output layer does).  ``False``:
+            the alignment takes the rows as given; the uniformity needs unit rows (NaN off the sphere).
         gather_distributed: both terms on the batch gathered from all ranks (n global).
         backend, check_finite: see the module docstring.
         input_precision: the fused kernel's fp32 GEMM precision (see :class:`UniformityLoss`).
