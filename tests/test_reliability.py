@@ -135,3 +135,18 @@ def test_uniformity_normalize_false_off_the_sphere_is_nan_not_another_number(bac
                                KF.uniformity(z, t=0.5, backend=backend), rtol=1e-5, atol=1e-6)
     half = torch.nn.functional.normalize(z.bfloat16(), dim=1)
     assert torch.isfinite(KF.uniformity(half, t=0.5, normalize=False, backend=backend))
+
+
+def test_probes_say_when_they_clamp_what_was_asked():
+    """--probe-labels above a class's size and --knn-k above the probe set were clamped silently (and
+    recorded as given); now each says so."""
+    from kernelssl.train import probes
+
+    y = np.array([0, 0, 1, 1, 1])
+    with pytest.warns(RuntimeWarning, match="--probe-labels 3: a class has only 2"):
+        subsets = probes._label_subsets(y, 3, 1)
+    assert len(subsets[0]) == 5
+    f = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="--knn-k 9: only 5 probe-train images"):
+        acc = probes.knn_probe(f, y, f, y, k=9)
+    assert 0.0 <= acc <= 1.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ def _label_subsets(y: np.ndarray, per_class: int, repeats: int) -> list[np.ndarr
     if per_class <= 0:
         return [np.arange(len(y))]
     out = []
+    fewest = min(int((y == c).sum()) for c in np.unique(y))
+    if per_class > fewest:  # said, not silent: the run's results record the labels asked for
+        warnings.warn(f"--probe-labels {per_class}: a class has only {fewest} probe-train images; every image of "
+                      f"such a class is used", RuntimeWarning, stacklevel=2)
     for r in range(repeats):
         rng = np.random.default_rng(r)
         idx = []
@@ -57,7 +62,10 @@ def knn_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray
     """Test accuracy of a cosine k-NN classifier, votes weighted by ``exp(similarity / temperature)``."""
     a = torch.nn.functional.normalize(torch.from_numpy(ftr), dim=1)
     b = torch.nn.functional.normalize(torch.from_numpy(fte), dim=1)
-    k = min(k, len(a))
+    if k > len(a):  # said, not silent: the run's results record the k asked for
+        warnings.warn(f"--knn-k {k}: only {len(a)} probe-train images; k = {len(a)} is used", RuntimeWarning,
+                      stacklevel=2)
+        k = len(a)
     sim = b @ a.T
     top, idx = sim.topk(k, dim=1)
     ytr_t = torch.from_numpy(ytr).long()
