@@ -33,6 +33,7 @@ in ``benchmarks/results/`` are at these shapes (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -45,7 +46,7 @@ from ..ops import legendre_gram as _sfrik
 from ..ops import rff_hsic as _hsic
 from ..ops import taylor_logdet as _mec
 from ..ops.rff_hsic import sample_imq_rff
-from .measure import MODES
+from .measure import MODES, free_gpu_memory, sync
 
 #: The op each loss runs on.
 OPS = {"hsic": "rff_hsic", "sfrik": "legendre_gram", "mec": "taylor_logdet", "uniformity": "gaussian_gram"}
@@ -436,10 +437,6 @@ class FastestOf:
         return self.candidates[self.chosen](*inputs)
 
     def _choose(self, inputs) -> str:
-        import time
-
-        from .measure import free_gpu_memory, sync
-
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         live, error = {}, None
         for name, fn in self.candidates.items():

@@ -257,9 +257,8 @@ def _power_basis(q: int, b: tuple[float, ...]) -> tuple[float, ...] | None:
 
 
 def _t_poly(g: Tensor, coeffs: Sequence[float], out: Tensor) -> Tensor:
-    """``g * sum_k coeffs[k] g^k`` elementwise into ``out`` (Python-float coefficients), by Horner's rule:
-    two in-place passes per degree (a multiply by a Python scalar and an add are faster on the CPU than
-    ``addcmul`` with 0-dim tensors)."""
+    """``g * sum_k coeffs[k] g^k`` elementwise into ``out`` by Horner's rule: two in-place passes per degree
+    (a multiply by a Python-float coefficient and an add beat ``addcmul`` with 0-dim tensors on the CPU)."""
     torch.mul(g, coeffs[-1], out=out)
     for ck in reversed(coeffs[:-1]):
         out.add_(ck).mul_(g)
