@@ -65,7 +65,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "KERNELSSL_BACKEND"
 
 #: The ops with fused Triton kernels (``kernelssl/triton/<op>.py`` and ``<op>_op.py``).
-TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
+TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram", "gram_hsic")
 
 #: The precisions of the fused kernels' fp32 x fp32 products (docs/architecture.md, "Precision"); which
 #: of them a GPU has, and its default, depend on its target (:mod:`kernelssl.triton.targets`).
