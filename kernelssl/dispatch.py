@@ -220,6 +220,14 @@ def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor
     return "triton"
 
 
+_LOADED: dict = {}
+
+
 def triton_op(op: str):
-    """The host module of ``op``'s fused kernels, ``kernelssl.triton.<op>_op`` (imported on first use)."""
-    return importlib.import_module(f"kernelssl.triton.{op}_op")
+    """The host module of ``op``'s fused kernels, ``kernelssl.triton.<op>_op`` (imported on first use;
+    then a dict lookup, which ``torch.compile`` traces -- an import inside a compiled region would break
+    its graph)."""
+    mod = _LOADED.get(op)
+    if mod is None:
+        mod = _LOADED[op] = importlib.import_module(f"kernelssl.triton.{op}_op")
+    return mod

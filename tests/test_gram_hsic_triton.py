@@ -166,3 +166,20 @@ def test_sm90_compile():
     variants = helpers.sm90_variants("gram_hsic")
     assert {v["kernel"] for v in variants} == {"_stats_kernel", "_grad_kernel"}
     assert all(v["tensor_core"] for v in variants if v["constexprs"].get("INPUT_PRECISION") == "tf32x3")
+
+
+def test_compiled_metric_on_the_kernels():
+    """``torch.compile(fullgraph=True)`` of a CKA and its gradient on the fused op (one opaque call on the
+    CPU interpreter; decomposed into its kernels on a GPU): the eager numbers."""
+    x, y = (t.float().requires_grad_() for t in _inputs(30, 4, 3, seed=9))
+
+    def f(a, b):
+        return cka(a, b, kernel="gaussian", sigma=(1.3, 0.8), backend="triton")
+
+    want = f(x, y)
+    gw = torch.autograd.grad(want, (x, y))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
+    gg = torch.autograd.grad(got, (x, y))
+    assert_close(got, want, name="cka", rtol=1e-6, atol=0.0)
+    for a, b in zip(gg, gw):
+        assert_close(a, b, name="grad", rtol=1e-5, atol=1e-6 * float(b.abs().max()))

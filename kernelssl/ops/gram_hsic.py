@@ -12,9 +12,13 @@ with its bandwidth ``s_a`` (a 0-d tensor), Grams ``K_a,ij = k(||x_a,i - x_a,j||^
 ``||a_i||^2 + ||a_j||^2 - 2 a_i . a_j`` (one GEMM per tile), clamped at 0, exactly 0 on the diagonal.
 
 Forward: the upper triangle of ``(tile, tile)`` blocks; a block above the diagonal stands for its
-transpose too (twice in ``tr``, its column sums to the column block's rows).  Sums inside a block in
-the compute dtype, across blocks in float64 (the estimators are differences of these sums, so their
-rounding is what a float32 HSIC loses): the statistics are float64 for every input dtype.
+transpose too (twice in ``tr``, its column sums to the column block's rows).  Kernel values in the
+compute dtype, every sum in float64: the estimators are differences of these sums (``tr(KL)`` and
+``(2/n) k.l`` agree to a few digits when the bandwidth is wide), so the rounding of a float32 sum,
+amplified by that cancellation, would be most of a float32 HSIC's error (measured: a float32 Gaussian
+CKA at n = 1000 with the median bandwidth 1.3e-5 relative from float64 with float32 sums, 5e-8 with
+float64 sums).  The statistics are float64 for every
+input dtype.
 
 Backward, for upstream ``T = dF/dtr`` and ``g_a = dF/drows[a]``: with ``S = T + T^T`` and
 ``Gamma_a,ij = 2 sum_b S_ab K_b,ij + g_a,i + g_a,j`` (``dF = 1/2 sum_a sum_ij Gamma_a,ij dK_a,ij`` over
@@ -89,11 +93,11 @@ def gram_hsic_stats_forward(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[
               for x, sq, s in zip(xs, sqs, sigmas)]
         w = 1.0 if diag else 2.0
         for a in range(m):
-            rows[a, i0:i1] += ks[a].sum(1)
+            rows[a, i0:i1] += ks[a].sum(1, dtype=torch.float64)
             if not diag:
-                rows[a, j0:j1] += ks[a].sum(0)
+                rows[a, j0:j1] += ks[a].sum(0, dtype=torch.float64)
             for b in range(a, m):
-                tr[a, b] += w * (ks[a] * ks[b]).sum()
+                tr[a, b] += w * (ks[a] * ks[b]).sum(dtype=torch.float64)
     return torch.triu(tr) + torch.triu(tr, 1).T, rows
 
 
@@ -111,11 +115,11 @@ def gram_hsic_stats_eager(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Te
               for x, sq, s in zip(xs, sqs, sigmas)]
         w = 1.0 if diag else 2.0
         for a in range(m):
-            rows[a][i0 // tile].append(ks[a].sum(1).double())
+            rows[a][i0 // tile].append(ks[a].sum(1, dtype=torch.float64))
             if not diag:
-                rows[a][j0 // tile].append(ks[a].sum(0).double())
+                rows[a][j0 // tile].append(ks[a].sum(0, dtype=torch.float64))
             for b in range(a, m):
-                tr[a, b].append(w * (ks[a] * ks[b]).sum().double())
+                tr[a, b].append(w * (ks[a] * ks[b]).sum(dtype=torch.float64))
     sums = {ab: torch.stack(p).sum() for ab, p in tr.items()}
     tr = torch.stack([torch.stack([sums[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)])
     rows = torch.stack([torch.cat([torch.stack(p).sum(0) for p in rp]) for rp in rows])
