@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The test files that run the kernels on the GPU when CUDA is there.
 GPU_TESTS = ("tests/test_rff_hsic_triton.py", "tests/test_legendre_gram_triton.py",
              "tests/test_taylor_logdet_triton.py", "tests/test_gaussian_gram_triton.py",
-             "tests/test_triton_common.py", "tests/test_gaussian_gram_tiers.py", "tests/test_amp.py",
-             "tests/test_determinism.py")
+             "tests/test_gram_hsic_triton.py", "tests/test_triton_common.py", "tests/test_gaussian_gram_tiers.py",
+             "tests/test_amp.py", "tests/test_determinism.py")
 DRY_TESTS = ("tests/test_triton_common.py", "-k", "mixed_float32")
 IMPLS = ("eager", "eager-compiled", "triton", "limit")
 DTYPES = ("fp32", "bf16")

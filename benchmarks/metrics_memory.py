@@ -27,7 +27,8 @@ import json, resource, sys, torch
 from kernelssl.bench import measure as Ms
 from kernelssl.bench import metrics_cases as MC
 from kernelssl.metrics import cka
-impl, n, dtype, threads, limit = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+impl, n, dtype = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3])
+threads, limit = int(sys.argv[4]), int(sys.argv[5])
 if limit:  # an address-space cap: a dense form past it fails with MemoryError instead of swapping the machine
     resource.setrlimit(resource.RLIMIT_AS, (limit << 30, limit << 30))
 torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""HSIC and CKA between two representations, torch tier (docs/metrics.md), without an ``n x n`` matrix.
+"""HSIC and CKA between two representations (docs/metrics.md), without an ``n x n`` matrix.
 
 For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I - 11^T/n``, row sums
 ``k = K 1``, ``l = L 1`` and diagonals ``dK``, ``dL``, both estimators need only ``tr(KL)``, ``k``, ``l``,

@@ -80,9 +80,9 @@ def _stats_kernel(
     sy = tl.load(sig_ptr + 1)
     rx = tl.zeros([BLOCK_M], dtype=tl.float64)
     ry = tl.zeros([BLOCK_M], dtype=tl.float64)
-    txx = tl.zeros([BLOCK_M], dtype=tl.float64)
-    txy = tl.zeros([BLOCK_M], dtype=tl.float64)
-    tyy = tl.zeros([BLOCK_M], dtype=tl.float64)
+    txx = tl.zeros([], dtype=tl.float64)  # scalars: fp64 vectors beside both tiles spilled on sm_75/86 (Triton 3.6)
+    txy = tl.zeros([], dtype=tl.float64)
+    tyy = tl.zeros([], dtype=tl.float64)
     t0 = c * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(n, BLOCK_N))
     for tn in range(t0, t1):
@@ -97,14 +97,14 @@ def _stats_kernel(
         ky = tl.where(valid, ky, 0.0)
         rx += tl.sum(k, axis=1).to(tl.float64)
         ry += tl.sum(ky, axis=1).to(tl.float64)
-        txx += tl.sum(k * k, axis=1).to(tl.float64)
-        txy += tl.sum(k * ky, axis=1).to(tl.float64)
-        tyy += tl.sum(ky * ky, axis=1).to(tl.float64)
+        txx += tl.sum(tl.sum(k * k, axis=1), axis=0).to(tl.float64)
+        txy += tl.sum(tl.sum(k * ky, axis=1), axis=0).to(tl.float64)
+        tyy += tl.sum(tl.sum(ky * ky, axis=1), axis=0).to(tl.float64)
     tl.store(rowpart_ptr + c * stride_rs + rows, rx, mask=rmask)
     tl.store(rowpart_ptr + c * stride_rs + stride_rm + rows, ry, mask=rmask)
-    tl.store(trpart_ptr + 3 * pid, tl.sum(txx, axis=0))
-    tl.store(trpart_ptr + 3 * pid + 1, tl.sum(txy, axis=0))
-    tl.store(trpart_ptr + 3 * pid + 2, tl.sum(tyy, axis=0))
+    tl.store(trpart_ptr + 3 * pid, txx)
+    tl.store(trpart_ptr + 3 * pid + 1, txy)
+    tl.store(trpart_ptr + 3 * pid + 2, tyy)
 
 
 # Backward for one side (SIDE 0: a = x, b = y; SIDE 1: a = y, b = x): program (I, c, chunk) over its

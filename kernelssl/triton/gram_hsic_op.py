@@ -33,7 +33,9 @@ def _config(device: torch.device, d: int = 0) -> dict:
     sm_90, 16 elsewhere; 8 warps (4 where the dots are FMAs, sm_70/75: 8 capped the registers at 128
     and spilled).  Backward: 32-wide column tiles, K-steps of 16, column chunks ``bd`` of up to 128 rows
     on sm_90 (64-row tiles); elsewhere 32-row tiles and chunks of up to 64 (64-row tiles spilled on sm_86
-    for unaligned rows, and 4 warps capped the registers at 128 and spilled on sm_75/80/86); 8 warps.
+    for unaligned rows); 8 warps.  On NVIDIA off sm_90 the launches ask for up to 255 registers
+    (``maxnreg``): left to itself, ptxas held some variants at 128 registers and spilled 4-24 bytes on
+    sm_75/80/86 (under Triton 3.6 and 3.8 alike).
     Interpreter: 16-wide, so test shapes span several tiles, splits and chunks."""
     bd = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreting():
@@ -42,7 +44,14 @@ def _config(device: torch.device, d: int = 0) -> dict:
     if t.vendor == "nvidia" and t.arch >= 90:
         return dict(bm=64, bn=64, bk=32, bd=min(bd, 128), warps=8, stages=2, gbm=64, gbn=32, gbk=16, gwarps=8)
     return dict(bm=64, bn=32, bk=16, bd=min(bd, 64), warps=8 if t.triton_mma else 4, stages=2, gbm=32, gbn=32,
-                gbk=16, gwarps=8)
+                gbk=16, gwarps=8, maxnreg=255 if t.vendor == "nvidia" else None)
+
+
+def _regs(cfg: dict) -> dict:
+    """``maxnreg`` where the config sets it (NVIDIA off sm_90), not while ``torch.compile`` traces: inductor
+    takes only ``num_warps``/``num_stages``-like launch options, and without the cap ptxas's own choice
+    spills a few bytes, nothing worse."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not torch.compiler.is_compiling() else {}
 
 
 def _splits(n: int, cfg: dict, device: torch.device, chunks: int = 0) -> tuple[int, int]:
@@ -70,7 +79,7 @@ def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), rowpart.stride(0), rowpart.stride(1),
         n, x.shape[1], y.shape[1], per,
         KERNEL=KERNEL_CODES[kernel], BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
-        INPUT_PRECISION=input_precision, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        INPUT_PRECISION=input_precision, num_warps=cfg["warps"], num_stages=cfg["stages"], **_regs(cfg),
     )
     t = trpart.sum(0)
     return torch.stack([t[0], t[1], t[1], t[2]]).reshape(2, 2), rowpart.sum(0)
@@ -90,7 +99,7 @@ def _side_grad(a: Tensor, b: Tensor, sig: Tensor, coef: Tensor, g: Tensor, kerne
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0), part.stride(1), part.stride(2),
         n, da, b.shape[1], per, splits,
         KERNEL=KERNEL_CODES[kernel], BLOCK_M=cfg["gbm"], BLOCK_N=cfg["gbn"], BLOCK_K=cfg["gbk"], BLOCK_D=cfg["bd"],
-        INPUT_PRECISION=input_precision, num_warps=cfg["gwarps"], num_stages=cfg["stages"],
+        INPUT_PRECISION=input_precision, num_warps=cfg["gwarps"], num_stages=cfg["stages"], **_regs(cfg),
     )
     return part.sum(0), dspart.sum()
 
