@@ -26,7 +26,8 @@ what it had:
 5. **SFRIK at n = 131072** (q = 8192, both views), the fused kernel alone: the papers' form and the
    limit would hold the 64 GiB n x n Gram;
 6. **the exact Gaussian CKA of 100 000 rows** (64 against 32 features) through ``kernelssl.metrics.cka``
-   where that module exists ("not available" otherwise);
+   where that module exists ("not available" otherwise): the fused ``gram_hsic`` kernels, and the torch
+   tier once beside them (time and value);
 7. a PNG of the speed-ups, where matplotlib is installed.
 
 A **time guard**: the run has ``--budget-s`` seconds (default 480: 8 minutes); before each step and each
@@ -56,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The test files that run the kernels on the GPU when CUDA is there.
 GPU_TESTS = ("tests/test_rff_hsic_triton.py", "tests/test_legendre_gram_triton.py",
              "tests/test_taylor_logdet_triton.py", "tests/test_gaussian_gram_triton.py",
-             "tests/test_triton_common.py", "tests/test_gaussian_gram_tiers.py", "tests/test_amp.py",
-             "tests/test_determinism.py")
+             "tests/test_gram_hsic_triton.py", "tests/test_triton_common.py", "tests/test_gaussian_gram_tiers.py",
+             "tests/test_amp.py", "tests/test_determinism.py")
 DRY_TESTS = ("tests/test_triton_common.py", "-k", "mixed_float32")
 IMPLS = ("eager", "eager-compiled", "triton", "limit")
 DTYPES = ("fp32", "bf16")
@@ -348,9 +349,17 @@ def cka_case(s: Session, device, shape: dict) -> dict:
     first, value = Ms.wall(call, device)
     times = Ms.interleaved({"cka": call}, device, repeats=3, min_repeats=1, budget_s=1.0)["cka"]
     peak = Ms.peak_extra_bytes(call, device)
-    return {"status": "ok", "shape": shape, "sigma": sigma, "value": float(value), "first_call_s": first,
-            "median_ms": Ms.median(times) * 1e3, "repeats": len(times),
-            "peak_extra_mb": None if peak is None else peak / 2**20}
+    out = {"status": "ok", "shape": shape, "sigma": sigma, "value": float(value), "first_call_s": first,
+           "median_ms": Ms.median(times) * 1e3, "repeats": len(times),
+           "peak_extra_mb": None if peak is None else peak / 2**20}
+    from kernelssl import dispatch
+
+    out["implementation"] = dispatch.implementation("gram_hsic", "auto", x, y)
+    if out["implementation"] == "triton":  # the torch tier (cuBLAS tiles) beside the fused kernels, once
+        torch_s, torch_value = Ms.wall(lambda: metrics.cka(x, y, kernel="gaussian", sigma=sigma, backend="torch"),
+                                       device)
+        out.update(torch_tier_s=torch_s, torch_tier_value=float(torch_value))
+    return out
 
 
 def plot(s: Session) -> str:

@@ -65,7 +65,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "KERNELSSL_BACKEND"
 
 #: The ops with fused Triton kernels (``kernelssl/triton/<op>.py`` and ``<op>_op.py``).
-TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram")
+TRITON_OPS = ("rff_hsic", "legendre_gram", "taylor_logdet", "gaussian_gram", "gram_hsic")
 
 #: The precisions of the fused kernels' fp32 x fp32 products (docs/architecture.md, "Precision"); which
 #: of them a GPU has, and its default, depend on its target (:mod:`kernelssl.triton.targets`).
@@ -220,6 +220,14 @@ def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor
     return "triton"
 
 
+_LOADED: dict = {}
+
+
 def triton_op(op: str):
-    """The host module of ``op``'s fused kernels, ``kernelssl.triton.<op>_op`` (imported on first use)."""
-    return importlib.import_module(f"kernelssl.triton.{op}_op")
+    """The host module of ``op``'s fused kernels, ``kernelssl.triton.<op>_op`` (imported on first use;
+    then a dict lookup, which ``torch.compile`` traces -- an import inside a compiled region would break
+    its graph)."""
+    mod = _LOADED.get(op)
+    if mod is None:
+        mod = _LOADED[op] = importlib.import_module(f"kernelssl.triton.{op}_op")
+    return mod

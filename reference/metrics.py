@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "MEDIAN_ROWS", "sq_distances", "median_sigma", "gram", "hsic_biased", "hsic_unbiased", "hsic", "cka",
-    "minibatch_cka",
+    "minibatch_cka", "gram_hsic_stats",
 ]
 
 
@@ -109,3 +109,11 @@ def minibatch_cka(xs, ys, kernel: str = "linear", sigma=None) -> np.ndarray:
         for j, L in enumerate(Ls):
             yy[j] += hsic_unbiased(L, L)
     return xy / np.sqrt(xx[:, None] * yy[None, :])
+
+
+def gram_hsic_stats(xs, kernel: str, sigmas) -> tuple[np.ndarray, np.ndarray]:
+    """The ``gram_hsic`` op's statistics from the dense Grams ``K_a`` of ``xs`` (bandwidths ``sigmas``,
+    numbers): ``tr[a, b] = sum_ij K_a,ij K_b,ij`` ``(m, m)`` and ``rows[a] = K_a 1`` ``(m, n)``."""
+    Ks = [gram(x, kernel, s) for x, s in zip(xs, sigmas)]
+    tr = np.array([[float((Ka * Kb).sum()) for Kb in Ks] for Ka in Ks])
+    return tr, np.stack([K.sum(1) for K in Ks])

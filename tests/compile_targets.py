@@ -245,8 +245,32 @@ def _gaussian_gram():
     return GG
 
 
+def _gram_hsic():
+    import torch
+
+    from kernelssl.triton import gram_hsic_op as GH
+
+    # The metrics' shapes: 20 000 x 64 against 32 columns, and 100 000 rows (one split), in each fp32
+    # precision and both kernels; 256 columns (two backward chunks) and 100 (unaligned rows).
+    for (n, dx, dy), code, prec in _cases([  # code: GH.KERNEL_CODES (a string here would read as a precision)
+            ((20000, 64, 32), 0, "tf32x3"), ((20000, 64, 32), 1, "tf32x3"), ((20000, 64, 32), 0, "ieee"),
+            ((20000, 64, 32), 0, "tf32"), ((100000, 64, 32), 0, "tf32x3"), ((4096, 256, 100), 0, "tf32x3")]):
+        kernel = ("gaussian", "imq")[code]
+        x, y = torch.empty(n, dx), torch.empty(n, dy)
+        Recorder.tag = f"n{n}-dx{dx}-dy{dy}-{kernel}-{prec}"
+        GH.gram_hsic_forward(x, y, torch.ones(2), kernel, prec)
+        GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, n), x, y, torch.ones(2), kernel, prec)
+    Recorder.tag = None
+    # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter)
+    Recorder.ones_from = len(Recorder.calls)
+    x, y = torch.empty(40, 1), torch.empty(40, 3)
+    GH.gram_hsic_forward(x, y, torch.ones(2), "gaussian", _prec("tf32x3"))
+    GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, 40), x, y, torch.ones(2), "gaussian", _prec("tf32x3"))
+    return GH
+
+
 RECIPES = {"rff_hsic": _rff_hsic, "legendre_gram": _legendre_gram, "taylor_logdet": _taylor_logdet,
-           "gaussian_gram": _gaussian_gram}
+           "gaussian_gram": _gaussian_gram, "gram_hsic": _gram_hsic}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ class MinibatchCKA:
     ``num_x_layers``/``num_y_layers``: the list lengths :meth:`update` expects (None: taken from the
     first update).  ``kernel``, ``sigma``, ``exact``, ``num_features``, ``generator``: as in
     :func:`kernelssl.metrics.hsic` (``sigma`` one number or ``"median"``, applied to every layer, per
-    minibatch).  Each minibatch needs at least 4 rows.  A constant layer gives a NaN row or column.
+    minibatch), and ``backend``.  Each minibatch needs at least 4 rows.  A constant layer gives a NaN row or column.
     """
 
     def __init__(self, num_x_layers: int | None = None, num_y_layers: int | None = None, *, kernel: str = "linear",
                  sigma=None, exact: bool = True, num_features: int = DEFAULT_NUM_FEATURES,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, backend: str = "auto"):
         if num_x_layers is not None:
             check_int(num_x_layers, "num_x_layers", minimum=1)
         if num_y_layers is not None:
@@ -52,7 +52,7 @@ class MinibatchCKA:
             raise TypeError(f"sigma: expected None, a positive number or 'median', got {describe(sigma)}")
         self.num_x_layers, self.num_y_layers = num_x_layers, num_y_layers
         self.kernel, self.sigma, self.exact = kernel, sigma, exact
-        self.num_features, self.generator = num_features, generator
+        self.num_features, self.generator, self.backend = num_features, generator, backend
         self.reset()
 
     def reset(self) -> None:
@@ -74,7 +74,7 @@ class MinibatchCKA:
         reps, sig = [], None
         for x in xs:  # each layer checked against a partner of the other model (rows, device, n >= 4)
             a, _, sig = _prepare(x, ys[0], self.kernel, self.sigma, True, self.exact, self.num_features,
-                                 self.generator)
+                                 self.generator, self.backend)
             reps.append(a)
         for y in ys:
             reps.append(_prepare(xs[0], y, self.kernel, self.sigma, True, self.exact, self.num_features,
@@ -82,7 +82,9 @@ class MinibatchCKA:
         cdt = compute_dtype(*reps)
         reps = [r.to(cdt) for r in reps]
         n, na, nb = reps[0].shape[0], len(xs), len(ys)
-        st = _statistics(reps, self.kernel, (sig[0],) * len(reps), self.exact, self.num_features, self.generator)
+        pairs = [(i, na + j) for i in range(na) for j in range(nb)]
+        st = _statistics(reps, self.kernel, (sig[0],) * len(reps), self.exact, self.num_features, self.generator,
+                         self.backend, pairs)
         dev = reps[0].device
         xy = torch.stack([torch.stack([_estimate(st, i, na + j, n, True) for j in range(nb)]) for i in range(na)])
         xx = torch.stack([_estimate(st, i, i, n, True) for i in range(na)])

@@ -1,4 +1,4 @@
-"""HSIC and CKA between two representations, torch tier (docs/metrics.md), without an ``n x n`` matrix.
+"""HSIC and CKA between two representations (docs/metrics.md), without an ``n x n`` matrix.
 
 For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I - 11^T/n``, row sums
 ``k = K 1``, ``l = L 1`` and diagonals ``dK``, ``dL``, both estimators need only ``tr(KL)``, ``k``, ``l``,
@@ -13,8 +13,9 @@ For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I -
   (HSIC is unchanged by centring the columns; it removes cancellation): ``tr(KL) = ||y~^T x~||_F^2``,
   ``k = x~ (x~^T 1) = 0``, ``dK_i = ||x~_i||^2``.  Memory ``O((dx + dy)^2 + n (dx + dy))``.
 * ``"gaussian"`` ``exp(-||a-b||^2/(2 s^2))`` and ``"imq"`` ``s/sqrt(||a-b||^2 + s^2)``, ``exact=True``:
-  streamed over ``(TILE, TILE)`` Gram tiles (upper triangle of tiles; off-diagonal tiles count twice in
-  the traces and add to both row blocks' sums).  Memory ``O(TILE^2 + n (dx + dy))``; no ``n x n``.
+  the ``gram_hsic`` op (:mod:`kernelssl.ops.gram_hsic`: the statistics in float64, streamed over Gram
+  tiles, forward and backward; the fused kernels of ``kernelssl/triton/gram_hsic.py`` on a GPU).  Memory
+  ``O(TILE^2 + n (dx + dy))`` with or without a gradient; no ``n x n``.
 * ``exact=False`` with ``"gaussian"``/``"imq"``: the random features of :mod:`kernelssl.ops.rff_hsic`
   (``phi(x) = sqrt(2/D) cos(W x / s + b)``, ``E phi(a).phi(b) = k(a, b)``), then the linear identities.
 
@@ -31,8 +32,9 @@ a representation with itself can be negative on tiny or badly scaled samples; CK
 root of a negative number).  The unbiased estimator needs ``n >= 4`` (ValueError naming ``x``).  NaN/Inf
 inputs propagate.  No host sync: all checks read shapes and dtypes only.
 
-Precision: float16/bfloat16/float32 inputs are computed (and returned) in float32, float64 in float64.
-Every device runs this torch tier (there is no fused kernel for the metrics).
+Precision: float16/bfloat16/float32 inputs are computed (and returned) in float32, float64 in float64;
+the exact Gaussian/IMQ statistics and estimators are float64 sums for every input dtype.  ``backend``:
+as every op (:mod:`kernelssl.dispatch`): ``"auto"`` runs the fused kernels on a GPU they serve.
 """
 from __future__ import annotations
 
@@ -42,15 +44,15 @@ import numbers
 import torch
 from torch import Tensor
 
+from .. import dispatch
 from .._checks import check_bool, check_choice, check_int, check_positive, check_same_device, check_tensor, describe
+from ..ops import gram_hsic as _gram
 from ..ops._common import compute_dtype
 from ..ops.rff_hsic import rff_features, sample_rff
 
-__all__ = ["hsic", "cka", "median_sigma", "KERNELS", "TILE", "MEDIAN_ROWS", "DEFAULT_NUM_FEATURES"]
+__all__ = ["hsic", "cka", "median_sigma", "KERNELS", "MEDIAN_ROWS", "DEFAULT_NUM_FEATURES"]
 
 KERNELS = ("linear", "gaussian", "imq")
-#: Gram tile edge of the streamed exact kernels (two fp64 tiles: 16 MiB).
-TILE = 1024
 #: Rows the median bandwidth looks at, at most (module docstring).
 MEDIAN_ROWS = 2048
 DEFAULT_NUM_FEATURES = 2048
@@ -154,33 +156,27 @@ def _stats_features(fs: list[Tensor]) -> dict:
     return {"tr": tr, "row": [None] * len(fs), "diag": [(f * f).sum(1) for f in fs]}
 
 
-def _stats_streamed(xs: list[Tensor], kernel: str, sigmas: list[Tensor]) -> dict:
-    """The same statistics for exact ``"gaussian"``/``"imq"`` Grams, over (TILE, TILE) tiles of the
-    upper block triangle: O(TILE^2 + n d) memory."""
+def _stats_gram(xs: list[Tensor], kernel: str, sigmas: list[Tensor], backend: str, pairs) -> dict:
+    """The same statistics (float64) for exact ``"gaussian"``/``"imq"`` Grams, by the ``gram_hsic`` op
+    (:mod:`kernelssl.ops.gram_hsic`; fused kernels where :mod:`kernelssl.dispatch` picks them, one launch
+    per pair of ``pairs``): O(TILE^2 + n d) memory, with a gradient too."""
     xs = [x - x.mean(0) for x in xs]
-    sqs = [(x * x).sum(1) for x in xs]
-    n = xs[0].shape[0]
-    m = len(xs)
-    zero = xs[0].new_zeros(())
-    tr = {(a, b): zero.clone() for a in range(m) for b in range(a, m)}
-    rows = [xs[0].new_zeros(n) for _ in range(m)]
-    diag = [_kernel_tile(torch.zeros_like(sq), kernel, s) for sq, s in zip(sqs, sigmas)]  # k(a, a)
-    for i0 in range(0, n, TILE):
-        i1 = min(i0 + TILE, n)
-        for j0 in range(i0, n, TILE):
-            j1 = min(j0 + TILE, n)
-            w = 1.0 if i0 == j0 else 2.0  # a tile above the diagonal stands for its transpose too
-            tiles = []
-            for a in range(m):
-                d2 = _sq_dist(xs[a][i0:i1], xs[a][j0:j1], sqs[a][i0:i1], sqs[a][j0:j1])
-                g = _kernel_tile(_zero_diagonal(d2) if i0 == j0 else d2, kernel, sigmas[a])
-                tiles.append(g)
-                rows[a][i0:i1] += g.sum(1)
-                if i0 != j0:
-                    rows[a][j0:j1] += g.sum(0)
-            for (a, b), acc in tr.items():
-                acc += w * (tiles[a] * tiles[b]).sum()
-    return {"tr": tr, "row": rows, "diag": diag}
+    n, m = xs[0].shape[0], len(xs)
+    impl = dispatch.implementation("gram_hsic", backend, *xs)
+    if impl == "triton":
+        fused = dispatch.triton_op("gram_hsic")
+        tr, rows = {}, [None] * m
+        for a, b in pairs:
+            t, r = fused.gram_hsic_stats(xs[a], xs[b], torch.stack([sigmas[a], sigmas[b]]), kernel)
+            tr[a, a], tr[a, b], tr[b, b] = t[0, 0], t[0, 1], t[1, 1]
+            rows[a], rows[b] = r[0], r[1]
+    else:
+        stats = _gram.gram_hsic_stats_eager if impl == "autograd" else _gram.gram_hsic_stats
+        t, r = stats(xs, kernel, sigmas)
+        tr = {(a, b): t[a, b] for a in range(m) for b in range(a, m)}
+        rows = list(r.unbind(0))
+    ones = torch.ones(n, dtype=torch.float64, device=xs[0].device)  # k(a, a) = 1 for both kernels
+    return {"tr": tr, "row": rows, "diag": [ones] * m}
 
 
 def _estimate(st: dict, a: int, b: int, n: int, unbiased: bool) -> Tensor:
@@ -204,12 +200,14 @@ def _constant(x: Tensor) -> Tensor:
 
 
 def _statistics(reps: list[Tensor], kernel: str, sigmas: tuple, exact: bool, num_features: int,
-                generator) -> dict:
+                generator, backend: str = "auto", pairs=((0, 1),)) -> dict:
+    """The statistics of :func:`_estimate` for the Grams of ``reps``; ``pairs``: the ``(a, b)`` whose
+    ``HSIC(a, b)`` (and ``HSIC(a, a)``, ``HSIC(b, b)``) will be asked for (every index in one)."""
     if kernel == "linear":
         return _stats_features(reps)
     svals = [_sigma_value(s, r) for s, r in zip(sigmas, reps)]
     if exact:
-        return _stats_streamed(reps, kernel, svals)
+        return _stats_gram(reps, kernel, svals, backend, pairs)
     feats = []
     for r, s in zip(reps, svals):
         w, b = sample_rff(kernel, r.shape[1], num_features, generator=generator, device=r.device, dtype=r.dtype)
@@ -217,8 +215,9 @@ def _statistics(reps: list[Tensor], kernel: str, sigmas: tuple, exact: bool, num
     return _stats_features(feats)
 
 
-def _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator):
+def _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator, backend="auto"):
     check_choice(kernel, "kernel", KERNELS)
+    check_choice(backend, "backend", dispatch.BACKENDS)
     check_bool(unbiased, "unbiased")
     check_bool(exact, "exact")
     check_int(num_features, "num_features", minimum=1)
@@ -234,30 +233,34 @@ def _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator):
 
 
 def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: bool = False, exact: bool = True,
-         num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None) -> Tensor:
+         num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None,
+         backend: str = "auto") -> Tensor:
     """HSIC between ``x (n, dx)`` and ``y (n, dy)`` (rows are paired samples), a 0-d tensor.
 
     ``kernel``: ``"linear"``, ``"gaussian"`` or ``"imq"``; ``sigma`` (not for linear): a positive number,
     a pair ``(sigma_x, sigma_y)`` or ``"median"`` (the default; module docstring); ``unbiased``: Song et
     al.'s estimator (``n >= 4``) instead of Gretton et al.'s biased ``tr(KHLH)/(n-1)^2``; ``exact=False``:
     ``num_features`` random Fourier features (drawn from ``generator``) instead of the exact kernel.
-    A constant ``x`` or ``y`` gives exactly 0.  Differentiable (torch autograd)."""
-    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator)
-    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator)
-    val = _estimate(st, 0, 1, x.shape[0], unbiased)
+    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (:mod:`kernelssl.dispatch`; the fused kernels
+    serve the exact Gaussian/IMQ kernels).  A constant ``x`` or ``y`` gives exactly 0.  Differentiable
+    (the exact kernels' backward streams the tiles too: no ``n x n``)."""
+    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator, backend)
+    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator, backend)
+    val = _estimate(st, 0, 1, x.shape[0], unbiased).to(x.dtype)
     return torch.where(_constant(x) | _constant(y), torch.zeros_like(val), val)
 
 
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: bool = False, exact: bool = True,
-        num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None) -> Tensor:
+        num_features: int = DEFAULT_NUM_FEATURES, generator: torch.Generator | None = None,
+        backend: str = "auto") -> Tensor:
     """CKA ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with the estimator and kernel of :func:`hsic`
     (same arguments), a 0-d tensor; one pass over the data for the three HSICs.  NaN when ``x`` or
     ``y`` is constant (0/0) or when an unbiased self-HSIC comes out negative."""
-    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator)
-    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator)
+    x, y, sigmas = _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator, backend)
+    st = _statistics([x, y], kernel, sigmas, exact, num_features, generator, backend)
     n = x.shape[0]
     xy = _estimate(st, 0, 1, n, unbiased)
     xx = _estimate(st, 0, 0, n, unbiased)
     yy = _estimate(st, 1, 1, n, unbiased)
-    val = xy / torch.sqrt(xx * yy)
+    val = (xy / torch.sqrt(xx * yy)).to(x.dtype)
     return torch.where(_constant(x) | _constant(y), torch.full_like(val, math.nan), val)

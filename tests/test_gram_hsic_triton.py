@@ -1,0 +1,185 @@
+"""Fused Triton kernels of the HSIC/CKA statistics of exact Gaussian and IMQ Grams
+(kernelssl/triton/gram_hsic.py; docs/metrics.md).
+
+On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1) at small shapes
+(16-wide tiles: several row tiles, column splits and backward column chunks, every mask exercised).
+Statistics and every gradient (both representations and both bandwidths, under random non-unit upstream
+gradients of both outputs) are held to the float64 torch tier by the 2x rule of kernelssl/numerics.py:
+the kernel's error no larger than twice the fp32 torch tier's, with a floor at the fp32 level.  The
+metrics with ``backend="triton"`` against the NumPy reference (METRICS_TOL), degenerate input, second
+derivatives.  GPU tests (the metrics' 20 000-row shape) are skipped without CUDA; the offline sm_90
+compile is in the slow tier.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import helpers
+import reference.metrics as R
+from helpers import DEV, assert_close, assert_error_within_torch, needs_cuda
+from kernelssl import dispatch
+from kernelssl.metrics import MinibatchCKA, cka, hsic
+from kernelssl.numerics import METRICS_TOL
+from kernelssl.ops import gram_hsic as G
+
+GH = pytest.importorskip("kernelssl.triton.gram_hsic_op")
+helpers.assert_kernels_can_run()
+
+F32, F64 = torch.float32, torch.float64
+KERNELS = list(G.GRAM_KERNELS)
+# 2, 1, 1: the smallest pair; 50 x 40 against 1: two backward column chunks, a ragged last tile
+SHAPES = [(37, 5, 3), (50, 40, 1), (2, 1, 1), (33, 16, 17)]
+
+# The floor of the 2x rule: a kernel value k in [0, 1] computed in fp32 is within a few ulps (2^-22) of its
+# float64 value; the statistics are sums of n^2 such values (or their products), so their error floor is
+# ~n^2 2^-22 relative to the largest sum, and the gradients' (sums of n terms each) ~n 2^-20 of their max.
+
+
+def _floor(ref: torch.Tensor, terms: int) -> float:
+    return terms * 2.0**-22 * float(ref.abs().max())
+
+
+def _inputs(n, dx, dy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dx, generator=g, dtype=F64) * 1.3 + 0.5
+    y = torch.tanh(x[:, :1]) + 0.4 * torch.randn(n, dy, generator=g, dtype=F64)
+    return x - x.mean(0), y - y.mean(0)
+
+
+def _upstream(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, generator=g, dtype=F64), torch.randn(2, n, generator=g, dtype=F64)
+
+
+def _run(fn, x, y, sig, wt, wr):
+    xs = [x.clone().requires_grad_(), y.clone().requires_grad_(), sig.clone().requires_grad_()]
+    tr, rows = fn(*xs)
+    grads = torch.autograd.grad((tr * wt).sum() + (rows * wr).sum(), xs)
+    return tr.detach(), rows.detach(), grads
+
+
+def _torch_tier(kernel):
+    return lambda x, y, s: G.gram_hsic_stats([x, y], kernel, [s[0], s[1]])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n,dx,dy", SHAPES)
+def test_statistics_and_gradients_within_2x_of_torch(kernel, n, dx, dy):
+    x, y = _inputs(n, dx, dy)
+    sig = torch.tensor([1.4, 0.8], dtype=F64) * math.sqrt(dx)
+    wt, wr = _upstream(n)
+    ref = _run(_torch_tier(kernel), x, y, sig, wt, wr)
+    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), wt, wr)
+    ker = _run(lambda a, b, s: GH.gram_hsic_stats(a, b, s, kernel), x.float(), y.float(), sig.float(), wt, wr)
+    for name, i, terms in (("tr", 0, n * n), ("rows", 1, n)):
+        assert ker[i].dtype == F64
+        assert_error_within_torch(ker[i], tor[i], ref[i], floor=_floor(ref[i], terms), name=name)
+    for name, k, t, r in zip(("dx", "dy", "dsigma"), ker[2], tor[2], ref[2]):
+        assert k.dtype == F32 and k.shape == r.shape
+        assert_error_within_torch(k, t, r, floor=_floor(r, 4 * n), name=name)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kernel,sigma", [("gaussian", "median"), ("imq", (1.1, 0.6)), ("gaussian", 2.0)])
+def test_metrics_on_the_kernels_equal_reference(kernel, sigma, unbiased):
+    x, y = _inputs(45, 6, 3, seed=4)
+    for fn, ref in ((cka, R.cka), (hsic, R.hsic)):
+        got = fn(x.float(), y.float(), kernel=kernel, sigma=sigma, unbiased=unbiased, backend="triton")
+        assert got.dtype == F32
+        want = ref(x.float().double().numpy(), y.float().double().numpy(), kernel, sigma, unbiased)
+        scale = 1.0 if fn is cka else abs(R.hsic(x.numpy(), x.numpy(), kernel, sigma if isinstance(sigma, str)
+                                                 else (sigma if not isinstance(sigma, tuple) else sigma[0]),
+                                                 unbiased))
+        assert abs(float(got) - want) <= METRICS_TOL[F32]["rtol"] * abs(want) + METRICS_TOL[F32]["atol"] * scale, \
+            (fn.__name__, float(got), want)
+
+
+def test_minibatch_cka_on_the_kernels_equals_torch_tier():
+    x, y = _inputs(40, 6, 3, seed=5)
+    layers_a, layers_b = [x.float(), (x[:, :2] ** 2).float()], [y.float(), torch.sin(y).float(), x[:, 3:].float()]
+    got, want = (MinibatchCKA(kernel="gaussian", sigma=1.7, backend=b) for b in ("triton", "torch"))
+    for m in (got, want):
+        m.update(layers_a, layers_b)
+        m.update([a[:20] for a in layers_a], [b[:20] for b in layers_b])
+    assert_close(got.compute(), want.compute(), name="minibatch CKA", **METRICS_TOL[F32])
+
+
+def test_degenerate_input_on_the_kernels():
+    x, y = _inputs(20, 3, 2)
+    const = torch.ones(20, 3)
+    assert math.isnan(float(cka(const, y.float(), kernel="gaussian", backend="triton")))
+    assert float(hsic(const, y.float(), kernel="gaussian", backend="triton")) == 0.0
+    bad = x.float().clone()
+    bad[3, 1] = float("nan")
+    assert math.isnan(float(cka(bad, y.float(), kernel="imq", sigma=1.0, backend="triton")))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_second_derivative_through_the_kernels(kernel):
+    """``create_graph=True`` through the fused op: the torch tier's plain autograd, recorded (the same
+    second derivative as the torch tier's, by the 2x rule)."""
+    x, y = _inputs(12, 3, 2, seed=6)
+    out = []
+    for backend, dt in (("triton", F32), ("torch", F32), ("torch", F64)):
+        a = x.to(dt).requires_grad_()
+        c = cka(a, y.to(dt), kernel=kernel, sigma=1.5, backend=backend)
+        (g,) = torch.autograd.grad(c, a, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), a)
+        out.append(h)
+    assert_error_within_torch(out[0], out[1], out[2], floor=_floor(out[2], 200), name="second derivative")
+
+
+def test_auto_picks_the_kernels_only_on_cuda(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    x = torch.zeros(4, 2)
+    assert "gram_hsic" in dispatch.TRITON_OPS
+    assert dispatch.implementation("gram_hsic", "auto", x, x) == "torch"
+    assert dispatch.implementation("gram_hsic", "triton", x, x) == "triton"  # the interpreter, asked for
+    assert dispatch.implementation("gram_hsic", "triton", x, x.double()) == "torch"
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_metrics_shape(kernel):
+    """The metrics' headline shape on a GPU (20 000 x 64 against 32): statistics and gradients within 2x
+    of the fp32 torch tier's error against the float64 torch tier."""
+    n = 20000
+    x, y = (t.to(DEV) for t in _inputs(n, 64, 32, seed=7))
+    sig = torch.tensor([8.0, 4.0], dtype=F64, device=DEV)
+    wt, wr = (t.to(DEV) for t in _upstream(n))
+    ref = _run(_torch_tier(kernel), x, y, sig, wt, wr)
+    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), wt, wr)
+    ker = _run(lambda a, b, s: GH.gram_hsic_stats(a, b, s, kernel), x.float(), y.float(), sig.float(), wt, wr)
+    for name, i, terms in (("tr", 0, n * n), ("rows", 1, n)):
+        assert_error_within_torch(ker[i], tor[i], ref[i], floor=_floor(ref[i], terms), name=name)
+    for name, k, t, r in zip(("dx", "dy", "dsigma"), ker[2], tor[2], ref[2]):
+        assert_error_within_torch(k, t, r, floor=_floor(r, 4 * n), name=name)
+
+
+@pytest.mark.slow
+def test_sm90_compile():
+    """Every launch of the GPU path compiles for sm_90 without spills (helpers.target_variants), with the
+    Gram tiles on the tensor cores (wgmma) in the default tf32x3."""
+    variants = helpers.sm90_variants("gram_hsic")
+    assert {v["kernel"] for v in variants} == {"_stats_kernel", "_grad_kernel"}
+    assert all(v["tensor_core"] for v in variants if v["constexprs"].get("INPUT_PRECISION") == "tf32x3")
+
+
+def test_compiled_metric_on_the_kernels():
+    """``torch.compile(fullgraph=True)`` of a CKA and its gradient on the fused op (one opaque call on the
+    CPU interpreter; decomposed into its kernels on a GPU): the eager numbers."""
+    x, y = (t.float().requires_grad_() for t in _inputs(30, 4, 3, seed=9))
+
+    def f(a, b):
+        return cka(a, b, kernel="gaussian", sigma=(1.3, 0.8), backend="triton")
+
+    want = f(x, y)
+    gw = torch.autograd.grad(want, (x, y))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
+    gg = torch.autograd.grad(got, (x, y))
+    assert_close(got, want, name="cka", rtol=1e-6, atol=0.0)
+    for a, b in zip(gg, gw):
+        assert_close(a, b, name="grad", rtol=1e-5, atol=1e-6 * float(b.abs().max()))
