@@ -68,6 +68,7 @@ from ._common import (
     unit_rows,
     unit_rows_backward,
     upcast,
+    workspace,
 )
 
 __all__ = [
@@ -350,10 +351,9 @@ def _block_gram_mean(
         nb = len(starts)
         sums = zhat.new_empty(nb * (nb + 1) // 2, V) if not value_from_grad else None
         weights = []
-        # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
-        # page faults each time).
-        gbuf = zhat.new_empty(V * block * block)
-        pbuf = zhat.new_empty(V * block * block)
+        # Two block buffers reused for every block, and between calls on the CPU (a fresh one costs its
+        # page faults each time: workspace)
+        gbuf, pbuf = (workspace(V * block * block, zhat, slot) for slot in (0, 1))
         k = 0
         for bi, s0 in enumerate(starts):
             zi = zhat[:, s0 : s0 + block]
@@ -592,7 +592,7 @@ class _SFRIKLoss(torch.autograd.Function):
         # one view frozen: its R is formed too (rare; the batched ops stay batched)
         m, grad = _block_gram_mean(y, b, block, want_a or want_b)
         diff = y[0] - y[1]
-        mse = diff.square().mean()
+        mse = torch.square(diff, out=workspace(diff.numel(), diff, 3).view_as(diff)).mean()
         loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
         if grad is not None:
             ctx.save_for_backward(y, diff, norm, grad, scale, za, zb)
@@ -633,7 +633,7 @@ class _SFRIKLoss(torch.autograd.Function):
         if c_diff is not None:
             gy[0].addcmul_(diff, c_diff)
             gy[1].addcmul_(diff, c_diff, value=-1.0)
-        dz = unit_rows_backward(gy, y, norm)
+        dz = unit_rows_backward(gy, y, norm, inplace=True)  # gy is this backward's own
         if scale is not None:
             dz.mul_(scale)
         want_a, want_b = ctx.wants
