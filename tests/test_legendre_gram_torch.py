@@ -518,3 +518,23 @@ def test_fp32_near_uniform_batch_keeps_per_entry_accuracy():
     loss = S.sfrik_loss(za64.float().requires_grad_(True), zb64.float())[0]
     loss64 = S.sfrik_loss(za64, zb64)[0]
     assert abs(loss.item() - loss64.item()) <= FP32_RTOL_M * abs(loss64.item()), (loss.item(), loss64.item())
+
+
+def test_workspace_is_kept_per_slot_and_dtype_and_fresh_where_it_cannot_be():
+    from kernelssl.ops import _common as CM
+    x = torch.zeros(3)
+    a = CM.workspace(10, x, 0)
+    assert a.shape == (10,) and a.dtype == x.dtype
+    assert CM.workspace(8, x, 0).data_ptr() == a.data_ptr()  # the same memory, reused
+    assert CM.workspace(8, x, 1).data_ptr() != a.data_ptr()  # another slot
+    assert CM.workspace(8, x.double(), 0).dtype == torch.float64
+    with torch.inference_mode():
+        CM.workspace(4, x, 0).fill_(1.0)  # an inference tensor of its own, never handed out outside
+    CM.workspace(10, x, 0).fill_(2.0)  # (would raise on an inference tensor)
+    big = CM.WORKSPACE_MAX_ELEMENTS + 1
+    assert CM.workspace(big, x, 0).data_ptr() != CM.workspace(big, x, 0).data_ptr()  # too large: fresh
+    # prescale and normalisation through the workspace: the same value as without it
+    z = torch.randn(2, 5, 7, dtype=torch.float64) * torch.tensor([1e30, 1.0, 1e-30, 0.0, 3.0])[:, None]
+    scale = CM.row_prescale(z)
+    assert torch.equal(scale, torch.exp2((-torch.floor(torch.log2(z.abs().amax(-1, keepdim=True)))).masked_fill(
+        z.abs().amax(-1, keepdim=True) == 0, 0.0)))

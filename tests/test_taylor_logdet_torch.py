@@ -261,6 +261,27 @@ def test_half_inputs_are_upcast(dtype, u, fn):
     assert_close(gb, rgb, rtol=u, atol=1e-5 * gmax, name="dT/db")
 
 
+@pytest.mark.parametrize("m,d", [(5, 8), (8, 5)])
+@pytest.mark.parametrize("order", range(2, 8))
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("wants", ["ab", "b", "a", "lam"])
+def test_function_matches_plain_autograd(m, d, order, normalize, wants):
+    # the library path's autograd Function (normalisation folded into C, hand-written backward) against
+    # taylor_logdet_autograd: m- and d-space, a zero row (the clamp of the normalisation), a per-batch lam
+    a, b = _pair(7 * order + m, m, d, (3,))
+    a[1, 2] = 0.0
+    b[0, 4] = 0.0
+    lam = np.array([0.3, 0.6, 0.9])
+    up = np.array([0.7, -1.3, 2.0])
+    got, want = [], []
+    for fn, out in ((M.taylor_logdet, got), (M.taylor_logdet_autograd, want)):
+        ta, tb, tl = _t(a, "a" in wants), _t(b, "b" in wants), _t(lam, wants == "lam")
+        t = fn(ta, tb, tl, order, normalize=normalize)
+        out += [t, *torch.autograd.grad(t, [x for x in (ta, tb, tl) if x.requires_grad], _t(up))]
+    for x, y, name in zip(got, want, ("value", "grad 1", "grad 2")):
+        assert_close(x, y, rtol=1e-11, atol=1e-12, name=name)
+
+
 def test_output_dtypes():
     a, b = _pair(0, 4, 6)
     assert M.taylor_logdet(_t(a, dtype=torch.float32), _t(b), 0.5, 4).dtype == F64  # promotes

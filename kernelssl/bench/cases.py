@@ -500,7 +500,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
       ``G' Z`` (n x n x q).
     * mec (order 4, both directions; in min(m, d) space like the library, s = min(m, d)):
       ``C = A B^T`` (s x max x s), ``C^2`` (one s^3, the forward's only power), ``C^3`` (the
-      backward's series), and the two gradient products ``S^T B``, ``S A`` (s x s x max).
+      backward's series), and the gradient products ``S^T B``, ``S A`` (s x s x max) of the inputs that
+      require grad (the online outputs; the teacher's have none in a training step).
     * uniformity: ``G = Z Z^T`` (n x q x n; symmetric) and the backward ``G' Z`` (n x n x q), one set of
       embeddings.
     """
@@ -533,13 +534,16 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     else:
         def mec_limit(za, zb, pa, pb):
             out = []
-            for a, b in ((pa.detach(), zb.detach()), (pb.detach(), za.detach())):  # both directions
+            for a, b in ((pa, zb), (pb, za)):  # both directions
+                need_a, need_b = a.requires_grad, b.requires_grad
+                a, b = a.detach(), b.detach()
                 if a.shape[-2] > a.shape[-1]:  # d-space, as the library evaluates it
                     a, b = a.mT, b.mT
                 c = a @ b.mT
                 c2 = c @ c  # the forward's power
                 c3 = c2 @ c  # the backward's series
-                out += [c2, c3.mT @ b, c3 @ a]  # and the two gradient products (all returned: no dead code)
+                out.append(c2)  # and the gradient products of the inputs that need one (all returned: no dead code)
+                out += ([c3.mT @ b] if need_a else []) + ([c3 @ a] if need_b else [])
             return tuple(out)
 
         aten = mec_limit

@@ -111,7 +111,8 @@ def logdet_impl(a, b, lam, order, *, normalize: bool = True, backend: str, input
     :mod:`kernelssl.dispatch` picks.  When it is the fused kernel and ``diagnostics`` is a list, the
     kernel's diagnostics ``[rho, term_ratio]`` are kept there (``None``: not asked for, so not
     computed -- above ``ONCHIP_MAX`` they cost 16 power-iteration launches)."""
-    if dispatch.implementation("taylor_logdet", backend, a, b) == "triton":
+    impl = dispatch.implementation("taylor_logdet", backend, a, b)
+    if impl == "triton":
         k = dispatch.triton_op("taylor_logdet")
         prec = dispatch.resolve_precision(input_precision, a.device)
         if diagnostics is None:
@@ -119,7 +120,9 @@ def logdet_impl(a, b, lam, order, *, normalize: bool = True, backend: str, input
         t, rho, ratio = k.taylor_logdet_with_diagnostics(a, b, lam, order, normalize=normalize, input_precision=prec)
         diagnostics[:] = [rho, ratio]
         return t
-    return _ops.taylor_logdet(a, b, lam, order, normalize=normalize)  # plain autograd: "torch" and "autograd"
+    if impl == "autograd":  # under torch.func transforms
+        return _ops.taylor_logdet_autograd(a, b, lam, order, normalize=normalize)
+    return _ops.taylor_logdet(a, b, lam, order, normalize=normalize)  # its autograd Function
 
 
 @fp32_compute

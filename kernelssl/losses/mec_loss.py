@@ -83,7 +83,10 @@ class MECLoss(LossModule):
         return d / (m * self.eps_sq)
 
     @fp32_compute
-    def _compute(self, z_a, z_b, target_a, target_b, lam) -> KF.MECComponents:
+    def _compute(self, z_a, z_b, target_a, target_b, lam, components: bool) -> Tensor | KF.MECComponents:
+        """The functional loss; ``components``: the :class:`~kernelssl.functional.MECComponents`, with the
+        convergence diagnostics, else the loss alone (no diagnostics computed unless ``check_convergence``
+        asks for them)."""
         return KF.mec_loss(
             z_a,
             z_b,
@@ -95,7 +98,7 @@ class MECLoss(LossModule):
             lam=lam,
             exact=self.exact,
             **self._options(),
-            return_components=True,
+            return_components=components,
             check_convergence=self.check_convergence,
         )
 
@@ -134,8 +137,7 @@ class MECLoss(LossModule):
                 loss = criterion(student(x1), student(x2), p1, p2)
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
         """
-        out = self._compute(z_a, z_b, target_a, target_b, lam)
-        return out.loss
+        return self._compute(z_a, z_b, target_a, target_b, lam, False)
 
     def forward_components(
         self,
@@ -150,7 +152,7 @@ class MECLoss(LossModule):
         :class:`~kernelssl.functional.MECComponents`: ``loss``, ``t_ab``, ``t_ba``, ``coding_length``,
         ``lam``, ``spectral_radius`` (power-iteration estimate of rho(C), the series converges iff
         < 1) and ``term_ratio`` -- 0-dim tensors, no host sync."""
-        return self._compute(z_a, z_b, target_a, target_b, lam)
+        return self._compute(z_a, z_b, target_a, target_b, lam, True)
 
     def extra_repr(self) -> str:
         return f"eps_sq={self.eps_sq}, order={self.order}, scale={self.scale!r}, backend={self.backend!r}"

@@ -68,6 +68,7 @@ from ._common import (
     unit_rows,
     unit_rows_backward,
     upcast,
+    workspace,
 )
 
 __all__ = [
@@ -291,8 +292,9 @@ def _block_gram_mean(
     never needs a block: with ``s = Zhat^T 1``, ``sum_ij G_ij = ||s||^2`` and ``sum_j c_1 zhat_j = c_1 s``.
     The degree-2 term goes one of two ways (``qspace``; None: :func:`use_qspace`):
 
-    * in the blocks (small n per q): each block forms ``d = phi'(G) - c_1`` by Horner's rule and adds
-      ``d Zhat_J`` to R; for L <= 3 with a gradient the value comes from ``d`` once it is spent,
+    * in the blocks (small n per q): each block forms ``d = phi'(G) - c_1`` by Horner's rule (L = 3: as
+      ``2 c_2 (G + (3 c_3 / 2 c_2) G o G)``, one addcmul, ``2 c_2`` in the GEMM) and adds ``d Zhat_J`` to
+      R; for L <= 3 with a gradient the value comes from ``d`` once it is spent,
       ``sum_{k>=2} c_k S_k = sum(G o (d + c_2 G)) / 3`` (``S_k = sum_ij G_ij^k``): three more passes.
     * in ``q x q`` space (large n per q): with ``Q = Zhat^T Zhat``, ``S_2 = ||Q||_F^2`` and
       ``sum_j 2 c_2 G_kj zhat_j = 2 c_2 Q zhat_k``, so the blocks carry only
@@ -338,7 +340,7 @@ def _block_gram_mean(
         first = 2
     grad = None
     written = set()  # row blocks of grad already written (the first write uses beta = 0: no fill)
-    total = None
+    total, vscale = None, 1.0
     if L >= first:
         # d = sum_{k>=first} k c_k t^(k-1) = t^(first-1) poly(dcoef);  sum_{k>=first} c_k t^k = t^first poly(vcoef)
         dcoef = [k * c[k] for k in range(first, L + 1)]
@@ -346,15 +348,15 @@ def _block_gram_mean(
         value_from_dots = want_grad and not qspace and L <= 3
         value_from_grad = want_grad and qspace and L == 3
         block_value = not (value_from_dots or value_from_grad)
+        # L = 3 in the blocks: d = 2 c_2 d', d' = G + (3 c_3 / (2 c_2)) G o G (one addcmul; 2 c_2 is the GEMM's
+        # alpha), and sum(G o (d + c_2 G)) = c_2 sum(G o (2 d' + G)); vscale: the factor of the block sums
+        scaled = value_from_dots and L == 3 and c[2] != 0.0
+        alpha, vscale = (2.0 * c[2], c[2] / 3.0) if scaled else (1.0, 1.0 / 3.0 if value_from_dots else 1.0)
         starts = list(range(0, n, block))
         nb = len(starts)
-        sums = zhat.new_empty(nb * (nb + 1) // 2, V) if not value_from_grad else None
-        weights = []
-        # Two block buffers reused for every block (a fresh multi-MiB tensor per block would cost its
-        # page faults each time).
-        gbuf = zhat.new_empty(V * block * block)
-        pbuf = zhat.new_empty(V * block * block)
-        k = 0
+        parts, weights = [], []  # per block: the (V,) sums, weight 2 off the diagonal (G is symmetric)
+        # two block buffers for every block, kept between calls on the CPU (workspace: no page faults)
+        gbuf, pbuf = (workspace(V * block * block, zhat, slot) for slot in (0, 1))
         for bi, s0 in enumerate(starts):
             zi = zhat[:, s0 : s0 + block]
             for s1_ in starts[bi:]:
@@ -369,29 +371,27 @@ def _block_gram_mean(
                     _t_poly(g, vcoef, p)
                     for _ in range(first - 1):
                         p.mul_(g)
-                    sums[k] = p.sum(dim=(-2, -1))
+                    parts.append(p.sum(dim=(-2, -1)))
                 if want_grad:
                     if grad is None:
                         grad = torch.empty_like(zhat)
                     if qspace:
                         d = torch.mul(g, g, out=p) if L == 3 else _t_poly(g, dcoef, p).mul_(g)
                     else:
-                        d = _t_poly(g, dcoef, p)
-                    grad[:, s0 : s0 + block].baddbmm_(d, zj, beta=1.0 if s0 in written else 0.0)
-                    written.add(s0)
-                    if s1_ != s0:
-                        grad[:, s1_ : s1_ + block].baddbmm_(d.mT, zi, beta=1.0 if s1_ in written else 0.0)
-                        written.add(s1_)
+                        d = torch.addcmul(g, g, g, value=1.5 * c[3] / c[2], out=p) if scaled else _t_poly(g, dcoef, p)
+                    for rows, dd, zz in ((s0, d, zj),) + (((s1_, d.mT, zi),) if s1_ != s0 else ()):
+                        grad[:, rows : rows + block].baddbmm_(dd, zz, beta=float(rows in written), alpha=alpha)
+                        written.add(rows)
                     if value_from_dots:  # d is spent: sum_{k=2..3} c_k S_k = sum(G o (d + c_2 G)) / 3
-                        sums[k] = d.add_(g, alpha=c[2]).mul_(g).sum(dim=(-2, -1)).div_(3.0)
-                k += 1
+                        parts.append((torch.add(g, d, alpha=2.0, out=d) if scaled else d.add_(g, alpha=c[2]))
+                                     .mul_(g).sum(dim=(-2, -1)))
         if value_from_grad:
             # L = 3: R_3 = (G o G) Zhat, so <Zhat, R_3> = sum_ij G_ij^3 = S_3 (~n: no cancellation)
             total = (zhat * grad).sum(dim=(-2, -1)) * c[3]
         elif nb == 1:
-            total = sums[0]
+            total = parts[0]
         else:
-            total = (sums * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
+            total = (torch.stack(parts) * torch.tensor(weights, dtype=dt, device=dev)[:, None]).sum(dim=0)
     if want_grad:
         # R = block part (scaled by 3 c_3 in q-space at L = 3) [+ 2 c_2 Zhat Q in q-space] + c_1 s
         if grad is None:  # no blocks: L <= 1, or L = 2 in q-space
@@ -403,7 +403,7 @@ def _block_gram_mean(
             if qspace:
                 grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
             grad.add_(s.unsqueeze(-2), alpha=c[1])
-    total = low if total is None else total + low
+    total = low if total is None else torch.add(low, total, alpha=vscale)
     m = total / float(n * n) + const
     return m, grad
 
@@ -592,7 +592,7 @@ class _SFRIKLoss(torch.autograd.Function):
         # one view frozen: its R is formed too (rare; the batched ops stay batched)
         m, grad = _block_gram_mean(y, b, block, want_a or want_b)
         diff = y[0] - y[1]
-        mse = diff.square().mean()
+        mse = torch.square(diff, out=workspace(diff.numel(), diff, 3).view_as(diff)).mean()
         loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
         if grad is not None:
             ctx.save_for_backward(y, diff, norm, grad, scale, za, zb)
@@ -633,7 +633,7 @@ class _SFRIKLoss(torch.autograd.Function):
         if c_diff is not None:
             gy[0].addcmul_(diff, c_diff)
             gy[1].addcmul_(diff, c_diff, value=-1.0)
-        dz = unit_rows_backward(gy, y, norm)
+        dz = unit_rows_backward(gy, y, norm, inplace=True)  # gy is this backward's own
         if scale is not None:
             dz.mul_(scale)
         want_a, want_b = ctx.wants

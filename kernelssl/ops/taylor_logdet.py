@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, check_positive
-from ._common import NORM_EPS, compute_dtype, unit_rows_backward
+from ._common import NORM_EPS, compute_dtype, recorded_backward, unit_rows_backward
 
 __all__ = [
     "taylor_logdet",
+    "taylor_logdet_autograd",
     "taylor_logdet_eager",
     "taylor_logdet_backward",
     "exact_logdet",
@@ -93,14 +94,18 @@ def _min_space_matrix(a: Tensor, b: Tensor, lam_m) -> Tensor:
 
 
 def _power_traces(c: Tensor, order: int) -> list[Tensor]:
-    """``[tr(C^1), ..., tr(C^n)]`` with powers up to ``h = ceil(n/2)`` only (h - 1 products).
-
-    For ``k > h``: ``tr(C^k) = tr(C^h C^(k-h)) = sum_ij (C^h)_ij (C^(k-h))_ji`` (k - h <= h).
-    """
+    """``[tr(C^1), ..., tr(C^n)]`` with powers up to ``h = ceil(n/2)`` only (h - 1 products)."""
     h = (order + 1) // 2
     powers = [c]
     for _ in range(h - 1):
         powers.append(powers[-1] @ c)
+    return _power_traces_from(powers, order)
+
+
+def _power_traces_from(powers: list[Tensor], order: int) -> list[Tensor]:
+    """``[tr(C^1), ..., tr(C^n)]`` from ``powers = [C, ..., C^h]``: for ``k > h``,
+    ``tr(C^k) = tr(C^h C^(k-h)) = sum_ij (C^h)_ij (C^(k-h))_ji`` (k - h <= h)."""
+    h = len(powers)
     traces = []
     for k in range(1, order + 1):
         if k <= h:
@@ -115,6 +120,14 @@ def _series(traces: list[Tensor]) -> Tensor:
     total = traces[0]
     for k in range(2, len(traces) + 1):
         total = total + ((-1.0) ** (k + 1) / k) * traces[k - 1]
+    return total
+
+
+def _series_undivided(traces: list[Tensor]) -> Tensor:
+    """``sum_k (-1)^(k+1) traces[k-1]`` (``lam dT/dlam``)."""
+    total = traces[0]
+    for k in range(2, len(traces) + 1):
+        total = total + ((-1.0) ** (k + 1)) * traces[k - 1]
     return total
 
 
@@ -141,12 +154,161 @@ def taylor_logdet(a: Tensor, b: Tensor, lam: float | Tensor, order: int, *, norm
     Cost: with ``s = min(m, d)`` and ``h = ceil(n/2)``: one ``s x s`` product of the inputs
     (``O(s^2 max(m, d))``), ``h - 1`` products ``s x s`` (``O(s^3)`` each), and ``O(s^2)`` elementwise
     work per trace ``tr(C^k) = sum_ij (C^h)_ij (C^(k-h))_ji`` for k > h.  Order 1 needs no product:
-    ``T_1 = lam sum_i <a^_i, b^_i>``.  Differentiable by plain autograd; no host sync.
+    ``T_1 = lam sum_i <a^_i, b^_i>``.  No host sync.
+
+    For order >= 2, outside ``torch.compile``, one autograd Function (:class:`_TaylorLogdet`): the
+    normalisation is folded into ``C`` and the hand-written backward (one more ``s x s`` product for
+    n >= 4, then one ``s x s`` by ``s x max(m, d)`` product per input that needs a gradient); under
+    ``create_graph=True`` it differentiates :func:`taylor_logdet_autograd`.  Otherwise (and for order 1)
+    :func:`taylor_logdet_autograd`.
     """
+    if order == 1 or torch.compiler.is_compiling():
+        return taylor_logdet_autograd(a, b, lam, order, normalize=normalize)
+    dtype = compute_dtype(a, b)
+    batch, (m, d) = a.shape[:-2], a.shape[-2:]
+    lam3 = lam.to(dtype).broadcast_to(batch).reshape(-1) if isinstance(lam, Tensor) else float(lam)
+    out = _TaylorLogdet.apply(a.reshape(-1, m, d), b.reshape(-1, m, d), lam3, order, normalize)
+    return out.reshape(batch)
+
+
+def taylor_logdet_autograd(a: Tensor, b: Tensor, lam: float | Tensor, order: int, *,
+                           normalize: bool = True) -> Tensor:
+    """:func:`taylor_logdet` in plain autograd (``torch.func`` transforms, ``torch.compile``, higher
+    derivatives).  Same arguments and result."""
     a, b, lam_b, lam_m = _prepare(a, b, lam, normalize)
     if order == 1:
         return lam_b * (a * b).sum(dim=(-2, -1))
     return _series(_power_traces(_min_space_matrix(a, b, lam_m), order))
+
+
+def _series_matrix(powers: list[Tensor], order: int) -> Tensor:
+    """``S_n = sum_{j<n} (-C)^j`` from ``powers = [C, ..., C^h]``, ``h = ceil(n/2)``: the terms up to
+    ``j = min(h, n - 1)`` directly, those above as ``(-1)^h C^h R`` with ``R = sum_{i=1..n-1-h} (-C)^i``
+    (``n - 1 - h < h``): at most one product."""
+    h = len(powers)
+    top = min(h, order - 1)
+    acc = powers[0].neg()
+    for j in range(2, top + 1):
+        acc.add_(powers[j - 1], alpha=(-1.0) ** j)
+    rest = order - 1 - h
+    if rest >= 1:
+        if rest == 1:  # R = -C
+            acc = torch.baddbmm(acc, powers[h - 1], powers[0], alpha=-((-1.0) ** h))
+        else:
+            r = powers[0].neg()
+            for i in range(2, rest + 1):
+                r.add_(powers[i - 1], alpha=(-1.0) ** i)
+            acc = torch.baddbmm(acc, powers[h - 1], r, alpha=(-1.0) ** h)
+    acc.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return acc
+
+
+class _TaylorLogdet(torch.autograd.Function):
+    """``T_n`` of ``a, b (P, m, d)`` (``lam``: a number or ``(P,)``), order >= 2, with the normalisation
+    folded in: ``r_a = 1 / max(||a_i||, eps)`` (same for b) and, in min(m, d) space::
+
+        m-space:  C = lam diag(r_a) A B^T diag(r_b)          d-space:  C = lam B^T diag(r_a r_b) A
+
+    so no normalised ``(m, d)`` copy is formed.  Backward, with ``S = sum_{j<n} (-C)^j`` (``dT/dC = S^T``)
+    and the upstream gradient g::
+
+        m-space:  W = g lam S^T o (r_a r_b^T),   e_i = g sum_j S_ji C_ij
+                  dA = W B - diag(r_a^2 e) A,           dB = W^T A - diag(r_b^2 e') B,   e'_j = g sum_i S_ji C_ij
+        d-space:  k = g lam r_a r_b,   V = B S^T,   U = A S,   t_i = a_i . V_i = b_i . U_i
+                  dA = diag(k) (V - diag(r_a^2 t) A),   dB = diag(k) (U - diag(r_b^2 t) B)
+
+    (the ``r^2`` terms are the Jacobian of the normalisation; zero for a row whose norm is below eps,
+    where the clamp is active, and absent with ``normalize=False``: ``r = 1``).  ``dT/dlam = (1/lam)
+    sum_k (-1)^(k+1) tr(C^k)``.  Under ``create_graph=True``: :func:`recorded_backward` of
+    :func:`taylor_logdet_autograd`."""
+
+    @staticmethod
+    def forward(ctx, a, b, lam3, order: int, normalize: bool):  # type: ignore[override]
+        dtype = compute_dtype(a, b)
+        af, bf = a.to(dtype), b.to(dtype)
+        m, d = af.shape[-2:]
+        lam_p = lam3 if isinstance(lam3, float) else lam3[:, None]  # against (P, m) row factors
+        if normalize:
+            na, nb = torch.linalg.vector_norm(af, dim=-1), torch.linalg.vector_norm(bf, dim=-1)
+            ra, rb = na.clamp_min(NORM_EPS).reciprocal(), nb.clamp_min(NORM_EPS).reciprocal()
+        else:
+            na = nb = ra = rb = None
+        if m <= d:
+            if normalize:
+                outer = (ra * lam_p)[:, :, None] * rb[:, None, :]  # lam r_a r_b^T
+                c = torch.bmm(af, bf.mT).mul_(outer)
+            else:
+                outer = None
+                c = torch.bmm(af, bf.mT).mul_(lam_p[:, :, None] if isinstance(lam_p, Tensor) else lam_p)
+        else:
+            outer = None
+            k = (ra * rb) * lam_p if normalize else lam_p  # lam r_a r_b per row
+            ak = af * (k[:, :, None] if isinstance(k, Tensor) else k)
+            c = torch.bmm(bf.mT, ak)
+        h = (order + 1) // 2
+        powers = [c]
+        for _ in range(h - 1):
+            powers.append(torch.bmm(powers[-1], c))
+        traces = _power_traces_from(powers, order)
+        ctx.save_for_backward(a, b, lam3 if isinstance(lam3, Tensor) else None, na, nb, ra, rb, outer, *powers)
+        ctx.lam = lam3 if isinstance(lam3, float) else None
+        ctx.order, ctx.normalize, ctx.dtype = order, normalize, dtype
+        ctx.u = _series_undivided(traces) if ctx.needs_input_grad[2] else None  # lam dT/dlam
+        return _series(traces)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        a, b, lam3, na, nb, ra, rb, outer, *powers = ctx.saved_tensors
+        need_a, need_b, need_lam = ctx.needs_input_grad[:3]
+        lam = lam3 if lam3 is not None else ctx.lam
+        if torch.is_grad_enabled():  # create_graph=True: plain autograd, recorded
+            ga, gb, glam = recorded_backward(
+                lambda x, y, lam_: taylor_logdet_autograd(x, y, lam_, ctx.order, normalize=ctx.normalize),
+                (a, b, lam), (need_a, need_b, need_lam), (g,))
+            return ga, gb, glam, None, None
+        dtype = ctx.dtype
+        g = g.to(dtype)
+        lam_p = lam if lam3 is None else lam3[:, None]
+        ga = gb = glam = None
+        if need_a or need_b:
+            af, bf = a.to(dtype), b.to(dtype)
+            c = powers[0]
+            s_mat = _series_matrix(powers, ctx.order)
+            m, d = af.shape[-2:]
+            if m <= d:
+                if outer is None:  # normalize=False: W = g lam S^T
+                    w = s_mat.mT * (g[:, None] * lam_p)[:, :, None]
+                else:
+                    w = s_mat.mT * (outer * g[:, None, None])
+                    e = s_mat.mT * c  # e_ij = S_ji C_ij
+                if need_a:
+                    ga = torch.bmm(w, bf)
+                    if outer is not None:
+                        coef = (e.sum(-1) * g[:, None] * ra * ra).masked_fill_(na < NORM_EPS, 0.0)
+                        ga.addcmul_(af, coef[:, :, None], value=-1.0)
+                if need_b:
+                    gb = torch.bmm(w.mT, af)
+                    if outer is not None:
+                        coef = (e.sum(-2) * g[:, None] * rb * rb).masked_fill_(nb < NORM_EPS, 0.0)
+                        gb.addcmul_(bf, coef[:, :, None], value=-1.0)
+            else:
+                k = g[:, None] * ((ra * rb) * lam_p if ctx.normalize else lam_p)  # g lam r_a r_b per row
+                t = None
+                if need_a:
+                    v = torch.bmm(bf, s_mat.mT)
+                    if ctx.normalize:
+                        t = torch.linalg.vecdot(af, v)
+                        v.addcmul_(af, (ra * ra * t).masked_fill_(na < NORM_EPS, 0.0)[:, :, None], value=-1.0)
+                    ga = v.mul_(k[:, :, None])
+                if need_b:
+                    u = torch.bmm(af, s_mat)
+                    if ctx.normalize:
+                        t = torch.linalg.vecdot(bf, u) if t is None else t
+                        u.addcmul_(bf, (rb * rb * t).masked_fill_(nb < NORM_EPS, 0.0)[:, :, None], value=-1.0)
+                    gb = u.mul_(k[:, :, None])
+        if need_lam:  # dT/dlam = (1/lam) sum_k (-1)^(k+1) tr(C^k)
+            glam = g * ctx.u / lam3
+        return (None if ga is None else ga.to(a.dtype)), (None if gb is None else gb.to(b.dtype)), glam, None, None
 
 
 def taylor_logdet_eager(a: Tensor, b: Tensor, lam: float | Tensor, order: int, *, normalize: bool = True) -> Tensor:

@@ -539,7 +539,7 @@ def _backward(ctx, g_t, *_unused):
     need_a, need_b, need_lam = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
         def eager(a, b, lam_):
-            return _torch_tier.taylor_logdet(a, b, lam_, ctx.order, normalize=ctx.normalize)
+            return _torch_tier.taylor_logdet_autograd(a, b, lam_, ctx.order, normalize=ctx.normalize)
         return *recorded_backward(eager, (a3, b3, lam), (need_a, need_b, need_lam), (g_t,)), None, None, None, None
     ga = gb = glam = None
     if need_a or need_b:
