@@ -42,7 +42,6 @@ def make(m):
         return (lambda: cka(x, y, kernel="gaussian").backward()), x, y
     if impl == "kernelssl":
         return (lambda: cka(x, y, kernel="gaussian")), x, y
-    fns, _ = MC.implementations(x, y, (impl,)) if m <= MC.DENSE_MEDIAN_ROWS else ({}, None)
     if impl.startswith("ckatorch"):
         from ckatorch.core import cka_base
         f = lambda a, b: cka_base(a, b, kernel="rbf")  # its own median rule (threshold 1)

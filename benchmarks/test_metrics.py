@@ -15,7 +15,6 @@ from kernelssl.bench import metrics_cases as MC
 from kernelssl.bench.measure import bench_device
 
 ROUNDS = {"smoke": 3, "full": 3, "paper": 5}
-DENSE_MAX_ROWS = 10000
 
 
 def pytest_generate_tests(metafunc):
@@ -31,12 +30,12 @@ def test_exact_gaussian_cka(metric_case, bench, request):
     n, impl = metric_case
     device = bench_device()
     row = {"loss": "cka", "shape": f"n={n},dx=64,dy=32", "dtype": "float32", "impl": impl}
-    if impl in MC.DENSE and n > DENSE_MAX_ROWS:
+    if impl in MC.DENSE and n > MC.DENSE_MAX_ROWS:
         bench.not_run(row, "predicted-oom")
         pytest.skip(f"{impl} at n = {n}: several n x n float64 matrices ({8 * n * n / 2**30:.1f} GiB each)")
     x, y = MC.make_inputs(n, device)
     fns, (sx, sy) = MC.implementations(x, y, (impl,))
-    reference = float(MC.kornblith_cka(x, y, sx, sy)) if n <= DENSE_MAX_ROWS else None
+    reference = float(MC.kornblith_cka(x, y, sx, sy)) if n <= MC.DENSE_MAX_ROWS else None
 
     def check(fn, inputs):
         with torch.no_grad():

@@ -72,8 +72,9 @@ def kornblith_cka(x: torch.Tensor, y: torch.Tensor, sx: float, sy: float) -> tor
     return kx.ravel().dot(ky.ravel()) / (torch.linalg.norm(kx) * torch.linalg.norm(ky))
 
 
-#: Up to this many rows the common bandwidth is ckatorch's rule (below); past it, kernelssl's median rule.
-DENSE_MEDIAN_ROWS = 10000
+#: The most rows the dense forms run at here (several n x n float64 matrices live at once); up to it the
+#: common bandwidth is ckatorch's rule (:func:`dense_median_sigma`), past it kernelssl's median rule.
+DENSE_MAX_ROWS = 10000
 
 
 def dense_median_sigma(a: torch.Tensor) -> float:
@@ -88,10 +89,10 @@ def dense_median_sigma(a: torch.Tensor) -> float:
 def implementations(x: torch.Tensor, y: torch.Tensor, impls=IMPLS) -> tuple[dict[str, Callable], tuple]:
     """``({impl: fn(x, y)}, (sx, sy))`` for the requested implementations, all with the same bandwidths
     (numbers): ckatorch's rule (:func:`dense_median_sigma`, which ``cka_base(threshold=1)`` computes
-    inside) up to :data:`DENSE_MEDIAN_ROWS` rows, else kernelssl's median rule."""
+    inside) up to :data:`DENSE_MAX_ROWS` rows, else kernelssl's median rule."""
     from kernelssl.metrics import cka, median_sigma
 
-    if x.shape[0] <= DENSE_MEDIAN_ROWS:
+    if x.shape[0] <= DENSE_MAX_ROWS:
         sx, sy = dense_median_sigma(x), dense_median_sigma(y)
     else:
         sx, sy = float(median_sigma(x)), float(median_sigma(y))

@@ -85,7 +85,7 @@ def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
     return torch.stack([t[0], t[1], t[1], t[2]]).reshape(2, 2), rowpart.sum(0)
 
 
-def _side_grad(a: Tensor, b: Tensor, sig: Tensor, coef: Tensor, g: Tensor, kernel: str,
+def _side_grad(a: Tensor, b: Tensor, sqa: Tensor, sqb: Tensor, sig: Tensor, coef: Tensor, g: Tensor, kernel: str,
                input_precision: str) -> tuple[Tensor, Tensor]:
     n, da = a.shape
     cfg = _config(a.device, da)
@@ -95,7 +95,7 @@ def _side_grad(a: Tensor, b: Tensor, sig: Tensor, coef: Tensor, g: Tensor, kerne
     part = torch.empty((splits, n, da), device=a.device, dtype=torch.float32)
     dspart = torch.empty((num_m * splits,), device=a.device, dtype=torch.float32)
     wrap_triton(_grad_kernel)[(num_m * splits * chunks,)](
-        a, b, (a * a).sum(1), (b * b).sum(1), sig, coef, g, part, dspart,
+        a, b, sqa, sqb, sig, coef, g, part, dspart,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0), part.stride(1), part.stride(2),
         n, da, b.shape[1], per, splits,
         KERNEL=KERNEL_CODES[kernel], BLOCK_M=cfg["gbm"], BLOCK_N=cfg["gbn"], BLOCK_K=cfg["gbk"], BLOCK_D=cfg["bd"],
@@ -110,9 +110,11 @@ def gram_hsic_backward(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Te
     dtype), the Gram tiles recomputed (``gram_hsic.py``): one launch per side."""
     s = (gtr + gtr.T).float()
     g = grows.float()
-    dx, dsx = _side_grad(x, y, sig, torch.stack([s[0, 0], s[0, 1]]), g[0].contiguous(), kernel, input_precision)
-    dy, dsy = _side_grad(y, x, sig.flip(0).contiguous(), torch.stack([s[1, 1], s[1, 0]]), g[1].contiguous(), kernel,
+    sqx, sqy = (x * x).sum(1), (y * y).sum(1)  # the squared row norms, once for both sides
+    dx, dsx = _side_grad(x, y, sqx, sqy, sig, torch.stack([s[0, 0], s[0, 1]]), g[0].contiguous(), kernel,
                          input_precision)
+    dy, dsy = _side_grad(y, x, sqy, sqx, sig.flip(0).contiguous(), torch.stack([s[1, 1], s[1, 0]]),
+                         g[1].contiguous(), kernel, input_precision)
     return dx, dy, torch.stack([dsx, dsy])
 
 
