@@ -17,6 +17,12 @@ Implementations, timed on the same inputs, interleaved (every repeat runs each o
   of aten, compiled and (symmetric Grams) triangle products; ``limit_fault`` marks a row where another
   implementation ran faster than it.
 
+* ``floor`` (SSL-HSIC, ``--floor``) -- what any implementation of the default call does on top of the
+  limit's products, timed alone: ``cos`` and ``sin`` of both maps' ``N x D`` phases (the features and
+  their derivatives) and the draw of both maps (``HSICLoss.draw_features``).  The row then gives
+  ``floor_ms = gemm_ms + transcendentals_ms + draw_ms`` and ``peer/floor``, the largest ratio over the
+  compiled papers' form (which draws nothing) that any implementation of the default call can reach.
+
 Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of one forward+backward
 (:func:`kernelssl.bench.measure.peak_extra_bytes`), for ``default`` and the un-compiled papers' form
 (``eager``).
@@ -61,13 +67,22 @@ def default_call(loss: str, shape: dict, device, *, draw: bool = True):
     return lambda views: crit(views, view_dim=0, features=maps)
 
 
+def hsic_floor_steps(shape: dict, dtype) -> dict:
+    """The work of the ``floor`` row besides the products (module docstring), as steps."""
+    n, D = shape["K"] * shape["B"], C.hsic_features(shape)
+    phases = torch.rand(2, n, D, dtype=dtype) * 6.0  # both maps
+    crit = HSICLoss(num_features=D)
+    return {"transcendentals": lambda: (torch.cos(phases), torch.sin(phases)),
+            "draw": lambda: crit.draw_features(shape["d"], dtype=dtype)}
+
+
 def step(fn, inputs, is_loss: bool = True):
     """One forward+backward of a loss (or one call of the limit's products, which are not a loss)."""
     return (lambda: C.forward_backward(fn, inputs)) if is_loss else (lambda: fn(*inputs))
 
 
 def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, threads: int = 2,
-             peer: bool = True, compiled: bool = False, memory: bool = False) -> dict:
+             peer: bool = True, compiled: bool = False, memory: bool = False, floor: bool = False) -> dict:
     """One row: median (and min) ms of the default call, the compiled papers' form (``peer``) and the
     limit (``gemm``), their ratios, the limit's chosen products and both loss values."""
     torch.set_num_threads(threads)
@@ -84,6 +99,9 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
         fns["compiled"] = torch.compile(default_call(loss, shape, device))
     fns["gemm"] = C.limit_products(loss, shape)
     steps = {name: step(fn, inputs, name != "gemm") for name, fn in fns.items()}
+    floor = floor and loss == "hsic"
+    if floor:
+        steps.update(hsic_floor_steps(shape, dtype))
     # warm-up (compiles); the first call of a compiled function is its compile time
     compile_s = {}
     for name, fn in steps.items():
@@ -107,7 +125,11 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
     if "gemm" in med:
         row["default/gemm"] = round(med["default"] / med["gemm"], 2)
         row["limit_impl"] = fns["gemm"].chosen
-        row["limit_fault"] = any(med[k] < med["gemm"] for k in med if k != "gemm")
+        row["limit_fault"] = any(med[k] < med["gemm"] for k in fns if k != "gemm")
+    if floor:
+        row["floor_ms"] = round(med["gemm"] + med["transcendentals"] + med["draw"], 3)
+        if "peer" in med:
+            row["peer/floor"] = round(med["peer"] / row["floor_ms"], 2)
     row.update({f"compile_{k}_s": round(v, 1) for k, v in compile_s.items()})
     row["loss_default"], row["loss_eager"] = got, ref
     if memory:
@@ -142,6 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip the compiled papers' form")
     p.add_argument("--compiled", action="store_true", help="also time torch.compile of the default call")
     p.add_argument("--memory", action="store_true", help="peak extra memory of default and eager (one call each)")
+    p.add_argument("--floor", action="store_true", help="SSL-HSIC: the floor row (module docstring)")
     p.add_argument("--json", help="append each row to this JSON-lines file")
     a = p.parse_args(argv)
     if a.sweep == bool(a.shape):
@@ -153,7 +176,7 @@ def main(argv=None) -> None:
     for shape in shapes:
         for threads in a.threads:
             row = run_case(a.loss, shape, dtype=getattr(torch, a.dtype), repeats=a.repeats, threads=threads,
-                           peer=not a.no_peer, compiled=a.compiled, memory=a.memory)
+                           peer=not a.no_peer, compiled=a.compiled, memory=a.memory, floor=a.floor)
             rows.append(row)
             print(row, flush=True)
             if a.json:

@@ -97,7 +97,7 @@ def unit_rows_backward(g: Tensor, zhat: Tensor, norm: Tensor, *, inplace: bool =
         dz = g / eps                              (||z|| < eps: the clamp is active, as in F.normalize)
 
     ``norm``: the row norms ``||z||`` with a trailing dim of 1.  ``inplace``: written over ``g``."""
-    r = torch.mul(zhat, g, out=workspace(g.numel(), g, 2).view(g.shape)).sum(dim=-1, keepdim=True)  # zhat . g
+    r = torch.linalg.vecdot(zhat, g).unsqueeze_(-1)  # zhat . g
     r = r.masked_fill(norm < NORM_EPS, 0.0)  # clamp active: no gradient through the norm
     out = g.addcmul_(zhat, r, value=-1.0) if inplace else torch.addcmul(g, zhat, r, value=-1.0)
     return out.div_(norm.clamp_min(NORM_EPS))

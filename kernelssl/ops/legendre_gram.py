@@ -9,21 +9,13 @@ Two ways to compute the uniformity term
 (V-statistic, diagonal included; ``zhat_i = z_i / max(||z_i||, 1e-12)``; ``z`` is ``(n, q)``):
 
 * :func:`legendre_gram_mean` -- the library path, O(n q) extra memory, never an ``n x n`` tensor.
-  Eager (the default call): a custom autograd Function walks the upper triangle of the Gram matrix
-  ``G = Zhat Zhat^T`` in square ``(T, T)`` blocks (:func:`sfrik_block_size`: the whole Gram up to n = 256,
-  256-row blocks above, so that a block of both views stays in cache for its elementwise passes; G is
-  symmetric, so an off-diagonal block stands for itself and its transpose: half the Gram GEMM and half
-  the elementwise work).  Each block is read once, while it is in cache, for both the value and -- when
-  a gradient is wanted -- ``phi'``: ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` is accumulated in
-  the forward (``grad_I += phi'(G_IJ) Zhat_J``, ``grad_J += phi'(G_IJ)^T Zhat_I``), saved (``(n, q)``)
-  and scaled by the upstream gradient in the backward: no tile is computed twice.  The polynomial runs
-  in the power basis ``phi(t) = sum_k c_k t^k`` when that basis is well conditioned
-  (:func:`_power_basis`); its degree-2 term goes into ``q x q`` space (``Zhat^T Zhat``) from n = 16 q on
-  (:func:`use_qspace`), where two ``n q^2`` GEMMs cost less than three elementwise passes per block;
-  otherwise each block runs the three-term recurrence.  The SFRIK loss (:func:`sfrik_loss`) wraps the
-  row prescaling, the normalisation, the MSE and both M's in one Function with a hand-written backward.
-  Under ``torch.compile`` the Function streams ``(chunk, n)`` row tiles instead (few, large: a short
-  graph for the compiler to fuse) and recomputes each tile in the backward (flash-attention style).
+  Eager: an autograd Function walks the upper triangle of ``G = Zhat Zhat^T`` in ``(T, T)`` blocks
+  (:func:`sfrik_block_size`; an off-diagonal block stands for itself and its transpose) and forms
+  ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` in the same pass, while the block is in cache; the
+  backward only scales it (:func:`_block_gram_mean` has the algebra: power basis, ``q x q`` space,
+  one block).  The SFRIK loss (:func:`sfrik_loss`) wraps the row prescaling, the normalisation, the MSE
+  and both M's in one Function with a hand-written backward.  Under ``torch.compile`` the Function
+  streams ``(chunk, n)`` row tiles instead and recomputes each tile in the backward.
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
   materialise the ``n x n`` Gram, evaluate the polynomials on it, take the mean, plain autograd
   (which keeps several ``n x n`` tensors alive for the backward).
@@ -39,11 +31,9 @@ Two ways to compute the uniformity term
 
 The SFRIK loss on two raw views: :func:`sfrik_loss` (formula and the reference's defaults there).
 
-Numerics: float16/bfloat16 inputs are upcast to float32 at entry; float32 and float64 are kept.  The scalars
-come back in float32 (float64 for float64 inputs); autograd returns gradients in the input dtype.  No host syncs
-anywhere in forward or backward.  NaN/Inf inputs propagate to the outputs.  A zero row normalises to zero
-(``F.normalize``), its Gram row is 0 and the loss stays finite; its gradient is ``g / 1e-12`` (the Jacobian of
-``z / eps``), finite in float32/float64.
+Numerics: float16/bfloat16 inputs are upcast to float32; the scalars come back in float32 (float64 for float64
+inputs), gradients in the input dtype.  No host syncs.  NaN/Inf inputs propagate.  A zero row normalises to zero
+(``F.normalize``; the loss stays finite) and its gradient is ``g / 1e-12`` (the Jacobian of ``z / eps``).
 
 Coefficients are Python numbers (no gradient with respect to them).  Any finite real ``b_l`` is
 accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_l >= 0``.
@@ -72,15 +62,8 @@ from ._common import (
 )
 
 __all__ = [
-    "DEFAULT_TILE_ELEMENTS",
-    "legendre_recurrence_constants",
-    "legendre",
-    "legendre_series",
-    "default_chunk_size",
-    "legendre_gram_mean",
-    "legendre_gram_mean_eager",
-    "legendre_gram_mean_backward",
-    "sfrik_loss",
+    "DEFAULT_TILE_ELEMENTS", "legendre_recurrence_constants", "legendre", "legendre_series", "default_chunk_size",
+    "legendre_gram_mean", "legendre_gram_mean_eager", "legendre_gram_mean_backward", "sfrik_loss",
 ]
 
 #: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
@@ -303,7 +286,8 @@ def _block_gram_mean(
       ``n^2/q + ||E||_F^2 + 2 (n/q) tr E``, ``E = Q - (n/q) I``, so that its large part cancels against
       ``c_0 n^2`` in float64 on the host (M is an MMD: ~0 for a uniform batch).
 
-    Otherwise (ill-conditioned power basis) every block evaluates the recurrence
+    With a gradient, one block and a cubic phi: :func:`_one_block_cubic`.  Otherwise (ill-conditioned power
+    basis) every block evaluates the recurrence
     (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).
     """
     if zhat.dim() == 2:
@@ -319,6 +303,8 @@ def _block_gram_mean(
         return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
     c = power
     qspace = (use_qspace(n, q) if qspace is None else qspace) and L >= 2
+    if want_grad and L == 3 and not qspace and block >= n and c[2] != 0.0:
+        return _one_block_cubic(zhat, c)
 
     def diag(x):
         return x.diagonal(dim1=-2, dim2=-1)
@@ -406,6 +392,20 @@ def _block_gram_mean(
     total = low if total is None else torch.add(low, total, alpha=vscale)
     m = total / float(n * n) + const
     return m, grad
+
+def _one_block_cubic(zhat: Tensor, c: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """:func:`_block_gram_mean` with a gradient, one block, cubic phi, ``c_2 != 0`` (the paper's small
+    batches) in eleven ops.  With ``s = Zhat^T 1``, ``D = G + (3 c_3 / 2 c_2) G o G``:
+    ``R = c_1 1 s^T + 2 c_2 D Zhat`` and ``sum_ij phi(G_ij) = c_0 n^2 + c_1 ||s||^2 + (c_2/3) sum G o (2D + G)``."""
+    V, n, _ = zhat.shape
+    s = zhat.sum(dim=-2)  # (V, q)
+    g = torch.bmm(zhat, zhat.mT, out=workspace(V * n * n, zhat, 0).view(V, n, n))
+    d = torch.addcmul(g, g, g, value=1.5 * c[3] / c[2], out=workspace(V * n * n, zhat, 1).view(V, n, n))
+    r = torch.baddbmm(s.unsqueeze(-2), d, zhat, beta=c[1], alpha=2.0 * c[2])
+    cubic = torch.add(g, d, alpha=2.0, out=d).mul_(g).sum(dim=(-2, -1))  # d is spent
+    m = torch.add(cubic, torch.linalg.vecdot(s, s), alpha=3.0 * c[1] / c[2]).mul_(c[2] / (3.0 * n * n))
+    return m.add_(c[0]), r
+
 
 def _block_gram_mean_recurrence(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool
