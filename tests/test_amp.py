@@ -27,8 +27,8 @@ import torch
 
 import kernelssl.functional as KF
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
-from kernelssl.ops import legendre_gram as _sfrik
 from kernelssl.ops import rff_hsic as _hsic
+from kernelssl.ops import sfrik_loss as _sfrik
 from kernelssl.ops import taylor_logdet as _mec
 
 F64 = torch.float64

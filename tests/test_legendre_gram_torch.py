@@ -1,5 +1,6 @@
-"""SFRIK torch tier (kernelssl/ops/legendre_gram.py) against the NumPy reference, gradcheck, dtypes, invariances,
-degenerate inputs and the memory contract of the chunked Gram mean."""
+"""SFRIK torch tier (kernelssl/ops/legendre_gram.py, kernelssl/ops/sfrik_loss.py) against the NumPy
+reference, gradcheck, dtypes, invariances, degenerate inputs and the memory contract of the chunked Gram
+mean."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 import kernelssl.functional as KF
 from helpers import LargestTensor, assert_close, to_numpy
 from kernelssl.ops import legendre_gram as S
+from kernelssl.ops import sfrik_loss as SL
 from reference import legendre_gram as R
 
 B3 = (1.0, 40.0, 40.0)
@@ -157,7 +159,7 @@ def test_sfrik_loss_vs_reference(eager, chunk_size):
     za, zb = _z(n, q, 4), _z(n, q, 5)
     kw = dict(coefficients=(1.0, 40.0, 40.0), sim_weight=4000.0, mmd_weight=1.0)
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
-    out = S.sfrik_loss(ta, tb, eager=eager, chunk_size=chunk_size, **kw)
+    out = SL.sfrik_loss(ta, tb, eager=eager, chunk_size=chunk_size, **kw)
     ref = R.sfrik_loss(to_numpy(za), to_numpy(zb), **kw)
     for name, o, r in zip(("loss", "mse", "mmd_a", "mmd_b"), out, ref):
         assert o.shape == () and o.dtype == torch.float64
@@ -182,7 +184,7 @@ def test_sfrik_loss_vs_reference(eager, chunk_size):
 def test_sfrik_loss_gradcheck(eager):
     za, zb = _z(6, 3, 6).requires_grad_(True), _z(6, 3, 7).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: S.sfrik_loss(a, b, coefficients=(1.0, 4.0, 4.0), sim_weight=40.0, chunk_size=4, eager=eager),
+        lambda a, b: SL.sfrik_loss(a, b, coefficients=(1.0, 4.0, 4.0), sim_weight=40.0, chunk_size=4, eager=eager),
         (za, zb),
     )
 
@@ -226,10 +228,10 @@ def test_default_call_either_side_of_the_crossovers(n, q):
     assert_close(g32, g64, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name="dM/dz fp32")
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
     fa, fb = za.float().requires_grad_(True), zb.float().requires_grad_(True)
-    (2.5 * S.sfrik_loss(ta, tb)[0]).backward()
-    loss32 = S.sfrik_loss(fa, fb)[0]
+    (2.5 * SL.sfrik_loss(ta, tb)[0]).backward()
+    loss32 = SL.sfrik_loss(fa, fb)[0]
     (2.5 * loss32).backward()
-    assert_close(loss32, S.sfrik_loss(za, zb)[0], rtol=FP32_RTOL_M, atol=0, name="loss fp32")
+    assert_close(loss32, SL.sfrik_loss(za, zb)[0], rtol=FP32_RTOL_M, atol=0, name="loss fp32")
     for name, g32_, g64_ in (("dz_a", fa.grad, ta.grad), ("dz_b", fb.grad, tb.grad)):
         gmax = float(g64_.abs().max())
         assert_close(g32_, g64_, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"{name} fp32")
@@ -249,11 +251,11 @@ def test_fp32_vs_float64():
         assert_close(g32, g64, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"dM/dz fp32 ({fn.__name__})")
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
     fa, fb = za.float().requires_grad_(True), zb.float().requires_grad_(True)
-    (2.5 * S.sfrik_loss(ta, tb)[0]).backward()
-    loss32 = S.sfrik_loss(fa, fb)[0]
+    (2.5 * SL.sfrik_loss(ta, tb)[0]).backward()
+    loss32 = SL.sfrik_loss(fa, fb)[0]
     (2.5 * loss32).backward()
     assert loss32.dtype == torch.float32
-    loss64 = S.sfrik_loss(za, zb)[0]
+    loss64 = SL.sfrik_loss(za, zb)[0]
     assert_close(loss32, loss64, rtol=FP32_RTOL_M, atol=0, name="loss fp32")  # same budget as M
     for name, g32, g64 in (("dz_a", fa.grad, ta.grad), ("dz_b", fb.grad, tb.grad)):
         gmax = float(g64.abs().max())
@@ -276,9 +278,9 @@ def test_half_inputs(dtype, ulp):
         gmax = float(g64.abs().max())
         assert_close(g, g64, rtol=ulp + FP32_RTOL_G, atol=FP32_RTOL_G * gmax + 2.0**-24, name=f"dM/dz {dtype}")
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
-    out = S.sfrik_loss(ta, tb)
+    out = SL.sfrik_loss(ta, tb)
     (2.5 * out[0]).backward()
-    ref = S.sfrik_loss(za64.requires_grad_(True), zb64.requires_grad_(True))
+    ref = SL.sfrik_loss(za64.requires_grad_(True), zb64.requires_grad_(True))
     (2.5 * ref[0]).backward()
     assert all(o.dtype == torch.float32 for o in out)
     assert ta.grad.dtype == dtype and tb.grad.dtype == dtype
@@ -290,7 +292,7 @@ def test_half_inputs(dtype, ulp):
 
 def test_mixed_dtypes_promote():
     za, zb = _z(5, 4, 12, torch.float32), _z(5, 4, 13)
-    out = S.sfrik_loss(za, zb)
+    out = SL.sfrik_loss(za, zb)
     assert all(o.dtype == torch.float64 for o in out)
     ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
     assert_close(out[0], ref[0], **F64, name="loss (fp32 + fp64)")
@@ -300,24 +302,24 @@ def test_no_grad_and_frozen_inputs():
     za, zb = _z(9, 5, 14), _z(9, 5, 15)
     ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
     with torch.no_grad():
-        a = S.sfrik_loss(za.clone().requires_grad_(True), zb)
+        a = SL.sfrik_loss(za.clone().requires_grad_(True), zb)
         m = S.legendre_gram_mean(za.clone().requires_grad_(True), B3, chunk_size=2)
     assert not a[0].requires_grad and not m.requires_grad
-    b = S.sfrik_loss(za, zb)  # requires_grad=False inputs
+    b = SL.sfrik_loss(za, zb)  # requires_grad=False inputs
     assert not b[0].requires_grad
     for x in (a, b):
         assert_close(torch.stack(x), np.array(ref), **F64, name="outputs without grad")
     assert_close(m, ref[2], **F64, name="M under no_grad")
     # one view frozen: gradient flows to the other only
     ta = za.clone().requires_grad_(True)
-    (2.5 * S.sfrik_loss(ta, zb, chunk_size=4)[0]).backward()
+    (2.5 * SL.sfrik_loss(ta, zb, chunk_size=4)[0]).backward()
     assert_close(ta.grad, 2.5 * R.sfrik_loss_grad(to_numpy(za), to_numpy(zb))[0], **F64, name="dz_a (z_b frozen)")
 
 
 def test_non_finite_inputs():
     za, zb = _z(6, 4, 16), _z(6, 4, 17)
     za[2, 1] = float("nan")
-    out = S.sfrik_loss(za, zb)
+    out = SL.sfrik_loss(za, zb)
     assert torch.isnan(out[0]) and torch.isnan(out[2])
     assert torch.isnan(S.legendre_gram_mean(za, B3))
     with pytest.raises(ValueError, match="z_a"):
@@ -397,7 +399,7 @@ def test_scale_invariance_and_view_symmetry(shape, chunk, seed, s, eager):
 
     def run(a, b):
         a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        out = S.sfrik_loss(a, b, chunk_size=chunk, eager=eager)
+        out = SL.sfrik_loss(a, b, chunk_size=chunk, eager=eager)
         (2.5 * out[0]).backward()
         return [o.detach() for o in out], a.grad, b.grad
 
@@ -440,7 +442,7 @@ def test_degenerate_inputs_are_finite(shape, chunk, seed, kind, dtype, eager):
     else:
         za[n - 1] = -za[0]
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
-    out = S.sfrik_loss(ta, tb, chunk_size=chunk, eager=eager)
+    out = SL.sfrik_loss(ta, tb, chunk_size=chunk, eager=eager)
     (2.5 * out[0]).backward()
     for name, o in zip(("loss", "mse", "mmd_a", "mmd_b"), out):
         assert bool(torch.isfinite(o)), f"{name} not finite ({kind})"
@@ -482,7 +484,7 @@ def test_saved_tensors_are_linear_in_n():
     m.backward()
     me, saved_e = _saved_numel(lambda x: S.legendre_gram_mean_eager(x, B3), z)
     assert saved_e >= n * n, saved_e
-    loss, saved_l = _saved_numel(lambda x: S.sfrik_loss(x, x.detach().flip(0))[0], z)
+    loss, saved_l = _saved_numel(lambda x: SL.sfrik_loss(x, x.detach().flip(0))[0], z)
     assert saved_l <= 12 * n * q, saved_l
 
 
@@ -515,8 +517,8 @@ def test_fp32_near_uniform_batch_keeps_per_entry_accuracy():
         z = za64.float().requires_grad_(grad)
         m = S.legendre_gram_mean(z, B3)
         assert abs(m.item() - m64.item()) <= FP32_RTOL_M * abs(m64.item()), (grad, m.item(), m64.item())
-    loss = S.sfrik_loss(za64.float().requires_grad_(True), zb64.float())[0]
-    loss64 = S.sfrik_loss(za64, zb64)[0]
+    loss = SL.sfrik_loss(za64.float().requires_grad_(True), zb64.float())[0]
+    loss64 = SL.sfrik_loss(za64, zb64)[0]
     assert abs(loss.item() - loss64.item()) <= FP32_RTOL_M * abs(loss64.item()), (loss.item(), loss64.item())
 
 
@@ -538,3 +540,63 @@ def test_workspace_is_kept_per_slot_and_dtype_and_fresh_where_it_cannot_be():
     scale = CM.row_prescale(z)
     assert torch.equal(scale, torch.exp2((-torch.floor(torch.log2(z.abs().amax(-1, keepdim=True)))).masked_fill(
         z.abs().amax(-1, keepdim=True) == 0, 0.0)))
+
+
+def _loss_grads(fn, za, zb, w=(2.5, -0.7, 1.3, 0.4)):
+    """Gradients of ``sum_k w_k out_k`` over the four outputs of ``fn(za, zb)`` (non-unit upstreams)."""
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    out = fn(ta, tb)
+    sum(wi * o for wi, o in zip(w, out)).backward()
+    return ta.grad, tb.grad
+
+
+# The fused loss forms y again in its backward (a scratch tensor) and turns its R into the gradient in
+# place: a repeated backward (retain_graph=True) and two losses before one backward must still give plain
+# autograd's gradients; one block (the cubic pass) and several, with and without the prescaling.
+@pytest.mark.parametrize("n, chunk", [(13, None), (40, 16)])
+@pytest.mark.parametrize("prescale", [False, True])
+def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale):
+    q, w = 7, (2.5, -0.7, 1.3, 0.4)
+    za, zb, zc = _z(n, q, 31), _z(n, q, 32), _z(n, q, 33)
+    ga, gb = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=prescale), za, zb)
+    ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    total = sum(wi * o for wi, o in zip(w, SL.sfrik_loss(ta, tb, chunk_size=chunk, prescale=prescale)))
+    total.backward(retain_graph=True)
+    assert_close(ta.grad, ga, **F64, name="dz_a")
+    assert_close(tb.grad, gb, **F64, name="dz_b")
+    total.backward()  # the first backward consumed R: formed again
+    assert_close(ta.grad, 2 * ga, **F64, name="dz_a, second backward")
+    assert_close(tb.grad, 2 * gb, **F64, name="dz_b, second backward")
+    # two losses sharing zb, both forwards before one backward
+    ta.grad = tb.grad = None
+    tc = zc.clone().requires_grad_(True)
+    (SL.sfrik_loss(ta, tb, chunk_size=chunk, prescale=prescale)[0]
+     + 2.0 * SL.sfrik_loss(tb, tc, chunk_size=chunk, prescale=prescale)[0]).backward()
+    ea, eb, ec = (t.clone().requires_grad_(True) for t in (za, zb, zc))
+    (SL.sfrik_loss(ea, eb, eager=True, prescale=prescale)[0]
+     + 2.0 * SL.sfrik_loss(eb, ec, eager=True, prescale=prescale)[0]).backward()
+    for name, got, want in (("dz_a", ta, ea), ("dz_b", tb, eb), ("dz_c", tc, ec)):
+        assert_close(got.grad, want.grad, **F64, name=f"{name}, two losses")
+
+
+# Prescaled rows at the ends of the dtype's range in the fused loss and in plain autograd on the same
+# prescaled rows: same gradients (float64: F64; float32: FP32 tolerances).  A zero row; a row whose squares
+# underflow (its gradient, ~1/||z||, still finite); a row whose sum of squares would overflow.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [9, 300])  # one block, blocks
+def test_fused_loss_prescaled_extreme_rows(dtype, n):
+    q = 6
+    fi = torch.finfo(dtype)
+    za, zb = _z(n, q, 41, dtype), _z(n, q, 42, dtype)
+    za[0], zb[1] = 0.0, 0.0
+    za[2] = za[2] * fi.tiny ** 0.5 * 2.0**-20  # squares below the smallest normal number
+    zb[3] = zb[3] * fi.max / 8.0  # the sum of squares would overflow
+    fused = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, prescale=True), za, zb)
+    plain = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=True), za, zb)
+    for name, got, want in zip(("dz_a", "dz_b"), fused, plain):
+        assert bool(torch.isfinite(got).all()), name
+        if dtype == torch.float64:
+            assert_close(got, want, **F64, name=name)
+        else:
+            scale = want.abs().max()
+            assert_close(got, want, rtol=0, atol=FP32_RTOL_G * float(scale), name=name)

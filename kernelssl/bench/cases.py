@@ -42,8 +42,8 @@ from .. import dispatch
 from .. import functional as KF
 from ..losses import LOSSES
 from ..ops import gaussian_gram as _unif
-from ..ops import legendre_gram as _sfrik
 from ..ops import rff_hsic as _hsic
+from ..ops import sfrik_loss as _sfrik
 from ..ops import taylor_logdet as _mec
 from ..ops.rff_hsic import sample_imq_rff
 from .measure import MODES, free_gpu_memory, sync

@@ -13,6 +13,7 @@ from .. import distributed as _dist
 from .._checks import check_bool, check_coefficients, check_positive, check_same_device, check_same_shape, check_tensor
 from .._checks import check_finite as assert_finite
 from ..ops import legendre_gram as _ops
+from ..ops import sfrik_loss as _loss_ops
 from ..ops._common import prescale_rows
 from ._common import fp32_compute
 
@@ -141,7 +142,7 @@ def sfrik_loss(
         z_a, z_b = _dist.gather_batch([z_a, z_b], names=["z_a", "z_b"])
     gram_mean = None if impl == "torch" else functools.partial(
         gram_mean_impl, normalize=True, backend=backend, input_precision=input_precision, impl=impl)
-    loss, mse, mmd_a, mmd_b = _ops.sfrik_loss(z_a, z_b, coefficients=b, sim_weight=sim_weight,
+    loss, mse, mmd_a, mmd_b = _loss_ops.sfrik_loss(z_a, z_b, coefficients=b, sim_weight=sim_weight,
                                               mmd_weight=mmd_weight, gram_mean=gram_mean, prescale=impl == "torch")
     if return_components:
         return SFRIKComponents(loss=loss, mse=mse, mmd_a=mmd_a, mmd_b=mmd_b)

@@ -71,6 +71,9 @@ def prescale_rows(x: Tensor) -> Tensor:
     return x * row_prescale(x)
 
 
+_PRESCALE_CAP: dict = {}  # dtype -> the largest exponent row_prescale uses
+
+
 def row_prescale(x: Tensor) -> Tensor:
     """The detached factors of :func:`prescale_rows`: ``(..., 1)``, exact powers of two."""
     with torch.no_grad():
@@ -80,7 +83,10 @@ def row_prescale(x: Tensor) -> Tensor:
         else:
             amax = torch.abs(x, out=workspace(x.numel(), x, 2).view(x.shape)).amax(dim=-1, keepdim=True)
         # zero rows: log2(0) = -inf -> factor 1; subnormal rows: cap 2^(maxexp - 2), still exact
-        cap = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if x.is_floating_point() else 0.0
+        cap = _PRESCALE_CAP.get(x.dtype)
+        if cap is None:
+            floating = x.is_floating_point()
+            cap = _PRESCALE_CAP[x.dtype] = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if floating else 0.0
         e = (-torch.floor(torch.log2(amax))).clamp_max(cap)
         return torch.exp2(e.masked_fill_(amax == 0, 0.0))
 
@@ -129,7 +135,7 @@ def workspace(numel: int, like: Tensor, slot: int) -> Tensor:
     fault per 4 KiB page on its first write (~150 us for 512 KiB on this project's VM, where a 2 x 256 x 128
     Gram takes ~300 us).  Otherwise (CUDA's caching allocator reuses its blocks; tensor subclasses such as
     fake tensors, tracing, ``torch.func`` transforms) a fresh tensor."""
-    if (like.device.type != "cpu" or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor
+    if (not like.is_cpu or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor
             or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         return like.new_empty(numel)
     cache = _WORKSPACE.__dict__.setdefault("bufs", {})

@@ -1,5 +1,5 @@
 """``legendre_gram``, torch tier: SFRIK's Legendre-polynomial Gram mean (Zheng, Puy, Riccietti, Perez,
-Gribonval -- ICLR 2023; docs/legendre_gram.md) and the SFRIK loss on it.
+Gribonval -- ICLR 2023; docs/legendre_gram.md).  The SFRIK loss on it: :mod:`kernelssl.ops.sfrik_loss`.
 
 Differentiable, any device; the inputs are checked by :mod:`kernelssl.functional`, which calls these.
 Two ways to compute the uniformity term
@@ -13,8 +13,7 @@ Two ways to compute the uniformity term
   (:func:`sfrik_block_size`; an off-diagonal block stands for itself and its transpose) and forms
   ``dM/dzhat_k = (2/n^2) sum_j phi'(G_kj) zhat_j`` in the same pass, while the block is in cache; the
   backward only scales it (:func:`_block_gram_mean` has the algebra: power basis, ``q x q`` space,
-  one block).  The SFRIK loss (:func:`sfrik_loss`) wraps the row prescaling, the normalisation, the MSE
-  and both M's in one Function with a hand-written backward.  Under ``torch.compile`` the Function
+  one block).  Under ``torch.compile`` the Function
   streams ``(chunk, n)`` row tiles instead and recomputes each tile in the backward.
 * :func:`legendre_gram_mean_eager` -- the benchmark baseline, written as the paper's code computes it:
   materialise the ``n x n`` Gram, evaluate the polynomials on it, take the mean, plain autograd
@@ -29,8 +28,6 @@ Two ways to compute the uniformity term
 
 (:func:`legendre_recurrence_constants` returns the ``(alpha_l, beta_l)``).
 
-The SFRIK loss on two raw views: :func:`sfrik_loss` (formula and the reference's defaults there).
-
 Numerics: float16/bfloat16 inputs are upcast to float32; the scalars come back in float32 (float64 for float64
 inputs), gradients in the input dtype.  No host syncs.  NaN/Inf inputs propagate.  A zero row normalises to zero
 (``F.normalize``; the loss stays finite) and its gradient is ``g / 1e-12`` (the Jacobian of ``z / eps``).
@@ -41,7 +38,7 @@ accepted; the kernel is positive definite, and M an MMD^2 (>= 0), iff every ``b_
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -51,10 +48,6 @@ from ._common import (
     NORM_EPS,
     buffer_view,
     gradient_in_forward,
-    prescale_rows,
-    promote,
-    recorded_backward,
-    row_prescale,
     unit_rows,
     unit_rows_backward,
     upcast,
@@ -63,7 +56,7 @@ from ._common import (
 
 __all__ = [
     "DEFAULT_TILE_ELEMENTS", "legendre_recurrence_constants", "legendre", "legendre_series", "default_chunk_size",
-    "legendre_gram_mean", "legendre_gram_mean_eager", "legendre_gram_mean_backward", "sfrik_loss",
+    "legendre_gram_mean", "legendre_gram_mean_eager", "legendre_gram_mean_backward", "sfrik_block_size",
 ]
 
 #: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
@@ -559,142 +552,3 @@ def legendre_gram_mean_backward(grad: Tensor, z: Tensor, coefficients: Sequence[
     _, r = _block_gram_mean(zhat, tuple(coefficients), sfrik_block_size(n, zhat.shape[-1], zhat.dtype), True)
     g = r * (grad.to(zhat.dtype) * (2.0 / float(n * n)))
     return (unit_rows_backward(g, zhat, norm) if normalize else g).to(z.dtype)
-
-
-# -------------------- Loss -----------------------------------------------------------------------
-
-
-class _SFRIKLoss(torch.autograd.Function):
-    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, with the
-    Gram-mean gradients taken in the forward (:func:`_block_gram_mean`) and a hand-written backward
-    (a handful of ``(n, q)`` ops, where autograd would run a dozen per view for ``F.normalize`` and the
-    MSE).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and ``g_y`` the
-    gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
-
-        dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
-        dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
-
-    The two views are stacked and go through every op together (half the op count).  Saves ``y``,
-    ``y_a - y_b``, the row norms and the ``(2, n, q)`` Gram-mean gradients.  Under
-    ``create_graph=True`` the backward is :func:`~kernelssl.ops._common.recorded_backward` of the
-    plain-autograd loss (``sfrik_loss(..., eager=True)``, which materialises the Gram), so second
-    derivatives are correct.
-    """
-
-    @staticmethod
-    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b, prescale):  # type: ignore[override]
-        z = torch.stack([za, zb])  # (2, n, q): both views through every op at once
-        scale = row_prescale(z) if prescale else None  # exact powers of two (prescale_rows)
-        if scale is not None:
-            z.mul_(scale)
-        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        y = z.div_(norm.clamp_min(NORM_EPS))
-        # one view frozen: its R is formed too (rare; the batched ops stay batched)
-        m, grad = _block_gram_mean(y, b, block, want_a or want_b)
-        diff = y[0] - y[1]
-        mse = torch.square(diff, out=workspace(diff.numel(), diff, 3).view_as(diff)).mean()
-        loss = sim_weight * mse + (mmd_weight * 0.5) * m.sum()
-        if grad is not None:
-            ctx.save_for_backward(y, diff, norm, grad, scale, za, zb)
-        ctx.wants = (want_a, want_b)
-        ctx.weights = (sim_weight, mmd_weight)
-        ctx.b = b
-        ctx.set_materialize_grads(False)  # outputs nothing depends on (mse, mmd_a, mmd_b) cost no op
-        return loss, mse, m[0], m[1]
-
-    @staticmethod
-    def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
-        y, diff, norm, grad, scale, za, zb = ctx.saved_tensors
-        sim_weight, mmd_weight = ctx.weights
-        if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
-            def eager(a, b):
-                return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
-            grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
-            return *grads, None, None, None, None, None, None, None
-        with torch.no_grad():
-            return _SFRIKLoss._backward(ctx, y, diff, norm, grad, scale, g_loss, g_mse, g_a, g_b)
-
-    @staticmethod
-    def _backward(ctx, y, diff, norm, grad, scale, g_loss, g_mse, g_a, g_b):
-        sim_weight, mmd_weight = ctx.weights
-        _, n, q = y.shape
-        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dR/d(diff) and dM/dy per unit of R
-        c_diff = None if g_loss is None else g_loss * (sim_weight * k_r)  # upstream of R, times dR/d(diff)
-        if g_mse is not None:
-            c_diff = g_mse * k_r if c_diff is None else c_diff + g_mse * k_r
-        if g_a is None and g_b is None:  # the usual case: only the loss is used
-            gy = torch.zeros_like(grad) if g_loss is None else grad * (g_loss * (mmd_weight * 0.5 * k_m))
-        else:
-            zero = (g_a if g_a is not None else g_b).new_zeros(())
-            c_m = torch.stack([g_a if g_a is not None else zero, g_b if g_b is not None else zero])
-            if g_loss is not None:
-                c_m = c_m + g_loss * (mmd_weight * 0.5)
-            gy = grad * (c_m * k_m).view(2, 1, 1)
-        if c_diff is not None:
-            gy[0].addcmul_(diff, c_diff)
-            gy[1].addcmul_(diff, c_diff, value=-1.0)
-        dz = unit_rows_backward(gy, y, norm, inplace=True)  # gy is this backward's own
-        if scale is not None:
-            dz.mul_(scale)
-        want_a, want_b = ctx.wants
-        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
-
-
-def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
-               sim_weight: float = 4000.0, mmd_weight: float = 1.0, eager: bool = False,
-               chunk_size: int | None = None, gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
-               prescale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SFRIK loss on two raw ``(n, q)`` views, normalised inside::
-
-        loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2
-        mse  = (1/(n q)) sum_i ||zhat_a_i - zhat_b_i||^2,   mmd_v = M(Zhat_v)   (V-statistic)
-
-    Only pairs within one view enter M (views are not concatenated).
-
-    Args:
-        z_a, z_b: ``(n, q)`` each, same shape and device, n >= 2, q >= 2, floating point.  If their
-            dtypes differ, both are computed in float64 if either is float64, else float32.
-        coefficients: ``(b_1, ..., b_L)``, default ``(1, 40, 40)``.
-        sim_weight: lambda_sim >= 0 (default 4000: the reference's q = 8192 setting).
-        mmd_weight: lambda_mmd >= 0 (default 1).
-        eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
-        chunk_size: Gram block edge of the library path (see :func:`legendre_gram_mean`).
-        gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
-            place of the blocked torch path: :func:`kernelssl.functional.sfrik_loss` passes the
-            implementation :mod:`kernelssl.dispatch` picked (the fused kernel reads the rows in their
-            own dtype, bf16/fp16 on tensor cores).
-        prescale: first multiply every row by an exact power of two
-            (:func:`~kernelssl.ops._common.prescale_rows`: no overflow or underflow in the norms; the
-            result is otherwise bitwise the same), inside the fused Function on both views at once.
-
-    Returns:
-        ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
-
-    Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
-    Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
-    """
-    b = tuple(coefficients)
-    chunk = _check_chunk_size(chunk_size)
-    za, zb = promote(upcast(z_a), upcast(z_b))
-    if gram_mean is None and not eager and not torch.compiler.is_compiling():
-        grad_on = torch.is_grad_enabled()
-        block = chunk if chunk is not None else sfrik_block_size(*za.shape, za.dtype)
-        return _SFRIKLoss.apply(
-            za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
-            grad_on and za.requires_grad, grad_on and zb.requires_grad, prescale,
-        )
-    if prescale:
-        za, zb = prescale_rows(za), prescale_rows(zb)
-        z_a, z_b = za, zb
-    za, zb = unit_rows(za), unit_rows(zb)
-    mse = (za - zb).pow(2).mean()
-    if gram_mean is not None:
-        mmd_a, mmd_b = gram_mean(z_a, b), gram_mean(z_b, b)
-    elif eager:
-        mmd_a = legendre_gram_mean_eager(za, b, normalize=False)
-        mmd_b = legendre_gram_mean_eager(zb, b, normalize=False)
-    else:
-        mmd_a = legendre_gram_mean(za, b, normalize=False, chunk_size=chunk)
-        mmd_b = legendre_gram_mean(zb, b, normalize=False, chunk_size=chunk)
-    loss = sim_weight * mse + mmd_weight * 0.5 * (mmd_a + mmd_b)
-    return loss, mse, mmd_a, mmd_b

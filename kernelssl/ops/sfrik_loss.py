@@ -1,0 +1,192 @@
+"""The SFRIK loss (Zheng, Puy, Riccietti, Perez, Gribonval -- ICLR 2023), torch tier, on the Gram mean of
+:mod:`kernelssl.ops.legendre_gram`: :func:`sfrik_loss` on two raw views, and :class:`_SFRIKLoss`, the
+whole loss of the eager path as one autograd Function (docs/legendre_gram.md).
+
+Differentiable, any device; the inputs are checked by :mod:`kernelssl.functional`, which calls these.
+Numerics as in :mod:`kernelssl.ops.legendre_gram`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    NORM_EPS,
+    prescale_rows,
+    promote,
+    recorded_backward,
+    row_prescale,
+    unit_rows,
+    unit_rows_backward,
+    upcast,
+    workspace,
+)
+from .legendre_gram import (
+    _block_gram_mean,
+    _check_chunk_size,
+    legendre_gram_mean,
+    legendre_gram_mean_eager,
+    sfrik_block_size,
+)
+
+__all__ = ["sfrik_loss"]
+
+
+class _SFRIKLoss(torch.autograd.Function):
+    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, with the
+    Gram-mean gradients taken in the forward (:func:`_block_gram_mean`) and a hand-written backward
+    (a handful of ``(n, q)`` ops, where autograd would run a dozen per view for ``F.normalize`` and the
+    MSE).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and ``g_y`` the
+    gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
+
+        dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
+        dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
+
+    The two views are stacked and go through every op together (half the op count).  Saves the row
+    norms and scales; the backward forms ``y`` again in a scratch tensor, and the ``(2, n, q)`` Gram-mean
+    gradients R, kept as ``ctx.r``, become the gradient in place: one fresh ``(2, n, q)`` tensor per step
+    (fresh pages fault on first touch, ~2 us per 4 KiB on this project's VM).  A repeated backward
+    (``retain_graph=True``) forms R again.  Under
+    ``create_graph=True`` the backward is :func:`~kernelssl.ops._common.recorded_backward` of the
+    plain-autograd loss (``sfrik_loss(..., eager=True)``, which materialises the Gram), so second
+    derivatives are correct.
+    """
+
+    @staticmethod
+    def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b, prescale):  # type: ignore[override]
+        y, scale, norm = _SFRIKLoss._unit_views(za, zb, prescale)
+        # prescaled rows have norm >= 1 or are zero (then y = 0): dz = (g_y - y (y . g_y)) * scale / ||z s||
+        inv = None if scale is None else scale / norm.clamp_min(NORM_EPS)
+        # one view frozen: its R is formed too (rare; the batched ops stay batched)
+        m, grad = _block_gram_mean(y, b, block, want_a or want_b)
+        diff = torch.sub(y[0], y[1], out=workspace(y[0].numel(), y, 3).view_as(y[0]))
+        mse = diff.square_().mean()
+        loss = torch.add(mse * sim_weight, m.sum(), alpha=mmd_weight * 0.5)
+        if grad is not None:
+            ctx.save_for_backward(norm, scale, inv, za, zb)
+        # R is this Function's own (no one else holds it): the first backward turns it into the gradient
+        # in place; a repeated backward (retain_graph=True) finds None and forms R again
+        ctx.r = grad
+        ctx.wants = (want_a, want_b)
+        ctx.weights = (sim_weight, mmd_weight)
+        ctx.b, ctx.block = b, block
+        ctx.set_materialize_grads(False)  # outputs nothing depends on (mse, mmd_a, mmd_b) cost no op
+        return loss, mse, m[0], m[1]
+
+    @staticmethod
+    def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
+        norm, scale, inv, za, zb = ctx.saved_tensors
+        sim_weight, mmd_weight = ctx.weights
+        if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
+            def eager(a, b):
+                return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
+            grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
+            return *grads, None, None, None, None, None, None, None
+        with torch.no_grad():
+            y = _SFRIKLoss._unit_views(za, zb, scale, norm)[0]  # bitwise the forward's
+            grad, ctx.r = ctx.r, None
+            if grad is None:  # a repeated backward: the first one consumed R
+                grad = _block_gram_mean(y, ctx.b, ctx.block, True)[1]
+            return _SFRIKLoss._backward(ctx, y, norm, grad, inv, g_loss, g_mse, g_a, g_b)
+
+    @staticmethod
+    def _unit_views(za, zb, prescale, norm=None):
+        """``(y, scale, norm)``: both views stacked, prescaled (``prescale``: True, or the factors) and
+        normalised, in a scratch tensor (workspace) -- the forward's and, recomputed, the backward's."""
+        n, q = za.shape
+        z = torch.stack([za, zb], out=workspace(2 * n * q, za, 4).view(2, n, q))  # both views through every op
+        scale = row_prescale(z) if prescale is True else (prescale if prescale is not False else None)
+        if scale is not None:
+            z.mul_(scale)  # exact powers of two (prescale_rows)
+        if norm is None:
+            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        return z.div_(norm.clamp_min(NORM_EPS)), scale, norm
+
+    @staticmethod
+    def _backward(ctx, y, norm, grad, inv, g_loss, g_mse, g_a, g_b):  # grad: R, overwritten
+        sim_weight, mmd_weight = ctx.weights
+        _, n, q = y.shape
+        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dR/d(diff) and dM/dy per unit of R
+        c_diff = None if g_loss is None else g_loss * (sim_weight * k_r)  # upstream of R, times dR/d(diff)
+        if g_mse is not None:
+            c_diff = g_mse * k_r if c_diff is None else c_diff + g_mse * k_r
+        if g_a is None and g_b is None:  # the usual case: only the loss is used
+            gy = grad.zero_() if g_loss is None else grad.mul_(g_loss * (mmd_weight * 0.5 * k_m))
+        else:
+            zero = (g_a if g_a is not None else g_b).new_zeros(())
+            c_m = torch.stack([g_a if g_a is not None else zero, g_b if g_b is not None else zero])
+            if g_loss is not None:
+                c_m = c_m + g_loss * (mmd_weight * 0.5)
+            gy = grad.mul_((c_m * k_m).view(2, 1, 1))
+        if c_diff is not None:
+            diff = torch.sub(y[0], y[1], out=workspace(y[0].numel(), y, 3).view_as(y[0]))
+            gy[0].addcmul_(diff, c_diff)
+            gy[1].addcmul_(diff, c_diff, value=-1.0)
+        if inv is None:  # rows as given: those of norm < eps keep F.normalize's clamp
+            dz = unit_rows_backward(gy, y, norm, inplace=True)  # gy is this backward's own
+        else:  # prescaled: no row is below eps but a zero one, whose y . g_y is 0
+            dz = gy.addcmul_(y, torch.linalg.vecdot(y, gy).unsqueeze_(-1), value=-1.0).mul_(inv)
+        want_a, want_b = ctx.wants
+        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
+
+
+def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
+               sim_weight: float = 4000.0, mmd_weight: float = 1.0, eager: bool = False,
+               chunk_size: int | None = None, gram_mean: Callable[[Tensor, tuple[float, ...]], Tensor] | None = None,
+               prescale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SFRIK loss on two raw ``(n, q)`` views, normalised inside::
+
+        loss = sim_weight * mse + mmd_weight * (mmd_a + mmd_b) / 2
+        mse  = (1/(n q)) sum_i ||zhat_a_i - zhat_b_i||^2,   mmd_v = M(Zhat_v)   (V-statistic)
+
+    Only pairs within one view enter M (views are not concatenated).
+
+    Args:
+        z_a, z_b: ``(n, q)`` each, same shape and device, n >= 2, q >= 2, floating point.  If their
+            dtypes differ, both are computed in float64 if either is float64, else float32.
+        coefficients: ``(b_1, ..., b_L)``, default ``(1, 40, 40)``.
+        sim_weight: lambda_sim >= 0 (default 4000: the reference's q = 8192 setting).
+        mmd_weight: lambda_mmd >= 0 (default 1).
+        eager: compute M with :func:`legendre_gram_mean_eager` (materialised Gram; the baseline).
+        chunk_size: Gram block edge of the library path (see :func:`legendre_gram_mean`).
+        gram_mean: ``fn(z, coefficients) -> M`` on the RAW rows (it normalises them itself), used in
+            place of the blocked torch path: :func:`kernelssl.functional.sfrik_loss` passes the
+            implementation :mod:`kernelssl.dispatch` picked (the fused kernel reads the rows in their
+            own dtype, bf16/fp16 on tensor cores).
+        prescale: first multiply every row by an exact power of two
+            (:func:`~kernelssl.ops._common.prescale_rows`: no overflow or underflow in the norms; the
+            result is otherwise bitwise the same), inside the fused Function on both views at once.
+
+    Returns:
+        ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
+
+    Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
+    Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
+    """
+    b = tuple(coefficients)
+    chunk = _check_chunk_size(chunk_size)
+    za, zb = promote(upcast(z_a), upcast(z_b))
+    if gram_mean is None and not eager and not torch.compiler.is_compiling():
+        grad_on = torch.is_grad_enabled()
+        block = chunk if chunk is not None else sfrik_block_size(*za.shape, za.dtype)
+        return _SFRIKLoss.apply(
+            za, zb, b, min(block, za.shape[0]), float(sim_weight), float(mmd_weight),
+            grad_on and za.requires_grad, grad_on and zb.requires_grad, prescale,
+        )
+    if prescale:
+        za, zb = prescale_rows(za), prescale_rows(zb)
+        z_a, z_b = za, zb
+    za, zb = unit_rows(za), unit_rows(zb)
+    mse = (za - zb).pow(2).mean()
+    if gram_mean is not None:
+        mmd_a, mmd_b = gram_mean(z_a, b), gram_mean(z_b, b)
+    elif eager:
+        mmd_a = legendre_gram_mean_eager(za, b, normalize=False)
+        mmd_b = legendre_gram_mean_eager(zb, b, normalize=False)
+    else:
+        mmd_a = legendre_gram_mean(za, b, normalize=False, chunk_size=chunk)
+        mmd_b = legendre_gram_mean(zb, b, normalize=False, chunk_size=chunk)
+    loss = sim_weight * mse + mmd_weight * 0.5 * (mmd_a + mmd_b)
+    return loss, mse, mmd_a, mmd_b
