@@ -80,7 +80,7 @@ import math
 import torch
 
 from .._checks import check_int, describe
-from ._common import compute_dtype, recorded_backward
+from ._common import compute_dtype, recorded_backward, workspace
 
 __all__ = [
     "KERNELS",
@@ -325,40 +325,42 @@ def rff_hsic_autograd(views: Tensor, w_a: Tensor, b_a: Tensor, w_b: Tensor, b_b:
 
 
 def _rff_forward(v, w_a, b_a, w_b, b_b, c, K: int, B: int):
-    """``(HSIC_ZY, HSIC_ZZ, saved)`` of :class:`_RFFHSIC` (its docstring has the algebra)."""
+    """``(HSIC_ZY, HSIC_ZZ, saved)`` of :class:`_RFFHSIC` (its docstring has the algebra).  Both maps in
+    one projection ``U = X [W_a; W_b]^T / c + [b_a; b_b]`` (N x (D_A + D_B)); ``sin(U)`` is written over U
+    once ``cos(U)`` is taken: two fresh N x (D_A + D_B) tensors, saved for the backward."""
     N, d = K * B, v.shape[-1]
+    da_ = w_a.shape[0]
     x = v.reshape(N, d)
-    wa, wb = w_a / c, w_b / c
-    ua = torch.addmm(b_a, x, wa.t())  # (N, D_A)
-    ub = torch.addmm(b_b, x, wb.t())  # (N, D_B)
-    pa, pb = torch.cos(ua), torch.cos(ub)
+    w = torch.cat([w_a, w_b]).div_(c)  # (D_A + D_B, d)
+    u = torch.addmm(torch.cat([b_a, b_b]), x, w.t())
+    p = torch.cos(u)
+    u.sin_()  # the backward's d cos = -sin du
+    pa, pb = p[:, :da_], p[:, da_:]
     mu_a = pa.mean(dim=0)
     dev = pa.view(K, B, -1).sum(dim=0).sub_(mu_a, alpha=K)  # S_i - K mu (unscaled), (B, D_A)
     zy = dev.square().sum() / (B * K * (K - 1)) + mu_a.square().sum() / (K - 1)
-    pa.sub_(mu_a)
-    pb.sub_(pb.mean(dim=0))
+    p.sub_(p.mean(dim=0))  # centred features of both maps
     g = pb.t() @ pa  # (D_B, D_A)
     flat = g.reshape(-1)
     zz = torch.dot(flat, flat) / (N * N)
-    sa2, sb2 = 2.0 / wa.shape[0], 2.0 / wb.shape[0]
-    return zy * sa2, zz * (sa2 * sb2), (ua, ub, pa, pb, g, dev, mu_a, wa, wb)
+    sa2, sb2 = 2.0 / da_, 2.0 / (w.shape[0] - da_)
+    return zy * sa2, zz * (sa2 * sb2), (u, p, g, dev, mu_a, w)
 
 
 def _rff_backward(saved, K: int, B: int, grad_zy, grad_zz):
-    """``dHSIC/dviews`` (``(K, B, d)``) from :func:`_rff_forward`'s saved tensors."""
-    ua, ub, pa, pb, g, dev, mu_a, wa, wb = saved
-    sa2, sb2 = 2.0 / wa.shape[0], 2.0 / wb.shape[0]
+    """``dHSIC/dviews`` (``(K, B, d)``) from :func:`_rff_forward`'s saved tensors.  The ``N x D`` gradients
+    of the features live in scratch tensors (:func:`~kernelssl.ops._common.workspace`)."""
+    s, p, g, dev, mu_a, w = saved
+    d_b, d_a = g.shape
+    sa2, sb2 = 2.0 / d_a, 2.0 / d_b
     N = K * B
     # minus signs of d cos = -sin du folded in here
     gs = g * (grad_zz * (-2.0 * sa2 * sb2 / (N * N)))
     ya = (dev + mu_a) * (grad_zy * (-2.0 * sa2 / (B * K * (K - 1))))
-    da = torch.mm(pb, gs)  # (N, D_A)
-    da.view(K, B, -1).add_(ya)
-    db = torch.mm(pa, gs.t())  # (N, D_B)
-    da.mul_(torch.sin(ua))
-    db.mul_(torch.sin(ub))
-    dx = torch.mm(da, wa).addmm_(db, wb)
-    return dx.view(K, B, -1)
+    da = torch.mm(p[:, d_a:], gs, out=workspace(N * d_a, p, 5).view(N, d_a))  # dHSIC/dU_A
+    da.view(K, B, -1).add_(ya).mul_(s[:, :d_a].view(K, B, -1))
+    db = torch.mm(p[:, :d_a], gs.t(), out=workspace(N * d_b, p, 6).view(N, d_b)).mul_(s[:, d_a:])
+    return torch.mm(da, w[:d_a]).addmm_(db, w[d_a:]).view(K, B, -1)
 
 
 @torch.no_grad()
@@ -388,8 +390,9 @@ class _RFFHSIC(torch.autograd.Function):
     (the centring's Jacobian drops out: ``Pb G`` and ``Pa G^T`` have zero column means).  The
     projections are ``addmm`` with the phases as bias; the upstream gradients and every constant go into
     the small ``(B, D)`` and ``(D, D)`` factors, so each ``N x D`` array is touched a few times only:
-    forward cos, mean and centring per map; backward one product, sin and a multiply per map.  Saves
-    ``Ua, Ub, Pa, Pb`` (``N x D`` each) and ``G``.  Under ``create_graph=True`` the backward is
+    forward one projection for both maps, cos, sin, mean and centring; backward one product and a
+    multiply per map, into scratch tensors.  Saves ``sin(U)`` and ``P`` (``N x (D_A + D_B)`` each) and
+    ``G``.  Under ``create_graph=True`` the backward is
     :func:`~kernelssl.ops._common.recorded_backward` of :func:`rff_hsic_autograd` (still O(N D)), so
     second derivatives are correct.
     """
@@ -405,7 +408,7 @@ class _RFFHSIC(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_zy, grad_zz):  # type: ignore[override]
-        saved, inputs = ctx.saved_tensors[:9], ctx.saved_tensors[9:]
+        saved, inputs = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
         nones = (None,) * 7
         if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
             v, maps, c = inputs[0], inputs[1:5], (inputs[5] if ctx.scale is None else ctx.scale)
