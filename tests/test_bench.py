@@ -270,6 +270,8 @@ def test_limit_picks_the_fastest_candidate_per_shape_and_drops_a_failing_one():
 def test_symmetric_gram_products_equal_the_full_ones(n, block):
     z = torch.randn(n, 3, dtype=torch.float64)
     torch.testing.assert_close(C.symmetric_gram_products(z, block), (z @ z.T) @ z, rtol=1e-12, atol=1e-12)
+    zs = torch.stack([z, 2.0 * z.flip(0)])  # two sets, batched
+    torch.testing.assert_close(C.symmetric_gram_products(zs, block), zs @ zs.mT @ zs, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["sfrik", "uniformity", "mec", "hsic"])
@@ -278,7 +280,8 @@ def test_limit_candidates_compute_the_same_products(loss):
     lim = C.limit_products(loss, shape)
     inputs = C.make_inputs(loss, shape, dtype=torch.float64)
     outs = {name: fn(*inputs) for name, fn in lim.candidates.items()}
-    assert set(outs) == ({"aten", "compiled", "symmetric"} if loss in ("sfrik", "uniformity") else {"aten", "compiled"})
+    symmetric = {f"symmetric-{t}" for t in C.LIMIT_BLOCKS} if loss in ("sfrik", "uniformity") else set()
+    assert set(outs) == {"aten", "compiled"} | symmetric
     ref = outs.pop("aten")
     # every product comes back (a compiled candidate cannot drop a view's as dead code)
     # (mec: per direction C^2 and the gradient product of the online outputs; the teacher's need none)

@@ -462,25 +462,30 @@ class FastestOf:
 
 #: Timed calls per candidate when :class:`FastestOf` chooses the limit's implementation.
 LIMIT_TRIALS = 3
-#: Block edge of the symmetric Gram product of the limit (:func:`symmetric_gram_products`).
+#: Block edges of the symmetric Gram products of the limit (:func:`symmetric_gram_products`), one candidate
+#: each: 256 is SFRIK's own block (``kernelssl.ops.legendre_gram.SFRIK_BLOCK_ROWS``), faster than 512 at
+#: n = 16384 on 2 threads.
+LIMIT_BLOCKS = (256, 512)
 LIMIT_BLOCK = 512
 
 
 def symmetric_gram_products(z: torch.Tensor, block: int = LIMIT_BLOCK) -> torch.Tensor:
     """``G = Z Z^T`` over its upper triangle of ``(block, block)`` blocks and ``R = G' Z`` for a dense
     symmetric ``G'`` (G itself stands in for it): ``R_I += G_IJ Z_J``, ``R_J += G_IJ^T Z_I``.  Half the
-    Gram GEMM of the full products, all of the gradient's; returns R."""
-    n = z.shape[0]
-    r = torch.zeros_like(z)
+    Gram GEMM of the full products, all of the gradient's; returns R.  ``z`` is ``(n, q)`` or ``(V, n, q)``:
+    V sets batched through every product (``bmm``), as the library batches SFRIK's two views."""
+    zz = z if z.dim() == 3 else z.unsqueeze(0)
+    n = zz.shape[-2]
+    r = torch.zeros_like(zz)
     for i in range(0, n, block):
-        zi = z[i : i + block]
+        zi = zz[:, i : i + block]
         for j in range(i, n, block):
-            zj = z[j : j + block]
-            g = zi @ zj.T
-            r[i : i + block].addmm_(g, zj)
+            zj = zz[:, j : j + block]
+            g = torch.bmm(zi, zj.mT)
+            r[:, i : i + block].baddbmm_(g, zj)
             if j != i:
-                r[j : j + block].addmm_(g.T, zi)
-    return r
+                r[:, j : j + block].baddbmm_(g.mT, zi)
+    return r if z.dim() == 3 else r[0]
 
 
 def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
@@ -489,7 +494,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     everything else were free.  (Not a loss: ``fn`` returns the products, every one, so that no compiled
     candidate can drop one as dead code.)  A :class:`FastestOf`
     the products through aten (``"aten"``), under ``torch.compile`` (``"compiled"``) and, where the
-    Gram matrix is symmetric (SFRIK, uniformity), over its upper triangle (``"symmetric"``,
+    Gram matrix is symmetric (SFRIK, uniformity), over its upper triangle (``"symmetric-256"`` and
+    ``"symmetric-512"``, blocks of :data:`LIMIT_BLOCKS`,
     :func:`symmetric_gram_products`): the fastest way this device does them, so that the row is a
     lower bound.  The bench reports any row faster than its limit as a fault of the limit.
 
@@ -527,8 +533,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
         def gram_products(*views):
             return tuple((z @ z.T) @ z for z in (v.detach() for v in views))
 
-        def symmetric(*views):
-            return tuple(symmetric_gram_products(v.detach()) for v in views)
+        def symmetric(block):  # the views batched, as the library does
+            return lambda *views: symmetric_gram_products(torch.stack([v.detach() for v in views]), block).unbind(0)
 
         aten = gram_products
     else:
@@ -549,7 +555,7 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
         aten = mec_limit
     candidates = {"aten": aten, "compiled": torch.compile(aten, dynamic=False)}
     if loss in ("sfrik", "uniformity"):
-        candidates["symmetric"] = symmetric
+        candidates.update({f"symmetric-{t}": symmetric(t) for t in LIMIT_BLOCKS})
     return FastestOf({name: torch.no_grad()(fn) for name, fn in candidates.items()})
 
 
