@@ -336,10 +336,11 @@ def _rff_forward(v, w_a, b_a, w_b, b_b, c, K: int, B: int):
     p = torch.cos(u)
     u.sin_()  # the backward's d cos = -sin du
     pa, pb = p[:, :da_], p[:, da_:]
-    mu_a = pa.mean(dim=0)
+    mu = p.mean(dim=0)  # both maps' feature means
+    mu_a = mu[:da_]
     dev = pa.view(K, B, -1).sum(dim=0).sub_(mu_a, alpha=K)  # S_i - K mu (unscaled), (B, D_A)
     zy = dev.square().sum() / (B * K * (K - 1)) + mu_a.square().sum() / (K - 1)
-    p.sub_(p.mean(dim=0))  # centred features of both maps
+    p.sub_(mu)  # centred features of both maps
     g = pb.t() @ pa  # (D_B, D_A)
     flat = g.reshape(-1)
     zz = torch.dot(flat, flat) / (N * N)
