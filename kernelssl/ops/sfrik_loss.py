@@ -85,19 +85,23 @@ class _SFRIKLoss(torch.autograd.Function):
             grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
             return *grads, None, None, None, None, None, None, None
         with torch.no_grad():
-            y = _SFRIKLoss._unit_views(za, zb, scale, norm)[0]  # bitwise the forward's
+            y = _SFRIKLoss._unit_views(za, zb, saved=(scale, norm))[0]  # bitwise the forward's
             grad, ctx.r = ctx.r, None
             if grad is None:  # a repeated backward: the first one consumed R
                 grad = _block_gram_mean(y, ctx.b, ctx.block, True)[1]
             return _SFRIKLoss._backward(ctx, y, norm, grad, inv, g_loss, g_mse, g_a, g_b)
 
     @staticmethod
-    def _unit_views(za, zb, prescale, norm=None):
-        """``(y, scale, norm)``: both views stacked, prescaled (``prescale``: True, or the factors) and
-        normalised, in a scratch tensor (workspace) -- the forward's and, recomputed, the backward's."""
+    def _unit_views(za, zb, prescale=False, saved=None):
+        """``(y, scale, norm)``: both views stacked, prescaled (``prescale``) and normalised, in a scratch
+        tensor (workspace).  ``saved``: the forward's ``(scale, norm)``, from which the backward forms the
+        same ``y`` again."""
         n, q = za.shape
         z = torch.stack([za, zb], out=workspace(2 * n * q, za, 4).view(2, n, q))  # both views through every op
-        scale = row_prescale(z) if prescale is True else (prescale if prescale is not False else None)
+        if saved is None:
+            scale, norm = (row_prescale(z) if prescale else None), None
+        else:
+            scale, norm = saved
         if scale is not None:
             z.mul_(scale)  # exact powers of two (prescale_rows)
         if norm is None:
