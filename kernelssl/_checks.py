@@ -142,7 +142,7 @@ def check_positive(x: object, name: str, *, allow_zero: bool = False, minimum: f
     """A finite real number > 0 (or >= 0), and within ``[minimum, maximum]`` when given (``why``: the
     reason for those bounds, for the message).  Python numbers only (never reads a tensor)."""
     # numbers.Real: Python int/float and NumPy's scalars (np.float32(2.0), np.int64(2)); never bool
-    if _is_bool(x) or not isinstance(x, numbers.Real):
+    if type(x) is not float and (_is_bool(x) or not isinstance(x, numbers.Real)):
         raise TypeError(f"{name}: expected a positive number, got {describe(x)}")
     ok = x >= 0 if allow_zero else x > 0
     if not ok or x != x or x in (float("inf"),):
@@ -169,7 +169,7 @@ def check_coefficients(coefficients: object, name: str = "coefficients") -> tupl
         raise ValueError(f"{name}: expected at least one coefficient (degree L >= 1), got an empty sequence")
     out = []
     for i, c in enumerate(coefficients):
-        if _is_bool(c) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+        if (type(c) is not float and (_is_bool(c) or not isinstance(c, numbers.Real))) or not math.isfinite(c):
             raise TypeError(f"{name}[{i}]: expected a finite Python float, got {describe(c)}")
         out.append(float(c))
     return tuple(out)

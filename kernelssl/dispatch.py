@@ -123,7 +123,7 @@ def resolve_precision(input_precision: str | None = None, device: torch.device |
     ignore it (exact on the matrix units, fp32 accumulation)."""
     target = _targets.target_of(device)
     if input_precision is None:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and target.tf32 else target.default_precision
+        return "tf32" if target.tf32 and torch.backends.cuda.matmul.allow_tf32 else target.default_precision
     if not isinstance(input_precision, str) or input_precision not in PRECISIONS:
         raise ValueError(f"input_precision: expected one of {', '.join(map(repr, PRECISIONS))} or None, "
                          f"got {input_precision!r}")
@@ -201,12 +201,12 @@ def implementation(op: str, backend: str, x: torch.Tensor, *others: torch.Tensor
                 "rule); use backend='torch' or 'auto' (the plain-autograd form)"
             )
         return "autograd"
-    if requested == "torch":
+    if requested == "torch" or (requested == "auto" and x.device.type != "cuda"):
         return "torch"
     problem = _triton_problem(op, x.device)
     if requested == "triton" and problem is not None:
         raise RuntimeError(f"backend='triton' cannot run {op}: {problem}. Use backend='torch' (or 'auto').")
-    if problem is not None or (requested == "auto" and x.device.type != "cuda"):
+    if problem is not None:
         return "torch"
     if any(t.dtype == torch.float64 for t in (x, *others)):
         return "torch"

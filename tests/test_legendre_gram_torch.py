@@ -535,11 +535,14 @@ def test_workspace_is_kept_per_slot_and_dtype_and_fresh_where_it_cannot_be():
     CM.workspace(10, x, 0).fill_(2.0)  # (would raise on an inference tensor)
     big = CM.WORKSPACE_MAX_ELEMENTS + 1
     assert CM.workspace(big, x, 0).data_ptr() != CM.workspace(big, x, 0).data_ptr()  # too large: fresh
-    # prescale and normalisation through the workspace: the same value as without it
+    # the prescale (through the workspace): exact powers of two that bring every row's largest entry into
+    # [0.5, 1), 1 on a zero row
     z = torch.randn(2, 5, 7, dtype=torch.float64) * torch.tensor([1e30, 1.0, 1e-30, 0.0, 3.0])[:, None]
     scale = CM.row_prescale(z)
-    assert torch.equal(scale, torch.exp2((-torch.floor(torch.log2(z.abs().amax(-1, keepdim=True)))).masked_fill(
-        z.abs().amax(-1, keepdim=True) == 0, 0.0)))
+    assert torch.equal(torch.frexp(scale)[0], torch.full_like(scale, 0.5))  # powers of two
+    top = (z * scale).abs().amax(-1)
+    assert bool(((top >= 0.5) & (top < 1.0)).sum() == 8) and torch.equal(top[:, 3], torch.zeros(2))
+    assert torch.equal(scale[:, 3], torch.ones(2, 1, dtype=z.dtype))
 
 
 def _loss_grads(fn, za, zb, w=(2.5, -0.7, 1.3, 0.4)):

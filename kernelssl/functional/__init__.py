@@ -23,7 +23,7 @@ Non-finite inputs: NaN/Inf propagate to the outputs (never a silent finite numbe
 ``check_finite=True`` to raise a ``ValueError`` instead (costs one host sync per input).
 
 Huge or tiny finite rows: wherever rows are L2-normalised, each non-zero row is first scaled by an
-exact power of two (``2^-floor(log2 max|z_i|)``, detached: the normalised row and its gradient do not
+exact power of two (``2^-(floor(log2 max|z_i|) + 1)``, detached: the normalised row and its gradient do not
 depend on the scale) so that the sum of squares can neither overflow nor underflow; rows with entries
 up to the dtype's maximum, or far below 1e-12, then normalise correctly on every backend.  The scaling
 is exact, so results are bitwise unchanged for every row that did not overflow or underflow.

@@ -64,7 +64,7 @@ class SFRIKLoss(LossModule):
         self.mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
 
     @fp32_compute
-    def _compute(self, z_a: Tensor, z_b: Tensor) -> KF.SFRIKComponents:
+    def _compute(self, z_a: Tensor, z_b: Tensor, components: bool) -> Tensor | KF.SFRIKComponents:
         return KF.sfrik_loss(
             z_a,
             z_b,
@@ -72,7 +72,7 @@ class SFRIKLoss(LossModule):
             sim_weight=self.sim_weight,
             mmd_weight=self.mmd_weight,
             **self._options(),
-            return_components=True,
+            return_components=components,
         )
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -96,13 +96,13 @@ class SFRIKLoss(LossModule):
                 loss = criterion(model(x1), model(x2))
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
         """
-        return self._compute(z_a, z_b).loss
+        return self._compute(z_a, z_b, False)
 
     def forward_components(self, z_a: Tensor, z_b: Tensor) -> KF.SFRIKComponents:
         """Same arguments and single pass as :meth:`forward`; returns
         :class:`~kernelssl.functional.SFRIKComponents` (``loss``, ``mse`` = R, ``mmd_a``, ``mmd_b``),
         0-dim tensors, no host sync.  ``out.loss.backward()`` trains."""
-        return self._compute(z_a, z_b)
+        return self._compute(z_a, z_b, True)
 
     def extra_repr(self) -> str:
         return (

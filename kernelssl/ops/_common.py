@@ -23,6 +23,8 @@ __all__ = [
     "buffer_view",
     "WORKSPACE_MAX_ELEMENTS",
     "workspace",
+    "workspace_stamp",
+    "still_written",
     "gradient_in_forward",
     "recorded_backward",
 ]
@@ -55,8 +57,8 @@ def promote(*xs: Tensor) -> list[Tensor]:
 
 
 def prescale_rows(x: Tensor) -> Tensor:
-    """``x`` with every non-zero row multiplied by ``2^-floor(log2 max|x_i|)`` (its largest entry then
-    lies in [1, 2); the exponent is capped so the factor stays finite for subnormal rows); zero rows
+    """``x`` with every non-zero row multiplied by ``2^-(floor(log2 max|x_i|) + 1)`` (its largest entry
+    then lies in [0.5, 1); the exponent is capped so the factor stays finite for subnormal rows); zero rows
     unchanged.  For rows that are L2-normalised next: the sum of squares can neither overflow (huge
     rows) nor underflow below the normalisation's eps (rows of norm < 1e-12, which ``F.normalize``
     would leave un-normalised and the losses would read as nearly orthogonal to everything, a
@@ -81,14 +83,15 @@ def row_prescale(x: Tensor) -> Tensor:
         if torch._C._are_functorch_transforms_active():  # out= has no batching rule
             amax = x.abs().amax(dim=-1, keepdim=True)
         else:
-            amax = torch.abs(x, out=workspace(x.numel(), x, 2).view(x.shape)).amax(dim=-1, keepdim=True)
-        # zero rows: log2(0) = -inf -> factor 1; subnormal rows: cap 2^(maxexp - 2), still exact
+            amax = torch.abs(x, out=workspace(x.shape, x, 2)).amax(dim=-1, keepdim=True)
+        # amax = m 2^e with m in [0.5, 1): the factor 2^-e.  A zero row has e = 0 (factor 1: its gradient,
+        # F.normalize's g / eps, is kept), a NaN/Inf row too (it stays non-finite); subnormal rows: capped
+        # at 2^(maxexp - 2), still exact
         cap = _PRESCALE_CAP.get(x.dtype)
         if cap is None:
-            floating = x.is_floating_point()
-            cap = _PRESCALE_CAP[x.dtype] = float(math.frexp(torch.finfo(x.dtype).max)[1] - 2) if floating else 0.0
-        e = (-torch.floor(torch.log2(amax))).clamp_max(cap)
-        return torch.exp2(e.masked_fill_(amax == 0, 0.0))
+            cap = _PRESCALE_CAP[x.dtype] = math.frexp(torch.finfo(x.dtype).max)[1] - 2
+        e = torch.frexp(amax)[1]
+        return torch.exp2(e.neg_().clamp_max_(cap).to(x.dtype))
 
 
 def unit_rows(z: Tensor) -> Tensor:
@@ -127,24 +130,49 @@ _WORKSPACE = threading.local()
 WORKSPACE_MAX_ELEMENTS = 1 << 20
 
 
-def workspace(numel: int, like: Tensor, slot: int) -> Tensor:
-    """A flat scratch tensor of ``numel`` elements in ``like``'s dtype and device, for temporaries that never
-    leave the caller (block buffers, the products of a row-wise dot).  On the CPU, up to
+def workspace(shape: int | tuple[int, ...], like: Tensor, slot: int) -> Tensor:
+    """A scratch tensor of ``shape`` (contiguous) in ``like``'s dtype and device, for temporaries that never
+    leave the library (block buffers, the products of a row-wise dot).  On the CPU, up to
     ``WORKSPACE_MAX_ELEMENTS``, it is kept between calls, one per thread, ``slot``, dtype and inference mode
     (it only grows): glibc returns freed blocks of a few hundred KiB to the OS, and a fresh one costs a page
     fault per 4 KiB page on its first write (~150 us for 512 KiB on this project's VM, where a 2 x 256 x 128
     Gram takes ~300 us).  Otherwise (CUDA's caching allocator reuses its blocks; tensor subclasses such as
-    fake tensors, tracing, ``torch.func`` transforms) a fresh tensor."""
+    fake tensors, tracing, ``torch.func`` transforms) a fresh tensor.  Every call hands the slot to a new
+    writer: :func:`workspace_stamp` and :func:`still_written` tell a later reader whether what it wrote is
+    still there."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    numel = math.prod(shape)
     if (not like.is_cpu or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor
             or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
-        return like.new_empty(numel)
+        return like.new_empty(shape)
     cache = _WORKSPACE.__dict__.setdefault("bufs", {})
     key = (slot, like.dtype, torch.is_inference_mode_enabled())
-    buf = cache.get(key)
-    if buf is None or buf.numel() < numel:
+    entry = cache.get(key)  # [buffer, writer count, (shape, view) of the last call]
+    if entry is None or entry[0].numel() < numel:
         with torch.no_grad():
-            buf = cache[key] = like.new_empty(numel)
-    return buf[:numel]
+            entry = cache[key] = [like.new_empty(numel), 0, None]
+    entry[1] += 1
+    if entry[2] is None or entry[2][0] != shape:  # the same view object again for the same shape
+        entry[2] = (shape, entry[0][:numel].view(shape))
+    return entry[2][1]
+
+
+def workspace_stamp(t: Tensor, slot: int) -> tuple | None:
+    """For a scratch tensor ``t`` that a caller keeps from one call to a later one (a forward's unit rows,
+    read again by its backward), taken right after the :func:`workspace` call that returned it: which
+    writer holds ``slot`` now; None when ``t`` is not a kept buffer (a fresh tensor: not worth keeping).
+    :func:`still_written` then says whether ``t`` still holds what was written."""
+    entry = _WORKSPACE.__dict__.get("bufs", {}).get((slot, t.dtype, torch.is_inference_mode_enabled()))
+    if entry is None or entry[0].untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        return None
+    return entry[0], entry[1]
+
+
+def still_written(t: Tensor, slot: int, stamp: tuple) -> bool:
+    """Whether the kept buffer ``t`` still holds what was written when ``stamp`` (:func:`workspace_stamp`)
+    was taken: no later :func:`workspace` call of this thread took ``slot``."""
+    entry = _WORKSPACE.__dict__.get("bufs", {}).get((slot, t.dtype, torch.is_inference_mode_enabled()))
+    return entry is not None and entry[0] is stamp[0] and entry[1] == stamp[1]
 
 
 def recorded_backward(fn, inputs: tuple, needs: tuple, grads_out: tuple) -> tuple:

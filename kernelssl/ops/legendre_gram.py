@@ -256,10 +256,12 @@ def sfrik_block_size(n: int, q: int, dtype: torch.dtype = torch.float32) -> int:
 
 def _block_gram_mean(
     zhat: Tensor, b: tuple[float, ...], block: int, want_grad: bool, qspace: bool | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(M, R)`` with ``R = phi'(G) Zhat = (n^2 / 2) dM/dzhat`` (only if ``want_grad``, else None; the
-    callers fold ``2 / n^2`` into their upstream scalar), for ``zhat`` of shape ``(n, q)`` or ``(V, n, q)``
-    (V independent views, batched through every op: ``M (V,)``, ``R (V, n, q)``).  The ``n x n`` work runs over
+    """``(M, R)`` with ``R = k phi'(G) Zhat = k (n^2 / 2) dM/dzhat``, k = ``grad_scale`` (only if
+    ``want_grad``, else None; the callers fold ``2 / n^2`` into k or into their upstream scalar), for
+    ``zhat`` of shape ``(n, q)`` or ``(V, n, q)`` (V independent views, batched through every op:
+    ``M (V,)``, ``R (V, n, q)``).  The ``n x n`` work runs over
     the upper triangle of the Gram matrix in ``(block, block)`` blocks; off-diagonal blocks count twice
     (G is symmetric): ``grad_I += phi'(G_IJ) Zhat_J`` and ``grad_J += phi'(G_IJ)^T Zhat_I``.  Fixed
     block order, no atomics: deterministic.
@@ -284,7 +286,7 @@ def _block_gram_mean(
     (:func:`_tile_phi_sum`, :func:`_tile_phi_prime`).
     """
     if zhat.dim() == 2:
-        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad, qspace)
+        m, grad = _block_gram_mean(zhat.unsqueeze(0), b, block, want_grad, qspace, grad_scale)
         return m[0], (None if grad is None else grad[0])
     V, n, q = zhat.shape  # V views, batched through every op
     dt, dev = zhat.dtype, zhat.device
@@ -293,11 +295,11 @@ def _block_gram_mean(
     if power is None:
         outs = [_block_gram_mean_recurrence(z, b, block, want_grad) for z in zhat.unbind(0)]
         ms = torch.stack([o[0] for o in outs])
-        return ms, (torch.stack([o[1] for o in outs]) if want_grad else None)
+        return ms, (torch.stack([o[1] for o in outs]).mul_(grad_scale) if want_grad else None)
     c = power
     qspace = (use_qspace(n, q) if qspace is None else qspace) and L >= 2
     if want_grad and L == 3 and not qspace and block >= n and c[2] != 0.0:
-        return _one_block_cubic(zhat, c)
+        return _one_block_cubic(zhat, c, grad_scale)
 
     def diag(x):
         return x.diagonal(dim1=-2, dim2=-1)
@@ -382,19 +384,22 @@ def _block_gram_mean(
             if qspace:
                 grad.baddbmm_(zhat, gq, beta=3.0 * c[3] if L == 3 else 1.0, alpha=2.0 * c[2])
             grad.add_(s.unsqueeze(-2), alpha=c[1])
+        if grad_scale != 1.0:
+            grad.mul_(grad_scale)
     total = low if total is None else torch.add(low, total, alpha=vscale)
     m = total / float(n * n) + const
     return m, grad
 
-def _one_block_cubic(zhat: Tensor, c: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+def _one_block_cubic(zhat: Tensor, c: tuple[float, ...], grad_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """:func:`_block_gram_mean` with a gradient, one block, cubic phi, ``c_2 != 0`` (the paper's small
     batches) in eleven ops.  With ``s = Zhat^T 1``, ``D = G + (3 c_3 / 2 c_2) G o G``:
-    ``R = c_1 1 s^T + 2 c_2 D Zhat`` and ``sum_ij phi(G_ij) = c_0 n^2 + c_1 ||s||^2 + (c_2/3) sum G o (2D + G)``."""
+    ``R = k (c_1 1 s^T + 2 c_2 D Zhat)`` (k = ``grad_scale``, folded into the GEMM) and
+    ``sum_ij phi(G_ij) = c_0 n^2 + c_1 ||s||^2 + (c_2/3) sum G o (2D + G)``."""
     V, n, _ = zhat.shape
     s = zhat.sum(dim=-2)  # (V, q)
-    g = torch.bmm(zhat, zhat.mT, out=workspace(V * n * n, zhat, 0).view(V, n, n))
-    d = torch.addcmul(g, g, g, value=1.5 * c[3] / c[2], out=workspace(V * n * n, zhat, 1).view(V, n, n))
-    r = torch.baddbmm(s.unsqueeze(-2), d, zhat, beta=c[1], alpha=2.0 * c[2])
+    g = torch.bmm(zhat, zhat.mT, out=workspace((V, n, n), zhat, 0))
+    d = torch.addcmul(g, g, g, value=1.5 * c[3] / c[2], out=workspace((V, n, n), zhat, 1))
+    r = torch.baddbmm(s.unsqueeze(-2), d, zhat, beta=c[1] * grad_scale, alpha=2.0 * c[2] * grad_scale)
     cubic = torch.add(g, d, alpha=2.0, out=d).mul_(g).sum(dim=(-2, -1))  # d is spent
     m = torch.add(cubic, torch.linalg.vecdot(s, s), alpha=3.0 * c[1] / c[2]).mul_(c[2] / (3.0 * n * n))
     return m.add_(c[0]), r

@@ -358,9 +358,9 @@ def _rff_backward(saved, K: int, B: int, grad_zy, grad_zz):
     # minus signs of d cos = -sin du folded in here
     gs = g * (grad_zz * (-2.0 * sa2 * sb2 / (N * N)))
     ya = (dev + mu_a) * (grad_zy * (-2.0 * sa2 / (B * K * (K - 1))))
-    da = torch.mm(p[:, d_a:], gs, out=workspace(N * d_a, p, 5).view(N, d_a))  # dHSIC/dU_A
+    da = torch.mm(p[:, d_a:], gs, out=workspace((N, d_a), p, 5))  # dHSIC/dU_A
     da.view(K, B, -1).add_(ya).mul_(s[:, :d_a].view(K, B, -1))
-    db = torch.mm(p[:, :d_a], gs.t(), out=workspace(N * d_b, p, 6).view(N, d_b)).mul_(s[:, d_a:])
+    db = torch.mm(p[:, :d_a], gs.t(), out=workspace((N, d_b), p, 6)).mul_(s[:, d_a:])
     return torch.mm(da, w[:d_a]).addmm_(db, w[d_a:]).view(K, B, -1)
 
 

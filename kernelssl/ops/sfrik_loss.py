@@ -18,10 +18,12 @@ from ._common import (
     promote,
     recorded_backward,
     row_prescale,
+    still_written,
     unit_rows,
     unit_rows_backward,
     upcast,
     workspace,
+    workspace_stamp,
 )
 from .legendre_gram import (
     _block_gram_mean,
@@ -33,42 +35,49 @@ from .legendre_gram import (
 
 __all__ = ["sfrik_loss"]
 
+_DIFF_SLOT, _Y_SLOT = 3, 4  # the workspace slots of y_a - y_b and of the stacked unit rows y
+
 
 class _SFRIKLoss(torch.autograd.Function):
-    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, with the
-    Gram-mean gradients taken in the forward (:func:`_block_gram_mean`) and a hand-written backward
-    (a handful of ``(n, q)`` ops, where autograd would run a dozen per view for ``F.normalize`` and the
-    MSE).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and ``g_y`` the
-    gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
+    """The whole SFRIK loss of the eager path in one Function: normalisation, R and both M's, and the
+    gradient of ``loss`` itself taken in the forward, where every weight is a number (folded into the
+    GEMMs and the ``(n, q)`` ops: the backward of the usual step, ``loss.backward()``, is one multiply by
+    its upstream scalar).  Outputs ``(loss, mse, mmd_a, mmd_b)``.  With ``y = z / max(||z||, eps)`` and
+    ``g_y`` the gradient reaching ``y`` (``2 w_R (y_a - y_b) / (n q)`` plus ``w_M dM/dy``)::
 
         dz = (g_y - y (y . g_y)) / ||z||       (||z|| >= eps)
         dz = g_y / eps                          (||z|| < eps: the clamp is active, as in F.normalize)
 
-    The two views are stacked and go through every op together (half the op count).  Saves the row
-    norms and scales; the backward forms ``y`` again in a scratch tensor, and the ``(2, n, q)`` Gram-mean
-    gradients R, kept as ``ctx.r``, become the gradient in place: one fresh ``(2, n, q)`` tensor per step
-    (fresh pages fault on first touch, ~2 us per 4 KiB on this project's VM).  A repeated backward
-    (``retain_graph=True``) forms R again.  Under
-    ``create_graph=True`` the backward is :func:`~kernelssl.ops._common.recorded_backward` of the
-    plain-autograd loss (``sfrik_loss(..., eager=True)``, which materialises the Gram), so second
-    derivatives are correct.
+    The two views are stacked and go through every op together (half the op count).  The gradient
+    starts as the Gram-mean gradients R (:func:`_block_gram_mean`) and is turned into ``dloss/dz`` in
+    place: one fresh ``(2, n, q)`` tensor per step (fresh pages fault on first touch, ~2 us per 4 KiB on
+    this project's VM), kept as ``ctx.grad``.  A backward that finds it spent (``retain_graph=True``) or
+    that gets upstream gradients of the components (``mse``, ``mmd_a``, ``mmd_b``) forms R again from the
+    saved row norms and scales (:meth:`_general_backward`).  Under ``create_graph=True`` the backward is
+    :func:`~kernelssl.ops._common.recorded_backward` of the plain-autograd loss (``sfrik_loss(...,
+    eager=True)``, which materialises the Gram), so second derivatives are correct.
     """
 
     @staticmethod
     def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b, prescale):  # type: ignore[override]
+        n, q = za.shape
+        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dmse/d(diff) and dM/dy per unit of R
         y, scale, norm = _SFRIKLoss._unit_views(za, zb, prescale)
-        # prescaled rows have norm >= 1 or are zero (then y = 0): dz = (g_y - y (y . g_y)) * scale / ||z s||
-        inv = None if scale is None else scale / norm.clamp_min(NORM_EPS)
-        # one view frozen: its R is formed too (rare; the batched ops stay batched)
-        m, grad = _block_gram_mean(y, b, block, want_a or want_b)
-        diff = torch.sub(y[0], y[1], out=workspace(y[0].numel(), y, 3).view_as(y[0]))
-        mse = diff.square_().mean()
+        want = want_a or want_b  # one view frozen: its gradient is formed too (rare; the ops stay batched)
+        # R, scaled to d(loss)/dy's share: mmd_weight / 2 * dM/dy
+        m, grad = _block_gram_mean(y, b, block, want, grad_scale=mmd_weight * 0.5 * k_m)
+        diff = torch.sub(y[0], y[1], out=workspace((n, q), y, _DIFF_SLOT))
+        mse = torch.linalg.vector_norm(diff).square_().div_(float(n * q))
         loss = torch.add(mse * sim_weight, m.sum(), alpha=mmd_weight * 0.5)
-        if grad is not None:
-            ctx.save_for_backward(norm, scale, inv, za, zb)
-        # R is this Function's own (no one else holds it): the first backward turns it into the gradient
-        # in place; a repeated backward (retain_graph=True) finds None and forms R again
-        ctx.r = grad
+        if want:
+            ctx.save_for_backward(norm, scale, za, zb)
+            # y and y_a - y_b stay in their scratch tensors: a later backward reads them there unless
+            # another call took those slots in between (then it forms them again)
+            ctx.kept = [(t, slot, workspace_stamp(t, slot)) for t, slot in ((y, _Y_SLOT), (diff, _DIFF_SLOT))]
+            grad[0].add_(diff, alpha=sim_weight * k_r)
+            grad[1].sub_(diff, alpha=sim_weight * k_r)
+            grad = _SFRIKLoss._through_unit_rows(grad, y, norm, scale)
+        ctx.grad = grad  # dloss/dz (both views); the first backward scales it in place
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
         ctx.b, ctx.block = b, block
@@ -77,27 +86,34 @@ class _SFRIKLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_mse, g_a, g_b):  # type: ignore[override]
-        norm, scale, inv, za, zb = ctx.saved_tensors
-        sim_weight, mmd_weight = ctx.weights
+        want_a, want_b = ctx.wants
         if torch.is_grad_enabled():  # create_graph=True: a recorded (differentiable) gradient
+            norm, scale, za, zb = ctx.saved_tensors
+            sim_weight, mmd_weight = ctx.weights
+
             def eager(a, b):
                 return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
             grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
             return *grads, None, None, None, None, None, None, None
         with torch.no_grad():
-            y = _SFRIKLoss._unit_views(za, zb, saved=(scale, norm))[0]  # bitwise the forward's
-            grad, ctx.r = ctx.r, None
-            if grad is None:  # a repeated backward: the first one consumed R
-                grad = _block_gram_mean(y, ctx.b, ctx.block, True)[1]
-            return _SFRIKLoss._backward(ctx, y, norm, grad, inv, g_loss, g_mse, g_a, g_b)
+            dz, ctx.grad = ctx.grad, None
+            if g_mse is not None or g_a is not None or g_b is not None or dz is None:
+                dz = _SFRIKLoss._general_backward(ctx, g_loss, g_mse, g_a, g_b)
+            elif g_loss is None:
+                return (None,) * 9
+            else:  # the usual step: only the loss is used
+                dz.mul_(g_loss)
+        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
 
     @staticmethod
     def _unit_views(za, zb, prescale=False, saved=None):
         """``(y, scale, norm)``: both views stacked, prescaled (``prescale``) and normalised, in a scratch
-        tensor (workspace).  ``saved``: the forward's ``(scale, norm)``, from which the backward forms the
-        same ``y`` again."""
+        tensor (workspace).  ``norm`` holds the prescaled rows' norms, clamped to ``NORM_EPS`` if
+        ``prescale`` (no row is below it but a zero one), as they are otherwise (the clamp's mask needs
+        them).  ``saved``: the forward's ``(scale, norm)``, from which a backward forms the same ``y``
+        again."""
         n, q = za.shape
-        z = torch.stack([za, zb], out=workspace(2 * n * q, za, 4).view(2, n, q))  # both views through every op
+        z = torch.stack([za, zb], out=workspace((2, n, q), za, _Y_SLOT))  # both views through every op
         if saved is None:
             scale, norm = (row_prescale(z) if prescale else None), None
         else:
@@ -106,34 +122,45 @@ class _SFRIKLoss(torch.autograd.Function):
             z.mul_(scale)  # exact powers of two (prescale_rows)
         if norm is None:
             norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        return z.div_(norm.clamp_min(NORM_EPS)), scale, norm
+            if scale is not None:
+                norm.clamp_min_(NORM_EPS)
+        return z.div_(norm if scale is not None else norm.clamp_min(NORM_EPS)), scale, norm
 
     @staticmethod
-    def _backward(ctx, y, norm, grad, inv, g_loss, g_mse, g_a, g_b):  # grad: R, overwritten
+    def _through_unit_rows(gy, y, norm, scale):
+        """``dloss/dz`` from ``gy = dloss/dy``, written over ``gy``."""
+        if scale is None:  # rows as given: those of norm < eps keep F.normalize's clamp
+            return unit_rows_backward(gy, y, norm, inplace=True)
+        # prescaled: no row is below eps but a zero one, whose y . g_y is 0; dz = (g_y - y (y . g_y)) s / ||z s||
+        return gy.addcmul_(y, torch.linalg.vecdot(y, gy).unsqueeze_(-1), value=-1.0).mul_(scale / norm)
+
+    @staticmethod
+    def _general_backward(ctx, g_loss, g_mse, g_a, g_b):
+        """The gradient for any upstream gradients of the four outputs, with R formed again from the
+        saved row norms and scales (and ``y``, ``y_a - y_b`` read from their scratch tensors if no other
+        call took them)."""
+        norm, scale, za, zb = ctx.saved_tensors
         sim_weight, mmd_weight = ctx.weights
-        _, n, q = y.shape
-        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dR/d(diff) and dM/dy per unit of R
-        c_diff = None if g_loss is None else g_loss * (sim_weight * k_r)  # upstream of R, times dR/d(diff)
+        n, q = za.shape
+        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)
+        y, diff = (t if stamp is not None and still_written(t, slot, stamp) else None for t, slot, stamp in ctx.kept)
+        if y is None:
+            y = _SFRIKLoss._unit_views(za, zb, saved=(scale, norm))[0]  # bitwise the forward's
+        gy = _block_gram_mean(y, ctx.b, ctx.block, True)[1]  # R
+        zero = next(g for g in (g_loss, g_mse, g_a, g_b) if g is not None).new_zeros(())
+        c_m = torch.stack([g_a if g_a is not None else zero, g_b if g_b is not None else zero])
+        if g_loss is not None:
+            c_m = c_m + g_loss * (mmd_weight * 0.5)
+        gy.mul_((c_m * k_m).view(2, 1, 1))
+        c_diff = None if g_loss is None else g_loss * (sim_weight * k_r)  # upstream of mse, times dmse/d(diff)
         if g_mse is not None:
             c_diff = g_mse * k_r if c_diff is None else c_diff + g_mse * k_r
-        if g_a is None and g_b is None:  # the usual case: only the loss is used
-            gy = grad.zero_() if g_loss is None else grad.mul_(g_loss * (mmd_weight * 0.5 * k_m))
-        else:
-            zero = (g_a if g_a is not None else g_b).new_zeros(())
-            c_m = torch.stack([g_a if g_a is not None else zero, g_b if g_b is not None else zero])
-            if g_loss is not None:
-                c_m = c_m + g_loss * (mmd_weight * 0.5)
-            gy = grad.mul_((c_m * k_m).view(2, 1, 1))
         if c_diff is not None:
-            diff = torch.sub(y[0], y[1], out=workspace(y[0].numel(), y, 3).view_as(y[0]))
+            if diff is None:
+                diff = torch.sub(y[0], y[1], out=workspace((n, q), y, _DIFF_SLOT))
             gy[0].addcmul_(diff, c_diff)
             gy[1].addcmul_(diff, c_diff, value=-1.0)
-        if inv is None:  # rows as given: those of norm < eps keep F.normalize's clamp
-            dz = unit_rows_backward(gy, y, norm, inplace=True)  # gy is this backward's own
-        else:  # prescaled: no row is below eps but a zero one, whose y . g_y is 0
-            dz = gy.addcmul_(y, torch.linalg.vecdot(y, gy).unsqueeze_(-1), value=-1.0).mul_(inv)
-        want_a, want_b = ctx.wants
-        return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
+        return _SFRIKLoss._through_unit_rows(gy, y, norm, scale)
 
 
 def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
