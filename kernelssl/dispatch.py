@@ -56,6 +56,7 @@ __all__ = [
     "interpreting",
     "triton_import_error",
     "resolve_precision",
+    "check_precision",
     "device_problem",
     "implementation",
     "triton_op",
@@ -132,6 +133,13 @@ def resolve_precision(input_precision: str | None = None, device: torch.device |
         raise ValueError(f"input_precision: {input_precision!r} is not available in the Triton interpreter "
                          f"(TRITON_INTERPRET=1); it has {', '.join(map(repr, INTERPRETER_PRECISIONS))}")
     return target.check_precision(input_precision)
+
+
+def check_precision(input_precision: str | None) -> None:
+    """Raise as :func:`resolve_precision` does for an ``input_precision`` no target has (None, each
+    target's default, always passes): the check of a functional's argument, before any tensor is read."""
+    if input_precision is not None:
+        resolve_precision(input_precision)
 
 
 def _requested(backend: str) -> str:

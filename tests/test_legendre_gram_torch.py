@@ -535,6 +535,15 @@ def test_workspace_is_kept_per_slot_and_dtype_and_fresh_where_it_cannot_be():
     CM.workspace(10, x, 0).fill_(2.0)  # (would raise on an inference tensor)
     big = CM.WORKSPACE_MAX_ELEMENTS + 1
     assert CM.workspace(big, x, 0).data_ptr() != CM.workspace(big, x, 0).data_ptr()  # too large: fresh
+    # stamps: a kept buffer holds its writer's data until the next call takes the slot
+    t = CM.workspace((2, 3), x, 7)
+    stamp = CM.workspace_stamp(t, 7)
+    assert stamp is not None and CM.still_written(t, 7, stamp)
+    CM.workspace(6, x.double(), 7)  # another dtype: another buffer
+    assert CM.still_written(t, 7, stamp)
+    CM.workspace((3, 2), x, 7)  # the same slot and dtype: taken
+    assert not CM.still_written(t, 7, stamp)
+    assert CM.workspace_stamp(CM.workspace(big, x, 7), 7) is None  # a fresh tensor is not a kept buffer
     # the prescale (through the workspace): exact powers of two that bring every row's largest entry into
     # [0.5, 1), 1 on a zero row
     z = torch.randn(2, 5, 7, dtype=torch.float64) * torch.tensor([1e30, 1.0, 1e-30, 0.0, 3.0])[:, None]
@@ -553,15 +562,18 @@ def _loss_grads(fn, za, zb, w=(2.5, -0.7, 1.3, 0.4)):
     return ta.grad, tb.grad
 
 
-# The fused loss forms y again in its backward (a scratch tensor) and turns its R into the gradient in
-# place: a repeated backward (retain_graph=True) and two losses before one backward must still give plain
-# autograd's gradients; one block (the cubic pass) and several, with and without the prescaling.
+# The fused loss forms the loss's gradient in its forward and scales it in place in the backward; a
+# backward with gradients of the components too, or a repeated one (retain_graph=True), forms R again and
+# reads y, y_a - y_b back from their scratch tensors unless another call took them (two losses before one
+# backward).  All must give plain autograd's gradients: the loss alone (upstream 2.5) and all four outputs,
+# one block (the cubic pass) and several, with and without the prescaling.
 @pytest.mark.parametrize("n, chunk", [(13, None), (40, 16)])
 @pytest.mark.parametrize("prescale", [False, True])
-def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale):
-    q, w = 7, (2.5, -0.7, 1.3, 0.4)
+@pytest.mark.parametrize("w", [(2.5, -0.7, 1.3, 0.4), (2.5,)], ids=["all-outputs", "loss-only"])
+def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale, w):
+    q = 7
     za, zb, zc = _z(n, q, 31), _z(n, q, 32), _z(n, q, 33)
-    ga, gb = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=prescale), za, zb)
+    ga, gb = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=prescale), za, zb, w)
     ta, tb = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
     total = sum(wi * o for wi, o in zip(w, SL.sfrik_loss(ta, tb, chunk_size=chunk, prescale=prescale)))
     total.backward(retain_graph=True)
@@ -587,15 +599,16 @@ def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale):
 # underflow (its gradient, ~1/||z||, still finite); a row whose sum of squares would overflow.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n", [9, 300])  # one block, blocks
-def test_fused_loss_prescaled_extreme_rows(dtype, n):
+@pytest.mark.parametrize("w", [(2.5, -0.7, 1.3, 0.4), (2.5,)], ids=["all-outputs", "loss-only"])
+def test_fused_loss_prescaled_extreme_rows(dtype, n, w):
     q = 6
     fi = torch.finfo(dtype)
     za, zb = _z(n, q, 41, dtype), _z(n, q, 42, dtype)
     za[0], zb[1] = 0.0, 0.0
     za[2] = za[2] * fi.tiny ** 0.5 * 2.0**-20  # squares below the smallest normal number
     zb[3] = zb[3] * fi.max / 8.0  # the sum of squares would overflow
-    fused = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, prescale=True), za, zb)
-    plain = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=True), za, zb)
+    fused = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, prescale=True), za, zb, w)
+    plain = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=True), za, zb, w)
     for name, got, want in zip(("dz_a", "dz_b"), fused, plain):
         assert bool(torch.isfinite(got).all()), name
         if dtype == torch.float64:

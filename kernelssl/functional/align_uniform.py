@@ -146,7 +146,7 @@ def gaussian_gram_logmean(
     """
     check_z(z, "z")
     t = check_t(t)
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     for flag, name in ((normalize, "normalize"), (exclude_diagonal, "exclude_diagonal"),
                        (check_finite, "check_finite")):
         check_bool(flag, name)
@@ -245,7 +245,7 @@ def uniformity(
     """
     check_z(z, "z")
     t = check_t(t)
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     for flag, name in ((normalize, "normalize"), (gather_distributed, "gather_distributed"),
                        (check_finite, "check_finite")):
         check_bool(flag, name)
@@ -322,7 +322,7 @@ def align_uniform_loss(
     rank returns the single-process loss of the global batch.  ``return_components=True`` returns an
     :class:`AlignUniformComponents` (the loss and its three terms) instead of the loss.
     """
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     for flag, name in ((normalize, "normalize"), (gather_distributed, "gather_distributed"),
                        (check_finite, "check_finite"), (return_components, "return_components")):
         check_bool(flag, name)

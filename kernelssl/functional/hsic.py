@@ -139,7 +139,7 @@ def rff_hsic(
     check_map(w_a, b_a, d, views.device, "w_a", "b_a")
     check_map(w_b, b_b, d, views.device, "w_b", "b_b")
     check_scale(kernel_scale)
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     check_bool(check_finite, "check_finite")
     if check_finite:
         assert_finite([views, w_a, b_a, w_b, b_b], ("views", "w_a", "b_a", "w_b", "b_b"))
@@ -271,7 +271,7 @@ def ssl_hsic_loss(
     check_kernel(kernel)
     check_scale(kernel_scale)
     check_generator(generator)
-    dispatch.resolve_precision(input_precision)  # the fused kernel's, see rff_hsic
+    dispatch.check_precision(input_precision)  # the fused kernel's, see rff_hsic
     for flag, name in ((exact, "exact"), (gather_distributed, "gather_distributed"), (check_finite, "check_finite"),
                        (return_components, "return_components")):
         check_bool(flag, name)

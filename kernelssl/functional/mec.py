@@ -156,7 +156,7 @@ def taylor_logdet(
     """
     check_pair(a, b, lam)
     order = check_int(order, "order", minimum=1)
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     check_bool(normalize, "normalize")
     check_bool(check_finite, "check_finite")
     check_lambda_range(lam, compute_dtype(a, b))
@@ -224,7 +224,7 @@ def mec_loss(
     host sync to read rho, and near 1 an O(min(m, d)^3) eigenvalue solve.  Under ``torch.compile`` leave
     it off.
     """
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     for flag, name in ((exact, "exact"), (gather_distributed, "gather_distributed"),
                        (check_finite, "check_finite"), (return_components, "return_components")):
         check_bool(flag, name)

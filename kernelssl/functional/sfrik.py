@@ -91,7 +91,7 @@ def legendre_gram_mean(
     """
     check_z(z, "z")
     b = check_coefficients(coefficients)
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     check_bool(normalize, "normalize")
     check_bool(check_finite, "check_finite")
     if check_finite:
@@ -119,7 +119,7 @@ def sfrik_loss(
     ``gather_distributed=True``: both M and R on the batch gathered from all ranks (n global).
     ``input_precision``: the fused Gram kernel's fp32 precision (see :func:`legendre_gram_mean`).
     """
-    dispatch.resolve_precision(input_precision)
+    dispatch.check_precision(input_precision)
     for flag, name in ((gather_distributed, "gather_distributed"), (check_finite, "check_finite"),
                        (return_components, "return_components")):
         check_bool(flag, name)

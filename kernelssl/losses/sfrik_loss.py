@@ -7,7 +7,6 @@ import torch
 
 from .. import functional as KF
 from .._checks import check_coefficients, check_positive
-from ..functional._common import fp32_compute
 from ._common import LossModule
 
 __all__ = ["SFRIKLoss"]
@@ -63,7 +62,6 @@ class SFRIKLoss(LossModule):
         self.sim_weight = check_positive(sim_weight, "sim_weight", allow_zero=True)
         self.mmd_weight = check_positive(mmd_weight, "mmd_weight", allow_zero=True)
 
-    @fp32_compute
     def _compute(self, z_a: Tensor, z_b: Tensor, components: bool) -> Tensor | KF.SFRIKComponents:
         return KF.sfrik_loss(
             z_a,

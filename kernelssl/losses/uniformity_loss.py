@@ -60,7 +60,7 @@ class UniformityLoss(LossModule):
         super().__init__(gather_distributed, backend, check_finite)
         self.t = check_t(t)
         self.normalize = check_bool(normalize, "normalize")
-        dispatch.resolve_precision(input_precision)
+        dispatch.check_precision(input_precision)
         self.input_precision = input_precision
 
     def forward(self, z: Tensor) -> Tensor:
@@ -140,7 +140,7 @@ class AlignUniformLoss(LossModule):
         self.t = check_t(t)
         self.uniformity_weight = check_positive(uniformity_weight, "uniformity_weight", allow_zero=True)
         self.normalize = check_bool(normalize, "normalize")
-        dispatch.resolve_precision(input_precision)
+        dispatch.check_precision(input_precision)
         self.input_precision = input_precision
 
     def _compute(self, z_a: Tensor, z_b: Tensor) -> KF.AlignUniformComponents:

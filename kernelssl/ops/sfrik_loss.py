@@ -194,7 +194,7 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
 
     Without ``gram_mean`` and ``eager``, outside ``torch.compile``, the whole loss is one autograd
-    Function (:class:`_SFRIKLoss`: the Gram-mean gradients are formed in the forward, O(n q) saved).
+    Function (:class:`_SFRIKLoss`: the gradient of ``loss`` is formed in the forward, O(n q) kept).
     """
     b = tuple(coefficients)
     chunk = _check_chunk_size(chunk_size)
