@@ -237,6 +237,43 @@ def test_default_call_either_side_of_the_crossovers(n, q):
         assert_close(g32_, g64_, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"{name} fp32")
 
 
+# The one-block pass forms the Gram by halves (split_gram) or whole: the same loss and gradients as the
+# float64 reference either way, fp32 within the stated tolerances; odd n (halves of unequal size).
+@pytest.mark.parametrize("n", [128, 129])
+@pytest.mark.parametrize("split", [False, True])
+def test_one_block_gram_by_halves_or_whole(n, split, monkeypatch):
+    q = 16  # n < 16 q: the degree-2 term in the block (the one-block cubic pass)
+    assert not S.use_qspace(n, q) and S.sfrik_block_size(n, q) >= n
+    monkeypatch.setattr(S, "split_gram", lambda n_, q_: split)
+    za, zb = _z(n, q, 51), _z(n, q, 52)
+    ref = R.sfrik_loss(to_numpy(za), to_numpy(zb))
+    ga, gb = R.sfrik_loss_grad(to_numpy(za), to_numpy(zb))
+    for dtype in (torch.float64, torch.float32):
+        ta, tb = za.to(dtype, copy=True).requires_grad_(True), zb.to(dtype, copy=True).requires_grad_(True)
+        out = SL.sfrik_loss(ta, tb, prescale=True)
+        out[0].backward()
+        if dtype == torch.float64:
+            assert_close(torch.stack(out), np.array(ref), **F64, name="outputs")
+            assert_close(ta.grad, ga, **F64, name="dz_a")
+            assert_close(tb.grad, gb, **F64, name="dz_b")
+        else:
+            assert_close(out[0], ref[0], rtol=FP32_RTOL_M, atol=0, name="loss fp32")
+            for name, got, want in (("dz_a", ta.grad, ga), ("dz_b", tb.grad, gb)):
+                gmax = float(np.abs(want).max())
+                assert_close(got, want, rtol=FP32_RTOL_G, atol=FP32_RTOL_G * gmax, name=f"{name} fp32")
+
+
+def test_split_gram_rule():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert S.split_gram(256, 256) and not S.split_gram(256, 128) and not S.split_gram(127, 512)
+        torch.set_num_threads(1)
+        assert S.split_gram(128, 128) and not S.split_gram(128, 64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp32_vs_float64():
     n, q = 64, 32
     za, zb = _z(n, q, 8), _z(n, q, 9)

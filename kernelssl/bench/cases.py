@@ -466,27 +466,28 @@ LIMIT_TRIALS = 3
 #: each: 256 is SFRIK's own block (``kernelssl.ops.legendre_gram.SFRIK_BLOCK_ROWS``), faster than 512 at
 #: n = 16384 on 2 threads.
 LIMIT_BLOCKS = (256, 512)
-LIMIT_BLOCK = 512
 
 
-def symmetric_gram_products(z: torch.Tensor, block: int = LIMIT_BLOCK) -> torch.Tensor:
+def symmetric_gram_products(z: torch.Tensor, block: int) -> torch.Tensor:
     """``G = Z Z^T`` over its upper triangle of ``(block, block)`` blocks and ``R = G' Z`` for a dense
     symmetric ``G'`` (G itself stands in for it): ``R_I += G_IJ Z_J``, ``R_J += G_IJ^T Z_I``.  Half the
     Gram GEMM of the full products, all of the gradient's; returns R.  ``z`` is ``(n, q)`` or ``(V, n, q)``:
     V sets batched through every product (``bmm``), as the library batches SFRIK's two views; the blocks
-    reuse one buffer, as the library's do."""
+    reuse one buffer, and each row block of R is written first with ``beta = 0`` (no zero fill), as the
+    library's are."""
     zz = z if z.dim() == 3 else z.unsqueeze(0)
     V, n, _ = zz.shape
-    r = torch.zeros_like(zz)
+    r = torch.empty_like(zz)
+    written = set()  # row blocks of R written once already
     buf = zz.new_empty(V * block * block)  # one block buffer for all blocks: no fresh pages per block
     for i in range(0, n, block):
         zi = zz[:, i : i + block]
         for j in range(i, n, block):
             zj = zz[:, j : j + block]
             g = torch.bmm(zi, zj.mT, out=buf[: V * zi.shape[1] * zj.shape[1]].view(V, zi.shape[1], zj.shape[1]))
-            r[:, i : i + block].baddbmm_(g, zj)
-            if j != i:
-                r[:, j : j + block].baddbmm_(g.mT, zi)
+            for rows, gg, zz_ in ((i, g, zj),) + (((j, g.mT, zi),) if j != i else ()):
+                r[:, rows : rows + block].baddbmm_(gg, zz_, beta=float(rows in written))
+                written.add(rows)
     return r if z.dim() == 3 else r[0]
 
 
