@@ -266,6 +266,12 @@ def test_limit_picks_the_fastest_candidate_per_shape_and_drops_a_failing_one():
         C.FastestOf({"broken": broken})(torch.zeros(2))
 
 
+@pytest.mark.parametrize("n", [2, 7, 8])
+def test_halves_gram_products_equal_the_full_ones(n):
+    zs = torch.randn(2, n, 3, dtype=torch.float64)
+    torch.testing.assert_close(C.halves_gram_products(zs), zs @ zs.mT @ zs, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n,block", [(7, 3), (8, 4), (5, 16)])
 def test_symmetric_gram_products_equal_the_full_ones(n, block):
     z = torch.randn(n, 3, dtype=torch.float64)
@@ -281,6 +287,8 @@ def test_limit_candidates_compute_the_same_products(loss):
     inputs = C.make_inputs(loss, shape, dtype=torch.float64)
     outs = {name: fn(*inputs) for name, fn in lim.candidates.items()}
     symmetric = {f"symmetric-{t}" for t in C.LIMIT_BLOCKS} if loss in ("sfrik", "uniformity") else set()
+    if symmetric and shape["n"] <= C.LIMIT_HALVES_MAX_ROWS:
+        symmetric.add("halves")
     assert set(outs) == {"aten", "compiled"} | symmetric
     ref = outs.pop("aten")
     # every product comes back (a compiled candidate cannot drop a view's as dead code)

@@ -491,6 +491,23 @@ def symmetric_gram_products(z: torch.Tensor, block: int) -> torch.Tensor:
     return r if z.dim() == 3 else r[0]
 
 
+#: Largest n for which the limit also tries the Gram by halves (:func:`halves_gram_products`).
+LIMIT_HALVES_MAX_ROWS = 512
+
+
+def halves_gram_products(z: torch.Tensor) -> torch.Tensor:
+    """``R = G Z`` with ``G = Z Z^T`` formed by halves, as SFRIK's one-block pass does where
+    :func:`kernelssl.ops.legendre_gram.split_gram` says so: the lower half by two GEMMs (3/4 of the Gram's
+    products), the upper half its mirror.  ``z`` is ``(V, n, q)``; returns R."""
+    V, n, _ = z.shape
+    h = n // 2
+    g = z.new_empty(V, n, n)
+    g[:, :, :h].baddbmm_(z, z[:, :h].mT, beta=0.0)
+    g[:, h:, h:].baddbmm_(z[:, h:], z[:, h:].mT, beta=0.0)
+    g[:, :h, h:].copy_(g[:, h:, :h].mT)
+    return torch.bmm(g, z)
+
+
 def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     """``fn(*inputs)``: the matrix products the loss's forward+backward cannot avoid, on the same
     inputs in their dtype, without autograd -- the time a fused implementation would approach if
@@ -498,9 +515,10 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     candidate can drop one as dead code.)  A :class:`FastestOf`
     the products through aten (``"aten"``), under ``torch.compile`` (``"compiled"``) and, where the
     Gram matrix is symmetric (SFRIK, uniformity), over its upper triangle (``"symmetric-256"`` and
-    ``"symmetric-512"``, blocks of :data:`LIMIT_BLOCKS`,
-    :func:`symmetric_gram_products`): the fastest way this device does them, so that the row is a
-    lower bound.  The bench reports any row faster than its limit as a fault of the limit.
+    ``"symmetric-512"``, blocks of :data:`LIMIT_BLOCKS`, :func:`symmetric_gram_products`; up to
+    n = :data:`LIMIT_HALVES_MAX_ROWS` also by halves, ``"halves"``, :func:`halves_gram_products`): the
+    fastest way this device does them, so that the row is a lower bound.  The bench reports any row
+    faster than its limit as a fault of the limit.
 
     * hsic: the two projections ``X W_A^T``, ``X W_B^T`` (N x d x D each), the cross-covariance
       ``Phi_B^T Phi_A`` (D x N x D); backward ``Phi_B C``, ``Phi_A C^T`` (N x D x D) and
@@ -559,6 +577,8 @@ def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:
     candidates = {"aten": aten, "compiled": torch.compile(aten, dynamic=False)}
     if loss in ("sfrik", "uniformity"):
         candidates.update({f"symmetric-{t}": symmetric(t) for t in LIMIT_BLOCKS})
+        if shape["n"] <= LIMIT_HALVES_MAX_ROWS:
+            candidates["halves"] = lambda *vs: halves_gram_products(torch.stack([v.detach() for v in vs])).unbind(0)
     return FastestOf({name: torch.no_grad()(fn) for name, fn in candidates.items()})
 
 
