@@ -45,6 +45,7 @@ from ..ops import gaussian_gram as _unif
 from ..ops import rff_hsic as _hsic
 from ..ops import sfrik_loss as _sfrik
 from ..ops import taylor_logdet as _mec
+from ..ops.legendre_gram import gram_by_halves
 from ..ops.rff_hsic import sample_imq_rff
 from .measure import MODES, free_gpu_memory, sync
 
@@ -500,12 +501,7 @@ def halves_gram_products(z: torch.Tensor) -> torch.Tensor:
     :func:`kernelssl.ops.legendre_gram.split_gram` says so: the lower half by two GEMMs (3/4 of the Gram's
     products), the upper half its mirror.  ``z`` is ``(V, n, q)``; returns R."""
     V, n, _ = z.shape
-    h = n // 2
-    g = z.new_empty(V, n, n)
-    g[:, :, :h].baddbmm_(z, z[:, :h].mT, beta=0.0)
-    g[:, h:, h:].baddbmm_(z[:, h:], z[:, h:].mT, beta=0.0)
-    g[:, :h, h:].copy_(g[:, h:, :h].mT)
-    return torch.bmm(g, z)
+    return torch.bmm(gram_by_halves(z, z.new_empty(V, n, n)), z)
 
 
 def limit_products(loss: str, shape: dict) -> Callable[..., torch.Tensor]:

@@ -145,16 +145,24 @@ def workspace(shape: int | tuple[int, ...], like: Tensor, slot: int) -> Tensor:
     if (not like.is_cpu or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor
             or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         return like.new_empty(shape)
-    cache = _WORKSPACE.__dict__.setdefault("bufs", {})
-    key = (slot, like.dtype, torch.is_inference_mode_enabled())
-    entry = cache.get(key)  # [buffer, writer count, (shape, view) of the last call]
+    entry = _kept_entry(slot, like.dtype)  # [buffer, writer count, (shape, view) of the last call]
     if entry is None or entry[0].numel() < numel:
         with torch.no_grad():
-            entry = cache[key] = [like.new_empty(numel), 0, None]
+            entry = _WORKSPACE.__dict__.setdefault("bufs", {})[_kept_key(slot, like.dtype)] = [
+                like.new_empty(numel), 0, None]
     entry[1] += 1
     if entry[2] is None or entry[2][0] != shape:  # the same view object again for the same shape
         entry[2] = (shape, entry[0][:numel].view(shape))
     return entry[2][1]
+
+
+def _kept_key(slot: int, dtype: torch.dtype) -> tuple:
+    return slot, dtype, torch.is_inference_mode_enabled()
+
+
+def _kept_entry(slot: int, dtype: torch.dtype) -> list | None:
+    """This thread's kept buffer of :func:`workspace` for ``slot`` and ``dtype`` (and inference mode)."""
+    return _WORKSPACE.__dict__.get("bufs", {}).get(_kept_key(slot, dtype))
 
 
 def workspace_stamp(t: Tensor, slot: int) -> tuple | None:
@@ -162,7 +170,7 @@ def workspace_stamp(t: Tensor, slot: int) -> tuple | None:
     read again by its backward), taken right after the :func:`workspace` call that returned it: which
     writer holds ``slot`` now; None when ``t`` is not a kept buffer (a fresh tensor: not worth keeping).
     :func:`still_written` then says whether ``t`` still holds what was written."""
-    entry = _WORKSPACE.__dict__.get("bufs", {}).get((slot, t.dtype, torch.is_inference_mode_enabled()))
+    entry = _kept_entry(slot, t.dtype)
     if entry is None or entry[0].untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
         return None
     return entry[0], entry[1]
@@ -171,7 +179,7 @@ def workspace_stamp(t: Tensor, slot: int) -> tuple | None:
 def still_written(t: Tensor, slot: int, stamp: tuple) -> bool:
     """Whether the kept buffer ``t`` still holds what was written when ``stamp`` (:func:`workspace_stamp`)
     was taken: no later :func:`workspace` call of this thread took ``slot``."""
-    entry = _WORKSPACE.__dict__.get("bufs", {}).get((slot, t.dtype, torch.is_inference_mode_enabled()))
+    entry = _kept_entry(slot, t.dtype)
     return entry is not None and entry[0] is stamp[0] and entry[1] == stamp[1]
 
 

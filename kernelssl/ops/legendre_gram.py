@@ -57,6 +57,7 @@ from ._common import (
 __all__ = [
     "DEFAULT_TILE_ELEMENTS", "legendre_recurrence_constants", "legendre", "legendre_series", "default_chunk_size",
     "legendre_gram_mean", "legendre_gram_mean_eager", "legendre_gram_mean_backward", "sfrik_block_size", "split_gram",
+    "gram_by_halves",
 ]
 
 #: Target number of elements of one ``(chunk, n)`` Gram tile of the chunked path (8 Mi: 32 MiB in
@@ -404,6 +405,16 @@ def split_gram(n: int, q: int) -> bool:
     return n >= SPLIT_GRAM_MIN_ROWS and q >= 128 * torch.get_num_threads()
 
 
+def gram_by_halves(z: Tensor, out: Tensor) -> Tensor:
+    """``out = Z Z^T`` for ``z`` of shape ``(V, n, q)``: the lower half by two GEMMs, ``[:, :h] = Z Z_0^T`` and
+    ``[h:, h:] = Z_1 Z_1^T`` (3/4 of the products), the upper half its mirror (exactly symmetric)."""
+    h = z.shape[1] // 2
+    out[:, :, :h].baddbmm_(z, z[:, :h].mT, beta=0.0)
+    out[:, h:, h:].baddbmm_(z[:, h:], z[:, h:].mT, beta=0.0)
+    out[:, :h, h:].copy_(out[:, h:, :h].mT)
+    return out
+
+
 def _one_block_cubic(zhat: Tensor, c: tuple[float, ...], grad_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """:func:`_block_gram_mean` with a gradient, one block, cubic phi, ``c_2 != 0`` (the paper's small
     batches) in eleven ops.  With ``s = Zhat^T 1``, ``D = G + (3 c_3 / 2 c_2) G o G``:
@@ -412,11 +423,8 @@ def _one_block_cubic(zhat: Tensor, c: tuple[float, ...], grad_scale: float = 1.0
     V, n, q = zhat.shape
     s = zhat.sum(dim=-2)  # (V, q)
     g = workspace((V, n, n), zhat, 0)
-    if split_gram(n, q):  # G's lower half by two GEMMs (3/4 of the products), the upper one its mirror
-        h = n // 2
-        g[:, :, :h].baddbmm_(zhat, zhat[:, :h].mT, beta=0.0)
-        g[:, h:, h:].baddbmm_(zhat[:, h:], zhat[:, h:].mT, beta=0.0)
-        g[:, :h, h:].copy_(g[:, h:, :h].mT)
+    if split_gram(n, q):
+        gram_by_halves(zhat, g)
     else:
         torch.bmm(zhat, zhat.mT, out=g)
     d = torch.addcmul(g, g, g, value=1.5 * c[3] / c[2], out=workspace((V, n, n), zhat, 1))

@@ -61,7 +61,7 @@ class _SFRIKLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, za, zb, b, block, sim_weight, mmd_weight, want_a, want_b, prescale):  # type: ignore[override]
         n, q = za.shape
-        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)  # dmse/d(diff) and dM/dy per unit of R
+        k_r, k_m = _SFRIKLoss._factors(n, q)
         y, scale, norm = _SFRIKLoss._unit_views(za, zb, prescale)
         want = want_a or want_b  # one view frozen: its gradient is formed too (rare; the ops stay batched)
         # R, scaled to d(loss)/dy's share: mmd_weight / 2 * dM/dy
@@ -106,6 +106,11 @@ class _SFRIKLoss(torch.autograd.Function):
         return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
 
     @staticmethod
+    def _factors(n, q):
+        """``(dmse/d(diff), dM/dy per unit of R)``: ``2 / (n q)`` and ``2 / n^2``."""
+        return 2.0 / float(n * q), 2.0 / float(n * n)
+
+    @staticmethod
     def _unit_views(za, zb, prescale=False, saved=None):
         """``(y, scale, norm)``: both views stacked, prescaled (``prescale``) and normalised, in a scratch
         tensor (workspace).  ``norm`` holds the prescaled rows' norms, clamped to ``NORM_EPS`` if
@@ -142,7 +147,7 @@ class _SFRIKLoss(torch.autograd.Function):
         norm, scale, za, zb = ctx.saved_tensors
         sim_weight, mmd_weight = ctx.weights
         n, q = za.shape
-        k_r, k_m = 2.0 / float(n * q), 2.0 / float(n * n)
+        k_r, k_m = _SFRIKLoss._factors(n, q)
         y, diff = (t if stamp is not None and still_written(t, slot, stamp) else None for t, slot, stamp in ctx.kept)
         if y is None:
             y = _SFRIKLoss._unit_views(za, zb, saved=(scale, norm))[0]  # bitwise the forward's
