@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import io
 import json
 import math
@@ -550,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
         if dist.is_available() and dist.is_initialized():
+            gc.collect()  # free graphs held in reference cycles first: they hold the group (docs/api.md)
             dist.destroy_process_group()
     return 0
 
