@@ -20,20 +20,35 @@ Sources (dense rates, no structured sparsity; bandwidth the datasheet's peak, ex
 * ``mi300x``: AMD Instinct MI300X data sheet: 304 CUs, FP32 vector 81.7, FP32 matrix 163.4, TF32
   matrix 653.7, BF16 matrix 1307.4 TFLOP/s, HBM3 5.3 TB/s; CDNA 3 white paper: 64 KB of LDS per CU,
   4 SIMDs per CU, wave64.
-* The per-SM limits of the NVIDIA targets: CUDA C++ Programming Guide, "Technical Specifications per
-  Compute Capability" (8.0: 164 KB shared memory per SM, 163 KB per block; 8.9: 100 KB per SM, 99 KB
-  per block, 1536 threads, 24 blocks; 9.0: 228 KB per SM, 227 KB per block; all: 64 K registers, 1 KB
-  reserved per block).  AMD's CDNA 3 ISA guide: 512 vector registers (architectural + accumulation)
-  per lane and SIMD, allocated in units of 8, at most 8 waves per SIMD.
+* The limits on resident programs (registers, threads, programs and shared memory per SM / CU, the
+  per-block shared memory, the warp size) are those of the kernels' own target table,
+  :data:`kernelssl.triton.targets.TARGETS`, by ``arch``; that table gives their sources.  Only the AMD
+  register model's allocation unit (8 VGPRs) and its cap of 8 waves per SIMD are set here (AMD's
+  CDNA 3 ISA guide).
 
 ``overhead`` (3 us per launch, GPU-side gap and ramp) is the same assumed figure on every target.
 """
 from __future__ import annotations
 
-from ..triton.offline import SM90
+from ..triton.offline import SMEM_RESERVED
+from ..triton.offline import occupancy as _nvidia_occupancy
+from ..triton.targets import TARGETS as KERNEL_TARGETS
 
-_NVIDIA_SM = {"regs_per_sm": 65536, "threads_per_sm": 2048, "smem_reserved": 1024, "blocks_per_sm": 32,
-              "warp_size": 32}
+#: AMD CDNA 3 ISA guide: vector registers are allocated in units of 8 per lane, at most 8 waves per SIMD.
+_CDNA_VGPR_UNIT, _CDNA_WAVES_PER_SIMD = 8, 8
+
+
+def _limits(arch: str) -> dict:
+    """The limits on resident programs of ``arch``, from :data:`kernelssl.triton.targets.TARGETS`."""
+    t = KERNEL_TARGETS[arch]
+    out = {"regs_per_sm": t.regs_per_sm, "threads_per_sm": t.threads_per_sm, "blocks_per_sm": t.blocks_per_sm,
+           "smem_per_sm": t.smem_per_sm, "smem_per_block": t.smem_per_block, "warp_size": t.warp_size,
+           "smem_reserved": SMEM_RESERVED if t.vendor == "nvidia" else 0}
+    if t.vendor == "amd":
+        out.update(simds=t.regs_per_sm // (t.regs_per_thread * t.warp_size), vgprs_per_lane=t.regs_per_thread,
+                   vgpr_unit=_CDNA_VGPR_UNIT, waves_per_simd=_CDNA_WAVES_PER_SIMD)
+    return out
+
 
 #: ``{key: target}``: ``name``, ``arch``, ``source`` ("measured" where a ceiling was measured), rates in
 #: flop/s (``bf16``, ``tf32`` -- None where the target has none --, ``fma`` the fp32 vector rate,
@@ -47,23 +62,19 @@ _NVIDIA_SM = {"regs_per_sm": 65536, "threads_per_sm": 2048, "smem_reserved": 102
 TARGETS = {
     "h200": {"name": "H200 SXM", "arch": "sm_90", "source": "measured bf16 and copy; datasheet FMA",
              "bf16": 790e12, "tf32": 395e12, "fma": 67e12, "fp32_matrix": None, "bandwidth": 4.3e12,
-             "fp32_precisions": ("tf32x3",), **SM90, "warp_size": 32},
+             "fp32_precisions": ("tf32x3",), "sms": 132, **_limits("sm_90")},
     "h100": {"name": "H100 SXM5", "arch": "sm_90", "source": "datasheet",
              "bf16": 989.4e12, "tf32": 494.7e12, "fma": 67e12, "fp32_matrix": None, "bandwidth": 3.35e12,
-             "fp32_precisions": ("tf32x3",), **SM90, "warp_size": 32},
+             "fp32_precisions": ("tf32x3",), "sms": 132, **_limits("sm_90")},
     "a100": {"name": "A100 SXM4 80 GB", "arch": "sm_80", "source": "datasheet",
              "bf16": 312e12, "tf32": 156e12, "fma": 19.5e12, "fp32_matrix": None, "bandwidth": 2.039e12,
-             "fp32_precisions": ("tf32x3",), **_NVIDIA_SM, "sms": 108, "smem_per_sm": 167936,
-             "smem_per_block": 166912},
+             "fp32_precisions": ("tf32x3",), "sms": 108, **_limits("sm_80")},
     "rtx4090": {"name": "GeForce RTX 4090", "arch": "sm_89", "source": "datasheet",
                 "bf16": 165.2e12, "tf32": 82.6e12, "fma": 82.6e12, "fp32_matrix": None, "bandwidth": 1.008e12,
-                "fp32_precisions": ("tf32x3", "ieee"), **_NVIDIA_SM, "sms": 128, "threads_per_sm": 1536,
-                "blocks_per_sm": 24, "smem_per_sm": 102400, "smem_per_block": 101376},
+                "fp32_precisions": ("tf32x3", "ieee"), "sms": 128, **_limits("sm_89")},
     "mi300x": {"name": "Instinct MI300X", "arch": "gfx942", "source": "datasheet",
                "bf16": 1307.4e12, "tf32": 653.7e12, "fma": 81.7e12, "fp32_matrix": 163.4e12, "bandwidth": 5.3e12,
-               "fp32_precisions": ("ieee", "bf16x6"), "sms": 304, "warp_size": 64, "simds": 4,
-               "vgprs_per_lane": 512, "vgpr_unit": 8, "waves_per_simd": 8, "smem_per_sm": 65536,
-               "smem_per_block": 65536, "smem_reserved": 0},
+               "fp32_precisions": ("ieee", "bf16x6"), "sms": 304, **_limits("gfx942")},
 }
 for _t in TARGETS.values():
     _t.setdefault("overhead", 3e-6)
@@ -90,19 +101,15 @@ def occupancy(t: dict, regs: int, warps: int, shared: int) -> int:
     of 32 threads (as compiled for sm_90) and ``shared`` bytes of shared memory; 0 where it exceeds the
     target's per-block shared memory.  NVIDIA: the arithmetic of :func:`kernelssl.triton.offline.occupancy`
     (registers allocated per warp in units of 256, threads, shared memory with 1 KiB reserved per
-    program, programs per SM) under the target's limits.  AMD (wave64): the program's ``warps`` waves
+    program, programs per SM), on the target of its ``arch``.  AMD (wave64): the program's ``warps`` waves
     of 64 threads hold the same tiles, so about half the registers per thread (``regs / 2`` taken,
     rounded up to the allocation unit; a proxy until the variant is compiled for the target);
     ``floor(simds x waves per SIMD / warps)`` programs, waves per SIMD ``min(8, 512 / registers)``,
     and the LDS."""
-    if shared > t.get("smem_per_block", t["smem_per_sm"] - t["smem_reserved"]):
+    if shared > t["smem_per_block"]:
         return 0
     if t["warp_size"] == 32:
-        per_warp = -(-max(regs, 1) * 32 // 256) * 256
-        by_regs = t["regs_per_sm"] // (per_warp * warps)
-        by_threads = t["threads_per_sm"] // (32 * warps)
-        by_smem = t["smem_per_sm"] // (shared + t["smem_reserved"])
-        return max(0, min(t["blocks_per_sm"], by_regs, by_threads, by_smem))
+        return _nvidia_occupancy(regs, warps, shared, KERNEL_TARGETS[t["arch"]])
     unit = t["vgpr_unit"]
     vgprs = -(-max(-(-regs // 2), 1) // unit) * unit
     waves = min(t["waves_per_simd"], t["vgprs_per_lane"] // vgprs)

@@ -121,7 +121,12 @@ def _amd(name, label, sms, precisions):
                   True)
 
 
-#: Every target the kernels know, by name.
+#: Every target the kernels know, by name.  Sources of the limits: the CUDA C++ Programming Guide,
+#: "Technical Specifications per Compute Capability" (7.0: 96 KB of shared memory per SM and block;
+#: 7.5: 64 KB, 1024 threads, 16 blocks; 8.0: 164 KB per SM, 163 KB per block; 8.6 / 8.9: 100 KB per SM,
+#: 99 KB per block, 1536 threads, 16 / 24 blocks; 9.0: 228 KB per SM, 227 KB per block; all: 64 K
+#: registers per SM, 255 per thread, 1 KB reserved per block); AMD's CDNA 3 ISA guide and CDNA 3 white
+#: paper (64 KB of LDS per CU, 4 SIMDs, 512 vector registers per lane and SIMD, wave64).
 TARGETS: dict[str, Target] = {t.name: t for t in (
     _nv("sm_70", 70, "V100", 96, 96, 2048, 32, 80, ("ieee",), False),
     _nv("sm_75", 75, "T4", 64, 64, 1024, 16, 40, ("ieee",), False),
