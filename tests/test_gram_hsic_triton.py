@@ -183,3 +183,84 @@ def test_compiled_metric_on_the_kernels():
     assert_close(got, want, name="cka", rtol=1e-6, atol=0.0)
     for a, b in zip(gg, gw):
         assert_close(a, b, name="grad", rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------------
+# precision policy (docs/numerics.md): the default tf32x3, emulated on the CPU at a metrics shape
+# --------------------------------------------------------------------------------------------------
+
+
+def _emulated_cka(x, y, sig, precision):
+    """``(CKA, dCKA/dx, dCKA/dy)``, biased Gaussian CKA, in the kernels' own decomposition (module
+    docstring of kernelssl/triton/gram_hsic.py): each Gram tile's ``x_i . x_j`` by one
+    ``kernelssl.numerics.mm`` at ``precision``, the distances by the expansion (clamped at 0, exactly 0
+    on the diagonal), the kernel values and their products in the input dtype, every sum in float64;
+    the backward's weights ``W`` in the input dtype and its ``W X`` by ``mm`` at ``precision``.  The
+    upstream ``(dF/dtr, dF/drows)`` of CKA is formed from the float64 statistics, as the metric does."""
+    from kernelssl.numerics import mm
+
+    n = x.shape[0]
+    grams = []
+    for a, s in zip((x, y), sig):
+        sq = (a * a).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2.0 * mm(a, a.T.contiguous(), precision)).clamp_min(0.0)
+        d2.fill_diagonal_(0.0)
+        grams.append(torch.exp(d2 * (-0.5 / (s * s))))
+    k, lg = grams
+    tr = torch.stack([(p * q).sum(dtype=F64) for p in grams for q in grams]).view(2, 2).requires_grad_()
+    rows = torch.stack([g.sum(1, dtype=F64) for g in grams]).requires_grad_()
+
+    def hsic_b(a, b):
+        return (tr[a, b] - (2.0 / n) * (rows[a] @ rows[b]) + rows[a].sum() * rows[b].sum() / n**2) / (n - 1) ** 2
+
+    value = hsic_b(0, 1) / torch.sqrt(hsic_b(0, 0) * hsic_b(1, 1))
+    gtr, grows = torch.autograd.grad(value, (tr, rows))
+    S, g = (gtr + gtr.T).to(x.dtype), grows.to(x.dtype)
+    grads = []
+    for side, (a, s) in enumerate(zip((x, y), sig)):
+        gamma = 2.0 * (S[side, 0] * k + S[side, 1] * lg) + g[side][:, None] + g[side][None, :]
+        w = gamma * grams[side] * (-1.0 / (s * s))
+        w.fill_diagonal_(0.0)
+        grads.append(w.sum(1)[:, None] * a - mm(w, a, precision))
+    return value.detach(), grads[0], grads[1]
+
+
+def emulated_paper_case():
+    """``(run, ref, names)``: the emulation above at a representation-comparison shape, n = 2048 rows of
+    two 256-wide representations (a Gram entry's error is set by the row length, not by n), Gaussian
+    kernel at the median bandwidth; ``run(precision)`` in fp32, ``ref`` in float64 (also used by
+    test_targets)."""
+    g = torch.Generator().manual_seed(23)
+    n, d = 2048, 256
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = torch.tanh(x @ torch.randn(d, d, generator=g, dtype=F64) / math.sqrt(d)) + 0.3 * torch.randn(
+        n, d, generator=g, dtype=F64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    from kernelssl.metrics import median_sigma
+
+    sig = (median_sigma(x), median_sigma(y))
+    ref = _emulated_cka(x, y, sig, "ieee")
+    x32, y32, sig32 = x.float(), y.float(), tuple(s.float() for s in sig)
+    return (lambda p: _emulated_cka(x32, y32, sig32, p)), ref, ("CKA", "dCKA/dx", "dCKA/dy")
+
+
+def test_tf32x3_default_is_within_2x_of_ieee_emulated():
+    """With every kernel GEMM in emulated tf32x3, the error of a Gaussian CKA and of both its gradients
+    against float64 is within 2x of full fp32's ("ieee"); plain tf32 is far worse."""
+    from kernelssl.numerics import check_within_2x_of_ieee
+
+    check_within_2x_of_ieee(*emulated_paper_case())
+
+
+def test_emulation_in_float64_is_the_metric():
+    """The emulation above, in float64 (every product exact), is the torch tier's CKA and its gradients:
+    what the precision test compares is the kernels' decomposition of this metric."""
+    x, y = _inputs(60, 7, 5, seed=11)
+    sig = (torch.tensor(1.1, dtype=F64), torch.tensor(0.7, dtype=F64))
+    value, dx, dy = _emulated_cka(x, y, sig, "ieee")
+    xs = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    want = cka(*xs, kernel="gaussian", sigma=(1.1, 0.7), backend="torch")
+    gx, gy = torch.autograd.grad(want, xs)
+    assert_close(value, want.detach(), name="CKA", rtol=1e-12, atol=0.0)
+    assert_close(dx, gx, name="dx", rtol=1e-10, atol=1e-12 * float(gx.abs().max()))
+    assert_close(dy, gy, name="dy", rtol=1e-10, atol=1e-12 * float(gy.abs().max()))

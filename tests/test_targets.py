@@ -106,13 +106,14 @@ def test_explicit_precision_the_target_lacks_raises(fake_cuda, name, missing):
     assert dispatch.resolve_precision("ieee", CUDA0) == "ieee"  # every target has full fp32
 
 
-@pytest.mark.slow  # the four ops' CPU emulations at the paper shapes, five precisions each (~1 min)
+@pytest.mark.slow  # the five ops' CPU emulations at the paper shapes, five precisions each (~1 min)
 def test_accurate_precisions_and_amd_defaults_by_emulation():
     """ACCURATE, the precisions the targets' defaults are chosen from, is what the emulation of every op at
     its paper shape finds within 2x of ieee (value and every gradient), among tf32x3 / bf16x6 / bf16x3
     (plain tf32 is the explicit opt-in, never a default); each AMD target's default is the first of its
     precisions, fastest first, that is accurate for every op."""
     import test_gaussian_gram_triton
+    import test_gram_hsic_triton
     import test_legendre_gram_triton
     import test_rff_hsic_triton
     import test_taylor_logdet_triton
@@ -121,7 +122,7 @@ def test_accurate_precisions_and_amd_defaults_by_emulation():
 
     accurate, table = {"ieee", "tf32x3", "bf16x6", "bf16x3"}, {}
     for module in (test_rff_hsic_triton, test_legendre_gram_triton, test_taylor_logdet_triton,
-                   test_gaussian_gram_triton):
+                   test_gaussian_gram_triton, test_gram_hsic_triton):
         run, ref, _ = module.emulated_paper_case()
         errs = errors_by_precision(run, ref, ("ieee", "tf32x3", "bf16x6", "bf16x3"))
         table[module.__name__] = errs
