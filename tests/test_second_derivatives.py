@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernelssl.functional as KF
-from helpers import assert_error_within_torch, check_second_derivative
+from helpers import assert_close, assert_error_within_torch, check_second_derivative
 from helpers import random_rows as _z
 from kernelssl import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
 
@@ -86,3 +86,38 @@ def test_triton_second_derivative_within_2x_of_torch(name):
     for i, (f, t, e) in enumerate(zip(fused, torch32, exact)):
         floor = 64 * 2.0**-24 * float(e.abs().max())
         assert_error_within_torch(f, t, e, floor=floor, name=f"{name} d(penalty)/d(input {i})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_sfrik_second_derivative_on_rows_of_extreme_norm(dtype):
+    """A row of norm far below ``F.normalize``'s eps (1e-12) and one whose sum of squares overflows, both
+    normalised exactly by the fused forward's power-of-two prescale: under ``create_graph=True`` the
+    backward differentiates that same prescaled function, so the first gradient is the plain backward's,
+    row by row, and the Hessian-vector product is plain autograd's of the prescaled eager form.  (The
+    tiny norm is chosen so that the Hessian, ~1 / ||z||^2, stays finite in the dtype.)  Tolerances:
+    float64, two algorithms for one function (the fused gradient, plain autograd), 1e-10 of each row's
+    largest entry; float32, the fp32 gradient tolerance of kernelssl.numerics (FP32_TOL)."""
+    from kernelssl.numerics import FP32_TOL
+    from kernelssl.ops import sfrik_loss as SL
+
+    tiny, huge = (1e-150, 1e160) if dtype == torch.float64 else (1e-15, 1e20)
+    za, zb = _z(7, 4, seed=1).to(dtype), _z(7, 4, seed=2).to(dtype)
+    za[1] = za[1] * tiny
+    za[4] = za[4] * huge
+    crit = SFRIKLoss(sim_weight=3.0)
+    a = za.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(crit(a, zb), a)
+    a = za.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(crit(a, zb), a, create_graph=True)
+    v = torch.randn(za.shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    (hvp,) = torch.autograd.grad((first * v).sum(), a)
+    r = za.clone().requires_grad_(True)
+    (ref_first,) = torch.autograd.grad(
+        SL.sfrik_loss(r, zb, sim_weight=3.0, eager=True, prescale=True)[0], r, create_graph=True)
+    (ref_hvp,) = torch.autograd.grad((ref_first * v).sum(), r)
+    rel = 1e-10 if dtype == torch.float64 else FP32_TOL["grad_atol_rel"]
+    assert bool(torch.isfinite(plain).all()) and bool(torch.isfinite(hvp).all())
+    for i in range(za.shape[0]):  # row by row: the tiny row's gradient is ~1/||z|| larger than the others
+        scale = float(plain[i].abs().max())
+        assert_close(first[i], plain[i], rtol=0.0, atol=rel * scale, name=f"first gradient, row {i}")
+        assert_close(hvp[i], ref_hvp[i], rtol=0.0, atol=rel * float(ref_hvp[i].abs().max()), name=f"HVP, row {i}")

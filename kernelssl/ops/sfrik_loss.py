@@ -80,7 +80,7 @@ class _SFRIKLoss(torch.autograd.Function):
         ctx.grad = grad  # dloss/dz (both views); the first backward scales it in place
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
-        ctx.b, ctx.block = b, block
+        ctx.b, ctx.block, ctx.prescale = b, block, prescale
         ctx.set_materialize_grads(False)  # outputs nothing depends on (mse, mmd_a, mmd_b) cost no op
         return loss, mse, m[0], m[1]
 
@@ -91,8 +91,9 @@ class _SFRIKLoss(torch.autograd.Function):
             norm, scale, za, zb = ctx.saved_tensors
             sim_weight, mmd_weight = ctx.weights
 
-            def eager(a, b):
-                return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True)
+            def eager(a, b):  # the forward's function, its prescale included (rows of tiny or huge norm)
+                return sfrik_loss(a, b, coefficients=ctx.b, sim_weight=sim_weight, mmd_weight=mmd_weight, eager=True,
+                                  prescale=ctx.prescale)
             grads = recorded_backward(eager, (za, zb), ctx.wants, (g_loss, g_mse, g_a, g_b))
             return *grads, None, None, None, None, None, None, None
         with torch.no_grad():
