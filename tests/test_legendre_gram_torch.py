@@ -653,3 +653,17 @@ def test_fused_loss_prescaled_extreme_rows(dtype, n, w):
         else:
             scale = want.abs().max()
             assert_close(got, want, rtol=0, atol=FP32_RTOL_G * float(scale), name=name)
+
+
+# An input changed in place between the forward and the backward: autograd's error, as in plain autograd,
+# on the usual step (the gradient formed in the forward) and on the general backward alike.
+@pytest.mark.parametrize("w", [(2.5,), (2.5, -0.7, 1.3, 0.4)], ids=["loss-only", "all-outputs"])
+def test_fused_loss_input_changed_in_place_raises(w):
+    za = _z(9, 5, 61).requires_grad_(True)
+    zb = _z(9, 5, 62).requires_grad_(True)
+    a = za * 1.0
+    total = sum(wi * o for wi, o in zip(w, SL.sfrik_loss(a, zb, prescale=True)))
+    with torch.no_grad():
+        a.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()

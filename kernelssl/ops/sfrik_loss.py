@@ -103,6 +103,7 @@ class _SFRIKLoss(torch.autograd.Function):
             elif g_loss is None:
                 return (None,) * 9
             else:  # the usual step: only the loss is used
+                _ = ctx.saved_tensors  # autograd's check: an input changed in place since the forward raises
                 dz.mul_(g_loss)
         return (dz[0] if want_a else None), (dz[1] if want_b else None), None, None, None, None, None, None, None
 
