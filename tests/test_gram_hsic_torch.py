@@ -155,3 +155,27 @@ def test_compiled_cka_with_gradient_matches_eager(kernel):
     assert_close(got, want, name="cka", rtol=1e-12, atol=1e-14)
     for a, b in zip(gg, gw):
         assert_close(a, b, name="grad", rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_imq_diagonal_is_exactly_one(dtype):
+    """The metrics take the Grams' diagonal as exactly 1 (the unbiased estimator subtracts it from sums
+    of size n^2): the IMQ tile's ``s / sqrt(0 + s^2)`` is exactly 1 for every bandwidth (``s *
+    rsqrt(s^2)`` is not, for ~13% of them, 1 ulp off)."""
+    s = torch.logspace(-6, 6, 20001, dtype=dtype)
+    assert bool((G._kernel(torch.zeros_like(s), "imq", s) == 1).all())
+
+
+def test_unbiased_imq_hsic_with_a_near_identity_gram_float32():
+    """Far-apart rows (a Gram near the identity) and a bandwidth where ``s * rsqrt(s^2) != 1``: the float32
+    unbiased HSIC is the float64 reference's to METRICS_TOL's float32 rtol (it was -6.0e-8 against
+    -3.3e-10 when the diagonal came out 1 ulp below 1: an error of n ulps in a sum of size n)."""
+    from kernelssl.metrics import hsic, median_sigma
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 8, dtype=F64).mul(1e6).float()
+    y = torch.randn(4, 130)
+    assert float(median_sigma(y) * torch.rsqrt(median_sigma(y) ** 2)) != 1.0  # the case of the test
+    got = float(hsic(x, y, kernel="imq", sigma=(0.5, "median"), unbiased=True, backend="torch"))
+    want = R.hsic(x.double().numpy(), y.double().numpy(), "imq", (0.5, "median"), True)
+    assert_close(got, want, rtol=METRICS_TOL[torch.float32]["rtol"], atol=0.0, name="HSIC_u")

@@ -133,12 +133,6 @@ def median_sigma(x: Tensor) -> Tensor:
     return torch.sqrt(0.5 * (lo + hi))
 
 
-def _kernel_tile(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
-    if kernel == "gaussian":
-        return torch.exp(d2 / (-2.0 * s * s))
-    return s * torch.rsqrt(d2 + s * s)  # imq
-
-
 def _sigma_value(sig, x: Tensor) -> Tensor:
     if isinstance(sig, str):
         return median_sigma(x)

@@ -66,7 +66,7 @@ def _sq_dist(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, diagonal: bool) -> Te
 def _kernel(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
     if kernel == "gaussian":
         return torch.exp(d2 / (-2.0 * s * s))
-    return s * torch.rsqrt(d2 + s * s)  # imq
+    return s / torch.sqrt(d2 + s * s)  # imq; exactly 1 at d2 = 0 (sqrt(s * s) rounds back to s)
 
 
 def _tile(tile: int | None) -> int:

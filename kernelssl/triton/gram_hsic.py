@@ -56,7 +56,7 @@ def _sq_dist_tile(x_ptr, sq_ptr, rows, cols, rmask, cmask, stride_n, stride_d, d
 def _kernel_value(d2, s, KERNEL: tl.constexpr):
     if KERNEL == 0:
         return tl.exp(d2 * (-0.5 / (s * s)))
-    return s / tl.sqrt(d2 + s * s)
+    return tl.where(d2 == 0.0, 1.0, s / tl.sqrt(d2 + s * s))  # k(0) exactly 1 (fast sqrt and division)
 
 
 # Forward: program (I, c) over its split's column tiles J (module docstring).
