@@ -10,7 +10,7 @@ import torch
 import kernelssl
 import kernelssl.functional as KF
 from kernelssl import dispatch
-from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
+from kernelssl.losses import AlignUniformLoss, HSICLoss, MECLoss, SFRIKLoss, UniformityLoss
 
 
 def _views(K=2, B=8, d=5, dtype=torch.float64, seed=0):
@@ -430,3 +430,33 @@ def test_op_without_kernel_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='triton' cannot run some_new_op: there is no fused Triton kernel"):
         dispatch.implementation("some_new_op", "triton", x)
     assert dispatch.implementation("some_new_op", "auto", x) == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd's in-place check: an input changed after the forward raises in the backward, as in plain
+# autograd (the row prescale and the fused Functions keep the user's tensor for the check)
+# ------------------------------------------------------------------------------------------------
+
+IN_PLACE_CASES = {
+    # HSIC on one stacked (K, B, d) tensor: views passed separately are stacked into a copy first, which
+    # hides them from the check
+    "HSICLoss, stacked views": lambda a, b: HSICLoss(num_features=8, seed=0)(a.view(2, 4, 4), view_dim=0),
+    "SFRIKLoss": lambda a, b: SFRIKLoss()(a, b),
+    "MECLoss": lambda a, b: MECLoss()(a, b),
+    "UniformityLoss": lambda a, b: UniformityLoss()(a),
+    "AlignUniformLoss": lambda a, b: AlignUniformLoss()(a, b),
+    "taylor_logdet": lambda a, b: KF.taylor_logdet(a, b, 0.05),
+    "gaussian_gram_logmean": lambda a, b: KF.gaussian_gram_logmean(a, 2.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", IN_PLACE_CASES)
+def test_input_changed_in_place_after_forward_raises(name, dtype):
+    za = torch.randn(8, 4, dtype=dtype, requires_grad=True)
+    zb = torch.randn(8, 4, dtype=dtype, requires_grad=True)
+    loss = IN_PLACE_CASES[name](za, zb)
+    with torch.no_grad():
+        za.mul_(-0.5).add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -70,7 +70,34 @@ def prescale_rows(x: Tensor) -> Tensor:
     """
     if x.dtype == torch.float16:
         return x
-    return x * row_prescale(x)
+    factor = row_prescale(x)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return x * factor  # traced or transformed: no in-place check to keep (Dynamo refuses a custom jvp)
+    return _Prescale.apply(x, factor)
+
+
+class _Prescale(torch.autograd.Function):
+    """``x * factor`` for a detached ``factor`` that keeps ``x`` for autograd's check: an ``x`` changed in
+    place after the forward raises in the backward, as it would in plain autograd (a plain multiply by a
+    constant saves only the constant, and the ops after it see only the library's copies)."""
+
+    @staticmethod
+    def forward(x: Tensor, factor: Tensor) -> Tensor:  # type: ignore[override]
+        return x * factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor, factor_t) -> Tensor:  # type: ignore[override]
+        return x_t * ctx.saved_tensors[1]  # forward-mode AD (torch.autograd.forward_ad); the factor is a constant
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        _, factor = ctx.saved_tensors  # the check: raises if x was changed in place since the forward
+        return grad * factor, None
 
 
 _PRESCALE_CAP: dict = {}  # dtype -> the largest exponent row_prescale uses
