@@ -311,3 +311,19 @@ def test_streamed_memory_stays_below_one_gram():
     peak = int(out.stdout.split()[-1])
     assert peak >= 0, "peak memory not measurable (needs Linux /proc/self/clear_refs and glibc malloc_trim)"
     assert peak < n * n * 8 / 2, f"peak extra {peak / 2**20:.0f} MiB: half of one n x n float64 Gram or more"
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "imq"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_constant_representation_with_median_bandwidth_has_finite_gradients(kernel, unbiased):
+    """A constant x has median bandwidth 0 (k(0; 0) = 0/0); every distance is 0 there, so any bandwidth
+    gives the same all-ones Gram: HSIC is 0, CKA is NaN (undefined), and both gradients are finite."""
+    x = torch.ones(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    h = hsic(x, y, kernel=kernel, sigma="median", unbiased=unbiased)
+    assert float(h) == 0.0
+    c = cka(x, y, kernel=kernel, sigma="median", unbiased=unbiased)
+    assert math.isnan(float(c))
+    for value in (h, c):
+        for g in torch.autograd.grad(value, (x, y)):
+            assert bool(torch.isfinite(g).all())

@@ -135,7 +135,12 @@ def median_sigma(x: Tensor) -> Tensor:
 
 def _sigma_value(sig, x: Tensor) -> Tensor:
     if isinstance(sig, str):
-        return median_sigma(x)
+        # The median of a constant x is 0, and k(0; 0) is 0/0; but every distance is 0 there, so any
+        # bandwidth gives the same all-ones Gram: 1 keeps the value finite, and the median's own
+        # derivative (sqrt at 0) is kept out of the gradient by selecting a detached x (no host sync)
+        constant = _constant(x)
+        s = median_sigma(torch.where(constant, x.detach(), x))
+        return torch.where(constant, torch.ones_like(s), s)
     return torch.full((), sig, dtype=x.dtype, device=x.device)  # a fill: no host-to-device copy
 
 
@@ -256,5 +261,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: b
     xy = _estimate(st, 0, 1, n, unbiased)
     xx = _estimate(st, 0, 0, n, unbiased)
     yy = _estimate(st, 1, 1, n, unbiased)
-    val = (xy / torch.sqrt(xx * yy)).to(x.dtype)
-    return torch.where(_constant(x) | _constant(y), torch.full_like(val, math.nan), val)
+    constant = _constant(x) | _constant(y)
+    den = torch.sqrt(torch.where(constant, torch.ones_like(xx), xx * yy))  # 0/0 kept out of the gradient too
+    val = (xy / den).to(x.dtype)
+    return torch.where(constant, torch.full_like(val, math.nan), val)
