@@ -214,6 +214,20 @@ def test_minibatch_cka(kernel, sigma):
         m.update([torch.tensor(t) for t in xs[0]], torch.tensor(ys[0][0]))
 
 
+def test_minibatch_cka_reset_forgets_the_layer_counts_it_took():
+    """Layer counts taken from the first update are forgotten by reset (a new pair of models may follow);
+    counts given to the constructor are kept."""
+    xs, ys = _batches()
+    m = MinibatchCKA()
+    m.update([torch.tensor(t) for t in xs[0]], [torch.tensor(t) for t in ys[0]])
+    m.reset()
+    m.update(torch.tensor(xs[1][0]), torch.tensor(ys[1][1]))  # one layer each now
+    want = MinibatchCKA()
+    want.update(torch.tensor(xs[1][0]), torch.tensor(ys[1][1]))
+    assert m.compute().shape == (1, 1)
+    assert_close(m.compute(), want.compute(), **METRICS_TOL[F64], name="CKA after reset")
+
+
 # ---------------------------------------------------------------------------------------------------
 # two gloo ranks: each sees half the minibatches; after sync_distributed both equal one process
 

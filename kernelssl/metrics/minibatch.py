@@ -50,13 +50,15 @@ class MinibatchCKA:
             check_int(num_y_layers, "num_y_layers", minimum=1)
         if isinstance(sigma, (tuple, list)):
             raise TypeError(f"sigma: expected None, a positive number or 'median', got {describe(sigma)}")
-        self.num_x_layers, self.num_y_layers = num_x_layers, num_y_layers
+        self._given_layers = (num_x_layers, num_y_layers)
         self.kernel, self.sigma, self.exact = kernel, sigma, exact
         self.num_features, self.generator, self.backend = num_features, generator, backend
         self.reset()
 
     def reset(self) -> None:
-        """Forget every minibatch."""
+        """Forget every minibatch, and the layer counts taken from the first update (those given to the
+        constructor stay)."""
+        self.num_x_layers, self.num_y_layers = self._given_layers
         self.xy: Tensor | None = None  # (na, nb) sum of HSIC_u(K_i, L_j)
         self.xx: Tensor | None = None  # (na,)   sum of HSIC_u(K_i, K_i)
         self.yy: Tensor | None = None  # (nb,)   sum of HSIC_u(L_j, L_j)
