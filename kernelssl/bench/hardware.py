@@ -30,8 +30,8 @@ Sources (dense rates, no structured sparsity; bandwidth the datasheet's peak, ex
 """
 from __future__ import annotations
 
-from ..triton.offline import SMEM_RESERVED
 from ..triton.offline import occupancy as _nvidia_occupancy
+from ..triton.offline import resources
 from ..triton.targets import TARGETS as KERNEL_TARGETS
 
 #: AMD CDNA 3 ISA guide: vector registers are allocated in units of 8 per lane, at most 8 waves per SIMD.
@@ -41,9 +41,8 @@ _CDNA_VGPR_UNIT, _CDNA_WAVES_PER_SIMD = 8, 8
 def _limits(arch: str) -> dict:
     """The limits on resident programs of ``arch``, from :data:`kernelssl.triton.targets.TARGETS`."""
     t = KERNEL_TARGETS[arch]
-    out = {"regs_per_sm": t.regs_per_sm, "threads_per_sm": t.threads_per_sm, "blocks_per_sm": t.blocks_per_sm,
-           "smem_per_sm": t.smem_per_sm, "smem_per_block": t.smem_per_block, "warp_size": t.warp_size,
-           "smem_reserved": SMEM_RESERVED if t.vendor == "nvidia" else 0}
+    out = {k: v for k, v in resources(t).items() if k != "sms"}  # the SM count is the GPU's, set per entry
+    out.update(smem_per_block=t.smem_per_block, warp_size=t.warp_size)
     if t.vendor == "amd":
         out.update(simds=t.regs_per_sm // (t.regs_per_thread * t.warp_size), vgprs_per_lane=t.regs_per_thread,
                    vgpr_unit=_CDNA_VGPR_UNIT, waves_per_simd=_CDNA_WAVES_PER_SIMD)

@@ -25,14 +25,15 @@ import tempfile
 
 from .targets import TARGETS, Target, assume, lookup
 
-__all__ = ["SM90", "SMEM_RESERVED", "tools_available", "Recorder", "recording", "rff_hsic_gpu_config", "compile_all",
-           "occupancy", "programs_per_sm", "wave_efficiency"]
+__all__ = ["SM90", "SMEM_RESERVED", "resources", "tools_available", "Recorder", "recording", "rff_hsic_gpu_config",
+           "compile_all", "occupancy", "programs_per_sm", "wave_efficiency"]
 
 #: Shared memory the driver reserves per resident program (NVIDIA sm_80+; bytes).
 SMEM_RESERVED = 1024
 
 
-def _resources(t: Target) -> dict:
+def resources(t: Target) -> dict:
+    """What sets ``t``'s resident programs, as :func:`occupancy` reads them (1 KiB reserved per program on NVIDIA)."""
     return {"sms": t.sms, "regs_per_sm": t.regs_per_sm, "threads_per_sm": t.threads_per_sm,
             "smem_per_sm": t.smem_per_sm, "smem_reserved": SMEM_RESERVED if t.vendor == "nvidia" else 0,
             "blocks_per_sm": t.blocks_per_sm}
@@ -40,7 +41,7 @@ def _resources(t: Target) -> dict:
 
 #: What sets an sm_90 GPU's (H100/H200 SXM) resident programs: SMs, 64 K registers, 2048 threads,
 #: 228 KiB of shared memory with 1 KiB reserved per program, 32 programs per SM.
-SM90 = _resources(TARGETS["sm_90"])
+SM90 = resources(TARGETS["sm_90"])
 
 
 def tools_available() -> bool:
@@ -202,7 +203,7 @@ def occupancy(regs: int, warps: int, shared: int, target: str | Target = "sm_90"
     """Resident programs per SM of an NVIDIA variant with ``regs`` registers per thread (allocated per
     warp in units of 256), ``warps`` warps and ``shared`` bytes of shared memory on ``target``
     (:data:`SM90` for sm_90)."""
-    res = _resources(lookup(target) if isinstance(target, str) else target)
+    res = resources(lookup(target) if isinstance(target, str) else target)
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
     by_regs = res["regs_per_sm"] // (per_warp * warps)
     by_threads = res["threads_per_sm"] // (32 * warps)
