@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "MEDIAN_ROWS", "sq_distances", "median_sigma", "gram", "hsic_biased", "hsic_unbiased", "hsic", "cka",
-    "minibatch_cka", "gram_hsic_stats",
+    "minibatch_cka", "shifted_gram", "gram_hsic_stats",
 ]
 
 
@@ -111,9 +111,28 @@ def minibatch_cka(xs, ys, kernel: str = "linear", sigma=None) -> np.ndarray:
     return xy / np.sqrt(xx[:, None] * yy[None, :])
 
 
-def gram_hsic_stats(xs, kernel: str, sigmas) -> tuple[np.ndarray, np.ndarray]:
-    """The ``gram_hsic`` op's statistics from the dense Grams ``K_a`` of ``xs`` (bandwidths ``sigmas``,
-    numbers): ``tr[a, b] = sum_ij K_a,ij K_b,ij`` ``(m, m)`` and ``rows[a] = K_a 1`` ``(m, n)``."""
-    Ks = [gram(x, kernel, s) for x, s in zip(xs, sigmas)]
-    tr = np.array([[float((Ka * Kb).sum()) for Kb in Ks] for Ka in Ks])
-    return tr, np.stack([K.sum(1) for K in Ks])
+def shifted_gram(x, kernel: str, sigma: float, shift: float) -> np.ndarray:
+    """``K - shift`` off the diagonal, 0 on it, for the exact Gaussian or IMQ Gram of ``x``: with
+    ``shift`` 1, ``K - 1`` formed directly (``expm1``; imq ``-d2 / (r (s + r))``, ``r = sqrt(d2 + s^2)``).
+    Both HSIC estimators are unchanged by adding a constant to the kernel: with this Gram's diagonal
+    ``1 - shift`` put back, they give those of ``K``."""
+    d2 = sq_distances(x)
+    s = float(sigma)
+    if kernel == "gaussian":
+        e = np.expm1(-d2 / (2.0 * s * s)) if shift else np.exp(-d2 / (2.0 * s * s))
+    elif kernel == "imq":
+        r = np.sqrt(d2 + s * s)
+        e = -d2 / (r * (s + r)) if shift else s / r
+    else:
+        raise ValueError(f"kernel: unknown {kernel!r}")
+    np.fill_diagonal(e, 0.0)
+    return e
+
+
+def gram_hsic_stats(xs, kernel: str, sigmas, shifts) -> tuple[np.ndarray, np.ndarray]:
+    """The ``gram_hsic`` op's statistics from the dense shifted Grams ``E_a`` of :func:`shifted_gram`
+    (bandwidths ``sigmas``, shifts ``shifts``: numbers): ``tr[a, b] = sum_ij E_a,ij E_b,ij`` ``(m, m)`` and
+    ``rows[a] = E_a 1`` ``(m, n)``."""
+    Es = [shifted_gram(x, kernel, s, c) for x, s, c in zip(xs, sigmas, shifts)]
+    tr = np.array([[float((Ea * Eb).sum()) for Eb in Es] for Ea in Es])
+    return tr, np.stack([E.sum(1) for E in Es])

@@ -258,14 +258,15 @@ def _gram_hsic():
         kernel = ("gaussian", "imq")[code]
         x, y = torch.empty(n, dx), torch.empty(n, dy)
         Recorder.tag = f"n{n}-dx{dx}-dy{dy}-{kernel}-{prec}"
-        GH.gram_hsic_forward(x, y, torch.ones(2), kernel, prec)
-        GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, n), x, y, torch.ones(2), kernel, prec)
+        GH.gram_hsic_forward(x, y, torch.ones(2), torch.ones(2), kernel, prec)
+        GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, n), x, y, torch.ones(2), torch.ones(2), kernel, prec)
     Recorder.tag = None
     # Dimensions equal to 1 (specialised into constants on a GPU, never by the interpreter)
     Recorder.ones_from = len(Recorder.calls)
     x, y = torch.empty(40, 1), torch.empty(40, 3)
-    GH.gram_hsic_forward(x, y, torch.ones(2), "gaussian", _prec("tf32x3"))
-    GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, 40), x, y, torch.ones(2), "gaussian", _prec("tf32x3"))
+    GH.gram_hsic_forward(x, y, torch.ones(2), torch.ones(2), "gaussian", _prec("tf32x3"))
+    GH.gram_hsic_backward(torch.ones(2, 2), torch.ones(2, 40), x, y, torch.ones(2), torch.ones(2), "gaussian",
+                          _prec("tf32x3"))
     return GH
 
 

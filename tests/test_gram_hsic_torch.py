@@ -1,9 +1,10 @@
 """``gram_hsic``, torch tier (kernelssl/ops/gram_hsic.py): the HSIC/CKA statistics of exact Gaussian and
 IMQ Grams, streamed over blocks, against the NumPy float64 reference (``reference.metrics.gram_hsic_stats``,
-dense Grams), tight in float64 (METRICS_TOL).  The streamed backward: float64 ``gradcheck`` and
-``gradgradcheck`` (non-unit, random upstream gradients of both outputs, through the bandwidths too),
-equal to the plain-autograd form; results independent of the block size (ragged last block).  Slow tier:
-the peak memory of a forward+backward at n = 6000 stays far below one n x n float64 Gram."""
+dense shifted Grams), tight in float64 (METRICS_TOL), with each Gram's shift 0 and 1.  The streamed
+backward: float64 ``gradcheck`` and ``gradgradcheck`` (non-unit, random upstream gradients of both
+outputs, through the bandwidths too), equal to the plain-autograd form; results independent of the block
+size (ragged last block).  Slow tier: the peak memory of a forward+backward at n = 8000 stays far below
+one n x n float64 Gram."""
 from __future__ import annotations
 
 import os
@@ -34,13 +35,19 @@ def _sigmas(values, dtype=F64):
     return [torch.tensor(v, dtype=dtype) for v in values]
 
 
+_shifts = _sigmas  # 0-d tensors too
+MIXED = (1.0, 0.0, 1.0)  # shifts of up to three Grams: both kinds in one call
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,dims", [(37, (5, 3)), (2, (1, 1)), (19, (4, 1, 2))])
-def test_statistics_equal_reference(kernel, n, dims):
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), MIXED], ids=["0", "1", "mixed"])
+def test_statistics_equal_reference(kernel, n, dims, shift):
     xs = _reps(n, dims)
     sig = [1.3, 0.7, 2.1][: len(dims)]
-    tr, rows = G.gram_hsic_stats(xs, kernel, _sigmas(sig), tile=8)
-    rtr, rrows = R.gram_hsic_stats([x.numpy() for x in xs], kernel, sig)
+    shift = shift[: len(dims)]
+    tr, rows = G.gram_hsic_stats(xs, kernel, _sigmas(sig), _shifts(shift), tile=8)
+    rtr, rrows = R.gram_hsic_stats([x.numpy() for x in xs], kernel, sig, shift)
     assert tr.dtype == rows.dtype == F64
     assert_close(tr, rtr, name="tr", **METRICS_TOL[F64])
     assert_close(rows, rrows, name="rows", **METRICS_TOL[F64])
@@ -49,29 +56,30 @@ def test_statistics_equal_reference(kernel, n, dims):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_block_size_does_not_change_the_statistics(kernel):
     xs = _reps(45, (3, 2), seed=1)
-    one = G.gram_hsic_stats(xs, kernel, _sigmas([1.1, 0.8]), tile=1024)
+    one = G.gram_hsic_stats(xs, kernel, _sigmas([1.1, 0.8]), _shifts(MIXED[:2]), tile=1024)
     for tile in (7, 8, 45):  # 7: a ragged last block; 45: one block
-        many = G.gram_hsic_stats(xs, kernel, _sigmas([1.1, 0.8]), tile=tile)
+        many = G.gram_hsic_stats(xs, kernel, _sigmas([1.1, 0.8]), _shifts(MIXED[:2]), tile=tile)
         for a, b in zip(many, one):
             assert_close(a, b, name=f"tile={tile}", **METRICS_TOL[F64])
 
 
-def _weighted(fn, kernel, m, n, tile):
+def _weighted(fn, kernel, m, n, tile, shift=MIXED):
     g = torch.Generator().manual_seed(7)
     wt = torch.randn(m, m, generator=g, dtype=F64)  # non-unit upstream gradients of both outputs
     wr = torch.randn(m, n, generator=g, dtype=F64)
 
     def f(*t):
-        tr, rows = fn(list(t[:m]), kernel, list(t[m:]), tile)
+        tr, rows = fn(list(t[:m]), kernel, list(t[m:]), _shifts(shift[:m]), tile)
         return (tr * wt).sum() + (rows * wr).sum()
     return f
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_gradcheck_streamed_backward(kernel):
+@pytest.mark.parametrize("shift", [(0.0, 1.0), (1.0, 0.0)], ids=["01", "10"])
+def test_gradcheck_streamed_backward(kernel, shift):
     xs = [x.requires_grad_() for x in _reps(13, (3, 2))]
     sig = [s.requires_grad_() for s in _sigmas([1.2, 0.9])]
-    f = _weighted(G.gram_hsic_stats, kernel, 2, 13, 5)
+    f = _weighted(G.gram_hsic_stats, kernel, 2, 13, 5, shift)
     assert torch.autograd.gradcheck(f, (*xs, *sig))
     assert torch.autograd.gradgradcheck(f, (*xs, *sig))
 
@@ -96,7 +104,7 @@ def test_float32_backward_far_apart_rows():
     grads = []
     for dt in (torch.float32, F64):
         xs = [x.to(dt).requires_grad_() for x in xs64]
-        tr, rows = G.gram_hsic_stats(xs, "gaussian", _sigmas(sig, dt), tile=16)
+        tr, rows = G.gram_hsic_stats(xs, "gaussian", _sigmas(sig, dt), _shifts([0.0, 0.0], dt), tile=16)
         grads.append(torch.autograd.grad(tr.sum() + rows.sum(), xs[0])[0])
     assert_close(grads[0], grads[1], name="dx", rtol=1e-4, atol=1e-6 * float(grads[1].abs().max()))
 
@@ -129,12 +137,21 @@ def test_gradient_memory_is_streamed():
     assert peak < n * n * 8 / 2, f"peak extra memory {peak / 2**20:.0f} MiB"
 
 
-def test_reference_statistics_are_the_dense_sums():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_reference_statistics_are_the_dense_sums(kernel):
+    """The reference's statistics are the off-diagonal sums of ``K - c`` for the dense Grams (``c``: the
+    shift), and both reference estimators give the same HSIC on ``K - c 11^T`` as on ``K``."""
     x = np.arange(12.0).reshape(4, 3) / 7.0
-    tr, rows = R.gram_hsic_stats([x, x], "gaussian", [1.0, 2.0])
-    K1, K2 = R.gram(x, "gaussian", 1.0), R.gram(x, "gaussian", 2.0)
-    assert tr[0, 1] == tr[1, 0] == pytest.approx(float((K1 * K2).sum()), rel=1e-15)
-    assert rows[1] == pytest.approx(K2.sum(1), rel=1e-15)
+    y = np.cos(np.arange(8.0)).reshape(4, 2)
+    tr, rows = R.gram_hsic_stats([x, y], kernel, [1.0, 2.0], [1.0, 0.0])
+    K1, K2 = R.gram(x, kernel, 1.0), R.gram(y, kernel, 2.0)
+    off = ~np.eye(4, dtype=bool)
+    assert tr[0, 1] == tr[1, 0] == pytest.approx(float(((K1 - 1.0) * K2)[off].sum()), rel=1e-14)
+    assert tr[0, 0] == pytest.approx(float(((K1 - 1.0) ** 2)[off].sum()), rel=1e-14)
+    assert rows[0] == pytest.approx(np.where(off, K1 - 1.0, 0.0).sum(1), rel=1e-14)
+    assert rows[1] == pytest.approx(np.where(off, K2, 0.0).sum(1), rel=1e-15)
+    for f in (R.hsic_biased, R.hsic_unbiased):
+        assert f(K1 - 1.0, K2 + 3.0) == pytest.approx(f(K1, K2), rel=1e-12)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -54,26 +54,36 @@ def _upstream(n, seed=1):
     return torch.randn(2, 2, generator=g, dtype=F64), torch.randn(2, n, generator=g, dtype=F64)
 
 
-def _run(fn, x, y, sig, wt, wr):
+def _run(fn, x, y, sig, shift, wt, wr):
     xs = [x.clone().requires_grad_(), y.clone().requires_grad_(), sig.clone().requires_grad_()]
-    tr, rows = fn(*xs)
+    tr, rows = fn(*xs, shift.to(x.dtype))
     grads = torch.autograd.grad((tr * wt).sum() + (rows * wr).sum(), xs)
     return tr.detach(), rows.detach(), grads
 
 
 def _torch_tier(kernel):
-    return lambda x, y, s: G.gram_hsic_stats([x, y], kernel, [s[0], s[1]])
+    return lambda x, y, s, c: G.gram_hsic_stats([x, y], kernel, [s[0], s[1]], [c[0], c[1]])
+
+
+def _kernels(kernel):
+    return lambda x, y, s, c: GH.gram_hsic_stats(x, y, s, kernel, c)
+
+
+# shifts (c_x, c_y): both Grams as given, one carried as K - 1 (on a wide bandwidth, where it is chosen)
+SHIFTS = [((0.0, 0.0), (1.4, 0.8)), ((1.0, 0.0), (6.0, 0.8))]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,dx,dy", SHAPES)
-def test_statistics_and_gradients_within_2x_of_torch(kernel, n, dx, dy):
+@pytest.mark.parametrize("shift,widths", SHIFTS, ids=["shift00", "shift10"])
+def test_statistics_and_gradients_within_2x_of_torch(kernel, n, dx, dy, shift, widths):
     x, y = _inputs(n, dx, dy)
-    sig = torch.tensor([1.4, 0.8], dtype=F64) * math.sqrt(dx)
+    sig = torch.tensor(widths, dtype=F64) * math.sqrt(dx)
+    shift = torch.tensor(shift, dtype=F64)
     wt, wr = _upstream(n)
-    ref = _run(_torch_tier(kernel), x, y, sig, wt, wr)
-    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), wt, wr)
-    ker = _run(lambda a, b, s: GH.gram_hsic_stats(a, b, s, kernel), x.float(), y.float(), sig.float(), wt, wr)
+    ref = _run(_torch_tier(kernel), x, y, sig, shift, wt, wr)
+    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), shift, wt, wr)
+    ker = _run(_kernels(kernel), x.float(), y.float(), sig.float(), shift, wt, wr)
     for name, i, terms in (("tr", 0, n * n), ("rows", 1, n)):
         assert ker[i].dtype == F64
         assert_error_within_torch(ker[i], tor[i], ref[i], floor=_floor(ref[i], terms), name=name)
@@ -95,6 +105,18 @@ def test_metrics_on_the_kernels_equal_reference(kernel, sigma, unbiased):
                                                  unbiased))
         assert abs(float(got) - want) <= METRICS_TOL[F32]["rtol"] * abs(want) + METRICS_TOL[F32]["atol"] * scale, \
             (fn.__name__, float(got), want)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_metrics_on_the_kernels_at_a_bandwidth_far_above_the_data_scale(kernel, unbiased):
+    """Rows of spread 1e-3 against a bandwidth of 1 (every Gram entry 1 - O(1e-6): the kernels carry
+    ``K - 1``, the shift the metric picks): CKA is the float64 torch tier's to METRICS_TOL."""
+    x, y = (t * 1e-3 for t in _inputs(45, 6, 3, seed=4))
+    got = cka(x.float(), y.float(), kernel=kernel, sigma=1.0, unbiased=unbiased, backend="triton")
+    want = cka(x.float().double(), y.float().double(), kernel=kernel, sigma=1.0, unbiased=unbiased, backend="torch")
+    assert 0.3 < float(want) < 1.0
+    assert_close(got, want.float(), name="CKA", **METRICS_TOL[F32])
 
 
 def test_minibatch_cka_on_the_kernels_equals_torch_tier():
@@ -148,11 +170,13 @@ def test_gpu_metrics_shape(kernel):
     of the fp32 torch tier's error against the float64 torch tier."""
     n = 20000
     x, y = (t.to(DEV) for t in _inputs(n, 64, 32, seed=7))
-    sig = torch.tensor([8.0, 4.0], dtype=F64, device=DEV)
+    sig = torch.tensor([8.0, 40.0], dtype=F64, device=DEV)
+    shift = torch.stack([G.gram_shift(x, sig[0]), G.gram_shift(y, sig[1])])  # 0 and 1: both kinds
+    assert shift.tolist() == [0.0, 1.0]
     wt, wr = (t.to(DEV) for t in _upstream(n))
-    ref = _run(_torch_tier(kernel), x, y, sig, wt, wr)
-    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), wt, wr)
-    ker = _run(lambda a, b, s: GH.gram_hsic_stats(a, b, s, kernel), x.float(), y.float(), sig.float(), wt, wr)
+    ref = _run(_torch_tier(kernel), x, y, sig, shift, wt, wr)
+    tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), shift, wt, wr)
+    ker = _run(_kernels(kernel), x.float(), y.float(), sig.float(), shift, wt, wr)
     for name, i, terms in (("tr", 0, n * n), ("rows", 1, n)):
         assert_error_within_torch(ker[i], tor[i], ref[i], floor=_floor(ref[i], terms), name=name)
     for name, k, t, r in zip(("dx", "dy", "dsigma"), ker[2], tor[2], ref[2]):
@@ -194,31 +218,38 @@ def _emulated_cka(x, y, sig, precision):
     """``(CKA, dCKA/dx, dCKA/dy)``, biased Gaussian CKA, in the kernels' own decomposition (module
     docstring of kernelssl/triton/gram_hsic.py): each Gram tile's ``x_i . x_j`` by one
     ``kernelssl.numerics.mm`` at ``precision``, the distances by the expansion (clamped at 0, exactly 0
-    on the diagonal), the kernel values and their products in the input dtype, every sum in float64;
-    the backward's weights ``W`` in the input dtype and its ``W X`` by ``mm`` at ``precision``.  The
-    upstream ``(dF/dtr, dF/drows)`` of CKA is formed from the float64 statistics, as the metric does."""
+    on the diagonal), the shifted kernel values ``E = K - c`` (off the diagonal; ``c`` by
+    ``gram_shift``) and their products in the input dtype, every sum in float64; the backward's weights
+    ``W`` in the input dtype and its ``W X`` by ``mm`` at ``precision``.  The upstream
+    ``(dF/dtr, dF/drows)`` of CKA is formed from the float64 statistics, as the metric does."""
     from kernelssl.numerics import mm
 
     n = x.shape[0]
-    grams = []
+    grams, shifted, diag = [], [], []
     for a, s in zip((x, y), sig):
         sq = (a * a).sum(1)
         d2 = (sq[:, None] + sq[None, :] - 2.0 * mm(a, a.T.contiguous(), precision)).clamp_min(0.0)
         d2.fill_diagonal_(0.0)
-        grams.append(torch.exp(d2 * (-0.5 / (s * s))))
-    k, lg = grams
-    tr = torch.stack([(p * q).sum(dtype=F64) for p in grams for q in grams]).view(2, 2).requires_grad_()
-    rows = torch.stack([g.sum(1, dtype=F64) for g in grams]).requires_grad_()
+        c = G.gram_shift(a, s)
+        t = d2 * (-0.5 / (s * s))
+        grams.append(torch.exp(t))
+        shifted.append(torch.where(c != 0, torch.expm1(t), grams[-1]).fill_diagonal_(0.0))
+        diag.append(1.0 - c.to(F64))
+    e, f = shifted
+    tr = torch.stack([(p * q).sum(dtype=F64) for p in shifted for q in shifted]).view(2, 2).requires_grad_()
+    rows = torch.stack([g.sum(1, dtype=F64) for g in shifted]).requires_grad_()
 
-    def hsic_b(a, b):
-        return (tr[a, b] - (2.0 / n) * (rows[a] @ rows[b]) + rows[a].sum() * rows[b].sum() / n**2) / (n - 1) ** 2
+    def hsic_b(a, b):  # the Grams K - c 11^T: diagonal 1 - c
+        ka, kb = rows[a] + diag[a], rows[b] + diag[b]
+        t = tr[a, b] + n * diag[a] * diag[b]
+        return (t - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
 
     value = hsic_b(0, 1) / torch.sqrt(hsic_b(0, 0) * hsic_b(1, 1))
     gtr, grows = torch.autograd.grad(value, (tr, rows))
     S, g = (gtr + gtr.T).to(x.dtype), grows.to(x.dtype)
     grads = []
     for side, (a, s) in enumerate(zip((x, y), sig)):
-        gamma = 2.0 * (S[side, 0] * k + S[side, 1] * lg) + g[side][:, None] + g[side][None, :]
+        gamma = 2.0 * (S[side, 0] * e + S[side, 1] * f) + g[side][:, None] + g[side][None, :]
         w = gamma * grams[side] * (-1.0 / (s * s))
         w.fill_diagonal_(0.0)
         grads.append(w.sum(1)[:, None] * a - mm(w, a, precision))
@@ -252,14 +283,17 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     check_within_2x_of_ieee(*emulated_paper_case())
 
 
-def test_emulation_in_float64_is_the_metric():
+@pytest.mark.parametrize("widths", [(1.1, 0.7), (30.0, 0.7)], ids=["shift00", "shift10"])
+def test_emulation_in_float64_is_the_metric(widths):
     """The emulation above, in float64 (every product exact), is the torch tier's CKA and its gradients:
-    what the precision test compares is the kernels' decomposition of this metric."""
+    what the precision test compares is the kernels' decomposition of this metric (with x's Gram shifted
+    too, at the wide bandwidth)."""
     x, y = _inputs(60, 7, 5, seed=11)
-    sig = (torch.tensor(1.1, dtype=F64), torch.tensor(0.7, dtype=F64))
+    sig = tuple(torch.tensor(w, dtype=F64) for w in widths)
+    assert [float(G.gram_shift(a, s)) for a, s in zip((x, y), sig)] == ([0.0, 0.0] if widths[0] < 2 else [1.0, 0.0])
     value, dx, dy = _emulated_cka(x, y, sig, "ieee")
     xs = [x.clone().requires_grad_(), y.clone().requires_grad_()]
-    want = cka(*xs, kernel="gaussian", sigma=(1.1, 0.7), backend="torch")
+    want = cka(*xs, kernel="gaussian", sigma=widths, backend="torch")
     gx, gy = torch.autograd.grad(want, xs)
     assert_close(value, want.detach(), name="CKA", rtol=1e-12, atol=0.0)
     assert_close(dx, gx, name="dx", rtol=1e-10, atol=1e-12 * float(gx.abs().max()))

@@ -341,3 +341,51 @@ def test_constant_representation_with_median_bandwidth_has_finite_gradients(kern
     for value in (h, c):
         for g in torch.autograd.grad(value, (x, y)):
             assert bool(torch.isfinite(g).all())
+
+
+def _reference_on_shifted_grams(x, y, kernel, sigma, unbiased, shift):
+    """The reference CKA and HSIC on the Grams ``K - shift 11^T`` (``reference.metrics.shifted_gram``: K - 1
+    formed without cancellation; diagonal ``1 - shift``): both estimators are unchanged by the shift
+    (tests/test_gram_hsic_torch.py holds the reference to that)."""
+    f = R.hsic_unbiased if unbiased else R.hsic_biased
+    K, L = (R.shifted_gram(a, kernel, sigma, shift) + (1.0 - shift) * np.eye(a.shape[0]) for a in (x, y))
+    return f(K, L) / np.sqrt(f(K, K) * f(L, L)), f(K, L)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kernel", ["gaussian", "imq"])
+@pytest.mark.parametrize("spread", [1e-3, 1e-7])
+def test_bandwidth_far_above_the_data_scale(kernel, unbiased, spread):
+    """A bandwidth 1e3-1e7 times the data's spread: every Gram entry is 1 - O(spread^2 / s^2), which rounds
+    to 1 in float32 (and at 1e-7 in float64), so CKA and HSIC live in ``K - 1``.  Both dtypes are the
+    reference's on the shifted Grams to METRICS_TOL (float32 CKA was -0.957 for 0.601 at spread 1e-3
+    when K itself was summed); CKA also tends to the linear CKA as s grows."""
+    n = 40
+    g = np.random.default_rng(3)
+    x = g.standard_normal((n, 6))
+    y = x @ g.standard_normal((6, 4)) + 0.5 * g.standard_normal((n, 4))
+    x, y = x * spread, y * spread
+    want_cka, want_hsic = _reference_on_shifted_grams(x, y, kernel, 1.0, unbiased, 1.0)
+    assert want_cka == pytest.approx(R.cka(x, y, "linear", None, unbiased), rel=1e-4)  # the wide-bandwidth limit
+    for dtype in (torch.float32, F64):
+        xt, yt = torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype)
+        tol = METRICS_TOL[dtype]
+        got = cka(xt, yt, kernel=kernel, sigma=1.0, unbiased=unbiased)
+        assert_close(got, want_cka, name=f"CKA {dtype}", rtol=tol["rtol"], atol=tol["atol"])
+        got = hsic(xt, yt, kernel=kernel, sigma=1.0, unbiased=unbiased)
+        assert_close(got, want_hsic, name=f"HSIC {dtype}", rtol=tol["rtol"], atol=tol["atol"] * abs(want_hsic))
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "imq"])
+def test_unbiased_self_hsic_of_a_gram_near_the_identity(kernel):
+    """A bandwidth far below the rows' distances (off-diagonal entries ~1e-108 for gaussian): the unbiased
+    HSIC(K, K) is a sum of their squares alone, which the diagonal's n would swallow in one float64 sum
+    (it came out 0 for 6.1e-216); it is the reference's to float64's METRICS_TOL."""
+    g = np.random.default_rng(0)
+    x = g.standard_normal((64, 8))
+    sigma = 0.05 if kernel == "gaussian" else 1e-9
+    want = R.hsic(x, x, kernel, sigma, True)
+    assert 0.0 < want < 1e-15
+    xt = torch.tensor(x)
+    got = hsic(xt, xt, kernel=kernel, sigma=sigma, unbiased=True)
+    assert_close(got, want, name="HSIC_u", rtol=METRICS_TOL[F64]["rtol"], atol=0.0)

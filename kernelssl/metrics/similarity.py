@@ -15,7 +15,10 @@ For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I -
 * ``"gaussian"`` ``exp(-||a-b||^2/(2 s^2))`` and ``"imq"`` ``s/sqrt(||a-b||^2 + s^2)``, ``exact=True``:
   the ``gram_hsic`` op (:mod:`kernelssl.ops.gram_hsic`: the statistics in float64, streamed over Gram
   tiles, forward and backward; the fused kernels of ``kernelssl/triton/gram_hsic.py`` on a GPU).  Memory
-  ``O(TILE^2 + n (dx + dy))`` with or without a gradient; no ``n x n``.
+  ``O(TILE^2 + n (dx + dy))`` with or without a gradient; no ``n x n``.  Each Gram comes as ``K - c 11^T``
+  (``c`` 0 or 1, :func:`~kernelssl.ops.gram_hsic.gram_shift`; neither estimator changes) by its
+  off-diagonal sums, ``tr(Kt Lt)`` and ``kt``, beside its constant diagonal ``1 - c``: no digit of a
+  wide-bandwidth Gram (entries near 1) or of a near-identity one is lost to the sums.
 * ``exact=False`` with ``"gaussian"``/``"imq"``: the random features of :mod:`kernelssl.ops.rff_hsic`
   (``phi(x) = sqrt(2/D) cos(W x / s + b)``, ``E phi(a).phi(b) = k(a, b)``), then the linear identities.
 
@@ -152,45 +155,55 @@ def _stats_features(fs: list[Tensor]) -> dict:
     for a in range(len(fs)):
         for b in range(a, len(fs)):
             tr[a, b] = torch.linalg.matrix_norm(fs[b].T @ fs[a]) ** 2
-    return {"tr": tr, "row": [None] * len(fs), "diag": [(f * f).sum(1) for f in fs]}
+    return {"tr": tr, "diag": [(f * f).sum(1) for f in fs]}
 
 
 def _stats_gram(xs: list[Tensor], kernel: str, sigmas: list[Tensor], backend: str, pairs) -> dict:
-    """The same statistics (float64) for exact ``"gaussian"``/``"imq"`` Grams, by the ``gram_hsic`` op
-    (:mod:`kernelssl.ops.gram_hsic`; fused kernels where :mod:`kernelssl.dispatch` picks them, one launch
-    per pair of ``pairs``): O(TILE^2 + n d) memory, with a gradient too."""
+    """The statistics (float64) of exact ``"gaussian"``/``"imq"`` Grams, shifted and without their
+    diagonals (:mod:`kernelssl.ops.gram_hsic`), by the ``gram_hsic`` op (fused kernels where
+    :mod:`kernelssl.dispatch` picks them, one launch per pair of ``pairs``): O(TILE^2 + n d) memory, with a
+    gradient too."""
     xs = [x - x.mean(0) for x in xs]
-    n, m = xs[0].shape[0], len(xs)
+    m = len(xs)
+    shifts = [_gram.gram_shift(x, s) for x, s in zip(xs, sigmas)]
     impl = dispatch.implementation("gram_hsic", backend, *xs)
     if impl == "triton":
         fused = dispatch.triton_op("gram_hsic")
         tr, rows = {}, [None] * m
         for a, b in pairs:
-            t, r = fused.gram_hsic_stats(xs[a], xs[b], torch.stack([sigmas[a], sigmas[b]]), kernel)
+            t, r = fused.gram_hsic_stats(xs[a], xs[b], torch.stack([sigmas[a], sigmas[b]]), kernel,
+                                         torch.stack([shifts[a], shifts[b]]))
             tr[a, a], tr[a, b], tr[b, b] = t[0, 0], t[0, 1], t[1, 1]
             rows[a], rows[b] = r[0], r[1]
     else:
         stats = _gram.gram_hsic_stats_eager if impl == "autograd" else _gram.gram_hsic_stats
-        t, r = stats(xs, kernel, sigmas)
+        t, r = stats(xs, kernel, sigmas, shifts)
         tr = {(a, b): t[a, b] for a in range(m) for b in range(a, m)}
         rows = list(r.unbind(0))
-    ones = torch.ones(n, dtype=torch.float64, device=xs[0].device)  # k(a, a) = 1 for both kernels
-    return {"tr": tr, "row": rows, "diag": [ones] * m}
+    # K - c 11^T has the diagonal k(a, a) - c = 1 - c for both kernels
+    return {"tr_off": tr, "row_off": rows, "diag": [1.0 - c.to(torch.float64) for c in shifts]}
 
 
 def _estimate(st: dict, a: int, b: int, n: int, unbiased: bool) -> Tensor:
-    """HSIC_b or HSIC_u of Grams a and b from the statistics (module docstring)."""
-    t = st["tr"][min(a, b), max(a, b)]
-    ka, kb = st["row"][a], st["row"][b]
+    """HSIC_b or HSIC_u of Grams a and b from the statistics (module docstring): the features' full traces
+    (``"tr"``), or a Gram's off-diagonal sums (``"tr_off"``, ``"row_off"``) beside its constant diagonal."""
     da, db = st["diag"][a], st["diag"][b]
-    if not unbiased:
-        if ka is None:  # centred features: k = 0
-            return t / (n - 1) ** 2
-        return (t - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
-    kta = -da if ka is None else ka - da
-    ktb = -db if kb is None else kb - db
-    tt = t - da @ db
-    return (tt + kta.sum() * ktb.sum() / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (kta @ ktb)) / (n * (n - 3))
+    if "tr_off" in st:
+        t_off = st["tr_off"][min(a, b), max(a, b)]
+        ra, rb = st["row_off"][a], st["row_off"][b]
+        if not unbiased:  # k = row_off + diag; tr(KL) = tr_off + n da db
+            ka, kb = ra + da, rb + db
+            return (t_off + n * (da * db) - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
+        return _unbiased(t_off, ra, rb, n)
+    t = st["tr"][min(a, b), max(a, b)]
+    if not unbiased:  # centred features: k = 0
+        return t / (n - 1) ** 2
+    return _unbiased(t - da @ db, -da, -db, n)
+
+
+def _unbiased(t_off: Tensor, kta: Tensor, ktb: Tensor, n: int) -> Tensor:
+    """HSIC_u from ``tr(Kt Lt)`` and the row sums of the zero-diagonal Grams."""
+    return (t_off + kta.sum() * ktb.sum() / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (kta @ ktb)) / (n * (n - 3))
 
 
 def _constant(x: Tensor) -> Tensor:

@@ -2,13 +2,21 @@
 streamed over Gram tiles, forward and backward, without an ``n x n`` matrix (docs/metrics.md).
 
 For ``m`` representations ``x_a (n, d_a)`` (columns centred by the caller; HSIC does not change), each
-with its bandwidth ``s_a`` (a 0-d tensor), Grams ``K_a,ij = k(||x_a,i - x_a,j||^2; s_a)``::
+with its bandwidth ``s_a`` (a 0-d tensor) and its shift ``c_a`` (a 0-d tensor, 0 or 1: :func:`gram_shift`),
+Grams ``K_a,ij = k(||x_a,i - x_a,j||^2; s_a)``::
 
     gaussian  k(d2; s) = exp(-d2 / (2 s^2))        imq  k(d2; s) = s / sqrt(d2 + s^2)
-    tr[a, b]  = sum_ij K_a,ij K_b,ij   (m, m)       rows[a, i] = sum_j K_a,ij   (m, n)
+    E_a,ij    = K_a,ij - c_a  (i != j),  0  (i = j)
+    tr[a, b]  = sum_ij E_a,ij E_b,ij   (m, m)       rows[a, i] = sum_j E_a,ij   (m, n)
 
-(the diagonal ``K_a,ii = k(0) = 1`` included).  These and ``n`` give both HSIC estimators
-(:mod:`kernelssl.metrics.similarity`).  Squared distances by the expansion
+Both HSIC estimators are unchanged by adding a constant to a kernel, so they follow from these, ``n``
+and the diagonal ``1 - c_a`` of ``K_a - c_a 11^T`` (:mod:`kernelssl.metrics.similarity`).  The shift and
+the missing diagonal keep the information in small numbers: a Gram whose entries are all near 1 (a
+bandwidth far above the data's scale) is carried as ``K - 1``, computed directly (``expm1``; for imq
+``-d2 / (r (s + r))``, ``r = sqrt(d2 + s^2)``), where ``K`` itself would round to 1 in float32 (measured
+before: a float32 Gaussian CKA of -0.957 for 0.601 at a bandwidth 1000x the data's spread); a Gram near
+the identity keeps its tiny off-diagonal entries out of a sum with the diagonal's ``n`` (an unbiased
+``HSIC(K, K)`` of 6e-216 came out 0).  Squared distances by the expansion
 ``||a_i||^2 + ||a_j||^2 - 2 a_i . a_j`` (one GEMM per tile), clamped at 0, exactly 0 on the diagonal.
 
 Forward: the upper triangle of ``(tile, tile)`` blocks; a block above the diagonal stands for its
@@ -17,19 +25,17 @@ compute dtype, every sum in float64: the estimators are differences of these sum
 ``(2/n) k.l`` agree to a few digits when the bandwidth is wide), so the rounding of a float32 sum,
 amplified by that cancellation, would be most of a float32 HSIC's error (measured: a float32 Gaussian
 CKA at n = 1000 with the median bandwidth 1.3e-5 relative from float64 with float32 sums, 5e-8 with
-float64 sums).  The statistics are float64 for every
-input dtype.
+float64 sums).  The statistics are float64 for every input dtype.
 
 Backward, for upstream ``T = dF/dtr`` and ``g_a = dF/drows[a]``: with ``S = T + T^T`` and
-``Gamma_a,ij = 2 sum_b S_ab K_b,ij + g_a,i + g_a,j`` (``dF = 1/2 sum_a sum_ij Gamma_a,ij dK_a,ij`` over
-the symmetric Grams)::
+``Gamma_a,ij = 2 sum_b S_ab E_b,ij + g_a,i + g_a,j`` (``dF = 1/2 sum_a sum_{i != j} Gamma_a,ij dK_a,ij``
+over the symmetric Grams)::
 
     dx_a,k = sum_j W_kj (x_a,k - x_a,j),   W = 2 Gamma_a * dK_a/dd2      (dx_a = diag(W 1) x_a - W x_a)
     ds_a   = 1/2 sum_ij Gamma_a,ij dK_a,ij/ds
     dK/dd2 = -K / (2 s^2) (gaussian),  -K^3 / (2 s^2) (imq);   dK/ds = K d2 / s^3,  K^3 d2 / s^3
 
-(``W_ii = 0``: its term ``x_i - x_i`` is exactly 0, and in fp32 the diagonal's ``K_ii = 1``, carried,
-would not cancel between ``diag(W 1) x`` and ``W x`` next to the tiny weights of far-apart rows)
+(``W_ii = 0``: the diagonal is not in the statistics, and its term ``x_i - x_i`` is exactly 0)
 
 over the same blocks, recomputed (memory ``O(tile^2 + n d)`` with a gradient too).  Under
 ``create_graph=True`` the backward is the plain-autograd form (:func:`gram_hsic_stats_eager`, the same
@@ -45,8 +51,8 @@ from torch import Tensor
 
 from ._common import recorded_backward
 
-__all__ = ["gram_hsic_stats", "gram_hsic_stats_forward", "gram_hsic_stats_eager", "gram_hsic_backward", "GRAM_KERNELS",
-           "TILE"]
+__all__ = ["gram_hsic_stats", "gram_hsic_stats_forward", "gram_hsic_stats_eager", "gram_hsic_backward", "gram_shift",
+           "GRAM_KERNELS", "TILE"]
 
 GRAM_KERNELS = ("gaussian", "imq")
 #: Block edge (two float64 blocks: 16 MiB).
@@ -69,6 +75,36 @@ def _kernel(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
     return s / torch.sqrt(d2 + s * s)  # imq; exactly 1 at d2 = 0 (sqrt(s * s) rounds back to s)
 
 
+def _shifted(d2: Tensor, kernel: str, s: Tensor, c: Tensor, k: Tensor | None = None) -> Tensor:
+    """``K - c`` without the cancellation of ``K - 1`` when ``c`` is 1 (``k``: ``K`` if already formed)."""
+    if kernel == "gaussian":
+        t = d2 / (-2.0 * s * s)
+        near_one = torch.expm1(t)
+        k = torch.exp(t) if k is None else k
+    else:
+        r = torch.sqrt(d2 + s * s)
+        near_one = -d2 / (r * (s + r))
+        k = s / r if k is None else k
+    return torch.where(c != 0, near_one, k)
+
+
+def _off_diagonal(e: Tensor) -> Tensor:
+    # out of place (autograd): a diagonal block without its diagonal (not in the statistics)
+    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    return torch.where(eye, torch.zeros((), dtype=e.dtype, device=e.device), e)
+
+
+def gram_shift(x: Tensor, s: Tensor) -> Tensor:
+    """The shift ``c`` (0-d, 1 or 0, in ``x``'s dtype) of the Gram of ``x`` (columns centred) at bandwidth
+    ``s``: 1 where the mean squared distance ``2 mean_i ||x_i||^2`` is below ``s^2 / 2`` (the Gram's entry
+    at that distance above ``exp(-1/4)`` for gaussian, ``sqrt(2/3)`` for imq: carried as ``K - 1``), else
+    0.  Never 1 at the exact median bandwidth (a mean of nonnegative numbers is at least half their median).  A
+    tensor: no host sync."""
+    wide = 4.0 * (x * x).sum(1).mean() < s * s
+    return torch.where(wide, torch.ones((), dtype=x.dtype, device=x.device),
+                       torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _tile(tile: int | None) -> int:
     return TILE if tile is None else int(tile)
 
@@ -81,7 +117,7 @@ def _blocks(n: int, tile: int | None):
             yield i0, min(i0 + tile, n), j0, min(j0 + tile, n), i0 == j0
 
 
-def gram_hsic_stats_forward(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor],
+def gram_hsic_stats_forward(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor], shifts: Sequence[Tensor],
                             tile: int | None = None) -> tuple[Tensor, Tensor]:
     """``(tr, rows)`` of the module docstring, no autograd (the forward of :func:`gram_hsic_stats`)."""
     m, n = len(xs), xs[0].shape[0]
@@ -89,19 +125,22 @@ def gram_hsic_stats_forward(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[
     tr = xs[0].new_zeros((m, m), dtype=torch.float64)
     rows = xs[0].new_zeros((m, n), dtype=torch.float64)
     for i0, i1, j0, j1, diag in _blocks(n, tile):
-        ks = [_kernel(_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag), kernel, s)
-              for x, sq, s in zip(xs, sqs, sigmas)]
+        es = [_shifted(_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag), kernel, s, c)
+              for x, sq, s, c in zip(xs, sqs, sigmas, shifts)]
+        if diag:
+            for e in es:
+                e.fill_diagonal_(0.0)
         w = 1.0 if diag else 2.0
         for a in range(m):
-            rows[a, i0:i1] += ks[a].sum(1, dtype=torch.float64)
+            rows[a, i0:i1] += es[a].sum(1, dtype=torch.float64)
             if not diag:
-                rows[a, j0:j1] += ks[a].sum(0, dtype=torch.float64)
+                rows[a, j0:j1] += es[a].sum(0, dtype=torch.float64)
             for b in range(a, m):
-                tr[a, b] += w * (ks[a] * ks[b]).sum(dtype=torch.float64)
+                tr[a, b] += w * (es[a] * es[b]).sum(dtype=torch.float64)
     return torch.triu(tr) + torch.triu(tr, 1).T, rows
 
 
-def gram_hsic_stats_eager(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor],
+def gram_hsic_stats_eager(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor], shifts: Sequence[Tensor],
                           tile: int | None = None) -> tuple[Tensor, Tensor]:
     """``(tr, rows)`` of the module docstring in plain autograd, on the same blocks (differentiable to
     any order; memory O(n^2) when a gradient is wanted: autograd keeps every block)."""
@@ -111,15 +150,17 @@ def gram_hsic_stats_eager(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Te
     tile = _tile(tile)
     rows = [[[] for _ in range(0, n, tile)] for _ in range(m)]  # per row block, its parts
     for i0, i1, j0, j1, diag in _blocks(n, tile):
-        ks = [_kernel(_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag), kernel, s)
-              for x, sq, s in zip(xs, sqs, sigmas)]
+        es = [_shifted(_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag), kernel, s, c)
+              for x, sq, s, c in zip(xs, sqs, sigmas, shifts)]
+        if diag:
+            es = [_off_diagonal(e) for e in es]
         w = 1.0 if diag else 2.0
         for a in range(m):
-            rows[a][i0 // tile].append(ks[a].sum(1, dtype=torch.float64))
+            rows[a][i0 // tile].append(es[a].sum(1, dtype=torch.float64))
             if not diag:
-                rows[a][j0 // tile].append(ks[a].sum(0, dtype=torch.float64))
+                rows[a][j0 // tile].append(es[a].sum(0, dtype=torch.float64))
             for b in range(a, m):
-                tr[a, b].append(w * (ks[a] * ks[b]).sum(dtype=torch.float64))
+                tr[a, b].append(w * (es[a] * es[b]).sum(dtype=torch.float64))
     sums = {ab: torch.stack(p).sum() for ab, p in tr.items()}
     tr = torch.stack([torch.stack([sums[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)])
     rows = torch.stack([torch.cat([torch.stack(p).sum(0) for p in rp]) for rp in rows])
@@ -128,7 +169,8 @@ def gram_hsic_stats_eager(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Te
 
 @torch.no_grad()
 def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Tensor], kernel: str,
-                       sigmas: Sequence[Tensor], tile: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                       sigmas: Sequence[Tensor], shifts: Sequence[Tensor],
+                       tile: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """``([dx_a], [ds_a])`` for the upstream gradients of ``(tr, rows)`` (module docstring; ``None``: 0),
     the blocks recomputed: memory O(tile^2 + n d)."""
     m, n = len(xs), xs[0].shape[0]
@@ -141,16 +183,17 @@ def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Te
     for i0, i1, j0, j1, diag in _blocks(n, tile):
         d2s = [_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag) for x, sq in zip(xs, sqs)]
         ks = [_kernel(d2, kernel, s) for d2, s in zip(d2s, sigmas)]
+        es = [_shifted(d2, kernel, s, c, k) for d2, s, c, k in zip(d2s, sigmas, shifts, ks)]
         for a, (x, d2, k, s) in enumerate(zip(xs, d2s, ks, sigmas)):  # in place: a few blocks live at once
             w = g[a, i0:i1, None] + g[a, None, j0:j1]  # Gamma_a, then W
             for b in range(m):
-                w.addcmul_(ks[b], 2.0 * S[a, b])
+                w.addcmul_(es[b], 2.0 * S[a, b])
             w.mul_(k)
             if kernel == "imq":
                 w.mul_(k).mul_(k)  # Gamma K^3
             dss[a] += (1.0 if diag else 2.0) * 0.5 * (w.view(-1) @ d2.reshape(-1)) / (s * s * s)
             w.div_(-s * s)  # W = 2 Gamma dK/dd2
-            if diag:  # W_ii = 0: its term is exactly 0, and in fp32 it would not cancel between the two sums
+            if diag:  # W_ii = 0: the diagonal is not in the statistics (and its term is exactly 0)
                 w.fill_diagonal_(0.0)
             xi, xj = x[i0:i1], x[j0:j1]
             dxs[a][i0:i1] += w.sum(1)[:, None] * xi - w @ xj
@@ -162,31 +205,33 @@ def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Te
 class _GramHSICStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel: str, tile: int, m: int, *tensors: Tensor):  # type: ignore[override]
-        xs, sigmas = tensors[:m], tensors[m:]
+        xs, sigmas, shifts = tensors[:m], tensors[m:2 * m], tensors[2 * m:]
         ctx.save_for_backward(*tensors)
         ctx.kernel, ctx.tile, ctx.m = kernel, tile, m
         ctx.set_materialize_grads(False)
-        return gram_hsic_stats_forward(xs, kernel, sigmas, tile)
+        return gram_hsic_stats_forward(xs, kernel, sigmas, shifts, tile)
 
     @staticmethod
     def backward(ctx, gtr, grows):  # type: ignore[override]
         tensors = ctx.saved_tensors
         m = ctx.m
-        needs = ctx.needs_input_grad[3:]
+        shifts = tensors[2 * m:]
+        needs = ctx.needs_input_grad[3:3 + 2 * m]
+        none = (None,) * m  # the shifts: no gradient
         if torch.is_grad_enabled():  # create_graph=True: the plain-autograd form, recorded
             def eager(*t):
-                return gram_hsic_stats_eager(t[:m], ctx.kernel, t[m:], ctx.tile)
-            return None, None, None, *recorded_backward(eager, tensors, needs, (gtr, grows))
+                return gram_hsic_stats_eager(t[:m], ctx.kernel, t[m:], shifts, ctx.tile)
+            return None, None, None, *recorded_backward(eager, tensors[:2 * m], needs, (gtr, grows)), *none
         if gtr is None and grows is None:
             return (None,) * (3 + len(tensors))
-        dxs, dss = gram_hsic_backward(gtr, grows, tensors[:m], ctx.kernel, tensors[m:], ctx.tile)
-        return None, None, None, *(d if need else None for d, need in zip([*dxs, *dss], needs))
+        dxs, dss = gram_hsic_backward(gtr, grows, tensors[:m], ctx.kernel, tensors[m:2 * m], shifts, ctx.tile)
+        return None, None, None, *(d if need else None for d, need in zip([*dxs, *dss], needs)), *none
 
 
-def gram_hsic_stats(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor],
+def gram_hsic_stats(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor], shifts: Sequence[Tensor],
                     tile: int | None = None) -> tuple[Tensor, Tensor]:
     """``(tr (m, m), rows (m, n))``, float64, of the module docstring for ``m`` representations ``xs``
-    (``(n, d_a)``, one float dtype, columns centred) and their bandwidths ``sigmas`` (0-d tensors of that
-    dtype), ``kernel`` in :data:`GRAM_KERNELS`; differentiable in ``xs`` and ``sigmas`` with the
-    streamed backward (memory ``O(tile^2 + n d)`` either way)."""
-    return _GramHSICStats.apply(kernel, _tile(tile), len(xs), *xs, *sigmas)
+    (``(n, d_a)``, one float dtype, columns centred), their bandwidths ``sigmas`` and shifts ``shifts``
+    (0-d tensors of that dtype; :func:`gram_shift`), ``kernel`` in :data:`GRAM_KERNELS`; differentiable in
+    ``xs`` and ``sigmas`` with the streamed backward (memory ``O(tile^2 + n d)`` either way)."""
+    return _GramHSICStats.apply(kernel, _tile(tile), len(xs), *xs, *sigmas, *shifts)

@@ -2,11 +2,13 @@
 forward and backward, never an ``n x n`` matrix (docs/metrics.md).  The host side is ``gram_hsic_op.py``;
 the torch tier, with the derivation, is :mod:`kernelssl.ops.gram_hsic`.
 
-For ``x (n, dx)``, ``y (n, dy)`` (fp32, columns centred by the caller) and bandwidths ``(s_x, s_y)``::
+For ``x (n, dx)``, ``y (n, dy)`` (fp32, columns centred by the caller), bandwidths ``(s_x, s_y)`` and
+shifts ``(c_x, c_y)`` (0 or 1 each; the torch tier says why)::
 
     K_ij = k(d2x_ij; s_x),  L_ij = k(d2y_ij; s_y),  d2x_ij = ||x_i||^2 + ||x_j||^2 - 2 x_i . x_j  (>= 0, 0 at i = j)
     k(d2; s) = exp(-d2 / (2 s^2))  (gaussian)  or  s / sqrt(d2 + s^2)  (imq)
-    tr = [[sum K.K, sum K.L], [sum K.L, sum L.L]],   rows = [K 1, L 1]
+    E = K - c_x, F = L - c_y off the diagonal, 0 on it  (K - 1 formed without cancellation)
+    tr = [[sum E.E, sum E.F], [sum E.F, sum F.F]],   rows = [E 1, F 1]
 
 Forward (``_stats_kernel``): program (row tile I, column split c) runs over the column tiles J of its
 split, recomputing both Gram tiles (a ``tl.dot`` per K-step over the columns of x and of y), and keeps
@@ -18,7 +20,7 @@ writes ``rowpart[c, :, rows]`` and ``trpart[program, :]``; the host sums the spl
 Backward (``_grad_kernel``), for one side (``SIDE`` 0: x, 1: y; written for x), with ``S = T + T^T`` from
 the upstream ``T = dF/dtr`` and ``g = dF/drows[x]``::
 
-    Gamma_ij = 2 (S_xx K_ij + S_xy L_ij) + g_i + g_j
+    Gamma_ij = 2 (S_xx E_ij + S_xy F_ij) + g_i + g_j
     W_ij     = 2 Gamma_ij dK/dd2 = -Gamma_ij K_ij / s^2  (gaussian),  -Gamma_ij K_ij^3 / s^2  (imq)
     dx_i     = (sum_j W_ij) x_i - sum_j W_ij x_j,        ds_x = 1/2 sum_ij Gamma_ij d2_ij K_ij (^3) / s^3
 
@@ -59,12 +61,39 @@ def _kernel_value(d2, s, KERNEL: tl.constexpr):
     return tl.where(d2 == 0.0, 1.0, s / tl.sqrt(d2 + s * s))  # k(0) exactly 1 (fast sqrt and division)
 
 
+# K - c, for the shift c (0 or 1) and k = K: for c = 1, K - 1 without its cancellation,
+#   gaussian  expm1(-d2 / (2 s^2))          imq  (s - r) / r = -d2 / (r (s + r)),  r = sqrt(d2 + s^2)
+@triton.jit
+def _shifted_value(d2, s, k, c, KERNEL: tl.constexpr):
+    if KERNEL == 0:
+        near_one = _expm1(d2 * (-0.5 / (s * s)))
+    else:
+        r = tl.sqrt(d2 + s * s)
+        near_one = -d2 / (r * (s + r))
+    return tl.where(c != 0.0, near_one, k)
+
+
+# expm1(t) for t <= 0: below |t| = 0.35 the Taylor series to t^8 / 8! by Horner's rule (its truncation
+# t^9 / 9! is under 7e-10 of t there, below fp32's rounding); above, exp(t) - 1 (|exp(t) - 1| > 0.29:
+# exp's relative error grows at most 2.4x).  Not libdevice's: one form for every target.
+@triton.jit
+def _expm1(t):
+    p = 1.0 + t * (1.0 / 8.0)
+    p = 1.0 + t * (1.0 / 7.0) * p
+    p = 1.0 + t * (1.0 / 6.0) * p
+    p = 1.0 + t * (1.0 / 5.0) * p
+    p = 1.0 + t * (1.0 / 4.0) * p
+    p = 1.0 + t * (1.0 / 3.0) * p
+    p = 1.0 + t * 0.5 * p
+    return tl.where(tl.abs(t) < 0.35, t * p, tl.exp(t) - 1.0)
+
+
 # Forward: program (I, c) over its split's column tiles J (module docstring).
-#   rowpart[c, 0, i] = sum_{j in split} K_ij,  rowpart[c, 1, i] = sum L_ij       (fp64)
-#   trpart[p, :] = (sum K K, sum K L, sum L L) over rows I x its columns            (fp64)
+#   rowpart[c, 0, i] = sum_{j in split} E_ij,  rowpart[c, 1, i] = sum F_ij       (fp64)
+#   trpart[p, :] = (sum E E, sum E F, sum F F) over rows I x its columns            (fp64)
 @triton.jit
 def _stats_kernel(
-    x_ptr, y_ptr, sqx_ptr, sqy_ptr, sig_ptr, rowpart_ptr, trpart_ptr,
+    x_ptr, y_ptr, sqx_ptr, sqy_ptr, sig_ptr, shift_ptr, rowpart_ptr, trpart_ptr,
     stride_xn, stride_xd, stride_yn, stride_yd, stride_rs, stride_rm,
     n, dx, dy, tiles_per_split,
     KERNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -78,6 +107,8 @@ def _stats_kernel(
     rmask = rows < n
     sx = tl.load(sig_ptr)
     sy = tl.load(sig_ptr + 1)
+    cx = tl.load(shift_ptr)
+    cy = tl.load(shift_ptr + 1)
     rx = tl.zeros([BLOCK_M], dtype=tl.float64)
     ry = tl.zeros([BLOCK_M], dtype=tl.float64)
     txx = tl.zeros([], dtype=tl.float64)  # scalars: fp64 vectors beside both tiles spilled on sm_75/86 (Triton 3.6)
@@ -88,13 +119,13 @@ def _stats_kernel(
     for tn in range(t0, t1):
         cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < n
-        valid = rmask[:, None] & cmask[None, :]
-        k = _kernel_value(_sq_dist_tile(x_ptr, sqx_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, dx,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION), sx, KERNEL)
-        k = tl.where(valid, k, 0.0)
-        ky = _kernel_value(_sq_dist_tile(y_ptr, sqy_ptr, rows, cols, rmask, cmask, stride_yn, stride_yd, dy,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION), sy, KERNEL)
-        ky = tl.where(valid, ky, 0.0)
+        off = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])  # valid, off the diagonal
+        d2 = _sq_dist_tile(x_ptr, sqx_ptr, rows, cols, rmask, cmask, stride_xn, stride_xd, dx,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        k = tl.where(off, _shifted_value(d2, sx, _kernel_value(d2, sx, KERNEL), cx, KERNEL), 0.0)
+        d2 = _sq_dist_tile(y_ptr, sqy_ptr, rows, cols, rmask, cmask, stride_yn, stride_yd, dy,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        ky = tl.where(off, _shifted_value(d2, sy, _kernel_value(d2, sy, KERNEL), cy, KERNEL), 0.0)
         rx += tl.sum(k, axis=1).to(tl.float64)
         ry += tl.sum(ky, axis=1).to(tl.float64)
         txx += tl.sum(tl.sum(k * k, axis=1), axis=0).to(tl.float64)
@@ -111,10 +142,11 @@ def _stats_kernel(
 # split's column tiles J (module docstring):
 #   part[c, i, chunk] = (sum_j W_ij) a_i - sum_j W_ij a_j,   W = -Gamma K_a (^3) / s_a^2
 #   dspart[I + c num_m] = 1/2 sum_ij Gamma_ij d2_ij K_a,ij (^3) / s_a^3           (chunk 0 only)
-# coef = (S_aa, S_ab): the side's entries of S = T + T^T; g = dF/drows[a].
+# Gamma = 2 (S_aa E_a + S_ab E_b) + g_i + g_j, E = K - c (shifted Grams); coef = (S_aa, S_ab): the side's
+# entries of S = T + T^T; g = dF/drows[a].
 @triton.jit
 def _grad_kernel(
-    a_ptr, b_ptr, sqa_ptr, sqb_ptr, sig_ptr, coef_ptr, g_ptr, part_ptr, dspart_ptr,
+    a_ptr, b_ptr, sqa_ptr, sqb_ptr, sig_ptr, shift_ptr, coef_ptr, g_ptr, part_ptr, dspart_ptr,
     stride_an, stride_ad, stride_bn, stride_bd, stride_ps, stride_pn, stride_pd,
     n, da, db, tiles_per_split, splits,
     KERNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -131,6 +163,8 @@ def _grad_kernel(
     dmask = dcols < da
     sa = tl.load(sig_ptr)
     sb = tl.load(sig_ptr + 1)
+    ca = tl.load(shift_ptr)
+    cb = tl.load(shift_ptr + 1)
     s_aa = tl.load(coef_ptr)
     s_ab = tl.load(coef_ptr + 1)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
@@ -146,15 +180,15 @@ def _grad_kernel(
         d2 = _sq_dist_tile(a_ptr, sqa_ptr, rows, cols, rmask, cmask, stride_an, stride_ad, da,
                            BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         k = _kernel_value(d2, sa, KERNEL)
-        kb = _kernel_value(_sq_dist_tile(b_ptr, sqb_ptr, rows, cols, rmask, cmask, stride_bn, stride_bd, db,
-                                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION), sb, KERNEL)
+        d2b = _sq_dist_tile(b_ptr, sqb_ptr, rows, cols, rmask, cmask, stride_bn, stride_bd, db,
+                            BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        eb = _shifted_value(d2b, sb, _kernel_value(d2b, sb, KERNEL), cb, KERNEL)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
-        gam = 2.0 * (s_aa * k + s_ab * kb) + g_i[:, None] + g_j[None, :]
+        gam = 2.0 * (s_aa * _shifted_value(d2, sa, k, ca, KERNEL) + s_ab * eb) + g_i[:, None] + g_j[None, :]
         kk = k if KERNEL == 0 else k * k * k
         wk = tl.where(valid, gam * kk, 0.0)
         dsum += tl.sum(wk * d2, axis=1)
-        # W_ii = 0: its term (a_i - a_i) is exactly 0, and carried in fp32 it would not cancel between the
-        # two sums below (the diagonal K_ii = 1 dwarfs far-apart rows' weights)
+        # W_ii = 0: the diagonal is not in the statistics, and its term (a_i - a_i) is exactly 0
         w = tl.where(rows[:, None] == cols[None, :], 0.0, wk * (-1.0 / (sa * sa)))
         wsum += tl.sum(w, axis=1)
         aj = tl.load(a_ptr + cols[:, None] * stride_an + dcols[None, :] * stride_ad,

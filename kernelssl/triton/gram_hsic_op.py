@@ -1,9 +1,10 @@
 """``gram_hsic``, Triton tier, the host side: launch configuration, launchers, registration.
 
 The kernels and their math are in ``gram_hsic.py``.  ``kernelssl::gram_hsic_stats`` (returns the float64
-``tr (2, 2)`` and ``rows (2, n)`` of two exact Gaussian or IMQ Grams) and ``kernelssl::gram_hsic_stats_backward``
-are ``torch.library.triton_op`` s wired by :func:`kernelssl.triton._common.register` (CPU kernels: the
-interpreter under ``TRITON_INTERPRET=1``, else the torch tier :mod:`kernelssl.ops.gram_hsic`).
+``tr (2, 2)`` and ``rows (2, n)`` of two shifted exact Gaussian or IMQ Grams) and
+``kernelssl::gram_hsic_stats_backward`` are ``torch.library.triton_op`` s wired by
+:func:`kernelssl.triton._common.register` (CPU kernels: the interpreter under ``TRITON_INTERPRET=1``, else
+the torch tier :mod:`kernelssl.ops.gram_hsic`).
 """
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def _splits(n: int, cfg: dict, device: torch.device, chunks: int = 0) -> tuple[i
     return triton.cdiv(num_n, per), per
 
 
-def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
+def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, shift: Tensor, kernel: str,
                       input_precision: str = "tf32x3") -> tuple[Tensor, Tensor]:
-    """``(tr (2, 2), rows (2, n))``, float64, for fp32 ``x (n, dx)``, ``y (n, dy)`` (columns centred) and
-    ``sig (2,)`` fp32 the two bandwidths.  No autograd (see :func:`gram_hsic_stats`)."""
+    """``(tr (2, 2), rows (2, n))``, float64, for fp32 ``x (n, dx)``, ``y (n, dy)`` (columns centred),
+    ``sig (2,)`` fp32 the two bandwidths and ``shift (2,)`` fp32 the two shifts.  No autograd (see
+    :func:`gram_hsic_stats`)."""
     n = x.shape[0]
     cfg = _config(x.device)
     splits, per = _splits(n, cfg, x.device)
@@ -75,7 +77,7 @@ def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
     rowpart = torch.empty((splits, 2, n), device=x.device, dtype=torch.float64)
     trpart = torch.empty((num_m * splits, 3), device=x.device, dtype=torch.float64)
     wrap_triton(_stats_kernel)[(num_m * splits,)](
-        x, y, (x * x).sum(1), (y * y).sum(1), sig, rowpart, trpart,
+        x, y, (x * x).sum(1), (y * y).sum(1), sig, shift, rowpart, trpart,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), rowpart.stride(0), rowpart.stride(1),
         n, x.shape[1], y.shape[1], per,
         KERNEL=KERNEL_CODES[kernel], BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
@@ -85,8 +87,8 @@ def gram_hsic_forward(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
     return torch.stack([t[0], t[1], t[1], t[2]]).reshape(2, 2), rowpart.sum(0)
 
 
-def _side_grad(a: Tensor, b: Tensor, sqa: Tensor, sqb: Tensor, sig: Tensor, coef: Tensor, g: Tensor, kernel: str,
-               input_precision: str) -> tuple[Tensor, Tensor]:
+def _side_grad(a: Tensor, b: Tensor, sqa: Tensor, sqb: Tensor, sig: Tensor, shift: Tensor, coef: Tensor, g: Tensor,
+               kernel: str, input_precision: str) -> tuple[Tensor, Tensor]:
     n, da = a.shape
     cfg = _config(a.device, da)
     chunks = triton.cdiv(da, cfg["bd"])
@@ -95,7 +97,7 @@ def _side_grad(a: Tensor, b: Tensor, sqa: Tensor, sqb: Tensor, sig: Tensor, coef
     part = torch.empty((splits, n, da), device=a.device, dtype=torch.float32)
     dspart = torch.empty((num_m * splits,), device=a.device, dtype=torch.float32)
     wrap_triton(_grad_kernel)[(num_m * splits * chunks,)](
-        a, b, sqa, sqb, sig, coef, g, part, dspart,
+        a, b, sqa, sqb, sig, shift, coef, g, part, dspart,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0), part.stride(1), part.stride(2),
         n, da, b.shape[1], per, splits,
         KERNEL=KERNEL_CODES[kernel], BLOCK_M=cfg["gbm"], BLOCK_N=cfg["gbn"], BLOCK_K=cfg["gbk"], BLOCK_D=cfg["bd"],
@@ -104,17 +106,17 @@ def _side_grad(a: Tensor, b: Tensor, sqa: Tensor, sqb: Tensor, sig: Tensor, coef
     return part.sum(0), dspart.sum()
 
 
-def gram_hsic_backward(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Tensor, kernel: str,
+def gram_hsic_backward(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Tensor, shift: Tensor, kernel: str,
                        input_precision: str = "tf32x3") -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dy, dsig)`` for the upstream gradients ``gtr (2, 2)`` and ``grows (2, n)`` (any float
     dtype), the Gram tiles recomputed (``gram_hsic.py``): one launch per side."""
     s = (gtr + gtr.T).float()
     g = grows.float()
     sqx, sqy = (x * x).sum(1), (y * y).sum(1)  # the squared row norms, once for both sides
-    dx, dsx = _side_grad(x, y, sqx, sqy, sig, torch.stack([s[0, 0], s[0, 1]]), g[0].contiguous(), kernel,
+    dx, dsx = _side_grad(x, y, sqx, sqy, sig, shift, torch.stack([s[0, 0], s[0, 1]]), g[0].contiguous(), kernel,
                          input_precision)
-    dy, dsy = _side_grad(y, x, sqy, sqx, sig.flip(0).contiguous(), torch.stack([s[1, 1], s[1, 0]]),
-                         g[1].contiguous(), kernel, input_precision)
+    dy, dsy = _side_grad(y, x, sqy, sqx, sig.flip(0).contiguous(), shift.flip(0).contiguous(),
+                         torch.stack([s[1, 1], s[1, 0]]), g[1].contiguous(), kernel, input_precision)
     return dx, dy, torch.stack([dsx, dsy])
 
 
@@ -123,27 +125,29 @@ def gram_hsic_backward(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Te
 # ==================================================================================================
 
 
-def _stats_op_body(x: Tensor, y: Tensor, sig: Tensor, kernel: str, input_precision: str) -> tuple[Tensor, Tensor]:
-    return gram_hsic_forward(x, y, sig, kernel, input_precision)
+def _stats_op_body(x: Tensor, y: Tensor, sig: Tensor, shift: Tensor, kernel: str,
+                   input_precision: str) -> tuple[Tensor, Tensor]:
+    return gram_hsic_forward(x, y, sig, shift, kernel, input_precision)
 
 
 _stats_op = triton_op("kernelssl::gram_hsic_stats", mutates_args=())(_stats_op_body)
 
 
-def _stats_backward_op_body(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Tensor, kernel: str,
+def _stats_backward_op_body(gtr: Tensor, grows: Tensor, x: Tensor, y: Tensor, sig: Tensor, shift: Tensor, kernel: str,
                             input_precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    return gram_hsic_backward(gtr, grows, x, y, sig, kernel, input_precision)
+    return gram_hsic_backward(gtr, grows, x, y, sig, shift, kernel, input_precision)
 
 
 _stats_backward_op = triton_op("kernelssl::gram_hsic_stats_backward", mutates_args=())(_stats_backward_op_body)
 
 
-def _torch_forward(x, y, sig, kernel, input_precision):
-    return _torch_tier.gram_hsic_stats_forward([x, y], kernel, [sig[0], sig[1]])
+def _torch_forward(x, y, sig, shift, kernel, input_precision):
+    return _torch_tier.gram_hsic_stats_forward([x, y], kernel, [sig[0], sig[1]], [shift[0], shift[1]])
 
 
-def _torch_backward(gtr, grows, x, y, sig, kernel, input_precision):
-    (dx, dy), (dsx, dsy) = _torch_tier.gram_hsic_backward(gtr, grows, [x, y], kernel, [sig[0], sig[1]])
+def _torch_backward(gtr, grows, x, y, sig, shift, kernel, input_precision):
+    (dx, dy), (dsx, dsy) = _torch_tier.gram_hsic_backward(gtr, grows, [x, y], kernel, [sig[0], sig[1]],
+                                                          [shift[0], shift[1]])
     return dx, dy, torch.stack([dsx, dsy])
 
 
@@ -152,25 +156,25 @@ register(_stats_backward_op, _stats_backward_op_body, _torch_backward, 2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, sig, kernel, input_precision = inputs
-    ctx.save_for_backward(x, y, sig)
+    x, y, sig, shift, kernel, input_precision = inputs
+    ctx.save_for_backward(x, y, sig, shift)
     ctx.set_materialize_grads(False)
     ctx.kernel, ctx.input_precision = kernel, input_precision
 
 
 def _backward(ctx, gtr, grows):
-    x, y, sig = ctx.saved_tensors
+    x, y, sig, shift = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     if not any(needs) or (gtr is None and grows is None):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: the torch tier's plain autograd, recorded
         def eager(a, b, s):
-            return _torch_tier.gram_hsic_stats_eager([a, b], ctx.kernel, [s[0], s[1]])
-        return *recorded_backward(eager, (x, y, sig), needs, (gtr, grows)), None, None
+            return _torch_tier.gram_hsic_stats_eager([a, b], ctx.kernel, [s[0], s[1]], [shift[0], shift[1]])
+        return *recorded_backward(eager, (x, y, sig), needs, (gtr, grows)), None, None, None
     gtr = torch.zeros((2, 2), device=x.device, dtype=torch.float64) if gtr is None else gtr
     grows = torch.zeros((2, x.shape[0]), device=x.device, dtype=torch.float64) if grows is None else grows
-    dx, dy, dsig = _stats_backward_op(gtr, grows, x, y, sig, ctx.kernel, ctx.input_precision)
-    return (dx if needs[0] else None), (dy if needs[1] else None), (dsig if needs[2] else None), None, None
+    dx, dy, dsig = _stats_backward_op(gtr, grows, x, y, sig, shift, ctx.kernel, ctx.input_precision)
+    return (dx if needs[0] else None), (dy if needs[1] else None), (dsig if needs[2] else None), None, None, None
 
 
 _stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -181,12 +185,13 @@ _stats_op.register_autograd(_backward, setup_context=_setup_context)
 # ==================================================================================================
 
 
-def gram_hsic_stats(x: Tensor, y: Tensor, sig: Tensor, kernel: str,
+def gram_hsic_stats(x: Tensor, y: Tensor, sig: Tensor, kernel: str, shift: Tensor,
                     input_precision: str | None = None) -> tuple[Tensor, Tensor]:
     """``(tr (2, 2), rows (2, n))``, float64, of the exact ``kernel`` (``"gaussian"``/``"imq"``) Grams of
     ``x (n, dx)`` and ``y (n, dy)`` (fp32, columns centred, on CUDA or on the CPU under
-    ``TRITON_INTERPRET=1``) with bandwidths ``sig (2,)`` (fp32, never read on the host), by the fused
+    ``TRITON_INTERPRET=1``) with bandwidths ``sig (2,)`` and shifts ``shift (2,)``
+    (:func:`kernelssl.ops.gram_hsic.gram_shift`; fp32, never read on the host), by the fused
     kernels; differentiable in ``x``, ``y`` and ``sig`` (the fused backward; twice through the torch
     tier's plain autograd form).  ``input_precision`` None resolves as
     :func:`kernelssl.dispatch.resolve_precision`."""
-    return _stats_op(x, y, sig, kernel, resolve_precision(input_precision, x.device))
+    return _stats_op(x, y, sig, shift, kernel, resolve_precision(input_precision, x.device))
