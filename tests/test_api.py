@@ -438,9 +438,9 @@ def test_op_without_kernel_is_refused(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 IN_PLACE_CASES = {
-    # HSIC on one stacked (K, B, d) tensor: views passed separately are stacked into a copy first, which
-    # hides them from the check
     "HSICLoss, stacked views": lambda a, b: HSICLoss(num_features=8, seed=0)(a.view(2, 4, 4), view_dim=0),
+    # separate views are stacked into one tensor by a stack that keeps them (the first in float64 here)
+    "HSICLoss, separate views": lambda a, b: HSICLoss(num_features=8, seed=0)(a, b.float()),
     "SFRIKLoss": lambda a, b: SFRIKLoss()(a, b),
     "MECLoss": lambda a, b: MECLoss()(a, b),
     "UniformityLoss": lambda a, b: UniformityLoss()(a),
@@ -460,3 +460,26 @@ def test_input_changed_in_place_after_forward_raises(name, dtype):
         za.mul_(-0.5).add_(0.1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_stack_views_is_a_stack_in_value_gradient_and_tangent():
+    """The stack that keeps the views (separate views of a multi-view loss): the values, the gradients
+    (cast back to each view's dtype) and forward-mode tangents (zeros for a view without one) of
+    ``torch.stack`` of the cast views."""
+    import torch.autograd.forward_ad as fwAD
+
+    from kernelssl.ops._common import stack_views
+
+    a = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, dtype=torch.float32, requires_grad=True)
+    out = stack_views([a, b], torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, torch.stack([a, b.double()]))
+    w = torch.randn(2, 3, 2, dtype=torch.float64)
+    ga, gb = torch.autograd.grad((out * w).sum(), (a, b))
+    assert ga.dtype == torch.float64 and gb.dtype == torch.float32
+    assert torch.equal(ga, w[0]) and torch.equal(gb, w[1].float())
+    ta = torch.randn(3, 2, dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(stack_views([fwAD.make_dual(a.detach(), ta), b.detach().requires_grad_()],
+                                               torch.float64)).tangent
+    assert torch.equal(tangent, torch.stack([ta, torch.zeros(3, 2, dtype=torch.float64)]))

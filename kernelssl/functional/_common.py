@@ -9,6 +9,7 @@ import torch
 
 from .. import distributed as _dist
 from .._checks import check_same_device, check_same_shape, check_tensor
+from ..ops._common import stack_views
 
 Tensor = torch.Tensor
 
@@ -32,7 +33,7 @@ def as_views(views: Sequence[Tensor] | Tensor, name: str = "views") -> Tensor:
         check_same_shape(views, names)
         check_same_device(views, names)
         dtype = functools.reduce(torch.promote_types, (v.dtype for v in views))
-        stacked = torch.stack([v.to(dtype) for v in views])
+        stacked = stack_views(views, dtype)  # keeps the views for autograd's in-place check
     if stacked.shape[0] < 2:
         raise ValueError(f"{name}: expected K >= 2 views, got shape {tuple(stacked.shape)} (K = {stacked.shape[0]})")
     if stacked.shape[1] < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,48 @@ def promote(*xs: Tensor) -> list[Tensor]:
     return [x.to(dtype) for x in xs]
 
 
+def traced_or_transformed() -> bool:
+    """Whether this call is traced by ``torch.compile`` or runs under a ``torch.func`` transform: then no
+    buffer is kept between calls and the small Functions that keep a user's tensor for autograd's
+    in-place check give way to plain ops (Dynamo refuses their custom jvp)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def stack_views(views: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``torch.stack`` of ``views`` cast to ``dtype``, keeping the views themselves for autograd's in-place
+    check (a plain stack saves nothing: a view changed in place after the forward would go unnoticed, and
+    the library's ops after it see only the stacked copy)."""
+    if traced_or_transformed() or not (torch.is_grad_enabled() and any(v.requires_grad for v in views)):
+        return torch.stack([v.to(dtype) for v in views])
+    return _StackViews.apply(dtype, *views)
+
+
+class _StackViews(torch.autograd.Function):
+    """:func:`stack_views` with a gradient: the views saved for the check, each gradient cast back to
+    its view's dtype."""
+
+    @staticmethod
+    def forward(dtype: torch.dtype, *views: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.stack([v.to(dtype) for v in views])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+        ctx.dtype, ctx.dtypes = inputs[0], [v.dtype for v in inputs[1:]]
+
+    @staticmethod
+    def jvp(ctx, dtype_t, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
+        # forward-mode AD (torch.autograd.forward_ad); a view without a tangent contributes zeros
+        return torch.stack([(torch.zeros_like(v) if t is None else t).to(ctx.dtype)
+                            for t, v in zip(tangents, ctx.saved_tensors)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        _ = ctx.saved_tensors  # the check: raises if a view was changed in place since the forward
+        return None, *(g.to(dt) for g, dt in zip(grad.unbind(0), ctx.dtypes))
+
+
 def prescale_rows(x: Tensor) -> Tensor:
     """``x`` with every non-zero row multiplied by ``2^-(floor(log2 max|x_i|) + 1)`` (its largest entry
     then lies in [0.5, 1); the exponent is capped so the factor stays finite for subnormal rows); zero rows
@@ -71,8 +114,8 @@ def prescale_rows(x: Tensor) -> Tensor:
     if x.dtype == torch.float16:
         return x
     factor = row_prescale(x)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return x * factor  # traced or transformed: no in-place check to keep (Dynamo refuses a custom jvp)
+    if traced_or_transformed():
+        return x * factor  # no in-place check to keep (Dynamo refuses a custom jvp)
     return _Prescale.apply(x, factor)
 
 
@@ -169,8 +212,7 @@ def workspace(shape: int | tuple[int, ...], like: Tensor, slot: int) -> Tensor:
     still there."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     numel = math.prod(shape)
-    if (not like.is_cpu or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+    if not like.is_cpu or numel > WORKSPACE_MAX_ELEMENTS or type(like) is not Tensor or traced_or_transformed():
         return like.new_empty(shape)
     entry = _kept_entry(slot, like.dtype)  # [buffer, writer count, (shape, view) of the last call]
     if entry is None or entry[0].numel() < numel:
