@@ -112,17 +112,18 @@ def minibatch_cka(xs, ys, kernel: str = "linear", sigma=None) -> np.ndarray:
 
 
 def shifted_gram(x, kernel: str, sigma: float, shift: float) -> np.ndarray:
-    """``K - shift`` off the diagonal, 0 on it, for the exact Gaussian or IMQ Gram of ``x``: with
-    ``shift`` 1, ``K - 1`` formed directly (``expm1``; imq ``-d2 / (r (s + r))``, ``r = sqrt(d2 + s^2)``).
-    Both HSIC estimators are unchanged by adding a constant to the kernel: with this Gram's diagonal
-    ``1 - shift`` put back, they give those of ``K``."""
+    """The exact Gaussian or IMQ Gram ``K`` of ``x`` for ``shift`` 0, or ``shift * (K - 1)`` for ``shift > 0``
+    (``K - 1`` formed directly: ``expm1``; imq ``-d2 / (r (s + r))``, ``r = sqrt(d2 + s^2)``), with its
+    diagonal set to 0.  Both HSIC estimators are unchanged by adding a constant to the kernel and scale
+    with it: with the diagonal put back (1, or 0 for a shifted Gram) and divided by the shifts, they give
+    those of ``K``."""
     d2 = sq_distances(x)
     s = float(sigma)
     if kernel == "gaussian":
-        e = np.expm1(-d2 / (2.0 * s * s)) if shift else np.exp(-d2 / (2.0 * s * s))
+        e = shift * np.expm1(-d2 / (2.0 * s * s)) if shift else np.exp(-d2 / (2.0 * s * s))
     elif kernel == "imq":
         r = np.sqrt(d2 + s * s)
-        e = -d2 / (r * (s + r)) if shift else s / r
+        e = shift * (-d2 / (r * (s + r))) if shift else s / r
     else:
         raise ValueError(f"kernel: unknown {kernel!r}")
     np.fill_diagonal(e, 0.0)

@@ -7,6 +7,7 @@ size (ragged last block).  Slow tier: the peak memory of a forward+backward at n
 one n x n float64 Gram."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _sigmas(values, dtype=F64):
 
 
 _shifts = _sigmas  # 0-d tensors too
-MIXED = (1.0, 0.0, 1.0)  # shifts of up to three Grams: both kinds in one call
+MIXED = (8.0, 0.0, 1.0)  # shifts of up to three Grams: both kinds in one call, a scale of 8 and of 1
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -75,7 +76,7 @@ def _weighted(fn, kernel, m, n, tile, shift=MIXED):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("shift", [(0.0, 1.0), (1.0, 0.0)], ids=["01", "10"])
+@pytest.mark.parametrize("shift", [(0.0, 1.0), (4.0, 0.0)], ids=["01", "40"])
 def test_gradcheck_streamed_backward(kernel, shift):
     xs = [x.requires_grad_() for x in _reps(13, (3, 2))]
     sig = [s.requires_grad_() for s in _sigmas([1.2, 0.9])]
@@ -143,15 +144,15 @@ def test_reference_statistics_are_the_dense_sums(kernel):
     shift), and both reference estimators give the same HSIC on ``K - c 11^T`` as on ``K``."""
     x = np.arange(12.0).reshape(4, 3) / 7.0
     y = np.cos(np.arange(8.0)).reshape(4, 2)
-    tr, rows = R.gram_hsic_stats([x, y], kernel, [1.0, 2.0], [1.0, 0.0])
+    tr, rows = R.gram_hsic_stats([x, y], kernel, [1.0, 2.0], [4.0, 0.0])
     K1, K2 = R.gram(x, kernel, 1.0), R.gram(y, kernel, 2.0)
     off = ~np.eye(4, dtype=bool)
-    assert tr[0, 1] == tr[1, 0] == pytest.approx(float(((K1 - 1.0) * K2)[off].sum()), rel=1e-14)
-    assert tr[0, 0] == pytest.approx(float(((K1 - 1.0) ** 2)[off].sum()), rel=1e-14)
-    assert rows[0] == pytest.approx(np.where(off, K1 - 1.0, 0.0).sum(1), rel=1e-14)
+    assert tr[0, 1] == tr[1, 0] == pytest.approx(float((4.0 * (K1 - 1.0) * K2)[off].sum()), rel=1e-14)
+    assert tr[0, 0] == pytest.approx(float((16.0 * (K1 - 1.0) ** 2)[off].sum()), rel=1e-14)
+    assert rows[0] == pytest.approx(np.where(off, 4.0 * (K1 - 1.0), 0.0).sum(1), rel=1e-14)
     assert rows[1] == pytest.approx(np.where(off, K2, 0.0).sum(1), rel=1e-15)
     for f in (R.hsic_biased, R.hsic_unbiased):
-        assert f(K1 - 1.0, K2 + 3.0) == pytest.approx(f(K1, K2), rel=1e-12)
+        assert f(4.0 * (K1 - 1.0), K2 + 3.0) == pytest.approx(4.0 * f(K1, K2), rel=1e-12)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -196,3 +197,22 @@ def test_unbiased_imq_hsic_with_a_near_identity_gram_float32():
     got = float(hsic(x, y, kernel="imq", sigma=(0.5, "median"), unbiased=True, backend="torch"))
     want = R.hsic(x.double().numpy(), y.double().numpy(), "imq", (0.5, "median"), True)
     assert_close(got, want, rtol=METRICS_TOL[torch.float32]["rtol"], atol=0.0, name="HSIC_u")
+
+
+def test_shift_follows_the_median_row():
+    """``gram_shift``: 0 for spread-out rows at their median bandwidth; for a tight cluster at a bandwidth
+    far above its spread, a power of two that brings ``K - 1`` to order 1 -- one far row does not change
+    that (a mean of the rows' norms would: the far row dominates it); 1 for a constant representation."""
+    from kernelssl.metrics import median_sigma
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 6, generator=g, dtype=F64)
+    x = x - x.mean(0)
+    assert float(G.gram_shift(x, median_sigma(x))) == 0.0
+    cluster = 1e-3 * torch.randn(39, 4, generator=g, dtype=F64)
+    for rows in (cluster, torch.cat([cluster, torch.full((1, 4), 10.0, dtype=F64)])):
+        rows = rows - rows.mean(0)
+        c = float(G.gram_shift(rows, torch.tensor(5.0, dtype=F64)))
+        r = float((rows * rows).sum(1).median()) / 25.0
+        assert c > 0 and math.log2(c) == round(math.log2(c)) and 0.5 <= c * r < 1.0
+    assert float(G.gram_shift(torch.zeros(5, 3, dtype=F64), torch.tensor(1.0, dtype=F64))) == 1.0

@@ -69,8 +69,8 @@ def _kernels(kernel):
     return lambda x, y, s, c: GH.gram_hsic_stats(x, y, s, kernel, c)
 
 
-# shifts (c_x, c_y): both Grams as given, one carried as K - 1 (on a wide bandwidth, where it is chosen)
-SHIFTS = [((0.0, 0.0), (1.4, 0.8)), ((1.0, 0.0), (6.0, 0.8))]
+# shifts (c_x, c_y): both Grams as given, one carried as 8 (K - 1) (on a wide bandwidth, where it is chosen)
+SHIFTS = [((0.0, 0.0), (1.4, 0.8)), ((8.0, 0.0), (6.0, 0.8))]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -109,10 +109,12 @@ def test_metrics_on_the_kernels_equal_reference(kernel, sigma, unbiased):
 
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_metrics_on_the_kernels_at_a_bandwidth_far_above_the_data_scale(kernel, unbiased):
-    """Rows of spread 1e-3 against a bandwidth of 1 (every Gram entry 1 - O(1e-6): the kernels carry
-    ``K - 1``, the shift the metric picks): CKA is the float64 torch tier's to METRICS_TOL."""
-    x, y = (t * 1e-3 for t in _inputs(45, 6, 3, seed=4))
+@pytest.mark.parametrize("spread", [1e-3, 1e-12])
+def test_metrics_on_the_kernels_at_a_bandwidth_far_above_the_data_scale(kernel, unbiased, spread):
+    """Rows of spread 1e-3 and 1e-12 against a bandwidth of 1 (every Gram entry 1 - O(spread^2)): the
+    kernels carry ``f (K - 1)``, the shift the metric picks (at 1e-12 the unscaled entries' products
+    underflow float32); CKA is the float64 torch tier's to METRICS_TOL."""
+    x, y = (t * spread for t in _inputs(45, 6, 3, seed=4))
     got = cka(x.float(), y.float(), kernel=kernel, sigma=1.0, unbiased=unbiased, backend="triton")
     want = cka(x.float().double(), y.float().double(), kernel=kernel, sigma=1.0, unbiased=unbiased, backend="torch")
     assert 0.3 < float(want) < 1.0
@@ -218,14 +220,14 @@ def _emulated_cka(x, y, sig, precision):
     """``(CKA, dCKA/dx, dCKA/dy)``, biased Gaussian CKA, in the kernels' own decomposition (module
     docstring of kernelssl/triton/gram_hsic.py): each Gram tile's ``x_i . x_j`` by one
     ``kernelssl.numerics.mm`` at ``precision``, the distances by the expansion (clamped at 0, exactly 0
-    on the diagonal), the shifted kernel values ``E = K - c`` (off the diagonal; ``c`` by
-    ``gram_shift``) and their products in the input dtype, every sum in float64; the backward's weights
-    ``W`` in the input dtype and its ``W X`` by ``mm`` at ``precision``.  The upstream
+    on the diagonal), the shifted kernel values ``E`` (``K``, or ``c (K - 1)`` for the shift ``c`` of
+    ``gram_shift``; 0 on the diagonal) and their products in the input dtype, every sum in float64; the
+    backward's weights ``W`` in the input dtype and its ``W X`` by ``mm`` at ``precision``.  The upstream
     ``(dF/dtr, dF/drows)`` of CKA is formed from the float64 statistics, as the metric does."""
     from kernelssl.numerics import mm
 
     n = x.shape[0]
-    grams, shifted, diag = [], [], []
+    grams, shifted, diag, scale = [], [], [], []
     for a, s in zip((x, y), sig):
         sq = (a * a).sum(1)
         d2 = (sq[:, None] + sq[None, :] - 2.0 * mm(a, a.T.contiguous(), precision)).clamp_min(0.0)
@@ -233,16 +235,17 @@ def _emulated_cka(x, y, sig, precision):
         c = G.gram_shift(a, s)
         t = d2 * (-0.5 / (s * s))
         grams.append(torch.exp(t))
-        shifted.append(torch.where(c != 0, torch.expm1(t), grams[-1]).fill_diagonal_(0.0))
-        diag.append(1.0 - c.to(F64))
+        shifted.append(torch.where(c != 0, torch.expm1(t) * c, grams[-1]).fill_diagonal_(0.0))
+        diag.append((c == 0).to(F64))
+        scale.append(torch.where(c != 0, c, torch.ones_like(c)))
     e, f = shifted
     tr = torch.stack([(p * q).sum(dtype=F64) for p in shifted for q in shifted]).view(2, 2).requires_grad_()
     rows = torch.stack([g.sum(1, dtype=F64) for g in shifted]).requires_grad_()
 
-    def hsic_b(a, b):  # the Grams K - c 11^T: diagonal 1 - c
+    def hsic_b(a, b):  # the Grams K, or c (K - 11^T) (diagonal 0), divided by the scales
         ka, kb = rows[a] + diag[a], rows[b] + diag[b]
         t = tr[a, b] + n * diag[a] * diag[b]
-        return (t - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
+        return (t - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / ((n - 1) ** 2 * scale[a] * scale[b])
 
     value = hsic_b(0, 1) / torch.sqrt(hsic_b(0, 0) * hsic_b(1, 1))
     gtr, grows = torch.autograd.grad(value, (tr, rows))
@@ -250,7 +253,7 @@ def _emulated_cka(x, y, sig, precision):
     grads = []
     for side, (a, s) in enumerate(zip((x, y), sig)):
         gamma = 2.0 * (S[side, 0] * e + S[side, 1] * f) + g[side][:, None] + g[side][None, :]
-        w = gamma * grams[side] * (-1.0 / (s * s))
+        w = gamma * grams[side] * (-scale[side] / (s * s))
         w.fill_diagonal_(0.0)
         grads.append(w.sum(1)[:, None] * a - mm(w, a, precision))
     return value.detach(), grads[0], grads[1]
@@ -286,11 +289,11 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
 @pytest.mark.parametrize("widths", [(1.1, 0.7), (30.0, 0.7)], ids=["shift00", "shift10"])
 def test_emulation_in_float64_is_the_metric(widths):
     """The emulation above, in float64 (every product exact), is the torch tier's CKA and its gradients:
-    what the precision test compares is the kernels' decomposition of this metric (with x's Gram shifted
-    too, at the wide bandwidth)."""
+    what the precision test compares is the kernels' decomposition of this metric (with x's Gram carried
+    as 64 (K - 1) at the wide bandwidth)."""
     x, y = _inputs(60, 7, 5, seed=11)
     sig = tuple(torch.tensor(w, dtype=F64) for w in widths)
-    assert [float(G.gram_shift(a, s)) for a, s in zip((x, y), sig)] == ([0.0, 0.0] if widths[0] < 2 else [1.0, 0.0])
+    assert [float(G.gram_shift(a, s)) for a, s in zip((x, y), sig)] == ([0.0, 0.0] if widths[0] < 2 else [64.0, 0.0])
     value, dx, dy = _emulated_cka(x, y, sig, "ieee")
     xs = [x.clone().requires_grad_(), y.clone().requires_grad_()]
     want = cka(*xs, kernel="gaussian", sigma=widths, backend="torch")

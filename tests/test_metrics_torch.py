@@ -354,12 +354,13 @@ def _reference_on_shifted_grams(x, y, kernel, sigma, unbiased, shift):
 
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("kernel", ["gaussian", "imq"])
-@pytest.mark.parametrize("spread", [1e-3, 1e-7])
+@pytest.mark.parametrize("spread", [1e-3, 1e-7, 1e-12])
 def test_bandwidth_far_above_the_data_scale(kernel, unbiased, spread):
-    """A bandwidth 1e3-1e7 times the data's spread: every Gram entry is 1 - O(spread^2 / s^2), which rounds
-    to 1 in float32 (and at 1e-7 in float64), so CKA and HSIC live in ``K - 1``.  Both dtypes are the
-    reference's on the shifted Grams to METRICS_TOL (float32 CKA was -0.957 for 0.601 at spread 1e-3
-    when K itself was summed); CKA also tends to the linear CKA as s grows."""
+    """A bandwidth 1e3-1e12 times the data's spread: every Gram entry is 1 - O(spread^2 / s^2), which rounds
+    to 1 in float32 (and from 1e-7 in float64), so CKA and HSIC live in ``K - 1`` (at 1e-12 its entries,
+    ~1e-24, square below float32's range unless scaled).  Both dtypes are the reference's on the shifted
+    Grams to METRICS_TOL (float32 CKA was -0.957 for 0.601 at spread 1e-3 when K itself was summed, -0.87
+    for 0.29 at 1e-12 with K - 1 unscaled); CKA also tends to the linear CKA as s grows."""
     n = 40
     g = np.random.default_rng(3)
     x = g.standard_normal((n, 6))
@@ -373,7 +374,10 @@ def test_bandwidth_far_above_the_data_scale(kernel, unbiased, spread):
         got = cka(xt, yt, kernel=kernel, sigma=1.0, unbiased=unbiased)
         assert_close(got, want_cka, name=f"CKA {dtype}", rtol=tol["rtol"], atol=tol["atol"])
         got = hsic(xt, yt, kernel=kernel, sigma=1.0, unbiased=unbiased)
-        assert_close(got, want_hsic, name=f"HSIC {dtype}", rtol=tol["rtol"], atol=tol["atol"] * abs(want_hsic))
+        if abs(want_hsic) < torch.finfo(dtype).tiny:  # HSIC ~ spread^4 / s^4: 3e-47 at 1e-12, below float32
+            assert float(got) == 0.0 or abs(float(got) - want_hsic) < torch.finfo(dtype).tiny
+        else:
+            assert_close(got, want_hsic, name=f"HSIC {dtype}", rtol=tol["rtol"], atol=tol["atol"] * abs(want_hsic))
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "imq"])
@@ -389,3 +393,36 @@ def test_unbiased_self_hsic_of_a_gram_near_the_identity(kernel):
     xt = torch.tensor(x)
     got = hsic(xt, xt, kernel=kernel, sigma=sigma, unbiased=True)
     assert_close(got, want, name="HSIC_u", rtol=METRICS_TOL[F64]["rtol"], atol=0.0)
+
+
+def test_cka_of_two_grams_near_the_identity():
+    """A bandwidth far below the rows' distances (float64): both self-HSICs are tiny (~1e-227 and ~1e-98),
+    so their product underflows; CKA is the ratio with each square root taken apart, as the reference's
+    HSICs give it, and ``cka(x, x)`` is 1 (it was ``inf``)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, dtype=F64)
+    y = torch.tanh(x @ torch.randn(3, 4, dtype=F64)) + 0.3 * torch.randn(12, 4, dtype=F64)
+    xn, yn = x.numpy(), y.numpy()
+    for sigma in (0.028, 0.02875):
+        hx, hy, hxy = (R.hsic(a, b, "gaussian", sigma, True) for a, b in ((xn, xn), (yn, yn), (xn, yn)))
+        assert 0.0 < hx < 1e-150 and hx * hy < 1e-300  # the case of the test: a subnormal product
+        want = hxy / (math.sqrt(hx) * math.sqrt(hy))
+        assert_close(cka(x, y, kernel="gaussian", sigma=sigma, unbiased=True), want, name="CKA",
+                     **METRICS_TOL[F64])
+        m = MinibatchCKA(kernel="gaussian", sigma=sigma)
+        m.update([x], [y])
+        assert_close(m.compute()[0, 0], want, name="MinibatchCKA", **METRICS_TOL[F64])
+    assert_close(cka(x, x, kernel="gaussian", sigma=0.03, unbiased=True), 1.0, name="cka(x, x)", **METRICS_TOL[F64])
+
+
+def test_bandwidth_outside_the_compute_dtype_is_refused():
+    """A numeric bandwidth whose square the compute dtype cannot hold (float32: about 1.1e-19 to 1.8e19)
+    is a ValueError naming it (it gave NaN, or a RuntimeError from deep inside); float64 takes it."""
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    for sigma, name in ((1e30, "sigma"), ((1.0, 1e-25), r"sigma\[1\]"), (1e300, "sigma")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a bandwidth in .* for torch.float32 inputs"):
+            cka(x, y, kernel="gaussian", sigma=sigma)
+    with pytest.raises(ValueError, match="^sigma: expected a bandwidth"):
+        MinibatchCKA(kernel="imq", sigma=1e30).update([x], [y])
+    assert torch.isfinite(cka(x.double(), y.double(), kernel="gaussian", sigma=1e30))
+    assert torch.isfinite(cka(x.half(), y.half(), kernel="gaussian", sigma=1e10))  # computed in float32

@@ -104,7 +104,7 @@ class MinibatchCKA:
         """The ``(num_x_layers, num_y_layers)`` CKA matrix, float64."""
         if self.xy is None:
             raise RuntimeError("compute: no minibatch yet (call update(xs, ys) first)")
-        return self.xy / torch.sqrt(self.xx[:, None] * self.yy[None, :])
+        return self.xy / (torch.sqrt(self.xx)[:, None] * torch.sqrt(self.yy)[None, :])  # no underflow of the product
 
     def sync_distributed(self, group=None) -> None:
         """All-reduce (sum) the accumulated sums over the ranks of ``group`` (the default process

@@ -15,10 +15,12 @@ For ``x (n, dx)``, ``y (n, dy)``, Gram matrices K (of x) and L (of y), ``H = I -
 * ``"gaussian"`` ``exp(-||a-b||^2/(2 s^2))`` and ``"imq"`` ``s/sqrt(||a-b||^2 + s^2)``, ``exact=True``:
   the ``gram_hsic`` op (:mod:`kernelssl.ops.gram_hsic`: the statistics in float64, streamed over Gram
   tiles, forward and backward; the fused kernels of ``kernelssl/triton/gram_hsic.py`` on a GPU).  Memory
-  ``O(TILE^2 + n (dx + dy))`` with or without a gradient; no ``n x n``.  Each Gram comes as ``K - c 11^T``
-  (``c`` 0 or 1, :func:`~kernelssl.ops.gram_hsic.gram_shift`; neither estimator changes) by its
-  off-diagonal sums, ``tr(Kt Lt)`` and ``kt``, beside its constant diagonal ``1 - c``: no digit of a
-  wide-bandwidth Gram (entries near 1) or of a near-identity one is lost to the sums.
+  ``O(TILE^2 + n (dx + dy))`` with or without a gradient; no ``n x n``.  Each Gram comes as ``K``, or as
+  ``f (K - 11^T)`` when most entries are near 1 (``f`` a power of two,
+  :func:`~kernelssl.ops.gram_hsic.gram_shift`; the estimators are unchanged by the shift and divide ``f``
+  out exactly), by its off-diagonal sums, ``tr(Kt Lt)`` and ``kt``, beside its constant diagonal (1, or
+  0): no digit of a wide-bandwidth Gram or of a near-identity one is lost to the sums.  CKA divides by
+  ``sqrt(HSIC(K, K)) sqrt(HSIC(L, L))`` (their product can underflow).
 * ``exact=False`` with ``"gaussian"``/``"imq"``: the random features of :mod:`kernelssl.ops.rff_hsic`
   (``phi(x) = sqrt(2/D) cos(W x / s + b)``, ``E phi(a).phi(b) = k(a, b)``), then the linear identities.
 
@@ -180,21 +182,26 @@ def _stats_gram(xs: list[Tensor], kernel: str, sigmas: list[Tensor], backend: st
         t, r = stats(xs, kernel, sigmas, shifts)
         tr = {(a, b): t[a, b] for a in range(m) for b in range(a, m)}
         rows = list(r.unbind(0))
-    # K - c 11^T has the diagonal k(a, a) - c = 1 - c for both kernels
-    return {"tr_off": tr, "row_off": rows, "diag": [1.0 - c.to(torch.float64) for c in shifts]}
+    # the Gram K (diagonal k(a, a) = 1 for both kernels), or f (K - 11^T) (diagonal 0) for a shift f > 0
+    cs = [c.to(torch.float64) for c in shifts]
+    return {"tr_off": tr, "row_off": rows, "diag": [(c == 0).to(torch.float64) for c in cs],
+            "scale": [torch.where(c != 0, c, torch.ones_like(c)) for c in cs]}
 
 
 def _estimate(st: dict, a: int, b: int, n: int, unbiased: bool) -> Tensor:
     """HSIC_b or HSIC_u of Grams a and b from the statistics (module docstring): the features' full traces
-    (``"tr"``), or a Gram's off-diagonal sums (``"tr_off"``, ``"row_off"``) beside its constant diagonal."""
+    (``"tr"``), or a Gram's off-diagonal sums (``"tr_off"``, ``"row_off"``) beside its constant diagonal,
+    divided by the Grams' scales (powers of two: exact)."""
     da, db = st["diag"][a], st["diag"][b]
     if "tr_off" in st:
         t_off = st["tr_off"][min(a, b), max(a, b)]
         ra, rb = st["row_off"][a], st["row_off"][b]
         if not unbiased:  # k = row_off + diag; tr(KL) = tr_off + n da db
             ka, kb = ra + da, rb + db
-            return (t_off + n * (da * db) - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
-        return _unbiased(t_off, ra, rb, n)
+            val = (t_off + n * (da * db) - (2.0 / n) * (ka @ kb) + ka.sum() * kb.sum() / n**2) / (n - 1) ** 2
+        else:
+            val = _unbiased(t_off, ra, rb, n)
+        return val / (st["scale"][a] * st["scale"][b])
     t = st["tr"][min(a, b), max(a, b)]
     if not unbiased:  # centred features: k = 0
         return t / (n - 1) ** 2
@@ -237,7 +244,19 @@ def _prepare(x, y, kernel, sigma, unbiased, exact, num_features, generator, back
         raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     sigmas = _check_sigma(sigma, kernel)
     x, y = _check_pair(x, y, unbiased)
+    _check_sigma_range(sigmas, sigma, x.dtype)
     return x, y, sigmas
+
+
+def _check_sigma_range(sigmas: tuple, given, dtype: torch.dtype) -> None:
+    """A numeric bandwidth whose square the compute dtype holds as a normal number (else ``k`` is 0/0)."""
+    info = torch.finfo(dtype)
+    lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
+    names = ("sigma[0]", "sigma[1]") if isinstance(given, (tuple, list)) else ("sigma", "sigma")
+    for s, nm in zip(sigmas, names):
+        if isinstance(s, float) and not lo <= s <= hi:
+            raise ValueError(f"{nm}: expected a bandwidth in [{lo:.3g}, {hi:.3g}] for {dtype} inputs (its square "
+                             f"must be a normal {dtype} number), got {s!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +294,9 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, unbiased: b
     xx = _estimate(st, 0, 0, n, unbiased)
     yy = _estimate(st, 1, 1, n, unbiased)
     constant = _constant(x) | _constant(y)
-    den = torch.sqrt(torch.where(constant, torch.ones_like(xx), xx * yy))  # 0/0 kept out of the gradient too
+    # sqrt(xx) sqrt(yy): the product of two tiny self-HSICs (a Gram near the identity) would underflow; and a
+    # negative (unbiased) self-HSIC gives NaN even when both are; 0/0 kept out of the gradient too
+    one = torch.ones_like(xx)
+    den = torch.sqrt(torch.where(constant, one, xx)) * torch.sqrt(torch.where(constant, one, yy))
     val = (xy / den).to(x.dtype)
     return torch.where(constant, torch.full_like(val, math.nan), val)

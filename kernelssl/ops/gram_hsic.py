@@ -2,21 +2,23 @@
 streamed over Gram tiles, forward and backward, without an ``n x n`` matrix (docs/metrics.md).
 
 For ``m`` representations ``x_a (n, d_a)`` (columns centred by the caller; HSIC does not change), each
-with its bandwidth ``s_a`` (a 0-d tensor) and its shift ``c_a`` (a 0-d tensor, 0 or 1: :func:`gram_shift`),
-Grams ``K_a,ij = k(||x_a,i - x_a,j||^2; s_a)``::
+with its bandwidth ``s_a`` (a 0-d tensor) and its shift ``c_a`` (a 0-d tensor: 0, or a power of two
+``f_a > 0``; :func:`gram_shift`), Grams ``K_a,ij = k(||x_a,i - x_a,j||^2; s_a)``::
 
     gaussian  k(d2; s) = exp(-d2 / (2 s^2))        imq  k(d2; s) = s / sqrt(d2 + s^2)
-    E_a,ij    = K_a,ij - c_a  (i != j),  0  (i = j)
+    E_a,ij    = K_a,ij (c_a = 0),  f_a (K_a,ij - 1) (c_a = f_a > 0)  for i != j;   0 for i = j
     tr[a, b]  = sum_ij E_a,ij E_b,ij   (m, m)       rows[a, i] = sum_j E_a,ij   (m, n)
 
-Both HSIC estimators are unchanged by adding a constant to a kernel, so they follow from these, ``n``
-and the diagonal ``1 - c_a`` of ``K_a - c_a 11^T`` (:mod:`kernelssl.metrics.similarity`).  The shift and
-the missing diagonal keep the information in small numbers: a Gram whose entries are all near 1 (a
-bandwidth far above the data's scale) is carried as ``K - 1``, computed directly (``expm1``; for imq
-``-d2 / (r (s + r))``, ``r = sqrt(d2 + s^2)``), where ``K`` itself would round to 1 in float32 (measured
-before: a float32 Gaussian CKA of -0.957 for 0.601 at a bandwidth 1000x the data's spread); a Gram near
-the identity keeps its tiny off-diagonal entries out of a sum with the diagonal's ``n`` (an unbiased
-``HSIC(K, K)`` of 6e-216 came out 0).  Squared distances by the expansion
+Both HSIC estimators are unchanged by adding a constant to a kernel and scale with it, so they follow
+from these, ``n`` and the diagonal of ``K_a`` (1) or of ``f_a (K_a - 11^T)`` (0), divided by ``f_a f_b``
+(:mod:`kernelssl.metrics.similarity`).  The shift, its scale and the missing diagonal keep the
+information in numbers of order 1: a Gram whose entries are all near 1 (a bandwidth far above the data's
+scale) is carried as ``f (K - 1)``, ``K - 1`` computed directly (``expm1``; for imq ``-d2 / (r (s + r))``,
+``r = sqrt(d2 + s^2)``), where ``K`` itself would round to 1 in float32 (measured before: a float32
+Gaussian CKA of -0.957 for 0.601 at a bandwidth 1000x the data's spread), and ``f`` keeps the products
+of two such entries (~``(d2 / s^2)^2``) from underflowing; a Gram near the identity keeps its tiny
+off-diagonal entries out of a sum with the diagonal's ``n`` (an unbiased ``HSIC(K, K)`` of 6e-216 came
+out 0).  Squared distances by the expansion
 ``||a_i||^2 + ||a_j||^2 - 2 a_i . a_j`` (one GEMM per tile), clamped at 0, exactly 0 on the diagonal.
 
 Forward: the upper triangle of ``(tile, tile)`` blocks; a block above the diagonal stands for its
@@ -28,11 +30,11 @@ CKA at n = 1000 with the median bandwidth 1.3e-5 relative from float64 with floa
 float64 sums).  The statistics are float64 for every input dtype.
 
 Backward, for upstream ``T = dF/dtr`` and ``g_a = dF/drows[a]``: with ``S = T + T^T`` and
-``Gamma_a,ij = 2 sum_b S_ab E_b,ij + g_a,i + g_a,j`` (``dF = 1/2 sum_a sum_{i != j} Gamma_a,ij dK_a,ij``
-over the symmetric Grams)::
+``Gamma_a,ij = 2 sum_b S_ab E_b,ij + g_a,i + g_a,j`` (``dF = 1/2 sum_a sum_{i != j} Gamma_a,ij dE_a,ij``
+over the symmetric Grams; ``dE_a = f_a dK_a``, ``f_a = 1`` for an unshifted Gram)::
 
-    dx_a,k = sum_j W_kj (x_a,k - x_a,j),   W = 2 Gamma_a * dK_a/dd2      (dx_a = diag(W 1) x_a - W x_a)
-    ds_a   = 1/2 sum_ij Gamma_a,ij dK_a,ij/ds
+    dx_a,k = sum_j W_kj (x_a,k - x_a,j),   W = 2 f_a Gamma_a dK_a/dd2    (dx_a = diag(W 1) x_a - W x_a)
+    ds_a   = 1/2 f_a sum_ij Gamma_a,ij dK_a,ij/ds
     dK/dd2 = -K / (2 s^2) (gaussian),  -K^3 / (2 s^2) (imq);   dK/ds = K d2 / s^3,  K^3 d2 / s^3
 
 (``W_ii = 0``: the diagonal is not in the statistics, and its term ``x_i - x_i`` is exactly 0)
@@ -44,6 +46,7 @@ the NumPy reference of the statistics is :func:`reference.metrics.gram_hsic_stat
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -76,7 +79,8 @@ def _kernel(d2: Tensor, kernel: str, s: Tensor) -> Tensor:
 
 
 def _shifted(d2: Tensor, kernel: str, s: Tensor, c: Tensor, k: Tensor | None = None) -> Tensor:
-    """``K - c`` without the cancellation of ``K - 1`` when ``c`` is 1 (``k``: ``K`` if already formed)."""
+    """``E``: ``K`` for ``c = 0``, ``c (K - 1)`` for ``c > 0`` without the cancellation of ``K - 1`` (``k``:
+    ``K`` if already formed)."""
     if kernel == "gaussian":
         t = d2 / (-2.0 * s * s)
         near_one = torch.expm1(t)
@@ -85,7 +89,7 @@ def _shifted(d2: Tensor, kernel: str, s: Tensor, c: Tensor, k: Tensor | None = N
         r = torch.sqrt(d2 + s * s)
         near_one = -d2 / (r * (s + r))
         k = s / r if k is None else k
-    return torch.where(c != 0, near_one, k)
+    return torch.where(c != 0, near_one * c, k)
 
 
 def _off_diagonal(e: Tensor) -> Tensor:
@@ -95,14 +99,19 @@ def _off_diagonal(e: Tensor) -> Tensor:
 
 
 def gram_shift(x: Tensor, s: Tensor) -> Tensor:
-    """The shift ``c`` (0-d, 1 or 0, in ``x``'s dtype) of the Gram of ``x`` (columns centred) at bandwidth
-    ``s``: 1 where the mean squared distance ``2 mean_i ||x_i||^2`` is below ``s^2 / 2`` (the Gram's entry
-    at that distance above ``exp(-1/4)`` for gaussian, ``sqrt(2/3)`` for imq: carried as ``K - 1``), else
-    0.  Never 1 at the exact median bandwidth (a mean of nonnegative numbers is at least half their median).  A
-    tensor: no host sync."""
-    wide = 4.0 * (x * x).sum(1).mean() < s * s
-    return torch.where(wide, torch.ones((), dtype=x.dtype, device=x.device),
-                       torch.zeros((), dtype=x.dtype, device=x.device))
+    """The shift ``c`` (0-d, in ``x``'s dtype) of the Gram of ``x`` (columns centred) at bandwidth ``s``.
+    With ``r = median_i ||x_i||^2 / s^2`` (for spread-out rows about half of the typical ``d2 / s^2``; the
+    median, so that a few far rows do not decide it): 0 (the Gram as given) unless ``r < 1/4``; then
+    ``2^-e`` for ``r = m 2^e``, ``m`` in ``[0.5, 1)`` (the Gram carried as ``2^-e (K - 1)``, its entries of
+    order 1).  ``r < 1/4`` puts at least a quarter of the Gram's entries (the pairs of rows with
+    ``||x_i||^2 <= median``) above ``exp(-1/2)`` for gaussian, ``sqrt(1/2)`` for imq, and typically most
+    above ``exp(-1/4)``.  The exponent is capped so the factor is finite; 1 where ``r`` is 0.  A tensor:
+    no host sync."""
+    r = (x * x).sum(1).median() / (s * s)
+    _, e = torch.frexp(r)
+    cap = int(math.log2(torch.finfo(x.dtype).max)) - 1  # 2^cap finite (126 for float32)
+    f = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (-e).clamp(max=cap))
+    return torch.where(r < 0.25, f, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _tile(tile: int | None) -> int:
@@ -180,6 +189,7 @@ def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Te
     sqs = [(x * x).sum(1) for x in xs]
     dxs = [torch.zeros_like(x) for x in xs]
     dss = [xs[0].new_zeros(()) for _ in xs]
+    scales = [torch.where(c != 0, c, torch.ones_like(c)) for c in shifts]  # f_a: 1 for an unshifted Gram
     for i0, i1, j0, j1, diag in _blocks(n, tile):
         d2s = [_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag) for x, sq in zip(xs, sqs)]
         ks = [_kernel(d2, kernel, s) for d2, s in zip(d2s, sigmas)]
@@ -188,7 +198,7 @@ def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Te
             w = g[a, i0:i1, None] + g[a, None, j0:j1]  # Gamma_a, then W
             for b in range(m):
                 w.addcmul_(es[b], 2.0 * S[a, b])
-            w.mul_(k)
+            w.mul_(k * scales[a])  # dE_a = f_a dK_a
             if kernel == "imq":
                 w.mul_(k).mul_(k)  # Gamma K^3
             dss[a] += (1.0 if diag else 2.0) * 0.5 * (w.view(-1) @ d2.reshape(-1)) / (s * s * s)
@@ -232,6 +242,7 @@ def gram_hsic_stats(xs: Sequence[Tensor], kernel: str, sigmas: Sequence[Tensor],
                     tile: int | None = None) -> tuple[Tensor, Tensor]:
     """``(tr (m, m), rows (m, n))``, float64, of the module docstring for ``m`` representations ``xs``
     (``(n, d_a)``, one float dtype, columns centred), their bandwidths ``sigmas`` and shifts ``shifts``
-    (0-d tensors of that dtype; :func:`gram_shift`), ``kernel`` in :data:`GRAM_KERNELS`; differentiable in
-    ``xs`` and ``sigmas`` with the streamed backward (memory ``O(tile^2 + n d)`` either way)."""
+    (0-d tensors of that dtype: 0, or the scale of a Gram carried as ``f (K - 1)``; :func:`gram_shift`),
+    ``kernel`` in :data:`GRAM_KERNELS`; differentiable in ``xs`` and ``sigmas`` with the streamed backward
+    (memory ``O(tile^2 + n d)`` either way)."""
     return _GramHSICStats.apply(kernel, _tile(tile), len(xs), *xs, *sigmas, *shifts)

@@ -3,11 +3,11 @@ forward and backward, never an ``n x n`` matrix (docs/metrics.md).  The host sid
 the torch tier, with the derivation, is :mod:`kernelssl.ops.gram_hsic`.
 
 For ``x (n, dx)``, ``y (n, dy)`` (fp32, columns centred by the caller), bandwidths ``(s_x, s_y)`` and
-shifts ``(c_x, c_y)`` (0 or 1 each; the torch tier says why)::
+shifts ``(c_x, c_y)`` (each 0, or a power of two ``f``; the torch tier says why)::
 
     K_ij = k(d2x_ij; s_x),  L_ij = k(d2y_ij; s_y),  d2x_ij = ||x_i||^2 + ||x_j||^2 - 2 x_i . x_j  (>= 0, 0 at i = j)
     k(d2; s) = exp(-d2 / (2 s^2))  (gaussian)  or  s / sqrt(d2 + s^2)  (imq)
-    E = K - c_x, F = L - c_y off the diagonal, 0 on it  (K - 1 formed without cancellation)
+    E = K (c_x = 0) or c_x (K - 1) (K - 1 formed without cancellation), F likewise; 0 on the diagonal
     tr = [[sum E.E, sum E.F], [sum E.F, sum F.F]],   rows = [E 1, F 1]
 
 Forward (``_stats_kernel``): program (row tile I, column split c) runs over the column tiles J of its
@@ -21,8 +21,9 @@ Backward (``_grad_kernel``), for one side (``SIDE`` 0: x, 1: y; written for x), 
 the upstream ``T = dF/dtr`` and ``g = dF/drows[x]``::
 
     Gamma_ij = 2 (S_xx E_ij + S_xy F_ij) + g_i + g_j
-    W_ij     = 2 Gamma_ij dK/dd2 = -Gamma_ij K_ij / s^2  (gaussian),  -Gamma_ij K_ij^3 / s^2  (imq)
-    dx_i     = (sum_j W_ij) x_i - sum_j W_ij x_j,        ds_x = 1/2 sum_ij Gamma_ij d2_ij K_ij (^3) / s^3
+    W_ij     = 2 f Gamma_ij dK/dd2 = -f Gamma_ij K_ij / s^2  (gaussian),  -f Gamma_ij K_ij^3 / s^2  (imq)
+    dx_i     = (sum_j W_ij) x_i - sum_j W_ij x_j,        ds_x = 1/2 f sum_ij Gamma_ij d2_ij K_ij (^3) / s^3
+    (f = c_x, or 1 for c_x = 0: dE = f dK)
 
 Program (row tile I, column split c, column chunk of x) recomputes both Gram tiles per column tile and
 accumulates ``W X_J`` for its chunk (``tl.dot``, fp32 accumulator) and the row sums of ``W``; it writes
@@ -61,7 +62,7 @@ def _kernel_value(d2, s, KERNEL: tl.constexpr):
     return tl.where(d2 == 0.0, 1.0, s / tl.sqrt(d2 + s * s))  # k(0) exactly 1 (fast sqrt and division)
 
 
-# K - c, for the shift c (0 or 1) and k = K: for c = 1, K - 1 without its cancellation,
+# E for the shift c and k = K: K for c = 0, c (K - 1) for c > 0, K - 1 without its cancellation,
 #   gaussian  expm1(-d2 / (2 s^2))          imq  (s - r) / r = -d2 / (r (s + r)),  r = sqrt(d2 + s^2)
 @triton.jit
 def _shifted_value(d2, s, k, c, KERNEL: tl.constexpr):
@@ -70,7 +71,7 @@ def _shifted_value(d2, s, k, c, KERNEL: tl.constexpr):
     else:
         r = tl.sqrt(d2 + s * s)
         near_one = -d2 / (r * (s + r))
-    return tl.where(c != 0.0, near_one, k)
+    return tl.where(c != 0.0, near_one * c, k)
 
 
 # expm1(t) for t <= 0: below |t| = 0.35 the Taylor series to t^8 / 8! by Horner's rule (its truncation
@@ -140,10 +141,10 @@ def _stats_kernel(
 
 # Backward for one side (SIDE 0: a = x, b = y; SIDE 1: a = y, b = x): program (I, c, chunk) over its
 # split's column tiles J (module docstring):
-#   part[c, i, chunk] = (sum_j W_ij) a_i - sum_j W_ij a_j,   W = -Gamma K_a (^3) / s_a^2
-#   dspart[I + c num_m] = 1/2 sum_ij Gamma_ij d2_ij K_a,ij (^3) / s_a^3           (chunk 0 only)
-# Gamma = 2 (S_aa E_a + S_ab E_b) + g_i + g_j, E = K - c (shifted Grams); coef = (S_aa, S_ab): the side's
-# entries of S = T + T^T; g = dF/drows[a].
+#   part[c, i, chunk] = (sum_j W_ij) a_i - sum_j W_ij a_j,   W = -f_a Gamma K_a (^3) / s_a^2
+#   dspart[I + c num_m] = 1/2 f_a sum_ij Gamma_ij d2_ij K_a,ij (^3) / s_a^3           (chunk 0 only)
+# Gamma = 2 (S_aa E_a + S_ab E_b) + g_i + g_j (E: the shifted Grams), W and ds times f_a (dE = f_a dK);
+# coef = (S_aa, S_ab): the side's entries of S = T + T^T; g = dF/drows[a].
 @triton.jit
 def _grad_kernel(
     a_ptr, b_ptr, sqa_ptr, sqb_ptr, sig_ptr, shift_ptr, coef_ptr, g_ptr, part_ptr, dspart_ptr,
@@ -165,6 +166,7 @@ def _grad_kernel(
     sb = tl.load(sig_ptr + 1)
     ca = tl.load(shift_ptr)
     cb = tl.load(shift_ptr + 1)
+    fa = tl.where(ca != 0.0, ca, 1.0)
     s_aa = tl.load(coef_ptr)
     s_ab = tl.load(coef_ptr + 1)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
@@ -186,7 +188,7 @@ def _grad_kernel(
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         gam = 2.0 * (s_aa * _shifted_value(d2, sa, k, ca, KERNEL) + s_ab * eb) + g_i[:, None] + g_j[None, :]
         kk = k if KERNEL == 0 else k * k * k
-        wk = tl.where(valid, gam * kk, 0.0)
+        wk = tl.where(valid, gam * kk * fa, 0.0)
         dsum += tl.sum(wk * d2, axis=1)
         # W_ii = 0: the diagonal is not in the statistics, and its term (a_i - a_i) is exactly 0
         w = tl.where(rows[:, None] == cols[None, :], 0.0, wk * (-1.0 / (sa * sa)))
