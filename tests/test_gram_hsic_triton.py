@@ -121,6 +121,18 @@ def test_metrics_on_the_kernels_at_a_bandwidth_far_above_the_data_scale(kernel, 
     assert_close(got, want.float(), name="CKA", **METRICS_TOL[F32])
 
 
+def test_metrics_on_the_kernels_tight_cluster_with_far_rows():
+    """A cluster of spread 1e-12 and two rows at +-1 at bandwidth 1 (a Gram scaled by a large power of two:
+    the far rows' entries must not overflow float32 in the tiles' products): CKA is the float64 torch
+    tier's to METRICS_TOL."""
+    torch.manual_seed(0)
+    x = torch.cat([1e-12 * torch.randn(30, 4), torch.ones(1, 4), -torch.ones(1, 4)])
+    y = torch.cat([1e-12 * torch.randn(30, 3), torch.ones(1, 3), -torch.ones(1, 3)])
+    want = cka(x.double(), y.double(), kernel="gaussian", sigma=1.0, backend="torch")
+    got = cka(x, y, kernel="gaussian", sigma=1.0, backend="triton")
+    assert_close(got, want.float(), name="CKA", **METRICS_TOL[F32])
+
+
 def test_minibatch_cka_on_the_kernels_equals_torch_tier():
     x, y = _inputs(40, 6, 3, seed=5)
     layers_a, layers_b = [x.float(), (x[:, :2] ** 2).float()], [y.float(), torch.sin(y).float(), x[:, 3:].float()]
@@ -173,8 +185,8 @@ def test_gpu_metrics_shape(kernel):
     n = 20000
     x, y = (t.to(DEV) for t in _inputs(n, 64, 32, seed=7))
     sig = torch.tensor([8.0, 40.0], dtype=F64, device=DEV)
-    shift = torch.stack([G.gram_shift(x, sig[0]), G.gram_shift(y, sig[1])])  # 0 and 1: both kinds
-    assert shift.tolist() == [0.0, 1.0]
+    shift = torch.stack([G.gram_shift(x, sig[0]), G.gram_shift(y, sig[1])])  # both kinds
+    assert shift.tolist() == [0.0, 64.0]  # x as given, y carried as 64 (K - 1)
     wt, wr = (t.to(DEV) for t in _upstream(n))
     ref = _run(_torch_tier(kernel), x, y, sig, shift, wt, wr)
     tor = _run(_torch_tier(kernel), x.float(), y.float(), sig.float(), shift, wt, wr)

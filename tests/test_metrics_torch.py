@@ -426,3 +426,16 @@ def test_bandwidth_outside_the_compute_dtype_is_refused():
         MinibatchCKA(kernel="imq", sigma=1e30).update([x], [y])
     assert torch.isfinite(cka(x.double(), y.double(), kernel="gaussian", sigma=1e30))
     assert torch.isfinite(cka(x.half(), y.half(), kernel="gaussian", sigma=1e10))  # computed in float32
+
+
+def test_tight_cluster_with_far_rows_at_a_wide_bandwidth():
+    """30 rows of spread 1e-12 and two rows at +-1, bandwidth 1: the cluster's Gram entries are 1 - 1e-24,
+    so the Gram is shifted and scaled by a large power of two; the far rows' entries, about ``-f``, must
+    not overflow float32 in their products (the factor was 3e23 and CKA NaN): float32 CKA is the
+    float64 one to METRICS_TOL."""
+    torch.manual_seed(0)
+    x = torch.cat([1e-12 * torch.randn(30, 4), torch.ones(1, 4), -torch.ones(1, 4)])
+    y = torch.cat([1e-12 * torch.randn(30, 3), torch.ones(1, 3), -torch.ones(1, 3)])
+    assert float(_gram.gram_shift(x - x.mean(0), torch.tensor(1.0))) > 2.0**50  # the case of the test
+    want = cka(x.double(), y.double(), kernel="gaussian", sigma=1.0)
+    assert_close(cka(x, y, kernel="gaussian", sigma=1.0), want.float(), name="CKA", **METRICS_TOL[torch.float32])

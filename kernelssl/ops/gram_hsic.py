@@ -105,11 +105,12 @@ def gram_shift(x: Tensor, s: Tensor) -> Tensor:
     ``2^-e`` for ``r = m 2^e``, ``m`` in ``[0.5, 1)`` (the Gram carried as ``2^-e (K - 1)``, its entries of
     order 1).  ``r < 1/4`` puts at least a quarter of the Gram's entries (the pairs of rows with
     ``||x_i||^2 <= median``) above ``exp(-1/2)`` for gaussian, ``sqrt(1/2)`` for imq, and typically most
-    above ``exp(-1/4)``.  The exponent is capped so the factor is finite; 1 where ``r`` is 0.  A tensor:
+    above ``exp(-1/4)``.  The factor is capped at ``2^59`` (float32; ``2^507`` for float64) so that the
+    product of two entries of far rows, about ``-f`` each, stays finite; 1 where ``r`` is 0.  A tensor:
     no host sync."""
     r = (x * x).sum(1).median() / (s * s)
     _, e = torch.frexp(r)
-    cap = int(math.log2(torch.finfo(x.dtype).max)) - 1  # 2^cap finite (126 for float32)
+    cap = int(math.log2(torch.finfo(x.dtype).max)) // 2 - 4  # f^2 n^2 finite
     f = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (-e).clamp(max=cap))
     return torch.where(r < 0.25, f, torch.zeros((), dtype=x.dtype, device=x.device))
 
