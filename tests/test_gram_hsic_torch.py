@@ -177,9 +177,10 @@ def test_compiled_cka_with_gradient_matches_eager(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_imq_diagonal_is_exactly_one(dtype):
-    """The metrics take the Grams' diagonal as exactly 1 (the unbiased estimator subtracts it from sums
-    of size n^2): the IMQ tile's ``s / sqrt(0 + s^2)`` is exactly 1 for every bandwidth (``s *
-    rsqrt(s^2)`` is not, for ~13% of them, 1 ulp off)."""
+    """``k(0) = 1`` exactly for every bandwidth: the estimators put each Gram's diagonal back as exactly 1
+    (the statistics leave it out), so the value the tiles give at ``d2 = 0`` (duplicate rows) must be
+    that 1 too.  The IMQ tile's ``s / sqrt(0 + s^2)`` is; ``s * rsqrt(s^2)`` is not for ~13% of
+    bandwidths (1 ulp off)."""
     s = torch.logspace(-6, 6, 20001, dtype=dtype)
     assert bool((G._kernel(torch.zeros_like(s), "imq", s) == 1).all())
 
