@@ -75,7 +75,7 @@ SHIFTS = [((0.0, 0.0), (1.4, 0.8)), ((8.0, 0.0), (6.0, 0.8))]
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,dx,dy", SHAPES)
-@pytest.mark.parametrize("shift,widths", SHIFTS, ids=["shift00", "shift10"])
+@pytest.mark.parametrize("shift,widths", SHIFTS, ids=["as-given", "x-shifted"])
 def test_statistics_and_gradients_within_2x_of_torch(kernel, n, dx, dy, shift, widths):
     x, y = _inputs(n, dx, dy)
     sig = torch.tensor(widths, dtype=F64) * math.sqrt(dx)
@@ -298,7 +298,7 @@ def test_tf32x3_default_is_within_2x_of_ieee_emulated():
     check_within_2x_of_ieee(*emulated_paper_case())
 
 
-@pytest.mark.parametrize("widths", [(1.1, 0.7), (30.0, 0.7)], ids=["shift00", "shift10"])
+@pytest.mark.parametrize("widths", [(1.1, 0.7), (30.0, 0.7)], ids=["as-given", "x-shifted"])
 def test_emulation_in_float64_is_the_metric(widths):
     """The emulation above, in float64 (every product exact), is the torch tier's CKA and its gradients:
     what the precision test compares is the kernels' decomposition of this metric (with x's Gram carried
