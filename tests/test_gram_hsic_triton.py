@@ -249,7 +249,7 @@ def _emulated_cka(x, y, sig, precision):
         grams.append(torch.exp(t))
         shifted.append(torch.where(c != 0, torch.expm1(t) * c, grams[-1]).fill_diagonal_(0.0))
         diag.append((c == 0).to(F64))
-        scale.append(torch.where(c != 0, c, torch.ones_like(c)))
+        scale.append(G.gram_scale(c))
     e, f = shifted
     tr = torch.stack([(p * q).sum(dtype=F64) for p in shifted for q in shifted]).view(2, 2).requires_grad_()
     rows = torch.stack([g.sum(1, dtype=F64) for g in shifted]).requires_grad_()

@@ -81,6 +81,11 @@ def _check_pair(x, y, unbiased: bool) -> tuple[Tensor, Tensor]:
     return x.to(cdt), y.to(cdt)
 
 
+def _sigma_names(sigma) -> tuple[str, str]:
+    """The names of ``sigma``'s parts in messages: ``sigma[0]``, ``sigma[1]`` for a pair."""
+    return ("sigma[0]", "sigma[1]") if isinstance(sigma, (tuple, list)) else ("sigma", "sigma")
+
+
 def _check_sigma(sigma, kernel: str) -> tuple:
     """``(sx, sy)``: each None (linear), ``"median"`` or a positive float."""
     if kernel == "linear":
@@ -92,7 +97,7 @@ def _check_sigma(sigma, kernel: str) -> tuple:
     pair = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
     if len(pair) != 2:
         raise ValueError(f"sigma: expected a number, 'median' or a pair (sigma_x, sigma_y), got {describe(sigma)}")
-    names = ("sigma[0]", "sigma[1]") if isinstance(sigma, (tuple, list)) else ("sigma", "sigma")
+    names = _sigma_names(sigma)
     out = []
     for s, nm in zip(pair, names):
         if isinstance(s, str):
@@ -183,9 +188,8 @@ def _stats_gram(xs: list[Tensor], kernel: str, sigmas: list[Tensor], backend: st
         tr = {(a, b): t[a, b] for a in range(m) for b in range(a, m)}
         rows = list(r.unbind(0))
     # the Gram K (diagonal k(a, a) = 1 for both kernels), or f (K - 11^T) (diagonal 0) for a shift f > 0
-    cs = [c.to(torch.float64) for c in shifts]
-    return {"tr_off": tr, "row_off": rows, "diag": [(c == 0).to(torch.float64) for c in cs],
-            "scale": [torch.where(c != 0, c, torch.ones_like(c)) for c in cs]}
+    return {"tr_off": tr, "row_off": rows, "diag": [(c == 0).to(torch.float64) for c in shifts],
+            "scale": [_gram.gram_scale(c).to(torch.float64) for c in shifts]}
 
 
 def _estimate(st: dict, a: int, b: int, n: int, unbiased: bool) -> Tensor:
@@ -252,8 +256,7 @@ def _check_sigma_range(sigmas: tuple, given, dtype: torch.dtype) -> None:
     """A numeric bandwidth whose square the compute dtype holds as a normal number (else ``k`` is 0/0)."""
     info = torch.finfo(dtype)
     lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
-    names = ("sigma[0]", "sigma[1]") if isinstance(given, (tuple, list)) else ("sigma", "sigma")
-    for s, nm in zip(sigmas, names):
+    for s, nm in zip(sigmas, _sigma_names(given)):
         if isinstance(s, float) and not lo <= s <= hi:
             raise ValueError(f"{nm}: expected a bandwidth in [{lo:.3g}, {hi:.3g}] for {dtype} inputs (its square "
                              f"must be a normal {dtype} number), got {s!r}")

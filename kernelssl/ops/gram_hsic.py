@@ -55,7 +55,7 @@ from torch import Tensor
 from ._common import recorded_backward
 
 __all__ = ["gram_hsic_stats", "gram_hsic_stats_forward", "gram_hsic_stats_eager", "gram_hsic_backward", "gram_shift",
-           "GRAM_KERNELS", "TILE"]
+           "gram_scale", "GRAM_KERNELS", "TILE"]
 
 GRAM_KERNELS = ("gaussian", "imq")
 #: Block edge (two float64 blocks: 16 MiB).
@@ -113,6 +113,12 @@ def gram_shift(x: Tensor, s: Tensor) -> Tensor:
     cap = int(math.log2(torch.finfo(x.dtype).max)) // 2 - 4  # f^2 n^2 finite
     f = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (-e).clamp(max=cap))
     return torch.where(r < 0.25, f, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def gram_scale(c: Tensor) -> Tensor:
+    """The factor ``f`` that a Gram's statistics carry for its shift ``c`` (:func:`gram_shift`): ``c``, or 1
+    for a Gram as given."""
+    return torch.where(c != 0, c, torch.ones_like(c))
 
 
 def _tile(tile: int | None) -> int:
@@ -190,7 +196,7 @@ def gram_hsic_backward(gtr: Tensor | None, grows: Tensor | None, xs: Sequence[Te
     sqs = [(x * x).sum(1) for x in xs]
     dxs = [torch.zeros_like(x) for x in xs]
     dss = [xs[0].new_zeros(()) for _ in xs]
-    scales = [torch.where(c != 0, c, torch.ones_like(c)) for c in shifts]  # f_a: 1 for an unshifted Gram
+    scales = [gram_scale(c) for c in shifts]
     for i0, i1, j0, j1, diag in _blocks(n, tile):
         d2s = [_sq_dist(x[i0:i1], x[j0:j1], sq[i0:i1], sq[j0:j1], diag) for x, sq in zip(xs, sqs)]
         ks = [_kernel(d2, kernel, s) for d2, s in zip(d2s, sigmas)]
