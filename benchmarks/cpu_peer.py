@@ -22,7 +22,13 @@ Implementations, timed on the same inputs, interleaved (every repeat runs each o
   backward's ``sin`` is left out, as if it were free) and the draw of both maps
   (``HSICLoss.draw_features``, the module's own draw).  The row then gives
   ``floor_ms = gemm_ms + features_ms + draw_ms`` and ``peer/floor``: no implementation of the default
-  call can be faster than the compiled papers' form (which is handed its maps) by more than that.
+  call can be faster than the compiled papers' form (which is handed its maps) by more than that;
+  ``peer/products_cos`` is the same bound with the draw left out, as if it were free.
+* ``ops``, ``ops-unscaled`` (SFRIK, ``--parts``) -- where the default call's time goes: the loss's fused
+  Function entered through :func:`kernelssl.ops.sfrik_loss.sfrik_loss` as the default call enters it,
+  but without the module's and the functional's checks and dispatch (``ops``), and the same without the
+  rows' power-of-two prescale (``ops-unscaled``: right for these rows of moderate norm, not for rows
+  whose norms over- or underflow; the default call needs the prescale).
 
 Peak extra memory (``--memory``): RSS high-water mark above the pre-call RSS of one forward+backward
 (:func:`kernelssl.bench.measure.peak_extra_bytes`), for ``default`` and the un-compiled papers' form
@@ -45,6 +51,7 @@ import torch
 from kernelssl.bench import cases as C
 from kernelssl.bench import measure as Ms
 from kernelssl.losses import HSICLoss, MECLoss, SFRIKLoss
+from kernelssl.ops import sfrik_loss as sfrik_ops
 
 
 def parse_shape(text: str) -> dict:
@@ -82,7 +89,8 @@ def step(fn, inputs, is_loss: bool = True):
 
 
 def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, threads: int = 2,
-             peer: bool = True, compiled: bool = False, memory: bool = False, floor: bool = False) -> dict:
+             peer: bool = True, compiled: bool = False, memory: bool = False, floor: bool = False,
+             parts: bool = False) -> dict:
     """One row: median (and min) ms of the default call, the compiled papers' form (``peer``) and the
     limit (``gemm``), their ratios, the limit's chosen products and both loss values."""
     torch.set_num_threads(threads)
@@ -97,6 +105,9 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
         fns["peer"] = torch.compile(impls["eager"])
     if compiled:
         fns["compiled"] = torch.compile(default_call(loss, shape, device))
+    if parts and loss == "sfrik":
+        fns["ops"] = lambda za, zb: sfrik_ops.sfrik_loss(za, zb, prescale=True)[0]
+        fns["ops-unscaled"] = lambda za, zb: sfrik_ops.sfrik_loss(za, zb, prescale=False)[0]
     fns["gemm"] = C.limit_products(loss, shape)
     steps = {name: step(fn, inputs, name != "gemm") for name, fn in fns.items()}
     floor = floor and loss == "hsic"
@@ -120,8 +131,9 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
     row.update({f"{k}_min_ms": round(min(ts) * 1e3, 3) for k, ts in times.items()})
     if "peer" in med:
         row["peer/default"] = round(med["peer"] / med["default"], 2)
-    if "compiled" in med and "peer" in med:
-        row["peer/compiled"] = round(med["peer"] / med["compiled"], 2)
+    for name in ("compiled", "ops", "ops-unscaled"):
+        if name in med and "peer" in med:
+            row[f"peer/{name}"] = round(med["peer"] / med[name], 2)
     if "gemm" in med:
         row["default/gemm"] = round(med["default"] / med["gemm"], 2)
         row["limit_impl"] = fns["gemm"].chosen
@@ -130,8 +142,12 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
         row["floor_ms"] = round(med["gemm"] + med["features"] + med["draw"], 3)
         if "peer" in med:
             row["peer/floor"] = round(med["peer"] / row["floor_ms"], 2)
+            row["peer/products_cos"] = round(med["peer"] / (med["gemm"] + med["features"]), 2)
     row.update({f"compile_{k}_s": round(v, 1) for k, v in compile_s.items()})
     row["loss_default"], row["loss_eager"] = got, ref
+    for name in ("ops", "ops-unscaled"):  # their values beside the papers' form's, as the default call's
+        if name in fns:
+            row[f"loss_{name}"] = C.forward_backward(fns[name], inputs).item()
     if memory:
         fns_mem = {"default": fns["default"], "eager": impls["eager"]}
         for name, fn in fns_mem.items():
@@ -165,6 +181,8 @@ def main(argv=None) -> None:
     p.add_argument("--compiled", action="store_true", help="also time torch.compile of the default call")
     p.add_argument("--memory", action="store_true", help="peak extra memory of default and eager (one call each)")
     p.add_argument("--floor", action="store_true", help="SSL-HSIC: the floor row (module docstring)")
+    p.add_argument("--parts", action="store_true",
+                   help="SFRIK: the ops and ops-unscaled rows (module docstring): where the default call's time goes")
     p.add_argument("--json", help="append each row to this JSON-lines file")
     a = p.parse_args(argv)
     if a.sweep == bool(a.shape):
@@ -176,7 +194,8 @@ def main(argv=None) -> None:
     for shape in shapes:
         for threads in a.threads:
             row = run_case(a.loss, shape, dtype=getattr(torch, a.dtype), repeats=a.repeats, threads=threads,
-                           peer=not a.no_peer, compiled=a.compiled, memory=a.memory, floor=a.floor)
+                           peer=not a.no_peer, compiled=a.compiled, memory=a.memory, floor=a.floor,
+                           parts=a.parts)
             rows.append(row)
             print(row, flush=True)
             if a.json:
