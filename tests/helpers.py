@@ -2,10 +2,13 @@
 the 2x rule and the TF32 emulation are the library's own :mod:`kernelssl.numerics`; here are the finite
 difference and the pieces several test files share: the device setup of the Triton tiers, random rows,
 the recorders of the kernels' launches and of the tensors an op creates, the checks of the offline
-sm_90 compile (tests/compile_targets.py) and of the torch.func transforms."""
+sm_90 compile (tests/compile_targets.py) and of the torch.func transforms, and the loader of the
+scripts in benchmarks/."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +16,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernelssl.numerics import assert_close, assert_error_within_torch, max_abs_error, to_numpy  # noqa: F401
+
+#: The repository's root (tests/ is one level below it).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module, loaded from its file (benchmarks/ is not a package;
+    no sys.path edit)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # --------------------------------------------------------------------------------------------------
 # devices: the GPU tests run only with CUDA; without it the kernels run through the Triton interpreter

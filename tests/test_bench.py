@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from helpers import load_benchmark
 from kernelssl.bench import __main__ as cli
 from kernelssl.bench import cases as C
 from kernelssl.bench import measure as Ms
@@ -330,27 +331,15 @@ def test_readme_install_gives_the_bench_its_plots():
     assert any("matplotlib" in named[e] for e in extras), (extras, named)
 
 
-def _cpu_peer():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_peer.py"
-    spec = importlib.util.spec_from_file_location("cpu_peer", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_cpu_peer_parts_rows_compute_the_default_calls_loss():
     """``benchmarks/cpu_peer.py --parts``: the Function entered without the wrappers' checks (``ops``) and
     without the prescale (``ops-unscaled``) are timed beside the default call, and their loss values (on
     the same rows of moderate norm) are the papers' form's to fp32 rounding (numerics.FP32_TOL)."""
     from kernelssl.numerics import FP32_TOL
 
-    peer = _cpu_peer()
-    threads = torch.get_num_threads()  # run_case sets the thread count: put it back after
+    peer = load_benchmark("cpu_peer")
+    threads = torch.get_num_threads()  # run_case sets the thread count: the current one
     row = peer.run_case("sfrik", {"n": 17, "q": 8}, repeats=2, threads=threads, peer=False, parts=True)
-    torch.set_num_threads(threads)
     for name in ("default", "ops", "ops-unscaled", "gemm"):
         assert row[f"{name}_ms"] > 0
     ref = row["loss_eager"]
@@ -365,10 +354,9 @@ def test_cpu_peer_floor_row_reports_both_bounds():
     ``peer/products_cos`` (the same with the draw left out) are the peer's time over those sums.  The row
     rounds its times to 1 us and its ratios to 0.01, which at these tiny times is up to a few percent:
     rel = 5%."""
-    peer = _cpu_peer()
+    peer = load_benchmark("cpu_peer")
     threads = torch.get_num_threads()
     row = peer.run_case("hsic", {"K": 2, "B": 9, "d": 4, "D": 8}, repeats=2, threads=threads, floor=True)
-    torch.set_num_threads(threads)
     assert row["floor_ms"] == pytest.approx(row["gemm_ms"] + row["features_ms"] + row["draw_ms"], abs=2e-3)
     assert row["peer/floor"] == pytest.approx(row["peer_ms"] / row["floor_ms"], rel=0.05)
     products_cos = row["gemm_ms"] + row["features_ms"]

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SESSION = os.path.join(ROOT, "benchmarks", "gpu_session.py")
 LOSSES = ("hsic", "sfrik", "mec", "uniformity")
 IMPLS = ("eager", "eager-compiled", "triton", "limit")

@@ -28,26 +28,16 @@ import sys
 import pytest
 import torch
 
+from helpers import ROOT, load_benchmark
 from kernelssl.bench import cases as C
 from kernelssl.bench import hardware as HW
 from kernelssl.bench import launch_costs as LC
 from kernelssl.triton.offline import tools_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERF_MODEL = os.path.join(ROOT, "benchmarks", "perf_model.py")
 
 
-def _load_perf_model():
-    """``benchmarks/perf_model.py``, loaded from its file (benchmarks/ is not a package; no sys.path edit)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("perf_model", PERF_MODEL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PM = _load_perf_model()
+PM = load_benchmark("perf_model")
 CASES = [(op, dt) for op in PM.OPS for dt in PM.DTYPES]
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import helpers
 import kernelssl.functional as KF
-from helpers import CUDA, DEV, assert_close, assert_error_within_torch, needs_cuda, to_numpy
+from helpers import CUDA, DEV, ROOT, assert_close, assert_error_within_torch, needs_cuda, to_numpy
 from kernelssl.losses import MECLoss
 from kernelssl.ops import taylor_logdet as M
 from reference import taylor_logdet as R
@@ -30,7 +30,6 @@ from reference import taylor_logdet as R
 K = pytest.importorskip("kernelssl.triton.taylor_logdet_op")
 helpers.assert_kernels_can_run()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32 vs float64 (the torch tier's own fp32 tolerances, test_taylor_logdet_torch.py): fp32 unit roundoff 6e-8
