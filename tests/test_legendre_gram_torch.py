@@ -604,10 +604,14 @@ def _loss_grads(fn, za, zb, w=(2.5, -0.7, 1.3, 0.4)):
 # reads y, y_a - y_b back from their scratch tensors unless another call took them (two losses before one
 # backward).  All must give plain autograd's gradients: the loss alone (upstream 2.5) and all four outputs,
 # one block (the cubic pass) and several, with and without the prescaling.
+# prescale "always": the prescale's own branch on rows it could skip (the CPU skips it for rows in range).
 @pytest.mark.parametrize("n, chunk", [(13, None), (40, 16)])
-@pytest.mark.parametrize("prescale", [False, True])
+@pytest.mark.parametrize("prescale", [False, True, "always"])
 @pytest.mark.parametrize("w", [(2.5, -0.7, 1.3, 0.4), (2.5,)], ids=["all-outputs", "loss-only"])
-def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale, w):
+def test_fused_loss_repeated_and_interleaved_backward(n, chunk, prescale, w, monkeypatch):
+    if prescale == "always":
+        monkeypatch.setattr(SL, "norms_in_plain_range", lambda norm: False)
+        prescale = True
     q = 7
     za, zb, zc = _z(n, q, 31), _z(n, q, 32), _z(n, q, 33)
     ga, gb = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, eager=True, prescale=prescale), za, zb, w)
@@ -653,6 +657,57 @@ def test_fused_loss_prescaled_extreme_rows(dtype, n, w):
         else:
             scale = want.abs().max()
             assert_close(got, want, rtol=0, atol=FP32_RTOL_G * float(scale), name=name)
+
+
+# On the CPU the fused loss reads its rows' norms first and skips the prescale when every one lies in
+# PLAIN_NORM_RANGE (no row over- or underflows unscaled): the same loss, bitwise (y is z / ||z|| either
+# way: a power of two cancels exactly), and the same gradients up to the last rounding (1 / ||z|| is applied
+# as a division there, as a product by s / ||s z|| after the prescale).  One row outside the range, at
+# either end, and the rows are prescaled: right where the unscaled rows are not (see the test above).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("w", [(2.5, -0.7, 1.3, 0.4), (2.5,)], ids=["all-outputs", "loss-only"])
+def test_fused_loss_skips_the_prescale_only_for_rows_in_range(dtype, w, monkeypatch):
+    from kernelssl.ops import _common as CM
+    lo, hi = CM.PLAIN_NORM_RANGE
+    norm = torch.tensor([[lo], [1.0], [hi]], dtype=dtype)
+    assert CM.norms_in_plain_range(norm)  # both ends belong to the range
+    for bad in (lo * 0.5, hi * 2.0, float("nan"), float("inf"), 0.0):
+        assert not CM.norms_in_plain_range(torch.cat([norm, norm.new_full((1, 1), bad)])), bad
+    assert not CM.norms_in_plain_range(norm.to("meta"))  # not on the CPU: never asked (no device sync)
+    calls = []
+    prescale = CM.row_prescale
+    monkeypatch.setattr(SL, "row_prescale", lambda z: calls.append(1) or prescale(z))
+    za, zb = _z(23, 6, 71, dtype), _z(23, 6, 72, dtype)
+    skipped = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, prescale=True), za, zb, w)
+    loss_skipped = SL.sfrik_loss(za, zb, prescale=True)[0]
+    assert not calls  # rows of norm ~0.25..2.25: in range
+    with monkeypatch.context() as m:
+        m.setattr(SL, "norms_in_plain_range", lambda norm: False)
+        scaled = _loss_grads(lambda a, b: SL.sfrik_loss(a, b, prescale=True), za, zb, w)
+        assert torch.equal(SL.sfrik_loss(za, zb, prescale=True)[0], loss_skipped)
+    assert calls
+    tol = F64 if dtype == torch.float64 else dict(rtol=FP32_RTOL_G, atol=FP32_RTOL_G * float(scaled[0].abs().max()))
+    for name, got, want in zip(("dz_a", "dz_b"), skipped, scaled):
+        assert_close(got, want, **tol, name=name)
+    # rows of norm at either end of the range: still skipped, and still the prescaled result
+    ends = za.clone()
+    ends[4] *= lo * 1.01 / ends[4].norm()
+    ends[5] *= hi / 1.01 / ends[5].norm()
+    calls.clear()
+    at_ends = SL.sfrik_loss(ends, zb, prescale=True)[0]
+    assert not calls
+    with monkeypatch.context() as m:
+        m.setattr(SL, "norms_in_plain_range", lambda norm: False)
+        assert torch.equal(SL.sfrik_loss(ends, zb, prescale=True)[0], at_ends)
+    # one row below or above the range: prescaled, and its value as if its norm were moderate
+    for factor in (lo * 2.0**-10, hi * 2.0**10):
+        calls.clear()
+        far = za.clone()
+        far[4] *= factor
+        got = SL.sfrik_loss(far, zb, prescale=True)[0]
+        assert calls, factor
+        assert_close(got, loss_skipped, **(F64 if dtype == torch.float64 else dict(rtol=FP32_RTOL_M, atol=0.0)),
+                     name=f"loss, row 4 times {factor}")
 
 
 # An input changed in place between the forward and the backward: autograd's error, as in plain autograd,

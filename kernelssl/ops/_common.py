@@ -18,6 +18,8 @@ __all__ = [
     "promote",
     "prescale_rows",
     "row_prescale",
+    "PLAIN_NORM_RANGE",
+    "norms_in_plain_range",
     "unit_rows",
     "unit_rows_backward",
     "default_block_size",
@@ -162,6 +164,24 @@ def row_prescale(x: Tensor) -> Tensor:
             cap = _PRESCALE_CAP[x.dtype] = math.frexp(torch.finfo(x.dtype).max)[1] - 2
         e = torch.frexp(amax)[1]
         return torch.exp2(e.neg_().clamp_max_(cap).to(x.dtype))
+
+
+#: Row norms that need no prescale: such a row's norm is above ``NORM_EPS`` (the clamp never acts), and its
+#: sum of squares neither overflows (it is at most 2^80) nor loses more than 2^-47 of itself to squares
+#: below float32's normal range (each < 2^-126, at most 2^24 of them, against a sum of at least 2^-78):
+#: normalising it unscaled gives the prescaled result.
+PLAIN_NORM_RANGE = (2.0**-39, 2.0**40)
+
+
+def norms_in_plain_range(norm: Tensor) -> bool:
+    """Whether every one of these row norms (computed unscaled, in float32 or float64) is finite and in
+    :data:`PLAIN_NORM_RANGE`, so that :func:`prescale_rows` would change nothing but rounding far below
+    the dtype's epsilon.  Answered on the CPU only, where reading the norms is no device sync (False
+    elsewhere: the callers prescale without asking); NaN gives False."""
+    if norm.device.type != "cpu" or norm.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(norm)
+    return PLAIN_NORM_RANGE[0] <= lo.item() and hi.item() <= PLAIN_NORM_RANGE[1]
 
 
 def unit_rows(z: Tensor) -> Tensor:

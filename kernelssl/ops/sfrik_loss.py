@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._common import (
     NORM_EPS,
+    norms_in_plain_range,
     prescale_rows,
     promote,
     recorded_backward,
@@ -117,14 +118,21 @@ class _SFRIKLoss(torch.autograd.Function):
         """``(y, scale, norm)``: both views stacked, prescaled (``prescale``) and normalised, in a scratch
         tensor (workspace).  ``norm`` holds the prescaled rows' norms, clamped to ``NORM_EPS`` if
         ``prescale`` (no row is below it but a zero one), as they are otherwise (the clamp's mask needs
-        them).  ``saved``: the forward's ``(scale, norm)``, from which a backward forms the same ``y``
-        again."""
+        them).  On the CPU the norms come first, and rows whose norms all lie in
+        :data:`~kernelssl.ops._common.PLAIN_NORM_RANGE` are not prescaled (``scale`` None): on them the
+        prescale would change ``y`` by nothing but rounding far below the dtype's epsilon, and it costs
+        nine ops.  ``saved``: the forward's
+        ``(scale, norm)``, from which a backward forms the same ``y`` again."""
         n, q = za.shape
         z = torch.stack([za, zb], out=workspace((2, n, q), za, _Y_SLOT))  # both views through every op
-        if saved is None:
-            scale, norm = (row_prescale(z) if prescale else None), None
-        else:
+        if saved is not None:
             scale, norm = saved
+        elif prescale and z.device.type == "cpu":  # the norms first: rows in range need no prescale
+            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+            scale = None if norms_in_plain_range(norm) else row_prescale(z)
+            norm = norm if scale is None else None
+        else:
+            scale, norm = (row_prescale(z) if prescale else None), None
         if scale is not None:
             z.mul_(scale)  # exact powers of two (prescale_rows)
         if norm is None:
@@ -195,7 +203,9 @@ def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0
             own dtype, bf16/fp16 on tensor cores).
         prescale: first multiply every row by an exact power of two
             (:func:`~kernelssl.ops._common.prescale_rows`: no overflow or underflow in the norms; the
-            result is otherwise bitwise the same), inside the fused Function on both views at once.
+            result is otherwise bitwise the same), inside the fused Function on both views at once.  On
+            the CPU the fused Function skips it when no row needs it
+            (:func:`~kernelssl.ops._common.norms_in_plain_range`: reading the norms there is no device sync).
 
     Returns:
         ``(loss, mse, mmd_a, mmd_b)``, 0-dim tensors in float32 (float64 for float64 inputs).
