@@ -1,8 +1,10 @@
 """Forward+backward of each loss's default call against ``torch.compile`` of the papers' form, side by
 side on the CPU, with the GEMM-limit row and peak extra memory (docs/benchmarks.md).
 
-Implementations, timed on the same inputs, interleaved (every repeat runs each once, in turn:
-:func:`kernelssl.bench.measure.interleaved`), medians:
+Implementations, timed on the same inputs, interleaved (every repeat runs each once, in an order drawn
+afresh each repeat, and each timed call comes right after an untimed call of the same implementation, so
+that what it finds in the caches is its own: :func:`kernelssl.bench.measure.interleaved` with ``warm``),
+medians:
 
 * ``peer``    -- ``torch.compile`` (inductor) of the papers' form: the ``"eager"`` implementations of
   :mod:`kernelssl.bench.cases` (``sfrik_loss(eager=True)``, ``rff_hsic_eager``,
@@ -123,7 +125,7 @@ def run_case(loss: str, shape: dict, *, dtype=torch.float32, repeats: int = 11, 
     # agreement with the papers' form on the same maps (a fast wrong answer must not look good)
     ref = C.forward_backward(impls["eager"], inputs).item()
     got = C.forward_backward(default_call(loss, shape, device, draw=False), inputs).item()
-    times = Ms.interleaved(steps, device, repeats=repeats)
+    times = Ms.interleaved(steps, device, repeats=repeats, warm=True)
     med = {name: Ms.median(ts) * 1e3 for name, ts in times.items()}
     row = {"loss": loss, "shape": ",".join(f"{k}={v}" for k, v in shape.items()), "dtype": str(dtype)[6:],
            "threads": threads, "repeats": repeats}

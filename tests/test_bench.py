@@ -200,8 +200,10 @@ def test_predicted_oom_is_a_row_and_the_sweep_goes_on(monkeypatch):
 
 
 def test_interleaved_repeats_round_robin_and_drop_a_failed_step():
-    """:func:`kernelssl.bench.measure.interleaved`: one call of each step per round, in turn; a step whose
-    guarded call fails leaves the rounds; ``budget_s`` stops after ``min_repeats`` rounds."""
+    """:func:`kernelssl.bench.measure.interleaved`: one call of each step per round, in an order drawn
+    afresh each round (seeded: the same seed, the same calls), so every step runs after every other; a
+    step whose guarded call fails leaves the rounds; ``budget_s`` stops after ``min_repeats`` rounds;
+    ``warm`` calls each step once more, untimed, right before its timed call."""
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
 
@@ -209,8 +211,22 @@ def test_interleaved_repeats_round_robin_and_drop_a_failed_step():
         return None if name == "b" and calls.count("b") == 1 else call()
 
     times = Ms.interleaved(steps, torch.device("cpu"), repeats=3, guard=guard)
-    assert calls == ["a", "b", "c", "a", "c", "a", "c"]  # b's second call failed (in the guard)
+    # b's second call failed (in the guard): rounds of three calls, then of a and c alone
+    assert sorted(calls[:3]) == ["a", "b", "c"] and sorted(calls[3:5]) == sorted(calls[5:]) == ["a", "c"]
     assert set(times) == {"a", "c"} and all(len(ts) == 3 and min(ts) >= 0 for ts in times.values())
+    calls.clear()
+    Ms.interleaved(steps, torch.device("cpu"), repeats=40, seed=3)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert len(rounds) == 40 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert {(x, y) for x, y in zip(calls, calls[1:])} >= {(x, y) for x in "abc" for y in "abc" if x != y}
+    again = calls.copy()
+    calls.clear()
+    Ms.interleaved(steps, torch.device("cpu"), repeats=40, seed=3)
+    assert calls == again
+    calls.clear()  # warm: each timed call right after an untimed one of the same step
+    warm = Ms.interleaved(steps, torch.device("cpu"), repeats=4, warm=True)
+    assert len(calls) == 24 and all(calls[i] == calls[i + 1] for i in range(0, 24, 2))
+    assert all(len(ts) == 4 for ts in warm.values())
     few = Ms.interleaved(steps, torch.device("cpu"), repeats=50, min_repeats=2, budget_s=0.0)
     assert [len(ts) for ts in few.values()] == [2, 2, 2]
 

@@ -8,8 +8,9 @@ measure through these functions.  How the numbers are read: docs/benchmarks.md.
 
 Time: on a GPU between two CUDA events (the GPU time of the call's work, launch gaps included),
 synchronised after the call; on a CPU wall time (``time.perf_counter``).  Repeats of several
-implementations are **interleaved** (:func:`interleaved`: one call of each per round), so a change
-in the machine's load hits all of them alike.
+implementations are **interleaved** (:func:`interleaved`: one call of each per round, in a seeded
+random order), so a change in the machine's load hits all of them alike and no implementation always
+runs after the same neighbour.
 
 Peak extra memory is the peak minus the pre-call baseline.  CUDA: the caching allocator's peak
 (``torch.cuda.max_memory_allocated``) above what was allocated before the call.  CPU: the process's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -159,19 +161,28 @@ def warm_up(fn: Callable[[], object], device: torch.device, calls: int = 1) -> N
 
 def interleaved(steps: dict[str, Callable[[], object]], device: torch.device, *, repeats: int,
                 min_repeats: int = 3, budget_s: float | None = None,
-                guard: Callable[[str, Callable[[], float]], float | None] | None = None) -> dict[str, list[float]]:
+                guard: Callable[[str, Callable[[], float]], float | None] | None = None,
+                seed: int = 0, warm: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each step (:func:`time_one`), interleaved: each round calls every step once,
-    in turn, so a change in the machine's load hits all of them alike.  Up to ``repeats`` rounds;
-    with ``budget_s``, the rounds stop after ``min_repeats`` once every step has spent ``budget_s``
-    seconds.
+    so a change in the machine's load hits all of them alike, in an order drawn afresh each round
+    (seeded by ``seed``: reproducible), so that no step always runs after the same neighbour (on the
+    CPU the call before leaves its own data in the caches: a fixed order moved one step's time by ~10%
+    against another's on this project's VM).  Up to ``repeats`` rounds; with ``budget_s``, the rounds
+    stop after ``min_repeats`` once every step has spent ``budget_s`` seconds.
+
+    ``warm``: each timed call comes right after an untimed call of the same step, so that what it finds in
+    the caches is its own (what a loop of one step measures), whatever ran before it.
 
     ``guard(name, timed_call)``, where given, runs each timed call and returns its seconds, or None
     when the call failed (an out-of-memory, say): that step then leaves the rounds and the result."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     spent = dict.fromkeys(steps, 0.0)
+    order = random.Random(seed)
     for rnd in range(repeats):
-        for name in list(times):
-            call = (lambda fn=steps[name]: time_one(fn, device))
+        names = list(times)
+        order.shuffle(names)
+        for name in names:
+            call = (lambda fn=steps[name]: (fn() if warm else None, time_one(fn, device))[1])
             t = call() if guard is None else guard(name, call)
             if t is None:
                 del times[name], spent[name]
