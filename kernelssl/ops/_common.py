@@ -55,6 +55,8 @@ def compute_dtype(*xs: Tensor) -> torch.dtype:
 
 def promote(*xs: Tensor) -> list[Tensor]:
     """The tensors cast to their promoted dtype (no copy for those already in it)."""
+    if all(x.dtype == xs[0].dtype for x in xs):
+        return list(xs)
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
     return [x.to(dtype) for x in xs]
 

@@ -77,7 +77,7 @@ class _SFRIKLoss(torch.autograd.Function):
             ctx.kept = [(t, slot, workspace_stamp(t, slot)) for t, slot in ((y, _Y_SLOT), (diff, _DIFF_SLOT))]
             grad[0].add_(diff, alpha=sim_weight * k_r)
             grad[1].sub_(diff, alpha=sim_weight * k_r)
-            grad = _SFRIKLoss._through_unit_rows(grad, y, norm, scale)
+            grad = _SFRIKLoss._through_unit_rows(grad, y, norm, scale, prescale)
         ctx.grad = grad  # dloss/dz (both views); the first backward scales it in place
         ctx.wants = (want_a, want_b)
         ctx.weights = (sim_weight, mmd_weight)
@@ -119,18 +119,19 @@ class _SFRIKLoss(torch.autograd.Function):
         tensor (workspace).  ``norm`` holds the prescaled rows' norms, clamped to ``NORM_EPS`` if
         ``prescale`` (no row is below it but a zero one), as they are otherwise (the clamp's mask needs
         them).  On the CPU the norms come first, and rows whose norms all lie in
-        :data:`~kernelssl.ops._common.PLAIN_NORM_RANGE` are not prescaled (``scale`` None): on them the
-        prescale would change ``y`` by nothing but rounding far below the dtype's epsilon, and it costs
-        nine ops.  ``saved``: the forward's
-        ``(scale, norm)``, from which a backward forms the same ``y`` again."""
+        :data:`~kernelssl.ops._common.PLAIN_NORM_RANGE` (all above ``NORM_EPS``) are not prescaled
+        (``scale`` None): on them the prescale would change ``y`` by nothing but rounding far below the
+        dtype's epsilon, and it costs nine ops.  ``saved``: the forward's ``(scale, norm)``, from which a
+        backward forms the same ``y`` again."""
         n, q = za.shape
         z = torch.stack([za, zb], out=workspace((2, n, q), za, _Y_SLOT))  # both views through every op
         if saved is not None:
             scale, norm = saved
         elif prescale and z.device.type == "cpu":  # the norms first: rows in range need no prescale
             norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-            scale = None if norms_in_plain_range(norm) else row_prescale(z)
-            norm = norm if scale is None else None
+            if norms_in_plain_range(norm):
+                return z.div_(norm), None, norm  # every norm above NORM_EPS: no clamp
+            scale, norm = row_prescale(z), None
         else:
             scale, norm = (row_prescale(z) if prescale else None), None
         if scale is not None:
@@ -142,12 +143,14 @@ class _SFRIKLoss(torch.autograd.Function):
         return z.div_(norm if scale is not None else norm.clamp_min(NORM_EPS)), scale, norm
 
     @staticmethod
-    def _through_unit_rows(gy, y, norm, scale):
+    def _through_unit_rows(gy, y, norm, scale, prescale):
         """``dloss/dz`` from ``gy = dloss/dy``, written over ``gy``."""
-        if scale is None:  # rows as given: those of norm < eps keep F.normalize's clamp
+        if not prescale:  # rows as given: those of norm < eps keep F.normalize's clamp
             return unit_rows_backward(gy, y, norm, inplace=True)
-        # prescaled: no row is below eps but a zero one, whose y . g_y is 0; dz = (g_y - y (y . g_y)) s / ||z s||
-        return gy.addcmul_(y, torch.linalg.vecdot(y, gy).unsqueeze_(-1), value=-1.0).mul_(scale / norm)
+        # prescaled (or every norm in range, scale None): no row is below eps but a zero one, whose
+        # y . g_y is 0; dz = (g_y - y (y . g_y)) s / ||z s||
+        gy.addcmul_(y, torch.linalg.vecdot(y, gy).unsqueeze_(-1), value=-1.0)
+        return gy.div_(norm) if scale is None else gy.mul_(scale / norm)
 
     @staticmethod
     def _general_backward(ctx, g_loss, g_mse, g_a, g_b):
@@ -175,7 +178,7 @@ class _SFRIKLoss(torch.autograd.Function):
                 diff = torch.sub(y[0], y[1], out=workspace((n, q), y, _DIFF_SLOT))
             gy[0].addcmul_(diff, c_diff)
             gy[1].addcmul_(diff, c_diff, value=-1.0)
-        return _SFRIKLoss._through_unit_rows(gy, y, norm, scale)
+        return _SFRIKLoss._through_unit_rows(gy, y, norm, scale, ctx.prescale)
 
 
 def sfrik_loss(z_a: Tensor, z_b: Tensor, *, coefficients: Sequence[float] = (1.0, 40.0, 40.0),
