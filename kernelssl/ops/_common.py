@@ -169,9 +169,9 @@ def row_prescale(x: Tensor) -> Tensor:
 
 
 #: Row norms that need no prescale: such a row's norm is above ``NORM_EPS`` (the clamp never acts), and its
-#: sum of squares neither overflows (it is at most 2^80) nor loses more than 2^-47 of itself to squares
-#: below float32's normal range (each < 2^-126, at most 2^24 of them, against a sum of at least 2^-78):
-#: normalising it unscaled gives the prescaled result.
+#: sum of squares neither overflows (it is at most 2^80) nor, in a row of up to 2^24 entries, loses more
+#: than 2^-47 of itself to squares below float32's normal range (each < 2^-126, against a sum of at least
+#: 2^-78): normalising it unscaled gives the prescaled result.
 PLAIN_NORM_RANGE = (2.0**-39, 2.0**40)
 
 
